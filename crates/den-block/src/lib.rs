@@ -1,0 +1,38 @@
+//! Block front ends: how a den volume becomes something ext4 can live on.
+//!
+//! The store knows nothing about FUSE or loop devices; it only implements
+//! [`BlockDevice`]. A [`Frontend`] exports such a device to the kernel. On hosts
+//! without NBD/ublk (like our CI machines) that is a FUSE-served file with a
+//! loop device attached; ublk or vhost-user-blk can implement the same trait.
+
+use std::io;
+
+mod error;
+mod frontend;
+mod fuse;
+mod fuse_session;
+pub mod loopdev;
+pub mod mem;
+mod mountinfo;
+mod util;
+
+pub use error::BlockError;
+pub use frontend::{Export, ExportHandle, ExportOptions, Frontend, FuseLoopFrontend};
+pub use fuse::{FuseStats, Negotiated, set_io_flusher};
+pub use fuse_session::{FUSE_FSTYPE, FuseExport, FuseOptions};
+pub use loopdev::{LoopDevice, LoopMode, LoopOptions};
+
+/// A byte-addressed virtual disk. Implementations must be safe to call from
+/// several threads at once.
+pub trait BlockDevice: Send + Sync + 'static {
+    /// Size of the device in bytes.
+    fn size(&self) -> u64;
+    /// Fill `buf` from `offset`. Reads past the end are an error.
+    fn read_at(&self, offset: u64, buf: &mut [u8]) -> io::Result<()>;
+    /// Write `data` at `offset`.
+    fn write_at(&self, offset: u64, data: &[u8]) -> io::Result<()>;
+    /// Make every write that completed before this call durable (in the local cache).
+    fn flush(&self) -> io::Result<()>;
+    /// The range no longer holds data; it reads back as zeros afterwards.
+    fn discard(&self, offset: u64, len: u64) -> io::Result<()>;
+}

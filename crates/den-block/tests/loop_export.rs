@@ -1,0 +1,307 @@
+//! End to end: MemDevice -> FUSE file -> loop device -> ext4.
+
+mod common;
+
+use std::fs::OpenOptions;
+use std::os::unix::fs::{FileExt, OpenOptionsExt};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use common::{eventually, is_mount_point, loop_bound_to, pattern, run};
+use den_block::mem::MemDevice;
+use den_block::{
+    BlockDevice, BlockError, Export, ExportHandle, ExportOptions, Frontend, FuseLoopFrontend, LoopMode,
+};
+
+const MIB: u64 = 1024 * 1024;
+const GIB: u64 = 1024 * MIB;
+
+fn export(dev: &Arc<MemDevice>, dir: &Path) -> Export {
+    common::init_logging();
+    let export = FuseLoopFrontend::export(dev.clone(), dir, &ExportOptions::default())
+        .expect("export through FUSE + loop");
+    eprintln!(
+        "{} -> {} ({})",
+        export.device_path().display(),
+        export.file_path().display(),
+        export.loop_mode()
+    );
+    export
+}
+
+fn dev_str(export: &Export) -> &str {
+    export.device_path().to_str().unwrap()
+}
+
+/// Files written to the ext4 filesystem: (relative path, size, seed).
+const FILES: &[(&str, usize, u64)] = &[
+    ("empty", 0, 1),
+    ("one-byte", 1, 2),
+    ("odd", 123_457, 3),
+    ("dir/sub/ten-mib", 10 * MIB as usize, 4),
+    ("dir/forty-mib", 40 * MIB as usize, 5),
+];
+
+fn write_files(root: &Path) {
+    for &(name, len, seed) in FILES {
+        let path = root.join(name);
+        std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+        std::fs::write(&path, pattern(len, seed)).unwrap();
+    }
+}
+
+fn check_files(root: &Path) {
+    for &(name, len, seed) in FILES {
+        let data = std::fs::read(root.join(name)).unwrap();
+        assert_eq!(data.len(), len, "{name} length");
+        assert!(data == pattern(len, seed), "{name} content differs");
+    }
+}
+
+#[test]
+fn ext4_end_to_end() {
+    let tmp = tempfile::tempdir().unwrap();
+    let mnt = tmp.path().join("ext4");
+    std::fs::create_dir(&mnt).unwrap();
+    let mnt_s = mnt.to_str().unwrap();
+    let dev = Arc::new(MemDevice::new(GIB));
+    let export = export(&dev, &tmp.path().join("fuse"));
+    let loopdev = dev_str(&export).to_string();
+
+    run("mkfs.ext4", &["-q", &loopdev]);
+    run("mount", &["-t", "ext4", &loopdev, mnt_s]);
+    write_files(&mnt);
+    let flushes = dev.flush_count();
+    run("sync", &["-f", mnt_s]);
+    assert!(
+        dev.flush_count() > flushes,
+        "ext4 commit barrier reached BlockDevice::flush"
+    );
+    check_files(&mnt);
+
+    // Free space, then trim it: the discards must reach the device.
+    std::fs::write(mnt.join("scratch"), pattern(64 * MIB as usize, 77)).unwrap();
+    run("sync", &["-f", mnt_s]);
+    let allocated = dev.allocated_bytes();
+    std::fs::remove_file(mnt.join("scratch")).unwrap();
+    run("sync", &["-f", mnt_s]);
+    let discards = dev.discard_count();
+    run("fstrim", &["-v", mnt_s]);
+    assert!(
+        dev.discard_count() > discards,
+        "fstrim reached BlockDevice::discard"
+    );
+    assert!(
+        dev.allocated_bytes() + 32 * MIB < allocated,
+        "trimmed space was released: {} -> {}",
+        allocated,
+        dev.allocated_bytes()
+    );
+
+    run("umount", &[mnt_s]);
+    run("e2fsck", &["-fn", &loopdev]);
+    run("mount", &["-t", "ext4", &loopdev, mnt_s]);
+    check_files(&mnt);
+    run("umount", &[mnt_s]);
+
+    let file = export.file_path().to_path_buf();
+    let fuse_dir = file.parent().unwrap().to_path_buf();
+    export.shutdown().unwrap();
+    assert!(!is_mount_point(&fuse_dir));
+    assert!(!loop_bound_to(&file));
+}
+
+#[test]
+fn clean_shutdown_leaves_nothing_behind() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dev = Arc::new(MemDevice::new(64 * MIB));
+    let export = export(&dev, &tmp.path().join("fuse"));
+    let loopdev = export.device_path().to_path_buf();
+    let file = export.file_path().to_path_buf();
+    let fuse_dir = file.parent().unwrap().to_path_buf();
+    assert!(is_mount_point(&fuse_dir));
+    let listing = run("losetup", &["-a"]);
+    assert!(
+        listing.lines().any(|l| l.starts_with(&format!("{}:", loopdev.display()))
+            && l.contains(&format!("({})", file.display()))),
+        "losetup -a shows our binding:\n{listing}"
+    );
+    assert_ne!(
+        export.loop_mode(),
+        LoopMode::Buffered,
+        "direct I/O is expected to work on FUSE files on this kernel"
+    );
+
+    // Raw block I/O on the loop device reaches the device.
+    {
+        let blk = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .custom_flags(libc::O_DIRECT)
+            .open(&loopdev)
+            .unwrap();
+        let mut buf = AlignedPage::new();
+        buf.0.copy_from_slice(&pattern(4096, 11));
+        blk.write_all_at(&buf.0, 8192).unwrap();
+        blk.sync_all().unwrap();
+        let mut back = [0u8; 4096];
+        dev.read_at(8192, &mut back).unwrap();
+        assert_eq!(back, buf.0);
+    }
+
+    export.shutdown().unwrap();
+    assert!(!is_mount_point(&fuse_dir), "FUSE mount left behind");
+    assert!(!loop_bound_to(&file), "loop device left behind");
+}
+
+#[test]
+fn drop_also_cleans_up() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dev = Arc::new(MemDevice::new(16 * MIB));
+    let export = export(&dev, &tmp.path().join("fuse"));
+    let file = export.file_path().to_path_buf();
+    let fuse_dir = file.parent().unwrap().to_path_buf();
+    drop(export);
+    assert!(!is_mount_point(&fuse_dir));
+    assert!(!loop_bound_to(&file));
+}
+
+/// Shutting down while a filesystem is still mounted on the loop device must
+/// not break that filesystem; teardown finishes once it is unmounted.
+#[test]
+fn shutdown_while_mounted_is_deferred() {
+    let tmp = tempfile::tempdir().unwrap();
+    let mnt = tmp.path().join("ext4");
+    std::fs::create_dir(&mnt).unwrap();
+    let mnt_s = mnt.to_str().unwrap();
+    let dev = Arc::new(MemDevice::new(256 * MIB));
+    let export = export(&dev, &tmp.path().join("fuse"));
+    let loopdev = export.device_path().to_path_buf();
+    let file = export.file_path().to_path_buf();
+    let fuse_dir = file.parent().unwrap().to_path_buf();
+
+    run("mkfs.ext4", &["-q", loopdev.to_str().unwrap()]);
+    run("mount", &["-t", "ext4", loopdev.to_str().unwrap(), mnt_s]);
+    std::fs::write(mnt.join("before"), b"before").unwrap();
+
+    match export.shutdown() {
+        Err(BlockError::Busy { path }) => assert_eq!(path, loopdev),
+        other => panic!("expected Busy, got {other:?}"),
+    }
+    // The filesystem keeps working after the deferred shutdown.
+    std::fs::write(mnt.join("after"), pattern(MIB as usize, 8)).unwrap();
+    run("sync", &["-f", mnt_s]);
+    assert_eq!(std::fs::read(mnt.join("before")).unwrap(), b"before");
+
+    run("umount", &[mnt_s]);
+    assert!(
+        eventually(Duration::from_secs(10), || !loop_bound_to(&file)),
+        "loop device detached after the last user left"
+    );
+    assert!(!is_mount_point(&fuse_dir));
+}
+
+/// Callers can be written against the trait alone.
+fn export_generic<F: Frontend>(frontend: &F, dev: Arc<dyn BlockDevice>) -> (PathBuf, F::Export) {
+    let handle = frontend.export(dev).unwrap();
+    (handle.device_path().to_path_buf(), handle)
+}
+
+#[test]
+fn frontend_trait() {
+    let tmp = tempfile::tempdir().unwrap();
+    common::init_logging();
+    let frontend = FuseLoopFrontend::new(tmp.path().join("fuse"), ExportOptions::default());
+    let dev = Arc::new(MemDevice::new(8 * MIB));
+    let (path, handle) = export_generic(&frontend, dev);
+    let file = tmp.path().canonicalize().unwrap().join("fuse/disk");
+    assert!(loop_bound_to(&file));
+    assert!(
+        path.to_str().unwrap().starts_with("/dev/loop"),
+        "{}",
+        path.display()
+    );
+    let size = std::fs::read_to_string(format!(
+        "/sys/class/block/{}/size",
+        path.file_name().unwrap().to_str().unwrap()
+    ))
+    .unwrap();
+    assert_eq!(size.trim().parse::<u64>().unwrap() * 512, 8 * MIB);
+    ExportHandle::shutdown(handle).unwrap();
+    assert!(!loop_bound_to(&file));
+}
+
+#[repr(C, align(4096))]
+struct AlignedPage([u8; 4096]);
+
+impl AlignedPage {
+    fn new() -> Box<Self> {
+        Box::new(AlignedPage([0; 4096]))
+    }
+}
+
+/// `cargo test -p den-block --release --test loop_export -- --ignored --nocapture throughput`
+#[test]
+#[ignore = "benchmark; run explicitly"]
+fn throughput() {
+    let tmp = tempfile::tempdir().unwrap();
+    let mnt = tmp.path().join("ext4");
+    std::fs::create_dir(&mnt).unwrap();
+    let mnt_s = mnt.to_str().unwrap();
+    let dev = Arc::new(MemDevice::new(2 * GIB));
+    let export = export(&dev, &tmp.path().join("fuse"));
+    let loopdev = dev_str(&export).to_string();
+    run("mkfs.ext4", &["-q", &loopdev]);
+    run("mount", &["-t", "ext4", &loopdev, mnt_s]);
+
+    // Non-zero data: MemDevice does not store zero blocks, which would flatter it.
+    let src = tempfile::NamedTempFile::new_in("/dev/shm").unwrap();
+    run(
+        "dd",
+        &[
+            "if=/dev/urandom",
+            &format!("of={}", src.path().display()),
+            "bs=1M",
+            "count=512",
+            "status=none",
+        ],
+    );
+    let timed = |args: &[&str]| {
+        let start = Instant::now();
+        run("dd", args);
+        512.0 / start.elapsed().as_secs_f64()
+    };
+    let big = mnt.join("big");
+    let write = timed(&[
+        &format!("if={}", src.path().display()),
+        &format!("of={}", big.display()),
+        "bs=1M",
+        "conv=fsync",
+        "status=none",
+    ]);
+    // Remount so the read comes from the device, not the page cache.
+    run("umount", &[mnt_s]);
+    run("mount", &["-t", "ext4", &loopdev, mnt_s]);
+    let read = timed(&[
+        &format!("if={}", big.display()),
+        "of=/dev/null",
+        "bs=1M",
+        "status=none",
+    ]);
+    let zero_write = timed(&[
+        "if=/dev/zero",
+        &format!("of={}", mnt.join("zeros").display()),
+        "bs=1M",
+        "count=512",
+        "conv=fsync",
+        "status=none",
+    ]);
+    eprintln!(
+        "512 MiB sequential via FUSE+loop({})+ext4 on MemDevice: write {write:.0} MiB/s, read {read:.0} MiB/s, zero write {zero_write:.0} MiB/s; stats {:?}",
+        export.loop_mode(),
+        export.stats()
+    );
+    run("umount", &[mnt_s]);
+    export.shutdown().unwrap();
+}

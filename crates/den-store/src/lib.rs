@@ -1,0 +1,25 @@
+//! den's volume store: sparse, chunked virtual disks whose chunks live in
+//! object storage (content-addressed, compressed, deduplicated), whose chunk
+//! maps live in a metadata database, and whose local disk is only a cache.
+//!
+//! Checkpoint, restore and fork copy chunk maps, never chunk data.
+
+mod budget;
+pub mod cache;
+pub mod chunk;
+pub mod error;
+pub mod meta;
+pub mod objects;
+mod store;
+mod uploader;
+mod volume;
+
+pub use chunk::{ChunkHash, Compression};
+pub use error::{Result, StoreError};
+pub use meta::{CheckpointRecord, MetaStore, StoreStats, VolumeRecord};
+pub use objects::ObjectBackend;
+pub use store::{
+    CreateOptions, DEFAULT_CHUNK_SIZE, DEFAULT_VOLUME_SIZE, GcReport, Store, StoreConfig, VolumeInfo,
+    VolumeSource,
+};
+pub use volume::Volume;

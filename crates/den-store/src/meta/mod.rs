@@ -1,0 +1,148 @@
+//! Metadata: volumes, chunk maps, checkpoints, chunk reference counts.
+//!
+//! Every method is one transaction, so a `kill -9` at any moment leaves the
+//! metadata either before or after an operation, never in between. SQLite
+//! serves a single host; the schema keeps to what PostgreSQL also speaks so a
+//! cluster backend can implement the same trait.
+
+pub mod sqlite;
+
+use async_trait::async_trait;
+use serde::Serialize;
+
+use crate::chunk::ChunkHash;
+use crate::error::Result;
+
+pub type MapId = i64;
+/// A sealed chunk that lives only in the local cache until it is uploaded.
+/// Chosen by the writer (random) so the file can be linked before the
+/// metadata transaction that names it commits.
+pub type PendingId = i64;
+
+/// What a chunk slot of a map holds. An absent slot reads as zeros.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Entry {
+    Chunk(ChunkHash),
+    Pending(PendingId),
+}
+
+#[derive(Clone, Debug, Serialize)]
+pub struct VolumeRecord {
+    pub id: String,
+    pub name: String,
+    pub size: u64,
+    pub chunk_size: u32,
+    pub head_map: MapId,
+    pub created_at_ms: i64,
+}
+
+#[derive(Clone, Debug, Serialize)]
+pub struct CheckpointRecord {
+    pub volume_id: String,
+    /// `v1`, `v2`, … per volume, like the Sprites API.
+    pub id: String,
+    pub seq: i64,
+    pub map_id: MapId,
+    pub created_at_ms: i64,
+    pub comment: String,
+    /// All chunks of the checkpoint are in the object store.
+    pub durable: bool,
+}
+
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct MapStats {
+    pub entries: u64,
+    pub pending: u64,
+    pub distinct_chunks: u64,
+}
+
+/// Outcome of announcing an upload: the store either already holds the
+/// chunk, or the caller must PUT it. `Busy` means GC is deleting that very
+/// chunk right now; retry after GC finishes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum UploadDecision {
+    AlreadyPresent,
+    MustUpload,
+    Busy,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum CommitOutcome {
+    Committed {
+        entries_updated: u64,
+    },
+    /// The chunk row vanished (GC) between announce and commit; upload again.
+    Retry,
+}
+
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct StoreStats {
+    pub volumes: u64,
+    pub checkpoints: u64,
+    pub chunks: u64,
+    pub stored_bytes: u64,
+    pub pending: u64,
+}
+
+#[async_trait]
+pub trait MetaStore: Send + Sync + 'static {
+    /// Create a volume whose head map is empty or a copy of `source`.
+    async fn create_volume(
+        &self,
+        name: &str,
+        size: u64,
+        chunk_size: u32,
+        source: Option<MapId>,
+    ) -> Result<VolumeRecord>;
+    async fn get_volume(&self, name: &str) -> Result<VolumeRecord>;
+    async fn list_volumes(&self) -> Result<Vec<VolumeRecord>>;
+    /// Delete a volume with its head map and all its checkpoints.
+    async fn delete_volume(&self, volume_id: &str) -> Result<()>;
+    async fn resize_volume(&self, volume_id: &str, size: u64) -> Result<()>;
+
+    async fn load_map(&self, map: MapId) -> Result<Vec<(u64, Entry)>>;
+    async fn map_stats(&self, map: MapId) -> Result<MapStats>;
+
+    /// Point head slots at freshly sealed pending chunks; `None` clears a slot.
+    async fn apply_seal(&self, head: MapId, seals: &[(u64, Option<PendingId>)]) -> Result<()>;
+
+    /// Apply `seals` to the head map, then snapshot it as a new checkpoint.
+    async fn checkpoint(
+        &self,
+        volume_id: &str,
+        comment: &str,
+        seals: &[(u64, Option<PendingId>)],
+    ) -> Result<CheckpointRecord>;
+    async fn list_checkpoints(&self, volume_id: &str) -> Result<Vec<CheckpointRecord>>;
+    async fn get_checkpoint(&self, volume_id: &str, id: &str) -> Result<CheckpointRecord>;
+    async fn delete_checkpoint(&self, volume_id: &str, id: &str) -> Result<()>;
+    /// The head map becomes a copy of the checkpoint's map.
+    async fn restore(&self, volume_id: &str, checkpoint_id: &str) -> Result<()>;
+
+    /// Pending chunks still referenced by some map, oldest first.
+    async fn list_pending(&self) -> Result<Vec<PendingId>>;
+    async fn pending_referenced(&self, pending: PendingId) -> Result<bool>;
+    async fn begin_upload(&self, hash: &ChunkHash) -> Result<UploadDecision>;
+    /// Mark the chunk present and replace every reference to `pending` with it.
+    async fn commit_upload(
+        &self,
+        pending: PendingId,
+        hash: &ChunkHash,
+        stored_len: u64,
+    ) -> Result<CommitOutcome>;
+    /// The pending chunk was all zeros: drop every reference to it.
+    async fn commit_zero(&self, pending: PendingId) -> Result<u64>;
+
+    /// Chunks nobody references any more move to `deleting`; returns them.
+    async fn gc_begin(&self, limit: usize) -> Result<Vec<ChunkHash>>;
+    /// Their objects are gone: forget the rows.
+    async fn gc_finish(&self, hashes: &[ChunkHash]) -> Result<()>;
+    /// Chunks stuck in `deleting` from an interrupted GC.
+    async fn gc_interrupted(&self) -> Result<Vec<ChunkHash>>;
+    async fn is_known_chunk(&self, hash: &ChunkHash) -> Result<bool>;
+
+    async fn stats(&self) -> Result<StoreStats>;
+    /// Recount references from the maps and compare with the stored counts.
+    /// Returns the chunks whose count is wrong (empty means consistent).
+    async fn verify_refcounts(&self) -> Result<Vec<(ChunkHash, i64, i64)>>;
+}

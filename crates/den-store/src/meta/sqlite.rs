@@ -1,0 +1,653 @@
+//! The single-host metadata backend: one SQLite file in WAL mode.
+//!
+//! rusqlite is synchronous, so every call runs on the blocking pool behind a
+//! mutex. That is fine: metadata is touched on checkpoints, seals and upload
+//! commits, never on the read/write data path.
+
+use std::path::Path;
+use std::sync::Arc;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use async_trait::async_trait;
+use parking_lot::Mutex;
+use rusqlite::{Connection, OptionalExtension, Transaction, params};
+
+use super::*;
+use crate::error::StoreError;
+
+const SCHEMA: &str = r#"
+CREATE TABLE IF NOT EXISTS volumes (
+    id            TEXT PRIMARY KEY,
+    name          TEXT NOT NULL UNIQUE,
+    size_bytes    BIGINT NOT NULL,
+    chunk_size    BIGINT NOT NULL,
+    head_map      BIGINT NOT NULL,
+    next_seq      BIGINT NOT NULL DEFAULT 1,
+    created_at_ms BIGINT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS maps (
+    id        INTEGER PRIMARY KEY AUTOINCREMENT,
+    volume_id TEXT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS checkpoints (
+    volume_id     TEXT NOT NULL,
+    seq           BIGINT NOT NULL,
+    map_id        BIGINT NOT NULL,
+    created_at_ms BIGINT NOT NULL,
+    comment       TEXT NOT NULL DEFAULT '',
+    PRIMARY KEY (volume_id, seq)
+);
+-- One row per written chunk slot. Exactly one of hash/pending is set.
+CREATE TABLE IF NOT EXISTS map_entries (
+    map_id  BIGINT NOT NULL,
+    idx     BIGINT NOT NULL,
+    hash    BLOB,
+    pending BIGINT,
+    PRIMARY KEY (map_id, idx)
+) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS map_entries_pending ON map_entries (pending) WHERE pending IS NOT NULL;
+-- state: uploading | present | deleting. refs counts map_entries naming the hash.
+CREATE TABLE IF NOT EXISTS chunks (
+    hash          BLOB PRIMARY KEY,
+    state         TEXT NOT NULL,
+    refs          BIGINT NOT NULL DEFAULT 0,
+    stored_len    BIGINT NOT NULL DEFAULT 0,
+    updated_at_ms BIGINT NOT NULL
+);
+CREATE INDEX IF NOT EXISTS chunks_gc ON chunks (refs, state);
+"#;
+
+/// An `uploading` row older than this with no references is a leftover of a
+/// crashed uploader, and GC may reclaim it.
+const STALE_UPLOAD_MS: i64 = 3_600_000;
+
+pub struct SqliteMeta {
+    conn: Arc<Mutex<Connection>>,
+}
+
+fn now_ms() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or(0)
+}
+
+impl SqliteMeta {
+    pub fn open(path: &Path) -> Result<Self> {
+        let conn = Connection::open(path)?;
+        Self::init(conn)
+    }
+
+    pub fn in_memory() -> Result<Self> {
+        Self::init(Connection::open_in_memory()?)
+    }
+
+    fn init(conn: Connection) -> Result<Self> {
+        // WAL + NORMAL: a committed transaction survives a process crash (it is
+        // in the OS page cache); on power loss the tail may roll back but the
+        // database stays consistent.
+        conn.busy_timeout(std::time::Duration::from_secs(10))?;
+        conn.pragma_update(None, "journal_mode", "WAL")?;
+        conn.pragma_update(None, "synchronous", "NORMAL")?;
+        conn.pragma_update(None, "foreign_keys", "ON")?;
+        conn.execute_batch(SCHEMA)?;
+        Ok(SqliteMeta {
+            conn: Arc::new(Mutex::new(conn)),
+        })
+    }
+
+    async fn with<T, F>(&self, f: F) -> Result<T>
+    where
+        T: Send + 'static,
+        F: FnOnce(&mut Connection) -> Result<T> + Send + 'static,
+    {
+        let conn = self.conn.clone();
+        tokio::task::spawn_blocking(move || {
+            let mut c = conn.lock();
+            f(&mut c)
+        })
+        .await
+        .map_err(|e| StoreError::Meta(format!("metadata task failed: {e}")))?
+    }
+
+    async fn tx<T, F>(&self, f: F) -> Result<T>
+    where
+        T: Send + 'static,
+        F: FnOnce(&Transaction<'_>) -> Result<T> + Send + 'static,
+    {
+        self.with(move |c| {
+            // IMMEDIATE: take the write lock up front so two processes never
+            // deadlock upgrading read locks.
+            let tx = c.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
+            let out = f(&tx)?;
+            tx.commit()?;
+            Ok(out)
+        })
+        .await
+    }
+}
+
+fn volume_by_name(tx: &Connection, name: &str) -> Result<VolumeRecord> {
+    tx.query_row(
+        "SELECT id, name, size_bytes, chunk_size, head_map, created_at_ms FROM volumes WHERE name = ?1",
+        params![name],
+        row_to_volume,
+    )
+    .optional()?
+    .ok_or_else(|| StoreError::VolumeNotFound(name.to_string()))
+}
+
+fn volume_by_id(tx: &Connection, id: &str) -> Result<VolumeRecord> {
+    tx.query_row(
+        "SELECT id, name, size_bytes, chunk_size, head_map, created_at_ms FROM volumes WHERE id = ?1",
+        params![id],
+        row_to_volume,
+    )
+    .optional()?
+    .ok_or_else(|| StoreError::VolumeNotFound(id.to_string()))
+}
+
+fn row_to_volume(r: &rusqlite::Row<'_>) -> rusqlite::Result<VolumeRecord> {
+    Ok(VolumeRecord {
+        id: r.get(0)?,
+        name: r.get(1)?,
+        size: r.get::<_, i64>(2)? as u64,
+        chunk_size: r.get::<_, i64>(3)? as u32,
+        head_map: r.get(4)?,
+        created_at_ms: r.get(5)?,
+    })
+}
+
+fn parse_seq(volume: &str, id: &str) -> Result<i64> {
+    id.strip_prefix('v')
+        .and_then(|n| n.parse::<i64>().ok())
+        .filter(|n| *n > 0)
+        .ok_or_else(|| StoreError::CheckpointNotFound {
+            volume: volume.to_string(),
+            checkpoint: id.to_string(),
+        })
+}
+
+fn checkpoint_row(tx: &Connection, volume_id: &str, id: &str) -> Result<CheckpointRecord> {
+    let seq = parse_seq(volume_id, id)?;
+    let rec = tx
+        .query_row(
+            "SELECT volume_id, seq, map_id, created_at_ms, comment FROM checkpoints WHERE volume_id = ?1 AND seq = ?2",
+            params![volume_id, seq],
+            row_to_checkpoint,
+        )
+        .optional()?
+        .ok_or_else(|| StoreError::CheckpointNotFound {
+            volume: volume_id.to_string(),
+            checkpoint: id.to_string(),
+        })?;
+    with_durability(tx, rec)
+}
+
+fn row_to_checkpoint(r: &rusqlite::Row<'_>) -> rusqlite::Result<CheckpointRecord> {
+    let seq: i64 = r.get(1)?;
+    Ok(CheckpointRecord {
+        volume_id: r.get(0)?,
+        id: format!("v{seq}"),
+        seq,
+        map_id: r.get(2)?,
+        created_at_ms: r.get(3)?,
+        comment: r.get(4)?,
+        durable: false,
+    })
+}
+
+fn with_durability(tx: &Connection, mut rec: CheckpointRecord) -> Result<CheckpointRecord> {
+    let pending: bool = tx.query_row(
+        "SELECT EXISTS (SELECT 1 FROM map_entries WHERE map_id = ?1 AND pending IS NOT NULL)",
+        params![rec.map_id],
+        |r| r.get(0),
+    )?;
+    rec.durable = !pending;
+    Ok(rec)
+}
+
+fn new_map(tx: &Connection, volume_id: &str) -> Result<MapId> {
+    tx.execute("INSERT INTO maps (volume_id) VALUES (?1)", params![volume_id])?;
+    Ok(tx.last_insert_rowid())
+}
+
+/// Copy every slot of `src` into the empty map `dst`, counting the new references.
+fn copy_map(tx: &Connection, src: MapId, dst: MapId) -> Result<()> {
+    tx.execute(
+        "INSERT INTO map_entries (map_id, idx, hash, pending) SELECT ?2, idx, hash, pending FROM map_entries WHERE map_id = ?1",
+        params![src, dst],
+    )?;
+    adjust_refs_for_map(tx, dst, 1)
+}
+
+fn adjust_refs_for_map(tx: &Connection, map: MapId, sign: i64) -> Result<()> {
+    tx.execute(
+        "UPDATE chunks SET refs = refs + ?2 * c.n FROM
+            (SELECT hash, COUNT(*) AS n FROM map_entries WHERE map_id = ?1 AND hash IS NOT NULL GROUP BY hash) AS c
+         WHERE chunks.hash = c.hash",
+        params![map, sign],
+    )?;
+    Ok(())
+}
+
+fn clear_map(tx: &Connection, map: MapId) -> Result<()> {
+    adjust_refs_for_map(tx, map, -1)?;
+    tx.execute("DELETE FROM map_entries WHERE map_id = ?1", params![map])?;
+    Ok(())
+}
+
+fn drop_map(tx: &Connection, map: MapId) -> Result<()> {
+    clear_map(tx, map)?;
+    tx.execute("DELETE FROM maps WHERE id = ?1", params![map])?;
+    Ok(())
+}
+
+fn apply_seals(tx: &Connection, head: MapId, seals: &[(u64, Option<PendingId>)]) -> Result<()> {
+    let mut old = tx.prepare_cached("SELECT hash FROM map_entries WHERE map_id = ?1 AND idx = ?2")?;
+    let mut dec = tx.prepare_cached("UPDATE chunks SET refs = refs - 1 WHERE hash = ?1")?;
+    let mut put = tx.prepare_cached(
+        "INSERT INTO map_entries (map_id, idx, hash, pending) VALUES (?1, ?2, NULL, ?3)
+         ON CONFLICT (map_id, idx) DO UPDATE SET hash = NULL, pending = excluded.pending",
+    )?;
+    let mut del = tx.prepare_cached("DELETE FROM map_entries WHERE map_id = ?1 AND idx = ?2")?;
+    for &(idx, pending) in seals {
+        let prev: Option<Option<Vec<u8>>> = old
+            .query_row(params![head, idx as i64], |r| r.get(0))
+            .optional()?;
+        if let Some(Some(h)) = prev {
+            dec.execute(params![h])?;
+        }
+        match pending {
+            Some(p) => put.execute(params![head, idx as i64, p])?,
+            None => del.execute(params![head, idx as i64])?,
+        };
+    }
+    Ok(())
+}
+
+#[async_trait]
+impl MetaStore for SqliteMeta {
+    async fn create_volume(
+        &self,
+        name: &str,
+        size: u64,
+        chunk_size: u32,
+        source: Option<MapId>,
+    ) -> Result<VolumeRecord> {
+        let name = name.to_string();
+        self.tx(move |tx| {
+            let exists: bool =
+                tx.query_row("SELECT EXISTS (SELECT 1 FROM volumes WHERE name = ?1)", params![name], |r| r.get(0))?;
+            if exists {
+                return Err(StoreError::VolumeExists(name));
+            }
+            let id = uuid::Uuid::now_v7().to_string();
+            let head = new_map(tx, &id)?;
+            if let Some(src) = source {
+                copy_map(tx, src, head)?;
+            }
+            tx.execute(
+                "INSERT INTO volumes (id, name, size_bytes, chunk_size, head_map, created_at_ms) VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+                params![id, name, size as i64, chunk_size as i64, head, now_ms()],
+            )?;
+            volume_by_id(tx, &id)
+        })
+        .await
+    }
+
+    async fn get_volume(&self, name: &str) -> Result<VolumeRecord> {
+        let name = name.to_string();
+        self.with(move |c| volume_by_name(c, &name)).await
+    }
+
+    async fn list_volumes(&self) -> Result<Vec<VolumeRecord>> {
+        self.with(|c| {
+            let mut st = c.prepare(
+                "SELECT id, name, size_bytes, chunk_size, head_map, created_at_ms FROM volumes ORDER BY name",
+            )?;
+            let rows = st
+                .query_map([], row_to_volume)?
+                .collect::<rusqlite::Result<Vec<_>>>()?;
+            Ok(rows)
+        })
+        .await
+    }
+
+    async fn delete_volume(&self, volume_id: &str) -> Result<()> {
+        let volume_id = volume_id.to_string();
+        self.tx(move |tx| {
+            volume_by_id(tx, &volume_id)?;
+            let maps: Vec<MapId> = tx
+                .prepare("SELECT id FROM maps WHERE volume_id = ?1")?
+                .query_map(params![volume_id], |r| r.get(0))?
+                .collect::<rusqlite::Result<_>>()?;
+            for m in maps {
+                drop_map(tx, m)?;
+            }
+            tx.execute("DELETE FROM checkpoints WHERE volume_id = ?1", params![volume_id])?;
+            tx.execute("DELETE FROM volumes WHERE id = ?1", params![volume_id])?;
+            Ok(())
+        })
+        .await
+    }
+
+    async fn resize_volume(&self, volume_id: &str, size: u64) -> Result<()> {
+        let volume_id = volume_id.to_string();
+        self.tx(move |tx| {
+            let n = tx.execute(
+                "UPDATE volumes SET size_bytes = ?2 WHERE id = ?1",
+                params![volume_id, size as i64],
+            )?;
+            if n == 0 {
+                return Err(StoreError::VolumeNotFound(volume_id));
+            }
+            Ok(())
+        })
+        .await
+    }
+
+    async fn load_map(&self, map: MapId) -> Result<Vec<(u64, Entry)>> {
+        self.with(move |c| {
+            let mut st = c.prepare("SELECT idx, hash, pending FROM map_entries WHERE map_id = ?1")?;
+            let mut rows = st.query(params![map])?;
+            let mut out = Vec::new();
+            while let Some(r) = rows.next()? {
+                let idx: i64 = r.get(0)?;
+                let hash: Option<Vec<u8>> = r.get(1)?;
+                let pending: Option<i64> = r.get(2)?;
+                let e = match (hash, pending) {
+                    (Some(h), _) => Entry::Chunk(ChunkHash::from_slice(&h)?),
+                    (None, Some(p)) => Entry::Pending(p),
+                    (None, None) => return Err(StoreError::Meta(format!("map {map} slot {idx} is empty"))),
+                };
+                out.push((idx as u64, e));
+            }
+            Ok(out)
+        })
+        .await
+    }
+
+    async fn map_stats(&self, map: MapId) -> Result<MapStats> {
+        self.with(move |c| {
+            Ok(c.query_row(
+                "SELECT COUNT(*), COUNT(pending), COUNT(DISTINCT hash) FROM map_entries WHERE map_id = ?1",
+                params![map],
+                |r| {
+                    Ok(MapStats {
+                        entries: r.get::<_, i64>(0)? as u64,
+                        pending: r.get::<_, i64>(1)? as u64,
+                        distinct_chunks: r.get::<_, i64>(2)? as u64,
+                    })
+                },
+            )?)
+        })
+        .await
+    }
+
+    async fn apply_seal(&self, head: MapId, seals: &[(u64, Option<PendingId>)]) -> Result<()> {
+        if seals.is_empty() {
+            return Ok(());
+        }
+        let seals = seals.to_vec();
+        self.tx(move |tx| apply_seals(tx, head, &seals)).await
+    }
+
+    async fn checkpoint(
+        &self,
+        volume_id: &str,
+        comment: &str,
+        seals: &[(u64, Option<PendingId>)],
+    ) -> Result<CheckpointRecord> {
+        let (volume_id, comment, seals) = (volume_id.to_string(), comment.to_string(), seals.to_vec());
+        self.tx(move |tx| {
+            let vol = volume_by_id(tx, &volume_id)?;
+            apply_seals(tx, vol.head_map, &seals)?;
+            let seq: i64 = tx.query_row("SELECT next_seq FROM volumes WHERE id = ?1", params![volume_id], |r| r.get(0))?;
+            let map = new_map(tx, &volume_id)?;
+            copy_map(tx, vol.head_map, map)?;
+            tx.execute(
+                "INSERT INTO checkpoints (volume_id, seq, map_id, created_at_ms, comment) VALUES (?1, ?2, ?3, ?4, ?5)",
+                params![volume_id, seq, map, now_ms(), comment],
+            )?;
+            tx.execute("UPDATE volumes SET next_seq = ?2 WHERE id = ?1", params![volume_id, seq + 1])?;
+            checkpoint_row(tx, &volume_id, &format!("v{seq}"))
+        })
+        .await
+    }
+
+    async fn list_checkpoints(&self, volume_id: &str) -> Result<Vec<CheckpointRecord>> {
+        let volume_id = volume_id.to_string();
+        self.with(move |c| {
+            let recs: Vec<CheckpointRecord> = c
+                .prepare(
+                    "SELECT volume_id, seq, map_id, created_at_ms, comment FROM checkpoints WHERE volume_id = ?1 ORDER BY seq DESC",
+                )?
+                .query_map(params![volume_id], row_to_checkpoint)?
+                .collect::<rusqlite::Result<_>>()?;
+            recs.into_iter().map(|r| with_durability(c, r)).collect()
+        })
+        .await
+    }
+
+    async fn get_checkpoint(&self, volume_id: &str, id: &str) -> Result<CheckpointRecord> {
+        let (volume_id, id) = (volume_id.to_string(), id.to_string());
+        self.with(move |c| checkpoint_row(c, &volume_id, &id)).await
+    }
+
+    async fn delete_checkpoint(&self, volume_id: &str, id: &str) -> Result<()> {
+        let (volume_id, id) = (volume_id.to_string(), id.to_string());
+        self.tx(move |tx| {
+            let ck = checkpoint_row(tx, &volume_id, &id)?;
+            drop_map(tx, ck.map_id)?;
+            tx.execute(
+                "DELETE FROM checkpoints WHERE volume_id = ?1 AND seq = ?2",
+                params![volume_id, ck.seq],
+            )?;
+            Ok(())
+        })
+        .await
+    }
+
+    async fn restore(&self, volume_id: &str, checkpoint_id: &str) -> Result<()> {
+        let (volume_id, checkpoint_id) = (volume_id.to_string(), checkpoint_id.to_string());
+        self.tx(move |tx| {
+            let vol = volume_by_id(tx, &volume_id)?;
+            let ck = checkpoint_row(tx, &volume_id, &checkpoint_id)?;
+            clear_map(tx, vol.head_map)?;
+            copy_map(tx, ck.map_id, vol.head_map)
+        })
+        .await
+    }
+
+    async fn list_pending(&self) -> Result<Vec<PendingId>> {
+        self.with(|c| {
+            Ok(c.prepare(
+                "SELECT DISTINCT pending FROM map_entries WHERE pending IS NOT NULL ORDER BY pending",
+            )?
+            .query_map([], |r| r.get(0))?
+            .collect::<rusqlite::Result<_>>()?)
+        })
+        .await
+    }
+
+    async fn pending_referenced(&self, pending: PendingId) -> Result<bool> {
+        self.with(move |c| {
+            Ok(c.query_row(
+                "SELECT EXISTS (SELECT 1 FROM map_entries WHERE pending = ?1)",
+                params![pending],
+                |r| r.get(0),
+            )?)
+        })
+        .await
+    }
+
+    async fn begin_upload(&self, hash: &ChunkHash) -> Result<UploadDecision> {
+        let hash = *hash;
+        self.tx(move |tx| {
+            let state: Option<String> = tx
+                .query_row("SELECT state FROM chunks WHERE hash = ?1", params![&hash.0[..]], |r| r.get(0))
+                .optional()?;
+            Ok(match state.as_deref() {
+                None => {
+                    tx.execute(
+                        "INSERT INTO chunks (hash, state, refs, stored_len, updated_at_ms) VALUES (?1, 'uploading', 0, 0, ?2)",
+                        params![&hash.0[..], now_ms()],
+                    )?;
+                    UploadDecision::MustUpload
+                }
+                Some("present") => UploadDecision::AlreadyPresent,
+                Some("deleting") => UploadDecision::Busy,
+                Some(_) => {
+                    tx.execute(
+                        "UPDATE chunks SET updated_at_ms = ?2 WHERE hash = ?1",
+                        params![&hash.0[..], now_ms()],
+                    )?;
+                    UploadDecision::MustUpload
+                }
+            })
+        })
+        .await
+    }
+
+    async fn commit_upload(
+        &self,
+        pending: PendingId,
+        hash: &ChunkHash,
+        stored_len: u64,
+    ) -> Result<CommitOutcome> {
+        let hash = *hash;
+        self.tx(move |tx| {
+            let state: Option<String> = tx
+                .query_row(
+                    "SELECT state FROM chunks WHERE hash = ?1",
+                    params![&hash.0[..]],
+                    |r| r.get(0),
+                )
+                .optional()?;
+            match state.as_deref() {
+                Some("uploading") | Some("present") => {}
+                _ => return Ok(CommitOutcome::Retry),
+            }
+            let n = tx.execute(
+                "UPDATE map_entries SET hash = ?1, pending = NULL WHERE pending = ?2",
+                params![&hash.0[..], pending],
+            )? as i64;
+            tx.execute(
+                "UPDATE chunks SET state = 'present', refs = refs + ?2, updated_at_ms = ?3,
+                     stored_len = CASE WHEN ?4 > 0 THEN ?4 ELSE stored_len END
+                 WHERE hash = ?1",
+                params![&hash.0[..], n, now_ms(), stored_len as i64],
+            )?;
+            Ok(CommitOutcome::Committed {
+                entries_updated: n as u64,
+            })
+        })
+        .await
+    }
+
+    async fn commit_zero(&self, pending: PendingId) -> Result<u64> {
+        self.tx(move |tx| {
+            Ok(tx.execute("DELETE FROM map_entries WHERE pending = ?1", params![pending])? as u64)
+        })
+        .await
+    }
+
+    async fn gc_begin(&self, limit: usize) -> Result<Vec<ChunkHash>> {
+        self.tx(move |tx| {
+            let stale_before = now_ms() - STALE_UPLOAD_MS;
+            let hashes: Vec<Vec<u8>> = tx
+                .prepare(
+                    "SELECT hash FROM chunks WHERE refs = 0 AND
+                        (state = 'present' OR (state = 'uploading' AND updated_at_ms < ?1)) LIMIT ?2",
+                )?
+                .query_map(params![stale_before, limit as i64], |r| r.get(0))?
+                .collect::<rusqlite::Result<_>>()?;
+            let mut mark = tx
+                .prepare_cached("UPDATE chunks SET state = 'deleting', updated_at_ms = ?2 WHERE hash = ?1")?;
+            let now = now_ms();
+            let mut out = Vec::with_capacity(hashes.len());
+            for h in hashes {
+                mark.execute(params![h, now])?;
+                out.push(ChunkHash::from_slice(&h)?);
+            }
+            Ok(out)
+        })
+        .await
+    }
+
+    async fn gc_finish(&self, hashes: &[ChunkHash]) -> Result<()> {
+        let hashes = hashes.to_vec();
+        self.tx(move |tx| {
+            let mut del = tx.prepare_cached("DELETE FROM chunks WHERE hash = ?1 AND state = 'deleting'")?;
+            for h in hashes {
+                del.execute(params![&h.0[..]])?;
+            }
+            Ok(())
+        })
+        .await
+    }
+
+    async fn gc_interrupted(&self) -> Result<Vec<ChunkHash>> {
+        self.with(|c| {
+            let rows: Vec<Vec<u8>> = c
+                .prepare("SELECT hash FROM chunks WHERE state = 'deleting'")?
+                .query_map([], |r| r.get(0))?
+                .collect::<rusqlite::Result<_>>()?;
+            rows.iter().map(|h| ChunkHash::from_slice(h)).collect()
+        })
+        .await
+    }
+
+    async fn is_known_chunk(&self, hash: &ChunkHash) -> Result<bool> {
+        let hash = *hash;
+        self.with(move |c| {
+            Ok(c.query_row(
+                "SELECT EXISTS (SELECT 1 FROM chunks WHERE hash = ?1)",
+                params![&hash.0[..]],
+                |r| r.get(0),
+            )?)
+        })
+        .await
+    }
+
+    async fn stats(&self) -> Result<StoreStats> {
+        self.with(|c| {
+            Ok(c.query_row(
+                "SELECT (SELECT COUNT(*) FROM volumes), (SELECT COUNT(*) FROM checkpoints),
+                        (SELECT COUNT(*) FROM chunks WHERE state = 'present'),
+                        (SELECT COALESCE(SUM(stored_len), 0) FROM chunks WHERE state = 'present'),
+                        (SELECT COUNT(DISTINCT pending) FROM map_entries WHERE pending IS NOT NULL)",
+                [],
+                |r| {
+                    Ok(StoreStats {
+                        volumes: r.get::<_, i64>(0)? as u64,
+                        checkpoints: r.get::<_, i64>(1)? as u64,
+                        chunks: r.get::<_, i64>(2)? as u64,
+                        stored_bytes: r.get::<_, i64>(3)? as u64,
+                        pending: r.get::<_, i64>(4)? as u64,
+                    })
+                },
+            )?)
+        })
+        .await
+    }
+
+    async fn verify_refcounts(&self) -> Result<Vec<(ChunkHash, i64, i64)>> {
+        self.with(|c| {
+            let mut st = c.prepare(
+                "SELECT COALESCE(a.hash, b.hash), COALESCE(a.n, 0), COALESCE(b.refs, -1) FROM
+                    (SELECT hash, COUNT(*) AS n FROM map_entries WHERE hash IS NOT NULL GROUP BY hash) AS a
+                 FULL OUTER JOIN chunks AS b ON a.hash = b.hash
+                 WHERE COALESCE(a.n, 0) <> COALESCE(b.refs, -1)",
+            )?;
+            let rows: Vec<(Vec<u8>, i64, i64)> = st
+                .query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))?
+                .collect::<rusqlite::Result<_>>()?;
+            rows.into_iter()
+                .map(|(h, actual, stored)| Ok((ChunkHash::from_slice(&h)?, actual, stored)))
+                .collect()
+        })
+        .await
+    }
+}

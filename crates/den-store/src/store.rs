@@ -1,0 +1,644 @@
+//! The store: volumes, checkpoints, forks and GC over one metadata backend,
+//! one object store and one local cache.
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::sync::{Arc, Weak};
+use std::time::Duration;
+
+use bytes::Bytes;
+use parking_lot::Mutex;
+use serde::Serialize;
+use tokio::sync::{Notify, mpsc, watch};
+
+use crate::budget::DirtyBudget;
+use crate::cache::{Cache, CacheStats};
+use crate::chunk::{self, ChunkHash, Compression};
+use crate::error::{Result, StoreError};
+use crate::meta::sqlite::SqliteMeta;
+use crate::meta::{CheckpointRecord, MetaStore, PendingId, StoreStats, VolumeRecord};
+use crate::objects::{ObjectBackend, Objects};
+use crate::volume::Volume;
+
+pub const DEFAULT_VOLUME_SIZE: u64 = 100 << 30;
+/// See docs/storage.md for the measurement behind this default.
+pub const DEFAULT_CHUNK_SIZE: u32 = 1 << 20;
+
+#[derive(Clone, Debug, Serialize, serde::Deserialize)]
+pub struct StoreConfig {
+    /// Holds `meta.db` (SQLite) and `cache/`.
+    pub data_dir: PathBuf,
+    pub objects: ObjectBackend,
+    /// Size bound of the clean read cache.
+    pub cache_limit: u64,
+    /// Bound on bytes that exist only locally (dirty + not yet uploaded).
+    pub dirty_limit: u64,
+    /// A dirty chunk untouched this long is sealed and uploaded.
+    pub writeback_delay: Duration,
+    pub compression: Compression,
+    pub upload_concurrency: usize,
+    /// How long a read of a missing chunk keeps retrying the object store
+    /// before the guest gets EIO.
+    pub fetch_timeout: Duration,
+}
+
+impl StoreConfig {
+    /// Embedded defaults: SQLite and chunks in a local directory under `data_dir`.
+    pub fn local(data_dir: impl Into<PathBuf>) -> Self {
+        let data_dir = data_dir.into();
+        StoreConfig {
+            objects: ObjectBackend::Local {
+                dir: data_dir.join("objects"),
+            },
+            data_dir,
+            cache_limit: 8 << 30,
+            dirty_limit: 2 << 30,
+            writeback_delay: Duration::from_secs(2),
+            compression: Compression::Zstd,
+            upload_concurrency: 4,
+            fetch_timeout: Duration::from_secs(60),
+        }
+    }
+}
+
+#[derive(Clone, Debug)]
+pub enum VolumeSource {
+    /// Fork of a checkpoint (`volume`, `v3`).
+    Checkpoint { volume: String, checkpoint: String },
+    /// Fork of the live state of another volume.
+    Volume(String),
+}
+
+#[derive(Clone, Debug, Default)]
+pub struct CreateOptions {
+    /// Defaults to 100 GiB, or the source's size for forks.
+    pub size: Option<u64>,
+    pub chunk_size: Option<u32>,
+    pub source: Option<VolumeSource>,
+}
+
+#[derive(Clone, Debug, Serialize)]
+pub struct VolumeInfo {
+    #[serde(flatten)]
+    pub record: VolumeRecord,
+    pub mapped_chunks: u64,
+    pub pending_chunks: u64,
+    pub checkpoints: usize,
+    pub open_here: bool,
+}
+
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct GcReport {
+    pub chunks_deleted: u64,
+    pub orphan_objects_deleted: u64,
+}
+
+pub(crate) struct Shared {
+    pub(crate) cfg: StoreConfig,
+    pub(crate) meta: Arc<dyn MetaStore>,
+    pub(crate) objects: Objects,
+    pub(crate) cache: Cache,
+    pub(crate) budget: DirtyBudget,
+    rt: tokio::runtime::Handle,
+    open: Mutex<HashMap<String, Weak<crate::volume::VolumeInner>>>,
+    upload_tx: mpsc::UnboundedSender<PendingId>,
+    queued: Mutex<std::collections::HashSet<PendingId>>,
+    uploads_done: watch::Sender<u64>,
+    writeback_kick: Notify,
+    gc_lock: tokio::sync::Mutex<()>,
+}
+
+impl Shared {
+    /// Run a future from synchronous code (FUSE threads, blocking tasks).
+    pub(crate) fn block_on<F: std::future::Future>(&self, f: F) -> Result<F::Output> {
+        // block_in_place lets this be called from a multi-thread runtime
+        // worker too; on blocking-pool and foreign threads it is a no-op.
+        Ok(tokio::task::block_in_place(|| self.rt.block_on(f)))
+    }
+
+    pub(crate) fn nudge_writeback(&self) {
+        self.writeback_kick.notify_one();
+    }
+
+    pub(crate) fn enqueue_upload(&self, p: PendingId) {
+        if self.queued.lock().insert(p) {
+            let _ = self.upload_tx.send(p);
+        }
+    }
+
+    pub(crate) fn forget_volume(&self, id: &str) {
+        let mut open = self.open.lock();
+        if open.get(id).is_some_and(|w| w.strong_count() == 0) {
+            open.remove(id);
+        }
+    }
+
+    fn open_volumes(&self) -> Vec<Volume> {
+        let weak: Vec<_> = self.open.lock().values().cloned().collect();
+        weak.into_iter()
+            .filter_map(|w| w.upgrade().map(|inner| Volume { inner }))
+            .collect()
+    }
+
+    /// Fetch a chunk from the object store into the clean cache, retrying
+    /// with backoff until `fetch_timeout`.
+    pub(crate) fn fetch_chunk(&self, h: &ChunkHash) -> std::io::Result<Bytes> {
+        let deadline = std::time::Instant::now() + self.cfg.fetch_timeout;
+        let mut delay = Duration::from_millis(50);
+        loop {
+            let res = self
+                .block_on(self.objects.get(h))
+                .and_then(|r| r)
+                .and_then(|obj| chunk::decode(&obj, h));
+            match res {
+                Ok(data) => {
+                    self.cache.insert_clean(h, &data)?;
+                    return Ok(Bytes::from(data));
+                }
+                Err(e @ StoreError::CorruptChunk { .. }) => return Err(e.into()),
+                Err(e) if std::time::Instant::now() + delay > deadline => {
+                    return Err(std::io::Error::other(format!("fetching chunk {h}: {e}")));
+                }
+                Err(e) => {
+                    tracing::warn!("fetching chunk {h} failed, retrying: {e}");
+                    std::thread::sleep(delay);
+                    delay = (delay * 2).min(Duration::from_secs(2));
+                }
+            }
+        }
+    }
+}
+
+/// The volume store. Cheap to clone; background tasks (uploader, write-back)
+/// run on the tokio runtime that opened it.
+#[derive(Clone)]
+pub struct Store {
+    shared: Arc<Shared>,
+}
+
+fn validate_name(name: &str) -> Result<()> {
+    let ok = !name.is_empty()
+        && name.len() <= 63
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'_' || b == b'.')
+        && !name.starts_with(['-', '.']);
+    if ok {
+        Ok(())
+    } else {
+        Err(StoreError::InvalidArgument(format!(
+            "invalid volume name {name:?}: use 1-63 of a-z 0-9 - _ . (not starting with - or .)"
+        )))
+    }
+}
+
+fn validate_size(size: u64) -> Result<()> {
+    if size == 0 || size % 4096 != 0 {
+        return Err(StoreError::InvalidArgument(format!(
+            "volume size {size} must be a positive multiple of 4096 bytes"
+        )));
+    }
+    if size > (1u64 << 50) {
+        return Err(StoreError::InvalidArgument(format!(
+            "volume size {size} exceeds 1 PiB"
+        )));
+    }
+    Ok(())
+}
+
+fn validate_chunk_size(cs: u32) -> Result<()> {
+    if !cs.is_power_of_two() || !(4096..=(64 << 20)).contains(&cs) {
+        return Err(StoreError::InvalidArgument(format!(
+            "chunk size {cs} must be a power of two between 4 KiB and 64 MiB"
+        )));
+    }
+    Ok(())
+}
+
+impl Store {
+    /// Open with SQLite metadata at `data_dir/meta.db`.
+    pub async fn open(cfg: StoreConfig) -> Result<Store> {
+        std::fs::create_dir_all(&cfg.data_dir)?;
+        let meta: Arc<dyn MetaStore> = Arc::new(SqliteMeta::open(&cfg.data_dir.join("meta.db"))?);
+        Self::open_with_meta(cfg, meta).await
+    }
+
+    pub async fn open_with_meta(cfg: StoreConfig, meta: Arc<dyn MetaStore>) -> Result<Store> {
+        if cfg.dirty_limit < (64 << 20) {
+            return Err(StoreError::InvalidArgument(
+                "dirty_limit must be at least 64 MiB".into(),
+            ));
+        }
+        let objects = Objects::open(&cfg.objects)?;
+        let cache = Cache::open(&cfg.data_dir.join("cache"), cfg.cache_limit)?;
+        let (upload_tx, upload_rx) = mpsc::unbounded_channel();
+        let (uploads_done, _) = watch::channel(0u64);
+        let shared = Arc::new(Shared {
+            budget: DirtyBudget::new(cfg.dirty_limit),
+            cfg,
+            meta,
+            objects,
+            cache,
+            rt: tokio::runtime::Handle::current(),
+            open: Mutex::new(HashMap::new()),
+            upload_tx,
+            queued: Mutex::new(Default::default()),
+            uploads_done,
+            writeback_kick: Notify::new(),
+            gc_lock: tokio::sync::Mutex::new(()),
+        });
+        let store = Store { shared };
+        store.recover_pending().await?;
+        crate::uploader::spawn(Arc::downgrade(&store.shared), upload_rx);
+        spawn_writeback(Arc::downgrade(&store.shared));
+        Ok(store)
+    }
+
+    /// Re-queue every pending chunk the metadata knows, and delete pending
+    /// files no metadata names (a crash between link and commit). Files
+    /// linked in the last minute are left alone: another process may be
+    /// about to commit them.
+    async fn recover_pending(&self) -> Result<()> {
+        let s = &self.shared;
+        let known: std::collections::HashSet<PendingId> = s.meta.list_pending().await?.into_iter().collect();
+        for p in s.cache.list_pending_files()? {
+            let path = s.cache.pending_path(p);
+            if known.contains(&p) {
+                let len = std::fs::metadata(&path).map(|m| m.len()).unwrap_or(0);
+                s.budget.adopt_pending(p, len);
+                s.enqueue_upload(p);
+            } else {
+                use std::os::unix::fs::MetadataExt;
+                let old = std::fs::metadata(&path)
+                    .map(|m| {
+                        let now = std::time::SystemTime::now()
+                            .duration_since(std::time::UNIX_EPOCH)
+                            .map(|d| d.as_secs() as i64)
+                            .unwrap_or(0);
+                        now - m.ctime() > 60
+                    })
+                    .unwrap_or(false);
+                if old {
+                    let _ = std::fs::remove_file(&path);
+                }
+            }
+        }
+        for p in known {
+            if !s.cache.pending_path(p).exists() {
+                tracing::error!("pending chunk {p:016x} is named by metadata but missing from the cache");
+            }
+        }
+        Ok(())
+    }
+
+    pub fn config(&self) -> &StoreConfig {
+        &self.shared.cfg
+    }
+
+    pub fn meta(&self) -> &Arc<dyn MetaStore> {
+        &self.shared.meta
+    }
+
+    pub fn cache_stats(&self) -> CacheStats {
+        self.shared.cache.stats()
+    }
+
+    /// Bytes that exist only in the local cache right now.
+    pub fn local_only_bytes(&self) -> u64 {
+        self.shared.budget.used()
+    }
+
+    /// Drop the clean read cache, so the next reads come from the object store.
+    pub fn drop_read_cache(&self) {
+        self.shared.cache.clear_clean();
+    }
+
+    pub async fn stats(&self) -> Result<StoreStats> {
+        self.shared.meta.stats().await
+    }
+
+    fn open_here(&self, id: &str) -> Option<Volume> {
+        let w = self.shared.open.lock().get(id).cloned();
+        w.and_then(|w| w.upgrade()).map(|inner| Volume { inner })
+    }
+
+    /// Open a volume for I/O. Returns the same handle if this process already
+    /// has it open; fails with `VolumeBusy` if another process does.
+    pub async fn open_volume(&self, name: &str) -> Result<Volume> {
+        let rec = self.shared.meta.get_volume(name).await?;
+        if let Some(v) = self.open_here(&rec.id) {
+            return Ok(v);
+        }
+        let shared = self.shared.clone();
+        let vol = tokio::task::spawn_blocking(move || Volume::open(shared, rec))
+            .await
+            .map_err(|e| StoreError::Io(std::io::Error::other(e)))??;
+        let mut open = self.shared.open.lock();
+        if let Some(existing) = open.get(&vol.inner.rec.id).and_then(|w| w.upgrade()) {
+            // Lost a race with another opener in this process; ours can't hold
+            // the flock anyway, so hand out theirs.
+            drop(open);
+            return Ok(Volume { inner: existing });
+        }
+        open.insert(vol.inner.rec.id.clone(), Arc::downgrade(&vol.inner));
+        Ok(vol)
+    }
+
+    /// Run `f` on the volume, opening it for the duration if needed.
+    async fn with_volume<T: Send + 'static>(
+        &self,
+        name: &str,
+        f: impl FnOnce(&Volume) -> Result<T> + Send + 'static,
+    ) -> Result<T> {
+        let vol = self.open_volume(name).await?;
+        tokio::task::spawn_blocking(move || f(&vol))
+            .await
+            .map_err(|e| StoreError::Io(std::io::Error::other(e)))?
+    }
+
+    /// Like `with_volume`, but the caller must be the only user: refuses a
+    /// volume that is open (mounted) anywhere, this process included.
+    async fn with_exclusive<T: Send + 'static>(
+        &self,
+        name: &str,
+        f: impl FnOnce(&Volume) -> Result<T> + Send + 'static,
+    ) -> Result<T> {
+        let rec = self.shared.meta.get_volume(name).await?;
+        if self.open_here(&rec.id).is_some() {
+            return Err(StoreError::VolumeBusy(name.to_string()));
+        }
+        self.with_volume(name, f).await
+    }
+
+    pub async fn create_volume(&self, name: &str, opts: CreateOptions) -> Result<VolumeRecord> {
+        validate_name(name)?;
+        if let Some(s) = opts.size {
+            validate_size(s)?;
+        }
+        if let Some(cs) = opts.chunk_size {
+            validate_chunk_size(cs)?;
+        }
+        let meta = &self.shared.meta;
+        match opts.source {
+            None => {
+                let size = opts.size.unwrap_or(DEFAULT_VOLUME_SIZE);
+                let cs = opts.chunk_size.unwrap_or(DEFAULT_CHUNK_SIZE);
+                meta.create_volume(name, size, cs, None).await
+            }
+            Some(src) => {
+                let (src_vol, map) = match &src {
+                    VolumeSource::Checkpoint { volume, checkpoint } => {
+                        let v = meta.get_volume(volume).await?;
+                        let ck = meta
+                            .get_checkpoint(&v.id, checkpoint)
+                            .await
+                            .map_err(|e| match e {
+                                StoreError::CheckpointNotFound { .. } => StoreError::CheckpointNotFound {
+                                    volume: volume.clone(),
+                                    checkpoint: checkpoint.clone(),
+                                },
+                                e => e,
+                            })?;
+                        (v, ck.map_id)
+                    }
+                    VolumeSource::Volume(volume) => {
+                        // Seal the live state so the metadata head is complete.
+                        self.with_volume(volume, |v| v.seal_all()).await?;
+                        let v = meta.get_volume(volume).await?;
+                        let m = v.head_map;
+                        (v, m)
+                    }
+                };
+                if opts.chunk_size.is_some_and(|cs| cs != src_vol.chunk_size) {
+                    return Err(StoreError::InvalidArgument(
+                        "a fork keeps the chunk size of its source".into(),
+                    ));
+                }
+                let size = opts.size.unwrap_or(src_vol.size);
+                if size < src_vol.size {
+                    return Err(StoreError::InvalidArgument(format!(
+                        "a fork cannot be smaller than its source ({} bytes)",
+                        src_vol.size
+                    )));
+                }
+                meta.create_volume(name, size, src_vol.chunk_size, Some(map))
+                    .await
+            }
+        }
+    }
+
+    pub async fn list_volumes(&self) -> Result<Vec<VolumeRecord>> {
+        self.shared.meta.list_volumes().await
+    }
+
+    pub async fn volume(&self, name: &str) -> Result<VolumeRecord> {
+        self.shared.meta.get_volume(name).await
+    }
+
+    pub async fn volume_info(&self, name: &str) -> Result<VolumeInfo> {
+        let rec = self.shared.meta.get_volume(name).await?;
+        let stats = self.shared.meta.map_stats(rec.head_map).await?;
+        let checkpoints = self.shared.meta.list_checkpoints(&rec.id).await?.len();
+        Ok(VolumeInfo {
+            open_here: self.open_here(&rec.id).is_some(),
+            record: rec,
+            mapped_chunks: stats.entries,
+            pending_chunks: stats.pending,
+            checkpoints,
+        })
+    }
+
+    /// Delete a volume and its checkpoints. Refused while it is open.
+    pub async fn delete_volume(&self, name: &str) -> Result<()> {
+        let meta = self.shared.meta.clone();
+        let shared = self.shared.clone();
+        self.with_exclusive(name, move |v| {
+            shared.block_on(meta.delete_volume(&v.record().id))??;
+            v.drop_local_state()?;
+            Ok(())
+        })
+        .await
+    }
+
+    /// Snapshot a volume. Returns as soon as the snapshot is in metadata; it
+    /// becomes `durable` when its chunks are uploaded.
+    pub async fn checkpoint(&self, name: &str, comment: &str) -> Result<CheckpointRecord> {
+        let comment = comment.to_string();
+        self.with_volume(name, move |v| v.checkpoint(&comment)).await
+    }
+
+    pub async fn list_checkpoints(&self, name: &str) -> Result<Vec<CheckpointRecord>> {
+        let rec = self.shared.meta.get_volume(name).await?;
+        self.shared.meta.list_checkpoints(&rec.id).await
+    }
+
+    pub async fn get_checkpoint(&self, name: &str, id: &str) -> Result<CheckpointRecord> {
+        let rec = self.shared.meta.get_volume(name).await?;
+        self.shared
+            .meta
+            .get_checkpoint(&rec.id, id)
+            .await
+            .map_err(|e| match e {
+                StoreError::CheckpointNotFound { checkpoint, .. } => StoreError::CheckpointNotFound {
+                    volume: name.to_string(),
+                    checkpoint,
+                },
+                e => e,
+            })
+    }
+
+    pub async fn delete_checkpoint(&self, name: &str, id: &str) -> Result<()> {
+        let rec = self.shared.meta.get_volume(name).await?;
+        self.get_checkpoint(name, id).await?;
+        self.shared.meta.delete_checkpoint(&rec.id, id).await
+    }
+
+    /// The volume's content becomes the checkpoint's. Refused while the
+    /// volume is open (mounted): the guest's view would change under it.
+    pub async fn restore(&self, name: &str, checkpoint: &str) -> Result<()> {
+        self.get_checkpoint(name, checkpoint).await?;
+        let meta = self.shared.meta.clone();
+        let shared = self.shared.clone();
+        let checkpoint = checkpoint.to_string();
+        self.with_exclusive(name, move |v| {
+            // Seal first: if we crash mid-way, the head is consistent either
+            // way and no fsynced data was dropped before the restore committed.
+            v.seal_all()?;
+            shared.block_on(meta.restore(&v.record().id, &checkpoint))??;
+            v.drop_local_state()?;
+            Ok(())
+        })
+        .await
+    }
+
+    /// Fork: a new volume from a checkpoint or from another volume's live state.
+    pub async fn fork(&self, new_name: &str, source: VolumeSource) -> Result<VolumeRecord> {
+        self.create_volume(
+            new_name,
+            CreateOptions {
+                source: Some(source),
+                ..Default::default()
+            },
+        )
+        .await
+    }
+
+    /// Upload everything dirty in `name` and wait until the object store holds
+    /// the whole head map. `progress(remaining)` is called as uploads land.
+    pub async fn flush(&self, name: &str, progress: impl Fn(u64) + Send) -> Result<()> {
+        self.with_volume(name, |v| v.seal_all()).await?;
+        let rec = self.shared.meta.get_volume(name).await?;
+        self.wait_uploaded(rec.head_map, progress).await
+    }
+
+    /// Wait until a checkpoint is durable.
+    pub async fn wait_durable(&self, name: &str, checkpoint: &str) -> Result<()> {
+        let ck = self.get_checkpoint(name, checkpoint).await?;
+        self.wait_uploaded(ck.map_id, |_| {}).await
+    }
+
+    async fn wait_uploaded(&self, map: crate::meta::MapId, progress: impl Fn(u64) + Send) -> Result<()> {
+        let mut rx = self.shared.uploads_done.subscribe();
+        loop {
+            rx.borrow_and_update();
+            let pending = self.shared.meta.map_stats(map).await?.pending;
+            progress(pending);
+            if pending == 0 {
+                return Ok(());
+            }
+            // Woken by every upload commit; the timeout covers pending chunks
+            // being uploaded by another process sharing this cache.
+            let _ = tokio::time::timeout(Duration::from_secs(1), rx.changed()).await;
+        }
+    }
+
+    /// Flush every volume open in this process (used at shutdown).
+    pub async fn flush_all(&self) -> Result<()> {
+        for v in self.shared.open_volumes() {
+            let name = v.name().to_string();
+            drop(v);
+            self.flush(&name, |_| {}).await?;
+        }
+        Ok(())
+    }
+
+    /// Delete chunks no map references. Safe against concurrent checkpoints,
+    /// forks and uploads: rows move to `deleting` in one transaction, and an
+    /// uploader that meets a `deleting` row waits instead of reusing it.
+    pub async fn gc(&self, sweep_orphans: bool) -> Result<GcReport> {
+        let _g = self.shared.gc_lock.lock().await;
+        let s = &self.shared;
+        let mut report = GcReport::default();
+        let mut batch = s.meta.gc_interrupted().await?;
+        loop {
+            if batch.is_empty() {
+                batch = s.meta.gc_begin(1000).await?;
+                if batch.is_empty() {
+                    break;
+                }
+            }
+            for h in &batch {
+                s.objects.delete(h).await?;
+                s.cache.remove_clean(h);
+            }
+            s.meta.gc_finish(&batch).await?;
+            report.chunks_deleted += batch.len() as u64;
+            batch.clear();
+        }
+        if sweep_orphans {
+            // Objects with no row at all: a row is written before every PUT,
+            // so these can only be leftovers of deleted rows.
+            for h in s.objects.list_chunks().await? {
+                if !s.meta.is_known_chunk(&h).await? {
+                    s.objects.delete(&h).await?;
+                    report.orphan_objects_deleted += 1;
+                }
+            }
+        }
+        Ok(report)
+    }
+}
+
+impl Shared {
+    pub(crate) fn upload_finished(&self, p: PendingId, hash: Option<ChunkHash>) {
+        self.queued.lock().remove(&p);
+        for v in self.open_volumes() {
+            v.pending_committed(p, hash);
+        }
+        self.budget.release_pending(p);
+        self.uploads_done.send_modify(|n| *n += 1);
+    }
+
+    pub(crate) fn upload_abandoned(&self, p: PendingId) {
+        self.queued.lock().remove(&p);
+        self.budget.release_pending(p);
+    }
+}
+
+fn spawn_writeback(shared: Weak<Shared>) {
+    tokio::spawn(async move {
+        loop {
+            let Some(s) = shared.upgrade() else { return };
+            let delay = s.cfg.writeback_delay;
+            // Holding the Arc for at most one tick delays a store's teardown by that much.
+            let _ = tokio::time::timeout(Duration::from_millis(250), s.writeback_kick.notified()).await;
+            let vols = s.open_volumes();
+            let pressure = s.budget.over_high_water();
+            drop(s);
+            if vols.is_empty() {
+                continue;
+            }
+            let res = tokio::task::spawn_blocking(move || {
+                for v in &vols {
+                    if let Err(e) = v.writeback(delay, pressure) {
+                        tracing::warn!("write-back of {} failed: {e}", v.name());
+                    }
+                }
+            })
+            .await;
+            if let Err(e) = res {
+                tracing::error!("write-back task failed: {e}");
+            }
+        }
+    });
+}

