@@ -73,7 +73,7 @@ impl FuseLoopFrontend {
     pub fn export(device: Arc<dyn BlockDevice>, mount_dir: &Path, opts: &ExportOptions) -> Result<Export> {
         let size = device.size();
         let granule = u64::from(opts.loop_dev.block_size.max(512));
-        if size == 0 || size % granule != 0 {
+        if size == 0 || !size.is_multiple_of(granule) {
             return Err(BlockError::InvalidOption(format!(
                 "device size {size} must be a non-zero multiple of the {granule} byte loop block size"
             )));

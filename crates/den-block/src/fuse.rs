@@ -198,6 +198,16 @@ struct FileMeta {
     ctime: SystemTime,
 }
 
+/// The parts of a SETATTR request we act on.
+struct AttrChange {
+    mode: Option<u32>,
+    uid: Option<u32>,
+    gid: Option<u32>,
+    size: Option<u64>,
+    atime: Option<TimeOrNow>,
+    mtime: Option<TimeOrNow>,
+}
+
 /// Settings [`DiskFs`] needs from the caller.
 #[derive(Debug, Clone)]
 pub(crate) struct DiskFsConfig {
@@ -443,22 +453,21 @@ impl DiskFs {
         self.device_call("discard", || self.device.discard(offset, len))
     }
 
-    fn do_setattr(
-        &self,
-        ino: INodeNo,
-        mode: Option<u32>,
-        uid: Option<u32>,
-        gid: Option<u32>,
-        size: Option<u64>,
-        atime: Option<TimeOrNow>,
-        mtime: Option<TimeOrNow>,
-    ) -> Result<FileAttr, Errno> {
+    fn do_setattr(&self, ino: INodeNo, change: AttrChange) -> Result<FileAttr, Errno> {
         if ino == INodeNo::ROOT {
             return Ok(self.root_attr());
         }
         if ino != FILE_INO {
             return Err(self.fail(Errno::ENOENT));
         }
+        let AttrChange {
+            mode,
+            uid,
+            gid,
+            size,
+            atime,
+            mtime,
+        } = change;
         if size.is_some_and(|s| s != self.size) {
             // truncate/ftruncate/O_TRUNC would resize the disk under the loop
             // device (or wipe it); refuse.
@@ -563,7 +572,15 @@ impl Filesystem for DiskFs {
         reply: ReplyAttr,
     ) {
         self.enter_worker();
-        match self.do_setattr(ino, mode, uid, gid, size, atime, mtime) {
+        let change = AttrChange {
+            mode,
+            uid,
+            gid,
+            size,
+            atime,
+            mtime,
+        };
+        match self.do_setattr(ino, change) {
             Ok(attr) => reply.attr(&ATTR_TTL, &attr),
             Err(errno) => reply.error(errno),
         }

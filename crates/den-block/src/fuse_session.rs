@@ -18,6 +18,7 @@ use std::thread::{self, JoinHandle};
 use std::time::{Duration, Instant};
 
 use nix::mount::{MntFlags, MsFlags};
+use parking_lot::Mutex;
 
 use crate::BlockDevice;
 use crate::error::{BlockError, Result};
@@ -106,7 +107,9 @@ pub struct FuseExport {
     mount_dir: PathBuf,
     file_path: PathBuf,
     mount: MountEntry,
-    session: Option<SessionThread>,
+    /// In a mutex only so that `FuseExport` is `Sync` (the receiver is not);
+    /// it is only ever touched through `&mut self`.
+    session: Mutex<Option<SessionThread>>,
     counters: Arc<Counters>,
     negotiated: Arc<OnceLock<Negotiated>>,
     shutdown_timeout: Duration,
@@ -303,10 +306,10 @@ impl FuseExport {
             mount_dir: dir.clone(),
             file_path,
             mount,
-            session: Some(SessionThread {
+            session: Mutex::new(Some(SessionThread {
                 handle,
                 done: done_rx,
-            }),
+            })),
             counters,
             negotiated,
             shutdown_timeout: opts.shutdown_timeout,
@@ -504,7 +507,7 @@ impl FuseExport {
     }
 
     fn join_session(&mut self, deadline: Instant, unmounted: Unmounted) -> Result<()> {
-        let Some(session) = self.session.take() else {
+        let Some(session) = self.session.get_mut().take() else {
             return Ok(());
         };
         let timeout = deadline.saturating_duration_since(Instant::now());
@@ -536,7 +539,7 @@ impl FuseExport {
     }
 
     fn detach_session(&mut self) {
-        self.session.take();
+        self.session.get_mut().take();
     }
 }
 

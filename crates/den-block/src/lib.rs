@@ -4,6 +4,22 @@
 //! [`BlockDevice`]. A [`Frontend`] exports such a device to the kernel. On hosts
 //! without NBD/ublk (like our CI machines) that is a FUSE-served file with a
 //! loop device attached; ublk or vhost-user-blk can implement the same trait.
+//!
+//! ```no_run
+//! # use std::{path::Path, sync::Arc};
+//! # use den_block::{mem::MemDevice, ExportOptions, FuseLoopFrontend};
+//! let disk = Arc::new(MemDevice::new(1 << 30));
+//! let export = FuseLoopFrontend::export(disk, Path::new("/run/den/vol0"), &ExportOptions::default())?;
+//! println!("{} ({})", export.device_path().display(), export.loop_mode()); // /dev/loopN
+//! // ... mkfs / mount / use the device, unmount it ...
+//! export.shutdown()?;
+//! # Ok::<(), den_block::BlockError>(())
+//! ```
+//!
+//! Layout: `fuse` is the FUSE filesystem (one directory, one file),
+//! `fuse_session` mounts and serves it, [`loopdev`] binds a loop device to the
+//! file, `frontend` ties both together behind [`Frontend`]; [`mem::MemDevice`]
+//! is a sparse RAM disk for tests.
 
 use std::io;
 

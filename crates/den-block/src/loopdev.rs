@@ -460,8 +460,19 @@ impl LoopDevice {
         if !self.attached {
             return Ok(());
         }
-        let deadline = Instant::now() + self.detach_timeout;
-        let result = clear(self.index, Some(self.identity), Some(deadline));
+        // Held exclusively (a mounted filesystem): the release can only happen
+        // on its last close, so arm it and say so instead of waiting in vain.
+        let wait_until = if self.is_busy() {
+            None
+        } else {
+            Some(Instant::now() + self.detach_timeout)
+        };
+        let result = match clear(self.index, Some(self.identity), wait_until) {
+            Ok(Cleared::Now) if wait_until.is_none() => Err(BlockError::Busy {
+                path: self.path.clone(),
+            }),
+            other => other,
+        };
         // Busy still counts as detached from our side: the kernel finishes it.
         if matches!(result, Ok(_) | Err(BlockError::Busy { .. })) {
             self.attached = false;

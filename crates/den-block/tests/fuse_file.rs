@@ -411,3 +411,27 @@ fn abort_fails_io_and_cleans_up() {
     assert!(!is_mount_point(&dir));
     assert!(std::fs::metadata(path).is_err());
 }
+
+#[test]
+fn read_only_export_refuses_writes() {
+    let tmp = tempfile::tempdir().unwrap();
+    let opts = FuseOptions {
+        read_only: true,
+        ..FuseOptions::default()
+    };
+    let dev = Arc::new(MemDevice::new(MIB));
+    dev.write_at(0, b"sealed").unwrap();
+    let export = FuseLoopFrontend::export_file(dev.clone(), &tmp.path().join("mnt"), &opts).unwrap();
+    let err = OpenOptions::new()
+        .write(true)
+        .open(export.file_path())
+        .unwrap_err();
+    assert_eq!(err.raw_os_error(), Some(libc::EROFS), "{err}");
+    let mut buf = [0u8; 6];
+    std::fs::File::open(export.file_path())
+        .unwrap()
+        .read_exact_at(&mut buf, 0)
+        .unwrap();
+    assert_eq!(&buf, b"sealed");
+    export.shutdown().unwrap();
+}

@@ -1,1 +1,43 @@
-fn main() {}
+//! `den`: the one binary. Subcommands are thin edges over the library crates.
+
+mod bench;
+mod store_args;
+mod volume;
+
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(name = "den", version, about = "Self-hosted persistent Linux sandboxes")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Operate on den volumes: sparse chunked disks with instant checkpoint, restore and fork.
+    #[command(subcommand)]
+    Volume(volume::VolumeCmd),
+    /// Benchmarks that print tables and ratios against baselines measured in the same run.
+    #[command(subcommand)]
+    Bench(bench::BenchCmd),
+}
+
+fn main() {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("DEN_LOG")
+                .unwrap_or_else(|_| "warn,fuser=error".into()),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Volume(cmd) => volume::run(cmd),
+        Command::Bench(cmd) => bench::run(cmd),
+    };
+    if let Err(e) = result {
+        eprintln!("error: {e:#}");
+        std::process::exit(1);
+    }
+}

@@ -10,6 +10,7 @@ pub mod chunk;
 pub mod error;
 pub mod meta;
 pub mod objects;
+pub mod snapshot;
 mod store;
 mod uploader;
 mod volume;
@@ -18,6 +19,7 @@ pub use chunk::{ChunkHash, Compression};
 pub use error::{Result, StoreError};
 pub use meta::{CheckpointRecord, MetaStore, StoreStats, VolumeRecord};
 pub use objects::ObjectBackend;
+pub use snapshot::CheckpointReader;
 pub use store::{
     CreateOptions, DEFAULT_CHUNK_SIZE, DEFAULT_VOLUME_SIZE, GcReport, Store, StoreConfig, VolumeInfo,
     VolumeSource,

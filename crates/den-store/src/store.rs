@@ -523,6 +523,20 @@ impl Store {
         .await
     }
 
+    /// Read a checkpoint in place (export, verification) without touching the volume.
+    pub async fn read_checkpoint(&self, name: &str, id: &str) -> Result<crate::snapshot::CheckpointReader> {
+        let rec = self.shared.meta.get_volume(name).await?;
+        let ck = self.get_checkpoint(name, id).await?;
+        let entries = self.shared.meta.load_map(ck.map_id).await?;
+        Ok(crate::snapshot::CheckpointReader::new(
+            self.shared.clone(),
+            ck,
+            rec.size,
+            rec.chunk_size as u64,
+            entries,
+        ))
+    }
+
     /// Upload everything dirty in `name` and wait until the object store holds
     /// the whole head map. `progress(remaining)` is called as uploads land.
     pub async fn flush(&self, name: &str, progress: impl Fn(u64) + Send) -> Result<()> {

@@ -149,6 +149,16 @@ impl Volume {
         self.inner.rec.chunk_size as u64
     }
 
+    /// Chunk indexes that hold data (sealed or dirty), ascending; the rest reads as zeros.
+    pub fn mapped_chunks(&self) -> Vec<u64> {
+        let st = self.inner.state.lock();
+        let mut v: Vec<u64> = st.head.keys().chain(st.dirty.keys()).copied().collect();
+        drop(st);
+        v.sort_unstable();
+        v.dedup();
+        v
+    }
+
     /// Bytes held only locally by this volume (dirty chunks).
     pub fn dirty_chunks(&self) -> usize {
         self.inner.state.lock().dirty.len()

@@ -26,7 +26,7 @@ pub enum Entry {
     Pending(PendingId),
 }
 
-#[derive(Clone, Debug, Serialize)]
+#[derive(Clone, Debug, Serialize, serde::Deserialize)]
 pub struct VolumeRecord {
     pub id: String,
     pub name: String,
@@ -36,7 +36,7 @@ pub struct VolumeRecord {
     pub created_at_ms: i64,
 }
 
-#[derive(Clone, Debug, Serialize)]
+#[derive(Clone, Debug, Serialize, serde::Deserialize)]
 pub struct CheckpointRecord {
     pub volume_id: String,
     /// `v1`, `v2`, … per volume, like the Sprites API.

@@ -1,0 +1,10 @@
+//! `den bench …`
+use anyhow::Result;
+use clap::Subcommand;
+
+#[derive(Subcommand, Debug)]
+pub enum BenchCmd {}
+
+pub fn run(cmd: BenchCmd) -> Result<()> {
+    match cmd {}
+}
