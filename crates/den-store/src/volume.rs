@@ -38,6 +38,9 @@ pub(crate) struct VolState {
     /// Slots discarded in memory but not yet cleared in the metadata head.
     unmapped: HashSet<u64>,
     dir_unsynced: bool,
+    /// Files sealed while they still had writes the guest has not fsynced:
+    /// the next fsync must sync them too, wherever they now live.
+    sealed_unsynced: Vec<Arc<File>>,
 }
 
 impl VolState {
@@ -377,7 +380,7 @@ impl Volume {
     pub fn fsync(&self) -> io::Result<()> {
         let (files, dir) = {
             let mut st = self.inner.state.lock();
-            let files: Vec<Arc<File>> = st
+            let mut files: Vec<Arc<File>> = st
                 .dirty
                 .values_mut()
                 .filter(|d| d.unsynced)
@@ -386,6 +389,7 @@ impl Volume {
                     d.file.clone()
                 })
                 .collect();
+            files.append(&mut st.sealed_unsynced);
             let dir = std::mem::take(&mut st.dir_unsynced);
             (files, dir)
         };
@@ -502,7 +506,11 @@ impl Volume {
             st.unmapped.remove(idx);
         }
         for &(idx, p) in &linked {
-            st.dirty.remove(&idx);
+            if let Some(d) = st.dirty.remove(&idx)
+                && d.unsynced
+            {
+                st.sealed_unsynced.push(d.file);
+            }
             let _ = fs::remove_file(cache.dirty_path(&inner.rec.id, idx));
             st.set_head(idx, Some(Entry::Pending(p)));
             inner.shared.budget.track_pending(p, cs);
