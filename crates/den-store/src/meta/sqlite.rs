@@ -83,12 +83,12 @@ impl SqliteMeta {
     }
 
     fn init(conn: Connection) -> Result<Self> {
-        // WAL + NORMAL: a committed transaction survives a process crash (it is
-        // in the OS page cache); on power loss the tail may roll back but the
-        // database stays consistent.
+        // WAL + FULL: every commit is fsynced. Sealing unlinks a dirty file
+        // right after its commit, so a commit that rolled back on power loss
+        // could lose data the guest had fsynced.
         conn.busy_timeout(std::time::Duration::from_secs(10))?;
         conn.pragma_update(None, "journal_mode", "WAL")?;
-        conn.pragma_update(None, "synchronous", "NORMAL")?;
+        conn.pragma_update(None, "synchronous", "FULL")?;
         conn.pragma_update(None, "foreign_keys", "ON")?;
         conn.execute_batch(SCHEMA)?;
         Ok(SqliteMeta {
