@@ -5,14 +5,24 @@
 //! disk as the den volume under test, so every number in one report comes
 //! from the same run on the same hardware. [`report`] turns medians into a
 //! terminal table and a Markdown table for `docs/benchmarks.md`.
+//! [`den_target`] is the den volume itself as a target (FUSE + loop + ext4),
+//! [`latency_bench`] times checkpoint, fork, restore, write-back and cold
+//! reads on a raw volume, and [`suite`] runs it all for `den bench storage`
+//! and `den bench chunk-size`, stopping cleanly on Ctrl-C ([`cancel`]).
 //!
 //! Everything here needs root: dropping the page cache, `losetup`, `mount`.
 
 pub mod baselines;
+pub mod cancel;
+pub mod den_target;
+pub mod latency_bench;
 pub mod report;
+pub mod suite;
 pub mod workloads;
 
 pub use baselines::{JuiceFs, NativeExt4, PlainDir, Target, find_juicefs};
+pub use den_target::{DenStore, DenVolume, DenVolumeOptions};
+pub use latency_bench::{LatencyConfig, LatencyResults};
 pub use report::{Latency, Report, latency};
 pub use workloads::{
     RandWriteResult, RepResult, SeqReadResult, SeqWriteResult, SmallFilesResult, Summary, TargetResult,

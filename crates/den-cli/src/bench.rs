@@ -1,10 +1,394 @@
-//! `den bench …`
-use anyhow::Result;
-use clap::Subcommand;
+//! `den bench …`: storage benchmarks whose baselines are measured in the
+//! same run, on the same disk.
+//!
+//! The first Ctrl-C (or SIGTERM) stops at the next step and tears every
+//! target down through the normal path; a second one lazily unmounts and
+//! detaches what is still set up and exits at once.
+
+use std::fmt::Write as _;
+use std::fs;
+use std::path::{Path, PathBuf};
+use std::time::{Instant, SystemTime};
+
+use anyhow::{Context, Result, bail};
+use clap::{Args, Subcommand};
+use den_bench::cancel::{self, Interrupted};
+use den_bench::latency_bench::fmt_size;
+use den_bench::suite::{
+    self, ChunkSizeOptions, StorageOptions, TextTable, chunk_size_table, cold_table, goals_table,
+    latency_table,
+};
+use den_bench::{LatencyConfig, WorkloadConfig};
+use den_store::DEFAULT_VOLUME_SIZE;
+use tokio::signal::unix::{SignalKind, signal};
+
+use crate::store_args::parse_size;
+
+const DEFAULT_WORK: &str = "/var/tmp/den-bench";
+/// Volume (and native image) size with `--quick`: mkfs with eager inode
+/// tables writes ~2 % of the device, which is 2 GiB for 100 GiB.
+const QUICK_VOLUME_SIZE: u64 = 4 << 30;
 
 #[derive(Subcommand, Debug)]
-pub enum BenchCmd {}
+pub enum BenchCmd {
+    /// Den volume vs native ext4 vs JuiceFS throughput, checkpoint/fork/restore latency,
+    /// write-back and cold reads, with the spec's goals next to them. Needs root.
+    Storage(StorageArgs),
+    /// Throughput, map size, object count and checkpoint latency per chunk size. Needs root.
+    ChunkSize(ChunkSizeArgs),
+}
+
+#[derive(Args, Debug)]
+pub struct StorageArgs {
+    /// Work directory; every target (image, den store, JuiceFS bucket) lives here, on one disk.
+    #[arg(long, default_value = DEFAULT_WORK)]
+    pub work: PathBuf,
+    /// Small sizes and few samples: checks everything end to end in a few minutes.
+    #[arg(long)]
+    pub quick: bool,
+    /// Repetitions of each workload per target; the median is shown [default: 3, 1 with --quick].
+    #[arg(long)]
+    pub reps: Option<u32>,
+    /// Chunk size of the den volumes, e.g. 1M [default: the store default].
+    #[arg(long, value_parser = parse_size)]
+    pub chunk_size: Option<u64>,
+    /// Size of the den volume and of the native ext4 image [default: 100G, 4G with --quick].
+    #[arg(long, value_parser = parse_size)]
+    pub volume_size: Option<u64>,
+    /// Samples per latency figure [default: 20, 5 with --quick].
+    #[arg(long)]
+    pub samples: Option<usize>,
+    /// Leave JuiceFS out of the throughput table.
+    #[arg(long)]
+    pub skip_juicefs: bool,
+    /// Also write every table as Markdown to this file.
+    #[arg(long)]
+    pub markdown: Option<PathBuf>,
+}
+
+#[derive(Args, Debug)]
+pub struct ChunkSizeArgs {
+    /// Work directory for the den stores.
+    #[arg(long, default_value = DEFAULT_WORK)]
+    pub work: PathBuf,
+    /// Chunk sizes to compare.
+    #[arg(long, value_delimiter = ',', value_parser = parse_size, default_value = "64K,256K,1M,4M")]
+    pub sizes: Vec<u64>,
+    /// Small sizes and few samples.
+    #[arg(long)]
+    pub quick: bool,
+    /// Repetitions of each workload per chunk size [default: 3, 1 with --quick].
+    #[arg(long)]
+    pub reps: Option<u32>,
+    /// Size of each volume [default: 100G, 4G with --quick].
+    #[arg(long, value_parser = parse_size)]
+    pub volume_size: Option<u64>,
+    /// Checkpoint samples per chunk size [default: 20, 5 with --quick].
+    #[arg(long)]
+    pub samples: Option<usize>,
+    /// Also write the table as Markdown to this file.
+    #[arg(long)]
+    pub markdown: Option<PathBuf>,
+}
 
 pub fn run(cmd: BenchCmd) -> Result<()> {
-    match cmd {}
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        bail!("den bench needs root (loop devices, mount, FUSE, dropping the page cache)");
+    }
+    install_interrupt_handler()?;
+    let result = match cmd {
+        BenchCmd::Storage(a) => storage(a),
+        BenchCmd::ChunkSize(a) => chunk_size(a),
+    };
+    if let Err(e) = &result
+        && e.chain().any(|c| c.is::<Interrupted>())
+    {
+        eprintln!("interrupted: every target was torn down");
+        std::process::exit(130);
+    }
+    result
+}
+
+fn install_interrupt_handler() -> Result<()> {
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+    let (mut int, mut term) = {
+        let _guard = rt.enter();
+        (signal(SignalKind::interrupt())?, signal(SignalKind::terminate())?)
+    };
+    std::thread::Builder::new()
+        .name("den-bench-signals".into())
+        .spawn(move || {
+            rt.block_on(async move {
+                let mut count = 0;
+                loop {
+                    tokio::select! {
+                        _ = int.recv() => {},
+                        _ = term.recv() => {},
+                    }
+                    count += 1;
+                    if count == 1 {
+                        eprintln!(
+                            "\ninterrupted: stopping after the current step and tearing everything down \
+                             (interrupt again to force)"
+                        );
+                        cancel::interrupt();
+                    } else {
+                        eprintln!("\nforced: lazily unmounting and detaching what is still set up");
+                        for line in cancel::emergency_cleanup() {
+                            eprintln!("  {line}");
+                        }
+                        std::process::exit(130);
+                    }
+                }
+            })
+        })
+        .context("starting the signal thread")?;
+    Ok(())
+}
+
+fn progress(msg: &str) {
+    eprintln!("==> {msg}");
+}
+
+fn chunk_size_arg(cs: Option<u64>) -> Result<Option<u32>> {
+    cs.map(|c| u32::try_from(c).context("chunk size too large"))
+        .transpose()
+}
+
+fn workload_config(quick: bool, reps: Option<u32>) -> WorkloadConfig {
+    let mut cfg = if quick {
+        WorkloadConfig::tiny()
+    } else {
+        WorkloadConfig::default()
+    };
+    cfg.reps = reps.unwrap_or(if quick { 1 } else { 3 });
+    cfg
+}
+
+fn storage(a: StorageArgs) -> Result<()> {
+    let started = Instant::now();
+    let date = now();
+    let chunk_size = chunk_size_arg(a.chunk_size)?;
+    let volume_size = a
+        .volume_size
+        .unwrap_or(if a.quick { QUICK_VOLUME_SIZE } else { DEFAULT_VOLUME_SIZE });
+    let mut latency = if a.quick {
+        LatencyConfig::quick()
+    } else {
+        LatencyConfig::full()
+    };
+    latency.chunk_size = chunk_size;
+    latency.volume_size = volume_size;
+    if let Some(s) = a.samples {
+        latency.samples = s;
+    }
+    let opts = StorageOptions {
+        work: a.work.clone(),
+        workloads: workload_config(a.quick, a.reps),
+        volume_size,
+        chunk_size,
+        juicefs: !a.skip_juicefs,
+        latency,
+    };
+    if opts.juicefs {
+        den_bench::find_juicefs().context("JuiceFS is a baseline (use --skip-juicefs to leave it out)")?;
+    }
+    let r = suite::run_storage(&opts, &mut progress)?;
+
+    let lat_table = latency_table(&r.latency);
+    let cold = cold_table(&r.latency);
+    let goals = goals_table(Some(&r.report), &r.den_name, Some(&r.latency));
+    let tput_note = format!(
+        "{} (den volume and native ext4 image: {} sparse, ext4 `-E lazy_itable_init=0,lazy_journal_init=0`)",
+        opts.workloads.describe(),
+        fmt_size(volume_size)
+    );
+    let sections: Vec<(&str, String, Section)> = vec![
+        (
+            "Throughput: den volume vs native ext4 vs JuiceFS (same run, same disk)",
+            tput_note,
+            Section::Report(&r.report),
+        ),
+        (
+            "Checkpoint, fork and restore latency (raw volume)",
+            r.latency.config.describe(),
+            Section::Table(&lat_table),
+        ),
+        (
+            "Write-back and cold read (raw volume, local object store)",
+            "Cold reads start with den's read cache and the kernel page cache dropped. \
+             Throughput in MB/s = 10^6 bytes/s."
+                .to_owned(),
+            Section::Table(&cold),
+        ),
+        ("Goals", GOALS_NOTE.to_owned(), Section::Table(&goals)),
+    ];
+    print_sections(&sections);
+    eprintln!("total wall time: {:.1?}", started.elapsed());
+    if let Some(path) = &a.markdown {
+        write_markdown(path, "den bench storage", &date, &a.work, &sections)?;
+        eprintln!("wrote {}", path.display());
+    }
+    Ok(())
+}
+
+const GOALS_NOTE: &str = "Ratios are den volume / native ext4 medians from the throughput table; \
+     latencies are the worst p50 over the levels of the latency table.";
+
+fn chunk_size(a: ChunkSizeArgs) -> Result<()> {
+    let started = Instant::now();
+    let date = now();
+    let mut opts = ChunkSizeOptions::new(a.work.clone());
+    opts.sizes = a
+        .sizes
+        .iter()
+        .map(|&s| u32::try_from(s).context("chunk size too large"))
+        .collect::<Result<_>>()?;
+    opts.workloads = workload_config(a.quick, a.reps);
+    opts.volume_size = a
+        .volume_size
+        .unwrap_or(if a.quick { QUICK_VOLUME_SIZE } else { DEFAULT_VOLUME_SIZE });
+    if a.quick {
+        opts.fill_bytes = 128 << 20;
+        opts.samples = 5;
+    }
+    if let Some(s) = a.samples {
+        opts.samples = s;
+    }
+    let r = suite::run_chunk_sizes(&opts, &mut progress)?;
+    let table = chunk_size_table(&r);
+    let note = format!(
+        "Each chunk size on its own den volume ({} sparse) with ext4, all mounted at once and run \
+         interleaved. Map entries and objects: live ones (after GC) once the fresh filesystem and then a \
+         {} file are in the object store. Checkpoint: FIFREEZE + checkpoint + thaw of the mounted volume, \
+         each after a 1 MiB pwrite + fdatasync into that file. Workloads: {}",
+        fmt_size(opts.volume_size),
+        fmt_size(opts.fill_bytes),
+        opts.workloads.describe()
+    );
+    let sections = vec![("Chunk size comparison", note, Section::Table(&table))];
+    print_sections(&sections);
+    eprintln!("total wall time: {:.1?}", started.elapsed());
+    if let Some(path) = &a.markdown {
+        write_markdown(path, "den bench chunk-size", &date, &a.work, &sections)?;
+        eprintln!("wrote {}", path.display());
+    }
+    Ok(())
+}
+
+enum Section<'a> {
+    Report(&'a den_bench::Report),
+    Table(&'a TextTable),
+}
+
+impl Section<'_> {
+    fn terminal(&self) -> String {
+        match self {
+            Section::Report(r) => r.table().to_string(),
+            Section::Table(t) => t.table().to_string(),
+        }
+    }
+
+    fn markdown(&self) -> String {
+        match self {
+            Section::Report(r) => r.markdown(),
+            Section::Table(t) => t.markdown(),
+        }
+    }
+}
+
+fn print_sections(sections: &[(&str, String, Section)]) {
+    for (title, note, body) in sections {
+        println!("\n{title}\n{note}\n{}", body.terminal());
+    }
+}
+
+fn write_markdown(
+    path: &Path,
+    title: &str,
+    date: &str,
+    work: &Path,
+    sections: &[(&str, String, Section)],
+) -> Result<()> {
+    let mut md = String::new();
+    let _ = writeln!(md, "## `{title}` — {date}\n");
+    let _ = writeln!(md, "- Command: `{}`", command_line());
+    let _ = writeln!(md, "- Date: {date}");
+    let _ = writeln!(md, "- Host: {}", host_description());
+    let _ = writeln!(md, "- Work dir: {}", describe_work_dir(work));
+    for (heading, note, body) in sections {
+        let _ = writeln!(md, "\n### {heading}\n\n{note}\n\n{}", body.markdown());
+    }
+    fs::write(path, md).with_context(|| format!("writing {}", path.display()))
+}
+
+fn now() -> String {
+    humantime::format_rfc3339_seconds(SystemTime::now()).to_string()
+}
+
+/// The command as typed, with the binary shown as `den`.
+fn command_line() -> String {
+    let quote = |s: String| {
+        if !s.is_empty()
+            && s
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || "-_./=,:@%+".contains(c))
+        {
+            s
+        } else {
+            format!("'{}'", s.replace('\'', r"'\''"))
+        }
+    };
+    std::iter::once("den".to_owned())
+        .chain(std::env::args().skip(1).map(quote))
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
+fn host_description() -> String {
+    let kernel = fs::read_to_string("/proc/sys/kernel/osrelease")
+        .map(|s| s.trim().to_owned())
+        .unwrap_or_else(|_| "unknown kernel".into());
+    let cpus = std::thread::available_parallelism().map_or(0, |n| n.get());
+    let model = fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("model name"))
+                .and_then(|l| l.split_once(':'))
+                .map(|(_, v)| v.trim().to_owned())
+        })
+        .unwrap_or_else(|| "unknown CPU".into());
+    let mem_gib = fs::read_to_string("/proc/meminfo")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("MemTotal:"))
+                .and_then(|l| l.split_whitespace().nth(1)?.parse::<u64>().ok())
+        })
+        .map_or_else(|| "?".into(), |kib| format!("{:.0}", kib as f64 / (1 << 20) as f64));
+    format!("Linux {kernel}, {cpus} × {model}, {mem_gib} GiB RAM")
+}
+
+/// `/var/tmp/den-bench (ext4 on /dev/vda)`: the filesystem every target's
+/// data lands on.
+fn describe_work_dir(work: &Path) -> String {
+    let canon = fs::canonicalize(work).unwrap_or_else(|_| work.to_owned());
+    let best = fs::read_to_string("/proc/self/mounts").ok().and_then(|text| {
+        text.lines()
+            .filter_map(|l| {
+                let mut f = l.split(' ');
+                let (src, point, fstype) = (f.next()?, f.next()?, f.next()?);
+                canon
+                    .starts_with(point)
+                    .then(|| (point.len(), format!("{fstype} on {src}")))
+            })
+            .max_by_key(|(len, _)| *len)
+            .map(|(_, d)| d)
+    });
+    match best {
+        Some(d) => format!("{} ({d})", work.display()),
+        None => work.display().to_string(),
+    }
 }

@@ -69,9 +69,15 @@ impl Cache {
         for d in ["dirty", "pending", "clean", "locks", "tmp"] {
             fs::create_dir_all(root.join(d))?;
         }
-        // Leftovers of interrupted atomic writes carry no meaning.
+        // Leftovers of interrupted atomic writes carry no meaning, but only a
+        // dead process leaves any: other live processes share this cache (a
+        // `den volume …` command next to a mount daemon) and stage their
+        // writes here right now.
         for e in fs::read_dir(root.join("tmp"))? {
-            let _ = fs::remove_file(e?.path());
+            let e = e?;
+            if !tmp_owner_alive(&e.file_name()) {
+                let _ = fs::remove_file(e.path());
+            }
         }
         let cache = Cache {
             root: root.to_path_buf(),
@@ -265,6 +271,23 @@ impl Cache {
             }
         }
     }
+}
+
+/// Whether the process that named tmp file `name` (`<pid>-…`, see
+/// [`Cache::tmp_path`]) is still running. A reused pid only keeps a leftover
+/// a little longer.
+fn tmp_owner_alive(name: &std::ffi::OsStr) -> bool {
+    let Some(pid) = name
+        .to_str()
+        .and_then(|n| n.split('-').next())
+        .and_then(|p| p.parse::<libc::pid_t>().ok())
+        .filter(|p| *p > 0)
+    else {
+        return false;
+    };
+    // SAFETY: signal 0 only checks that the process exists.
+    let r = unsafe { libc::kill(pid, 0) };
+    r == 0 || io::Error::last_os_error().raw_os_error() == Some(libc::EPERM)
 }
 
 /// fsync a directory so a rename or link inside it survives power loss.

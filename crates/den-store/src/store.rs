@@ -23,6 +23,10 @@ use crate::volume::Volume;
 pub const DEFAULT_VOLUME_SIZE: u64 = 100 << 30;
 /// See docs/storage.md for the measurement behind this default.
 pub const DEFAULT_CHUNK_SIZE: u32 = 1 << 20;
+/// How long opening a volume waits for this process's own, no longer used
+/// handle of it (held for a moment by write-back or an upload commit) to
+/// let go of the volume lock.
+const LOCK_HANDOVER_TIMEOUT: Duration = Duration::from_secs(10);
 
 #[derive(Clone, Debug, Serialize, serde::Deserialize)]
 pub struct StoreConfig {
@@ -106,6 +110,13 @@ pub(crate) struct Shared {
     uploads_done: watch::Sender<u64>,
     writeback_kick: Notify,
     gc_lock: tokio::sync::Mutex<()>,
+    /// Orders upload commits against volume opens. The uploader holds it
+    /// shared from its metadata commit until open volumes have been told
+    /// (`upload_finished`); `open_volume` holds it exclusively from loading
+    /// the head map until the volume is registered. Without it, a commit
+    /// landing in between leaves the new volume pointing at a pending file
+    /// that is then deleted, and reads of that chunk fail.
+    pub(crate) commit_gate: tokio::sync::RwLock<()>,
 }
 
 impl Shared {
@@ -136,7 +147,7 @@ impl Shared {
     fn open_volumes(&self) -> Vec<Volume> {
         let weak: Vec<_> = self.open.lock().values().cloned().collect();
         weak.into_iter()
-            .filter_map(|w| w.upgrade().map(|inner| Volume { inner }))
+            .filter_map(|w| w.upgrade().map(|inner| inner.internal_handle()))
             .collect()
     }
 
@@ -146,9 +157,18 @@ impl Shared {
         let deadline = std::time::Instant::now() + self.cfg.fetch_timeout;
         let mut delay = Duration::from_millis(50);
         loop {
+            // Bound each attempt too: a server that accepts connections but
+            // never answers would otherwise hold the read for the HTTP
+            // client's own timeout, far past `fetch_timeout`.
+            let left = deadline.saturating_duration_since(std::time::Instant::now());
             let res = self
-                .block_on(self.objects.get(h))
-                .and_then(|r| r)
+                // The timer is created inside the runtime: readers are FUSE
+                // threads with no runtime context of their own.
+                .block_on(async { tokio::time::timeout(left, self.objects.get(h)).await })
+                .and_then(|r| {
+                    r.map_err(|_| StoreError::ObjectStore(format!("no answer within {left:?}")))
+                        .and_then(|r| r)
+                })
                 .and_then(|obj| chunk::decode(&obj, h));
             match res {
                 Ok(data) => {
@@ -193,7 +213,7 @@ fn validate_name(name: &str) -> Result<()> {
 }
 
 fn validate_size(size: u64) -> Result<()> {
-    if size == 0 || size % 4096 != 0 {
+    if size == 0 || !size.is_multiple_of(4096) {
         return Err(StoreError::InvalidArgument(format!(
             "volume size {size} must be a positive multiple of 4096 bytes"
         )));
@@ -246,6 +266,7 @@ impl Store {
             uploads_done,
             writeback_kick: Notify::new(),
             gc_lock: tokio::sync::Mutex::new(()),
+            commit_gate: tokio::sync::RwLock::new(()),
         });
         let store = Store { shared };
         store.recover_pending().await?;
@@ -317,31 +338,67 @@ impl Store {
         self.shared.meta.stats().await
     }
 
-    fn open_here(&self, id: &str) -> Option<Volume> {
+    fn open_here(&self, id: &str) -> Option<Arc<crate::volume::VolumeInner>> {
         let w = self.shared.open.lock().get(id).cloned();
-        w.and_then(|w| w.upgrade()).map(|inner| Volume { inner })
+        w.and_then(|w| w.upgrade())
+    }
+
+    /// Whether this process registered `id` and has not finished dropping
+    /// it: its volume lock is then ours, held or about to be released.
+    fn registered_here(&self, id: &str) -> bool {
+        self.shared.open.lock().contains_key(id)
+    }
+
+    /// Open the volume's lock and state without registering it, retrying
+    /// while a handle of this process that no user holds any more (a
+    /// background task's, or one being dropped) still has the lock.
+    async fn open_unregistered(&self, rec: &VolumeRecord, give_up_if_used: bool) -> Result<Volume> {
+        let mut delay = Duration::from_millis(1);
+        let deadline = std::time::Instant::now() + LOCK_HANDOVER_TIMEOUT;
+        loop {
+            if give_up_if_used && self.open_here(&rec.id).is_some_and(|v| v.has_users()) {
+                return Err(StoreError::VolumeBusy(rec.name.clone()));
+            }
+            let (shared, r) = (self.shared.clone(), rec.clone());
+            let res = tokio::task::spawn_blocking(move || Volume::open(shared, r))
+                .await
+                .map_err(|e| StoreError::Io(std::io::Error::other(e)))?;
+            match res {
+                Err(StoreError::VolumeBusy(_))
+                    if self.registered_here(&rec.id) && std::time::Instant::now() < deadline =>
+                {
+                    tokio::time::sleep(delay).await;
+                    delay = (delay * 2).min(Duration::from_millis(20));
+                }
+                res => return res,
+            }
+        }
     }
 
     /// Open a volume for I/O. Returns the same handle if this process already
     /// has it open; fails with `VolumeBusy` if another process does.
     pub async fn open_volume(&self, name: &str) -> Result<Volume> {
         let rec = self.shared.meta.get_volume(name).await?;
-        if let Some(v) = self.open_here(&rec.id) {
-            return Ok(v);
+        if let Some(inner) = self.open_here(&rec.id) {
+            return Ok(inner.user_handle());
         }
-        let shared = self.shared.clone();
-        let vol = tokio::task::spawn_blocking(move || Volume::open(shared, rec))
-            .await
-            .map_err(|e| StoreError::Io(std::io::Error::other(e)))??;
+        // No upload may commit between loading the head map and registering
+        // the volume (see `commit_gate`). The gate also serialises openers,
+        // so look again once we hold it.
+        let _gate = self.shared.commit_gate.write().await;
+        if let Some(inner) = self.open_here(&rec.id) {
+            return Ok(inner.user_handle());
+        }
+        let vol = self.open_unregistered(&rec, false).await?;
         let mut open = self.shared.open.lock();
         if let Some(existing) = open.get(&vol.inner.rec.id).and_then(|w| w.upgrade()) {
             // Lost a race with another opener in this process; ours can't hold
             // the flock anyway, so hand out theirs.
             drop(open);
-            return Ok(Volume { inner: existing });
+            return Ok(existing.user_handle());
         }
         open.insert(vol.inner.rec.id.clone(), Arc::downgrade(&vol.inner));
-        Ok(vol)
+        Ok(vol.inner.user_handle())
     }
 
     /// Run `f` on the volume, opening it for the duration if needed.
@@ -364,10 +421,13 @@ impl Store {
         f: impl FnOnce(&Volume) -> Result<T> + Send + 'static,
     ) -> Result<T> {
         let rec = self.shared.meta.get_volume(name).await?;
-        if self.open_here(&rec.id).is_some() {
-            return Err(StoreError::VolumeBusy(name.to_string()));
-        }
-        self.with_volume(name, f).await
+        // Opened privately, never registered: no background task can pick the
+        // handle up and keep it (with a head map the operation is about to
+        // replace) alive after we return.
+        let vol = self.open_unregistered(&rec, true).await?;
+        tokio::task::spawn_blocking(move || f(&vol))
+            .await
+            .map_err(|e| StoreError::Io(std::io::Error::other(e)))?
     }
 
     pub async fn create_volume(&self, name: &str, opts: CreateOptions) -> Result<VolumeRecord> {
@@ -440,7 +500,7 @@ impl Store {
         let stats = self.shared.meta.map_stats(rec.head_map).await?;
         let checkpoints = self.shared.meta.list_checkpoints(&rec.id).await?.len();
         Ok(VolumeInfo {
-            open_here: self.open_here(&rec.id).is_some(),
+            open_here: self.open_here(&rec.id).is_some_and(|v| v.has_users()),
             record: rec,
             mapped_chunks: stats.entries,
             pending_chunks: stats.pending,

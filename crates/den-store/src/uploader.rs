@@ -27,22 +27,26 @@ pub(crate) fn spawn(shared: Weak<Shared>, rx: mpsc::UnboundedReceiver<PendingId>
         UnboundedReceiverStream::new(rx)
             .for_each_concurrent(concurrency, |p| {
                 let shared = shared.clone();
-                async move {
-                    let Some(s) = shared.upgrade() else { return };
-                    upload_one(&s, p).await;
-                }
+                async move { upload_one(&shared, p).await }
             })
             .await;
     });
 }
 
-async fn upload_one(s: &Arc<Shared>, p: PendingId) {
+/// Retries until the upload lands or the store is dropped. The store is held
+/// only during an attempt, not across the backoff: an upload that can never
+/// succeed (store unreachable, credentials refused) must not keep a dropped
+/// store — its metadata connection and its uploader — alive forever. The
+/// pending file stays in the cache for the next open to pick up.
+async fn upload_one(shared: &Weak<Shared>, p: PendingId) {
     let mut delay = Duration::from_millis(100);
     loop {
-        match try_upload(s, p).await {
+        let Some(s) = shared.upgrade() else { return };
+        match try_upload(&s, p).await {
             Ok(()) => return,
             Err(e) => {
                 tracing::warn!("upload of pending chunk {p:016x} failed, retrying in {delay:?}: {e}");
+                drop(s);
                 tokio::time::sleep(delay).await;
                 delay = (delay * 2).min(MAX_BACKOFF);
             }
@@ -78,14 +82,17 @@ async fn try_upload(s: &Arc<Shared>, p: PendingId) -> Result<()> {
     .await
     .map_err(|e| StoreError::Io(std::io::Error::other(e)))?;
     if zero {
+        // See `Shared::commit_gate`: open volumes must hear of every commit.
+        let gate = s.commit_gate.read().await;
         s.meta.commit_zero(p).await?;
         s.upload_finished(p, None);
+        drop(gate);
         s.cache.remove_pending(p);
         return Ok(());
     }
     let stored_len = encoded.len() as u64;
     let mut encoded = Some(encoded);
-    loop {
+    let gate = loop {
         match s.meta.begin_upload(&hash).await? {
             UploadDecision::Busy => {
                 // GC is deleting this very content; wait for it to finish.
@@ -100,15 +107,18 @@ async fn try_upload(s: &Arc<Shared>, p: PendingId) -> Result<()> {
             }
             UploadDecision::AlreadyPresent => {}
         }
+        // Held until open volumes have swapped the pending entry for the hash.
+        let gate = s.commit_gate.read().await;
         match s.meta.commit_upload(p, &hash, stored_len).await? {
-            CommitOutcome::Committed { .. } => break,
+            CommitOutcome::Committed { .. } => break gate,
             CommitOutcome::Retry => continue,
         }
-    }
+    };
     if let Err(e) = s.cache.link_pending_to_clean(p, &hash) {
         tracing::warn!("could not move pending chunk {p:016x} into the read cache: {e}");
     }
     s.upload_finished(p, Some(hash));
+    drop(gate);
     // Only now that no open volume names it as pending can the file go.
     s.cache.remove_pending(p);
     Ok(())

@@ -21,6 +21,8 @@ use crate::meta::{CheckpointRecord, Entry, PendingId, VolumeRecord};
 use crate::store::Shared;
 
 const STRIPES: usize = 256;
+/// `dirty/<volume>/<idx>.unmapped`: slot `idx` was discarded while mapped.
+const UNMAP_SUFFIX: &str = ".unmapped";
 
 pub(crate) struct DirtyChunk {
     file: Arc<File>,
@@ -68,6 +70,10 @@ impl VolState {
 #[derive(Clone)]
 pub struct Volume {
     pub(crate) inner: Arc<VolumeInner>,
+    /// Held by handles from `Store::open_volume` and their clones, so a volume
+    /// that only the store's background tasks hold for a moment (write-back,
+    /// upload commits) does not count as open to restore and delete.
+    pub(crate) _user: Option<Arc<()>>,
 }
 
 pub(crate) struct VolumeInner {
@@ -77,7 +83,40 @@ pub(crate) struct VolumeInner {
     stripes: Vec<RwLock<()>>,
     /// Serialises whole-volume seals (checkpoint vs write-back).
     seal_lock: Mutex<()>,
-    _lock: Flock<File>,
+    /// Counts user handles (see [`Volume::user`]).
+    users: Mutex<std::sync::Weak<()>>,
+    /// Taken (released) first thing in `drop`, before the store forgets the
+    /// volume, so a registered entry always covers the time the lock is held.
+    lock: Option<Flock<File>>,
+}
+
+impl VolumeInner {
+    /// A handle that counts as the volume being open.
+    pub(crate) fn user_handle(self: &Arc<Self>) -> Volume {
+        let mut w = self.users.lock();
+        let token = w.upgrade().unwrap_or_else(|| {
+            let t = Arc::new(());
+            *w = Arc::downgrade(&t);
+            t
+        });
+        Volume {
+            inner: self.clone(),
+            _user: Some(token),
+        }
+    }
+
+    /// A handle for the store's own background work.
+    pub(crate) fn internal_handle(self: &Arc<Self>) -> Volume {
+        Volume {
+            inner: self.clone(),
+            _user: None,
+        }
+    }
+
+    /// Whether any handle from `Store::open_volume` is still alive.
+    pub(crate) fn has_users(&self) -> bool {
+        self.users.lock().strong_count() > 0
+    }
 }
 
 enum Source {
@@ -108,10 +147,35 @@ impl Volume {
         let cs = rec.chunk_size as u64;
         for ent in fs::read_dir(&dir)? {
             let ent = ent?;
-            let Some(idx) = ent.file_name().to_str().and_then(|n| n.parse::<u64>().ok()) else {
+            let name = ent.file_name();
+            let name = name.to_str().unwrap_or("");
+            if let Some(idx) = name
+                .strip_suffix(UNMAP_SUFFIX)
+                .and_then(|n| n.parse::<u64>().ok())
+            {
+                // A discard not yet sealed into the metadata head.
+                st.set_head(idx, None);
+                st.unmapped.insert(idx);
+                continue;
+            }
+            let Ok(idx) = name.parse::<u64>() else {
                 let _ = fs::remove_file(ent.path());
                 continue;
             };
+            // A crash between a seal's metadata commit and the removal of the
+            // sealed dirty files leaves dirty files that are hard links of
+            // sealed chunks (pending files, or by now read-cache files of
+            // uploaded ones). Writing into one would change that sealed
+            // content in place: give it an inode of its own first.
+            if std::os::unix::fs::MetadataExt::nlink(&ent.metadata()?) > 1 {
+                let tmp = shared.cache.tmp_path();
+                fs::copy(ent.path(), &tmp)
+                    .and_then(|_| File::open(&tmp)?.sync_all())
+                    .and_then(|_| fs::rename(&tmp, ent.path()))
+                    .inspect_err(|_| {
+                        let _ = fs::remove_file(&tmp);
+                    })?;
+            }
             let file = OpenOptions::new().read(true).write(true).open(ent.path())?;
             shared.budget.force(cs);
             st.dirty.insert(
@@ -131,8 +195,10 @@ impl Volume {
                 state: Mutex::new(st),
                 stripes: (0..STRIPES).map(|_| RwLock::new(())).collect(),
                 seal_lock: Mutex::new(()),
-                _lock: lock,
+                users: Mutex::new(std::sync::Weak::new()),
+                lock: Some(lock),
             }),
+            _user: None,
         })
     }
 
@@ -160,6 +226,12 @@ impl Volume {
         v.sort_unstable();
         v.dedup();
         v
+    }
+
+    /// Marks slot `idx` as discarded but not yet sealed (see [`Volume::discard`]).
+    fn unmap_marker(&self, idx: u64) -> std::path::PathBuf {
+        let dir = self.inner.shared.cache.dirty_dir(&self.inner.rec.id);
+        dir.join(format!("{idx}{UNMAP_SUFFIX}"))
     }
 
     /// Bytes held only locally by this volume (dirty chunks).
@@ -238,7 +310,10 @@ impl Volume {
                 }
                 Source::Pending(p) => match File::open(self.inner.shared.cache.pending_path(p)) {
                     Ok(f) => return read_exact_at(&f, out, coff),
-                    Err(e) if e.kind() == io::ErrorKind::NotFound => continue,
+                    Err(e) if e.kind() == io::ErrorKind::NotFound => {
+                        self.pending_vanished(p)?;
+                        continue;
+                    }
                     Err(e) => return Err(e),
                 },
                 Source::Chunk(h) => {
@@ -256,6 +331,37 @@ impl Volume {
             "chunk {idx} of {} kept moving while being read",
             self.name()
         )))
+    }
+
+    /// The file of pending chunk `p` is gone. Usually this process's
+    /// uploader removed it after pointing the head at the uploaded hash, and
+    /// resolving again finds that. But every process sharing the cache can
+    /// upload and remove it (each `den volume …` command recovers pending
+    /// chunks when it opens the store), and then only the metadata knows the
+    /// hash: take the metadata head's entry for every slot still pending here.
+    /// Head entries in memory are never newer than the metadata's (seals
+    /// commit first), so this only ever moves them forward.
+    fn pending_vanished(&self, p: PendingId) -> io::Result<()> {
+        if !self.inner.state.lock().pending_slots.contains_key(&p) {
+            return Ok(());
+        }
+        let shared = &self.inner.shared;
+        let entries: HashMap<u64, Entry> = shared
+            .block_on(shared.meta.load_map(self.inner.rec.head_map))??
+            .into_iter()
+            .collect();
+        let mut st = self.inner.state.lock();
+        let stale: Vec<u64> = st
+            .head
+            .iter()
+            .filter(|(idx, e)| matches!(e, Entry::Pending(_)) && entries.get(idx) != Some(e))
+            .map(|(idx, _)| *idx)
+            .collect();
+        for idx in stale {
+            // Absent from the metadata head: committed as a zero chunk.
+            st.set_head(idx, entries.get(&idx).copied());
+        }
+        Ok(())
     }
 
     pub fn write_at(&self, offset: u64, data: &[u8]) -> io::Result<()> {
@@ -327,7 +433,13 @@ impl Volume {
                         f.set_len(cs)?;
                         return Ok(f);
                     }
-                    Source::Pending(p) => fs::copy(cache.pending_path(p), &tmp).map(|_| ()),
+                    Source::Pending(p) => match fs::copy(cache.pending_path(p), &tmp) {
+                        Err(e) if e.kind() == io::ErrorKind::NotFound => {
+                            self.pending_vanished(p)?;
+                            Err(e)
+                        }
+                        r => r.map(|_| ()),
+                    },
                     Source::Chunk(h) => match cache.open_clean(&h) {
                         Some(_) => fs::copy(cache.clean_path(&h), &tmp).map(|_| ()),
                         None => {
@@ -363,7 +475,9 @@ impl Volume {
             return Err(e);
         }
         let mut st = inner.state.lock();
-        st.unmapped.remove(&idx);
+        // A pending unmap of `idx` stays: the metadata head still names the
+        // discarded content, and if this dirty chunk is discarded in turn,
+        // only the unmap clears that slot at the next seal.
         st.dir_unsynced = true;
         st.dirty.insert(
             idx,
@@ -416,6 +530,12 @@ impl Volume {
             if coff == 0 && n == cs {
                 let _g = self.stripe(idx).write();
                 let mut st = self.inner.state.lock();
+                if st.head.contains_key(&idx) {
+                    // Journal the unmap next to the dirty chunks, so it
+                    // survives closing the volume (and, after fsync, a crash)
+                    // until a seal moves it into the metadata head.
+                    File::create(self.unmap_marker(idx))?;
+                }
                 if let Some(d) = st.dirty.remove(&idx) {
                     drop(d);
                     let _ = fs::remove_file(self.inner.shared.cache.dirty_path(&self.inner.rec.id, idx));
@@ -425,6 +545,7 @@ impl Volume {
                     st.set_head(idx, None);
                     st.unmapped.insert(idx);
                 }
+                st.dir_unsynced = true;
             } else if !matches!(self.resolve(idx), Source::Zero) {
                 let zeros = vec![0u8; n as usize];
                 self.write_piece(idx, coff, &zeros)?;
@@ -504,6 +625,7 @@ impl Volume {
         let mut st = inner.state.lock();
         for idx in &unmapped {
             st.unmapped.remove(idx);
+            let _ = fs::remove_file(self.unmap_marker(*idx));
         }
         for &(idx, p) in &linked {
             if let Some(d) = st.dirty.remove(&idx)
@@ -612,6 +734,7 @@ impl Drop for VolumeInner {
         // Dirty chunks stay on disk for the next open; they are no longer this
         // process's to account for.
         self.shared.budget.release(n * cs);
+        drop(self.lock.take());
         self.shared.forget_volume(&self.rec.id);
     }
 }

@@ -35,6 +35,14 @@ pub fn freeze(mountpoint: &Path) -> io::Result<Frozen> {
     Ok(Frozen { dir })
 }
 
+/// Thaw the filesystem at `mountpoint` if it is frozen (best effort: a
+/// filesystem that is not frozen answers EINVAL).
+pub fn thaw(mountpoint: &Path) {
+    if let Ok(dir) = File::open(mountpoint) {
+        let _ = fs_ioctl(&dir, FITHAW);
+    }
+}
+
 impl Drop for Frozen {
     fn drop(&mut self) {
         if let Err(e) = fs_ioctl(&self.dir, FITHAW) {

@@ -511,7 +511,6 @@ async fn import(store: &Store, name: &str, image: &std::path::Path, chunk_size: 
 
 async fn export(store: &Store, source: &str, image: &std::path::Path) -> Result<()> {
     let (vol, ck) = split_source(source);
-    let out = File::create(image).with_context(|| format!("creating {}", image.display()))?;
     enum Reader {
         Ck(den_store::CheckpointReader),
         Vol(den_store::Volume),
@@ -525,6 +524,8 @@ async fn export(store: &Store, source: &str, image: &std::path::Path) -> Result<
             e => e.into(),
         })?),
     };
+    // Only once the source is known to exist: a failed export leaves no file.
+    let out = File::create(image).with_context(|| format!("creating {}", image.display()))?;
     let (size, cs, chunks) = match &reader {
         Reader::Ck(r) => (r.size(), r.chunk_size(), r.mapped_chunks()),
         Reader::Vol(v) => (v.size(), v.chunk_size(), v.mapped_chunks()),

@@ -1,7 +1,8 @@
 //! `den volume mount`: serve a volume as a block device (FUSE file + loop),
 //! optionally with ext4 on it, until SIGINT/SIGTERM.
 
-use std::path::PathBuf;
+use std::os::unix::ffi::OsStringExt;
+use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::Arc;
 
@@ -62,7 +63,15 @@ pub async fn mount(args: &StoreArgs, m: MountArgs) -> Result<()> {
         .fuse_dir
         .clone()
         .unwrap_or_else(|| run_dir.join(format!("{}.fuse", m.name)));
-    std::fs::create_dir_all(&fuse_dir)?;
+    // No create_dir_all(fuse_dir) here: after a crash it is a dead FUSE mount
+    // (stat fails with ENOTCONN, mkdir with EEXIST). The export removes such
+    // leftovers of ours and creates the directory itself.
+    if let Some(mp) = &m.mountpoint {
+        // Before the export: it removes the stale loop device, after which
+        // the stale filesystem can no longer be recognised as ours.
+        let file = FuseOptions::default().file_name;
+        remove_stale_mounts(mp, &fuse_dir.join(file))?;
+    }
     let device: Arc<dyn den_block::BlockDevice> = Arc::new(VolumeDevice(vol.clone()));
 
     let no_loop = m.no_loop;
@@ -189,6 +198,76 @@ pub async fn mount(args: &StoreArgs, m: MountArgs) -> Result<()> {
     tokio::task::spawn_blocking(move || teardown(mp.as_ref(), served)).await?;
     drop(vol);
     super::flush_with_progress(&store, &m.name).await
+}
+
+/// Absolute path without touching `p` itself, which may be a dead FUSE mount
+/// (`stat` fails with ENOTCONN): only its parent is canonicalised.
+fn absolute(p: &Path) -> Option<PathBuf> {
+    let parent = match p.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d.to_path_buf(),
+        _ => PathBuf::from("."),
+    };
+    Some(parent.canonicalize().ok()?.join(p.file_name()?))
+}
+
+/// Decode the octal escapes (`\040` for a space, …) of /proc/self/mountinfo.
+fn unescape_mountinfo(s: &str) -> PathBuf {
+    let b = s.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        if b[i] == b'\\'
+            && let Some(v) = s.get(i + 1..i + 4).and_then(|o| u8::from_str_radix(o, 8).ok())
+        {
+            out.push(v);
+            i += 4;
+            continue;
+        }
+        out.push(b[i]);
+        i += 1;
+    }
+    PathBuf::from(std::ffi::OsString::from_vec(out))
+}
+
+/// A daemon killed while serving a filesystem leaves it mounted on the
+/// mountpoint, on a loop device bound to the dead FUSE file, and frozen if it
+/// died during a checkpoint. A new mount would stack on top of it and the
+/// stale one would reappear after the next unmount. We hold the volume's
+/// lock, so no live daemon serves `file`: thaw and detach every filesystem on
+/// `mountpoint` whose loop device is bound to it.
+fn remove_stale_mounts(mountpoint: &Path, file: &Path) -> Result<()> {
+    let (Some(mp), Some(file)) = (absolute(mountpoint), absolute(file)) else {
+        return Ok(());
+    };
+    let info = std::fs::read_to_string("/proc/self/mountinfo").context("reading mountinfo")?;
+    // The mounts stacked on the mountpoint, oldest first, and whether each
+    // is a stale one of ours.
+    let stack: Vec<bool> = info
+        .lines()
+        .filter_map(|line| {
+            let fields: Vec<&str> = line.split(' ').collect();
+            let sep = fields.iter().position(|f| *f == "-")?;
+            if unescape_mountinfo(fields.get(4)?) != mp {
+                return None;
+            }
+            let dev = fields.get(sep + 2).and_then(|s| s.strip_prefix("/dev/"));
+            let backing = dev
+                .and_then(|d| std::fs::read_to_string(format!("/sys/block/{d}/loop/backing_file")).ok())
+                .unwrap_or_default();
+            let backing = backing.trim_end_matches('\n');
+            Some(Path::new(backing.strip_suffix(" (deleted)").unwrap_or(backing)) == file)
+        })
+        .collect();
+    // Only from the top down: never pull a stale mount from under a live one.
+    for _ in stack.iter().rev().take_while(|stale| **stale) {
+        eprintln!(
+            "warning: removing a stale filesystem on {} left by a daemon that died",
+            mp.display()
+        );
+        freeze::thaw(&mp);
+        run_cmd(Command::new("umount").arg("-l").arg(&mp))?;
+    }
+    Ok(())
 }
 
 fn teardown(mounted: Option<&PathBuf>, served: Served) {

@@ -158,10 +158,12 @@ fn row_to_volume(r: &rusqlite::Row<'_>) -> rusqlite::Result<VolumeRecord> {
     })
 }
 
+/// `v<seq>` exactly as [`row_to_checkpoint`] prints it: "v01" or "v+1" must
+/// not name checkpoint v1.
 fn parse_seq(volume: &str, id: &str) -> Result<i64> {
     id.strip_prefix('v')
+        .filter(|n| !n.is_empty() && !n.starts_with('0') && n.bytes().all(|b| b.is_ascii_digit()))
         .and_then(|n| n.parse::<i64>().ok())
-        .filter(|n| *n > 0)
         .ok_or_else(|| StoreError::CheckpointNotFound {
             volume: volume.to_string(),
             checkpoint: id.to_string(),
