@@ -16,7 +16,9 @@ use crate::error::{Result, StoreError};
 use crate::meta::{CommitOutcome, PendingId, UploadDecision};
 use crate::store::Shared;
 
-const MAX_BACKOFF: Duration = Duration::from_secs(10);
+/// Capped low on purpose: when the object store comes back, every waiting
+/// upload should notice within this long, not after a long doubling.
+const MAX_BACKOFF: Duration = Duration::from_secs(2);
 
 pub(crate) fn spawn(shared: Weak<Shared>, rx: mpsc::UnboundedReceiver<PendingId>) {
     let concurrency = shared
