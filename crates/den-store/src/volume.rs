@@ -83,7 +83,7 @@ pub(crate) struct VolumeInner {
     stripes: Vec<RwLock<()>>,
     /// Serialises whole-volume seals (checkpoint vs write-back).
     seal_lock: Mutex<()>,
-    /// Counts user handles (see [`Volume::user`]).
+    /// Counts user handles (see `Volume::_user`).
     users: Mutex<std::sync::Weak<()>>,
     /// Taken (released) first thing in `drop`, before the store forgets the
     /// volume, so a registered entry always covers the time the lock is held.

@@ -4,9 +4,7 @@
 use std::io::ErrorKind;
 use std::time::Duration;
 
-use den_store::{
-    CreateOptions, ObjectBackend, Store, StoreConfig, StoreError, Volume, VolumeSource,
-};
+use den_store::{CreateOptions, ObjectBackend, Store, StoreConfig, StoreError, Volume, VolumeSource};
 
 const SIZE: u64 = 1 << 20;
 const CS: u32 = 64 << 10;
@@ -36,11 +34,7 @@ impl Env {
             .build()
             .unwrap();
         let store = rt.block_on(Store::open(config(dir.path()))).unwrap();
-        let env = Env {
-            _dir: dir,
-            rt,
-            store,
-        };
+        let env = Env { _dir: dir, rt, store };
         for name in ["a", "b"] {
             env.ok(env.store.create_volume(name, sized(SIZE)));
         }
@@ -125,7 +119,10 @@ fn assert_checkpoint_not_found(e: StoreError, vol: &str, id: &str) {
 
 #[track_caller]
 fn assert_invalid(e: StoreError) {
-    assert!(matches!(e, StoreError::InvalidArgument(_)), "expected InvalidArgument, got {e:?}");
+    assert!(
+        matches!(e, StoreError::InvalidArgument(_)),
+        "expected InvalidArgument, got {e:?}"
+    );
 }
 
 #[test]
@@ -157,7 +154,22 @@ fn unknown_checkpoint_is_not_found_and_changes_nothing() {
     let s = &env.store;
     let before = env.snapshot();
     // "v01" and "v+1" would parse as sequence 1, but are not the id "v1".
-    let bad = ["x", "v0", "v999", "", "v", "v-1", "V1", "1", "v1 ", " v1", "v01", "v+1", "v1x", "v99999999999999999999"];
+    let bad = [
+        "x",
+        "v0",
+        "v999",
+        "",
+        "v",
+        "v-1",
+        "V1",
+        "1",
+        "v1 ",
+        " v1",
+        "v01",
+        "v+1",
+        "v1x",
+        "v99999999999999999999",
+    ];
     for id in bad {
         assert_checkpoint_not_found(env.err(s.get_checkpoint("a", id)), "a", id);
         assert_checkpoint_not_found(env.err(s.delete_checkpoint("a", id)), "a", id);
@@ -209,7 +221,17 @@ fn bad_sizes_chunk_sizes_and_names_are_invalid() {
     let env = Env::new();
     let s = &env.store;
     let before = env.snapshot();
-    for size in [0, 1, 4095, 4097, SIZE + 512, u64::MAX, (-4096i64) as u64, (-1i64) as u64, 1 << 51] {
+    for size in [
+        0,
+        1,
+        4095,
+        4097,
+        SIZE + 512,
+        u64::MAX,
+        (-4096i64) as u64,
+        (-1i64) as u64,
+        1 << 51,
+    ] {
         assert_invalid(env.err(s.create_volume("new", sized(size))));
     }
     for cs in [0u32, 1, 512, 2048, 4095, 3 * 4096, 128 << 20, u32::MAX, 1 << 31] {
@@ -221,7 +243,21 @@ fn bad_sizes_chunk_sizes_and_names_are_invalid() {
         assert_invalid(env.err(s.create_volume("new", o)));
     }
     let long = "x".repeat(64);
-    for name in ["", "A", "-x", ".x", ".", "..", "a/b", "../a", "a b", "ä", "a\0", "a\n", long.as_str()] {
+    for name in [
+        "",
+        "A",
+        "-x",
+        ".x",
+        ".",
+        "..",
+        "a/b",
+        "../a",
+        "a b",
+        "ä",
+        "a\0",
+        "a\n",
+        long.as_str(),
+    ] {
         assert_invalid(env.err(s.create_volume(name, sized(SIZE))));
         assert_invalid(env.err(s.fork(name, VolumeSource::Volume("a".into()))));
         assert_invalid(env.err(s.fork(name, ck("a", "v1"))));
@@ -261,7 +297,13 @@ fn out_of_range_io_is_invalid_input_and_writes_nothing() {
     let env = Env::new();
     let a = env.open("a");
     let mut buf = [0u8; 8];
-    let cases: [(u64, usize); 5] = [(SIZE, 1), (SIZE - 1, 2), (SIZE + 4096, 8), (u64::MAX, 1), (u64::MAX - 2, 8)];
+    let cases: [(u64, usize); 5] = [
+        (SIZE, 1),
+        (SIZE - 1, 2),
+        (SIZE + 4096, 8),
+        (u64::MAX, 1),
+        (u64::MAX - 2, 8),
+    ];
     for (off, len) in cases {
         let e = a.read_at(off, &mut buf[..len]).unwrap_err();
         assert_eq!(e.kind(), ErrorKind::InvalidInput, "read at {off}+{len}");
@@ -279,7 +321,11 @@ fn out_of_range_io_is_invalid_input_and_writes_nothing() {
     let mut last = [0u8; 1];
     a.read_at(SIZE - 1, &mut last).unwrap();
     assert_eq!(last, [0]);
-    assert_eq!(a.dirty_chunks(), 1, "only the chunk written by the fixture is dirty");
+    assert_eq!(
+        a.dirty_chunks(),
+        1,
+        "only the chunk written by the fixture is dirty"
+    );
     let mut b = [0u8; 5];
     a.read_at(1000, &mut b).unwrap();
     assert_eq!(&b, b"HELLO");

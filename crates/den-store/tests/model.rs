@@ -13,13 +13,11 @@ use std::collections::{BTreeMap, HashMap};
 use std::future::Future;
 use std::time::Duration;
 
-use den_store::{
-    Compression, CreateOptions, ObjectBackend, Store, StoreConfig, Volume, VolumeSource,
-};
+use den_store::{Compression, CreateOptions, ObjectBackend, Store, StoreConfig, Volume, VolumeSource};
 use proptest::prelude::*;
 use proptest::test_runner::TestCaseError;
 
-const DEFAULT_CASES: u32 = 24;
+const DEFAULT_CASES: u32 = 48;
 const MAX_VOLUMES: usize = 5;
 const MAX_CHECKPOINTS: usize = 10;
 const SIZES: [u64; 4] = [256 << 10, 512 << 10, 1 << 20, 260 << 10];
@@ -50,19 +48,50 @@ enum Pattern {
 
 #[derive(Clone, Debug)]
 enum Op {
-    Write { vol: u8, pos: Pos, len: Len, pattern: Pattern },
-    Discard { vol: u8, pos: Pos, len: Len },
-    Fsync { vol: u8 },
-    Checkpoint { vol: u8, via_handle: bool },
-    Restore { vol: u8, ck: u8 },
-    ForkCheckpoint { ck: u8 },
-    ForkLive { vol: u8 },
-    DeleteCheckpoint { ck: u8 },
-    DeleteVolume { vol: u8 },
-    Gc { sweep: bool },
-    Flush { vol: u8 },
+    Write {
+        vol: u8,
+        pos: Pos,
+        len: Len,
+        pattern: Pattern,
+    },
+    Discard {
+        vol: u8,
+        pos: Pos,
+        len: Len,
+    },
+    Fsync {
+        vol: u8,
+    },
+    Checkpoint {
+        vol: u8,
+        via_handle: bool,
+    },
+    Restore {
+        vol: u8,
+        ck: u8,
+    },
+    ForkCheckpoint {
+        ck: u8,
+    },
+    ForkLive {
+        vol: u8,
+    },
+    DeleteCheckpoint {
+        ck: u8,
+    },
+    DeleteVolume {
+        vol: u8,
+    },
+    Gc {
+        sweep: bool,
+    },
+    Flush {
+        vol: u8,
+    },
     /// Drop this process's handle; the next op on the volume reopens it.
-    Close { vol: u8 },
+    Close {
+        vol: u8,
+    },
     /// Drop every handle, the store and its runtime, then open it again.
     Reopen,
     DropReadCache,
@@ -362,8 +391,12 @@ impl Harness {
                 .map(|c| c.id)
                 .collect();
             got.sort();
-            let mut want: Vec<String> =
-                self.cks.iter().filter(|c| &c.vol == name).map(|c| c.id.clone()).collect();
+            let mut want: Vec<String> = self
+                .cks
+                .iter()
+                .filter(|c| &c.vol == name)
+                .map(|c| c.id.clone())
+                .collect();
             want.sort();
             prop_assert_eq!(got, want, "checkpoints of {}", name);
         }
@@ -393,7 +426,12 @@ impl Harness {
     fn apply(&mut self, op: &Op) -> R<Option<String>> {
         let store = self.store().clone();
         match *op {
-            Op::Write { vol, pos, len, pattern } => {
+            Op::Write {
+                vol,
+                pos,
+                len,
+                pattern,
+            } => {
                 let name = self.pick_vol(vol);
                 let (off, len) = self.range(&name, pos, len);
                 let data = fill(pattern, off, len as usize);
@@ -406,8 +444,7 @@ impl Harness {
                 let name = self.pick_vol(vol);
                 let (off, len) = self.range(&name, pos, len);
                 self.handle(&name)?.discard(off, len).map_err(fail)?;
-                self.vols.get_mut(&name).expect("model").data[off as usize..(off + len) as usize]
-                    .fill(0);
+                self.vols.get_mut(&name).expect("model").data[off as usize..(off + len) as usize].fill(0);
                 Ok(Some(name))
             }
             Op::Fsync { vol } => {
@@ -459,7 +496,13 @@ impl Harness {
                 let i = ck as usize % self.cks.len();
                 let new = self.fork_name();
                 let (vol, id) = (self.cks[i].vol.clone(), self.cks[i].id.clone());
-                self.block(store.fork(&new, VolumeSource::Checkpoint { volume: vol.clone(), checkpoint: id }))?;
+                self.block(store.fork(
+                    &new,
+                    VolumeSource::Checkpoint {
+                        volume: vol.clone(),
+                        checkpoint: id,
+                    },
+                ))?;
                 let m = VolModel {
                     data: self.cks[i].data.clone(),
                     cs: self.vols[&vol].cs,
@@ -544,7 +587,12 @@ impl Harness {
         for c in &self.cks {
             self.block(store.wait_durable(&c.vol, &c.id))?;
             let rec = self.block(store.get_checkpoint(&c.vol, &c.id))?;
-            prop_assert!(rec.durable, "checkpoint {}/{} not durable after wait_durable", c.vol, c.id);
+            prop_assert!(
+                rec.durable,
+                "checkpoint {}/{} not durable after wait_durable",
+                c.vol,
+                c.id
+            );
         }
         self.block(store.gc(true))?;
         self.verify_refcounts()?;

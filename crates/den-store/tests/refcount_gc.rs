@@ -10,9 +10,7 @@ use std::sync::Mutex;
 use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::time::Duration;
 
-use den_store::{
-    ChunkHash, CreateOptions, ObjectBackend, Store, StoreConfig, Volume, VolumeSource,
-};
+use den_store::{ChunkHash, CreateOptions, ObjectBackend, Store, StoreConfig, Volume, VolumeSource};
 use rand::{Rng, SeedableRng};
 use rusqlite::OptionalExtension;
 
@@ -203,7 +201,10 @@ fn identical_chunks_are_stored_once() {
     assert_eq!(env.objects().len(), 1);
     assert!(env.objects().contains(&h.to_hex()));
     let stats = env.block(env.store.stats());
-    assert!(stats.stored_bytes > 0 && stats.stored_bytes <= CS + 64, "{stats:?}");
+    assert!(
+        stats.stored_bytes > 0 && stats.stored_bytes <= CS + 64,
+        "{stats:?}"
+    );
     env.assert_refcounts();
     env.store.drop_read_cache();
     let mut buf = vec![0u8; CS as usize];
@@ -252,7 +253,10 @@ fn refs_follow_checkpoints_forks_restores_and_deletes() {
     // Checkpoint of a pending chunk: both maps gain the reference on upload.
     a.write_at(CS, &z).unwrap();
     let ck2 = a.checkpoint("two").unwrap();
-    assert!(!ck2.durable, "checkpoint with an unuploaded chunk is not durable yet");
+    assert!(
+        !ck2.durable,
+        "checkpoint with an unuploaded chunk is not durable yet"
+    );
     env.block(env.store.wait_durable("a", &ck2.id));
     assert!(env.block(env.store.get_checkpoint("a", &ck2.id)).durable);
     assert_eq!((env.refs(&hy), env.refs(&hz)), (2, 2));
@@ -316,7 +320,11 @@ fn gc_deletes_exactly_the_unreferenced_chunks() {
     }
     env.flush("a");
     assert_eq!(env.objects().len(), 12);
-    assert_eq!(env.block(env.store.gc(true)).chunks_deleted, 0, "checkpoint still refers");
+    assert_eq!(
+        env.block(env.store.gc(true)).chunks_deleted,
+        0,
+        "checkpoint still refers"
+    );
     assert_eq!(env.objects().len(), 12);
     assert_eq!(env.objects(), env.present_chunks());
 
@@ -467,7 +475,7 @@ fn gc_racing_uploads_checkpoints_and_forks_loses_nothing() {
             let mut i = 0u32;
             while writers_left.load(Ordering::SeqCst) > 0 && !failed.load(Ordering::Relaxed) {
                 i += 1;
-                blk(&handle, env.store.gc(i % 4 == 0)).unwrap();
+                blk(&handle, env.store.gc(i.is_multiple_of(4))).unwrap();
                 gcs.fetch_add(1, Ordering::Relaxed);
                 let bad = blk(&handle, env.store.meta().verify_refcounts()).unwrap();
                 assert!(bad.is_empty(), "refcounts wrong mid-run: {bad:?}");
@@ -514,7 +522,10 @@ fn gc_racing_uploads_checkpoints_and_forks_loses_nothing() {
     let root = env.dir.path().to_path_buf();
     env.store.drop_read_cache();
     env.rt = runtime();
-    env.store = env.rt.block_on(Store::open(config(&root, Duration::ZERO))).unwrap();
+    env.store = env
+        .rt
+        .block_on(Store::open(config(&root, Duration::ZERO)))
+        .unwrap();
     env.store.drop_read_cache();
     check(&env);
 }
