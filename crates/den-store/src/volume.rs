@@ -674,7 +674,9 @@ impl Volume {
                 count = v.len();
                 v.into_iter().map(|(_, i)| i).collect()
             },
-            false,
+            // Discards go to metadata on the next tick too, so the chunks they
+            // freed become collectable without waiting for a checkpoint.
+            true,
             |seals| shared.block_on(shared.meta.apply_seal(head, seals))?,
         )?;
         Ok(count)
