@@ -47,7 +47,10 @@ fn tree_v1(rng: &mut Rng) -> Tree {
     }
     for (i, &size) in SIZES.iter().enumerate() {
         let dir = ["a", "a/b", "a/b/c", "docs"][i % 4];
-        t.insert(PathBuf::from(format!("{dir}/file-{i}-{size}")), Some(file_data(rng, size)));
+        t.insert(
+            PathBuf::from(format!("{dir}/file-{i}-{size}")),
+            Some(file_data(rng, size)),
+        );
     }
     t.insert(PathBuf::from("top.txt"), Some(b"hello from v1\n".to_vec()));
     t
@@ -80,7 +83,10 @@ fn tree_v2(rng: &mut Rng, v1: &Tree) -> Tree {
     t.insert(PathBuf::from("new"), None);
     t.insert(PathBuf::from("new/big"), Some(rng.bytes(3 << 20)));
     t.insert(PathBuf::from("new/small"), Some(b"v2".to_vec()));
-    t.insert(PathBuf::from("top.txt"), Some(b"hello from v2, longer than before\n".to_vec()));
+    t.insert(
+        PathBuf::from("top.txt"),
+        Some(b"hello from v2, longer than before\n".to_vec()),
+    );
     t
 }
 
@@ -237,7 +243,10 @@ fn clear_errors_for_impossible_requests() {
         !den.run(&["info", "other"]).status.success(),
         "a failed fork must not create its target"
     );
-    assert!(!img.exists(), "a failed export must not leave an image file behind");
+    assert!(
+        !img.exists(),
+        "a failed export must not leave an image file behind"
+    );
 
     den.ok(&["create", "vol", "--size", "16M", "--chunk-size", "64K"]);
     den.checkpoint("vol", "only");
@@ -257,7 +266,8 @@ fn clear_errors_for_impossible_requests() {
     }
     // Nothing was created by the failed commands.
     let ls = den.ok(&["ls", "--json"]);
-    let names: Vec<String> = serde_json::from_str::<serde_json::Value>(&ls).unwrap()
+    let names: Vec<String> = serde_json::from_str::<serde_json::Value>(&ls)
+        .unwrap()
         .as_array()
         .unwrap()
         .iter()
@@ -269,7 +279,11 @@ fn clear_errors_for_impossible_requests() {
     let d = den.mount("vol", &["--no-loop"]);
     {
         use std::os::unix::fs::FileExt;
-        let f = std::fs::OpenOptions::new().read(true).write(true).open(&d.ready.file).unwrap();
+        let f = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(&d.ready.file)
+            .unwrap();
         f.write_all_at(b"after the checkpoint", 4096).unwrap();
         f.sync_all().unwrap();
         let err = den.fails(&["restore", "vol", "v1"]);
@@ -279,7 +293,13 @@ fn clear_errors_for_impossible_requests() {
         assert_eq!(&buf, b"after the checkpoint");
     }
     // A mounted volume cannot be mounted twice or removed.
-    let err = den.fails(&["mount", "vol", "--no-loop", "--fuse-dir", den.root().join("f2").to_str().unwrap()]);
+    let err = den.fails(&[
+        "mount",
+        "vol",
+        "--no-loop",
+        "--fuse-dir",
+        den.root().join("f2").to_str().unwrap(),
+    ]);
     assert!(err.contains("in use"), "second mount: {err}");
     let err = den.fails(&["rm", "vol"]);
     assert!(err.contains("in use"), "rm of a mounted volume: {err}");
@@ -290,7 +310,10 @@ fn clear_errors_for_impossible_requests() {
     den.ok(&["export", "vol", img_s]);
     let data = std::fs::read(&img).unwrap();
     assert_eq!(data.len(), 16 << 20);
-    assert!(data.iter().all(|&b| b == 0), "restored volume should be all zeros");
+    assert!(
+        data.iter().all(|&b| b == 0),
+        "restored volume should be all zeros"
+    );
 }
 
 /// Any `den volume …` command opens the store and recovers pending chunks,
@@ -308,7 +331,11 @@ fn another_process_uploading_a_mounted_volumes_chunk() {
     let mut rng = Rng::new(seed);
     den.ok(&["create", "vol", "--size", "16M", "--chunk-size", "64K"]);
     let d = den.mount("vol", &["--no-loop"]);
-    let f = std::fs::OpenOptions::new().read(true).write(true).open(&d.ready.file).unwrap();
+    let f = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(&d.ready.file)
+        .unwrap();
 
     // Make the daemon's PUT of this chunk fail: a directory sits where the
     // object goes. The daemon keeps retrying with growing backoff.
@@ -319,26 +346,40 @@ fn another_process_uploading_a_mounted_volumes_chunk() {
     f.write_all_at(&data, 0).unwrap();
     f.sync_all().unwrap();
     den.checkpoint("vol", "sealed, not uploaded");
+    // Wait until the daemon has just started a backoff of at least a second.
     den_testkit::wait_until(
         std::time::Duration::from_secs(30),
-        std::time::Duration::from_millis(20),
-        || d.log_text().contains("retrying in 3.2s"),
+        std::time::Duration::from_millis(5),
+        || last_upload_backoff(&d.log_text()) >= 1.0,
     )
-    .unwrap_or_else(|_| panic!("the daemon's upload never failed; log:\n{}", d.log_text()));
+    .unwrap_or_else(|_| panic!("the daemon's upload did not back off; log:\n{}", d.log_text()));
 
-    // Now another process uploads it (while the daemon waits 3.2 s).
+    // Now another process uploads it (while the daemon waits).
     std::fs::remove_dir_all(&blocker).unwrap();
     den.ok(&["checkpoint", "vol", "--wait"]);
-    let pending: Vec<_> = std::fs::read_dir(den.data_dir.join("cache/pending")).unwrap().collect();
-    assert!(pending.is_empty(), "the chunk should have been uploaded: {pending:?}");
+    let pending: Vec<_> = std::fs::read_dir(den.data_dir.join("cache/pending"))
+        .unwrap()
+        .collect();
+    assert!(
+        pending.is_empty(),
+        "the chunk should have been uploaded: {pending:?}"
+    );
 
     // The daemon still reads and writes that chunk.
     let mut buf = vec![0u8; 64 << 10];
-    f.read_exact_at(&mut buf, 0)
-        .unwrap_or_else(|e| panic!("reading a chunk uploaded by another process: {e}; log:\n{}", d.log_text()));
+    f.read_exact_at(&mut buf, 0).unwrap_or_else(|e| {
+        panic!(
+            "reading a chunk uploaded by another process: {e}; log:\n{}",
+            d.log_text()
+        )
+    });
     assert!(buf == data, "chunk content changed");
-    f.write_all_at(b"partial", 1000)
-        .unwrap_or_else(|e| panic!("writing a chunk uploaded by another process: {e}; log:\n{}", d.log_text()));
+    f.write_all_at(b"partial", 1000).unwrap_or_else(|e| {
+        panic!(
+            "writing a chunk uploaded by another process: {e}; log:\n{}",
+            d.log_text()
+        )
+    });
     f.sync_all().unwrap();
     let mut want = data.clone();
     want[1000..1007].copy_from_slice(b"partial");
@@ -360,6 +401,24 @@ fn another_process_uploading_a_mounted_volumes_chunk() {
     }
 }
 
+/// The backoff (seconds) announced by the daemon's last failed upload
+/// ("upload of pending chunk … failed, retrying in 1.6s: …"), or 0.
+fn last_upload_backoff(log: &str) -> f64 {
+    let Some(line) = log.lines().rev().find(|l| l.contains("failed, retrying in ")) else {
+        return 0.0;
+    };
+    let rest = line.split("failed, retrying in ").nth(1).unwrap_or("");
+    let delay = rest.split(':').next().unwrap_or("");
+    if let Some(ms) = delay.strip_suffix("ms") {
+        ms.parse::<f64>().map_or(0.0, |v| v / 1e3)
+    } else {
+        delay
+            .strip_suffix('s')
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0.0)
+    }
+}
+
 /// Operator commands run while the daemon is busy writing must not disturb
 /// it: each one opens the store (and its cache) next to the daemon's.
 #[test]
@@ -373,7 +432,13 @@ fn commands_while_the_daemon_writes() {
     let den = Den::new();
     den.ok(&["create", "vol", "--size", "16M", "--chunk-size", "64K"]);
     let d = den.mount("vol", &["--no-loop"]);
-    let f = Arc::new(std::fs::OpenOptions::new().read(true).write(true).open(&d.ready.file).unwrap());
+    let f = Arc::new(
+        std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(&d.ready.file)
+            .unwrap(),
+    );
     // Map every chunk, and seal them, so each first write below copies a
     // sealed chunk into a new dirty one (through the cache's tmp dir).
     let mut model = vec![0u8; (CHUNK * CHUNKS) as usize];
@@ -413,10 +478,12 @@ fn commands_while_the_daemon_writes() {
         }
     }
     stop.store(true, Ordering::Relaxed);
-    let writes = writer
-        .join()
-        .unwrap()
-        .unwrap_or_else(|e| panic!("the daemon failed a write while commands ran: {e}; log:\n{}", d.log_text()));
+    let writes = writer.join().unwrap().unwrap_or_else(|e| {
+        panic!(
+            "the daemon failed a write while commands ran: {e}; log:\n{}",
+            d.log_text()
+        )
+    });
     for (off, v) in &writes {
         model[*off as usize..*off as usize + 512].fill(*v);
     }

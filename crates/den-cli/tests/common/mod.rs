@@ -166,7 +166,8 @@ impl Den {
     /// Checkpoint ids listed by `den volume checkpoints NAME --json`.
     pub fn checkpoint_ids(&self, name: &str) -> Vec<String> {
         let out = self.ok(&["checkpoints", name, "--json"]);
-        let v: serde_json::Value = serde_json::from_str(&out).unwrap_or_else(|e| panic!("bad JSON {out:?}: {e}"));
+        let v: serde_json::Value =
+            serde_json::from_str(&out).unwrap_or_else(|e| panic!("bad JSON {out:?}: {e}"));
         v.as_array()
             .unwrap_or_else(|| panic!("checkpoints --json is not an array: {out}"))
             .iter()
@@ -359,23 +360,31 @@ impl Daemon {
         let log = self.log_text();
         match status {
             Some(s) if s.success() => {}
-            other => panic!("den volume mount {} did not stop cleanly: {other:?}; log:\n{log}", self.name),
+            other => panic!(
+                "den volume mount {} did not stop cleanly: {other:?}; log:\n{log}",
+                self.name
+            ),
         }
         // The loop driver releases the file a moment after its detach.
         let r = self.ready.clone();
         let released = || {
             !is_mount_point(r.fuse_dir())
                 && r.mountpoint.as_deref().is_none_or(|mp| !is_mount_point(mp))
-                && r
-                    .device
+                && r.device
                     .as_deref()
                     .is_none_or(|dev| loop_backing_file(dev).as_deref() != Some(r.file.as_path()))
         };
-        assert!(
-            wait_until(Duration::from_secs(10), POLL, released).is_ok(),
-            "den volume mount {} left its mounts or loop device behind after a clean stop: {r:?}",
-            self.name
-        );
+        if wait_until(Duration::from_secs(30), POLL, released).is_err() {
+            panic!(
+                "den volume mount {} left something behind after a clean stop: FUSE dir mounted: {}, \
+                 mountpoint mounted: {:?}, loop device still bound: {:?} ({r:?}); log:\n{}",
+                self.name,
+                is_mount_point(r.fuse_dir()),
+                r.mountpoint.as_deref().map(is_mount_point),
+                r.device.as_deref().map(loop_backing_file),
+                self.log_text()
+            );
+        }
     }
 
     /// SIGKILL and reap. Leaves the kernel state (dead FUSE mount, loop
@@ -543,11 +552,10 @@ pub struct ImageMount {
 impl ImageMount {
     pub fn new(image: &Path, dir: &Path) -> ImageMount {
         fs::create_dir_all(dir).expect("create image mount dir");
-        run(
-            "mount",
-            &[&"-t", &"ext4", &"-o", &"loop,ro,noload", &image, &dir],
-        );
-        ImageMount { dir: dir.to_path_buf() }
+        run("mount", &[&"-t", &"ext4", &"-o", &"loop,ro,noload", &image, &dir]);
+        ImageMount {
+            dir: dir.to_path_buf(),
+        }
     }
 }
 
@@ -657,7 +665,8 @@ pub fn write_synced(path: &Path, data: &[u8]) {
         .unwrap_or_else(|e| panic!("create {}: {e}", path.display()));
     f.write_all_at(data, 0)
         .unwrap_or_else(|e| panic!("write {}: {e}", path.display()));
-    f.sync_all().unwrap_or_else(|e| panic!("fsync {}: {e}", path.display()));
+    f.sync_all()
+        .unwrap_or_else(|e| panic!("fsync {}: {e}", path.display()));
     sync_dir(path.parent().unwrap());
 }
 
@@ -672,7 +681,13 @@ pub fn syncfs(path: &Path) {
     let f = File::open(path).unwrap_or_else(|e| panic!("open {}: {e}", path.display()));
     // SAFETY: plain syscall on a descriptor we own.
     let r = unsafe { libc::syncfs(std::os::fd::AsRawFd::as_raw_fd(&f)) };
-    assert_eq!(r, 0, "syncfs {}: {}", path.display(), std::io::Error::last_os_error());
+    assert_eq!(
+        r,
+        0,
+        "syncfs {}: {}",
+        path.display(),
+        std::io::Error::last_os_error()
+    );
 }
 
 /// Apply `tree` (directories and files) under `root`, fsyncing everything.
