@@ -1,0 +1,313 @@
+//! Host-side client for the agent socket.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use bytes::Bytes;
+use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+use tokio::net::UnixStream;
+use tokio::net::unix::{OwnedReadHalf, OwnedWriteHalf};
+use tokio::sync::{Mutex, mpsc};
+
+use crate::Error;
+use crate::protocol::{
+    Control, FRAME_CONTROL, FRAME_STDERR, FRAME_STDIN, FRAME_STDIN_EOF, FRAME_STDOUT, Request, Response,
+    encode_control, encode_frame, read_frame,
+};
+pub use crate::protocol::{ExecRequest, ExitInfo, PortEvent, SessionInfo, SessionSummary};
+
+/// What an exec/attach connection yields after `session_info`.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Event {
+    Stdout(Bytes),
+    Stderr(Bytes),
+    PortOpened(PortEvent),
+    PortClosed(PortEvent),
+    /// Always the last event of a session that ran to completion.
+    Exit(ExitInfo),
+}
+
+/// Handle on the agent socket; each call opens its own connection.
+#[derive(Debug, Clone)]
+pub struct Client {
+    socket: PathBuf,
+}
+
+/// Connects and pings, so a missing or dead agent is reported here.
+pub async fn connect(socket_path: impl AsRef<Path>) -> Result<Client, Error> {
+    let client = Client {
+        socket: socket_path.as_ref().to_owned(),
+    };
+    client.ping().await?;
+    Ok(client)
+}
+
+async fn request(socket: &Path, req: &Request) -> Result<(BufReader<OwnedReadHalf>, OwnedWriteHalf), Error> {
+    let stream = UnixStream::connect(socket).await?;
+    let (rd, mut wr) = stream.into_split();
+    let mut line = serde_json::to_vec(req)?;
+    line.push(b'\n');
+    wr.write_all(&line).await?;
+    let mut rd = BufReader::new(rd);
+    let mut resp = String::new();
+    if rd.read_line(&mut resp).await? == 0 {
+        return Err(Error::Protocol(
+            "agent closed the connection without answering".into(),
+        ));
+    }
+    let resp: Response = serde_json::from_str(resp.trim_end())?;
+    if !resp.ok {
+        return Err(Error::Agent {
+            code: resp.code.unwrap_or_default(),
+            message: resp.error.unwrap_or_default(),
+        });
+    }
+    Ok((rd, wr))
+}
+
+impl Client {
+    /// Does not connect; use [`connect`] to also check the agent is alive.
+    pub fn new(socket_path: impl AsRef<Path>) -> Client {
+        Client {
+            socket: socket_path.as_ref().to_owned(),
+        }
+    }
+
+    pub async fn ping(&self) -> Result<(), Error> {
+        request(&self.socket, &Request::Ping).await.map(|_| ())
+    }
+
+    pub async fn list_sessions(&self) -> Result<Vec<SessionSummary>, Error> {
+        let stream = UnixStream::connect(&self.socket).await?;
+        let (rd, mut wr) = stream.into_split();
+        let mut line = serde_json::to_vec(&Request::ListSessions)?;
+        line.push(b'\n');
+        wr.write_all(&line).await?;
+        let mut resp = String::new();
+        BufReader::new(rd).read_line(&mut resp).await?;
+        let resp: Response = serde_json::from_str(resp.trim_end())?;
+        if !resp.ok {
+            return Err(Error::Agent {
+                code: resp.code.unwrap_or_default(),
+                message: resp.error.unwrap_or_default(),
+            });
+        }
+        Ok(resp.sessions.unwrap_or_default())
+    }
+
+    /// Signals the session's process group.
+    pub async fn kill(&self, session: &str, signal: &str) -> Result<(), Error> {
+        request(
+            &self.socket,
+            &Request::Kill {
+                session: session.into(),
+                signal: signal.into(),
+            },
+        )
+        .await
+        .map(|_| ())
+    }
+
+    /// Signals the session's process group and waits up to `timeout` for the
+    /// exit, then escalates to SIGKILL (the semantics of the Sprites
+    /// `POST …/exec/{id}/kill?signal=&timeout=` endpoint). `Ok(None)` if the
+    /// exit was not observed even after SIGKILL.
+    pub async fn kill_and_wait(
+        &self,
+        session: &str,
+        signal: &str,
+        timeout: std::time::Duration,
+    ) -> Result<Option<ExitInfo>, Error> {
+        // Attach first so the exit cannot slip by between signal and wait.
+        let mut attached = self.attach(session).await?;
+        self.kill(session, signal).await?;
+        if let Ok(exit) = tokio::time::timeout(timeout, attached.wait_exit()).await {
+            return Ok(exit);
+        }
+        match self.kill(session, "KILL").await {
+            Ok(()) | Err(Error::Agent { .. }) => {}
+            Err(e) => return Err(e),
+        }
+        Ok(
+            tokio::time::timeout(std::time::Duration::from_secs(5), attached.wait_exit())
+                .await
+                .ok()
+                .flatten(),
+        )
+    }
+
+    pub async fn exec(&self, req: ExecRequest) -> Result<Session, Error> {
+        let (rd, wr) = request(&self.socket, &Request::Exec(req)).await?;
+        Session::start(rd, wr).await
+    }
+
+    pub async fn attach(&self, session: &str) -> Result<Session, Error> {
+        let (rd, wr) = request(
+            &self.socket,
+            &Request::Attach {
+                session: session.into(),
+            },
+        )
+        .await?;
+        Session::start(rd, wr).await
+    }
+
+    /// Port events of every process; the receiver ends when the agent goes away.
+    pub async fn subscribe_ports(&self) -> Result<PortSubscription, Error> {
+        let (rd, wr) = request(&self.socket, &Request::SubscribePorts).await?;
+        let (tx, rx) = mpsc::channel(1024);
+        let task = tokio::spawn(read_events(rd, tx));
+        Ok(PortSubscription {
+            events: rx,
+            _wr: wr,
+            task,
+        })
+    }
+}
+
+pub struct PortSubscription {
+    events: mpsc::Receiver<Event>,
+    _wr: OwnedWriteHalf,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl PortSubscription {
+    pub async fn recv(&mut self) -> Option<Event> {
+        self.events.recv().await
+    }
+}
+
+impl Drop for PortSubscription {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+async fn read_events(mut rd: BufReader<OwnedReadHalf>, tx: mpsc::Sender<Event>) {
+    while let Ok(Some((kind, payload))) = read_frame(&mut rd).await {
+        let ev = match kind {
+            FRAME_STDOUT => Event::Stdout(payload),
+            FRAME_STDERR => Event::Stderr(payload),
+            FRAME_CONTROL => match serde_json::from_slice::<Control>(&payload) {
+                Ok(Control::Exit(e)) => Event::Exit(e),
+                Ok(Control::PortOpened(p)) => Event::PortOpened(p),
+                Ok(Control::PortClosed(p)) => Event::PortClosed(p),
+                _ => continue,
+            },
+            _ => continue,
+        };
+        // Awaiting here pushes back on the socket when the caller is slow.
+        if tx.send(ev).await.is_err() {
+            return;
+        }
+    }
+}
+
+/// An attached exec session. Dropping it detaches (the command keeps running
+/// per its `max_run_after_disconnect`).
+pub struct Session {
+    pub info: SessionInfo,
+    writer: Arc<Mutex<OwnedWriteHalf>>,
+    events: mpsc::Receiver<Event>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+/// Everything a session produced, for callers that just want the result.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Output {
+    pub stdout: Vec<u8>,
+    pub stderr: Vec<u8>,
+    pub ports: Vec<Event>,
+    /// `None` if the connection ended without an exit message.
+    pub exit: Option<ExitInfo>,
+}
+
+impl Session {
+    async fn start(mut rd: BufReader<OwnedReadHalf>, wr: OwnedWriteHalf) -> Result<Session, Error> {
+        let info = match read_frame(&mut rd).await? {
+            Some((FRAME_CONTROL, payload)) => match serde_json::from_slice::<Control>(&payload)? {
+                Control::SessionInfo(i) => i,
+                other => return Err(Error::Protocol(format!("expected session_info, got {other:?}"))),
+            },
+            other => {
+                return Err(Error::Protocol(format!(
+                    "expected session_info frame, got {other:?}"
+                )));
+            }
+        };
+        let (tx, rx) = mpsc::channel(1024);
+        let task = tokio::spawn(read_events(rd, tx));
+        Ok(Session {
+            info,
+            writer: Arc::new(Mutex::new(wr)),
+            events: rx,
+            task,
+        })
+    }
+
+    pub fn id(&self) -> &str {
+        &self.info.session_id
+    }
+
+    /// Next event; `None` once the connection is closed.
+    pub async fn recv(&mut self) -> Option<Event> {
+        self.events.recv().await
+    }
+
+    async fn send(&self, frame: Vec<u8>) -> Result<(), Error> {
+        self.writer.lock().await.write_all(&frame).await?;
+        Ok(())
+    }
+
+    pub async fn send_stdin(&self, data: &[u8]) -> Result<(), Error> {
+        self.send(encode_frame(FRAME_STDIN, data)).await
+    }
+
+    pub async fn close_stdin(&self) -> Result<(), Error> {
+        self.send(encode_frame(FRAME_STDIN_EOF, &[])).await
+    }
+
+    pub async fn resize(&self, cols: u16, rows: u16) -> Result<(), Error> {
+        self.send(encode_control(&Control::Resize { cols, rows })).await
+    }
+
+    pub async fn signal(&self, signal: &str) -> Result<(), Error> {
+        self.send(encode_control(&Control::Signal {
+            signal: signal.into(),
+        }))
+        .await
+    }
+
+    /// Skips output until the exit message; `None` if the connection ends first.
+    pub async fn wait_exit(&mut self) -> Option<ExitInfo> {
+        while let Some(ev) = self.recv().await {
+            if let Event::Exit(e) = ev {
+                return Some(e);
+            }
+        }
+        None
+    }
+
+    /// Reads events until the connection ends.
+    pub async fn collect(mut self) -> Output {
+        let mut out = Output::default();
+        while let Some(ev) = self.recv().await {
+            match ev {
+                Event::Stdout(b) => out.stdout.extend_from_slice(&b),
+                Event::Stderr(b) => out.stderr.extend_from_slice(&b),
+                Event::Exit(e) => out.exit = Some(e),
+                p => out.ports.push(p),
+            }
+        }
+        out
+    }
+
+    /// Closes the connection; the command keeps running.
+    pub fn detach(self) {}
+}
+
+impl Drop for Session {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}

@@ -1,0 +1,218 @@
+//! Port watcher: polls `/proc/net/tcp{,6}` for LISTEN sockets and reports
+//! appearances and disappearances to the owning session and to global
+//! subscribers.
+//!
+//! Polling is what sprite-env does too; netlink sock_diag would avoid the
+//! scan but not the inode → pid mapping, which needs `/proc/*/fd` anyway.
+
+use std::collections::{HashMap, HashSet};
+use std::net::{Ipv4Addr, Ipv6Addr};
+use std::sync::Weak;
+
+use bytes::Bytes;
+
+use crate::protocol::{Control, PortEvent, encode_control};
+use crate::server::AgentInner;
+use crate::session::offer;
+
+const TCP_LISTEN: &str = "0A";
+
+/// (address, port) per socket inode.
+pub(crate) fn listening_sockets() -> HashMap<u64, (String, u16)> {
+    let mut out = HashMap::new();
+    for (path, v6) in [("/proc/net/tcp", false), ("/proc/net/tcp6", true)] {
+        let Ok(text) = std::fs::read_to_string(path) else {
+            continue;
+        };
+        for line in text.lines().skip(1) {
+            let f: Vec<&str> = line.split_whitespace().collect();
+            if f.len() < 10 || f[3] != TCP_LISTEN {
+                continue;
+            }
+            let Some((addr_hex, port_hex)) = f[1].split_once(':') else {
+                continue;
+            };
+            let (Ok(port), Ok(inode)) = (u16::from_str_radix(port_hex, 16), f[9].parse::<u64>()) else {
+                continue;
+            };
+            let Some(addr) = parse_addr(addr_hex, v6) else {
+                continue;
+            };
+            if inode != 0 {
+                out.insert(inode, (addr, port));
+            }
+        }
+    }
+    out
+}
+
+/// The kernel prints each 32-bit word of the address in host byte order.
+fn parse_addr(hex: &str, v6: bool) -> Option<String> {
+    let words: Vec<u32> = (0..hex.len() / 8)
+        .map(|i| u32::from_str_radix(hex.get(i * 8..i * 8 + 8)?, 16).ok())
+        .collect::<Option<_>>()?;
+    let bytes: Vec<u8> = words.iter().flat_map(|w| w.to_ne_bytes()).collect();
+    match (v6, bytes.len()) {
+        (false, 4) => Some(Ipv4Addr::new(bytes[0], bytes[1], bytes[2], bytes[3]).to_string()),
+        (true, 16) => {
+            let arr: [u8; 16] = bytes.try_into().ok()?;
+            let ip = Ipv6Addr::from(arr);
+            Some(match ip.to_ipv4_mapped() {
+                Some(v4) => v4.to_string(),
+                None => ip.to_string(),
+            })
+        }
+        _ => None,
+    }
+}
+
+/// Maps the wanted socket inodes to the first pid holding each.
+fn owners(wanted: &HashSet<u64>) -> HashMap<u64, i32> {
+    let mut found = HashMap::new();
+    let Ok(procs) = std::fs::read_dir("/proc") else {
+        return found;
+    };
+    for entry in procs.flatten() {
+        let Some(pid) = entry.file_name().to_str().and_then(|s| s.parse::<i32>().ok()) else {
+            continue;
+        };
+        let Ok(fds) = std::fs::read_dir(entry.path().join("fd")) else {
+            continue;
+        };
+        for fd in fds.flatten() {
+            let Ok(target) = std::fs::read_link(fd.path()) else {
+                continue;
+            };
+            let Some(inode) = target
+                .to_str()
+                .and_then(|t| t.strip_prefix("socket:["))
+                .and_then(|t| t.strip_suffix(']'))
+                .and_then(|t| t.parse::<u64>().ok())
+            else {
+                continue;
+            };
+            if wanted.contains(&inode) {
+                found.entry(inode).or_insert(pid);
+            }
+        }
+        if found.len() == wanted.len() {
+            break;
+        }
+    }
+    found
+}
+
+/// (ppid, sid) from /proc/<pid>/stat.
+fn stat_ids(pid: i32) -> Option<(i32, i32)> {
+    let text = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // The command name may contain spaces and parentheses; fields resume after
+    // the last ')'.
+    let rest = &text[text.rfind(')')? + 2..];
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    Some((f.get(1)?.parse().ok()?, f.get(3)?.parse().ok()?))
+}
+
+/// Finds the session a pid belongs to: sessions are session leaders, so the
+/// kernel session id usually names it; a process that called setsid itself
+/// is found by walking up the parent chain.
+fn session_of(agent: &AgentInner, pid: i32) -> Option<String> {
+    let sessions = agent.lock_sessions();
+    let mut cur = pid;
+    for _ in 0..64 {
+        if sessions.contains_key(&cur.to_string()) {
+            return Some(cur.to_string());
+        }
+        let (ppid, sid) = stat_ids(cur)?;
+        if sessions.contains_key(&sid.to_string()) {
+            return Some(sid.to_string());
+        }
+        if ppid <= 1 {
+            return None;
+        }
+        cur = ppid;
+    }
+    None
+}
+
+fn emit(agent: &AgentInner, msg: Control, session: Option<&str>) {
+    if let Some(id) = session
+        && let Some(s) = agent.session(id)
+    {
+        s.broadcast_control(&msg);
+    }
+    let frame = Bytes::from(encode_control(&msg));
+    agent
+        .port_subscribers
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .retain(|tx| offer(tx, &frame));
+}
+
+pub(crate) async fn watch(agent: Weak<AgentInner>) {
+    // Listeners that predate the agent (or this poll loop) are a baseline,
+    // not news.
+    let mut known: HashMap<u64, PortEvent> = HashMap::new();
+    let mut first = true;
+    loop {
+        let Some(a) = agent.upgrade() else { return };
+        let interval = a.config.port_poll_interval;
+        let current = listening_sockets();
+        let new: HashSet<u64> = current
+            .keys()
+            .filter(|i| !known.contains_key(i))
+            .copied()
+            .collect();
+        let pids = if new.is_empty() || first {
+            HashMap::new()
+        } else {
+            owners(&new)
+        };
+        for inode in new {
+            let (address, port) = current[&inode].clone();
+            let pid = pids.get(&inode).copied().unwrap_or(0);
+            let session = if pid > 0 { session_of(&a, pid) } else { None };
+            let ev = PortEvent {
+                port,
+                address,
+                pid,
+                session,
+            };
+            if !first {
+                emit(&a, Control::PortOpened(ev.clone()), ev.session.clone().as_deref());
+            }
+            known.insert(inode, ev);
+        }
+        let gone: Vec<u64> = known
+            .keys()
+            .filter(|i| !current.contains_key(i))
+            .copied()
+            .collect();
+        for inode in gone {
+            if let Some(ev) = known.remove(&inode) {
+                emit(&a, Control::PortClosed(ev.clone()), ev.session.as_deref());
+            }
+        }
+        first = false;
+        drop(a);
+        tokio::time::sleep(interval).await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn addresses() {
+        assert_eq!(parse_addr("0100007F", false).unwrap(), "127.0.0.1");
+        assert_eq!(parse_addr("00000000", false).unwrap(), "0.0.0.0");
+        assert_eq!(
+            parse_addr("00000000000000000000000001000000", true).unwrap(),
+            "::1"
+        );
+        assert_eq!(
+            parse_addr("0000000000000000FFFF00000100007F", true).unwrap(),
+            "127.0.0.1"
+        );
+    }
+}

@@ -1,0 +1,260 @@
+//! Wire protocol shared by the agent server and [`crate::client`].
+//!
+//! See the crate documentation for the full description.
+
+use std::collections::BTreeMap;
+
+use bytes::Bytes;
+use serde::{Deserialize, Serialize};
+use tokio::io::{AsyncReadExt, AsyncWrite, AsyncWriteExt};
+
+use crate::Error;
+
+/// Client → agent: bytes for the session's stdin.
+pub const FRAME_STDIN: u8 = 0x00;
+/// Agent → client: stdout bytes (all output in TTY mode).
+pub const FRAME_STDOUT: u8 = 0x01;
+/// Agent → client: stderr bytes (non-TTY only).
+pub const FRAME_STDERR: u8 = 0x02;
+/// Client → agent: close stdin (non-TTY only; ignored for TTY sessions).
+pub const FRAME_STDIN_EOF: u8 = 0x04;
+/// Either direction: one JSON [`Control`] message.
+pub const FRAME_CONTROL: u8 = 0x10;
+
+/// Frames larger than this are a protocol violation; it bounds what a
+/// misbehaving peer can make us allocate.
+pub const MAX_FRAME: u32 = 16 * 1024 * 1024;
+
+/// The single JSON line a client sends first on every connection.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum Request {
+    Exec(ExecRequest),
+    Attach { session: String },
+    ListSessions,
+    Kill { session: String, signal: String },
+    SubscribePorts,
+    Ping,
+}
+
+/// Parameters of a new command.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+#[serde(default)]
+pub struct ExecRequest {
+    /// argv; `argv[0]` is looked up in the command's `PATH`.
+    pub argv: Vec<String>,
+    /// Replaces the default environment when present.
+    pub env: Option<BTreeMap<String, String>>,
+    /// Working directory; default `/home/sprite`, `/` if that does not exist.
+    pub cwd: Option<String>,
+    /// User name or numeric uid; default is the agent's `default_user`.
+    pub user: Option<String>,
+    pub tty: bool,
+    /// Whether the client will send stdin. TTY sessions always get the pty;
+    /// non-TTY sessions without stdin read `/dev/null`.
+    pub stdin: bool,
+    pub cols: Option<u16>,
+    pub rows: Option<u16>,
+    /// Milliseconds to keep running with no attached client; `0` = forever.
+    /// Default: forever for TTY, 10 s otherwise.
+    pub max_run_after_disconnect_ms: Option<u64>,
+    /// Hard limit on the run time (den extension). On expiry the process group
+    /// gets SIGTERM, then SIGKILL after `kill_grace_ms`.
+    pub timeout_ms: Option<u64>,
+    /// Default 5000.
+    pub kill_grace_ms: Option<u64>,
+}
+
+/// The JSON line the agent answers every request with.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+#[serde(default)]
+pub struct Response {
+    pub ok: bool,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+    /// Machine-readable error class: `not_found`, `bad_request`, `spawn_failed`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub code: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub sessions: Option<Vec<SessionSummary>>,
+}
+
+impl Response {
+    pub fn ok() -> Self {
+        Response {
+            ok: true,
+            ..Default::default()
+        }
+    }
+    pub fn err(code: &str, error: impl Into<String>) -> Self {
+        Response {
+            ok: false,
+            error: Some(error.into()),
+            code: Some(code.to_owned()),
+            sessions: None,
+        }
+    }
+}
+
+/// One entry of `list_sessions`.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+#[serde(default)]
+pub struct SessionSummary {
+    pub id: String,
+    pub pid: i32,
+    pub command: String,
+    pub workdir: String,
+    /// Unix seconds.
+    pub created: u64,
+    pub tty: bool,
+    pub cols: u16,
+    pub rows: u16,
+    /// Number of currently attached clients.
+    pub clients: usize,
+    /// Unix seconds of the last output or input.
+    pub last_activity: u64,
+    pub bytes_out: u64,
+}
+
+/// Exit of a session's main process.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(default)]
+pub struct ExitInfo {
+    /// The exit status, or 128 + signal number when killed by a signal.
+    pub exit_code: i32,
+    /// Signal name (`SIGKILL`) when the process died from a signal.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub signal: Option<String>,
+    /// The hard run-time limit expired and the agent killed the command.
+    pub timed_out: bool,
+}
+
+/// A TCP listener appearing or disappearing.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, Eq, Hash)]
+#[serde(default)]
+pub struct PortEvent {
+    pub port: u16,
+    /// The bound address as seen inside the sprite (`127.0.0.1`, `::`, ...);
+    /// mapping to proxy bridge addresses is the host's business.
+    pub address: String,
+    pub pid: i32,
+    /// Session owning `pid`, if any.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub session: Option<String>,
+}
+
+/// JSON messages carried in [`FRAME_CONTROL`] frames.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum Control {
+    // client → agent
+    Resize { cols: u16, rows: u16 },
+    Signal { signal: String },
+    // agent → client
+    SessionInfo(SessionInfo),
+    Exit(ExitInfo),
+    PortOpened(PortEvent),
+    PortClosed(PortEvent),
+}
+
+/// First frame on every exec/attach connection.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+#[serde(default)]
+pub struct SessionInfo {
+    /// The PID as a decimal string.
+    pub session_id: String,
+    pub command: String,
+    pub created: u64,
+    pub cols: u16,
+    pub rows: u16,
+    pub is_owner: bool,
+    pub tty: bool,
+}
+
+/// Serialises one frame into a single buffer so that concurrent writers on
+/// different connections never see a torn frame and we issue one write.
+pub fn encode_frame(kind: u8, payload: &[u8]) -> Vec<u8> {
+    let mut buf = Vec::with_capacity(5 + payload.len());
+    buf.push(kind);
+    buf.extend_from_slice(&(payload.len() as u32).to_be_bytes());
+    buf.extend_from_slice(payload);
+    buf
+}
+
+pub fn encode_control(msg: &Control) -> Vec<u8> {
+    // Serialising our own enum cannot fail.
+    let json = serde_json::to_vec(msg).unwrap_or_default();
+    encode_frame(FRAME_CONTROL, &json)
+}
+
+pub async fn write_frame<W: AsyncWrite + Unpin>(w: &mut W, kind: u8, payload: &[u8]) -> Result<(), Error> {
+    w.write_all(&encode_frame(kind, payload)).await?;
+    Ok(())
+}
+
+/// Reads one frame; `Ok(None)` on a clean EOF at a frame boundary.
+pub async fn read_frame<R: tokio::io::AsyncRead + Unpin>(r: &mut R) -> Result<Option<(u8, Bytes)>, Error> {
+    let mut hdr = [0u8; 5];
+    let mut got = 0;
+    while got < hdr.len() {
+        let n = r.read(&mut hdr[got..]).await?;
+        if n == 0 {
+            return if got == 0 {
+                Ok(None)
+            } else {
+                Err(Error::Protocol("truncated frame header".into()))
+            };
+        }
+        got += n;
+    }
+    let len = u32::from_be_bytes([hdr[1], hdr[2], hdr[3], hdr[4]]);
+    if len > MAX_FRAME {
+        return Err(Error::Protocol(format!("frame of {len} bytes exceeds limit")));
+    }
+    let mut payload = vec![0u8; len as usize];
+    r.read_exact(&mut payload).await?;
+    Ok(Some((hdr[0], Bytes::from(payload))))
+}
+
+/// Accepts `TERM`, `SIGTERM`, `sigterm` and numbers.
+pub fn parse_signal(name: &str) -> Option<nix::sys::signal::Signal> {
+    let name = name.trim();
+    if let Ok(n) = name.parse::<i32>() {
+        return nix::sys::signal::Signal::try_from(n).ok();
+    }
+    let upper = name.to_ascii_uppercase();
+    let full = if upper.starts_with("SIG") {
+        upper
+    } else {
+        format!("SIG{upper}")
+    };
+    full.parse().ok()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn signal_names() {
+        use nix::sys::signal::Signal;
+        assert_eq!(parse_signal("TERM"), Some(Signal::SIGTERM));
+        assert_eq!(parse_signal("SIGINT"), Some(Signal::SIGINT));
+        assert_eq!(parse_signal("usr1"), Some(Signal::SIGUSR1));
+        assert_eq!(parse_signal("9"), Some(Signal::SIGKILL));
+        assert_eq!(parse_signal("BOGUS"), None);
+    }
+
+    #[test]
+    fn control_json_shape() {
+        let s = serde_json::to_string(&Control::Exit(ExitInfo {
+            exit_code: 3,
+            signal: None,
+            timed_out: false,
+        }))
+        .unwrap();
+        assert_eq!(s, r#"{"type":"exit","exit_code":3,"timed_out":false}"#);
+        let r: Request = serde_json::from_str(r#"{"type":"attach","session":"12"}"#).unwrap();
+        assert_eq!(r, Request::Attach { session: "12".into() });
+    }
+}

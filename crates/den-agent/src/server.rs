@@ -1,0 +1,345 @@
+//! Socket server: one request per connection.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use bytes::Bytes;
+use nix::sys::signal::Signal;
+use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+use tokio::net::unix::{OwnedReadHalf, OwnedWriteHalf};
+use tokio::net::{UnixListener, UnixStream};
+use tokio::sync::{Notify, mpsc};
+
+use crate::protocol::{
+    Control, FRAME_CONTROL, FRAME_STDIN, FRAME_STDIN_EOF, Request, Response, encode_control, parse_signal,
+    read_frame,
+};
+use crate::session::{ClientTx, Out, Session, StdinMsg};
+use crate::{AgentConfig, Error};
+
+pub(crate) struct AgentInner {
+    pub config: AgentConfig,
+    sessions: Mutex<HashMap<String, Arc<Session>>>,
+    pub port_subscribers: Mutex<Vec<ClientTx>>,
+    sessions_changed: Notify,
+    /// Exec/attach connections still being served; shutdown waits for them
+    /// so exit frames are flushed before the process ends.
+    streaming: std::sync::atomic::AtomicUsize,
+    streaming_done: Notify,
+}
+
+struct StreamingGuard(Arc<AgentInner>);
+
+impl StreamingGuard {
+    fn new(inner: &Arc<AgentInner>) -> Self {
+        inner.streaming.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        StreamingGuard(inner.clone())
+    }
+}
+
+impl Drop for StreamingGuard {
+    fn drop(&mut self) {
+        self.0.streaming.fetch_sub(1, std::sync::atomic::Ordering::SeqCst);
+        self.0.streaming_done.notify_waiters();
+    }
+}
+
+impl AgentInner {
+    pub(crate) fn remove_session(&self, id: &str) {
+        self.lock_sessions().remove(id);
+        self.sessions_changed.notify_waiters();
+    }
+
+    pub(crate) fn lock_sessions(&self) -> std::sync::MutexGuard<'_, HashMap<String, Arc<Session>>> {
+        self.sessions.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    pub(crate) fn session(&self, id: &str) -> Option<Arc<Session>> {
+        self.lock_sessions().get(id).cloned()
+    }
+}
+
+/// A running agent; dropping it does not stop it, call [`AgentHandle::shutdown`].
+pub struct AgentHandle {
+    inner: Arc<AgentInner>,
+    stop: Arc<Notify>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl AgentHandle {
+    /// Binds the socket and serves in the background on the current runtime.
+    pub async fn start(config: AgentConfig) -> Result<AgentHandle, Error> {
+        crate::reaper::Reaper::global();
+        if config.subreaper && std::process::id() != 1 {
+            crate::sys::set_child_subreaper()?;
+        }
+        if let Some(dir) = config.socket.parent() {
+            std::fs::create_dir_all(dir)?;
+        }
+        // A stale socket from a previous boot would make bind fail.
+        let _ = std::fs::remove_file(&config.socket);
+        let listener = UnixListener::bind(&config.socket)?;
+        {
+            use std::os::unix::fs::PermissionsExt;
+            std::fs::set_permissions(&config.socket, std::fs::Permissions::from_mode(0o600))?;
+        }
+        let inner = Arc::new(AgentInner {
+            config,
+            sessions: Mutex::new(HashMap::new()),
+            port_subscribers: Mutex::new(Vec::new()),
+            sessions_changed: Notify::new(),
+            streaming: 0.into(),
+            streaming_done: Notify::new(),
+        });
+        let stop = Arc::new(Notify::new());
+        let ports = tokio::spawn(crate::ports::watch(Arc::downgrade(&inner)));
+        let task = {
+            let inner = inner.clone();
+            let stop = stop.clone();
+            tokio::spawn(async move {
+                loop {
+                    tokio::select! {
+                        _ = stop.notified() => break,
+                        accepted = listener.accept() => match accepted {
+                            Ok((stream, _)) => {
+                                let inner = inner.clone();
+                                tokio::spawn(async move {
+                                    if let Err(e) = handle_connection(inner, stream).await {
+                                        tracing::debug!(error = %e, "connection ended with error");
+                                    }
+                                });
+                            }
+                            Err(e) => {
+                                tracing::warn!(error = %e, "accept failed");
+                                tokio::time::sleep(Duration::from_millis(50)).await;
+                            }
+                        },
+                    }
+                }
+                ports.abort();
+            })
+        };
+        Ok(AgentHandle { inner, stop, task })
+    }
+
+    /// Stops accepting, sends SIGTERM to every session's process group, waits
+    /// up to `shutdown_grace` for them to exit, then SIGKILLs the rest.
+    pub async fn shutdown(self) {
+        self.stop.notify_one();
+        let _ = self.task.await;
+        let _ = std::fs::remove_file(&self.inner.config.socket);
+        let all: Vec<_> = self.inner.lock_sessions().values().cloned().collect();
+        for s in &all {
+            s.signal_group(Signal::SIGTERM);
+        }
+        let deadline = tokio::time::Instant::now() + self.inner.config.shutdown_grace;
+        loop {
+            let notified = self.inner.sessions_changed.notified();
+            if self.inner.lock_sessions().is_empty() {
+                wait_for_streams(&self.inner, deadline + Duration::from_secs(1)).await;
+                return;
+            }
+            if tokio::time::timeout_at(deadline, notified).await.is_err() {
+                break;
+            }
+        }
+        for s in self.inner.lock_sessions().values() {
+            s.signal_group(Signal::SIGKILL);
+        }
+        wait_for_streams(&self.inner, deadline + Duration::from_secs(1)).await;
+    }
+
+    pub fn socket(&self) -> &std::path::Path {
+        &self.inner.config.socket
+    }
+}
+
+async fn wait_for_streams(inner: &AgentInner, deadline: tokio::time::Instant) {
+    loop {
+        let done = inner.streaming_done.notified();
+        if inner.streaming.load(std::sync::atomic::Ordering::SeqCst) == 0 {
+            return;
+        }
+        if tokio::time::timeout_at(deadline, done).await.is_err() {
+            return;
+        }
+    }
+}
+
+async fn write_response(w: &mut OwnedWriteHalf, resp: &Response) -> Result<(), Error> {
+    let mut line = serde_json::to_vec(resp)?;
+    line.push(b'\n');
+    w.write_all(&line).await?;
+    Ok(())
+}
+
+async fn handle_connection(inner: Arc<AgentInner>, stream: UnixStream) -> Result<(), Error> {
+    let (rd, mut wr) = stream.into_split();
+    let mut rd = BufReader::new(rd);
+    let mut line = String::new();
+    // Bound the request line so a peer cannot make us buffer forever.
+    let n = tokio::io::AsyncReadExt::take(&mut rd, 1 << 20)
+        .read_line(&mut line)
+        .await?;
+    if n == 0 {
+        return Ok(());
+    }
+    let req: Request = match serde_json::from_str(line.trim_end()) {
+        Ok(r) => r,
+        Err(e) => return write_response(&mut wr, &Response::err("bad_request", e.to_string())).await,
+    };
+    match req {
+        Request::Ping => write_response(&mut wr, &Response::ok()).await,
+        Request::ListSessions => {
+            let mut sessions: Vec<_> = inner.lock_sessions().values().map(|s| s.summary()).collect();
+            sessions.sort_by_key(|s| s.pid);
+            write_response(
+                &mut wr,
+                &Response {
+                    sessions: Some(sessions),
+                    ..Response::ok()
+                },
+            )
+            .await
+        }
+        Request::Kill { session, signal } => {
+            let Some(sig) = parse_signal(&signal) else {
+                return write_response(
+                    &mut wr,
+                    &Response::err("bad_request", format!("bad signal {signal:?}")),
+                )
+                .await;
+            };
+            match inner.session(&session) {
+                Some(s) => {
+                    s.signal_group(sig);
+                    write_response(&mut wr, &Response::ok()).await
+                }
+                None => write_response(&mut wr, &Response::err("not_found", "no such session")).await,
+            }
+        }
+        Request::SubscribePorts => {
+            let (tx, mut rx) = mpsc::channel(crate::session::CLIENT_QUEUE);
+            inner
+                .port_subscribers
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .push(tx);
+            write_response(&mut wr, &Response::ok()).await?;
+            drop(inner);
+            // Watch for the peer hanging up so a quiet subscription does not
+            // linger until the next port event.
+            let mut probe = [0u8; 1];
+            loop {
+                tokio::select! {
+                    out = rx.recv() => match out {
+                        Some(Out::Frame(f)) => wr.write_all(&f).await?,
+                        Some(Out::Close) | None => return Ok(()),
+                    },
+                    r = tokio::io::AsyncReadExt::read(&mut rd, &mut probe) => {
+                        if matches!(r, Ok(0) | Err(_)) { return Ok(()); }
+                    }
+                }
+            }
+        }
+        Request::Exec(exec) => {
+            let _guard = StreamingGuard::new(&inner);
+            let (tx, rx) = mpsc::channel(crate::session::CLIENT_QUEUE);
+            let (session, client) = match Session::spawn(&inner, &exec, tx) {
+                Ok(s) => s,
+                Err(e) => {
+                    let code = match e {
+                        Error::BadRequest(_) | Error::User(_) => "bad_request",
+                        _ => "spawn_failed",
+                    };
+                    return write_response(&mut wr, &Response::err(code, e.to_string())).await;
+                }
+            };
+            write_response(&mut wr, &Response::ok()).await?;
+            let info = encode_control(&Control::SessionInfo(session.info(true)));
+            wr.write_all(&info).await?;
+            serve_client(session, client, rd, wr, rx).await
+        }
+        Request::Attach { session } => {
+            let _guard = StreamingGuard::new(&inner);
+            let Some(s) = inner.session(&session) else {
+                return write_response(&mut wr, &Response::err("not_found", "no such session")).await;
+            };
+            let (tx, rx) = mpsc::channel(crate::session::CLIENT_QUEUE);
+            let Some((client, replay)) = s.attach(tx) else {
+                return write_response(&mut wr, &Response::err("not_found", "session has exited")).await;
+            };
+            let res = async {
+                write_response(&mut wr, &Response::ok()).await?;
+                let mut head = encode_control(&Control::SessionInfo(s.info(false)));
+                for f in replay {
+                    head.extend_from_slice(&f);
+                }
+                wr.write_all(&head).await?;
+                Ok::<_, Error>(())
+            }
+            .await;
+            if let Err(e) = res {
+                s.detach(client);
+                return Err(e);
+            }
+            serve_client(s, client, rd, wr, rx).await
+        }
+    }
+}
+
+async fn serve_client(
+    session: Arc<Session>,
+    client: u64,
+    mut rd: BufReader<OwnedReadHalf>,
+    mut wr: OwnedWriteHalf,
+    mut rx: mpsc::Receiver<Out>,
+) -> Result<(), Error> {
+    let reader = {
+        let session = session.clone();
+        tokio::spawn(async move {
+            loop {
+                match read_frame(&mut rd).await {
+                    Ok(Some((FRAME_STDIN, data))) => session.stdin(StdinMsg::Data(data)),
+                    Ok(Some((FRAME_STDIN_EOF, _))) => session.stdin(StdinMsg::Eof),
+                    Ok(Some((FRAME_CONTROL, data))) => handle_control(&session, &data),
+                    Ok(Some((kind, _))) => tracing::debug!(kind, "ignoring unknown frame kind"),
+                    Ok(None) | Err(_) => break,
+                }
+            }
+            // Hanging up is how a client detaches.
+            session.detach(client);
+        })
+    };
+    let mut result = Ok(());
+    while let Some(out) = rx.recv().await {
+        match out {
+            Out::Frame(f) => {
+                if let Err(e) = wr.write_all(&f).await {
+                    result = Err(e.into());
+                    break;
+                }
+            }
+            Out::Close => {
+                let _ = wr.shutdown().await;
+                break;
+            }
+        }
+    }
+    reader.abort();
+    session.detach(client);
+    result
+}
+
+fn handle_control(session: &Session, data: &Bytes) {
+    match serde_json::from_slice::<Control>(data) {
+        Ok(Control::Resize { cols, rows }) => session.resize(cols, rows),
+        Ok(Control::Signal { signal }) => match parse_signal(&signal) {
+            Some(sig) => session.signal_group(sig),
+            None => tracing::debug!(%signal, "unknown signal name"),
+        },
+        Ok(other) => tracing::debug!(?other, "ignoring agent-bound control message"),
+        Err(e) => tracing::debug!(error = %e, "bad control frame"),
+    }
+}

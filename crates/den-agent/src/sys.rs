@@ -1,0 +1,96 @@
+//! Thin safe wrappers around the few raw syscalls the agent needs.
+//!
+//! Every `unsafe` block of the crate lives here.
+
+use std::io;
+use std::os::fd::{AsRawFd, BorrowedFd};
+use std::os::unix::process::CommandExt;
+use std::process::Command;
+
+use nix::unistd::{Gid, Uid};
+
+/// Sets a tty's window size; the kernel then sends SIGWINCH to the tty's
+/// foreground process group, which is exactly what a resize should do.
+pub fn set_winsize(fd: BorrowedFd<'_>, rows: u16, cols: u16) -> io::Result<()> {
+    let ws = libc::winsize {
+        ws_row: rows,
+        ws_col: cols,
+        ws_xpixel: 0,
+        ws_ypixel: 0,
+    };
+    // SAFETY: `fd` is a valid open descriptor for the borrow's lifetime and
+    // TIOCSWINSZ only reads the `winsize` we pass by pointer.
+    let rc = unsafe { libc::ioctl(fd.as_raw_fd(), libc::TIOCSWINSZ, &ws as *const libc::winsize) };
+    if rc < 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(())
+    }
+}
+
+/// Credentials applied in the child between fork and exec.
+#[derive(Debug, Clone)]
+pub struct Creds {
+    pub uid: Uid,
+    pub gid: Gid,
+    pub groups: Vec<Gid>,
+}
+
+/// Makes the child a session leader (so its PID is also its process group,
+/// which signals and kills target), optionally acquires `stdin` as its
+/// controlling terminal, and switches credentials.
+///
+/// Credentials are switched here rather than with `CommandExt::uid`, because
+/// std's stable API cannot set supplementary groups and would run the
+/// `pre_exec` hook after `setuid`, when `setgroups` is no longer permitted.
+pub fn configure_child(cmd: &mut Command, controlling_tty: bool, creds: Option<Creds>) {
+    let raw_groups: Vec<libc::gid_t> = creds
+        .as_ref()
+        .map(|c| c.groups.iter().map(|g| g.as_raw()).collect())
+        .unwrap_or_default();
+    let hook = move || -> io::Result<()> {
+        // Only async-signal-safe syscalls below: we are in a forked child of a
+        // multithreaded process, so no allocation and no locks.
+        nix::unistd::setsid()?;
+        if controlling_tty {
+            // SAFETY: fd 0 is the pty slave installed by std's stdio setup;
+            // TIOCSCTTY takes an integer argument and touches no memory.
+            if unsafe { libc::ioctl(0, libc::TIOCSCTTY, 0) } < 0 {
+                return Err(io::Error::last_os_error());
+            }
+        }
+        if let Some(c) = &creds {
+            // SAFETY: pointer and length describe the live `raw_groups` vector.
+            if unsafe { libc::setgroups(raw_groups.len(), raw_groups.as_ptr()) } < 0 {
+                return Err(io::Error::last_os_error());
+            }
+            nix::unistd::setgid(c.gid)?;
+            nix::unistd::setuid(c.uid)?;
+        }
+        Ok(())
+    };
+    // SAFETY: the hook only performs async-signal-safe syscalls and reads
+    // memory captured before the fork.
+    unsafe {
+        cmd.pre_exec(hook);
+    }
+}
+
+/// Adopts orphaned descendants when we are not PID 1 (tests, or an agent
+/// started under another init), so the reaper sees them.
+pub fn set_child_subreaper() -> io::Result<()> {
+    // SAFETY: PR_SET_CHILD_SUBREAPER takes an integer flag; no pointers.
+    let rc = unsafe { libc::prctl(libc::PR_SET_CHILD_SUBREAPER, 1 as libc::c_ulong, 0, 0, 0) };
+    if rc < 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(())
+    }
+}
+
+/// Registers an owned descriptor with the tokio reactor.
+pub fn async_fd(fd: std::os::fd::OwnedFd) -> io::Result<tokio::io::unix::AsyncFd<std::os::fd::OwnedFd>> {
+    // SAFETY: an OwnedFd stays open and keeps returning the same descriptor
+    // until it is dropped, which only happens together with the AsyncFd.
+    unsafe { tokio::io::unix::AsyncFd::register(fd) }.map_err(io::Error::from)
+}
