@@ -33,6 +33,9 @@ pub struct MountArgs {
     /// Directory for the FUSE mount (default: DATA_DIR/run/NAME.fuse).
     #[arg(long)]
     pub fuse_dir: Option<PathBuf>,
+    /// How long to wait at shutdown for local-only data to reach the object store.
+    #[arg(long, default_value = "60s", value_parser = humantime::parse_duration)]
+    pub flush_timeout: std::time::Duration,
     /// Mount options for the filesystem.
     #[arg(long, default_value = "")]
     pub options: String,
@@ -197,7 +200,25 @@ pub async fn mount(args: &StoreArgs, m: MountArgs) -> Result<()> {
     let mp = mounted.clone();
     tokio::task::spawn_blocking(move || teardown(mp.as_ref(), served)).await?;
     drop(vol);
-    super::flush_with_progress(&store, &m.name).await
+    // Everything is already safe in the local cache; uploading is a courtesy
+    // that must not hold a shutdown hostage to a dead object store. A second
+    // signal, or the timeout, stops waiting; the next start uploads the rest.
+    tokio::select! {
+        r = tokio::time::timeout(m.flush_timeout, super::flush_with_progress(&store, &m.name)) => match r {
+            Ok(r) => r,
+            Err(_) => {
+                eprintln!(
+                    "warning: {} still has {} bytes only in the local cache after {:?}; they upload on the next start",
+                    m.name,
+                    store.local_only_bytes(),
+                    m.flush_timeout
+                );
+                Ok(())
+            }
+        },
+        _ = term.recv() => { eprintln!("stopped without waiting for uploads"); Ok(()) },
+        _ = int.recv() => { eprintln!("stopped without waiting for uploads"); Ok(()) },
+    }
 }
 
 /// Absolute path without touching `p` itself, which may be a dead FUSE mount
