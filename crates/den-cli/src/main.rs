@@ -1,5 +1,6 @@
 //! `den`: the one binary. Subcommands are thin edges over the library crates.
 
+mod agent;
 mod bench;
 mod store_args;
 mod volume;
@@ -21,6 +22,9 @@ enum Command {
     /// Benchmarks that print tables and ratios against baselines measured in the same run.
     #[command(subcommand)]
     Bench(bench::BenchCmd),
+    /// The in-sprite agent (PID 1 of every sprite). Started by den, not by hand.
+    #[command(hide = true)]
+    Agent(agent::AgentArgs),
 }
 
 fn main() {
@@ -35,6 +39,7 @@ fn main() {
     let result = match cli.command {
         Command::Volume(cmd) => volume::run(cmd),
         Command::Bench(cmd) => bench::run(cmd),
+        Command::Agent(args) => agent::run(args),
     };
     if let Err(e) = result {
         eprintln!("error: {e:#}");
