@@ -18,7 +18,7 @@ export DEBIAN_FRONTEND=noninteractive
 APT_PACKAGES=(
     fuse3 e2fsprogs util-linux libseccomp-dev pkg-config nftables iproute2
     mmdebstrap busybox-static runc xfsprogs postgresql-15 fio hyperfine curl
-    ca-certificates python3 python3-venv python3-pip
+    ca-certificates python3 python3-venv python3-pip conntrack
 )
 
 VENV=/opt/den-venv

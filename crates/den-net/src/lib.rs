@@ -1,0 +1,739 @@
+//! Sprite networking: a network namespace per sprite, host-side nftables isolation and NAT,
+//! and the DNS-based egress policy of the Sprites API (§2.7).
+//!
+//! # Topology
+//!
+//! There is no bridge. Each sprite gets a veth pair: the host end `<ifprefix><hash>` carries
+//! the gateway address (`.1` of the subnet) as a /32 and a /32 route to the sprite; the sprite
+//! end is `eth0` inside the netns `<netns_prefix><id>` with the sprite's /32 address, an
+//! on-link route to the gateway and a default route via it. Routed /32 veths (instead of a
+//! bridge) mean every packet between sprites, and from a sprite to the host, goes through the
+//! host's IP stack and our `inet` hooks, with the per-sprite interface name visible — we do
+//! not depend on `br_netfilter` (not available on this kernel) or on bridge port isolation.
+//!
+//! # Firewall
+//!
+//! One `inet <table>` (default `den`), owned by us and replaced atomically ([`nft`]): sprites
+//! may reach the host only for DNS on the gateway; never each other, the blocked ranges
+//! (link-local/metadata, loopback, private ranges by default) or their own subnet; egress is
+//! masqueraded. Forwarding is enabled per interface (our veths and the uplinks), not globally.
+//!
+//! # Egress policy
+//!
+//! A restricted sprite may only reach addresses that the [`dns::DnsForwarder`] learned from a
+//! lookup of an allowed name; the addresses go into the sprite's nft set with a timeout from
+//! the TTL. A policy change re-renders the sets, and connections to addresses that are no
+//! longer allowed are cut (the rules check the set on every packet in both directions, and
+//! conntrack entries are deleted when the `conntrack` tool is installed).
+//!
+//! # Crash safety
+//!
+//! State is in memory; the caller persists each sprite's address and policy and calls
+//! [`NetManager::setup_sprite`] again after a restart (it is idempotent and repairs).
+//! [`NetManager::new`] replaces the table, and [`NetManager::cleanup_leftovers`] removes the
+//! netns/veths of sprites that no longer exist, by name.
+
+mod addr;
+mod cmd;
+pub mod dns;
+pub mod netns;
+mod nft;
+pub mod policy;
+
+use std::collections::HashMap;
+use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+pub use addr::Ipv4Net;
+pub use policy::{Action, CompiledPolicy, NetworkPolicy, PolicyError};
+
+/// Errors from network setup. Command failures carry the tool's stderr.
+#[derive(Debug, thiserror::Error)]
+pub enum NetError {
+    #[error("failed to run {prog}: {source}")]
+    Spawn {
+        prog: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("`{cmd}` failed: {stderr}")]
+    Command {
+        cmd: String,
+        stderr: String,
+        /// The script fed on stdin, for debugging a rejected ruleset.
+        stdin: Option<String>,
+    },
+    #[error("network namespace {name}: {reason}")]
+    Netns { name: String, reason: String },
+    #[error("invalid sprite id {0:?}: use 1-63 characters of a-z, 0-9 and '-'")]
+    BadId(String),
+    #[error("address {addr} is not a usable sprite address in {subnet}")]
+    BadAddress { addr: Ipv4Addr, subnet: Ipv4Net },
+    #[error("address {addr} already belongs to sprite {owner}")]
+    AddressInUse { addr: Ipv4Addr, owner: String },
+    #[error("no free sprite address left in {0}")]
+    Exhausted(Ipv4Net),
+    #[error("interface name {ifname} of sprite {id} collides with sprite {other}")]
+    IfnameCollision {
+        id: String,
+        other: String,
+        ifname: String,
+    },
+    #[error("unknown sprite {0}")]
+    UnknownSprite(String),
+    #[error(transparent)]
+    Policy(#[from] PolicyError),
+    #[error("bad network config: {0}")]
+    Config(String),
+    #[error("{context}: {source}")]
+    Io {
+        context: String,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// Host-wide network settings. One [`NetManager`] per config; tests run several side by side
+/// with distinct tables, subnets and prefixes.
+#[derive(Debug, Clone)]
+pub struct NetConfig {
+    /// Sprite addresses come from here; `.1` is the gateway (and DNS) address.
+    pub subnet: Ipv4Net,
+    /// Our nftables table (family `inet`).
+    pub table: String,
+    /// Prefix of host-side veth names (1-7 chars of a-z0-9); the rest is a hash of the id.
+    pub ifprefix: String,
+    /// Prefix of netns names under /run/netns.
+    pub netns_prefix: String,
+    /// Port the DNS forwarder listens on at the gateway address.
+    pub dns_port: u16,
+    /// Resolver the DNS forwarder asks for allowed names.
+    pub upstream_dns: SocketAddr,
+    /// Destinations no sprite may reach, whatever the policy (the subnet itself is added).
+    pub blocked: Vec<Ipv4Net>,
+    /// Interfaces that carry sprite egress (forwarding is enabled on them, for the return
+    /// path). Empty: the interface of the default route.
+    pub uplinks: Vec<String>,
+    /// Learned addresses stay allowed at least this long, so a client that connects a little
+    /// after its lookup (or a TTL of 0) still works.
+    pub min_learned_ttl: Duration,
+    /// And at most this long.
+    pub max_learned_ttl: Duration,
+}
+
+impl NetConfig {
+    /// Production defaults: `10.200.0.0/16`, table `den`, `dn*` veths, `den-*` netns, DNS on
+    /// port 53, private/special ranges blocked (the hosted service blocks private IPs too).
+    pub fn new(upstream_dns: SocketAddr) -> Self {
+        let nets = [
+            "0.0.0.0/8",
+            "10.0.0.0/8",
+            "100.64.0.0/10",
+            "127.0.0.0/8",
+            "169.254.0.0/16",
+            "172.16.0.0/12",
+            "192.168.0.0/16",
+            "224.0.0.0/4",
+            "240.0.0.0/4",
+        ];
+        NetConfig {
+            subnet: "10.200.0.0/16".parse().expect("literal"),
+            table: "den".into(),
+            ifprefix: "dn".into(),
+            netns_prefix: "den-".into(),
+            dns_port: 53,
+            upstream_dns,
+            blocked: nets.iter().map(|n| n.parse().expect("literal")).collect(),
+            uplinks: Vec::new(),
+            min_learned_ttl: Duration::from_secs(60),
+            max_learned_ttl: Duration::from_secs(3600),
+        }
+    }
+
+    /// The gateway (`.1`), which is also the sprites' DNS server.
+    pub fn gateway(&self) -> Ipv4Addr {
+        self.subnet.nth(1).expect("validated: subnet has room")
+    }
+
+    fn validate(&self) -> Result<(), NetError> {
+        let bad = |m: &str| Err(NetError::Config(m.to_string()));
+        if self.subnet.prefix() > 30 {
+            return bad("subnet must be /30 or larger");
+        }
+        let simple = |s: &str, max: usize| {
+            !s.is_empty()
+                && s.len() <= max
+                && s.bytes()
+                    .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_')
+        };
+        if !simple(&self.table, 32) {
+            return bad("table must be 1-32 chars of a-z, 0-9, _");
+        }
+        if !simple(&self.ifprefix, 7) || self.ifprefix.contains('_') {
+            return bad("ifprefix must be 1-7 chars of a-z, 0-9");
+        }
+        if self.netns_prefix.contains('/') || self.netns_prefix.len() > 64 {
+            return bad("netns_prefix must not contain '/'");
+        }
+        if self.min_learned_ttl > self.max_learned_ttl {
+            return bad("min_learned_ttl > max_learned_ttl");
+        }
+        Ok(())
+    }
+}
+
+/// What the runtime needs to start a sprite's container in its network.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SpriteNet {
+    pub id: String,
+    /// Name for `ip netns exec` / [`netns::run_in`].
+    pub netns: String,
+    /// Bind mount to pass as the OCI network namespace path.
+    pub netns_path: PathBuf,
+    /// Host end of the veth.
+    pub host_ifname: String,
+    /// The sprite's address: persist it and pass it back on the next setup.
+    pub addr: Ipv4Addr,
+    pub gateway: Ipv4Addr,
+    /// Put this in the sprite's /etc/resolv.conf (`nameserver <ip>`; the port is 53 in
+    /// production).
+    pub dns: SocketAddrV4,
+}
+
+/// The forwarder's verdict for one lookup.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum DnsVerdict {
+    /// Not from a known sprite address.
+    Unknown,
+    Deny,
+    /// Allowed, and nothing to learn (unrestricted sprite).
+    Allow,
+    /// Allowed; the answers must be added to the sprite's set before replying.
+    AllowAndLearn,
+}
+
+struct Sprite {
+    ifname: String,
+    addr: Ipv4Addr,
+    policy: NetworkPolicy,
+    compiled: CompiledPolicy,
+    /// Destination → (name it was learned for → expiry). One address can serve many names;
+    /// it stays allowed while any of them is allowed and unexpired.
+    learned: HashMap<Ipv4Addr, HashMap<String, Instant>>,
+}
+
+impl Sprite {
+    fn prune(&mut self, now: Instant) {
+        self.learned.retain(|_, names| {
+            names.retain(|_, exp| *exp > now);
+            !names.is_empty()
+        });
+    }
+}
+
+#[derive(Default)]
+struct State {
+    sprites: HashMap<String, Sprite>,
+}
+
+/// Owns the sprite networks of one host (one config). Cheap to share: wrap in `Arc`.
+pub struct NetManager {
+    cfg: NetConfig,
+    state: Mutex<State>,
+    conntrack: bool,
+}
+
+impl NetManager {
+    /// Validate the config, install an empty ruleset (replacing whatever a previous run left)
+    /// and enable forwarding on the uplinks.
+    pub fn new(cfg: NetConfig) -> Result<Arc<Self>, NetError> {
+        cfg.validate()?;
+        let mut uplinks = cfg.uplinks.clone();
+        if uplinks.is_empty() {
+            let out = cmd::ip(&["-o", "route", "show", "default"])?;
+            let mut words = out.split_whitespace();
+            while let Some(w) = words.next() {
+                if w == "dev"
+                    && let Some(dev) = words.next()
+                {
+                    uplinks.push(dev.to_string());
+                }
+            }
+        }
+        for up in &uplinks {
+            set_forwarding(up)?;
+        }
+        let conntrack = cmd::run("conntrack", &["--version"], None).is_ok();
+        if !conntrack {
+            tracing::warn!(
+                "conntrack tool not installed: policy changes cut connections through the \
+                 firewall only"
+            );
+        }
+        let mgr = NetManager {
+            cfg,
+            state: Mutex::new(State::default()),
+            conntrack,
+        };
+        mgr.apply(&mgr.lock())?;
+        Ok(Arc::new(mgr))
+    }
+
+    pub fn config(&self) -> &NetConfig {
+        &self.cfg
+    }
+
+    fn lock(&self) -> MutexGuard<'_, State> {
+        // A panic while holding the lock leaves consistent-enough data (every mutation is a
+        // single insert/remove), so recover instead of poisoning the whole host.
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Name of the sprite's netns.
+    pub fn netns_name(&self, id: &str) -> String {
+        format!("{}{id}", self.cfg.netns_prefix)
+    }
+
+    /// Name of the host end of the sprite's veth (≤ 15 bytes, the kernel limit).
+    pub fn host_ifname(&self, id: &str) -> String {
+        format!("{}{:08x}", self.cfg.ifprefix, fnv1a32(id.as_bytes()))
+    }
+
+    /// Create (or repair) the sprite's netns, veth, addresses and routes, register it in the
+    /// firewall with `policy`, and return what the runtime needs. `addr` is the address stored
+    /// from an earlier setup; `None` allocates the lowest free one.
+    pub fn setup_sprite(
+        &self,
+        id: &str,
+        addr: Option<Ipv4Addr>,
+        policy: &NetworkPolicy,
+    ) -> Result<SpriteNet, NetError> {
+        validate_id(id)?;
+        let compiled = policy.compile()?;
+        let ifname = self.host_ifname(id);
+        let netns = self.netns_name(id);
+        let gw = self.cfg.gateway();
+        let mut st = self.lock();
+
+        for (other, sp) in &st.sprites {
+            if other != id && sp.ifname == ifname {
+                return Err(NetError::IfnameCollision {
+                    id: id.into(),
+                    other: other.clone(),
+                    ifname,
+                });
+            }
+        }
+        let addr = match addr.or_else(|| st.sprites.get(id).map(|s| s.addr)) {
+            Some(a) => {
+                let size = self.cfg.subnet.size();
+                let last = self.cfg.subnet.nth((size - 1) as u32);
+                if !self.cfg.subnet.contains(a)
+                    || a == self.cfg.subnet.network()
+                    || a == gw
+                    || Some(a) == last
+                {
+                    return Err(NetError::BadAddress {
+                        addr: a,
+                        subnet: self.cfg.subnet,
+                    });
+                }
+                if let Some((owner, _)) = st.sprites.iter().find(|(o, s)| *o != id && s.addr == a) {
+                    return Err(NetError::AddressInUse {
+                        addr: a,
+                        owner: owner.clone(),
+                    });
+                }
+                a
+            }
+            None => self.allocate(&st)?,
+        };
+
+        self.plumb(&netns, &ifname, addr)?;
+
+        let learned = st.sprites.remove(id).map(|s| s.learned).unwrap_or_default();
+        st.sprites.insert(
+            id.to_string(),
+            Sprite {
+                ifname: ifname.clone(),
+                addr,
+                policy: policy.clone(),
+                compiled,
+                learned,
+            },
+        );
+        if let Err(e) = self.apply(&st) {
+            st.sprites.remove(id);
+            return Err(e);
+        }
+        Ok(SpriteNet {
+            id: id.to_string(),
+            netns_path: netns::netns_path(&netns),
+            netns,
+            host_ifname: ifname,
+            addr,
+            gateway: gw,
+            dns: SocketAddrV4::new(gw, self.cfg.dns_port),
+        })
+    }
+
+    fn allocate(&self, st: &State) -> Result<Ipv4Addr, NetError> {
+        let used: std::collections::HashSet<Ipv4Addr> = st.sprites.values().map(|s| s.addr).collect();
+        let size = self.cfg.subnet.size();
+        // .0 is the network, .1 the gateway, the last one broadcast.
+        (2..size.saturating_sub(1))
+            .filter_map(|n| self.cfg.subnet.nth(n as u32))
+            .find(|a| !used.contains(a))
+            .ok_or(NetError::Exhausted(self.cfg.subnet))
+    }
+
+    /// The `ip` part of setup. Keeps a correctly configured veth (so a re-setup after a
+    /// daemon restart does not break the sprite's connections) and rebuilds anything else.
+    fn plumb(&self, netns: &str, ifname: &str, addr: Ipv4Addr) -> Result<(), NetError> {
+        let gw = self.cfg.gateway();
+        let path = netns::netns_path(netns);
+        if !path.exists() {
+            cmd::ip(&["netns", "add", netns])?;
+        } else if std::fs::File::open(&path).is_err() {
+            // A stale file from a crash between `ip netns add`'s create and bind mount.
+            cmd::ignore_missing(cmd::ip(&["netns", "del", netns]))?;
+            cmd::ip(&["netns", "add", netns])?;
+        }
+        let host_ok = cmd::ip(&["-o", "-4", "addr", "show", "dev", ifname])
+            .map(|o| o.contains(&format!("inet {gw}/32")))
+            .unwrap_or(false);
+        let ns_ok = cmd::ip(&["-n", netns, "-o", "-4", "addr", "show", "dev", "eth0"])
+            .map(|o| o.contains(&format!("inet {addr}/32")))
+            .unwrap_or(false);
+        if !(host_ok && ns_ok) {
+            cmd::ignore_missing(cmd::ip(&["link", "del", ifname]))?;
+            cmd::ignore_missing(cmd::ip(&["-n", netns, "link", "del", "eth0"]))?;
+            cmd::ip_batch(
+                None,
+                &format!(
+                    "link add {ifname} type veth peer name eth0 netns {netns}\n\
+                     addr add {gw}/32 dev {ifname}\n"
+                ),
+            )?;
+        }
+        // Idempotent steps, run every time to repair partial state.
+        set_forwarding(ifname)?;
+        cmd::ip_batch(
+            None,
+            &format!(
+                "link set {ifname} up\n\
+                 route replace {addr}/32 dev {ifname} src {gw}\n"
+            ),
+        )?;
+        let ns_script = if ns_ok {
+            String::new()
+        } else {
+            format!("addr add {addr}/32 dev eth0\n")
+        };
+        cmd::ip_batch(
+            Some(netns),
+            &format!(
+                "link set lo up\n\
+                 {ns_script}\
+                 link set eth0 up\n\
+                 route replace {gw} dev eth0 scope link\n\
+                 route replace default via {gw} dev eth0\n"
+            ),
+        )?;
+        Ok(())
+    }
+
+    /// Remove a sprite's network: firewall entries, veth and netns. Works from names alone,
+    /// so it also cleans up after a crash; missing pieces are not an error.
+    pub fn teardown_sprite(&self, id: &str) -> Result<(), NetError> {
+        validate_id(id)?;
+        let mut st = self.lock();
+        let removed = st.sprites.remove(id);
+        self.apply(&st)?;
+        if let (Some(sp), true) = (&removed, self.conntrack) {
+            kill_conntrack(&sp.addr.to_string(), None);
+        }
+        drop(st);
+        cmd::ignore_missing(cmd::ip(&["link", "del", &self.host_ifname(id)]))?;
+        let ns = self.netns_name(id);
+        if netns::netns_path(&ns).exists() {
+            cmd::ignore_missing(cmd::ip(&["netns", "del", &ns]))?;
+        }
+        Ok(())
+    }
+
+    /// Delete netns and veths with our prefixes that don't belong to a sprite in `keep`
+    /// (leftovers of sprites deleted while den was down). Returns the removed names.
+    pub fn cleanup_leftovers(&self, keep: &[&str]) -> Result<Vec<String>, NetError> {
+        let keep_ns: Vec<String> = keep.iter().map(|id| self.netns_name(id)).collect();
+        let keep_if: Vec<String> = keep.iter().map(|id| self.host_ifname(id)).collect();
+        let mut removed = Vec::new();
+        if let Ok(rd) = std::fs::read_dir(netns::NETNS_DIR) {
+            for e in rd.flatten() {
+                let name = e.file_name().to_string_lossy().into_owned();
+                if name.starts_with(&self.cfg.netns_prefix) && !keep_ns.contains(&name) {
+                    cmd::ignore_missing(cmd::ip(&["netns", "del", &name]))?;
+                    removed.push(name);
+                }
+            }
+        }
+        let out = cmd::ip(&["-o", "link", "show"])?;
+        for line in out.lines() {
+            // "12: dn1234abcd@if11: <...>"
+            let Some(name) = line.split(": ").nth(1) else {
+                continue;
+            };
+            let name = name.split('@').next().unwrap_or(name);
+            let ours = name.len() == self.cfg.ifprefix.len() + 8
+                && name.starts_with(&self.cfg.ifprefix)
+                && name[self.cfg.ifprefix.len()..]
+                    .bytes()
+                    .all(|b| b.is_ascii_hexdigit());
+            if ours && !keep_if.iter().any(|k| k == name) {
+                cmd::ignore_missing(cmd::ip(&["link", "del", name]))?;
+                removed.push(name.to_string());
+            }
+        }
+        Ok(removed)
+    }
+
+    /// Replace a sprite's egress policy live: recompute which learned destinations stay,
+    /// swap the ruleset, then delete conntrack entries of the dropped destinations.
+    pub fn set_policy(&self, id: &str, policy: &NetworkPolicy) -> Result<(), NetError> {
+        let compiled = policy.compile()?;
+        let mut st = self.lock();
+        let now = Instant::now();
+        let sp = st
+            .sprites
+            .get_mut(id)
+            .ok_or_else(|| NetError::UnknownSprite(id.into()))?;
+        let old_policy = std::mem::replace(&mut sp.policy, policy.clone());
+        let old_compiled = std::mem::replace(&mut sp.compiled, compiled);
+        let was_unrestricted = old_compiled.is_unrestricted();
+        let old_learned = sp.learned.clone();
+        sp.prune(now);
+        let mut dropped = Vec::new();
+        let compiled = sp.compiled.clone();
+        sp.learned.retain(|ip, names| {
+            names.retain(|name, _| compiled.decide(name) == Action::Allow);
+            if names.is_empty() {
+                dropped.push(*ip);
+            }
+            !names.is_empty()
+        });
+        let addr = sp.addr;
+        let now_restricted = !compiled.is_unrestricted();
+        if let Err(e) = self.apply(&st) {
+            let sp = st.sprites.get_mut(id).expect("present");
+            sp.policy = old_policy;
+            sp.compiled = old_compiled;
+            sp.learned = old_learned;
+            return Err(e);
+        }
+        drop(st);
+        if self.conntrack {
+            if was_unrestricted && now_restricted {
+                // Anything may have been open; keep nothing that isn't learned and allowed.
+                // Deleting all the sprite's entries is safe: allowed flows are re-admitted
+                // mid-stream (nf_conntrack_tcp_loose) by the per-packet set check.
+                kill_conntrack(&addr.to_string(), None);
+            } else {
+                for ip in dropped {
+                    kill_conntrack(&addr.to_string(), Some(&ip.to_string()));
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// The policy document last set for a sprite (what `GET …/policy/network` returns).
+    pub fn policy(&self, id: &str) -> Option<NetworkPolicy> {
+        self.lock().sprites.get(id).map(|s| s.policy.clone())
+    }
+
+    /// Addresses a sprite may currently reach because of allowed lookups (for debugging).
+    pub fn learned(&self, id: &str) -> Vec<Ipv4Addr> {
+        let mut st = self.lock();
+        let now = Instant::now();
+        let Some(sp) = st.sprites.get_mut(id) else {
+            return Vec::new();
+        };
+        sp.prune(now);
+        let mut v: Vec<Ipv4Addr> = sp.learned.keys().copied().collect();
+        v.sort();
+        v
+    }
+
+    /// Delete our nft table (for tests and `den` uninstall). Sprite netns/veths are left to
+    /// [`NetManager::teardown_sprite`] / [`NetManager::cleanup_leftovers`].
+    pub fn remove_firewall(&self) -> Result<(), NetError> {
+        let t = &self.cfg.table;
+        cmd::nft(&format!("table inet {t} {{}}\ndelete table inet {t}\n"))
+    }
+
+    fn apply(&self, st: &State) -> Result<(), NetError> {
+        let now = Instant::now();
+        let mut rules: Vec<nft::SpriteRules> = st
+            .sprites
+            .values()
+            .map(|sp| nft::SpriteRules {
+                ifname: sp.ifname.clone(),
+                addr: sp.addr,
+                unrestricted: sp.compiled.is_unrestricted(),
+                learned: sp
+                    .learned
+                    .iter()
+                    .filter_map(|(ip, names)| {
+                        let exp = names.values().max()?;
+                        let left = exp.checked_duration_since(now)?;
+                        Some((*ip, left))
+                    })
+                    .collect(),
+            })
+            .collect();
+        rules.sort_by(|a, b| a.ifname.cmp(&b.ifname));
+        cmd::nft(&nft::render(&self.cfg, &rules))
+    }
+
+    pub(crate) fn dns_verdict(&self, src: Ipv4Addr, name: &str) -> DnsVerdict {
+        let st = self.lock();
+        let Some(sp) = st.sprites.values().find(|s| s.addr == src) else {
+            return DnsVerdict::Unknown;
+        };
+        if sp.compiled.is_unrestricted() {
+            return DnsVerdict::Allow;
+        }
+        match sp.compiled.decide(name) {
+            Action::Allow => DnsVerdict::AllowAndLearn,
+            Action::Deny => DnsVerdict::Deny,
+        }
+    }
+
+    /// Record the A answers of an allowed lookup. Re-checks the policy under the lock, so a
+    /// policy change that raced with the lookup wins.
+    pub(crate) fn learn(
+        &self,
+        src: Ipv4Addr,
+        name: &str,
+        answers: &[(Ipv4Addr, u32)],
+    ) -> Result<bool, NetError> {
+        let mut st = self.lock();
+        let Some(sp) = st.sprites.values_mut().find(|s| s.addr == src) else {
+            return Ok(false);
+        };
+        if sp.compiled.is_unrestricted() {
+            return Ok(true);
+        }
+        if sp.compiled.decide(name) != Action::Allow {
+            return Ok(false);
+        }
+        let name = name.trim_end_matches('.').to_ascii_lowercase();
+        let now = Instant::now();
+        let mut elems = Vec::new();
+        for (ip, ttl) in answers {
+            let ttl = Duration::from_secs(u64::from(*ttl))
+                .clamp(self.cfg.min_learned_ttl, self.cfg.max_learned_ttl);
+            let exp = now + ttl;
+            let names = sp.learned.entry(*ip).or_default();
+            let e = names.entry(name.clone()).or_insert(exp);
+            *e = (*e).max(exp);
+            let longest = names.values().max().copied().unwrap_or(exp);
+            elems.push((*ip, longest.saturating_duration_since(now)));
+        }
+        if elems.is_empty() {
+            return Ok(true);
+        }
+        let set = nft::allow_set(&sp.ifname);
+        cmd::nft(&nft::learn_script(&self.cfg.table, &set, &elems))?;
+        Ok(true)
+    }
+}
+
+fn set_forwarding(ifname: &str) -> Result<(), NetError> {
+    let path = format!("/proc/sys/net/ipv4/conf/{ifname}/forwarding");
+    std::fs::write(&path, "1").map_err(|e| NetError::Io {
+        context: format!("write {path}"),
+        source: e,
+    })
+}
+
+/// Best effort: `conntrack -D` exits non-zero when nothing matched.
+fn kill_conntrack(src: &str, dst: Option<&str>) {
+    let mut args = vec!["-D", "-s", src];
+    if let Some(d) = dst {
+        args.extend(["-d", d]);
+    }
+    match cmd::run("conntrack", &args, None) {
+        Ok(_) => {}
+        Err(NetError::Command { stderr, .. }) if stderr.contains("0 flow entries") => {}
+        Err(e) => tracing::debug!(error = %e, "conntrack delete"),
+    }
+}
+
+fn validate_id(id: &str) -> Result<(), NetError> {
+    let ok = !id.is_empty()
+        && id.len() <= 63
+        && id
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-');
+    if ok {
+        Ok(())
+    } else {
+        Err(NetError::BadId(id.to_string()))
+    }
+}
+
+/// FNV-1a: stable across runs and versions (the name must be the same after a restart so
+/// leftovers can be found by name).
+fn fnv1a32(data: &[u8]) -> u32 {
+    let mut h: u32 = 0x811c_9dc5;
+    for b in data {
+        h ^= u32::from(*b);
+        h = h.wrapping_mul(0x0100_0193);
+    }
+    h
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_fit_the_kernel_limit() {
+        let cfg = NetConfig::new("127.0.0.1:53".parse().unwrap());
+        cfg.validate().unwrap();
+        let mgr = NetManager {
+            cfg,
+            state: Mutex::new(State::default()),
+            conntrack: false,
+        };
+        let n = mgr.host_ifname(&"x".repeat(63));
+        assert!(n.len() <= 15, "{n}");
+        assert_eq!(mgr.host_ifname("a"), mgr.host_ifname("a"));
+        assert_ne!(mgr.host_ifname("a"), mgr.host_ifname("b"));
+        assert!(validate_id("my-sprite-1").is_ok());
+        assert!(validate_id("My_Sprite").is_err());
+        assert!(validate_id("").is_err());
+        assert!(validate_id("../x").is_err());
+    }
+
+    #[test]
+    fn render_is_deterministic_and_mentions_everything() {
+        let cfg = NetConfig::new("127.0.0.1:53".parse().unwrap());
+        let s = nft::render(
+            &cfg,
+            &[nft::SpriteRules {
+                ifname: "dn00000001".into(),
+                addr: "10.200.0.2".parse().unwrap(),
+                unrestricted: false,
+                learned: vec![("1.2.3.4".parse().unwrap(), Duration::from_secs(30))],
+            }],
+        );
+        assert!(s.contains("1.2.3.4 timeout 30s"));
+        assert!(s.contains("iifname \"dn00000001\" ip daddr @allow_dn00000001 accept"));
+        assert!(s.contains("169.254.0.0/16"));
+        assert!(s.contains("masquerade"));
+    }
+}
