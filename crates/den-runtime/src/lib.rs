@@ -1,7 +1,18 @@
 //! den's sprite runtime.
 //!
-//! [`image`] builds and caches the Debian userland every sprite starts from and
-//! makes it usable as the shared, read-only lower layer of an overlayfs inside
-//! a sprite's user namespace.
+//! * [`image`] builds and caches the Debian userland every sprite starts from
+//!   and makes it usable as the shared, read-only lower layer of an overlayfs
+//!   inside a sprite's user namespace.
+//! * [`backend`] is the interface the sprite manager drives (create, start,
+//!   freeze/thaw, stop, delete), so engines can be swapped.
+//! * [`container`] is the native Linux container backend (youki's
+//!   `libcontainer`, run from a helper process).
+//! * [`cgroup`] detects the cgroup layout (v1, hybrid, v2) and does den's own
+//!   cgroup work: the freezer for warm sleep and killing a sprite's tasks.
 
+pub mod backend;
+pub mod cgroup;
+pub mod container;
 pub mod image;
+
+pub use backend::{Backend, BindMount, CpuLimit, Handle, Resources, RuntimeError, SpriteSpec, SpriteState};

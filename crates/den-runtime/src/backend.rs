@@ -1,0 +1,235 @@
+//! The backend trait: what the sprite manager needs from an isolation engine.
+//!
+//! A backend turns a [`SpriteSpec`] (root filesystem layers, id map, network
+//! namespace, PID 1, bind mounts, limits) into a running, isolated process
+//! tree and drives its lifecycle:
+//!
+//! ```text
+//! create ──► Created ──start──► Running ──freeze──► Frozen (warm)
+//!                                  ▲ └──────thaw───────┘
+//!                                  └──stop──► Stopped (cold) ──delete──► gone
+//! ```
+//!
+//! The native container backend ([`crate::container::ContainerBackend`]) is
+//! the first implementation; gVisor (`runsc`) and a microVM backend can follow
+//! behind the same trait, because everything above it talks to the den agent
+//! (PID 1 of the sprite) over the bind-mounted socket, not to the engine.
+//!
+//! All methods block (they fork helpers and poll cgroup files for bounded
+//! times); async callers should use `spawn_blocking`.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+use crate::image::IdMap;
+
+/// Errors of the runtime backends.
+#[derive(Debug, thiserror::Error)]
+pub enum RuntimeError {
+    #[error("{context}: {source}")]
+    Io {
+        context: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("invalid sprite spec: {0}")]
+    InvalidSpec(String),
+    #[error("sprite {0} does not exist")]
+    NotFound(String),
+    #[error("sprite {id} is {state:?}, which does not allow {op}")]
+    BadState {
+        id: String,
+        state: SpriteState,
+        op: &'static str,
+    },
+    #[error("the runtime shim failed ({status}): {stderr}")]
+    Shim { status: String, stderr: String },
+    #[error("libcontainer: {0}")]
+    Engine(String),
+    #[error("cgroup: {0}")]
+    Cgroup(String),
+    #[error("timed out after {after:?} waiting for {what}")]
+    Timeout { what: String, after: Duration },
+}
+
+impl RuntimeError {
+    pub(crate) fn io(context: impl Into<String>, source: std::io::Error) -> Self {
+        RuntimeError::Io {
+            context: context.into(),
+            source,
+        }
+    }
+}
+
+/// One bind mount from the host into the sprite.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BindMount {
+    /// Host path (file or directory).
+    pub source: PathBuf,
+    /// Absolute path inside the sprite; created if missing.
+    pub destination: PathBuf,
+    pub readonly: bool,
+}
+
+/// CPU limit. Both knobs are optional; `None` means unlimited.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CpuLimit {
+    /// Relative weight (v1 `cpu.shares`, 2..=262144, default 1024; converted
+    /// to `cpu.weight` on v2 by libcgroups).
+    pub shares: Option<u64>,
+    /// Hard cap: `quota_us` of CPU time per `period_us` (e.g. 50000/100000 =
+    /// half a core).
+    pub quota_us: Option<i64>,
+    pub period_us: Option<u64>,
+}
+
+/// Per-sprite cgroup limits. `None` means unlimited (inherits the parent's).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Resources {
+    pub cpu: CpuLimit,
+    /// Memory limit in bytes (v1 `memory.limit_in_bytes`, v2 `memory.max`).
+    pub memory_bytes: Option<u64>,
+    /// Maximum number of tasks (`pids.max`); contains fork bombs.
+    pub pids: Option<i64>,
+}
+
+impl Resources {
+    /// Defaults for a sprite: 1 CPU's worth of quota, 2 GiB, 4096 tasks.
+    pub fn sprite_default() -> Self {
+        Resources {
+            cpu: CpuLimit {
+                shares: Some(1024),
+                quota_us: Some(100_000),
+                period_us: Some(100_000),
+            },
+            memory_bytes: Some(2 << 30),
+            pids: Some(4096),
+        }
+    }
+}
+
+/// Everything a backend needs to run a sprite.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct SpriteSpec {
+    /// Sprite id: `[A-Za-z0-9_-]{1,64}`. Names the cgroup (`den/<id>`) and the
+    /// engine's state.
+    pub id: String,
+    /// Read-only lower layer, already usable in the sprite's user namespace:
+    /// `Image::lower_dir_for(&spec.idmap)`.
+    pub rootfs_lower: PathBuf,
+    /// Overlay upper directory (ext4 on the sprite's volume, mounted by the
+    /// caller). Everything the sprite changes lands here.
+    pub upper_dir: PathBuf,
+    /// Overlay work directory: same filesystem as `upper_dir`, empty or left
+    /// over from an earlier run of this sprite.
+    pub work_dir: PathBuf,
+    pub hostname: String,
+    /// uid/gid mapping of the sprite's user namespace. One range each (more
+    /// would need `newuidmap`, which libcontainer insists on for several ranges).
+    pub idmap: IdMap,
+    /// Join this network namespace (e.g. `/run/netns/den-<id>`, prepared with
+    /// a veth by the network module); `None` gives a new one with only `lo`.
+    pub netns_path: Option<PathBuf>,
+    /// argv of PID 1 (the den agent); `init[0]` is a path inside the sprite.
+    pub init: Vec<String>,
+    /// Environment of PID 1 (`KEY=value`).
+    pub env: Vec<String>,
+    pub mounts: Vec<BindMount>,
+    pub resources: Resources,
+    /// Host file that receives PID 1's stdout and stderr (appended; may be a
+    /// FIFO). `None` sends them to /dev/null.
+    pub console_log: Option<PathBuf>,
+}
+
+impl SpriteSpec {
+    /// Check what can be checked without touching the system.
+    pub fn validate(&self) -> Result<(), RuntimeError> {
+        let bad = |m: String| Err(RuntimeError::InvalidSpec(m));
+        if self.id.is_empty()
+            || self.id.len() > 64
+            || !self
+                .id
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
+        {
+            return bad(format!("id {:?} must match [A-Za-z0-9_-]{{1,64}}", self.id));
+        }
+        if self.init.is_empty() {
+            return bad("init argv is empty".into());
+        }
+        if self.idmap.uids.len() != 1 || self.idmap.gids.len() != 1 {
+            return bad("the id map must have exactly one uid and one gid range".into());
+        }
+        self.idmap
+            .validate()
+            .map_err(|e| RuntimeError::InvalidSpec(e.to_string()))?;
+        if self.idmap.is_identity() {
+            // Root in the sprite must not be root on the host.
+            return bad("the id map must not be the identity (sprite root would be host root)".into());
+        }
+        for p in [&self.rootfs_lower, &self.upper_dir, &self.work_dir] {
+            if !p.is_absolute() {
+                return bad(format!("{} is not absolute", p.display()));
+            }
+        }
+        for m in &self.mounts {
+            if !m.destination.is_absolute() || !m.source.is_absolute() {
+                return bad(format!("bind mount {m:?} needs absolute paths"));
+            }
+        }
+        if self.hostname.is_empty() || self.hostname.len() > 64 {
+            return bad("hostname must be 1..=64 bytes".into());
+        }
+        Ok(())
+    }
+}
+
+/// Lifecycle state as the backend sees it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum SpriteState {
+    /// Namespaces and rootfs are set up; PID 1 waits for `start`.
+    Created,
+    Running,
+    /// Frozen by the cgroup freezer (warm sleep): memory kept, no CPU.
+    Frozen,
+    /// No process left (cold); `delete` or create again.
+    Stopped,
+}
+
+/// A created sprite. Plain data, so the manager can keep it in its tables and
+/// get it back after a restart with [`Backend::open`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Handle {
+    pub id: String,
+    /// Host pid of PID 1 (`None` once the engine has forgotten it).
+    pub pid: Option<i32>,
+    /// Name of the backend that created it.
+    pub backend: String,
+}
+
+/// An isolation engine.
+pub trait Backend: Send + Sync {
+    /// Short name, stored in [`Handle::backend`].
+    fn name(&self) -> &'static str;
+    /// Set up the sprite and leave PID 1 waiting (state [`SpriteState::Created`]).
+    fn create(&self, spec: &SpriteSpec) -> Result<Handle, RuntimeError>;
+    /// Let PID 1 exec.
+    fn start(&self, handle: &Handle) -> Result<(), RuntimeError>;
+    fn state(&self, handle: &Handle) -> Result<SpriteState, RuntimeError>;
+    /// Host pid of PID 1, if it is alive.
+    fn pid(&self, handle: &Handle) -> Result<Option<i32>, RuntimeError>;
+    /// Warm sleep: stop every process, keep memory. Returns once all are frozen.
+    fn freeze(&self, handle: &Handle) -> Result<(), RuntimeError>;
+    /// Wake from warm sleep. Always safe to call (also when not frozen).
+    fn thaw(&self, handle: &Handle) -> Result<(), RuntimeError>;
+    /// Cold stop: SIGTERM to PID 1, SIGKILL to everything after `grace`.
+    /// Returns once no process of the sprite is left.
+    fn stop(&self, handle: &Handle, grace: Duration) -> Result<(), RuntimeError>;
+    /// Forget the sprite (stopping it first if needed): cgroups, engine state.
+    /// The upper directory is the caller's and is left alone.
+    fn delete(&self, handle: &Handle) -> Result<(), RuntimeError>;
+    /// Find a sprite created earlier (e.g. before den restarted).
+    fn open(&self, id: &str) -> Result<Option<Handle>, RuntimeError>;
+}

@@ -1,0 +1,238 @@
+//! The OCI runtime spec (`config.json`) of a sprite container.
+//!
+//! Written as JSON and then parsed into `oci_spec::runtime::Spec`, so every
+//! field is checked against the spec's types before libcontainer sees it, and
+//! the document reads like the `config.json` it becomes.
+
+use std::path::Path;
+
+use oci_spec::runtime::Spec;
+use serde_json::{Value, json};
+
+use super::seccomp;
+use crate::backend::{RuntimeError, SpriteSpec};
+use crate::cgroup;
+
+/// Docker's default capability set: enough for a root shell, `apt`, `sudo`,
+/// `ping` and `chown`, nothing that reaches the kernel's global state
+/// (no SYS_ADMIN, SYS_MODULE, SYS_TIME, SYS_PTRACE, NET_ADMIN, SYS_RAWIO…).
+pub const CAPABILITIES: &[&str] = &[
+    "CAP_CHOWN",
+    "CAP_DAC_OVERRIDE",
+    "CAP_FSETID",
+    "CAP_FOWNER",
+    "CAP_MKNOD",
+    "CAP_NET_RAW",
+    "CAP_SETGID",
+    "CAP_SETUID",
+    "CAP_SETFCAP",
+    "CAP_SETPCAP",
+    "CAP_NET_BIND_SERVICE",
+    "CAP_SYS_CHROOT",
+    "CAP_KILL",
+    "CAP_AUDIT_WRITE",
+];
+
+/// Hidden from the sprite (bind-mounted over with /dev/null or an empty
+/// read-only tmpfs): kernel memory, keys, timers, firmware tables.
+pub const MASKED_PATHS: &[&str] = &[
+    "/proc/acpi",
+    "/proc/asound",
+    "/proc/kcore",
+    "/proc/keys",
+    "/proc/latency_stats",
+    "/proc/timer_list",
+    "/proc/timer_stats",
+    "/proc/sched_debug",
+    "/proc/scsi",
+    "/sys/firmware",
+    "/sys/devices/virtual/powercap",
+];
+
+/// Remounted read-only: host sysctls and kernel interfaces.
+pub const READONLY_PATHS: &[&str] = &[
+    "/proc/bus",
+    "/proc/fs",
+    "/proc/irq",
+    "/proc/sys",
+    "/proc/sysrq-trigger",
+];
+
+/// Build the spec for `sprite`, with `rootfs` (the merged overlay) as root.
+/// `sysfs_dir` is where the shim mounts a sysfs for sprites that join a netns.
+pub fn build(sprite: &SpriteSpec, rootfs: &Path, sysfs_dir: &Path) -> Result<Spec, RuntimeError> {
+    let value = build_json(sprite, rootfs, sysfs_dir);
+    serde_json::from_value(value).map_err(|e| RuntimeError::InvalidSpec(format!("OCI spec: {e}")))
+}
+
+fn build_json(sprite: &SpriteSpec, rootfs: &Path, sysfs_dir: &Path) -> Value {
+    let uid = sprite.idmap.uids[0];
+    let gid = sprite.idmap.gids[0];
+
+    let mut namespaces = vec![
+        json!({"type": "user"}),
+        json!({"type": "pid"}),
+        json!({"type": "ipc"}),
+        json!({"type": "uts"}),
+        json!({"type": "mount"}),
+        json!({"type": "cgroup"}),
+    ];
+    // A prepared netns is joined by the shim before libcontainer runs, and the
+    // container inherits it (no "network" entry). libcontainer would setns()
+    // after entering the new user namespace, which has no CAP_SYS_ADMIN over
+    // a netns owned by the host's user namespace: EPERM.
+    if sprite.netns_path.is_none() {
+        namespaces.push(json!({"type": "network"}));
+    }
+
+    let mut mounts = vec![
+        json!({"destination": "/proc", "type": "proc", "source": "proc", "options": ["nosuid", "noexec", "nodev"]}),
+        json!({"destination": "/dev", "type": "tmpfs", "source": "tmpfs",
+               "options": ["nosuid", "strictatime", "mode=755", "size=65536k"]}),
+        json!({"destination": "/dev/pts", "type": "devpts", "source": "devpts",
+               "options": ["nosuid", "noexec", "newinstance", "ptmxmode=0666", "mode=0620", "gid=5"]}),
+        json!({"destination": "/dev/shm", "type": "tmpfs", "source": "shm",
+               "options": ["nosuid", "noexec", "nodev", "mode=1777", "size=65536k"]}),
+        json!({"destination": "/dev/mqueue", "type": "mqueue", "source": "mqueue",
+               "options": ["nosuid", "noexec", "nodev"]}),
+        json!({"destination": "/run", "type": "tmpfs", "source": "tmpfs",
+               "options": ["nosuid", "nodev", "mode=755", "size=65536k"]}),
+    ];
+    // A fresh sysfs needs a network namespace owned by the sprite's user
+    // namespace. When joining a prepared netns (owned by the host), the kernel
+    // refuses, so the shim mounts a sysfs (as host root, after joining the
+    // netns, so /sys/class/net shows the sprite's interfaces) at
+    // `sysfs_dir` and it is bind-mounted read-only from there.
+    mounts.push(match sprite.netns_path {
+        None => json!({"destination": "/sys", "type": "sysfs", "source": "sysfs",
+                       "options": ["nosuid", "noexec", "nodev", "ro"]}),
+        Some(_) => json!({"destination": "/sys", "type": "bind", "source": sysfs_dir,
+                          "options": ["rbind", "nosuid", "noexec", "nodev", "ro"]}),
+    });
+    for m in &sprite.mounts {
+        let mut options = vec!["rbind", "nosuid", "nodev"];
+        if m.readonly {
+            options.push("ro");
+        }
+        mounts.push(
+            json!({"destination": m.destination, "type": "bind", "source": m.source, "options": options}),
+        );
+    }
+
+    let r = &sprite.resources;
+    let mut resources = json!({
+        // No host devices: deny all; libcgroups adds the standard allow list
+        // (null, zero, full, random, urandom, tty, ptmx, pts), the same set
+        // libcontainer bind-mounts into /dev.
+        "devices": [{"allow": false, "access": "rwm"}],
+    });
+    let mut cpu = serde_json::Map::new();
+    if let Some(s) = r.cpu.shares {
+        cpu.insert("shares".into(), json!(s));
+    }
+    if let Some(q) = r.cpu.quota_us {
+        cpu.insert("quota".into(), json!(q));
+        cpu.insert("period".into(), json!(r.cpu.period_us.unwrap_or(100_000)));
+    }
+    if !cpu.is_empty() {
+        resources["cpu"] = Value::Object(cpu);
+    }
+    if let Some(m) = r.memory_bytes {
+        resources["memory"] = json!({"limit": m});
+    }
+    if let Some(p) = r.pids {
+        resources["pids"] = json!({"limit": p});
+    }
+
+    json!({
+        "ociVersion": "1.0.2",
+        "root": {"path": rootfs, "readonly": false},
+        "hostname": sprite.hostname,
+        "process": {
+            "terminal": false,
+            "user": {"uid": 0, "gid": 0},
+            "args": sprite.init,
+            "env": sprite.env,
+            "cwd": "/",
+            "capabilities": {
+                "bounding": CAPABILITIES,
+                "effective": CAPABILITIES,
+                "permitted": CAPABILITIES,
+            },
+            // noNewPrivileges stays unset (= false, as in Docker): `sudo`
+            // (setuid) must work for the sprite user. It must be *absent*,
+            // not `false`: libcontainer 0.7 installs seccomp before dropping
+            // capabilities only when the field is `None`; with `Some(false)`
+            // it tries after the drop and the load fails with EACCES.
+        },
+        "mounts": mounts,
+        "linux": {
+            "uidMappings": [{"containerID": uid.inside, "hostID": uid.outside, "size": uid.count}],
+            "gidMappings": [{"containerID": gid.inside, "hostID": gid.outside, "size": gid.count}],
+            "namespaces": namespaces,
+            "cgroupsPath": cgroup::sprite_cgroup_path(&sprite.id),
+            "resources": resources,
+            "maskedPaths": MASKED_PATHS,
+            "readonlyPaths": READONLY_PATHS,
+            "seccomp": seccomp::profile(),
+        },
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use std::path::PathBuf;
+
+    use super::*;
+    use crate::backend::{BindMount, Resources};
+    use crate::image::IdMap;
+
+    fn sprite() -> SpriteSpec {
+        SpriteSpec {
+            id: "s1".into(),
+            rootfs_lower: "/l".into(),
+            upper_dir: "/u".into(),
+            work_dir: "/w".into(),
+            hostname: "s1".into(),
+            idmap: IdMap::root_at(100_000, 65_536),
+            netns_path: None,
+            init: vec!["/bin/sh".into()],
+            env: vec!["PATH=/bin".into()],
+            mounts: vec![BindMount {
+                source: "/run/den/s1".into(),
+                destination: "/.sprite/run".into(),
+                readonly: false,
+            }],
+            resources: Resources::sprite_default(),
+            console_log: None,
+        }
+    }
+
+    #[test]
+    fn spec_parses_and_has_the_profile() {
+        let spec = build(&sprite(), &PathBuf::from("/r"), &PathBuf::from("/s")).unwrap();
+        let linux = spec.linux().as_ref().unwrap();
+        assert_eq!(linux.uid_mappings().as_ref().unwrap()[0].host_id(), 100_000);
+        assert_eq!(linux.namespaces().as_ref().unwrap().len(), 7);
+        let mut joined = sprite();
+        joined.netns_path = Some("/run/netns/x".into());
+        let spec = build(&joined, &PathBuf::from("/r"), &PathBuf::from("/s")).unwrap();
+        assert_eq!(
+            spec.linux()
+                .as_ref()
+                .unwrap()
+                .namespaces()
+                .as_ref()
+                .unwrap()
+                .len(),
+            6
+        );
+        let seccomp = linux.seccomp().as_ref().unwrap();
+        assert!(seccomp.syscalls().as_ref().unwrap().len() > 2);
+        let caps = spec.process().as_ref().unwrap().capabilities().as_ref().unwrap();
+        assert_eq!(caps.bounding().as_ref().unwrap().len(), CAPABILITIES.len());
+        let res = linux.resources().as_ref().unwrap();
+        assert_eq!(res.pids().as_ref().unwrap().limit(), 4096);
+        assert_eq!(res.memory().as_ref().unwrap().limit(), Some(2 << 30));
+    }
+}
