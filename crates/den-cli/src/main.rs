@@ -25,6 +25,12 @@ enum Command {
     /// The in-sprite agent (PID 1 of every sprite). Started by den, not by hand.
     #[command(hide = true)]
     Agent(agent::AgentArgs),
+    /// Creates one container and exits; run by den's container backend.
+    #[command(hide = true)]
+    RuntimeShim {
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<std::ffi::OsString>,
+    },
 }
 
 fn main() {
@@ -40,6 +46,7 @@ fn main() {
         Command::Volume(cmd) => volume::run(cmd),
         Command::Bench(cmd) => bench::run(cmd),
         Command::Agent(args) => agent::run(args),
+        Command::RuntimeShim { args } => std::process::exit(den_runtime::container::shim_main(&args)),
     };
     if let Err(e) = result {
         eprintln!("error: {e:#}");
