@@ -105,7 +105,12 @@ pub fn emergency_cleanup() -> Vec<String> {
                 .stderr(Stdio::null())
                 .status()
                 .is_ok_and(|s| s.success());
-            format!("{} {}: {}", cmd.join(" "), arg.display(), if ok { "ok" } else { "failed" })
+            format!(
+                "{} {}: {}",
+                cmd.join(" "),
+                arg.display(),
+                if ok { "ok" } else { "failed" }
+            )
         })
         .collect()
 }

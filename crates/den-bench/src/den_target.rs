@@ -181,6 +181,9 @@ pub struct DenVolumeOptions {
     pub volume_size: u64,
     /// Chunk size; `None` is the store default.
     pub chunk_size: Option<u32>,
+    /// Adjust the store configuration (`StoreConfig::local` defaults) before
+    /// opening, e.g. for experiments with write-back or compression.
+    pub store_tweak: Option<fn(&mut StoreConfig)>,
 }
 
 impl Default for DenVolumeOptions {
@@ -189,6 +192,7 @@ impl Default for DenVolumeOptions {
             name: DenVolume::NAME.to_owned(),
             volume_size: DEFAULT_VOLUME_SIZE,
             chunk_size: None,
+            store_tweak: None,
         }
     }
 }
@@ -223,7 +227,11 @@ impl DenVolume {
         for d in [&fuse_dir, &mnt] {
             fs::create_dir(d).with_context(|| format!("mkdir {}", d.display()))?;
         }
-        let store = DenStore::open(&data, |_| {})?;
+        let store = DenStore::open(&data, |cfg| {
+            if let Some(tweak) = opts.store_tweak {
+                tweak(cfg);
+            }
+        })?;
         let rec = store
             .block_on(store.store().create_volume(
                 VOLUME_NAME,
@@ -412,7 +420,10 @@ impl Drop for WorkDir {
 }
 
 fn remove_unless_mounted(path: &Path) -> Result<()> {
-    let busy: Vec<PathBuf> = mount_points()?.into_iter().filter(|p| p.starts_with(path)).collect();
+    let busy: Vec<PathBuf> = mount_points()?
+        .into_iter()
+        .filter(|p| p.starts_with(path))
+        .collect();
     if !busy.is_empty() {
         bail!(
             "not deleting {}: still mounted beneath it: {busy:?}",

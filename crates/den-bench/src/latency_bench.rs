@@ -125,7 +125,8 @@ impl LatencyConfig {
              random offset and fsynced (untimed); levels are flushed to the object store before sampling; \
              restore is timed with the volume closed",
             fmt_size(self.volume_size),
-            self.chunk_size.map_or_else(|| "default".to_owned(), |c| fmt_size(u64::from(c))),
+            self.chunk_size
+                .map_or_else(|| "default".to_owned(), |c| fmt_size(u64::from(c))),
             self.samples
         )
     }
@@ -312,7 +313,9 @@ fn run_levels(
                 checkpoint: base.id.clone(),
             };
             let t = Instant::now();
-            store.block_on(s.fork(&name, src)).context("fork from checkpoint")?;
+            store
+                .block_on(s.fork(&name, src))
+                .context("fork from checkpoint")?;
             fork_ck_samples.push(t.elapsed());
             forks.push(name);
         }
@@ -340,9 +343,7 @@ fn run_levels(
             vol = Some(sampler.open(LAT_VOLUME)?);
         }
 
-        let info = store
-            .block_on(s.volume_info(LAT_VOLUME))
-            .context("volume info")?;
+        let info = store.block_on(s.volume_info(LAT_VOLUME)).context("volume info")?;
 
         // Untimed cleanup, so every level starts from the same amount of
         // metadata besides the data itself.
@@ -508,7 +509,8 @@ fn parallel_read(vol: &Volume, blocks: u64, readers: usize) -> Result<Duration> 
             })
             .collect();
         for h in handles {
-            h.join().map_err(|_| anyhow::anyhow!("reader thread panicked"))??;
+            h.join()
+                .map_err(|_| anyhow::anyhow!("reader thread panicked"))??;
         }
         Ok(())
     })?;
@@ -521,7 +523,12 @@ pub(crate) fn ms(d: Duration) -> f64 {
 
 /// `0 MiB`, `100 MiB`, `1 GiB`, `64 KiB`.
 pub fn fmt_size(n: u64) -> String {
-    const UNITS: [(u64, &str); 4] = [(1 << 40, "TiB"), (1 << 30, "GiB"), (1 << 20, "MiB"), (1 << 10, "KiB")];
+    const UNITS: [(u64, &str); 4] = [
+        (1 << 40, "TiB"),
+        (1 << 30, "GiB"),
+        (1 << 20, "MiB"),
+        (1 << 10, "KiB"),
+    ];
     for (u, name) in UNITS {
         if n >= u && n % u == 0 {
             return format!("{} {name}", n / u);

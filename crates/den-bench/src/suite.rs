@@ -23,9 +23,46 @@ use crate::cancel::{self, Emergency, EmergencyToken};
 use crate::den_target::{DenVolume, DenVolumeOptions, VOLUME_NAME};
 use crate::latency_bench::{self, BLOCK, LatencyConfig, LatencyResults, Payload, fmt_size, ms};
 use crate::report::{Latency, Report, latency};
-use crate::workloads::{
-    BYTES_PER_MB, RepResult, Summary, TargetResult, WorkloadConfig, WorkloadSet, syncfs,
-};
+use crate::workloads::{BYTES_PER_MB, RepResult, Summary, TargetResult, WorkloadConfig, WorkloadSet, syncfs};
+
+// ---------------------------------------------------------------------------
+// Isolation
+// ---------------------------------------------------------------------------
+
+/// Move this process into a mount namespace of its own, with every mount
+/// private, before anything is mounted.
+///
+/// Otherwise a mount namespace that someone else creates while the
+/// benchmark runs (a container start, `unshare -m`, a build tool) gets a
+/// copy of our ext4 and FUSE mounts, which then keeps the den volume's loop
+/// device busy after we unmount ours, and the export cannot be stopped. A
+/// private namespace also means a killed benchmark leaves no mounts behind:
+/// they go when the namespace's last process exits.
+///
+/// Must run while the process is single-threaded (`unshare` refuses
+/// otherwise).
+pub fn private_mount_namespace() -> Result<()> {
+    // SAFETY: unshare has no memory-safety preconditions.
+    if unsafe { libc::unshare(libc::CLONE_NEWNS) } != 0 {
+        return Err(std::io::Error::last_os_error()).context("unshare(CLONE_NEWNS)");
+    }
+    let root = c"/";
+    // SAFETY: valid NUL-terminated strings; null source/fstype/data are
+    // allowed for a propagation change.
+    let rc = unsafe {
+        libc::mount(
+            std::ptr::null(),
+            root.as_ptr(),
+            std::ptr::null(),
+            libc::MS_REC | libc::MS_PRIVATE,
+            std::ptr::null(),
+        )
+    };
+    if rc != 0 {
+        return Err(std::io::Error::last_os_error()).context("making / private in the new mount namespace");
+    }
+    Ok(())
+}
 
 // ---------------------------------------------------------------------------
 // Interleaved runner
@@ -163,11 +200,19 @@ impl TextTable {
 }
 
 fn f1(v: f64) -> String {
-    if v.is_finite() { format!("{v:.1}") } else { "n/a".into() }
+    if v.is_finite() {
+        format!("{v:.1}")
+    } else {
+        "n/a".into()
+    }
 }
 
 fn f0(v: f64) -> String {
-    if v.is_finite() { format!("{v:.0}") } else { "n/a".into() }
+    if v.is_finite() {
+        format!("{v:.0}")
+    } else {
+        "n/a".into()
+    }
 }
 
 fn msf(d: Duration) -> String {
@@ -226,7 +271,11 @@ pub fn cold_table(r: &LatencyResults) -> TextTable {
         format!("{:.2}", c.flush.as_secs_f64()),
         "s",
     );
-    row(format!("Write-back throughput ({size})"), f1(c.flush_mb_s), "MB/s");
+    row(
+        format!("Write-back throughput ({size})"),
+        f1(c.flush_mb_s),
+        "MB/s",
+    );
     row(
         format!("Cold read {size}, 1 reader, 1 MiB reads (object store)"),
         f1(c.cold_read_mb_s),
@@ -404,7 +453,8 @@ pub fn run_storage(opts: &StorageOptions, progress: &mut dyn FnMut(&str)) -> Res
             cancel::check()?;
         }
 
-        let mut targets: Vec<&dyn Target> = vec![native.as_ref().expect("native"), den.as_ref().expect("den")];
+        let mut targets: Vec<&dyn Target> =
+            vec![native.as_ref().expect("native"), den.as_ref().expect("den")];
         if let Some(j) = &juice {
             targets.push(j);
         }
@@ -418,7 +468,9 @@ pub fn run_storage(opts: &StorageOptions, progress: &mut dyn FnMut(&str)) -> Res
         )
     })();
 
-    let den_name = den.as_ref().map_or_else(|| DenVolume::NAME.to_owned(), |d| d.name().to_owned());
+    let den_name = den
+        .as_ref()
+        .map_or_else(|| DenVolume::NAME.to_owned(), |d| d.name().to_owned());
     if let Some(d) = &den {
         progress(&fuse_summary(d));
     }
@@ -520,13 +572,17 @@ pub fn run_chunk_sizes(opts: &ChunkSizeOptions, progress: &mut dyn FnMut(&str)) 
         for &cs in &opts.sizes {
             cancel::check()?;
             let name = format!("den-{}", fmt_size(u64::from(cs)).replace(' ', ""));
-            progress(&format!("{name}: setting up ({} sparse)", fmt_size(opts.volume_size)));
+            progress(&format!(
+                "{name}: setting up ({} sparse)",
+                fmt_size(opts.volume_size)
+            ));
             let d = DenVolume::setup(
                 &opts.work,
                 &DenVolumeOptions {
                     name,
                     volume_size: opts.volume_size,
                     chunk_size: Some(cs),
+                    store_tweak: None,
                 },
             )?;
             dens.push(d);

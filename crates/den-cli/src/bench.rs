@@ -1,6 +1,10 @@
 //! `den bench …`: storage benchmarks whose baselines are measured in the
 //! same run, on the same disk.
 //!
+//! Everything is mounted in a private mount namespace (see
+//! [`suite::private_mount_namespace`]): the mounts are invisible from other
+//! shells while the benchmark runs, and vanish with the process.
+//!
 //! The first Ctrl-C (or SIGTERM) stops at the next step and tears every
 //! target down through the normal path; a second one lazily unmounts and
 //! detaches what is still set up and exits at once.
@@ -96,6 +100,10 @@ pub fn run(cmd: BenchCmd) -> Result<()> {
     if unsafe { libc::geteuid() } != 0 {
         bail!("den bench needs root (loop devices, mount, FUSE, dropping the page cache)");
     }
+    // Before any thread exists: unshare(CLONE_NEWNS) needs a single thread.
+    if let Err(e) = suite::private_mount_namespace() {
+        eprintln!("warning: running in the shared mount namespace: {e:#}");
+    }
     install_interrupt_handler()?;
     let result = match cmd {
         BenchCmd::Storage(a) => storage(a),
@@ -111,7 +119,9 @@ pub fn run(cmd: BenchCmd) -> Result<()> {
 }
 
 fn install_interrupt_handler() -> Result<()> {
-    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
     let (mut int, mut term) = {
         let _guard = rt.enter();
         (signal(SignalKind::interrupt())?, signal(SignalKind::terminate())?)
@@ -170,9 +180,11 @@ fn storage(a: StorageArgs) -> Result<()> {
     let started = Instant::now();
     let date = now();
     let chunk_size = chunk_size_arg(a.chunk_size)?;
-    let volume_size = a
-        .volume_size
-        .unwrap_or(if a.quick { QUICK_VOLUME_SIZE } else { DEFAULT_VOLUME_SIZE });
+    let volume_size = a.volume_size.unwrap_or(if a.quick {
+        QUICK_VOLUME_SIZE
+    } else {
+        DEFAULT_VOLUME_SIZE
+    });
     let mut latency = if a.quick {
         LatencyConfig::quick()
     } else {
@@ -246,9 +258,11 @@ fn chunk_size(a: ChunkSizeArgs) -> Result<()> {
         .map(|&s| u32::try_from(s).context("chunk size too large"))
         .collect::<Result<_>>()?;
     opts.workloads = workload_config(a.quick, a.reps);
-    opts.volume_size = a
-        .volume_size
-        .unwrap_or(if a.quick { QUICK_VOLUME_SIZE } else { DEFAULT_VOLUME_SIZE });
+    opts.volume_size = a.volume_size.unwrap_or(if a.quick {
+        QUICK_VOLUME_SIZE
+    } else {
+        DEFAULT_VOLUME_SIZE
+    });
     if a.quick {
         opts.fill_bytes = 128 << 20;
         opts.samples = 5;
@@ -331,8 +345,7 @@ fn now() -> String {
 fn command_line() -> String {
     let quote = |s: String| {
         if !s.is_empty()
-            && s
-                .chars()
+            && s.chars()
                 .all(|c| c.is_ascii_alphanumeric() || "-_./=,:@%+".contains(c))
         {
             s
@@ -367,7 +380,10 @@ fn host_description() -> String {
                 .find(|l| l.starts_with("MemTotal:"))
                 .and_then(|l| l.split_whitespace().nth(1)?.parse::<u64>().ok())
         })
-        .map_or_else(|| "?".into(), |kib| format!("{:.0}", kib as f64 / (1 << 20) as f64));
+        .map_or_else(
+            || "?".into(),
+            |kib| format!("{:.0}", kib as f64 / (1 << 20) as f64),
+        );
     format!("Linux {kernel}, {cpus} × {model}, {mem_gib} GiB RAM")
 }
 

@@ -18,7 +18,7 @@ struct Cli {
 enum Command {
     /// Operate on den volumes: sparse chunked disks with instant checkpoint, restore and fork.
     #[command(subcommand)]
-    Volume(volume::VolumeCmd),
+    Volume(Box<volume::VolumeCmd>),
     /// Benchmarks that print tables and ratios against baselines measured in the same run.
     #[command(subcommand)]
     Bench(bench::BenchCmd),
@@ -43,7 +43,7 @@ fn main() {
         .init();
     let cli = Cli::parse();
     let result = match cli.command {
-        Command::Volume(cmd) => volume::run(cmd),
+        Command::Volume(cmd) => volume::run(*cmd),
         Command::Bench(cmd) => bench::run(cmd),
         Command::Agent(args) => agent::run(args),
         Command::RuntimeShim { args } => std::process::exit(den_runtime::container::shim_main(&args)),
