@@ -323,16 +323,16 @@ impl DenVolume {
     /// Release everything in order; idempotent.
     fn close(&mut self) -> Result<()> {
         self.mount.unmount()?;
-        if let Some(export) = self.export.take() {
-            if let Err(e) = export.shutdown() {
-                // The loop device is still in use (or its detach failed): the
-                // FUSE workers must keep serving, which needs the store and
-                // its runtime. Leak them; they go away with the process.
-                std::mem::forget(self.volume.take());
-                std::mem::forget(self.store.take());
-                self.root.keep();
-                return Err(anyhow::Error::new(e).context("stopping the den volume export"));
-            }
+        if let Some(export) = self.export.take()
+            && let Err(e) = export.shutdown()
+        {
+            // The loop device is still in use (or its detach failed): the
+            // FUSE workers must keep serving, which needs the store and its
+            // runtime. Leak them; they go away with the process.
+            std::mem::forget(self.volume.take());
+            std::mem::forget(self.store.take());
+            self.root.keep();
+            return Err(anyhow::Error::new(e).context("stopping the den volume export"));
         }
         self.export_tokens.clear();
         drop(self.volume.take());

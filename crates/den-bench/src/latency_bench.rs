@@ -273,7 +273,7 @@ fn run_levels(
             sampler.next_block += 1;
             v.write_at(written, &sampler.buf).context("write_at")?;
             written += BLOCK as u64;
-            if written % (256 * MIB) == 0 {
+            if written.is_multiple_of(256 * MIB) {
                 cancel::check()?;
             }
         }
@@ -530,7 +530,7 @@ pub fn fmt_size(n: u64) -> String {
         (1 << 10, "KiB"),
     ];
     for (u, name) in UNITS {
-        if n >= u && n % u == 0 {
+        if n >= u && n.is_multiple_of(u) {
             return format!("{} {name}", n / u);
         }
     }

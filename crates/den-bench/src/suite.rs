@@ -21,7 +21,7 @@ use serde::Serialize;
 use crate::baselines::{JuiceFs, NativeExt4, Target};
 use crate::cancel::{self, Emergency, EmergencyToken};
 use crate::den_target::{DenVolume, DenVolumeOptions, VOLUME_NAME};
-use crate::latency_bench::{self, BLOCK, LatencyConfig, LatencyResults, Payload, fmt_size, ms};
+use crate::latency_bench::{self, BLOCK, LatencyConfig, LatencyResults, LevelLatency, Payload, fmt_size, ms};
 use crate::report::{Latency, Report, latency};
 use crate::workloads::{BYTES_PER_MB, RepResult, Summary, TargetResult, WorkloadConfig, WorkloadSet, syncfs};
 
@@ -316,6 +316,9 @@ fn ratio_of(report: &Report, name: &str, metric: fn(&Summary) -> f64) -> Option<
     Some(den? / native?)
 }
 
+type SummaryMetric = fn(&Summary) -> f64;
+type LevelMetric = fn(&LevelLatency) -> Duration;
+
 /// The spec's goals next to what was measured.
 pub fn goals_table(report: Option<&Report>, den_name: &str, lat: Option<&LatencyResults>) -> TextTable {
     let mut t = TextTable::new(&["Goal", "Target", "Measured", "Status"], 2);
@@ -325,7 +328,7 @@ pub fn goals_table(report: Option<&Report>, den_name: &str, lat: Option<&Latency
         None => "not measured".to_owned(),
     };
     if let Some(report) = report {
-        let ratios: [(&str, f64, fn(&Summary) -> f64); 3] = [
+        let ratios: [(&str, f64, SummaryMetric); 3] = [
             ("Sequential write vs native ext4", 0.70, |s| s.seq_write_mb_s),
             ("Random 4K write + fdatasync vs native ext4", 0.50, |s| {
                 s.rand_write_iops
@@ -345,7 +348,7 @@ pub fn goals_table(report: Option<&Report>, den_name: &str, lat: Option<&Latency
     if let Some(lat) = lat
         && let (Some(first), Some(last)) = (lat.levels.first(), lat.levels.last())
     {
-        let worst = |f: fn(&crate::latency_bench::LevelLatency) -> Duration| {
+        let worst = |f: LevelMetric| {
             lat.levels
                 .iter()
                 .map(|l| (f(l), l.written))
@@ -353,7 +356,7 @@ pub fn goals_table(report: Option<&Report>, den_name: &str, lat: Option<&Latency
                 .expect("levels")
         };
         let goal = Duration::from_millis(20);
-        let ops: [(&str, fn(&crate::latency_bench::LevelLatency) -> Duration); 3] = [
+        let ops: [(&str, LevelMetric); 3] = [
             ("Checkpoint p50", |l| l.checkpoint.p50),
             ("Fork from checkpoint p50", |l| l.fork_checkpoint.p50),
             ("Fork from live volume p50", |l| l.fork_live.p50),
@@ -560,6 +563,17 @@ pub struct ChunkSizeResults {
     pub results: Vec<TargetResult>,
 }
 
+/// The per-volume measurements taken before the workloads.
+struct FillStats {
+    mkfs_entries: u64,
+    mkfs_objects: u64,
+    fill_entries: u64,
+    fill_objects: u64,
+    fill_stored_bytes: u64,
+    fill_mb_s: f64,
+    checkpoint: Latency,
+}
+
 pub fn run_chunk_sizes(opts: &ChunkSizeOptions, progress: &mut dyn FnMut(&str)) -> Result<ChunkSizeResults> {
     if opts.sizes.is_empty() {
         bail!("no chunk sizes given");
@@ -567,7 +581,7 @@ pub fn run_chunk_sizes(opts: &ChunkSizeOptions, progress: &mut dyn FnMut(&str)) 
     let set = WorkloadSet::new(opts.workloads.clone())?;
     let payload = Payload::new();
     let mut dens: Vec<DenVolume> = Vec::new();
-    let run = (|| -> Result<(Vec<TargetResult>, Vec<(u64, u64, u64, u64, u64, f64, Latency)>)> {
+    let run = (|| -> Result<(Vec<TargetResult>, Vec<FillStats>)> {
         let mut fills = Vec::new();
         for &cs in &opts.sizes {
             cancel::check()?;
@@ -604,15 +618,15 @@ pub fn run_chunk_sizes(opts: &ChunkSizeOptions, progress: &mut dyn FnMut(&str)) 
                 ms(ck.p50)
             ));
             d.settle()?;
-            fills.push((
+            fills.push(FillStats {
                 mkfs_entries,
                 mkfs_objects,
                 fill_entries,
                 fill_objects,
-                stored,
+                fill_stored_bytes: stored,
                 fill_mb_s,
-                ck,
-            ));
+                checkpoint: ck,
+            });
         }
         let targets: Vec<&dyn Target> = dens.iter().map(|d| d as &dyn Target).collect();
         progress(&format!("workloads: {}", set.config().describe()));
@@ -643,13 +657,13 @@ pub fn run_chunk_sizes(opts: &ChunkSizeOptions, progress: &mut dyn FnMut(&str)) 
         .map(|((&cs, r), f)| ChunkSizeRow {
             chunk_size: cs,
             summary: r.summary(),
-            mkfs_entries: f.0,
-            mkfs_objects: f.1,
-            fill_entries: f.2,
-            fill_objects: f.3,
-            fill_stored_bytes: f.4,
-            fill_mb_s: f.5,
-            checkpoint: f.6,
+            mkfs_entries: f.mkfs_entries,
+            mkfs_objects: f.mkfs_objects,
+            fill_entries: f.fill_entries,
+            fill_objects: f.fill_objects,
+            fill_stored_bytes: f.fill_stored_bytes,
+            fill_mb_s: f.fill_mb_s,
+            checkpoint: f.checkpoint,
         })
         .collect();
     Ok(ChunkSizeResults {
@@ -706,7 +720,7 @@ fn fill_file(d: &DenVolume, payload: &Payload, bytes: u64) -> Result<f64> {
         n += 1;
         f.write_all_at(&buf, off)?;
         off += BLOCK as u64;
-        if off % (256 << 20) == 0 {
+        if off.is_multiple_of(256 << 20) {
             cancel::check()?;
         }
     }

@@ -212,7 +212,8 @@ fn storage(a: StorageArgs) -> Result<()> {
     let cold = cold_table(&r.latency);
     let goals = goals_table(Some(&r.report), &r.den_name, Some(&r.latency));
     let tput_note = format!(
-        "{} (den volume and native ext4 image: {} sparse, ext4 `-E lazy_itable_init=0,lazy_journal_init=0`)",
+        "{} (den volume and native ext4 image: {} sparse; ext4 made with `-E lazy_itable_init=0,lazy_journal_init=0`, \
+         plus `nodiscard` on the fresh den volume, as `den volume mount --format` does)",
         opts.workloads.describe(),
         fmt_size(volume_size)
     );
