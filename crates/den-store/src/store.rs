@@ -615,7 +615,7 @@ impl Store {
         let mut rx = self.shared.uploads_done.subscribe();
         loop {
             rx.borrow_and_update();
-            let pending = self.shared.meta.map_stats(map).await?.pending;
+            let pending = self.shared.meta.pending_count(map).await?;
             progress(pending);
             if pending == 0 {
                 return Ok(());

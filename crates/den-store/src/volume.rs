@@ -508,11 +508,9 @@ impl Volume {
             (files, dir)
         };
         let restore_flags = |st: &mut VolState| st.dir_unsynced |= dir;
-        for f in &files {
-            if let Err(e) = f.sync_data() {
-                restore_flags(&mut self.inner.state.lock());
-                return Err(e);
-            }
+        if let Err(e) = sync_all_data(&files) {
+            restore_flags(&mut self.inner.state.lock());
+            return Err(e);
         }
         if dir && let Err(e) = sync_dir(&self.inner.shared.cache.dirty_dir(&self.inner.rec.id)) {
             restore_flags(&mut self.inner.state.lock());
@@ -739,6 +737,27 @@ impl Drop for VolumeInner {
         drop(self.lock.take());
         self.shared.forget_volume(&self.rec.id);
     }
+}
+
+/// fdatasync many files. One after another, each pays a full device cache
+/// flush (measured ~2.5 ms here, so a 1 GiB sequential write spent ~2.6 s in
+/// fsync); issued concurrently, the kernel merges the flushes.
+fn sync_all_data(files: &[Arc<File>]) -> io::Result<()> {
+    const THREADS: usize = 8;
+    if files.len() <= 2 {
+        return files.iter().try_for_each(|f| f.sync_data());
+    }
+    let per = files.len().div_ceil(THREADS);
+    std::thread::scope(|scope| {
+        let workers: Vec<_> = files
+            .chunks(per)
+            .map(|part| scope.spawn(move || part.iter().try_for_each(|f| f.sync_data())))
+            .collect();
+        workers.into_iter().try_for_each(|w| {
+            w.join()
+                .unwrap_or_else(|_| Err(io::Error::other("fdatasync worker panicked")))
+        })
+    })
 }
 
 fn read_exact_at(f: &File, out: &mut [u8], off: u64) -> io::Result<()> {

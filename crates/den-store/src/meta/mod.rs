@@ -102,6 +102,9 @@ pub trait MetaStore: Send + Sync + 'static {
 
     async fn load_map(&self, map: MapId) -> Result<Vec<(u64, Entry)>>;
     async fn map_stats(&self, map: MapId) -> Result<MapStats>;
+    /// Slots of `map` still waiting for upload; cheap (uses the pending index),
+    /// because flush polls it after every upload.
+    async fn pending_count(&self, map: MapId) -> Result<u64>;
 
     /// Point head slots at freshly sealed pending chunks; `None` clears a slot.
     async fn apply_seal(&self, head: MapId, seals: &[(u64, Option<PendingId>)]) -> Result<()>;

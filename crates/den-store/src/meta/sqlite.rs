@@ -387,6 +387,17 @@ impl MetaStore for SqliteMeta {
         .await
     }
 
+    async fn pending_count(&self, map: MapId) -> Result<u64> {
+        self.with(move |c| {
+            Ok(c.query_row(
+                "SELECT COUNT(*) FROM map_entries INDEXED BY map_entries_pending WHERE pending IS NOT NULL AND map_id = ?1",
+                params![map],
+                |r| r.get::<_, i64>(0),
+            )? as u64)
+        })
+        .await
+    }
+
     async fn apply_seal(&self, head: MapId, seals: &[(u64, Option<PendingId>)]) -> Result<()> {
         if seals.is_empty() {
             return Ok(());
