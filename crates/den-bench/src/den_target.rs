@@ -7,10 +7,9 @@
 //! delete the directory. Each layer is a field that is released in that
 //! order on drop too, so an early `?` or a panic leaves nothing mounted.
 
-use std::fs::{self, File};
+use std::fs;
 use std::future::Future;
-use std::io::{self, ErrorKind};
-use std::os::fd::AsRawFd;
+use std::io::ErrorKind;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::sync::Arc;
@@ -34,70 +33,8 @@ pub const MKFS_EXTENDED: &str = "nodiscard,lazy_itable_init=0,lazy_journal_init=
 /// Name of the volume inside a target's private store.
 pub const VOLUME_NAME: &str = "bench";
 
-// ---------------------------------------------------------------------------
-// Block device adapter and fsfreeze (as in den-cli)
-// ---------------------------------------------------------------------------
-
-/// A den volume seen by the block front end.
-pub struct VolumeDevice(pub Volume);
-
-impl BlockDevice for VolumeDevice {
-    fn size(&self) -> u64 {
-        self.0.size()
-    }
-
-    fn read_at(&self, offset: u64, buf: &mut [u8]) -> io::Result<()> {
-        self.0.read_at(offset, buf)
-    }
-
-    fn write_at(&self, offset: u64, data: &[u8]) -> io::Result<()> {
-        self.0.write_at(offset, data)
-    }
-
-    fn flush(&self) -> io::Result<()> {
-        self.0.fsync()
-    }
-
-    fn discard(&self, offset: u64, len: u64) -> io::Result<()> {
-        self.0.discard(offset, len)
-    }
-}
-
-// _IOWR('X', 119, int) and _IOWR('X', 120, int) from linux/fs.h.
-const FIFREEZE: libc::c_ulong = 0xC004_5877;
-const FITHAW: libc::c_ulong = 0xC004_5878;
-
-/// A frozen filesystem; thawed on drop, on every path.
-pub struct Frozen {
-    dir: File,
-}
-
-fn fs_ioctl(f: &File, req: libc::c_ulong) -> io::Result<()> {
-    // SAFETY: FIFREEZE/FITHAW dereference no argument pointer; `f` is an
-    // open descriptor we own.
-    let r = unsafe { libc::ioctl(f.as_raw_fd(), req, 0) };
-    if r < 0 {
-        Err(io::Error::last_os_error())
-    } else {
-        Ok(())
-    }
-}
-
-/// Flush and freeze the filesystem mounted at `mountpoint` (what
-/// `den volume checkpoint` does around a checkpoint of a mounted volume).
-pub fn freeze(mountpoint: &Path) -> io::Result<Frozen> {
-    let dir = File::open(mountpoint)?;
-    fs_ioctl(&dir, FIFREEZE)?;
-    Ok(Frozen { dir })
-}
-
-impl Drop for Frozen {
-    fn drop(&mut self) {
-        if let Err(e) = fs_ioctl(&self.dir, FITHAW) {
-            tracing::error!("thawing the benchmark filesystem failed: {e}");
-        }
-    }
-}
+pub use den_block::VolumeDevice;
+pub use den_block::freeze::{Frozen, freeze};
 
 // ---------------------------------------------------------------------------
 // A store with its own runtime

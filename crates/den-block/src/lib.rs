@@ -24,6 +24,7 @@
 use std::io;
 
 mod error;
+pub mod freeze;
 mod frontend;
 mod fuse;
 mod fuse_session;
@@ -31,12 +32,16 @@ pub mod loopdev;
 pub mod mem;
 mod mountinfo;
 mod util;
+#[cfg(feature = "store")]
+mod volume_device;
 
 pub use error::BlockError;
 pub use frontend::{Export, ExportHandle, ExportOptions, Frontend, FuseLoopFrontend};
 pub use fuse::{FuseStats, Negotiated, set_io_flusher};
 pub use fuse_session::{FUSE_FSTYPE, FuseExport, FuseOptions};
 pub use loopdev::{LoopDevice, LoopMode, LoopOptions};
+#[cfg(feature = "store")]
+pub use volume_device::VolumeDevice;
 
 /// A byte-addressed virtual disk. Implementations must be safe to call from
 /// several threads at once.

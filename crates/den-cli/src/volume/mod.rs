@@ -1,8 +1,6 @@
 //! `den volume …`: operator commands for the volume store.
 
 mod control;
-mod device;
-mod freeze;
 mod mount;
 
 use std::fs::File;

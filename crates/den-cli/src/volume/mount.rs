@@ -15,9 +15,9 @@ use tokio::net::UnixListener;
 use tokio::signal::unix::{SignalKind, signal};
 
 use super::control::{self, Request};
-use super::device::VolumeDevice;
-use super::freeze;
 use crate::store_args::StoreArgs;
+use den_block::VolumeDevice;
+use den_block::freeze;
 
 #[derive(Args, Debug)]
 pub struct MountArgs {

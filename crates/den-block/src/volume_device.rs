@@ -1,8 +1,8 @@
-//! A den volume seen by the block front end.
+//! A den volume seen by the block front end (feature `store`).
 
 use std::io;
 
-use den_block::BlockDevice;
+use crate::BlockDevice;
 use den_store::Volume;
 
 pub struct VolumeDevice(pub Volume);
