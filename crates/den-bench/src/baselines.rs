@@ -10,7 +10,7 @@
 use std::env;
 use std::ffi::{OsStr, OsString};
 use std::fs::{self, File};
-use std::io::{ErrorKind, Read, Seek, SeekFrom};
+use std::io::{Read, Seek, SeekFrom};
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
@@ -18,6 +18,8 @@ use std::thread;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
+
+use crate::guards::{MountGuard, WorkRoot, is_fuse_mounted, is_mounted, run};
 
 /// A mounted directory that workloads can run in.
 ///
@@ -400,67 +402,6 @@ fn wait_for_exit(pids: &[u32], timeout: Duration) {
 // Guards shared by the targets
 // ---------------------------------------------------------------------------
 
-/// A uniquely named directory under the caller's work dir, holding all of a
-/// target's files. Deleted on drop unless something is still mounted in it.
-struct WorkRoot {
-    path: Option<PathBuf>,
-}
-
-impl WorkRoot {
-    fn create(work: &Path, prefix: &str) -> Result<Self> {
-        fs::create_dir_all(work).with_context(|| format!("mkdir {}", work.display()))?;
-        // Mount points are matched against /proc/self/mounts, which holds
-        // canonical paths.
-        let work = fs::canonicalize(work)?;
-        for n in 0..1000u32 {
-            let path = work.join(format!("{prefix}.{}.{n}", std::process::id()));
-            match fs::create_dir(&path) {
-                Ok(()) => return Ok(Self { path: Some(path) }),
-                Err(e) if e.kind() == ErrorKind::AlreadyExists => continue,
-                Err(e) => return Err(e).with_context(|| format!("mkdir {}", path.display())),
-            }
-        }
-        bail!("no free {prefix}.* directory name in {}", work.display())
-    }
-
-    fn path(&self) -> &Path {
-        self.path.as_deref().expect("work root already removed")
-    }
-
-    /// Delete the directory now, reporting errors; drop becomes a no-op.
-    fn remove(&mut self) -> Result<()> {
-        match self.path.take() {
-            Some(path) => remove_unless_mounted(&path),
-            None => Ok(()),
-        }
-    }
-}
-
-impl Drop for WorkRoot {
-    fn drop(&mut self) {
-        if let Some(path) = self.path.take()
-            && let Err(e) = remove_unless_mounted(&path)
-        {
-            tracing::warn!(path = %path.display(), error = %format!("{e:#}"), "leaving work dir behind");
-        }
-    }
-}
-
-fn remove_unless_mounted(path: &Path) -> Result<()> {
-    let busy: Vec<PathBuf> = mount_table()?
-        .into_iter()
-        .map(|m| m.point)
-        .filter(|p| p.starts_with(path))
-        .collect();
-    if !busy.is_empty() {
-        bail!(
-            "not deleting {}: still mounted beneath it: {busy:?}",
-            path.display()
-        );
-    }
-    fs::remove_dir_all(path).with_context(|| format!("remove {}", path.display()))
-}
-
 /// A loop device attached to an image file; detached on drop.
 struct LoopGuard {
     dev: PathBuf,
@@ -502,135 +443,6 @@ impl Drop for LoopGuard {
     }
 }
 
-/// A kernel mount; unmounted on drop (lazily, if a normal unmount fails).
-struct MountGuard {
-    point: PathBuf,
-    mounted: bool,
-}
-
-impl MountGuard {
-    fn mount_ext4(dev: &Path, point: &Path) -> Result<Self> {
-        run(Command::new("mount").args(["-t", "ext4"]).arg(dev).arg(point))
-            .with_context(|| format!("mount {} on {}", dev.display(), point.display()))?;
-        Ok(Self {
-            point: point.to_owned(),
-            mounted: true,
-        })
-    }
-
-    fn unmount(&mut self) -> Result<()> {
-        if !self.mounted {
-            return Ok(());
-        }
-        // EBUSY right after the last file closes is usually transient
-        // (a writeback or a just-exited process); retry briefly.
-        let deadline = Instant::now() + Duration::from_secs(10);
-        loop {
-            match run(Command::new("umount").arg(&self.point)) {
-                Ok(_) => break,
-                Err(_) if Instant::now() < deadline && is_mounted(&self.point)? => {
-                    thread::sleep(Duration::from_millis(200));
-                }
-                Err(e) if !is_mounted(&self.point)? => {
-                    tracing::debug!(error = %format!("{e:#}"), "umount failed but mount is gone");
-                    break;
-                }
-                Err(e) => return Err(e).context(format!("umount {}", self.point.display())),
-            }
-        }
-        self.mounted = false;
-        Ok(())
-    }
-}
-
-impl Drop for MountGuard {
-    fn drop(&mut self) {
-        if let Err(e) = self.unmount() {
-            tracing::warn!(mnt = %self.point.display(), error = %format!("{e:#}"), "unmount failed; lazy unmounting");
-            let _ = run(Command::new("umount").arg("-l").arg(&self.point));
-            self.mounted = false;
-        }
-    }
-}
-
-// ---------------------------------------------------------------------------
-// Helpers
-// ---------------------------------------------------------------------------
-
-struct MountEntry {
-    point: PathBuf,
-    fstype: String,
-}
-
-fn mount_table() -> Result<Vec<MountEntry>> {
-    let text = fs::read_to_string("/proc/self/mounts").context("read /proc/self/mounts")?;
-    Ok(text
-        .lines()
-        .filter_map(|line| {
-            let mut fields = line.split(' ');
-            let _source = fields.next()?;
-            let point = unescape_mount_field(fields.next()?);
-            let fstype = fields.next()?.to_owned();
-            Some(MountEntry {
-                point: PathBuf::from(point),
-                fstype,
-            })
-        })
-        .collect())
-}
-
-/// The kernel escapes space, tab, newline and backslash in mount paths as
-/// three-digit octal (`\040`).
-fn unescape_mount_field(field: &str) -> OsString {
-    use std::os::unix::ffi::OsStringExt;
-    let b = field.as_bytes();
-    let mut out = Vec::with_capacity(b.len());
-    let mut i = 0;
-    while i < b.len() {
-        if b[i] == b'\\'
-            && i + 3 < b.len()
-            && (b'0'..=b'3').contains(&b[i + 1])
-            && b[i + 2..i + 4].iter().all(|c| (b'0'..=b'7').contains(c))
-        {
-            out.push((b[i + 1] - b'0') * 64 + (b[i + 2] - b'0') * 8 + (b[i + 3] - b'0'));
-            i += 4;
-        } else {
-            out.push(b[i]);
-            i += 1;
-        }
-    }
-    OsString::from_vec(out)
-}
-
-fn is_mounted(point: &Path) -> Result<bool> {
-    Ok(mount_table()?.iter().any(|m| m.point == point))
-}
-
-fn is_fuse_mounted(point: &Path) -> Result<bool> {
-    Ok(mount_table()?
-        .iter()
-        .any(|m| m.point == point && m.fstype.starts_with("fuse")))
-}
-
-/// Run a short command to completion, returning stdout; on failure the error
-/// carries the command line, exit status and stderr.
-fn run(cmd: &mut Command) -> Result<String> {
-    let line = format!("{cmd:?}");
-    let out = cmd
-        .stdin(Stdio::null())
-        .output()
-        .with_context(|| format!("spawn {line}"))?;
-    if !out.status.success() {
-        bail!(
-            "{line} failed ({}): {}{}",
-            out.status,
-            String::from_utf8_lossy(&out.stderr).trim(),
-            String::from_utf8_lossy(&out.stdout).trim()
-        );
-    }
-    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
-}
-
 /// Last `max` bytes of a log file, for error messages.
 fn tail(path: &Path, max: u64) -> String {
     let Ok(mut f) = File::open(path) else {
@@ -649,14 +461,6 @@ fn tail(path: &Path, max: u64) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn unescapes_octal_mount_paths() {
-        assert_eq!(unescape_mount_field(r"/a\040b"), OsString::from("/a b"));
-        assert_eq!(unescape_mount_field(r"/a\134"), OsString::from(r"/a\"));
-        assert_eq!(unescape_mount_field(r"/plain"), OsString::from("/plain"));
-        assert_eq!(unescape_mount_field(r"/x\04"), OsString::from(r"/x\04"));
-    }
 
     #[test]
     fn meta_url_has_three_slashes() {

@@ -9,19 +9,19 @@
 
 use std::fs;
 use std::future::Future;
-use std::io::ErrorKind;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
+use std::process::Command;
 use std::sync::Arc;
-use std::thread;
 use std::time::{Duration, Instant};
 
-use anyhow::{Context, Result, bail};
+use anyhow::{Context, Result};
 use den_block::{BlockDevice, Export, ExportOptions, FuseLoopFrontend};
 use den_store::{CreateOptions, DEFAULT_VOLUME_SIZE, Store, StoreConfig, Volume};
 
 use crate::baselines::Target;
 use crate::cancel::{self, EmergencyToken};
+pub(crate) use crate::guards::WorkRoot;
+use crate::guards::{MountGuard, run};
 
 /// `mkfs.ext4 -E` options. The lazy-init part is what [`crate::NativeExt4`]
 /// uses (no background ext4lazyinit I/O during the run); `nodiscard` is what
@@ -141,7 +141,7 @@ pub struct DenVolume {
     export: Option<Export>,
     volume: Option<Volume>,
     store: Option<DenStore>,
-    root: WorkDir,
+    root: WorkRoot,
     /// Emergency cleanup of the loop device and FUSE mount, dropped once the
     /// export is shut down.
     export_tokens: Vec<EmergencyToken>,
@@ -157,7 +157,7 @@ impl DenVolume {
     /// Open a fresh store under `work`, create and export a volume, make ext4
     /// on it and mount it.
     pub fn setup(work: &Path, opts: &DenVolumeOptions) -> Result<Self> {
-        let root = WorkDir::create(work, "den-bench-den")?;
+        let root = WorkRoot::create(work, "den-bench-den")?;
         let data = root.path().join("den-data");
         let fuse_dir = root.path().join("fuse");
         let mnt = root.path().join("mnt");
@@ -209,7 +209,7 @@ impl DenVolume {
             .arg(&this.device))
         .context("mkfs.ext4 on the den volume")?;
         cancel::check()?;
-        this.mount = MountGuard::mount_ext4(&this.device, &this.mnt)?;
+        this.mount = MountGuard::mount_ext4(&this.device, &this.mnt)?.with_emergency_unmount();
         tracing::info!(dev = %this.device.display(), mnt = %this.mnt.display(), "den volume mounted");
         Ok(this)
     }
@@ -299,194 +299,5 @@ impl Drop for DenVolume {
         if let Err(e) = self.close() {
             tracing::warn!(target_name = %self.name, error = %format!("{e:#}"), "den volume teardown on drop");
         }
-    }
-}
-
-// ---------------------------------------------------------------------------
-// Guards and helpers
-// ---------------------------------------------------------------------------
-
-/// A uniquely named directory under the work dir; removed on drop unless
-/// something is still mounted beneath it (deleting through a live mount
-/// would delete the mounted filesystem's content).
-pub(crate) struct WorkDir {
-    path: Option<PathBuf>,
-}
-
-impl WorkDir {
-    pub(crate) fn create(work: &Path, prefix: &str) -> Result<Self> {
-        fs::create_dir_all(work).with_context(|| format!("mkdir {}", work.display()))?;
-        let work = fs::canonicalize(work)?;
-        for n in 0..1000u32 {
-            let path = work.join(format!("{prefix}.{}.{n}", std::process::id()));
-            match fs::create_dir(&path) {
-                Ok(()) => return Ok(Self { path: Some(path) }),
-                Err(e) if e.kind() == ErrorKind::AlreadyExists => continue,
-                Err(e) => return Err(e).with_context(|| format!("mkdir {}", path.display())),
-            }
-        }
-        bail!("no free {prefix}.* directory name in {}", work.display())
-    }
-
-    pub(crate) fn path(&self) -> &Path {
-        self.path.as_deref().expect("work dir already removed")
-    }
-
-    fn keep(&mut self) {
-        if let Some(p) = self.path.take() {
-            eprintln!("leaving {} behind", p.display());
-        }
-    }
-
-    pub(crate) fn remove(&mut self) -> Result<()> {
-        match self.path.take() {
-            Some(path) => remove_unless_mounted(&path),
-            None => Ok(()),
-        }
-    }
-}
-
-impl Drop for WorkDir {
-    fn drop(&mut self) {
-        if let Some(path) = self.path.take()
-            && let Err(e) = remove_unless_mounted(&path)
-        {
-            tracing::warn!(path = %path.display(), error = %format!("{e:#}"), "leaving work dir behind");
-        }
-    }
-}
-
-fn remove_unless_mounted(path: &Path) -> Result<()> {
-    let busy: Vec<PathBuf> = mount_points()?
-        .into_iter()
-        .filter(|p| p.starts_with(path))
-        .collect();
-    if !busy.is_empty() {
-        bail!(
-            "not deleting {}: still mounted beneath it: {busy:?}",
-            path.display()
-        );
-    }
-    fs::remove_dir_all(path).with_context(|| format!("remove {}", path.display()))
-}
-
-/// An ext4 mount; unmounted on drop (lazily if a normal unmount fails).
-struct MountGuard {
-    point: Option<PathBuf>,
-    _token: Option<EmergencyToken>,
-}
-
-impl MountGuard {
-    fn none() -> Self {
-        Self {
-            point: None,
-            _token: None,
-        }
-    }
-
-    fn mount_ext4(dev: &Path, point: &Path) -> Result<Self> {
-        run(Command::new("mount").args(["-t", "ext4"]).arg(dev).arg(point))
-            .with_context(|| format!("mount {} on {}", dev.display(), point.display()))?;
-        Ok(Self {
-            point: Some(point.to_owned()),
-            _token: Some(cancel::register_unmount(point)),
-        })
-    }
-
-    fn unmount(&mut self) -> Result<()> {
-        let Some(point) = self.point.clone() else {
-            return Ok(());
-        };
-        // EBUSY right after the last file closes is usually transient.
-        let deadline = Instant::now() + Duration::from_secs(10);
-        loop {
-            match run(Command::new("umount").arg(&point)) {
-                Ok(_) => break,
-                Err(_) if Instant::now() < deadline && is_mounted(&point)? => {
-                    thread::sleep(Duration::from_millis(200));
-                }
-                Err(_) if !is_mounted(&point)? => break,
-                Err(e) => return Err(e).context(format!("umount {}", point.display())),
-            }
-        }
-        self.point = None;
-        self._token = None;
-        Ok(())
-    }
-}
-
-impl Drop for MountGuard {
-    fn drop(&mut self) {
-        if let Err(e) = self.unmount()
-            && let Some(point) = self.point.take()
-        {
-            tracing::warn!(mnt = %point.display(), error = %format!("{e:#}"), "unmount failed; lazy unmounting");
-            let _ = run(Command::new("umount").arg("-l").arg(&point));
-        }
-    }
-}
-
-fn mount_points() -> Result<Vec<PathBuf>> {
-    let text = fs::read_to_string("/proc/self/mounts").context("read /proc/self/mounts")?;
-    Ok(text
-        .lines()
-        .filter_map(|line| line.split(' ').nth(1).map(unescape_mount_field))
-        .collect())
-}
-
-fn is_mounted(point: &Path) -> Result<bool> {
-    Ok(mount_points()?.iter().any(|p| p == point))
-}
-
-/// The kernel escapes space, tab, newline and backslash in mount paths as
-/// three-digit octal (`\040`).
-fn unescape_mount_field(field: &str) -> PathBuf {
-    use std::os::unix::ffi::OsStringExt;
-    let b = field.as_bytes();
-    let mut out = Vec::with_capacity(b.len());
-    let mut i = 0;
-    while i < b.len() {
-        if b[i] == b'\\'
-            && i + 3 < b.len()
-            && (b'0'..=b'3').contains(&b[i + 1])
-            && b[i + 2..i + 4].iter().all(|c| (b'0'..=b'7').contains(c))
-        {
-            out.push((b[i + 1] - b'0') * 64 + (b[i + 2] - b'0') * 8 + (b[i + 3] - b'0'));
-            i += 4;
-        } else {
-            out.push(b[i]);
-            i += 1;
-        }
-    }
-    PathBuf::from(std::ffi::OsString::from_vec(out))
-}
-
-/// Run a short command to completion; on failure the error carries the
-/// command line, exit status and output.
-pub(crate) fn run(cmd: &mut Command) -> Result<String> {
-    let line = format!("{cmd:?}");
-    let out = cmd
-        .stdin(Stdio::null())
-        .output()
-        .with_context(|| format!("spawn {line}"))?;
-    if !out.status.success() {
-        bail!(
-            "{line} failed ({}): {}{}",
-            out.status,
-            String::from_utf8_lossy(&out.stderr).trim(),
-            String::from_utf8_lossy(&out.stdout).trim()
-        );
-    }
-    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn unescapes_mount_paths() {
-        assert_eq!(unescape_mount_field(r"/a\040b"), PathBuf::from("/a b"));
-        assert_eq!(unescape_mount_field("/plain"), PathBuf::from("/plain"));
     }
 }

@@ -19,7 +19,7 @@ use rand::{Rng, RngCore};
 use serde::Serialize;
 
 use crate::cancel;
-use crate::den_target::{DenStore, WorkDir};
+use crate::den_target::{DenStore, WorkRoot};
 use crate::report::{Latency, latency};
 use crate::workloads::{BYTES_PER_MB, drop_caches};
 
@@ -188,7 +188,7 @@ pub fn run(work: &Path, cfg: &LatencyConfig, progress: &mut dyn FnMut(&str)) -> 
         "the volume ({}) must be larger than what is written into it",
         fmt_size(cfg.volume_size)
     );
-    let mut root = WorkDir::create(work, "den-bench-latency")?;
+    let mut root = WorkRoot::create(work, "den-bench-latency")?;
     let store = DenStore::open(&root.path().join("den-data"), |_| {})?;
     let payload = Payload::new();
     let result = (|| -> Result<LatencyResults> {

@@ -15,6 +15,7 @@
 pub mod baselines;
 pub mod cancel;
 pub mod den_target;
+mod guards;
 pub mod latency_bench;
 pub mod report;
 pub mod suite;
