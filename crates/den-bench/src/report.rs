@@ -198,15 +198,57 @@ impl Report {
         format!("{v} ({}–{})", num(lo, m.decimals), num(hi, m.decimals))
     }
 
+    fn text_table(&self) -> TextTable {
+        let (header, rows) = self.grid();
+        // Workload and unit columns are labels.
+        TextTable {
+            header,
+            rows,
+            left: 2,
+        }
+    }
+
     /// The report as a terminal table.
     pub fn table(&self) -> Table {
-        let (header, rows) = self.grid();
+        self.text_table().table()
+    }
+
+    /// The report as a GitHub-flavoured Markdown table, numbers
+    /// right-aligned, ending in a newline.
+    pub fn markdown(&self) -> String {
+        self.text_table().markdown()
+    }
+}
+
+/// A table with a header row; the first `left` columns are left-aligned
+/// labels, the rest right-aligned numbers.
+#[derive(Debug, Clone, Serialize)]
+pub struct TextTable {
+    pub header: Vec<String>,
+    pub rows: Vec<Vec<String>>,
+    pub left: usize,
+}
+
+impl TextTable {
+    pub fn new(header: &[&str], left: usize) -> Self {
+        Self {
+            header: header.iter().map(|s| (*s).to_owned()).collect(),
+            rows: Vec::new(),
+            left,
+        }
+    }
+
+    pub fn push(&mut self, row: Vec<String>) {
+        self.rows.push(row);
+    }
+
+    pub fn table(&self) -> Table {
         let mut table = Table::new();
         table.load_style(presets::UTF8_FULL_CONDENSED);
-        table.set_header(header);
-        for row in rows {
-            table.add_row(row.into_iter().enumerate().map(|(i, text)| {
-                let align = if i < 2 {
+        table.set_header(self.header.clone());
+        for row in &self.rows {
+            table.add_row(row.iter().enumerate().map(|(i, text)| {
+                let align = if i < self.left {
                     CellAlignment::Left
                 } else {
                     CellAlignment::Right
@@ -217,21 +259,18 @@ impl Report {
         table
     }
 
-    /// The report as a GitHub-flavoured Markdown table, numbers
-    /// right-aligned, ending in a newline.
     pub fn markdown(&self) -> String {
-        let (header, rows) = self.grid();
         let esc = |s: &str| s.replace('|', "\\|");
         let line = |cells: &[String]| {
             let cells: Vec<String> = cells.iter().map(|c| esc(c)).collect();
             format!("| {} |\n", cells.join(" | "))
         };
-        let mut out = line(&header);
-        let seps: Vec<String> = (0..header.len())
-            .map(|i| if i < 2 { ":---" } else { "---:" }.to_owned())
+        let mut out = line(&self.header);
+        let seps: Vec<String> = (0..self.header.len())
+            .map(|i| if i < self.left { ":---" } else { "---:" }.to_owned())
             .collect();
         out.push_str(&line(&seps));
-        for row in &rows {
+        for row in &self.rows {
             out.push_str(&line(row));
         }
         out

@@ -13,7 +13,6 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
-use comfy_table::{Cell, CellAlignment, presets};
 use den_store::DEFAULT_VOLUME_SIZE;
 use rand::Rng;
 use serde::Serialize;
@@ -22,6 +21,7 @@ use crate::baselines::{JuiceFs, NativeExt4, Target};
 use crate::cancel::{self, Emergency, EmergencyToken};
 use crate::den_target::{DenVolume, DenVolumeOptions, VOLUME_NAME};
 use crate::latency_bench::{self, BLOCK, LatencyConfig, LatencyResults, LevelLatency, Payload, fmt_size, ms};
+pub use crate::report::TextTable;
 use crate::report::{Latency, Report, latency};
 use crate::workloads::{BYTES_PER_MB, RepResult, Summary, TargetResult, WorkloadConfig, WorkloadSet, syncfs};
 
@@ -141,63 +141,6 @@ pub fn run_interleaved(
 // ---------------------------------------------------------------------------
 // Tables
 // ---------------------------------------------------------------------------
-
-/// A table with a header row; the first `left` columns are left-aligned
-/// labels, the rest right-aligned numbers.
-#[derive(Debug, Clone, Serialize)]
-pub struct TextTable {
-    pub header: Vec<String>,
-    pub rows: Vec<Vec<String>>,
-    pub left: usize,
-}
-
-impl TextTable {
-    pub fn new(header: &[&str], left: usize) -> Self {
-        Self {
-            header: header.iter().map(|s| (*s).to_owned()).collect(),
-            rows: Vec::new(),
-            left,
-        }
-    }
-
-    pub fn push(&mut self, row: Vec<String>) {
-        self.rows.push(row);
-    }
-
-    pub fn table(&self) -> comfy_table::Table {
-        let mut table = comfy_table::Table::new();
-        table.load_style(presets::UTF8_FULL_CONDENSED);
-        table.set_header(self.header.clone());
-        for row in &self.rows {
-            table.add_row(row.iter().enumerate().map(|(i, text)| {
-                let align = if i < self.left {
-                    CellAlignment::Left
-                } else {
-                    CellAlignment::Right
-                };
-                Cell::new(text).set_alignment(align)
-            }));
-        }
-        table
-    }
-
-    pub fn markdown(&self) -> String {
-        let esc = |s: &str| s.replace('|', "\\|");
-        let line = |cells: &[String]| {
-            let cells: Vec<String> = cells.iter().map(|c| esc(c)).collect();
-            format!("| {} |\n", cells.join(" | "))
-        };
-        let mut out = line(&self.header);
-        let seps: Vec<String> = (0..self.header.len())
-            .map(|i| if i < self.left { ":---" } else { "---:" }.to_owned())
-            .collect();
-        out.push_str(&line(&seps));
-        for row in &self.rows {
-            out.push_str(&line(row));
-        }
-        out
-    }
-}
 
 fn f1(v: f64) -> String {
     if v.is_finite() {
