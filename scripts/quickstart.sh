@@ -12,7 +12,7 @@ bash scripts/install-deps.sh
 
 log "building den (release)"
 cargo build --release -p den
-install -m 0755 target/release/den /usr/local/bin/den
+install -m 0755 "${CARGO_TARGET_DIR:-target}/release/den" /usr/local/bin/den
 den --version
 
 export DEN_DATA_DIR=${DEN_DATA_DIR:-/var/lib/den}
