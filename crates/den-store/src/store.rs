@@ -305,7 +305,10 @@ impl Store {
             }
         }
         for p in known {
-            if !s.cache.pending_path(p).exists() {
+            // Another process sharing this cache (a mount daemon) may have
+            // uploaded it since we listed: only a chunk still named after the
+            // file is gone is lost.
+            if !s.cache.pending_path(p).exists() && s.meta.pending_referenced(p).await? {
                 tracing::error!("pending chunk {p:016x} is named by metadata but missing from the cache");
             }
         }
