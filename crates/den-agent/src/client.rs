@@ -14,7 +14,10 @@ use crate::protocol::{
     Control, FRAME_CONTROL, FRAME_STDERR, FRAME_STDIN, FRAME_STDIN_EOF, FRAME_STDOUT, Request, Response,
     encode_control, encode_frame, read_frame,
 };
-pub use crate::protocol::{ExecRequest, ExitInfo, PortEvent, SessionInfo, SessionSummary};
+pub use crate::protocol::{
+    ExecRequest, ExitInfo, PortEvent, ServiceDef, ServiceEvent, ServiceEventType, ServiceState,
+    ServiceStatus, SessionInfo, SessionSummary,
+};
 
 /// What an exec/attach connection yields after `session_info`.
 #[derive(Debug, Clone, PartialEq)]
@@ -43,6 +46,14 @@ pub async fn connect(socket_path: impl AsRef<Path>) -> Result<Client, Error> {
 }
 
 async fn request(socket: &Path, req: &Request) -> Result<(BufReader<OwnedReadHalf>, OwnedWriteHalf), Error> {
+    request_full(socket, req).await.map(|(_, rd, wr)| (rd, wr))
+}
+
+/// Sends `req` and returns the successful response with the open connection.
+async fn request_full(
+    socket: &Path,
+    req: &Request,
+) -> Result<(Response, BufReader<OwnedReadHalf>, OwnedWriteHalf), Error> {
     let stream = UnixStream::connect(socket).await?;
     let (rd, mut wr) = stream.into_split();
     let mut line = serde_json::to_vec(req)?;
@@ -62,7 +73,7 @@ async fn request(socket: &Path, req: &Request) -> Result<(BufReader<OwnedReadHal
             message: resp.error.unwrap_or_default(),
         });
     }
-    Ok((rd, wr))
+    Ok((resp, rd, wr))
 }
 
 impl Client {
@@ -162,6 +173,145 @@ impl Client {
             _wr: wr,
             task,
         })
+    }
+}
+
+impl Client {
+    /// Replaces the desired set of services; returns once new and changed
+    /// services were spawned (or failed to) and removed ones stopped.
+    pub async fn services_set(&self, services: &[ServiceDef]) -> Result<(), Error> {
+        request(
+            &self.socket,
+            &Request::ServicesSet {
+                services: services.to_vec(),
+            },
+        )
+        .await
+        .map(|_| ())
+    }
+
+    /// Status of every defined service, sorted by name.
+    pub async fn services_status(&self) -> Result<Vec<ServiceStatus>, Error> {
+        let (resp, _, _) = request_full(&self.socket, &Request::ServicesStatus).await?;
+        Ok(resp.services.unwrap_or_default())
+    }
+
+    /// Signals the service's process group; `not_found` / `not_running` errors.
+    pub async fn service_signal(&self, name: &str, signal: &str) -> Result<(), Error> {
+        request(
+            &self.socket,
+            &Request::ServiceSignal {
+                name: name.into(),
+                signal: signal.into(),
+            },
+        )
+        .await
+        .map(|_| ())
+    }
+
+    /// The last `lines` (default 100) lines of the combined log, then with
+    /// `follow` whatever is appended until the stream is dropped.
+    pub async fn service_logs(
+        &self,
+        name: &str,
+        lines: Option<usize>,
+        follow: bool,
+    ) -> Result<ServiceLogStream, Error> {
+        let (mut rd, wr) = request(
+            &self.socket,
+            &Request::ServiceLogs {
+                name: name.into(),
+                lines,
+                follow,
+            },
+        )
+        .await?;
+        let (tx, rx) = mpsc::channel(1024);
+        let task = tokio::spawn(async move {
+            while let Ok(Some((kind, payload))) = read_frame(&mut rd).await {
+                match kind {
+                    FRAME_STDOUT if tx.send(payload).await.is_err() => return,
+                    FRAME_STDIN_EOF => return,
+                    _ => {}
+                }
+            }
+        });
+        Ok(ServiceLogStream { rx, _wr: wr, task })
+    }
+
+    /// Events of one service (or all) from now on.
+    pub async fn service_events(&self, name: Option<&str>) -> Result<ServiceEventStream, Error> {
+        let (mut rd, wr) = request(
+            &self.socket,
+            &Request::ServiceEvents {
+                name: name.map(str::to_owned),
+            },
+        )
+        .await?;
+        let (tx, rx) = mpsc::channel(1024);
+        let task = tokio::spawn(async move {
+            while let Ok(Some((kind, payload))) = read_frame(&mut rd).await {
+                if kind != FRAME_CONTROL {
+                    continue;
+                }
+                if let Ok(Control::Service { event }) = serde_json::from_slice::<Control>(&payload)
+                    && tx.send(event).await.is_err()
+                {
+                    return;
+                }
+            }
+        });
+        Ok(ServiceEventStream { rx, _wr: wr, task })
+    }
+}
+
+/// Log bytes of a service; dropping it ends a follow.
+pub struct ServiceLogStream {
+    rx: mpsc::Receiver<Bytes>,
+    _wr: OwnedWriteHalf,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl ServiceLogStream {
+    /// Next chunk; `None` after the end of a non-follow tail or when the
+    /// agent goes away.
+    pub async fn recv(&mut self) -> Option<Bytes> {
+        self.rx.recv().await
+    }
+
+    /// Everything until the end (only ends for non-follow streams).
+    pub async fn read_to_end(mut self) -> Vec<u8> {
+        let mut out = Vec::new();
+        while let Some(b) = self.recv().await {
+            out.extend_from_slice(&b);
+        }
+        out
+    }
+}
+
+impl Drop for ServiceLogStream {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+/// A `service_events` subscription; dropping it unsubscribes.
+pub struct ServiceEventStream {
+    rx: mpsc::Receiver<ServiceEvent>,
+    _wr: OwnedWriteHalf,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl ServiceEventStream {
+    /// Next event; `None` once the agent closed the subscription.
+    pub async fn recv(&mut self) -> Option<ServiceEvent> {
+        self.rx.recv().await
+    }
+}
+
+impl Drop for ServiceEventStream {
+    fn drop(&mut self) {
+        self.task.abort();
     }
 }
 

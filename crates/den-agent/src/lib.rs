@@ -12,6 +12,9 @@
 //!   keep a scrollback ring for replay on attach, fan output out to any number
 //!   of attached clients, and survive client disconnects for
 //!   `max_run_after_disconnect` (TTY: forever, otherwise 10 s).
+//! * **Services**: declared long-running processes, started in `needs`
+//!   order, restarted on crashes with backoff, logged to files (see
+//!   [Services](#services) below).
 //! * **Port watcher**: LISTEN sockets appearing/disappearing in
 //!   `/proc/net/tcp{,6}` are reported to the owning session's clients and to
 //!   `subscribe_ports` connections.
@@ -33,7 +36,8 @@
 //! The agent answers with one JSON line, a [`protocol::Response`]:
 //! `{"ok":true}` (plus `sessions` for `list_sessions`) or
 //! `{"ok":false,"code":"not_found"|"bad_request"|"spawn_failed","error":"…"}`.
-//! `ping`, `list_sessions` and `kill` then close.
+//! `ping`, `list_sessions`, `kill`, `services_set`, `services_status` and
+//! `service_signal` then close.
 //!
 //! After a successful `exec`, `attach` or `subscribe_ports` both directions
 //! carry binary frames `[kind u8][len u32 big-endian][payload]`:
@@ -68,6 +72,65 @@
 //! descriptors open, reading stops `exit_drain_timeout` (500 ms) after the
 //! exit.
 //!
+//! # Services
+//!
+//! Sprites §2.6 semantics; the host persists the definitions and always sends
+//! the whole desired set:
+//!
+//! ```text
+//! {"type":"services_set","services":[{"name":"web","cmd":"python3","args":["-m","http.server"],
+//!   "env":{"K":"v"},"dir":"/srv","needs":["db"],"http_port":8000,"stopped":false}, ...]}
+//! {"type":"services_status"}
+//! {"type":"service_signal","name":"web","signal":"HUP"}
+//! {"type":"service_logs","name":"web","lines":100,"follow":false}
+//! {"type":"service_events","name":"web"}          (name omitted or null: all services)
+//! ```
+//!
+//! * `services_set` validates first: names `[A-Za-z0-9_.-]{1,64}` (not `.`
+//!   or `..`), non-empty `cmd`, unique names, `needs` naming services of the
+//!   set, no cycles; otherwise `{"ok":false,"code":"bad_request"}` and nothing
+//!   changes. Then: an unchanged definition is left alone; a new or changed
+//!   one (any field differs) is (re)started, the old process being stopped
+//!   first; a removed one is stopped and forgotten (logs stay). Stopping is
+//!   SIGTERM to the process group, SIGKILL after `service_stop_grace` (5 s).
+//!   `stopped:true` is the sticky stop: not started, not restarted by
+//!   crashes; setting it back to false starts the service. A service is
+//!   spawned only once every service it `needs` is running. The answer
+//!   (`{"ok":true}`) comes once removed services stopped and every new or
+//!   changed one was spawned, failed to spawn, is stopped, or waits on a need
+//!   that is itself not running after its own attempt.
+//! * Processes run as `default_user` with exec's default environment (PATH,
+//!   HOME, USER, LOGNAME, LANG) plus `env`, in `dir` or the user's home,
+//!   stdin `/dev/null`, in their own session/process group.
+//! * Any exit not caused by a stop (including signals) is a crash: the
+//!   service restarts after 1 s, 2 s, 4 s, … capped at 30 s
+//!   (`service_backoff_base`/`_max`); the delay starts over after a run of at
+//!   least the cap. Each restart increments `restart_count`; meanwhile the
+//!   status is `starting` with `error` ("exited with code 3", "killed by
+//!   SIGKILL") and `next_restart_at`. A failed spawn (e.g. command not found)
+//!   makes it `failed` with `error`, retried the same way.
+//! * `services_status` answers `{"ok":true,"services":[{"name":"web",
+//!   "status":"stopped"|"starting"|"running"|"stopping"|"failed","pid":N|null,
+//!   "started_at":unix_ms|null,"error":str|null,"restart_count":N,
+//!   "next_restart_at":unix_ms|null}]}`, sorted by name.
+//! * `service_signal` signals the process group; errors `not_found` (no such
+//!   service), `not_running`, `bad_request` (bad signal name).
+//! * Output goes to `<services_log_dir>/<name>.log` (default
+//!   `/.sprite/logs/services`) as `2026-01-05T08:01:00.123Z [stdout] line`
+//!   (or `[stderr]`), and raw to `<name>.stdout.log` / `<name>.stderr.log`.
+//!   `service_logs` answers ok (or `not_found` if the service is neither
+//!   defined nor has a log), then stdout frames with the last `lines`
+//!   (default 100) lines of `<name>.log`; without `follow` an EOF frame
+//!   (`0x04`) and close, with `follow` appended data until the client closes.
+//! * `service_events` answers ok, then control frames until the client
+//!   closes: `{"type":"service","event":{"name":"web","type":"started"|
+//!   "stopping"|"stopped"|"exit"|"stdout"|"stderr"|"error","data":"line or
+//!   error"?,"exit_code":N?,"timestamp":unix_ms}}`. `started` always precedes
+//!   the run's output, which precedes its `exit`; a stop yields `stopping`,
+//!   `exit`, `stopped`. A subscriber more than 4096 events behind is
+//!   disconnected.
+//! * On agent shutdown services are stopped like removed ones.
+//!
 //! # Caveat for embedders
 //!
 //! The agent reaps with `waitpid(-1)`. A process running the agent must not
@@ -79,6 +142,7 @@ mod ports;
 pub mod protocol;
 mod reaper;
 mod server;
+mod services;
 mod session;
 mod sys;
 pub mod user;
@@ -128,6 +192,15 @@ pub struct AgentConfig {
     pub shutdown_grace: Duration,
     /// Become a child subreaper when not PID 1, so orphans still come to us.
     pub subreaper: bool,
+    /// Where `<name>.log`, `<name>.stdout.log` and `<name>.stderr.log` go.
+    pub services_log_dir: PathBuf,
+    /// SIGTERM → SIGKILL grace when a service is stopped or removed.
+    pub service_stop_grace: Duration,
+    /// First restart delay after a crash; doubles per consecutive crash.
+    pub service_backoff_base: Duration,
+    /// Cap of the restart delay; a service that stayed up this long starts
+    /// over at `service_backoff_base`.
+    pub service_backoff_max: Duration,
 }
 
 impl AgentConfig {
@@ -145,6 +218,10 @@ impl AgentConfig {
             default_kill_grace: Duration::from_secs(5),
             shutdown_grace: Duration::from_secs(5),
             subreaper: true,
+            services_log_dir: "/.sprite/logs/services".into(),
+            service_stop_grace: Duration::from_secs(5),
+            service_backoff_base: Duration::from_secs(1),
+            service_backoff_max: Duration::from_secs(30),
         }
     }
 }

@@ -30,11 +30,119 @@ pub const MAX_FRAME: u32 = 16 * 1024 * 1024;
 #[serde(tag = "type", rename_all = "snake_case")]
 pub enum Request {
     Exec(ExecRequest),
-    Attach { session: String },
+    Attach {
+        session: String,
+    },
     ListSessions,
-    Kill { session: String, signal: String },
+    Kill {
+        session: String,
+        signal: String,
+    },
     SubscribePorts,
     Ping,
+    /// The full desired set of services; the agent reconciles to it.
+    ServicesSet {
+        services: Vec<ServiceDef>,
+    },
+    ServicesStatus,
+    /// Signals the service's process group.
+    ServiceSignal {
+        name: String,
+        signal: String,
+    },
+    /// Tail (default 100 lines) of the combined log, then EOF or, with
+    /// `follow`, appended data until the client closes.
+    ServiceLogs {
+        name: String,
+        #[serde(default)]
+        lines: Option<usize>,
+        #[serde(default)]
+        follow: bool,
+    },
+    /// Stream of [`Control::Service`] frames for one service, or all.
+    ServiceEvents {
+        #[serde(default)]
+        name: Option<String>,
+    },
+}
+
+/// One declared service (Sprites §2.6 plus the sticky `stopped` flag, which
+/// the host persists alongside the definition).
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(default)]
+pub struct ServiceDef {
+    /// `[A-Za-z0-9_.-]{1,64}`; also the log file name.
+    pub name: String,
+    /// Looked up in the base environment's `PATH`; no shell is involved.
+    pub cmd: String,
+    pub args: Vec<String>,
+    /// Added on top of the base environment (PATH, HOME, USER, ...).
+    pub env: BTreeMap<String, String>,
+    /// Working directory; default the user's home.
+    pub dir: Option<String>,
+    /// Services that must be running before this one is started.
+    pub needs: Vec<String>,
+    pub http_port: Option<u16>,
+    /// Sticky stop: not started, not restarted after crashes.
+    pub stopped: bool,
+}
+
+#[derive(Debug, Clone, Copy, Default, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum ServiceState {
+    #[default]
+    Stopped,
+    /// Waiting for its needs, or for the restart backoff after a crash.
+    Starting,
+    Running,
+    Stopping,
+    /// The last spawn attempt failed (see `error`); it is retried with backoff.
+    Failed,
+}
+
+/// Runtime state of one service.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(default)]
+pub struct ServiceStatus {
+    pub name: String,
+    pub status: ServiceState,
+    pub pid: Option<i32>,
+    /// Unix milliseconds of the current process's start.
+    pub started_at: Option<u64>,
+    /// Why the last run ended or the last spawn failed.
+    pub error: Option<String>,
+    /// Restarts after crashes or failed spawns since the definition was set.
+    pub restart_count: u32,
+    /// Unix milliseconds of the pending restart, while backing off.
+    pub next_restart_at: Option<u64>,
+}
+
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum ServiceEventType {
+    Started,
+    Stopping,
+    Stopped,
+    Exit,
+    Stdout,
+    Stderr,
+    Error,
+}
+
+/// What the host turns into Sprites' NDJSON `ServiceLogEvent` lines.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct ServiceEvent {
+    pub name: String,
+    #[serde(rename = "type")]
+    pub kind: ServiceEventType,
+    /// The output line (stdout/stderr) or error message (error).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub data: Option<String>,
+    /// Exit status, or 128 + signal number (exit).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub exit_code: Option<i32>,
+    /// Unix milliseconds.
+    pub timestamp: u64,
 }
 
 /// Parameters of a new command.
@@ -77,6 +185,8 @@ pub struct Response {
     pub code: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub sessions: Option<Vec<SessionSummary>>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub services: Option<Vec<ServiceStatus>>,
 }
 
 impl Response {
@@ -91,7 +201,7 @@ impl Response {
             ok: false,
             error: Some(error.into()),
             code: Some(code.to_owned()),
-            sessions: None,
+            ..Default::default()
         }
     }
 }
@@ -148,13 +258,22 @@ pub struct PortEvent {
 #[serde(tag = "type", rename_all = "snake_case")]
 pub enum Control {
     // client → agent
-    Resize { cols: u16, rows: u16 },
-    Signal { signal: String },
+    Resize {
+        cols: u16,
+        rows: u16,
+    },
+    Signal {
+        signal: String,
+    },
     // agent → client
     SessionInfo(SessionInfo),
     Exit(ExitInfo),
     PortOpened(PortEvent),
     PortClosed(PortEvent),
+    /// A struct variant because the event has its own `type` field.
+    Service {
+        event: ServiceEvent,
+    },
 }
 
 /// First frame on every exec/attach connection.
@@ -254,6 +373,35 @@ mod tests {
         }))
         .unwrap();
         assert_eq!(s, r#"{"type":"exit","exit_code":3,"timed_out":false}"#);
+        let s = serde_json::to_string(&Control::Service {
+            event: ServiceEvent {
+                name: "web".into(),
+                kind: ServiceEventType::Exit,
+                data: None,
+                exit_code: Some(1),
+                timestamp: 5,
+            },
+        })
+        .unwrap();
+        assert_eq!(
+            s,
+            r#"{"type":"service","event":{"name":"web","type":"exit","exit_code":1,"timestamp":5}}"#
+        );
+        let r: Request = serde_json::from_str(r#"{"type":"service_logs","name":"web"}"#).unwrap();
+        assert_eq!(
+            r,
+            Request::ServiceLogs {
+                name: "web".into(),
+                lines: None,
+                follow: false
+            }
+        );
+        let r: Request =
+            serde_json::from_str(r#"{"type":"services_set","services":[{"name":"a","cmd":"x"}]}"#).unwrap();
+        let Request::ServicesSet { services } = r else {
+            panic!()
+        };
+        assert_eq!((services[0].stopped, services[0].http_port), (false, None));
         let r: Request = serde_json::from_str(r#"{"type":"attach","session":"12"}"#).unwrap();
         assert_eq!(r, Request::Attach { session: "12".into() });
     }

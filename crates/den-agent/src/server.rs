@@ -27,6 +27,7 @@ pub(crate) struct AgentInner {
     /// so exit frames are flushed before the process ends.
     streaming: std::sync::atomic::AtomicUsize,
     streaming_done: Notify,
+    pub services: Arc<crate::services::Services>,
 }
 
 struct StreamingGuard(Arc<AgentInner>);
@@ -84,8 +85,10 @@ impl AgentHandle {
             use std::os::unix::fs::PermissionsExt;
             std::fs::set_permissions(&config.socket, std::fs::Permissions::from_mode(0o600))?;
         }
+        let services = crate::services::Services::new(config.clone());
         let inner = Arc::new(AgentInner {
             config,
+            services,
             sessions: Mutex::new(HashMap::new()),
             port_subscribers: Mutex::new(Vec::new()),
             sessions_changed: Notify::new(),
@@ -123,12 +126,18 @@ impl AgentHandle {
         Ok(AgentHandle { inner, stop, task })
     }
 
-    /// Stops accepting, sends SIGTERM to every session's process group, waits
-    /// up to `shutdown_grace` for them to exit, then SIGKILLs the rest.
-    pub async fn shutdown(self) {
+    /// Stops accepting, stops services, sends SIGTERM to every session's
+    /// process group, waits up to `shutdown_grace` for them to exit, then
+    /// SIGKILLs the rest.
+    pub async fn shutdown(mut self) {
         self.stop.notify_one();
-        let _ = self.task.await;
+        let _ = (&mut self.task).await;
         let _ = std::fs::remove_file(&self.inner.config.socket);
+        let services = self.inner.services.clone();
+        tokio::join!(services.shutdown(), self.shutdown_sessions());
+    }
+
+    async fn shutdown_sessions(&self) {
         let all: Vec<_> = self.inner.lock_sessions().values().cloned().collect();
         for s in &all {
             s.signal_group(Signal::SIGTERM);
@@ -167,7 +176,7 @@ async fn wait_for_streams(inner: &AgentInner, deadline: tokio::time::Instant) {
     }
 }
 
-async fn write_response(w: &mut OwnedWriteHalf, resp: &Response) -> Result<(), Error> {
+pub(crate) async fn write_response(w: &mut OwnedWriteHalf, resp: &Response) -> Result<(), Error> {
     let mut line = serde_json::to_vec(resp)?;
     line.push(b'\n');
     w.write_all(&line).await?;
@@ -242,6 +251,40 @@ async fn handle_connection(inner: Arc<AgentInner>, stream: UnixStream) -> Result
                     }
                 }
             }
+        }
+        Request::ServicesSet { services } => {
+            let resp = match crate::services::set_detached(inner.services.clone(), services).await {
+                Ok(()) => Response::ok(),
+                Err(e) => Response::err("bad_request", e),
+            };
+            write_response(&mut wr, &resp).await
+        }
+        Request::ServicesStatus => {
+            let resp = Response {
+                services: Some(inner.services.status()),
+                ..Response::ok()
+            };
+            write_response(&mut wr, &resp).await
+        }
+        Request::ServiceSignal { name, signal } => {
+            let resp = match parse_signal(&signal) {
+                None => Response::err("bad_request", format!("bad signal {signal:?}")),
+                Some(sig) => match inner.services.signal(&name, sig) {
+                    Ok(()) => Response::ok(),
+                    Err((code, msg)) => Response::err(code, msg),
+                },
+            };
+            write_response(&mut wr, &resp).await
+        }
+        Request::ServiceLogs { name, lines, follow } => {
+            let services = inner.services.clone();
+            drop(inner);
+            services.serve_logs(name, lines, follow, rd, wr).await
+        }
+        Request::ServiceEvents { name } => {
+            let services = inner.services.clone();
+            drop(inner);
+            services.serve_events(name, rd, wr).await
         }
         Request::Exec(exec) => {
             let _guard = StreamingGuard::new(&inner);

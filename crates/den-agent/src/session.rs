@@ -115,7 +115,37 @@ pub(crate) fn now_secs() -> u64 {
         .unwrap_or(0)
 }
 
-fn default_env(user: &user::UserInfo, tty: bool) -> Vec<(String, String)> {
+/// The user a command runs as: `name`, or the agent's default user.
+pub(crate) fn resolve_user(cfg: &crate::AgentConfig, name: Option<&str>) -> Result<user::UserInfo, Error> {
+    match name {
+        Some(name) => user::lookup(name, &cfg.passwd_path, &cfg.group_path),
+        // A sprite image without the default user should still run
+        // commands, as root, rather than refuse every exec.
+        None => user::lookup(&cfg.default_user, &cfg.passwd_path, &cfg.group_path).or_else(|e| {
+            tracing::warn!(error = %e, "default user missing; running as root");
+            user::lookup("0", &cfg.passwd_path, &cfg.group_path)
+        }),
+    }
+}
+
+/// Credentials to switch to in the child; `None` when no switch is needed.
+pub(crate) fn spawn_creds(user: &user::UserInfo) -> Result<Option<sys::Creds>, Error> {
+    let euid = nix::unistd::geteuid();
+    if euid.is_root() {
+        Ok(Some(user.creds()))
+    } else if euid.as_raw() == user.uid {
+        // An unprivileged agent (tests, development) can only run
+        // commands as itself.
+        Ok(None)
+    } else {
+        Err(Error::User(format!(
+            "agent is not root; cannot run as uid {}",
+            user.uid
+        )))
+    }
+}
+
+pub(crate) fn default_env(user: &user::UserInfo, tty: bool) -> Vec<(String, String)> {
     let mut env = vec![
         (
             "PATH".into(),
@@ -144,15 +174,7 @@ impl Session {
         if req.argv.is_empty() || req.argv[0].is_empty() {
             return Err(Error::BadRequest("empty argv".into()));
         }
-        let user = match &req.user {
-            Some(name) => user::lookup(name, &cfg.passwd_path, &cfg.group_path)?,
-            // A sprite image without the default user should still run
-            // commands, as root, rather than refuse every exec.
-            None => user::lookup(&cfg.default_user, &cfg.passwd_path, &cfg.group_path).or_else(|e| {
-                tracing::warn!(error = %e, "default user missing; running as root");
-                user::lookup("0", &cfg.passwd_path, &cfg.group_path)
-            })?,
-        };
+        let user = resolve_user(cfg, req.user.as_deref())?;
         let cwd = match &req.cwd {
             Some(c) if std::path::Path::new(c).is_dir() => c.clone(),
             Some(c) => {
@@ -175,19 +197,7 @@ impl Session {
                 cmd.envs(default_env(&user, req.tty));
             }
         }
-        let euid = nix::unistd::geteuid();
-        let creds = if euid.is_root() {
-            Some(user.creds())
-        } else if euid.as_raw() == user.uid {
-            // An unprivileged agent (tests, development) can only run
-            // commands as itself.
-            None
-        } else {
-            return Err(Error::User(format!(
-                "agent is not root; cannot run as uid {}",
-                user.uid
-            )));
-        };
+        let creds = spawn_creds(&user)?;
 
         let master = if req.tty {
             let (master, slave) = open_pty().map_err(|e| Error::Spawn(format!("opening a pty: {e}")))?;
