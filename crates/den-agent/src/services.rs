@@ -50,14 +50,21 @@ pub(crate) fn now_ms() -> u64 {
 #[derive(Debug, Default)]
 struct Runtime {
     status: ServiceStatus,
-    /// The current definition has settled: its first spawn was attempted, it
-    /// is (sticky) stopped, or it is blocked on a need that settled without
-    /// running. `services_set` answers once every changed service settled.
-    settled: bool,
+    /// The generation (supervisor instance) that settled: its first spawn was
+    /// attempted, it is (sticky) stopped, or it is blocked on a need that
+    /// settled without running. `services_set` answers once every changed
+    /// service settled. A generation rather than a flag, because the
+    /// predecessor may still be settling (stopping) after its successor was
+    /// installed.
+    settled: u64,
+    /// Blocked on needs. `services_set` also waits for blocked services whose
+    /// needs have just come up, so an answer means they were spawned too.
+    waiting: bool,
 }
 
 struct Entry {
     def: ServiceDef,
+    generation: u64,
     rt: Arc<Mutex<Runtime>>,
     stop: watch::Sender<bool>,
     /// Taken by the successor (which awaits it) or by whoever removes it.
@@ -77,6 +84,7 @@ pub(crate) struct Services {
     /// later set could start the same name again.
     set_lock: tokio::sync::Mutex<()>,
     shutting_down: watch::Sender<bool>,
+    next_generation: std::sync::atomic::AtomicU64,
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -91,6 +99,23 @@ fn valid_name(name: &str) -> bool {
         // `.` and `..` are valid per the pattern but would escape the log dir.
         && name != "."
         && name != ".."
+}
+
+/// Whether every need is running; `Err(())` when some need settled without
+/// running, i.e. the dependent is blocked for now.
+fn needs_state(entries: &HashMap<String, Entry>, def: &ServiceDef) -> Result<bool, ()> {
+    let mut all = true;
+    for n in &def.needs {
+        let Some(e) = entries.get(n) else { return Err(()) };
+        let r = lock(&e.rt);
+        if r.status.status != ServiceState::Running {
+            if r.settled == e.generation {
+                return Err(());
+            }
+            all = false;
+        }
+    }
+    Ok(all)
 }
 
 /// Checks names, commands, `needs` references and cycles of a desired set.
@@ -156,6 +181,7 @@ impl Services {
             log_written: Notify::new(),
             set_lock: tokio::sync::Mutex::new(()),
             shutting_down: watch::channel(false).0,
+            next_generation: 1.into(),
         })
     }
 
@@ -248,22 +274,29 @@ impl Services {
                                 name: def.name.clone(),
                                 ..Default::default()
                             },
-                            settled: false,
+                            settled: 0,
+                            waiting: false,
                         })),
                         None,
                     ),
                 };
-                lock(&rt).settled = false;
+                let generation = self
+                    .next_generation
+                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                 let (stop, stop_rx) = watch::channel(false);
-                let task = tokio::spawn(
-                    self.clone()
-                        .supervise(def.clone(), rt.clone(), stop_rx, prev_task),
-                );
-                changed.push(rt.clone());
+                let task = tokio::spawn(self.clone().supervise(
+                    def.clone(),
+                    generation,
+                    rt.clone(),
+                    stop_rx,
+                    prev_task,
+                ));
+                changed.push((rt.clone(), generation));
                 entries.insert(
                     def.name.clone(),
                     Entry {
                         def,
+                        generation,
                         rt,
                         stop,
                         task: Some(task),
@@ -278,7 +311,7 @@ impl Services {
         let deadline = tokio::time::Instant::now() + SET_SETTLE_LIMIT;
         loop {
             let notified = self.changed.notified();
-            if changed.iter().all(|rt| lock(rt).settled) {
+            if self.settled(&changed) {
                 return Ok(());
             }
             if tokio::time::timeout_at(deadline, notified).await.is_err() {
@@ -306,27 +339,29 @@ impl Services {
         }
     }
 
+    /// Every changed service settled, and no blocked service is about to be
+    /// spawned because its needs came up.
+    fn settled(&self, changed: &[(Arc<Mutex<Runtime>>, u64)]) -> bool {
+        if !changed.iter().all(|(rt, g)| lock(rt).settled == *g) {
+            return false;
+        }
+        let entries = lock(&self.entries);
+        entries.values().all(|e| {
+            let waiting = lock(&e.rt).waiting;
+            !waiting || needs_state(&entries, &e.def) != Ok(true)
+        })
+    }
+
     /// Whether every need is running; `Err(())` when some need settled
     /// without running, i.e. this service is blocked for now.
     fn needs_state(&self, def: &ServiceDef) -> Result<bool, ()> {
-        let entries = lock(&self.entries);
-        let mut all = true;
-        for n in &def.needs {
-            let Some(e) = entries.get(n) else { return Err(()) };
-            let r = lock(&e.rt);
-            if r.status.status != ServiceState::Running {
-                if r.settled {
-                    return Err(());
-                }
-                all = false;
-            }
-        }
-        Ok(all)
+        needs_state(&lock(&self.entries), def)
     }
 
     async fn supervise(
         self: Arc<Self>,
         def: ServiceDef,
+        generation: u64,
         rt: Arc<Mutex<Runtime>>,
         mut stop: watch::Receiver<bool>,
         prev: Option<JoinHandle<()>>,
@@ -343,7 +378,7 @@ impl Services {
                     name: name.clone(),
                     ..Default::default()
                 };
-                r.settled = true;
+                r.settled = generation;
             });
             return;
         }
@@ -360,16 +395,27 @@ impl Services {
             // Wait for needs.
             loop {
                 let notified = self.changed.notified();
-                match self.needs_state(&def) {
+                let blocked = match self.needs_state(&def) {
                     Ok(true) => break,
-                    Ok(false) => {}
+                    Ok(false) => false,
+                    Err(()) => true,
+                };
+                let (was_settled, was_waiting) = {
+                    let r = lock(&rt);
+                    (r.settled == generation, r.waiting)
+                };
+                if blocked && !was_settled {
                     // Only on the transition: an update wakes this very loop.
-                    Err(()) if !lock(&rt).settled => self.update(&rt, None, |r| r.settled = true),
-                    Err(()) => {}
+                    self.update(&rt, None, |r| {
+                        r.settled = generation;
+                        r.waiting = true;
+                    });
+                } else if !was_waiting {
+                    lock(&rt).waiting = true;
                 }
                 tokio::select! {
                     _ = notified => {}
-                    _ = until_true(&mut stop) => return self.stopped(&rt),
+                    _ = until_true(&mut stop) => return self.stopped(&rt, generation),
                 }
             }
             let spawned = self.spawn(&def);
@@ -379,7 +425,8 @@ impl Services {
                         r.status.status = ServiceState::Failed;
                         r.status.pid = None;
                         r.status.error = Some(e.clone());
-                        r.settled = true;
+                        r.settled = generation;
+                        r.waiting = false;
                     });
                     None
                 }
@@ -391,7 +438,8 @@ impl Services {
                         r.status.started_at = Some(now_ms());
                         r.status.error = None;
                         r.status.next_restart_at = None;
-                        r.settled = true;
+                        r.settled = generation;
+                        r.waiting = false;
                     });
                     let pumps = self.start_pumps(&name, &mut proc);
                     let Process { pid, mut exit, .. } = proc;
@@ -406,7 +454,7 @@ impl Services {
                         }
                         _ = until_true(&mut stop) => {
                             self.stop_process(&rt, pid, exit, pumps).await;
-                            return self.stopped(&rt);
+                            return self.stopped(&rt, generation);
                         }
                     }
                 }
@@ -431,20 +479,21 @@ impl Services {
             self.changed.notify_waiters();
             tokio::select! {
                 _ = tokio::time::sleep(delay) => {}
-                _ = until_true(&mut stop) => return self.stopped(&rt),
+                _ = until_true(&mut stop) => return self.stopped(&rt, generation),
             }
             self.update(&rt, None, |r| r.status.next_restart_at = None);
         }
     }
 
-    fn stopped(&self, rt: &Mutex<Runtime>) {
+    fn stopped(&self, rt: &Mutex<Runtime>, generation: u64) {
         self.update(rt, Some((ServiceEventType::Stopped, None)), |r| {
             let name = std::mem::take(&mut r.status.name);
             r.status = ServiceStatus {
                 name,
                 ..Default::default()
             };
-            r.settled = true;
+            r.settled = generation;
+            r.waiting = false;
         });
     }
 

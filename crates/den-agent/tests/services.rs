@@ -166,6 +166,9 @@ async fn needs_decide_start_order() {
         svc(&a, "x", "exec sleep 1000"),
     ];
     a.client.services_set(&defs).await.unwrap();
+    // The answer waits for the unchanged dependent too, now that its need runs.
+    let st = a.client.services_status().await.unwrap();
+    assert!(st.iter().all(running), "{st:?}");
     let first = event_where(&mut es, |e| e.kind == ServiceEventType::Started).await;
     let second = event_where(&mut es, |e| e.kind == ServiceEventType::Started).await;
     assert_eq!((first.name.as_str(), second.name.as_str()), ("x", "y"));
@@ -398,6 +401,9 @@ async fn changed_definition_restarts_unchanged_keeps_running() {
     let mut es = a.client.service_events(Some("c")).await.unwrap();
     def.env.insert("X".into(), "2".into());
     a.client.services_set(std::slice::from_ref(&def)).await.unwrap();
+    // Answered once the new process was spawned.
+    let now = status_of(&a.client, "c").await.unwrap();
+    assert!(running(&now) && now.pid != first.pid, "{now:?}");
     event_of(&mut es, "c", ServiceEventType::Stopped).await;
     event_of(&mut es, "c", ServiceEventType::Started).await;
     event_where(&mut es, |e| e.data.as_deref() == Some("x=2")).await;
@@ -423,16 +429,17 @@ async fn environment_and_working_directory() {
     // stdin is /dev/null: cat ends at once.
     let stdin = svc(&a, "stdin", "cat; echo cat-done; exec sleep 1000");
     a.client.services_set(&[d, home, stdin]).await.unwrap();
-    let line = event_where(&mut es, |e| e.name == "env" && e.kind == ServiceEventType::Stdout).await;
+    // The three services' lines interleave in any order.
+    let mut lines = std::collections::BTreeMap::new();
+    while lines.len() < 3 {
+        let ev = event_where(&mut es, |e| e.kind == ServiceEventType::Stdout).await;
+        lines.insert(ev.name, ev.data.unwrap());
+    }
     let user = den_agent::user::lookup("0", Path::new("/etc/passwd"), Path::new("/etc/group")).unwrap();
     let want = format!("cwd={} foo=bar home={}", a.dir.path().display(), user.home);
-    assert_eq!(line.data.unwrap(), want);
-    let line = event_where(&mut es, |e| {
-        e.name == "home" && e.kind == ServiceEventType::Stdout
-    })
-    .await;
-    assert_eq!(line.data.unwrap(), format!("cwd={0} home={0}", user.home));
-    event_where(&mut es, |e| e.data.as_deref() == Some("cat-done")).await;
+    assert_eq!(lines["env"], want);
+    assert_eq!(lines["home"], format!("cwd={0} home={0}", user.home));
+    assert_eq!(lines["stdin"], "cat-done");
     a.shutdown().await;
 }
 
@@ -535,10 +542,15 @@ async fn events_stream_lifecycle_and_filter() {
     let e = svc(&a, "e", "echo hello; exec sleep 1000");
     let f = svc(&a, "f", "echo from-f; exec sleep 1000");
     a.client.services_set(&[e.clone(), f.clone()]).await.unwrap();
-    event_where(&mut all, |ev| {
-        ev.name == "f" && ev.data.as_deref() == Some("from-f")
-    })
-    .await;
+    // Both have printed (in either order) before e is stopped.
+    let mut printed = std::collections::BTreeSet::new();
+    while printed.len() < 2 {
+        printed.insert(
+            event_where(&mut all, |ev| ev.kind == ServiceEventType::Stdout)
+                .await
+                .name,
+        );
+    }
     a.client.services_set(&[stopped(e), f]).await.unwrap();
 
     let mut seen = Vec::new();
