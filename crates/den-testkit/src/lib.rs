@@ -5,6 +5,9 @@
 //!   bucket created before [`SeaweedS3::start`] returns.
 //! * [`require_root`], [`free_port`], [`free_ports`], [`wait_until`]: small
 //!   helpers.
+//! * [`net`]: a fake internet in its own network namespace and a unique,
+//!   trapped `den_net::NetConfig` per test, for sprite networking tests that
+//!   must never send traffic anywhere but to namespaces they created.
 //!
 //! The external tools (`weed`, `curl`) are installed by
 //! `scripts/install-deps.sh`.
@@ -23,6 +26,8 @@ use std::thread;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, anyhow, bail};
+
+pub mod net;
 
 /// Panics with a clear message unless the process runs as root (effective uid
 /// 0). den's tests need root (mounts, loop devices, namespaces); they must fail

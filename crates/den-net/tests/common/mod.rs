@@ -1,311 +1,65 @@
-//! Test world: a fake "internet" netns with a DNS server and TCP servers, a NetManager with
-//! its own table/subnet/prefixes, and Drop guards that remove everything even when a test
-//! fails. Traffic only ever goes to loopback or to namespaces created here.
+//! Test world: a NetManager with its own table/subnet/prefixes and its DNS forwarder, on top
+//! of a [`TestNet`] (fake "internet" netns with a DNS server and TCP servers, and the trap
+//! table), with Drop guards that remove everything even when a test fails. Traffic only ever
+//! goes to loopback or to namespaces created here.
 
 #![allow(dead_code)]
 
-use std::hash::{BuildHasher, RandomState};
-use std::io::{Read, Write};
-use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4, TcpListener, TcpStream, UdpSocket};
-use std::os::fd::{AsRawFd, OwnedFd};
-use std::process::Command;
+use std::net::Ipv4Addr;
+use std::ops::Deref;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
-use std::thread::JoinHandle;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use den_net::dns::DnsForwarder;
-use den_net::{Ipv4Net, NetConfig, NetManager, NetworkPolicy, SpriteNet, netns};
-use hickory_proto::op::{Message, MessageType, OpCode, Query, ResponseCode};
-use hickory_proto::rr::rdata::A;
-use hickory_proto::rr::{Name, RData, Record, RecordType};
+use den_net::{NetManager, NetworkPolicy, SpriteNet};
+use hickory_proto::op::ResponseCode;
 
-pub const IO_TIMEOUT: Duration = Duration::from_secs(5);
+// What tests/net.rs uses; the rest of den_testkit::net is there for new tests.
+pub use den_testkit::net::{IO_TIMEOUT, NetnsGuard, TestNet, connect_from, greeting, tcp_server_on};
 
 pub fn is_root() -> bool {
     nix::unistd::geteuid().is_root()
 }
 
-pub fn rand_u32() -> u32 {
-    RandomState::new().hash_one((std::process::id(), Instant::now())) as u32
-}
-
-fn sh(prog: &str, args: &[&str]) -> anyhow::Result<String> {
-    let out = Command::new(prog).args(args).output()?;
-    anyhow::ensure!(
-        out.status.success(),
-        "{prog} {}: {}",
-        args.join(" "),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
-}
-
-/// Deletes a netns on drop.
-pub struct NetnsGuard(pub String);
-impl Drop for NetnsGuard {
-    fn drop(&mut self) {
-        let _ = sh("ip", &["netns", "del", &self.0]);
-    }
-}
-
-/// Deletes a link on drop (a veth takes its peer with it).
-pub struct LinkGuard(pub String);
-impl Drop for LinkGuard {
-    fn drop(&mut self) {
-        let _ = sh("ip", &["link", "del", &self.0]);
-    }
-}
-
-/// Deletes an nft table on drop.
-pub struct TableGuard(pub String);
-impl Drop for TableGuard {
-    fn drop(&mut self) {
-        let _ = sh("nft", &["delete", "table", "inet", &self.0]);
-    }
-}
-
-/// Stops a server thread on drop: set the flag, then poke the blocking call awake.
-pub struct Server {
-    stop: Arc<AtomicBool>,
-    wake: Box<dyn Fn() + Send>,
-    thread: Option<JoinHandle<()>>,
-}
-impl Drop for Server {
-    fn drop(&mut self) {
-        self.stop.store(true, Ordering::SeqCst);
-        (self.wake)();
-        if let Some(t) = self.thread.take() {
-            let _ = t.join();
-        }
-    }
-}
-
-/// A netns standing in for the internet: `10.99.N.2` runs DNS on :53 and a TCP greeter on
-/// :80; `10.99.N.3` runs a TCP greeter on :80. The host reaches it via `10.99.N.1`.
-pub struct FakeInternet {
-    servers: Vec<Server>,
-    pub ns: String,
-    pub host_if: String,
-    pub dns: SocketAddr,
-    pub allowed_ip: Ipv4Addr,
-    pub denied_ip: Ipv4Addr,
-    // Dropped last: the link, then the netns.
-    _link: LinkGuard,
-    _ns: NetnsGuard,
-}
-
-impl FakeInternet {
-    pub fn new(n: u8, tag: &str) -> anyhow::Result<Self> {
-        let ns = format!("inet-{tag}");
-        let host_if = format!("ti{tag}");
-        sh("ip", &["netns", "add", &ns])?;
-        let ns_guard = NetnsGuard(ns.clone());
-        sh(
-            "ip",
-            &[
-                "link", "add", &host_if, "type", "veth", "peer", "name", "eth0", "netns", &ns,
-            ],
-        )?;
-        let link_guard = LinkGuard(host_if.clone());
-        let host_ip = format!("10.99.{n}.1/24");
-        sh("ip", &["addr", "add", &host_ip, "dev", &host_if])?;
-        sh("ip", &["link", "set", &host_if, "up"])?;
-        for a in [format!("10.99.{n}.2/24"), format!("10.99.{n}.3/24")] {
-            sh("ip", &["-n", &ns, "addr", "add", &a, "dev", "eth0"])?;
-        }
-        sh("ip", &["-n", &ns, "link", "set", "eth0", "up"])?;
-        sh("ip", &["-n", &ns, "link", "set", "lo", "up"])?;
-
-        let allowed_ip = Ipv4Addr::new(10, 99, n, 2);
-        let denied_ip = Ipv4Addr::new(10, 99, n, 3);
-        let dns = SocketAddr::from((allowed_ip, 53));
-        let mut servers = Vec::new();
-        servers.push(dns_server(&ns, dns, allowed_ip, denied_ip)?);
-        for ip in [allowed_ip, denied_ip] {
-            servers.push(greeter(&ns, SocketAddr::from((ip, 80)))?);
-        }
-        Ok(FakeInternet {
-            servers,
-            ns,
-            host_if,
-            dns,
-            allowed_ip,
-            denied_ip,
-            _link: link_guard,
-            _ns: ns_guard,
-        })
-    }
-}
-
-/// Answers `allowed.test` and `denied.test` (A, TTL 300) and NXDOMAIN for the rest.
-fn dns_server(ns: &str, addr: SocketAddr, allowed: Ipv4Addr, denied: Ipv4Addr) -> anyhow::Result<Server> {
-    let sock = netns::run_in(ns, move || UdpSocket::bind(addr))??;
-    let waker: OwnedFd = sock.try_clone()?.into();
-    let stop = Arc::new(AtomicBool::new(false));
-    let s2 = stop.clone();
-    let thread = std::thread::spawn(move || {
-        let mut buf = [0u8; 1500];
-        while !s2.load(Ordering::SeqCst) {
-            let Ok((n, src)) = sock.recv_from(&mut buf) else {
-                continue;
-            };
-            if n == 0 {
-                // Shut down (or an empty datagram): re-check the stop flag.
-                continue;
-            }
-            let Ok(q) = Message::from_vec(&buf[..n]) else {
-                continue;
-            };
-            let mut r = Message::response(q.metadata.id, OpCode::Query);
-            r.metadata.recursion_desired = q.metadata.recursion_desired;
-            r.metadata.recursion_available = true;
-            r.queries = q.queries.clone();
-            if let Some(query) = q.queries.first() {
-                let name = query.name().to_ascii().to_ascii_lowercase();
-                let ip = match name.trim_end_matches('.') {
-                    "allowed.test" => Some(allowed),
-                    "denied.test" => Some(denied),
-                    _ => None,
-                };
-                match (ip, query.query_type()) {
-                    (Some(ip), RecordType::A) => {
-                        r.answers
-                            .push(Record::from_rdata(query.name().clone(), 300, RData::A(A(ip))));
-                    }
-                    (Some(_), _) => {}
-                    (None, _) => r.metadata.response_code = ResponseCode::NXDomain,
-                }
-            }
-            if let Ok(bytes) = r.to_vec() {
-                let _ = sock.send_to(&bytes, src);
-            }
-        }
-    });
-    Ok(Server {
-        stop,
-        wake: shutdown_waker(waker),
-        thread: Some(thread),
-    })
-}
-
-/// `shutdown(2)` on a listening or UDP socket wakes a thread blocked in accept/recv on it,
-/// whatever netns it lives in (a wake-up connection can't reach a torn-down netns).
-fn shutdown_waker(fd: OwnedFd) -> Box<dyn Fn() + Send> {
-    Box::new(move || {
-        let _ = nix::sys::socket::shutdown(fd.as_raw_fd(), nix::sys::socket::Shutdown::Both);
-    })
-}
-
-/// TCP server: says `hello from <ip>\n`, then echoes lines back.
-fn greeter(ns: &str, addr: SocketAddr) -> anyhow::Result<Server> {
-    let l = netns::run_in(ns, move || TcpListener::bind(addr))??;
-    Ok(tcp_server(l, addr))
-}
-
-/// Serve a greeter on an already bound listener (created in whatever netns).
-pub fn tcp_server_on(l: TcpListener) -> Server {
-    let addr = l.local_addr().expect("bound");
-    tcp_server(l, addr)
-}
-
-fn tcp_server(l: TcpListener, addr: SocketAddr) -> Server {
-    let waker: OwnedFd = l.try_clone().expect("dup listener").into();
-    let stop = Arc::new(AtomicBool::new(false));
-    let s2 = stop.clone();
-    let thread = std::thread::spawn(move || {
-        for conn in l.incoming() {
-            if s2.load(Ordering::SeqCst) {
-                break;
-            }
-            let Ok(mut c) = conn else {
-                continue;
-            };
-            std::thread::spawn(move || {
-                let _ = c.set_read_timeout(Some(Duration::from_secs(30)));
-                // One write, so the client reads the whole line at once.
-                let _ = c.write_all(format!("hello from {}\n", addr.ip()).as_bytes());
-                let mut buf = [0u8; 256];
-                while let Ok(n) = c.read(&mut buf) {
-                    if n == 0 || c.write_all(&buf[..n]).is_err() {
-                        break;
-                    }
-                }
-            });
-        }
-    });
-    Server {
-        stop,
-        wake: shutdown_waker(waker),
-        thread: Some(thread),
-    }
-}
-
-/// A NetManager with its own table, subnet and interface prefix, its DNS forwarder, and a
-/// safety-net table that drops anything our sprites would send anywhere but the fake
-/// internet (so a firewall bug can never leak test traffic to a real address).
+/// A NetManager built from a [`TestNet`]'s config, its DNS forwarder, and the sprites set up
+/// through [`World::sprite`] (torn down on drop, with the manager's table). Derefs to the
+/// `TestNet` (`w.inet`, `w.tag`, `w.config`).
 pub struct World {
     pub mgr: Arc<NetManager>,
-    pub inet: FakeInternet,
+    pub net: TestNet,
     pub sprites: Vec<String>,
-    pub tag: String,
     _forwarder: DnsForwarder,
     _rt: tokio::runtime::Runtime,
-    _trap: TableGuard,
 }
-
-static NEXT: AtomicU8 = AtomicU8::new(0);
 
 impl World {
     pub fn new() -> anyhow::Result<Self> {
-        let i = NEXT.fetch_add(1, Ordering::SeqCst);
-        let r = rand_u32();
-        // Unique per test (i) and per run (r), within the 15-byte interface name limit.
-        let tag = format!("{:04x}{i}", r & 0xffff);
-        let n = (r % 200) as u8 + i;
-        let inet = FakeInternet::new(n, &tag)?;
-
-        let prefix = format!("t{:03x}{i}", (r >> 16) & 0xfff);
-        let mut cfg = NetConfig::new(inet.dns);
-        cfg.subnet = Ipv4Net::new(Ipv4Addr::new(10, 100 + (n % 100), 16 * (i % 16), 0), 20).expect("valid");
-        cfg.table = format!("dent{tag}");
-        cfg.ifprefix = prefix.clone();
-        cfg.netns_prefix = format!("dent{tag}-");
-        cfg.uplinks = vec![inet.host_if.clone()];
-        // The fake internet lives in 10/8, which production blocks as private.
-        cfg.blocked = vec![
-            "169.254.0.0/16".parse().expect("literal"),
-            "127.0.0.0/8".parse().expect("literal"),
-        ];
-
-        let trap = format!("trap{tag}");
-        let trap_guard = TableGuard(trap.clone());
-        let script = format!(
-            "table inet {trap} {{\n chain safety {{ type filter hook forward priority 100; policy accept;\n  iifname \"{prefix}*\" oifname != \"{}\" counter drop\n }}\n}}\n",
-            inet.host_if
-        );
-        nft_stdin(&script)?;
-
+        let net = TestNet::new()?;
         let rt = tokio::runtime::Runtime::new()?;
-        let mgr = NetManager::new(cfg)?;
+        let mgr = NetManager::new(net.config.clone())?;
         let forwarder = {
             let _g = rt.enter();
             DnsForwarder::start(mgr.clone())?
         };
         Ok(World {
             mgr,
-            inet,
+            net,
             sprites: Vec::new(),
-            tag,
             _forwarder: forwarder,
             _rt: rt,
-            _trap: trap_guard,
         })
     }
 
     pub fn sprite(&mut self, id: &str, policy: &NetworkPolicy) -> anyhow::Result<SpriteNet> {
         self.sprites.push(id.to_string());
         Ok(self.mgr.setup_sprite(id, None, policy)?)
+    }
+}
+
+impl Deref for World {
+    type Target = TestNet;
+    fn deref(&self) -> &TestNet {
+        &self.net
     }
 }
 
@@ -318,30 +72,13 @@ impl Drop for World {
     }
 }
 
-fn nft_stdin(script: &str) -> anyhow::Result<()> {
-    use std::process::Stdio;
-    let mut c = Command::new("nft")
-        .args(["-f", "-"])
-        .stdin(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()?;
-    c.stdin.take().expect("piped").write_all(script.as_bytes())?;
-    let out = c.wait_with_output()?;
-    anyhow::ensure!(
-        out.status.success(),
-        "nft: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    Ok(())
-}
-
 pub fn policy(json: &str) -> NetworkPolicy {
     NetworkPolicy::from_json(json).expect("valid test policy")
 }
 
 /// Resolve `name` (A) from inside a sprite's netns via its DNS server.
 pub fn lookup(sp: &SpriteNet, name: &str) -> anyhow::Result<(ResponseCode, Vec<Ipv4Addr>)> {
-    lookup_from(sp, Ipv4Addr::UNSPECIFIED, name, IO_TIMEOUT)
+    den_testkit::net::lookup_in(&sp.netns, sp.dns, name)
 }
 
 /// [`lookup`] with the source address and the wait chosen by the caller.
@@ -351,77 +88,10 @@ pub fn lookup_from(
     name: &str,
     wait: Duration,
 ) -> anyhow::Result<(ResponseCode, Vec<Ipv4Addr>)> {
-    let server = sp.dns;
-    let name = name.to_string();
-    netns::run_in(&sp.netns, move || -> anyhow::Result<_> {
-        let s = UdpSocket::bind((src, 0))?;
-        s.set_read_timeout(Some(wait))?;
-        let mut q = Message::query();
-        q.metadata.recursion_desired = true;
-        q.add_query(Query::query(Name::from_ascii(&name)?, RecordType::A));
-        s.send_to(&q.to_vec()?, server)?;
-        let mut buf = [0u8; 1500];
-        let (n, _) = s.recv_from(&mut buf)?;
-        let r = Message::from_vec(&buf[..n])?;
-        anyhow::ensure!(r.metadata.message_type == MessageType::Response);
-        anyhow::ensure!(r.metadata.id == q.metadata.id);
-        let ips = r
-            .answers
-            .iter()
-            .filter_map(|rec| match &rec.data {
-                RData::A(a) => Some(a.0),
-                _ => None,
-            })
-            .collect();
-        Ok((r.metadata.response_code, ips))
-    })?
+    den_testkit::net::lookup_in_from(&sp.netns, sp.dns, src, name, wait)
 }
 
 /// Resolve `name` (A) over DNS-over-TCP from inside a sprite's netns.
 pub fn lookup_tcp(sp: &SpriteNet, name: &str) -> anyhow::Result<(ResponseCode, Vec<Ipv4Addr>)> {
-    let server = SocketAddr::V4(sp.dns);
-    let name = name.to_string();
-    netns::run_in(&sp.netns, move || -> anyhow::Result<_> {
-        let mut c = TcpStream::connect_timeout(&server, IO_TIMEOUT)?;
-        c.set_read_timeout(Some(IO_TIMEOUT))?;
-        let mut q = Message::query();
-        q.metadata.recursion_desired = true;
-        q.add_query(Query::query(Name::from_ascii(&name)?, RecordType::A));
-        let bytes = q.to_vec()?;
-        let mut framed = u16::try_from(bytes.len())?.to_be_bytes().to_vec();
-        framed.extend_from_slice(&bytes);
-        c.write_all(&framed)?;
-        let mut len = [0u8; 2];
-        c.read_exact(&mut len)?;
-        let mut buf = vec![0u8; usize::from(u16::from_be_bytes(len))];
-        c.read_exact(&mut buf)?;
-        let r = Message::from_vec(&buf)?;
-        anyhow::ensure!(r.metadata.id == q.metadata.id);
-        let ips = r
-            .answers
-            .iter()
-            .filter_map(|rec| match &rec.data {
-                RData::A(a) => Some(a.0),
-                _ => None,
-            })
-            .collect();
-        Ok((r.metadata.response_code, ips))
-    })?
-}
-
-/// Open a TCP connection from inside a netns (bounded by IO_TIMEOUT).
-pub fn connect_from(ns: &str, addr: SocketAddrV4) -> anyhow::Result<std::io::Result<TcpStream>> {
-    Ok(netns::run_in(ns, move || {
-        let s = TcpStream::connect_timeout(&SocketAddr::V4(addr), IO_TIMEOUT)?;
-        s.set_read_timeout(Some(IO_TIMEOUT))?;
-        s.set_write_timeout(Some(IO_TIMEOUT))?;
-        Ok(s)
-    })?)
-}
-
-/// Read the greeting line of a greeter connection.
-pub fn greeting(s: &mut TcpStream) -> std::io::Result<String> {
-    let mut buf = [0u8; 64];
-    let n = s.read(&mut buf)?;
-    Ok(String::from_utf8_lossy(&buf[..n]).trim().to_string())
+    den_testkit::net::lookup_tcp_in(&sp.netns, sp.dns, name)
 }
