@@ -217,7 +217,7 @@ impl Client {
         lines: Option<usize>,
         follow: bool,
     ) -> Result<ServiceLogStream, Error> {
-        let (mut rd, wr) = request(
+        let (rd, wr) = request(
             &self.socket,
             &Request::ServiceLogs {
                 name: name.into(),
@@ -226,17 +226,7 @@ impl Client {
             },
         )
         .await?;
-        let (tx, rx) = mpsc::channel(1024);
-        let task = tokio::spawn(async move {
-            while let Ok(Some((kind, payload))) = read_frame(&mut rd).await {
-                match kind {
-                    FRAME_STDOUT if tx.send(payload).await.is_err() => return,
-                    FRAME_STDIN_EOF => return,
-                    _ => {}
-                }
-            }
-        });
-        Ok(ServiceLogStream { rx, _wr: wr, task })
+        Ok(byte_stream(rd, wr))
     }
 
     /// Events of one service (or all) from now on.
@@ -265,14 +255,233 @@ impl Client {
     }
 }
 
+/// Stdout frames until an EOF frame or the end of the connection.
+fn byte_stream(mut rd: BufReader<OwnedReadHalf>, wr: OwnedWriteHalf) -> ByteStream {
+    let (tx, rx) = mpsc::channel(1024);
+    let task = tokio::spawn(async move {
+        while let Ok(Some((kind, payload))) = read_frame(&mut rd).await {
+            match kind {
+                FRAME_STDOUT if tx.send(payload).await.is_err() => return,
+                FRAME_STDIN_EOF => return,
+                _ => {}
+            }
+        }
+    });
+    ByteStream { rx, _wr: wr, task }
+}
+
+/// Options of [`Client::fs_write`].
+#[derive(Debug, Clone, Default)]
+pub struct FsWriteOptions {
+    /// Permission bits; default the replaced file's, or 0644.
+    pub mode: Option<u32>,
+    pub mkdir_parents: bool,
+    /// Keep new files owned by root rather than the default user.
+    pub as_root: bool,
+}
+
+/// An `fs_write` in progress: send the content, then [`FsWriter::finish`].
+/// Dropping it without finishing abandons the write (the old file stays).
+pub struct FsWriter {
+    rd: BufReader<OwnedReadHalf>,
+    wr: OwnedWriteHalf,
+}
+
+impl FsWriter {
+    pub async fn write(&mut self, data: &[u8]) -> Result<(), Error> {
+        // Well below MAX_FRAME, so any input size is accepted.
+        for chunk in data.chunks(1 << 20) {
+            self.wr.write_all(&encode_frame(FRAME_STDIN, chunk)).await?;
+        }
+        Ok(())
+    }
+
+    /// Ends the content; returns `{"path","size","mode"}` once the file was
+    /// renamed into place.
+    pub async fn finish(mut self) -> Result<serde_json::Value, Error> {
+        self.wr.write_all(&encode_frame(FRAME_STDIN_EOF, &[])).await?;
+        let mut line = String::new();
+        if self.rd.read_line(&mut line).await? == 0 {
+            return Err(Error::Protocol(
+                "agent closed the connection during fs_write".into(),
+            ));
+        }
+        fs_body(serde_json::from_str(line.trim_end())?)
+    }
+}
+
+fn fs_body(resp: Response) -> Result<serde_json::Value, Error> {
+    if !resp.ok {
+        return Err(Error::Agent {
+            code: resp.code.unwrap_or_default(),
+            message: resp.error.unwrap_or_default(),
+        });
+    }
+    Ok(resp.fs.unwrap_or_default())
+}
+
+impl Client {
+    async fn fs_request(&self, req: Request) -> Result<serde_json::Value, Error> {
+        let (resp, _, _) = request_full(&self.socket, &req).await?;
+        fs_body(resp)
+    }
+
+    /// Bytes `[start, end)` of a file (clamped to its size). The value is
+    /// `{"path","size","start","end"}`, `size` being the whole file's.
+    pub async fn fs_read(
+        &self,
+        path: &str,
+        working_dir: Option<&str>,
+        start: Option<u64>,
+        end: Option<u64>,
+    ) -> Result<(serde_json::Value, ByteStream), Error> {
+        let req = Request::FsRead {
+            path: path.into(),
+            working_dir: working_dir.map(str::to_owned),
+            start,
+            end,
+        };
+        let (resp, rd, wr) = request_full(&self.socket, &req).await?;
+        Ok((resp.fs.unwrap_or_default(), byte_stream(rd, wr)))
+    }
+
+    /// [`Client::fs_read`] collected into memory.
+    pub async fn fs_read_all(
+        &self,
+        path: &str,
+        working_dir: Option<&str>,
+        start: Option<u64>,
+        end: Option<u64>,
+    ) -> Result<(serde_json::Value, Vec<u8>), Error> {
+        let (info, stream) = self.fs_read(path, working_dir, start, end).await?;
+        Ok((info, stream.read_to_end().await))
+    }
+
+    /// Starts an atomic replace of `path`; errors about the target (missing
+    /// parent, a directory there) are reported here, before any content.
+    pub async fn fs_write_stream(
+        &self,
+        path: &str,
+        working_dir: Option<&str>,
+        opts: &FsWriteOptions,
+    ) -> Result<FsWriter, Error> {
+        let req = Request::FsWrite {
+            path: path.into(),
+            working_dir: working_dir.map(str::to_owned),
+            mode: opts.mode,
+            mkdir_parents: opts.mkdir_parents,
+            as_root: opts.as_root,
+        };
+        let (rd, wr) = request(&self.socket, &req).await?;
+        Ok(FsWriter { rd, wr })
+    }
+
+    /// Writes `data` to `path` atomically; returns `{"path","size","mode"}`.
+    pub async fn fs_write(
+        &self,
+        path: &str,
+        working_dir: Option<&str>,
+        opts: &FsWriteOptions,
+        data: &[u8],
+    ) -> Result<serde_json::Value, Error> {
+        let mut w = self.fs_write_stream(path, working_dir, opts).await?;
+        w.write(data).await?;
+        w.finish().await
+    }
+
+    /// `{"path","entries":[{"name","path","type","size","mode","modTime","isDir"}],"count"}`;
+    /// a file gives one entry for itself.
+    pub async fn fs_list(
+        &self,
+        path: &str,
+        working_dir: Option<&str>,
+        recursive: bool,
+    ) -> Result<serde_json::Value, Error> {
+        self.fs_request(Request::FsList {
+            path: path.into(),
+            working_dir: working_dir.map(str::to_owned),
+            recursive,
+        })
+        .await
+    }
+
+    /// `{"deleted":[paths],"count"}`.
+    pub async fn fs_delete(
+        &self,
+        path: &str,
+        working_dir: Option<&str>,
+        recursive: bool,
+    ) -> Result<serde_json::Value, Error> {
+        self.fs_request(Request::FsDelete {
+            path: path.into(),
+            working_dir: working_dir.map(str::to_owned),
+            recursive,
+        })
+        .await
+    }
+
+    /// `{"source","dest"}`.
+    pub async fn fs_rename(
+        &self,
+        source: &str,
+        dest: &str,
+        working_dir: Option<&str>,
+    ) -> Result<serde_json::Value, Error> {
+        self.fs_request(Request::FsRename {
+            source: source.into(),
+            dest: dest.into(),
+            working_dir: working_dir.map(str::to_owned),
+        })
+        .await
+    }
+
+    /// `{"copied":[{"source","dest"}],"count","totalBytes"}`.
+    pub async fn fs_copy(
+        &self,
+        source: &str,
+        dest: &str,
+        working_dir: Option<&str>,
+        recursive: bool,
+    ) -> Result<serde_json::Value, Error> {
+        self.fs_request(Request::FsCopy {
+            source: source.into(),
+            dest: dest.into(),
+            working_dir: working_dir.map(str::to_owned),
+            recursive,
+        })
+        .await
+    }
+
+    /// `{"affected":[{"path","mode"}],"count"}`.
+    pub async fn fs_chmod(
+        &self,
+        path: &str,
+        working_dir: Option<&str>,
+        mode: u32,
+        recursive: bool,
+    ) -> Result<serde_json::Value, Error> {
+        self.fs_request(Request::FsChmod {
+            path: path.into(),
+            working_dir: working_dir.map(str::to_owned),
+            mode,
+            recursive,
+        })
+        .await
+    }
+}
+
 /// Log bytes of a service; dropping it ends a follow.
-pub struct ServiceLogStream {
+pub type ServiceLogStream = ByteStream;
+
+/// Bytes streamed by the agent (service logs, file reads); dropping it
+/// closes the connection.
+pub struct ByteStream {
     rx: mpsc::Receiver<Bytes>,
     _wr: OwnedWriteHalf,
     task: tokio::task::JoinHandle<()>,
 }
 
-impl ServiceLogStream {
+impl ByteStream {
     /// Next chunk; `None` after the end of a non-follow tail or when the
     /// agent goes away.
     pub async fn recv(&mut self) -> Option<Bytes> {
@@ -289,7 +498,7 @@ impl ServiceLogStream {
     }
 }
 
-impl Drop for ServiceLogStream {
+impl Drop for ByteStream {
     fn drop(&mut self) {
         self.task.abort();
     }

@@ -15,6 +15,8 @@
 //! * **Services**: declared long-running processes, started in `needs`
 //!   order, restarted on crashes with backoff, logged to files (see
 //!   [Services](#services) below).
+//! * **Filesystem**: read, atomic write, list, delete, rename, copy, chmod
+//!   (see [Filesystem](#filesystem) below).
 //! * **Port watcher**: LISTEN sockets appearing/disappearing in
 //!   `/proc/net/tcp{,6}` are reported to the owning session's clients and to
 //!   `subscribe_ports` connections.
@@ -36,8 +38,9 @@
 //! The agent answers with one JSON line, a [`protocol::Response`]:
 //! `{"ok":true}` (plus `sessions` for `list_sessions`) or
 //! `{"ok":false,"code":"not_found"|"bad_request"|"spawn_failed","error":"…"}`.
-//! `ping`, `list_sessions`, `kill`, `services_set`, `services_status` and
-//! `service_signal` then close.
+//! `ping`, `list_sessions`, `kill`, `services_set`, `services_status`,
+//! `service_signal` and the filesystem requests other than `fs_read` and
+//! `fs_write` then close.
 //!
 //! After a successful `exec`, `attach` or `subscribe_ports` both directions
 //! carry binary frames `[kind u8][len u32 big-endian][payload]`:
@@ -131,6 +134,55 @@
 //!   disconnected.
 //! * On agent shutdown services are stopped like removed ones.
 //!
+//! # Filesystem
+//!
+//! Sprites §2.10 operations, run inside the sprite (so confined to its
+//! root). Paths may not contain NUL; relative ones resolve against
+//! `working_dir` (default `/`), and `.`/`..` are normalised away. Results are
+//! in the response's `fs` field, shaped like the Sprites JSON bodies:
+//!
+//! ```text
+//! {"type":"fs_list","path":"x","working_dir":"/home/sprite","recursive":false}
+//!   → {"ok":true,"fs":{"path":"/home/sprite/x","count":1,"entries":[{"name":"a",
+//!      "path":"/home/sprite/x/a","type":"file"|"directory"|"symlink","size":12,"mode":"0644",
+//!      "modTime":"2026-01-05T08:01:00Z","isDir":false}]}}
+//! {"type":"fs_delete","path":"/x","recursive":true}  → fs: {"deleted":["/x/a","/x"],"count":2}
+//! {"type":"fs_rename","source":"a","dest":"b","working_dir":"/x"}  → fs: {"source":"/x/a","dest":"/x/b"}
+//! {"type":"fs_copy","source":"/a","dest":"/b","recursive":true}
+//!   → fs: {"copied":[{"source":"/a","dest":"/b"},…],"count":N,"totalBytes":N}
+//! {"type":"fs_chmod","path":"/x","mode":493,"recursive":true}
+//!   → fs: {"affected":[{"path":"/x","mode":"0755"}],"count":N}
+//! {"type":"fs_read","path":"/x","start":0,"end":100}
+//!   → {"ok":true,"fs":{"path":"/x","size":FILE_SIZE,"start":0,"end":100}},
+//!     stdout frames, EOF frame (0x04)
+//! {"type":"fs_write","path":"/x","mode":420,"mkdir_parents":true,"as_root":false}
+//!   → {"ok":true}; the client sends stdin frames and an EOF frame;
+//!   → {"ok":true,"fs":{"path":"/x","size":N,"mode":"0644"}}
+//! ```
+//!
+//! * `mode` is numeric in requests (the API parses `"0755"`), an octal string
+//!   in results.
+//! * Listing a file (or a symlink not pointing to a directory) gives one
+//!   entry for it; recursive walks do not follow symlinks.
+//! * `fs_read`'s range is `[start, end)`, clamped to the file; a file that
+//!   reports size 0 (`/proc`) is read to EOF when no `end` is given. FIFOs
+//!   and devices are refused.
+//! * `fs_write` writes a temp file in the target's directory and renames it
+//!   over the target, so readers see the old or the new content; a client
+//!   hanging up before the EOF frame abandons the write. Default mode: the
+//!   replaced file's, else 0644. New files and the parents `mkdir_parents`
+//!   created belong to the default user unless `as_root`; a replaced file
+//!   keeps its owner. `fs_copy` copies belong to the default user too.
+//! * `fs_delete` of a directory needs `recursive` unless it is empty; `/`
+//!   is refused. `fs_copy` of a directory needs `recursive` and a `dest`
+//!   that does not exist yet; symlinks are copied as links.
+//! * Errors: `{"ok":false,"code":C,"error":"ENOENT: /x: No such file or
+//!   directory"}`; the message starts with the errno name. `C` is
+//!   `not_found` (ENOENT), `permission_denied` (EACCES, EPERM, EROFS),
+//!   `is_directory` (EISDIR), `not_directory` (ENOTDIR), `exists` (EEXIST),
+//!   `bad_request` (EINVAL for bad input, ENOTEMPTY, EXDEV, ENAMETOOLONG,
+//!   ELOOP) or `io_error` (anything else).
+//!
 //! # Caveat for embedders
 //!
 //! The agent reaps with `waitpid(-1)`. A process running the agent must not
@@ -138,6 +190,7 @@
 //! The [`client`] module has no such restriction.
 
 pub mod client;
+mod fs;
 mod ports;
 pub mod protocol;
 mod reaper;

@@ -64,6 +64,67 @@ pub enum Request {
         #[serde(default)]
         name: Option<String>,
     },
+    /// Bytes `[start, end)` of a file (clamped to its size).
+    FsRead {
+        path: String,
+        #[serde(default)]
+        working_dir: Option<String>,
+        #[serde(default)]
+        start: Option<u64>,
+        #[serde(default)]
+        end: Option<u64>,
+    },
+    /// Replaces a file atomically with the stdin frames sent after the ok.
+    FsWrite {
+        path: String,
+        #[serde(default)]
+        working_dir: Option<String>,
+        /// Permission bits; default the replaced file's, or 0644.
+        #[serde(default)]
+        mode: Option<u32>,
+        #[serde(default)]
+        mkdir_parents: bool,
+        /// Leave new files and directories owned by root instead of the
+        /// default user.
+        #[serde(default)]
+        as_root: bool,
+    },
+    FsList {
+        path: String,
+        #[serde(default)]
+        working_dir: Option<String>,
+        #[serde(default)]
+        recursive: bool,
+    },
+    FsDelete {
+        path: String,
+        #[serde(default)]
+        working_dir: Option<String>,
+        #[serde(default)]
+        recursive: bool,
+    },
+    FsRename {
+        source: String,
+        dest: String,
+        #[serde(default)]
+        working_dir: Option<String>,
+    },
+    FsCopy {
+        source: String,
+        dest: String,
+        #[serde(default)]
+        working_dir: Option<String>,
+        #[serde(default)]
+        recursive: bool,
+    },
+    FsChmod {
+        path: String,
+        #[serde(default)]
+        working_dir: Option<String>,
+        mode: u32,
+        #[serde(default)]
+        recursive: bool,
+    },
 }
 
 /// One declared service (Sprites §2.6 plus the sticky `stopped` flag, which
@@ -187,6 +248,9 @@ pub struct Response {
     pub sessions: Option<Vec<SessionSummary>>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub services: Option<Vec<ServiceStatus>>,
+    /// Result of a filesystem request, shaped like the Sprites §2.10 bodies.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub fs: Option<serde_json::Value>,
 }
 
 impl Response {

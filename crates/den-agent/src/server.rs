@@ -200,6 +200,39 @@ async fn handle_connection(inner: Arc<AgentInner>, stream: UnixStream) -> Result
     };
     match req {
         Request::Ping => write_response(&mut wr, &Response::ok()).await,
+        Request::FsRead {
+            path,
+            working_dir,
+            start,
+            end,
+        } => {
+            drop(inner);
+            crate::fs::serve_read(path, working_dir, start, end, wr).await
+        }
+        Request::FsWrite {
+            path,
+            working_dir,
+            mode,
+            mkdir_parents,
+            as_root,
+        } => {
+            let params = crate::fs::WriteParams {
+                path,
+                working_dir,
+                mode,
+                mkdir_parents,
+                as_root,
+            };
+            crate::fs::serve_write(&inner.config, params, rd, wr).await
+        }
+        req @ (Request::FsList { .. }
+        | Request::FsDelete { .. }
+        | Request::FsRename { .. }
+        | Request::FsCopy { .. }
+        | Request::FsChmod { .. }) => {
+            let resp = crate::fs::run(inner.config.clone(), req).await;
+            write_response(&mut wr, &resp).await
+        }
         Request::ListSessions => {
             let mut sessions: Vec<_> = inner.lock_sessions().values().map(|s| s.summary()).collect();
             sessions.sort_by_key(|s| s.pid);
