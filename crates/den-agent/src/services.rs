@@ -543,7 +543,12 @@ impl Services {
         let cfg = &self.config;
         let user = session::resolve_user(cfg, None).map_err(|e| e.to_string())?;
         let creds = session::spawn_creds(&user).map_err(|e| e.to_string())?;
-        let cwd = match &def.dir {
+        // A relative `dir` is taken from the home, like a login shell's cwd.
+        let dir = def
+            .dir
+            .as_ref()
+            .map(|d| std::path::Path::new(&user.home).join(d).display().to_string());
+        let cwd = match &dir {
             Some(d) if std::path::Path::new(d).is_dir() => d.clone(),
             Some(d) => return Err(format!("working directory {d:?} does not exist")),
             None if std::path::Path::new(&user.home).is_dir() => user.home.clone(),
