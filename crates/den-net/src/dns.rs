@@ -63,6 +63,17 @@ impl DnsForwarder {
     }
 }
 
+impl DnsForwarder {
+    /// Stop serving and wait until the sockets are closed, so the address can
+    /// be bound again at once (dropping only requests the stop).
+    pub async fn stop(mut self) {
+        self.udp.abort();
+        self.tcp.abort();
+        let _ = (&mut self.udp).await;
+        let _ = (&mut self.tcp).await;
+    }
+}
+
 impl Drop for DnsForwarder {
     fn drop(&mut self) {
         self.udp.abort();

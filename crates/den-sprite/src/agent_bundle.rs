@@ -1,0 +1,119 @@
+//! The den agent inside every sprite is the `den` binary itself. It is
+//! bind-mounted read-only at `/.sprite/bin` together with the shared
+//! libraries it links and the host's dynamic loader, and started through
+//! that loader, so it runs whatever userland the image has (even none:
+//! busybox test images have no libc).
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use crate::error::{Result, SpriteError};
+
+/// Where the bundle appears inside the sprite.
+pub const SPRITE_BIN: &str = "/.sprite/bin";
+/// Where the agent's socket directory appears inside the sprite.
+pub const SPRITE_RUN: &str = "/.sprite/run";
+/// The agent's socket, inside the sprite.
+pub const AGENT_SOCKET: &str = "/.sprite/run/agent.sock";
+
+#[derive(Debug, Clone)]
+pub struct AgentBundle {
+    /// Host directory to bind-mount at [`SPRITE_BIN`].
+    pub dir: PathBuf,
+    /// PID 1's argv, as paths inside the sprite.
+    pub init: Vec<String>,
+}
+
+impl AgentBundle {
+    /// Copy `exe` and its libraries into `<root>/<content hash>/` (once per
+    /// binary version; later calls find it).
+    pub fn prepare(root: &Path, exe: &Path) -> Result<AgentBundle> {
+        let data =
+            std::fs::read(exe).map_err(|e| SpriteError::io(format!("reading {}", exe.display()), e))?;
+        let tag = blake3::hash(&data).to_hex()[..16].to_string();
+        let dir = root.join(&tag);
+        let libs = linked_libraries(exe)?;
+        let loader = libs
+            .iter()
+            .find(|l| {
+                l.file_name()
+                    .is_some_and(|n| n.to_string_lossy().starts_with("ld-linux"))
+            })
+            .and_then(|l| l.file_name())
+            .map(|n| n.to_string_lossy().into_owned());
+        if !dir.join("den").exists() {
+            let tmp = root.join(format!(".{tag}.{}", std::process::id()));
+            let _ = std::fs::remove_dir_all(&tmp);
+            std::fs::create_dir_all(&tmp).map_err(|e| SpriteError::io("creating the agent bundle", e))?;
+            std::fs::write(tmp.join("den"), &data).map_err(|e| SpriteError::io("copying den", e))?;
+            for lib in &libs {
+                let name = lib.file_name().expect("ldd paths have file names");
+                std::fs::copy(lib, tmp.join(name))
+                    .map_err(|e| SpriteError::io(format!("copying {}", lib.display()), e))?;
+            }
+            set_mode(&tmp, 0o755)?;
+            for entry in std::fs::read_dir(&tmp).map_err(|e| SpriteError::io("listing the bundle", e))? {
+                let entry = entry.map_err(|e| SpriteError::io("listing the bundle", e))?;
+                set_mode(&entry.path(), 0o555)?;
+            }
+            if let Err(e) = std::fs::rename(&tmp, &dir) {
+                // Another process published the same version first.
+                let _ = std::fs::remove_dir_all(&tmp);
+                if !dir.join("den").exists() {
+                    return Err(SpriteError::io("publishing the agent bundle", e));
+                }
+            }
+        }
+        let den = format!("{SPRITE_BIN}/den");
+        let mut init = match loader {
+            Some(ld) => vec![
+                format!("{SPRITE_BIN}/{ld}"),
+                "--library-path".into(),
+                SPRITE_BIN.into(),
+                den,
+            ],
+            None => vec![den],
+        };
+        init.extend(["agent".into(), "--socket".into(), AGENT_SOCKET.into()]);
+        Ok(AgentBundle { dir, init })
+    }
+}
+
+fn set_mode(p: &Path, mode: u32) -> Result<()> {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(p, std::fs::Permissions::from_mode(mode))
+        .map_err(|e| SpriteError::io(format!("chmod {}", p.display()), e))
+}
+
+/// The shared objects `exe` loads, including the dynamic loader; empty for
+/// a static binary.
+fn linked_libraries(exe: &Path) -> Result<Vec<PathBuf>> {
+    let out = Command::new("ldd")
+        .arg(exe)
+        .output()
+        .map_err(|e| SpriteError::io("running ldd", e))?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    if !out.status.success() {
+        if text.contains("not a dynamic executable")
+            || String::from_utf8_lossy(&out.stderr).contains("not a dynamic")
+        {
+            return Ok(Vec::new());
+        }
+        return Err(SpriteError::io(
+            format!("ldd {}", exe.display()),
+            std::io::Error::other(String::from_utf8_lossy(&out.stderr).trim().to_string()),
+        ));
+    }
+    let mut libs = Vec::new();
+    for line in text.lines() {
+        // "libc.so.6 => /lib/x86_64-linux-gnu/libc.so.6 (0x…)" or "/lib64/ld-linux-x86-64.so.2 (0x…)"
+        let path = match line.split_once("=>") {
+            Some((_, rest)) => rest.split_whitespace().next(),
+            None => line.split_whitespace().next(),
+        };
+        if let Some(p) = path.filter(|p| p.starts_with('/')) {
+            libs.push(PathBuf::from(p));
+        }
+    }
+    Ok(libs)
+}

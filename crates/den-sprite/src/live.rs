@@ -1,0 +1,315 @@
+//! Booting a sprite (cold → running) and taking it down again.
+//!
+//! Boot, in order, each step undone if a later one fails:
+//! 1. open the volume and mount its ext4 ([`Disk`]);
+//! 2. set up the network namespace, veth and firewall entry (den-net);
+//! 3. write the sprite's `/etc/resolv.conf`, `/etc/hosts` and policy file;
+//! 4. create and start the container (backend), PID 1 = the den agent;
+//! 5. wait for the agent to answer on its socket, push the services.
+
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use den_agent::client::Client;
+use den_net::{NetManager, NetworkPolicy, SpriteNet};
+use den_runtime::{Backend, BindMount, Handle, SpriteSpec};
+
+use crate::agent_bundle::{SPRITE_BIN, SPRITE_RUN};
+use crate::disk::Disk;
+use crate::error::{Result, SpriteError};
+use crate::record::SpriteRecord;
+
+/// Host paths of one sprite while it is awake: `<run>/s/<key>/…`.
+#[derive(Debug, Clone)]
+pub(crate) struct SpritePaths {
+    pub root: PathBuf,
+}
+
+impl SpritePaths {
+    pub fn new(run_dir: &Path, key: &str) -> Self {
+        SpritePaths {
+            root: run_dir.join("s").join(key),
+        }
+    }
+    pub fn fuse(&self) -> PathBuf {
+        self.root.join("fuse")
+    }
+    pub fn disk(&self) -> PathBuf {
+        self.root.join("disk")
+    }
+    pub fn agent_dir(&self) -> PathBuf {
+        self.root.join("agent")
+    }
+    pub fn socket(&self) -> PathBuf {
+        self.agent_dir().join("agent.sock")
+    }
+    pub fn etc(&self) -> PathBuf {
+        self.root.join("etc")
+    }
+    pub fn policy_file(&self) -> PathBuf {
+        self.etc().join("network.json")
+    }
+    pub fn console_log(&self) -> PathBuf {
+        self.root.join("console.log")
+    }
+}
+
+/// A sprite that is running or warm.
+pub(crate) struct Live {
+    pub key: String,
+    pub paths: SpritePaths,
+    pub handle: Option<Handle>,
+    pub disk: Option<Disk>,
+    pub net: Option<SpriteNet>,
+    pub agent: Client,
+    pub frozen: bool,
+}
+
+/// What boot needs from the manager.
+pub(crate) struct BootContext<'a> {
+    pub backend: &'a Arc<dyn Backend>,
+    pub net: &'a Arc<NetManager>,
+    pub store: &'a den_store::Store,
+    pub lower: PathBuf,
+    pub init: Vec<String>,
+    pub bundle_dir: PathBuf,
+    pub run_dir: PathBuf,
+    pub idmap: den_runtime::image::IdMap,
+    pub timeout: Duration,
+    pub grace: Duration,
+}
+
+/// Run blocking work (mounts, cgroup writes, engine calls) off the async threads.
+pub(crate) async fn blocking<T: Send + 'static>(f: impl FnOnce() -> Result<T> + Send + 'static) -> Result<T> {
+    tokio::task::spawn_blocking(f).await.map_err(SpriteError::join)?
+}
+
+pub(crate) async fn boot(ctx: &BootContext<'_>, rec: &SpriteRecord) -> Result<Live> {
+    let t0 = Instant::now();
+    let paths = SpritePaths::new(&ctx.run_dir, &rec.key);
+    prepare_dirs(&paths, &ctx.idmap)?;
+    let volume = ctx.store.open_volume(&rec.volume).await?;
+    let (fuse, mp) = (paths.fuse(), paths.disk());
+    let disk = blocking(move || Disk::mount(volume, &fuse, &mp)).await?;
+    let t_disk = t0.elapsed();
+    let mut live = Live {
+        key: rec.key.clone(),
+        paths: paths.clone(),
+        handle: None,
+        disk: Some(disk),
+        net: None,
+        agent: Client::new(paths.socket()),
+        frozen: false,
+    };
+    match boot_rest(ctx, rec, &mut live).await {
+        Ok(()) => {
+            tracing::info!(
+                sprite = %rec.name,
+                disk_ms = t_disk.as_secs_f64() * 1e3,
+                total_ms = t0.elapsed().as_secs_f64() * 1e3,
+                "sprite booted"
+            );
+            Ok(live)
+        }
+        Err(e) => {
+            let (backend, net, grace) = (ctx.backend.clone(), ctx.net.clone(), ctx.grace);
+            if let Err(e2) = blocking(move || live.teardown(backend.as_ref(), &net, grace)).await {
+                tracing::warn!(sprite = %rec.name, error = %e2, "cleaning up after a failed boot");
+            }
+            Err(e)
+        }
+    }
+}
+
+async fn boot_rest(ctx: &BootContext<'_>, rec: &SpriteRecord, live: &mut Live) -> Result<()> {
+    let policy = rec.policy.clone().unwrap_or_else(NetworkPolicy::unrestricted);
+    let (netm, key) = (ctx.net.clone(), rec.key.clone());
+    let net = blocking(move || Ok(netm.setup_sprite(&key, None, &policy)?)).await?;
+    let netns_path = net.netns_path.clone();
+    let dns = *net.dns.ip();
+    live.net = Some(net);
+    write_etc(&live.paths, &rec.name, dns, rec.policy.as_ref())?;
+
+    let disk = live.disk.as_ref().expect("boot mounts the disk first");
+    let etc = live.paths.etc();
+    let file = |name: &str, dest: &str| BindMount {
+        source: etc.join(name),
+        destination: dest.into(),
+        readonly: true,
+    };
+    let spec = SpriteSpec {
+        id: rec.key.clone(),
+        rootfs_lower: ctx.lower.clone(),
+        upper_dir: disk.upper(),
+        work_dir: disk.work(),
+        hostname: rec.name.clone(),
+        idmap: ctx.idmap.clone(),
+        netns_path: Some(netns_path),
+        init: ctx.init.clone(),
+        env: vec![
+            "PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin".into(),
+            "LANG=C.UTF-8".into(),
+        ],
+        mounts: vec![
+            BindMount {
+                source: ctx.bundle_dir.clone(),
+                destination: SPRITE_BIN.into(),
+                readonly: true,
+            },
+            BindMount {
+                source: live.paths.agent_dir(),
+                destination: SPRITE_RUN.into(),
+                readonly: false,
+            },
+            file("resolv.conf", "/etc/resolv.conf"),
+            file("hosts", "/etc/hosts"),
+            file("network.json", "/.sprite/policy/network.json"),
+        ],
+        resources: rec.resources,
+        console_log: Some(live.paths.console_log()),
+    };
+    let backend = ctx.backend.clone();
+    let handle = blocking(move || {
+        let h = backend.create(&spec)?;
+        if let Err(e) = backend.start(&h) {
+            let _ = backend.delete(&h);
+            return Err(e.into());
+        }
+        Ok(h)
+    })
+    .await?;
+    live.handle = Some(handle.clone());
+    wait_for_agent(ctx, rec, &live.agent, &handle, &live.paths).await?;
+    if !rec.services.is_empty() {
+        live.agent.services_set(&rec.services).await?;
+    }
+    Ok(())
+}
+
+/// The agent binds its socket as soon as it runs; poll it (a connect costs
+/// microseconds) and give up early if PID 1 died.
+async fn wait_for_agent(
+    ctx: &BootContext<'_>,
+    rec: &SpriteRecord,
+    agent: &Client,
+    handle: &Handle,
+    paths: &SpritePaths,
+) -> Result<()> {
+    let deadline = Instant::now() + ctx.timeout;
+    loop {
+        let last_err = match agent.ping().await {
+            Ok(()) => return Ok(()),
+            Err(e) => e.to_string(),
+        };
+        if !ctx.backend.pid(handle)?.is_some_and(pid_alive) {
+            return Err(SpriteError::BootFailed {
+                sprite: rec.name.clone(),
+                detail: format!("PID 1 exited; console: {}", tail(&paths.console_log(), 2000)),
+            });
+        }
+        if Instant::now() >= deadline {
+            return Err(SpriteError::BootTimeout {
+                sprite: rec.name.clone(),
+                after: ctx.timeout,
+                detail: format!("{last_err}; console: {}", tail(&paths.console_log(), 2000)),
+            });
+        }
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+}
+
+fn pid_alive(pid: i32) -> bool {
+    // A zombie still has a /proc entry; its state letter tells it apart.
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .ok()
+        .and_then(|s| s.rsplit_once(") ").map(|(_, rest)| !rest.starts_with('Z')))
+        .unwrap_or(false)
+}
+
+fn tail(p: &Path, max: usize) -> String {
+    let s = std::fs::read_to_string(p).unwrap_or_default();
+    let start = s.len().saturating_sub(max);
+    let start = (start..s.len())
+        .find(|i| s.is_char_boundary(*i))
+        .unwrap_or(s.len());
+    s[start..].trim().to_string()
+}
+
+fn prepare_dirs(paths: &SpritePaths, idmap: &den_runtime::image::IdMap) -> Result<()> {
+    let mk = |p: &Path, mode: u32| -> Result<()> {
+        std::fs::create_dir_all(p).map_err(|e| SpriteError::io(format!("creating {}", p.display()), e))?;
+        std::fs::set_permissions(p, std::fs::Permissions::from_mode(mode))
+            .map_err(|e| SpriteError::io(format!("chmod {}", p.display()), e))
+    };
+    // PID 1 starts as the sprite's root, an unprivileged host uid: it must be
+    // able to traverse to its bind-mount sources.
+    mk(&paths.root, 0o711)?;
+    mk(&paths.etc(), 0o755)?;
+    let agent = paths.agent_dir();
+    mk(&agent, 0o700)?;
+    let root_uid = idmap.uid_to_host(0).unwrap_or(0);
+    let root_gid = idmap.gid_to_host(0).unwrap_or(0);
+    std::os::unix::fs::chown(&agent, Some(root_uid), Some(root_gid))
+        .map_err(|e| SpriteError::io("chown the agent directory", e))?;
+    let _ = std::fs::remove_file(paths.socket());
+    Ok(())
+}
+
+fn write_etc(
+    paths: &SpritePaths,
+    name: &str,
+    dns: std::net::Ipv4Addr,
+    policy: Option<&NetworkPolicy>,
+) -> Result<()> {
+    let w = |file: &str, text: String| -> Result<()> {
+        let p = paths.etc().join(file);
+        std::fs::write(&p, text).map_err(|e| SpriteError::io(format!("writing {}", p.display()), e))
+    };
+    w("resolv.conf", format!("nameserver {dns}\noptions edns0\n"))?;
+    w(
+        "hosts",
+        format!("127.0.0.1\tlocalhost\n127.0.1.1\t{name}\n::1\tlocalhost ip6-localhost ip6-loopback\n"),
+    )?;
+    write_policy_file(paths, policy)
+}
+
+/// The sprite can read its policy (not change it) at `/.sprite/policy/network.json`.
+/// Written in place, so the bind mount of a running sprite sees the change.
+pub(crate) fn write_policy_file(paths: &SpritePaths, policy: Option<&NetworkPolicy>) -> Result<()> {
+    let p = paths.policy_file();
+    let unrestricted = NetworkPolicy::unrestricted();
+    let text = serde_json::to_string_pretty(policy.unwrap_or(&unrestricted)).unwrap_or_default();
+    std::fs::write(&p, text + "\n").map_err(|e| SpriteError::io(format!("writing {}", p.display()), e))
+}
+
+impl Live {
+    /// Stop everything (blocking): processes, filesystem, network. Keeps going
+    /// after a failed step so nothing is left behind, and reports the first error.
+    pub fn teardown(mut self, backend: &dyn Backend, net: &NetManager, grace: Duration) -> Result<()> {
+        let mut first: Option<SpriteError> = None;
+        let mut note = |r: Result<()>| {
+            if let Err(e) = r {
+                tracing::warn!(error = %e, "sprite teardown step failed");
+                first.get_or_insert(e);
+            }
+        };
+        if let Some(h) = self.handle.take() {
+            // A frozen sprite can't handle SIGTERM.
+            let _ = backend.thaw(&h);
+            note(backend.stop(&h, grace).map_err(Into::into));
+            note(backend.delete(&h).map_err(Into::into));
+        }
+        if let Some(d) = self.disk.take() {
+            note(d.unmount());
+        }
+        if self.net.take().is_some() {
+            note(net.teardown_sprite(&self.key).map_err(Into::into));
+        }
+        match first {
+            Some(e) => Err(e),
+            None => Ok(()),
+        }
+    }
+}

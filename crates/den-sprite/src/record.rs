@@ -1,0 +1,112 @@
+//! What the catalog keeps per sprite, and what callers see.
+
+use den_net::NetworkPolicy;
+use den_runtime::Resources;
+use serde::{Deserialize, Serialize};
+
+use crate::error::{Result, SpriteError};
+
+/// The durable record of one sprite.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct SpriteRecord {
+    /// Stable public id (UUID).
+    pub id: String,
+    /// User-chosen name, unique on the host; a DNS label so it can head the sprite's URL.
+    pub name: String,
+    /// Short host-side key: names the volume, cgroup, netns and run directory, so a
+    /// sprite recreated under an old name never meets the old one's leftovers.
+    pub key: String,
+    /// The den volume holding the sprite's writable layer (ext4).
+    pub volume: String,
+    /// Base image version the sprite was created on; it keeps it for life, because
+    /// its upper layer only makes sense on top of that lower layer.
+    pub image: String,
+    pub created_at_ms: i64,
+    pub updated_at_ms: i64,
+    #[serde(default)]
+    pub last_running_at_ms: Option<i64>,
+    #[serde(default)]
+    pub last_warming_at_ms: Option<i64>,
+    /// Egress policy; `None` means unrestricted.
+    #[serde(default)]
+    pub policy: Option<NetworkPolicy>,
+    /// Service definitions (desired state, including sticky stops).
+    #[serde(default)]
+    pub services: Vec<den_agent::protocol::ServiceDef>,
+    /// The checkpoint the sprite was last restored to or last took: it can't be deleted.
+    #[serde(default)]
+    pub active_checkpoint: Option<String>,
+    pub resources: Resources,
+    /// Attributes owned by the API layer (url settings, labels, config, environment).
+    #[serde(default)]
+    pub attrs: serde_json::Value,
+}
+
+/// Lifecycle status, as the Sprites API names it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum SpriteStatus {
+    /// Processes stopped, volume unmounted; wakes on demand.
+    Cold,
+    /// Frozen by the cgroup freezer, memory kept; wakes in milliseconds.
+    Warm,
+    Running,
+}
+
+impl SpriteStatus {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            SpriteStatus::Cold => "cold",
+            SpriteStatus::Warm => "warm",
+            SpriteStatus::Running => "running",
+        }
+    }
+}
+
+/// A record plus its live status.
+#[derive(Debug, Clone, Serialize)]
+pub struct SpriteInfo {
+    #[serde(flatten)]
+    pub record: SpriteRecord,
+    pub status: SpriteStatus,
+}
+
+/// Sprite names are DNS labels: `[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?`.
+pub fn validate_name(name: &str) -> Result<()> {
+    let ok = !name.is_empty()
+        && name.len() <= 63
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+        && !name.starts_with('-')
+        && !name.ends_with('-');
+    if ok {
+        Ok(())
+    } else {
+        Err(SpriteError::Invalid(format!(
+            "sprite name {name:?} must be 1-63 characters of a-z, 0-9 and '-', not starting or ending with '-'"
+        )))
+    }
+}
+
+pub(crate) fn now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or(0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names() {
+        for good in ["a", "my-sprite", "x1", &"a".repeat(63)] {
+            validate_name(good).unwrap();
+        }
+        for bad in ["", "-a", "a-", "A", "a_b", "a.b", "../x", &"a".repeat(64), "a b"] {
+            assert!(validate_name(bad).is_err(), "{bad:?} accepted");
+        }
+    }
+}

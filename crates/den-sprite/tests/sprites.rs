@@ -1,0 +1,801 @@
+//! Sprite-level tests: the whole stack (volume, FUSE + loop + ext4, overlay,
+//! container, agent, network) driven through `SpriteManager`, as root.
+//!
+//! The test binary doubles as the `den` binary inside the sprites: the
+//! manager runs it as `runtime-shim` and as `agent` (see `main`).
+
+use std::ffi::OsString;
+use std::net::{SocketAddrV4, TcpListener};
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail, ensure};
+use den_agent::client::ExecRequest;
+use den_agent::protocol::ServiceDef;
+use den_net::NetworkPolicy;
+use den_runtime::Resources;
+use den_sprite::{CreateSprite, ImageSource, ManagerConfig, SpriteManager, SpriteStatus};
+use den_store::{Store, StoreConfig};
+use den_testkit::net::TestNet;
+
+const WAIT: Duration = Duration::from_secs(30);
+
+struct Env {
+    /// Every manager started here; shut down when the Env is dropped (also
+    /// when a test fails half-way), before its directories are removed, so
+    /// no sprite outlives its test.
+    managers: std::sync::Mutex<Vec<SpriteManager>>,
+    dir: tempfile::TempDir,
+    net: TestNet,
+    images: PathBuf,
+    image: ImageSource,
+}
+
+impl Env {
+    fn new() -> Result<Env> {
+        Self::with_image(ImageSource::Busybox, None)
+    }
+
+    fn with_image(image: ImageSource, images: Option<PathBuf>) -> Result<Env> {
+        let dir = tempfile::Builder::new().prefix("den-sprite-test-").tempdir()?;
+        // Sprites start as an unprivileged host uid that must traverse to
+        // their bind-mount sources.
+        std::fs::set_permissions(dir.path(), std::os::unix::fs::PermissionsExt::from_mode(0o711))?;
+        let images = images.unwrap_or_else(|| dir.path().join("images"));
+        Ok(Env {
+            managers: Default::default(),
+            net: TestNet::new()?,
+            images,
+            image,
+            dir,
+        })
+    }
+
+    fn config(&self) -> ManagerConfig {
+        let mut cfg = ManagerConfig::new(
+            self.dir.path().join("data"),
+            std::env::current_exe().expect("test binary path"),
+            self.net.config.clone(),
+        );
+        cfg.run_dir = self.dir.path().join("run");
+        cfg.images_dir = self.images.clone();
+        cfg.image = self.image.clone();
+        cfg.resources = Resources {
+            memory_bytes: Some(256 << 20),
+            pids: Some(512),
+            ..Resources::default()
+        };
+        // Tests that want sleep set short timeouts themselves.
+        cfg.warm_after = Duration::from_secs(3600);
+        cfg.cold_after = Duration::from_secs(7200);
+        cfg.stop_grace = Duration::from_secs(2);
+        cfg
+    }
+
+    async fn store(&self) -> Result<Store> {
+        Ok(Store::open(StoreConfig::local(self.dir.path().join("data/store"))).await?)
+    }
+
+    async fn start(&self, cfg: ManagerConfig) -> Result<SpriteManager> {
+        let mgr = SpriteManager::start(cfg, self.store().await?).await?;
+        self.managers.lock().unwrap().push(mgr.clone());
+        Ok(mgr)
+    }
+}
+
+impl Drop for Env {
+    fn drop(&mut self) {
+        let managers: Vec<SpriteManager> = self.managers.lock().unwrap().drain(..).collect();
+        if managers.is_empty() {
+            return;
+        }
+        tokio::task::block_in_place(|| {
+            tokio::runtime::Handle::current().block_on(async {
+                for mgr in managers {
+                    close(mgr).await;
+                }
+            })
+        });
+    }
+}
+
+struct Out {
+    code: i32,
+    stdout: String,
+    stderr: String,
+}
+
+async fn exec(mgr: &SpriteManager, name: &str, req: ExecRequest) -> Result<Out> {
+    let act = mgr.wake(name).await?;
+    let session = act.agent().exec(req).await?;
+    let out = tokio::time::timeout(WAIT, session.collect())
+        .await
+        .context("command did not finish")?;
+    let exit = out.exit.context("no exit status")?;
+    Ok(Out {
+        code: exit.exit_code,
+        stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
+        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+    })
+}
+
+fn sh_req(script: &str) -> ExecRequest {
+    ExecRequest {
+        argv: vec!["/bin/sh".into(), "-c".into(), script.into()],
+        ..Default::default()
+    }
+}
+
+/// Run a shell script in the sprite as `sprite`; fail unless it exits 0.
+async fn sh(mgr: &SpriteManager, name: &str, script: &str) -> Result<String> {
+    let o = exec(mgr, name, sh_req(script)).await?;
+    ensure!(
+        o.code == 0,
+        "{script:?} exited {}: {}{}",
+        o.code,
+        o.stdout,
+        o.stderr
+    );
+    Ok(o.stdout)
+}
+
+/// Run as root in the sprite.
+async fn root_sh(mgr: &SpriteManager, name: &str, script: &str) -> Result<Out> {
+    let mut req = sh_req(script);
+    req.user = Some("root".into());
+    exec(mgr, name, req).await
+}
+
+async fn wait_status(
+    mgr: &SpriteManager,
+    name: &str,
+    want: SpriteStatus,
+    within: Duration,
+) -> Result<Duration> {
+    let t0 = Instant::now();
+    loop {
+        if mgr.get(name)?.status == want {
+            return Ok(t0.elapsed());
+        }
+        if t0.elapsed() > within {
+            bail!(
+                "{name} is {:?}, not {want:?}, after {within:?}",
+                mgr.get(name)?.status
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+async fn close(mgr: SpriteManager) {
+    mgr.shutdown().await;
+    mgr.remove_firewall();
+}
+
+// ------------------------------------------------------------------ tests
+
+/// Create, write, stop the runtime, start it again: the file is there.
+/// Checkpoint, change, restore: the change is gone. Fork: both diverge.
+async fn lifecycle() -> Result<()> {
+    let env = Env::new()?;
+    let mgr = env.start(env.config()).await?;
+    let t0 = Instant::now();
+    let info = mgr.create("alpha", CreateSprite::default()).await?;
+    println!("  create: {:?}", t0.elapsed());
+    ensure!(info.status == SpriteStatus::Cold);
+    let t0 = Instant::now();
+    let who = sh(&mgr, "alpha", "id -un; id -u; pwd; hostname").await?;
+    println!("  first command (cold boot): {:?}", t0.elapsed());
+    ensure!(who == "sprite\n1000\n/home/sprite\nalpha\n", "{who:?}");
+    sh(
+        &mgr,
+        "alpha",
+        "echo persisted > /home/sprite/file; mkdir -p /home/sprite/d",
+    )
+    .await?;
+    let out = root_sh(&mgr, "alpha", "echo root-change > /etc/motd && cat /etc/motd").await?;
+    ensure!(out.code == 0 && out.stdout == "root-change\n", "{}", out.stderr);
+
+    // Restart the whole runtime: sprites come back cold and intact.
+    close(mgr).await;
+    let mgr = env.start(env.config()).await?;
+    ensure!(mgr.get("alpha")?.status == SpriteStatus::Cold);
+    ensure!(sh(&mgr, "alpha", "cat /home/sprite/file /etc/motd").await? == "persisted\nroot-change\n");
+
+    // Checkpoint a running sprite, change, restore.
+    let ck = mgr.checkpoint("alpha", "before").await?;
+    ensure!(mgr.get("alpha")?.status == SpriteStatus::Running);
+    sh(
+        &mgr,
+        "alpha",
+        "echo changed > /home/sprite/file; touch /home/sprite/new",
+    )
+    .await?;
+    let t0 = Instant::now();
+    mgr.restore("alpha", &ck.id).await?;
+    ensure!(
+        mgr.get("alpha")?.status == SpriteStatus::Running,
+        "restore restarts an awake sprite"
+    );
+    let after = sh(&mgr, "alpha", "cat /home/sprite/file; ls /home/sprite").await?;
+    println!("  restore → output: {:?}", t0.elapsed());
+    ensure!(after == "persisted\nd\nfile\n", "{after:?}");
+    let cks = mgr.list_checkpoints("alpha").await?;
+    ensure!(cks.first().map(|c| c.id.as_str()) == Some(ck.id.as_str()));
+    match mgr.delete_checkpoint("alpha", &ck.id).await {
+        Err(den_sprite::SpriteError::Conflict(_)) => {}
+        other => bail!("deleting the active checkpoint gave {other:?}"),
+    }
+
+    // Fork from the live state and from the checkpoint; all three diverge.
+    sh(&mgr, "alpha", "echo live > /home/sprite/state").await?;
+    let t0 = Instant::now();
+    mgr.fork("alpha", "beta", None, None).await?;
+    ensure!(sh(&mgr, "beta", "cat /home/sprite/state").await? == "live\n");
+    println!("  live fork → output: {:?}", t0.elapsed());
+    mgr.fork("alpha", "gamma", Some(&ck.id), None).await?;
+    ensure!(sh(&mgr, "gamma", "ls /home/sprite").await? == "d\nfile\n");
+    sh(&mgr, "beta", "echo beta > /home/sprite/state").await?;
+    sh(&mgr, "alpha", "echo alpha > /home/sprite/state").await?;
+    ensure!(sh(&mgr, "beta", "cat /home/sprite/state").await? == "beta\n");
+    ensure!(sh(&mgr, "alpha", "cat /home/sprite/state").await? == "alpha\n");
+
+    // Bad input is refused and changes nothing.
+    ensure!(matches!(
+        mgr.create("alpha", CreateSprite::default()).await,
+        Err(den_sprite::SpriteError::Exists(_))
+    ));
+    ensure!(matches!(
+        mgr.create("Bad_Name", CreateSprite::default()).await,
+        Err(den_sprite::SpriteError::Invalid(_))
+    ));
+    ensure!(matches!(
+        mgr.restore("alpha", "v999").await,
+        Err(den_sprite::SpriteError::CheckpointNotFound { .. })
+    ));
+    ensure!(matches!(
+        mgr.wake("nope").await,
+        Err(den_sprite::SpriteError::NotFound(_))
+    ));
+
+    // Delete removes the sprite and its disk.
+    let vol = mgr.get("gamma")?.record.volume;
+    mgr.delete("gamma").await?;
+    ensure!(mgr.get("gamma").is_err());
+    ensure!(
+        mgr.store().volume(&vol).await.is_err(),
+        "volume {vol} survived delete"
+    );
+    close(mgr).await;
+    Ok(())
+}
+
+/// Idle sprites go warm (frozen, processes kept) then cold (stopped); an
+/// exec wakes them; data stays.
+async fn sleep_and_wake() -> Result<()> {
+    let env = Env::new()?;
+    let mut cfg = env.config();
+    cfg.warm_after = Duration::from_millis(300);
+    cfg.cold_after = Duration::from_millis(2500);
+    let mgr = env.start(cfg).await?;
+    mgr.create("sleepy", CreateSprite::default()).await?;
+    // A background process that outlives its session and counts.
+    sh(
+        &mgr,
+        "sleepy",
+        "echo data > /home/sprite/keep; (i=0; while :; do i=$((i+1)); echo $i > /tmp/count; sleep 0.02; done) >/dev/null 2>&1 &",
+    )
+    .await?;
+    let warm_in = wait_status(&mgr, "sleepy", SpriteStatus::Warm, WAIT).await?;
+    println!("  went warm after {warm_in:?} idle");
+    let before: u64 = sh(&mgr, "sleepy", "cat /tmp/count").await?.trim().parse()?;
+    // Woken: the counter process survived the freeze and keeps counting.
+    let t0 = Instant::now();
+    loop {
+        let now: u64 = sh(&mgr, "sleepy", "cat /tmp/count").await?.trim().parse()?;
+        if now > before {
+            break;
+        }
+        ensure!(t0.elapsed() < WAIT, "the counter never moved after the wake");
+    }
+    ensure!(mgr.get("sleepy")?.status == SpriteStatus::Running);
+
+    // A running exec session keeps the sprite awake, even detached.
+    let act = mgr.wake("sleepy").await?;
+    let mut req = sh_req("sleep 1.5");
+    req.max_run_after_disconnect_ms = Some(0);
+    act.agent().exec(req).await?.detach();
+    drop(act);
+    let t0 = Instant::now();
+    let warm_again = wait_status(&mgr, "sleepy", SpriteStatus::Warm, WAIT).await?;
+    ensure!(
+        t0.elapsed() >= Duration::from_millis(1400),
+        "went warm after {warm_again:?} although a session was running"
+    );
+
+    let cold_in = wait_status(&mgr, "sleepy", SpriteStatus::Cold, WAIT).await?;
+    println!("  went cold {cold_in:?} after warm");
+    let t0 = Instant::now();
+    let out = sh(
+        &mgr,
+        "sleepy",
+        "cat /home/sprite/keep; ps -o comm | grep -c sleep || true",
+    )
+    .await?;
+    println!("  cold wake → output: {:?}", t0.elapsed());
+    ensure!(
+        out == "data\n0\n",
+        "after a cold wake: {out:?} (the counter must be gone, the data kept)"
+    );
+    close(mgr).await;
+    Ok(())
+}
+
+/// Root in a sprite is not root on the host, and the host, its devices,
+/// its loopback services and other sprites are out of reach.
+async fn security() -> Result<()> {
+    let env = Env::new()?;
+    let mut cfg = env.config();
+    cfg.resources = Resources {
+        memory_bytes: Some(64 << 20),
+        pids: Some(128),
+        ..Resources::default()
+    };
+    let mgr = env.start(cfg).await?;
+    mgr.create("s1", CreateSprite::default()).await?;
+    mgr.create("s2", CreateSprite::default()).await?;
+
+    // Host processes are invisible: PID 1 is the agent, and few processes exist.
+    let out = root_sh(
+        &mgr,
+        "s1",
+        "cat /proc/1/cmdline | tr '\\0' ' '; echo; ls /proc | grep -c '^[0-9]'",
+    )
+    .await?;
+    let mut lines = out.stdout.lines();
+    ensure!(lines.next().unwrap_or("").contains("agent"), "{}", out.stdout);
+    let nprocs: usize = lines.next().unwrap_or("999").trim().parse()?;
+    ensure!(nprocs < 10, "the sprite sees {nprocs} processes");
+
+    // uid 0 inside maps to an unprivileged host uid.
+    let act = mgr.wake("s1").await?;
+    let session = act
+        .agent()
+        .exec({
+            let mut r = sh_req("sleep 30");
+            r.user = Some("root".into());
+            r
+        })
+        .await?;
+    let key = mgr.get("s1")?.record.key;
+    let host_uids = host_uids_of_sprite(&key)?;
+    ensure!(
+        !host_uids.is_empty(),
+        "no processes found for the sprite's cgroup"
+    );
+    ensure!(host_uids.iter().all(|u| *u >= 100_000), "host uids {host_uids:?}");
+    drop(session);
+    drop(act);
+
+    // Host files, devices, sysctls and modules.
+    let data_db = env.dir.path().join("data/sprites.db");
+    let script = format!(
+        "test -e {db} && echo SEES-HOST-FILE; \
+         mknod /tmp/sda b 8 0 2>/dev/null && echo MKNOD; \
+         mount -t ext4 /dev/vda /mnt 2>/dev/null && echo MOUNTED; \
+         echo 1 > /proc/sys/kernel/sysrq 2>/dev/null && echo SYSCTL; \
+         echo 1 > /proc/sysrq-trigger 2>/dev/null && echo SYSRQ; \
+         insmod /nonexistent.ko 2>&1 | grep -qi 'not permitted' || echo INSMOD-NOT-REFUSED; \
+         grep CapEff /proc/self/status; echo done",
+        db = data_db.display()
+    );
+    let out = root_sh(&mgr, "s1", &script).await?;
+    for bad in ["SEES-HOST-FILE", "MKNOD", "MOUNTED", "SYSCTL", "SYSRQ"] {
+        ensure!(
+            !out.stdout.contains(bad),
+            "sprite root could {bad}: {}",
+            out.stdout
+        );
+    }
+    let capeff = out
+        .stdout
+        .lines()
+        .find_map(|l| l.strip_prefix("CapEff:"))
+        .context("no CapEff")?;
+    let caps = u64::from_str_radix(capeff.trim(), 16)?;
+    for (bit, name) in [
+        (16, "CAP_SYS_MODULE"),
+        (21, "CAP_SYS_ADMIN"),
+        (17, "CAP_SYS_RAWIO"),
+        (12, "CAP_NET_ADMIN"),
+    ] {
+        ensure!(caps & (1 << bit) == 0, "sprite root has {name}");
+    }
+
+    // Host loopback services and other sprites are unreachable; the host
+    // can reach a sprite (that is how URLs and proxies work).
+    let host = TcpListener::bind("0.0.0.0:0")?;
+    let port = host.local_addr()?.port();
+    let gw = env.net.config.gateway();
+    let out = sh(
+        &mgr,
+        "s1",
+        &format!("nc -w 2 {gw} {port} </dev/null && echo CONNECTED-HOST || echo refused"),
+    )
+    .await?;
+    ensure!(out.trim() == "refused", "{out}");
+    let out = sh(
+        &mgr,
+        "s1",
+        &format!("nc -w 2 127.0.0.1 {port} </dev/null && echo CONNECTED-LO || echo refused"),
+    )
+    .await?;
+    ensure!(out.trim() == "refused", "sprite loopback is its own: {out}");
+    let s2 = mgr.wake("s2").await?;
+    let listener = s2.agent().exec(sh_req("echo hi-from-s2 | nc -l -p 7000")).await?;
+    let s2_addr = SocketAddrV4::new(s2.addr(), 7000);
+    wait_tcp(s2_addr)?;
+    let out = sh(
+        &mgr,
+        "s1",
+        &format!(
+            "nc -w 2 {} 7000 </dev/null && echo CONNECTED-S2 || echo refused",
+            s2.addr()
+        ),
+    )
+    .await?;
+    ensure!(
+        !out.contains("CONNECTED-S2") && !out.contains("hi-from-s2"),
+        "{out}"
+    );
+    drop(listener);
+    drop(s2);
+
+    // A fork bomb and a memory hog stay inside their limits; the host and the
+    // other sprite keep answering.
+    let act = mgr.wake("s1").await?;
+    let mut bomb = sh_req("bomb() { bomb | bomb & }; bomb; sleep 5");
+    bomb.timeout_ms = Some(6000);
+    let bomb = act.agent().exec(bomb).await?;
+    let t0 = Instant::now();
+    ensure!(sh(&mgr, "s2", "echo alive").await? == "alive\n");
+    let during = t0.elapsed();
+    println!("  exec in another sprite during a fork bomb: {during:?}");
+    ensure!(during < Duration::from_secs(5), "the neighbour took {during:?}");
+    let pids = count_sprite_tasks(&key)?;
+    ensure!(pids <= 128, "the bomb has {pids} tasks, limit 128");
+    drop(bomb);
+    drop(act);
+    // Going cold kills every task of the sprite, bomb included.
+    mgr.sleep("s1", SpriteStatus::Cold).await?;
+    let hog = exec(&mgr, "s1", sh_req("dd if=/dev/zero of=/dev/null bs=200M count=1")).await?;
+    ensure!(hog.code != 0, "a 200 MB buffer fit under a 64 MB limit");
+    close(mgr).await;
+    Ok(())
+}
+
+fn host_uids_of_sprite(key: &str) -> Result<Vec<u32>> {
+    let cg = den_runtime::cgroup::SpriteCgroup::new(den_runtime::cgroup::detect()?, key);
+    let mut uids = Vec::new();
+    for pid in cg.procs()? {
+        if let Ok(s) = std::fs::read_to_string(format!("/proc/{pid}/status"))
+            && let Some(line) = s.lines().find(|l| l.starts_with("Uid:"))
+        {
+            uids.extend(
+                line.split_whitespace()
+                    .skip(1)
+                    .filter_map(|u| u.parse::<u32>().ok()),
+            );
+        }
+    }
+    Ok(uids)
+}
+
+fn count_sprite_tasks(key: &str) -> Result<usize> {
+    let cg = den_runtime::cgroup::SpriteCgroup::new(den_runtime::cgroup::detect()?, key);
+    Ok(cg.procs()?.len())
+}
+
+fn wait_tcp(addr: SocketAddrV4) -> Result<()> {
+    let t0 = Instant::now();
+    loop {
+        if std::net::TcpStream::connect_timeout(&addr.into(), Duration::from_millis(200)).is_ok() {
+            return Ok(());
+        }
+        ensure!(t0.elapsed() < WAIT, "{addr} never accepted");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+/// The Sprites egress policy, end to end from inside a sprite: allowed
+/// names resolve and connect, denied ones fail DNS, raw IPs are blocked,
+/// and a change applies live.
+async fn egress_policy() -> Result<()> {
+    let env = Env::new()?;
+    let mgr = env.start(env.config()).await?;
+    let policy = NetworkPolicy::from_json(
+        r#"{"rules":[{"domain":"allowed.test","action":"allow"},{"domain":"*","action":"deny"}]}"#,
+    )?;
+    mgr.create(
+        "egress",
+        CreateSprite {
+            policy: Some(policy),
+            ..Default::default()
+        },
+    )
+    .await?;
+    let (allowed, denied) = (env.net.inet.allowed_ip, env.net.inet.denied_ip);
+    let out = sh(
+        &mgr,
+        "egress",
+        "nslookup allowed.test 2>&1; echo ---; nc -w 3 allowed.test 80 </dev/null",
+    )
+    .await?;
+    ensure!(
+        out.contains(&allowed.to_string()),
+        "allowed.test did not resolve: {out}"
+    );
+    ensure!(
+        out.contains(&format!("hello from {allowed}")),
+        "could not connect to allowed.test: {out}"
+    );
+    let out = sh(
+        &mgr,
+        "egress",
+        "nslookup denied.test >/dev/null 2>&1 && echo RESOLVED || echo refused",
+    )
+    .await?;
+    ensure!(out.trim() == "refused", "denied.test resolved: {out}");
+    let out = sh(
+        &mgr,
+        "egress",
+        &format!("nc -w 2 {denied} 80 </dev/null && echo CONNECTED || echo blocked"),
+    )
+    .await?;
+    ensure!(out.trim() == "blocked", "raw IP reachable: {out}");
+    // The sprite can read its policy but not change it.
+    let out = root_sh(
+        &mgr,
+        "egress",
+        "cat /.sprite/policy/network.json; echo x > /.sprite/policy/network.json && echo WROTE",
+    )
+    .await?;
+    ensure!(
+        out.stdout.contains("allowed.test") && !out.stdout.contains("WROTE"),
+        "{}",
+        out.stdout
+    );
+
+    // Live change: deny everything; the name no longer resolves.
+    mgr.set_policy(
+        "egress",
+        NetworkPolicy::from_json(r#"{"rules":[{"domain":"*","action":"deny"}]}"#)?,
+    )
+    .await?;
+    let out = sh(
+        &mgr,
+        "egress",
+        "nslookup allowed.test >/dev/null 2>&1 && echo RESOLVED || echo refused",
+    )
+    .await?;
+    ensure!(out.trim() == "refused", "{out}");
+    let out = sh(
+        &mgr,
+        "egress",
+        &format!("nc -w 2 {allowed} 80 </dev/null && echo CONNECTED || echo blocked"),
+    )
+    .await?;
+    ensure!(out.trim() == "blocked", "{out}");
+    ensure!(
+        root_sh(&mgr, "egress", "cat /.sprite/policy/network.json")
+            .await?
+            .stdout
+            .contains("deny")
+    );
+    // And it is stored with the sprite.
+    ensure!(mgr.policy("egress")?.is_some_and(|p| p.rules.len() == 1));
+    close(mgr).await;
+    Ok(())
+}
+
+/// Services start in `needs` order, restart on crash, stay stopped when
+/// stopped, log to /.sprite/logs/services, and come back after a cold boot.
+async fn services() -> Result<()> {
+    let env = Env::new()?;
+    let mgr = env.start(env.config()).await?;
+    mgr.create("svc", CreateSprite::default()).await?;
+    let def = |name: &str, script: &str, needs: &[&str]| ServiceDef {
+        name: name.into(),
+        cmd: "/bin/sh".into(),
+        args: vec!["-c".into(), script.into()],
+        needs: needs.iter().map(|s| s.to_string()).collect(),
+        ..Default::default()
+    };
+    let _wake = mgr.wake("svc").await?;
+    mgr.update_services("svc", |s| {
+        s.push(def(
+            "db",
+            "date +%s%N > /tmp/db.started; echo db up; exec sleep 1000",
+            &[],
+        ));
+        s.push(def(
+            "web",
+            "test -e /tmp/db.started && echo ordered > /tmp/web.order; echo web up; exec sleep 1000",
+            &["db"],
+        ));
+        s.push(def("crashy", "echo crash >&2; exit 3", &[]));
+        Ok(())
+    })
+    .await?;
+    let act = mgr.wake("svc").await?;
+    let agent = act.agent().clone();
+    use den_agent::protocol::{ServiceState, ServiceStatus};
+    let is = |name: &'static str, state: ServiceState| {
+        move |st: &[ServiceStatus]| st.iter().any(|s| s.name == name && s.status == state)
+    };
+    wait_services(&agent, "web running", is("web", ServiceState::Running)).await?;
+    ensure!(sh(&mgr, "svc", "cat /tmp/web.order").await? == "ordered\n");
+    wait_services(&agent, "crashy restarted", |st| {
+        st.iter().any(|s| s.name == "crashy" && s.restart_count >= 2)
+    })
+    .await?;
+    let log = sh(&mgr, "svc", "cat /.sprite/logs/services/crashy.log").await?;
+    ensure!(log.contains("[stderr] crash"), "{log:?}");
+    // Sticky stop.
+    mgr.update_services("svc", |s| {
+        s.iter_mut().find(|d| d.name == "web").expect("web").stopped = true;
+        Ok(())
+    })
+    .await?;
+    wait_services(&agent, "web stopped", is("web", ServiceState::Stopped)).await?;
+    drop(act);
+    drop(_wake);
+    // A cold boot restarts db but not the stopped web.
+    mgr.sleep("svc", SpriteStatus::Cold).await?;
+    let act = mgr.wake("svc").await?;
+    wait_services(
+        act.agent(),
+        "db back, web still stopped after a cold boot",
+        |st| is("db", ServiceState::Running)(st) && is("web", ServiceState::Stopped)(st),
+    )
+    .await?;
+    drop(act);
+    close(mgr).await;
+    Ok(())
+}
+
+async fn wait_services(
+    agent: &den_agent::client::Client,
+    what: &str,
+    done: impl Fn(&[den_agent::protocol::ServiceStatus]) -> bool,
+) -> Result<()> {
+    let t0 = Instant::now();
+    loop {
+        let st = agent.services_status().await?;
+        if done(&st) {
+            return Ok(());
+        }
+        ensure!(t0.elapsed() < WAIT, "{what}: {st:?}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// The real Debian userland: `sprite` with passwordless sudo, home, apt.
+async fn debian_userland() -> Result<()> {
+    let images = std::env::var_os("DEN_TEST_IMAGES")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from("/var/tmp/den-test-images"));
+    std::fs::create_dir_all(&images)?;
+    let env = Env::with_image(ImageSource::Debian, Some(images))?;
+    let mgr = env.start(env.config()).await?;
+    let t0 = Instant::now();
+    mgr.create("deb", CreateSprite::default()).await?;
+    let out = sh(
+        &mgr,
+        "deb",
+        "whoami; echo $HOME; sudo -n id -u; bash --version | head -1 | cut -c1-13; apt-get --version | head -1 | cut -d' ' -f1; python3 -c 'print(6*7)'",
+    )
+    .await?;
+    println!("  create → output (Debian): {:?}", t0.elapsed());
+    ensure!(
+        out == "sprite\n/home/sprite\n0\nGNU bash, ver\napt\n42\n",
+        "{out:?}"
+    );
+    // Root changes under /usr/local persist across a cold boot.
+    sh(
+        &mgr,
+        "deb",
+        "sudo -n sh -c 'echo tool > /usr/local/bin/mytool && chmod +x /usr/local/bin/mytool'",
+    )
+    .await?;
+    mgr.sleep("deb", SpriteStatus::Cold).await?;
+    ensure!(
+        sh(
+            &mgr,
+            "deb",
+            "cat /usr/local/bin/mytool; ls -ld /home/sprite | cut -d' ' -f3"
+        )
+        .await?
+            == "tool\nsprite\n"
+    );
+    close(mgr).await;
+    Ok(())
+}
+
+// ------------------------------------------------------------------ main
+
+type TestFn = fn() -> std::pin::Pin<Box<dyn std::future::Future<Output = Result<()>>>>;
+
+fn main() {
+    let args: Vec<OsString> = std::env::args_os().collect();
+    match args.get(1).and_then(|a| a.to_str()) {
+        Some("runtime-shim") => std::process::exit(den_runtime::container::shim_main(&args[2..])),
+        Some("agent") => std::process::exit(agent_main(&args[2..])),
+        _ => {}
+    }
+    assert!(nix::unistd::geteuid().is_root(), "the sprite tests need root");
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(
+            std::env::var("RUST_LOG").unwrap_or_else(|_| "warn,libcgroups=error,fuser=error".into()),
+        )
+        .with_test_writer()
+        .try_init();
+    let filters: Vec<String> = args[1..]
+        .iter()
+        .map(|a| a.to_string_lossy().into_owned())
+        .filter(|a| !a.starts_with('-'))
+        .collect();
+    let tests: &[(&str, TestFn)] = &[
+        ("lifecycle", || Box::pin(lifecycle())),
+        ("sleep_and_wake", || Box::pin(sleep_and_wake())),
+        ("security", || Box::pin(security())),
+        ("egress_policy", || Box::pin(egress_policy())),
+        ("services", || Box::pin(services())),
+        ("debian_userland", || Box::pin(debian_userland())),
+    ];
+    let rt = tokio::runtime::Runtime::new().expect("runtime");
+    let mut failed = Vec::new();
+    for (name, test) in tests {
+        if !filters.is_empty() && !filters.iter().any(|f| name.contains(f.as_str())) {
+            continue;
+        }
+        let t0 = Instant::now();
+        println!("test {name} ...");
+        match rt.block_on(test()) {
+            Ok(()) => println!("test {name} ... ok ({:.2} s)", t0.elapsed().as_secs_f64()),
+            Err(e) => {
+                println!(
+                    "test {name} ... FAILED ({:.2} s): {e:#}",
+                    t0.elapsed().as_secs_f64()
+                );
+                failed.push(*name);
+            }
+        }
+    }
+    drop(rt);
+    if !failed.is_empty() {
+        eprintln!("failed: {failed:?}");
+        std::process::exit(1);
+    }
+}
+
+/// `agent --socket PATH`, as the sprite manager starts it.
+fn agent_main(args: &[OsString]) -> i32 {
+    let socket = args
+        .iter()
+        .position(|a| a == "--socket")
+        .and_then(|i| args.get(i + 1))
+        .map(PathBuf::from)
+        .unwrap_or_else(|| Path::new(den_sprite::AGENT_SOCKET).to_path_buf());
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("runtime");
+    match rt.block_on(den_agent::run(den_agent::AgentConfig::new(socket))) {
+        Ok(()) => 0,
+        Err(e) => {
+            eprintln!("agent: {e}");
+            1
+        }
+    }
+}
