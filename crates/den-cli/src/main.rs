@@ -2,6 +2,7 @@
 
 mod agent;
 mod bench;
+mod server;
 mod store_args;
 mod volume;
 
@@ -16,6 +17,8 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
+    /// Run the Sprites-compatible API server.
+    Server(Box<server::ServerArgs>),
     /// Operate on den volumes: sparse chunked disks with instant checkpoint, restore and fork.
     #[command(subcommand)]
     Volume(Box<volume::VolumeCmd>),
@@ -43,6 +46,7 @@ fn main() {
         .init();
     let cli = Cli::parse();
     let result = match cli.command {
+        Command::Server(args) => server::run(*args),
         Command::Volume(cmd) => volume::run(*cmd),
         Command::Bench(cmd) => bench::run(cmd),
         Command::Agent(args) => agent::run(args),

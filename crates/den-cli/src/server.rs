@@ -1,0 +1,100 @@
+//! `den server`: run the API server with embedded defaults (SQLite and local
+//! chunk storage under the data dir).
+//!
+//! Settings come from built-in defaults, then `--config FILE` (TOML), then
+//! `DEN_*` environment variables, then flags.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::{Context, Result};
+use clap::Args;
+use den_server::ServerConfig;
+use tokio::signal::unix::{SignalKind, signal};
+
+#[derive(Args, Debug)]
+pub struct ServerArgs {
+    /// Everything den keeps: metadata, chunks, images, tokens.
+    #[arg(long, env = "DEN_DATA_DIR", default_value = "/var/lib/den")]
+    pub data_dir: PathBuf,
+    /// TOML file with any of: listen, url_domain, url_port, warm_after, cold_after, image,
+    /// run_dir, subnet, net_table, upstream_dns, uplinks, blocked, default_exec_timeout.
+    #[arg(long, env = "DEN_CONFIG")]
+    pub config: Option<PathBuf>,
+    /// Address to listen on [default: 127.0.0.1:8080].
+    #[arg(long)]
+    pub listen: Option<SocketAddr>,
+    /// Sprite URLs are http://NAME.DOMAIN:PORT/ [default: localhost].
+    #[arg(long)]
+    pub url_domain: Option<String>,
+    /// Port shown in sprite URLs [default: the listen port].
+    #[arg(long)]
+    pub url_port: Option<u16>,
+    /// Idle time before a running sprite is frozen (warm) [default: 30s].
+    #[arg(long, value_parser = humantime::parse_duration)]
+    pub warm_after: Option<Duration>,
+    /// Idle time before a sprite is stopped (cold) [default: 10m].
+    #[arg(long, value_parser = humantime::parse_duration)]
+    pub cold_after: Option<Duration>,
+    /// Base image: debian (default) or busybox.
+    #[arg(long)]
+    pub image: Option<String>,
+}
+
+pub fn run(args: ServerArgs) -> Result<()> {
+    let mut cfg = ServerConfig::new(&args.data_dir);
+    if let Some(f) = &args.config {
+        cfg.apply_file(f)?;
+    }
+    cfg.apply_env()?;
+    if let Some(v) = args.listen {
+        cfg.listen = v;
+    }
+    if let Some(v) = args.url_domain {
+        cfg.url_domain = v;
+    }
+    if args.url_port.is_some() {
+        cfg.url_port = args.url_port;
+    }
+    if let Some(v) = args.warm_after {
+        cfg.warm_after = v;
+    }
+    if let Some(v) = args.cold_after {
+        cfg.cold_after = v;
+    }
+    if let Some(v) = args.image {
+        anyhow::ensure!(
+            v == "debian" || v == "busybox",
+            "--image must be debian or busybox"
+        );
+        cfg.image = v;
+    }
+    anyhow::ensure!(
+        cfg.cold_after >= cfg.warm_after,
+        "--cold-after must not be shorter than --warm-after"
+    );
+    let exe = std::env::current_exe().context("finding the den binary")?;
+    let rt = tokio::runtime::Runtime::new()?;
+    rt.block_on(async move {
+        let mut term = signal(SignalKind::terminate())?;
+        let mut int = signal(SignalKind::interrupt())?;
+        eprintln!("den server: preparing (the first start builds the base image, about a minute)…");
+        let running = den_server::start(cfg, exe).await?;
+        if let Some(f) = &running.admin_token_file {
+            eprintln!("admin token written to {} (mode 0600)", f.display());
+        }
+        eprintln!("den server listening on http://{}", running.addr);
+        println!(
+            "{}",
+            serde_json::json!({"ready": true, "listen": running.addr.to_string()})
+        );
+        tokio::select! {
+            _ = term.recv() => {}
+            _ = int.recv() => {}
+        }
+        eprintln!("den server: shutting down (sprites go cold, data is flushed)…");
+        running.stop().await;
+        anyhow::Ok(())
+    })
+}

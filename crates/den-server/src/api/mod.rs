@@ -1,0 +1,110 @@
+//! The `/v1` API: one module per resource. Every route but the health check
+//! sits behind the bearer-token check ([`crate::auth::require_token`]).
+
+pub mod checkpoints;
+pub mod policy;
+pub mod sprites;
+pub mod tokens;
+
+use axum::Router;
+use axum::http::HeaderValue;
+use axum::middleware;
+use axum::routing::{get, post};
+use utoipa::OpenApi;
+
+use crate::state::AppState;
+
+/// `Sprite-Version` on every response: a release version, so the Go SDK
+/// uses path-style session attach.
+pub const SPRITE_VERSION: &str = env!("CARGO_PKG_VERSION");
+
+/// Checkpoint ids as the API accepts them: `v3`, `3`, `checkpoints/v3`.
+pub fn checkpoint_id(raw: &str) -> String {
+    let s = raw.trim().trim_start_matches("checkpoints/");
+    if !s.is_empty() && s.bytes().all(|b| b.is_ascii_digit()) {
+        format!("v{s}")
+    } else {
+        s.to_string()
+    }
+}
+
+#[derive(OpenApi)]
+#[openapi(
+    info(
+        title = "den",
+        description = "Sprites-compatible API of den (self-hosted persistent sandboxes)"
+    ),
+    paths(
+        sprites::create,
+        sprites::list,
+        sprites::get,
+        sprites::update,
+        sprites::delete,
+        sprites::upgrade,
+        sprites::fork,
+        checkpoints::create,
+        checkpoints::list,
+        checkpoints::get,
+        checkpoints::delete,
+        checkpoints::restore,
+        policy::get,
+        policy::set,
+        tokens::create,
+        tokens::list,
+        tokens::revoke,
+    )
+)]
+pub struct ApiDoc;
+
+async fn openapi() -> axum::Json<utoipa::openapi::OpenApi> {
+    axum::Json(ApiDoc::openapi())
+}
+
+async fn health() -> axum::Json<serde_json::Value> {
+    axum::Json(serde_json::json!({"status": "ok", "version": SPRITE_VERSION}))
+}
+
+pub fn router(state: AppState) -> Router {
+    let sprite = Router::new()
+        .route(
+            "/",
+            get(sprites::get).put(sprites::update).delete(sprites::delete),
+        )
+        .route("/upgrade", post(sprites::upgrade))
+        .route("/fork", post(sprites::fork))
+        .route("/checkpoint", post(checkpoints::create))
+        .route("/checkpoints", get(checkpoints::list))
+        .route(
+            "/checkpoints/{id}",
+            get(checkpoints::get).delete(checkpoints::delete),
+        )
+        .route("/checkpoints/{id}/restore", post(checkpoints::restore))
+        .route("/policy/network", get(policy::get).post(policy::set));
+    let authed = Router::new()
+        .route("/v1/sprites", get(sprites::list).post(sprites::create))
+        .nest("/v1/sprites/{name}", sprite)
+        .route("/v1/tokens", get(tokens::list).post(tokens::create))
+        .route("/v1/tokens/{id}", axum::routing::delete(tokens::revoke))
+        .route("/v1/openapi.json", get(openapi))
+        .route_layer(middleware::from_fn_with_state(
+            state.clone(),
+            crate::auth::require_token,
+        ));
+    Router::new()
+        .route("/v1/health", get(health))
+        .route("/healthz", get(health))
+        .merge(authed)
+        .fallback(not_found)
+        .layer(middleware::map_response(
+            |mut r: axum::response::Response| async move {
+                r.headers_mut()
+                    .insert("sprite-version", HeaderValue::from_static(SPRITE_VERSION));
+                r
+            },
+        ))
+        .with_state(state)
+}
+
+async fn not_found() -> crate::error::ApiError {
+    crate::error::ApiError::not_found("no such endpoint")
+}

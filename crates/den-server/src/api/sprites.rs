@@ -1,0 +1,293 @@
+//! Sprites CRUD (§2.3) and fork (den extension).
+
+use axum::Json;
+use axum::extract::{Path, Query, State};
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use den_runtime::{CpuLimit, Resources};
+use den_sprite::{CreateSprite, SpriteStatus};
+use serde::Deserialize;
+use serde_json::{Map, Value, json};
+
+use crate::error::{ApiError, ApiResult};
+use crate::extract::JsonBody;
+use crate::sprite_json::{ORG, default_url_settings, sprite_json};
+use crate::state::AppState;
+
+#[derive(Debug, Deserialize, utoipa::ToSchema)]
+pub struct CreateSpriteRequest {
+    pub name: Option<String>,
+    pub url_settings: Option<Value>,
+    pub labels: Option<Vec<String>>,
+    pub config: Option<Value>,
+    pub environment: Option<Map<String, Value>>,
+    /// Accepted for compatibility; creation never waits for capacity.
+    #[serde(default)]
+    pub wait_for_capacity: Option<bool>,
+    #[serde(default)]
+    pub runtime: Option<String>,
+}
+
+fn check_url_settings(v: &Value) -> ApiResult<Value> {
+    let obj = v
+        .as_object()
+        .ok_or_else(|| ApiError::bad_request("url_settings must be an object"))?;
+    let mut out = default_url_settings();
+    if let Some(auth) = obj.get("auth") {
+        match auth.as_str() {
+            Some("sprite") | Some("public") => out["auth"] = auth.clone(),
+            _ => {
+                return Err(ApiError::bad_request(
+                    "url_settings.auth must be \"sprite\" or \"public\"",
+                ));
+            }
+        }
+    }
+    if let Some(p) = obj.get("private_access") {
+        out["private_access"] = p.clone();
+    }
+    Ok(out)
+}
+
+fn check_labels(labels: &[String]) -> ApiResult<()> {
+    if labels.len() > 64 {
+        return Err(ApiError::bad_request("at most 64 labels"));
+    }
+    for l in labels {
+        if l.is_empty() || l.len() > 128 || l.chars().any(char::is_control) {
+            return Err(ApiError::bad_request(format!("invalid label {l:?}")));
+        }
+    }
+    Ok(())
+}
+
+/// `config.ram_mb` / `config.cpus` become the sprite's cgroup limits.
+fn resources_from(config: &Value, default: Resources) -> ApiResult<Resources> {
+    let mut r = default;
+    let num = |k: &str| -> ApiResult<Option<f64>> {
+        match config.get(k) {
+            None | Some(Value::Null) => Ok(None),
+            Some(v) => v
+                .as_f64()
+                .filter(|x| *x > 0.0)
+                .map(Some)
+                .ok_or_else(|| ApiError::bad_request(format!("config.{k} must be a positive number"))),
+        }
+    };
+    if let Some(mb) = num("ram_mb")? {
+        if mb > 1024.0 * 1024.0 {
+            return Err(ApiError::bad_request("config.ram_mb is too large"));
+        }
+        r.memory_bytes = Some((mb as u64) << 20);
+    }
+    if let Some(cpus) = num("cpus")? {
+        if cpus > 1024.0 {
+            return Err(ApiError::bad_request("config.cpus is too large"));
+        }
+        r.cpu = CpuLimit {
+            shares: Some(((1024.0 * cpus) as u64).clamp(2, 262_144)),
+            quota_us: Some((100_000.0 * cpus) as i64),
+            period_us: Some(100_000),
+        };
+    }
+    Ok(r)
+}
+
+/// Create a sprite (cold).
+#[utoipa::path(post, path = "/v1/sprites", request_body = CreateSpriteRequest,
+    responses((status = 201, description = "The new sprite"), (status = 400), (status = 409)))]
+pub async fn create(
+    State(st): State<AppState>,
+    JsonBody(req): JsonBody<CreateSpriteRequest>,
+) -> ApiResult<Response> {
+    let name = req
+        .name
+        .ok_or_else(|| ApiError::bad_request("name is required"))?;
+    let url_settings = match &req.url_settings {
+        Some(v) => check_url_settings(v)?,
+        None => default_url_settings(),
+    };
+    let labels = req.labels.unwrap_or_default();
+    check_labels(&labels)?;
+    let config = req.config.unwrap_or_else(|| json!({}));
+    if !config.is_object() {
+        return Err(ApiError::bad_request("config must be an object"));
+    }
+    let resources = resources_from(&config, st.mgr.config().resources)?;
+    let environment = req.environment.unwrap_or_default();
+    if let Some((k, _)) = environment.iter().find(|(_, v)| !v.is_string()) {
+        return Err(ApiError::bad_request(format!("environment.{k} must be a string")));
+    }
+    let attrs = json!({
+        "url_settings": url_settings,
+        "labels": labels,
+        "config": config,
+        "environment": environment,
+    });
+    let info = st
+        .mgr
+        .create(
+            &name,
+            CreateSprite {
+                attrs,
+                resources: Some(resources),
+                policy: None,
+            },
+        )
+        .await?;
+    Ok((StatusCode::CREATED, Json(sprite_json(&st.cfg, &info))).into_response())
+}
+
+#[derive(Debug, Deserialize, utoipa::IntoParams)]
+pub struct ListQuery {
+    pub prefix: Option<String>,
+    pub max_results: Option<String>,
+    pub continuation_token: Option<String>,
+}
+
+/// List sprites, by name, a page at a time.
+#[utoipa::path(get, path = "/v1/sprites", params(ListQuery), responses((status = 200)))]
+pub async fn list(State(st): State<AppState>, Query(q): Query<ListQuery>) -> ApiResult<Json<Value>> {
+    let max = match q.max_results.as_deref() {
+        None | Some("") => 50,
+        Some(s) => s
+            .parse::<usize>()
+            .ok()
+            .filter(|n| *n >= 1)
+            .ok_or_else(|| ApiError::bad_request("max_results must be a positive integer"))?
+            .min(100),
+    };
+    let all = st.mgr.list();
+    let (mut running, mut warm, mut cold) = (0, 0, 0);
+    for s in &all {
+        match s.status {
+            SpriteStatus::Running => running += 1,
+            SpriteStatus::Warm => warm += 1,
+            SpriteStatus::Cold => cold += 1,
+        }
+    }
+    let prefix = q.prefix.unwrap_or_default();
+    let after = q.continuation_token.unwrap_or_default();
+    let mut page: Vec<Value> = Vec::new();
+    let mut has_more = false;
+    let mut last = None;
+    for s in all
+        .iter()
+        .filter(|s| s.record.name.starts_with(&prefix) && s.record.name.as_str() > after.as_str())
+    {
+        if page.len() == max {
+            has_more = true;
+            break;
+        }
+        last = Some(s.record.name.clone());
+        page.push(sprite_json(&st.cfg, s));
+    }
+    Ok(Json(json!({
+        "sprites": page,
+        "has_more": has_more,
+        "next_continuation_token": if has_more { last } else { None },
+        "running": running,
+        "warm": warm,
+        "cold": cold,
+        "org": {
+            "name": ORG,
+            "running": running,
+            "warm": warm,
+            "cold": cold,
+            "running_limit": Value::Null,
+            "warm_limit": Value::Null,
+        },
+    })))
+}
+
+#[utoipa::path(get, path = "/v1/sprites/{name}", responses((status = 200), (status = 404)))]
+pub async fn get(State(st): State<AppState>, Path(name): Path<String>) -> ApiResult<Json<Value>> {
+    Ok(Json(sprite_json(&st.cfg, &st.mgr.get(&name)?)))
+}
+
+#[derive(Debug, Deserialize, utoipa::ToSchema)]
+pub struct UpdateSpriteRequest {
+    pub url_settings: Option<Value>,
+    pub labels: Option<Vec<String>>,
+    #[serde(default)]
+    pub clear_labels: Option<bool>,
+}
+
+/// Partial update: url settings and labels.
+#[utoipa::path(put, path = "/v1/sprites/{name}", request_body = UpdateSpriteRequest,
+    responses((status = 200), (status = 400), (status = 404)))]
+pub async fn update(
+    State(st): State<AppState>,
+    Path(name): Path<String>,
+    JsonBody(req): JsonBody<UpdateSpriteRequest>,
+) -> ApiResult<Json<Value>> {
+    let url = req.url_settings.as_ref().map(check_url_settings).transpose()?;
+    if let Some(l) = &req.labels {
+        check_labels(l)?;
+    }
+    let info = st
+        .mgr
+        .update_attrs(&name, |attrs| {
+            if !attrs.is_object() {
+                *attrs = json!({});
+            }
+            if let Some(u) = url {
+                let merged = match attrs.get("url_settings") {
+                    Some(Value::Object(old)) => {
+                        let mut m = old.clone();
+                        if let Value::Object(new) = u {
+                            m.extend(new);
+                        }
+                        Value::Object(m)
+                    }
+                    _ => u,
+                };
+                attrs["url_settings"] = merged;
+            }
+            if req.clear_labels == Some(true) {
+                attrs["labels"] = json!([]);
+            }
+            if let Some(l) = req.labels {
+                attrs["labels"] = json!(l);
+            }
+        })
+        .await?;
+    Ok(Json(sprite_json(&st.cfg, &info)))
+}
+
+/// Destroy a sprite with its disk and checkpoints.
+#[utoipa::path(delete, path = "/v1/sprites/{name}", responses((status = 204), (status = 404)))]
+pub async fn delete(State(st): State<AppState>, Path(name): Path<String>) -> ApiResult<StatusCode> {
+    st.mgr.delete(&name).await?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+/// Accepted for compatibility: a sprite keeps the image it was created on.
+#[utoipa::path(post, path = "/v1/sprites/{name}/upgrade", responses((status = 204), (status = 404)))]
+pub async fn upgrade(State(st): State<AppState>, Path(name): Path<String>) -> ApiResult<StatusCode> {
+    st.mgr.get(&name)?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+#[derive(Debug, Deserialize, utoipa::ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct ForkRequest {
+    /// Name of the new sprite.
+    pub name: String,
+    /// Checkpoint of the source (`v3`); the live state when absent.
+    pub checkpoint: Option<String>,
+}
+
+/// den extension: a new sprite from a checkpoint of this one, or from its
+/// live state (frozen for the instant it takes).
+#[utoipa::path(post, path = "/v1/sprites/{name}/fork", request_body = ForkRequest,
+    responses((status = 201), (status = 400), (status = 404), (status = 409)))]
+pub async fn fork(
+    State(st): State<AppState>,
+    Path(name): Path<String>,
+    JsonBody(req): JsonBody<ForkRequest>,
+) -> ApiResult<Response> {
+    let ck = req.checkpoint.as_deref().map(crate::api::checkpoint_id);
+    let info = st.mgr.fork(&name, &req.name, ck.as_deref(), None).await?;
+    Ok((StatusCode::CREATED, Json(sprite_json(&st.cfg, &info))).into_response())
+}

@@ -1,0 +1,196 @@
+//! Server settings: built-in defaults, then a TOML file, then `DEN_*`
+//! environment variables, then command-line flags (the CLI applies those).
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::Deserialize;
+
+use crate::error::ConfigError;
+
+#[derive(Debug, Clone)]
+pub struct ServerConfig {
+    /// SQLite metadata, chunk store, images, sprite records, tokens.
+    pub data_dir: PathBuf,
+    pub listen: SocketAddr,
+    /// Sprite URLs are `http://<name>.<url_domain>:<port>/`.
+    pub url_domain: String,
+    /// Port in sprite URLs (default: the listen port).
+    pub url_port: Option<u16>,
+    /// Idle time before a running sprite is frozen.
+    pub warm_after: Duration,
+    /// Idle time before a sprite is stopped.
+    pub cold_after: Duration,
+    /// `debian` (default) or `busybox` (tests).
+    pub image: String,
+    /// Run directory (mounts, sockets); short paths keep unix sockets valid.
+    pub run_dir: Option<PathBuf>,
+    /// Sprite subnet, nft table and prefixes; the defaults suit one server per host.
+    pub subnet: Option<String>,
+    pub net_table: Option<String>,
+    pub net_ifprefix: Option<String>,
+    pub net_netns_prefix: Option<String>,
+    /// Upstream resolver of the sprites' DNS forwarder (default: the host's).
+    pub upstream_dns: Option<SocketAddr>,
+    /// Extra interfaces that carry sprite egress (default: the default route's).
+    pub uplinks: Vec<String>,
+    /// Destinations blocked for every sprite, replacing den's default list.
+    pub blocked: Option<Vec<String>>,
+    /// Hard cap on any command's run time (den extension), applied when a
+    /// request gives none.
+    pub default_exec_timeout: Option<Duration>,
+}
+
+impl ServerConfig {
+    pub fn new(data_dir: impl Into<PathBuf>) -> Self {
+        ServerConfig {
+            data_dir: data_dir.into(),
+            listen: "127.0.0.1:8080".parse().expect("literal"),
+            url_domain: "localhost".into(),
+            url_port: None,
+            warm_after: Duration::from_secs(30),
+            cold_after: Duration::from_secs(600),
+            image: "debian".into(),
+            run_dir: None,
+            subnet: None,
+            net_table: None,
+            net_ifprefix: None,
+            net_netns_prefix: None,
+            upstream_dns: None,
+            uplinks: Vec::new(),
+            blocked: None,
+            default_exec_timeout: None,
+        }
+    }
+
+    /// Apply a TOML file (every key optional, names as the fields).
+    pub fn apply_file(&mut self, path: &Path) -> Result<(), ConfigError> {
+        let text =
+            std::fs::read_to_string(path).map_err(|e| ConfigError(format!("{}: {e}", path.display())))?;
+        let f: FileConfig =
+            toml::from_str(&text).map_err(|e| ConfigError(format!("{}: {e}", path.display())))?;
+        f.apply(self)
+    }
+
+    /// Apply `DEN_LISTEN`, `DEN_URL_DOMAIN`, `DEN_WARM_AFTER`, … (same names as the file keys).
+    pub fn apply_env(&mut self) -> Result<(), ConfigError> {
+        let mut f = FileConfig::default();
+        let var = |k: &str| std::env::var(format!("DEN_{}", k.to_uppercase())).ok();
+        f.listen = var("listen");
+        f.url_domain = var("url_domain");
+        f.url_port = var("url_port")
+            .map(|v| {
+                v.parse()
+                    .map_err(|_| ConfigError(format!("DEN_URL_PORT={v}: not a port")))
+            })
+            .transpose()?;
+        f.warm_after = var("warm_after");
+        f.cold_after = var("cold_after");
+        f.image = var("image");
+        f.run_dir = var("run_dir").map(PathBuf::from);
+        f.upstream_dns = var("upstream_dns");
+        f.default_exec_timeout = var("default_exec_timeout");
+        f.apply(self)
+    }
+
+    /// Port that appears in sprite URLs.
+    pub fn public_port(&self) -> u16 {
+        self.url_port.unwrap_or(self.listen.port())
+    }
+
+    /// `http://<name>.<domain>:<port>/`
+    pub fn sprite_url(&self, name: &str) -> String {
+        let port = self.public_port();
+        if port == 80 {
+            format!("http://{name}.{}/", self.url_domain)
+        } else {
+            format!("http://{name}.{}:{port}/", self.url_domain)
+        }
+    }
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileConfig {
+    data_dir: Option<PathBuf>,
+    listen: Option<String>,
+    url_domain: Option<String>,
+    url_port: Option<u16>,
+    warm_after: Option<String>,
+    cold_after: Option<String>,
+    image: Option<String>,
+    run_dir: Option<PathBuf>,
+    subnet: Option<String>,
+    net_table: Option<String>,
+    net_ifprefix: Option<String>,
+    net_netns_prefix: Option<String>,
+    upstream_dns: Option<String>,
+    uplinks: Option<Vec<String>>,
+    blocked: Option<Vec<String>>,
+    default_exec_timeout: Option<String>,
+}
+
+fn duration(key: &str, v: &str) -> Result<Duration, ConfigError> {
+    humantime::parse_duration(v).map_err(|e| ConfigError(format!("{key} = {v:?}: {e}")))
+}
+
+impl FileConfig {
+    fn apply(self, c: &mut ServerConfig) -> Result<(), ConfigError> {
+        if let Some(v) = self.data_dir {
+            c.data_dir = v;
+        }
+        if let Some(v) = self.listen {
+            c.listen = v
+                .parse()
+                .map_err(|e| ConfigError(format!("listen = {v:?}: {e}")))?;
+        }
+        if let Some(v) = self.url_domain {
+            c.url_domain = v;
+        }
+        if self.url_port.is_some() {
+            c.url_port = self.url_port;
+        }
+        if let Some(v) = self.warm_after {
+            c.warm_after = duration("warm_after", &v)?;
+        }
+        if let Some(v) = self.cold_after {
+            c.cold_after = duration("cold_after", &v)?;
+        }
+        if let Some(v) = self.image {
+            if v != "debian" && v != "busybox" {
+                return Err(ConfigError(format!("image = {v:?}: use debian or busybox")));
+            }
+            c.image = v;
+        }
+        if self.run_dir.is_some() {
+            c.run_dir = self.run_dir;
+        }
+        c.subnet = self.subnet.or(c.subnet.take());
+        c.net_table = self.net_table.or(c.net_table.take());
+        c.net_ifprefix = self.net_ifprefix.or(c.net_ifprefix.take());
+        c.net_netns_prefix = self.net_netns_prefix.or(c.net_netns_prefix.take());
+        if let Some(v) = self.upstream_dns {
+            c.upstream_dns = Some(
+                v.parse()
+                    .map_err(|e| ConfigError(format!("upstream_dns = {v:?}: {e}")))?,
+            );
+        }
+        if let Some(v) = self.uplinks {
+            c.uplinks = v;
+        }
+        if self.blocked.is_some() {
+            c.blocked = self.blocked;
+        }
+        if let Some(v) = self.default_exec_timeout {
+            c.default_exec_timeout = Some(duration("default_exec_timeout", &v)?);
+        }
+        if c.cold_after < c.warm_after {
+            return Err(ConfigError(format!(
+                "cold_after ({:?}) must not be shorter than warm_after ({:?})",
+                c.cold_after, c.warm_after
+            )));
+        }
+        Ok(())
+    }
+}

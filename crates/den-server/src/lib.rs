@@ -1,0 +1,20 @@
+//! `den server`: the Sprites-compatible HTTP and WebSocket API.
+//!
+//! A request goes: [`auth`] (bearer token) → [`api`] (one module per
+//! resource: sprites, exec, checkpoints, services, policy, fs, proxy,
+//! tokens) → the sprite manager (`den-sprite`), which wakes the sprite and
+//! hands out its agent. Sprite URLs (`http://<name>.<domain>:<port>/`) are
+//! routed by `Host` header before the API. [`server`] starts and stops it
+//! all; [`config`] reads defaults, a TOML file and `DEN_*` variables.
+
+pub mod api;
+pub mod auth;
+pub mod config;
+pub mod error;
+mod extract;
+pub mod server;
+pub mod sprite_json;
+pub mod state;
+
+pub use config::ServerConfig;
+pub use server::{Running, ServerError, start};

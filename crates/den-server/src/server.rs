@@ -1,0 +1,157 @@
+//! Starting and stopping the server.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use den_net::{Ipv4Net, NetConfig};
+use den_sprite::{ImageSource, ManagerConfig, SpriteManager};
+use den_store::{Store, StoreConfig};
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+
+use crate::auth::{TokenStore, ensure_admin_token};
+use crate::config::ServerConfig;
+use crate::state::AppState;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ServerError {
+    #[error("{0}")]
+    Config(#[from] crate::error::ConfigError),
+    #[error("storage: {0}")]
+    Store(#[from] den_store::StoreError),
+    #[error("sprites: {0}")]
+    Sprite(#[from] den_sprite::SpriteError),
+    #[error("tokens: {0}")]
+    Tokens(#[from] crate::auth::TokenError),
+    #[error("{context}: {source}")]
+    Io {
+        context: String,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// How long shutdown waits for uploads of local-only data (the data is safe
+/// in the local cache either way; the next start uploads the rest).
+const FLUSH_AT_SHUTDOWN: Duration = Duration::from_secs(30);
+
+/// A started server: its address, admin token file, and a handle to stop it.
+pub struct Running {
+    pub addr: std::net::SocketAddr,
+    pub admin_token_file: Option<std::path::PathBuf>,
+    pub state: AppState,
+    task: tokio::task::JoinHandle<()>,
+    store: Store,
+}
+
+fn net_config(cfg: &ServerConfig) -> Result<NetConfig, ServerError> {
+    let upstream = cfg
+        .upstream_dns
+        .or_else(den_sprite::host_upstream_dns)
+        .unwrap_or_else(|| "127.0.0.1:53".parse().expect("literal"));
+    let mut net = NetConfig::new(upstream);
+    let bad = |what: &str, v: &str| crate::error::ConfigError(format!("{what} = {v:?} is invalid"));
+    if let Some(s) = &cfg.subnet {
+        net.subnet = s.parse::<Ipv4Net>().map_err(|_| bad("subnet", s))?;
+    }
+    if let Some(t) = &cfg.net_table {
+        net.table = t.clone();
+    }
+    if let Some(p) = &cfg.net_ifprefix {
+        net.ifprefix = p.clone();
+    }
+    if let Some(p) = &cfg.net_netns_prefix {
+        net.netns_prefix = p.clone();
+    }
+    if !cfg.uplinks.is_empty() {
+        net.uplinks = cfg.uplinks.clone();
+    }
+    if let Some(b) = &cfg.blocked {
+        net.blocked = b
+            .iter()
+            .map(|s| s.parse::<Ipv4Net>().map_err(|_| bad("blocked", s)))
+            .collect::<Result<_, _>>()?;
+    }
+    Ok(net)
+}
+
+/// Open everything under `cfg.data_dir`, bind, and serve in the background.
+pub async fn start(cfg: ServerConfig, den_exe: std::path::PathBuf) -> Result<Running, ServerError> {
+    std::fs::create_dir_all(&cfg.data_dir).map_err(|e| ServerError::Io {
+        context: format!("creating {}", cfg.data_dir.display()),
+        source: e,
+    })?;
+    let store = Store::open(StoreConfig::local(&cfg.data_dir)).await?;
+    let mut mcfg = ManagerConfig::new(&cfg.data_dir, den_exe, net_config(&cfg)?);
+    if let Some(r) = &cfg.run_dir {
+        mcfg.run_dir = r.clone();
+    }
+    mcfg.image = match cfg.image.as_str() {
+        "busybox" => ImageSource::Busybox,
+        _ => ImageSource::Debian,
+    };
+    mcfg.warm_after = cfg.warm_after;
+    mcfg.cold_after = cfg.cold_after;
+    let mgr = SpriteManager::start(mcfg, store.clone()).await?;
+    let tokens = Arc::new(TokenStore::open(&cfg.data_dir.join("tokens.db"))?);
+    let admin_token_file = ensure_admin_token(&tokens, &cfg.data_dir)?;
+    let listener = TcpListener::bind(cfg.listen).await.map_err(|e| ServerError::Io {
+        context: format!("binding {}", cfg.listen),
+        source: e,
+    })?;
+    let addr = listener.local_addr().map_err(|e| ServerError::Io {
+        context: "local address".into(),
+        source: e,
+    })?;
+    let mut cfg = cfg;
+    if cfg.listen.port() == 0 {
+        cfg.listen = addr;
+    }
+    let shutdown = CancellationToken::new();
+    let state = AppState {
+        mgr,
+        tokens,
+        cfg: Arc::new(cfg),
+        shutdown: shutdown.clone(),
+    };
+    let app = crate::api::router(state.clone());
+    let stop = shutdown.clone();
+    let task = tokio::spawn(async move {
+        let serve = axum::serve(
+            listener,
+            app.into_make_service_with_connect_info::<std::net::SocketAddr>(),
+        )
+        .with_graceful_shutdown(async move { stop.cancelled().await });
+        if let Err(e) = serve.await {
+            tracing::error!(error = %e, "server stopped with an error");
+        }
+    });
+    Ok(Running {
+        addr,
+        admin_token_file,
+        state,
+        task,
+        store,
+    })
+}
+
+impl Running {
+    /// Graceful stop: streams are told (their tasks watch the shutdown
+    /// token), the listener closes, every sprite goes cold, and local-only
+    /// data gets a bounded chance to reach the object store.
+    pub async fn stop(self) {
+        self.state.shutdown.cancel();
+        // In-flight streams end on their own; don't wait for slow clients forever.
+        let _ = tokio::time::timeout(Duration::from_secs(10), self.task).await;
+        self.state.mgr.shutdown().await;
+        self.state.mgr.remove_firewall();
+        match tokio::time::timeout(FLUSH_AT_SHUTDOWN, self.store.flush_all()).await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => tracing::warn!(error = %e, "flushing volumes at shutdown"),
+            Err(_) => tracing::warn!(
+                bytes = self.store.local_only_bytes(),
+                "data still only in the local cache at shutdown; it uploads on the next start"
+            ),
+        }
+    }
+}

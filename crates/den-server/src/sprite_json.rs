@@ -1,0 +1,61 @@
+//! The Sprite object of the API (§2.2 of the reference), built from a
+//! manager record. API-only attributes live in the record's `attrs`.
+
+use den_sprite::SpriteInfo;
+use serde_json::{Value, json};
+
+use crate::config::ServerConfig;
+
+/// Organisation slug reported for every sprite (den has one tenant per server).
+pub const ORG: &str = "den";
+
+pub fn rfc3339_ms(ms: i64) -> String {
+    let t = std::time::UNIX_EPOCH + std::time::Duration::from_millis(ms.max(0) as u64);
+    humantime::format_rfc3339_seconds(t).to_string()
+}
+
+/// Default `url_settings`.
+pub fn default_url_settings() -> Value {
+    json!({"auth": "sprite"})
+}
+
+pub fn sprite_json(cfg: &ServerConfig, info: &SpriteInfo) -> Value {
+    let r = &info.record;
+    let attrs = &r.attrs;
+    let get = |k: &str, default: Value| attrs.get(k).cloned().unwrap_or(default);
+    let mut v = json!({
+        "id": r.id,
+        "name": r.name,
+        "organization": ORG,
+        "status": info.status.as_str(),
+        "url": cfg.sprite_url(&r.name),
+        "url_settings": get("url_settings", default_url_settings()),
+        "labels": get("labels", json!([])),
+        "config": get("config", json!({})),
+        "environment": get("environment", json!({})),
+        "created_at": rfc3339_ms(r.created_at_ms),
+        "updated_at": rfc3339_ms(r.updated_at_ms),
+        "version": env!("CARGO_PKG_VERSION"),
+        "environment_version": r.image,
+    });
+    if let Some(ms) = r.last_running_at_ms {
+        v["last_running_at"] = rfc3339_ms(ms).into();
+    }
+    if let Some(ms) = r.last_warming_at_ms {
+        v["last_warming_at"] = rfc3339_ms(ms).into();
+    }
+    if let Some(region) = attrs.get("config").and_then(|c| c.get("region")) {
+        v["primary_region"] = region.clone();
+    }
+    v
+}
+
+/// The sprite's URL auth mode: `sprite` (token required) or `public`.
+pub fn url_auth(info: &SpriteInfo) -> &str {
+    info.record
+        .attrs
+        .get("url_settings")
+        .and_then(|u| u.get("auth"))
+        .and_then(|a| a.as_str())
+        .unwrap_or("sprite")
+}

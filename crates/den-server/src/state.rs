@@ -1,0 +1,19 @@
+//! What every handler shares.
+
+use std::sync::Arc;
+
+use den_sprite::SpriteManager;
+use tokio_util::sync::CancellationToken;
+
+use crate::auth::TokenStore;
+use crate::config::ServerConfig;
+
+#[derive(Clone)]
+pub struct AppState {
+    pub mgr: SpriteManager,
+    pub tokens: Arc<TokenStore>,
+    pub cfg: Arc<ServerConfig>,
+    /// Cancelled when the server starts shutting down: long-lived streams
+    /// (exec sessions, proxies, log follows) end and tell their clients.
+    pub shutdown: CancellationToken,
+}
