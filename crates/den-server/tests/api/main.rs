@@ -1,0 +1,67 @@
+//! API tests against a real `den server` (see common.rs). Run as root.
+//! `cargo test -p den-server --test api -- NAME…` runs the tests whose
+//! names contain one of the NAMEs.
+
+mod common;
+mod sprites;
+
+use std::future::Future;
+use std::pin::Pin;
+use std::time::Instant;
+
+type TestFn = fn() -> Pin<Box<dyn Future<Output = anyhow::Result<()>>>>;
+
+/// Every test, by name. Areas add their tests here.
+const TESTS: &[(&str, TestFn)] = &[
+    ("sprites_crud_and_auth", || Box::pin(sprites::crud_and_auth())),
+    ("sprites_tokens_and_restart", || {
+        Box::pin(sprites::tokens_and_restart())
+    }),
+    ("policy_validation", || Box::pin(sprites::policy_validation())),
+    ("checkpoints_ndjson", || Box::pin(sprites::checkpoints_ndjson())),
+];
+
+fn main() {
+    common::dispatch_subcommands();
+    assert!(nix::unistd::geteuid().is_root(), "the API tests need root");
+    let _ = tracing_subscriber_init();
+    let filters: Vec<String> = std::env::args().skip(1).filter(|a| !a.starts_with('-')).collect();
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .expect("runtime");
+    let mut failed = Vec::new();
+    for (name, test) in TESTS {
+        if !filters.is_empty() && !filters.iter().any(|f| name.contains(f.as_str())) {
+            continue;
+        }
+        let t0 = Instant::now();
+        println!("test {name} ...");
+        match rt.block_on(test()) {
+            Ok(()) => println!("test {name} ... ok ({:.2} s)", t0.elapsed().as_secs_f64()),
+            Err(e) => {
+                println!(
+                    "test {name} ... FAILED ({:.2} s): {e:#}",
+                    t0.elapsed().as_secs_f64()
+                );
+                failed.push(*name);
+            }
+        }
+    }
+    drop(rt);
+    if !failed.is_empty() {
+        eprintln!("failed: {failed:?}");
+        std::process::exit(1);
+    }
+    println!("all {} selected tests passed", TESTS.len());
+}
+
+fn tracing_subscriber_init() -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            std::env::var("RUST_LOG")
+                .unwrap_or_else(|_| "warn,libcgroups=error,fuser=error,den_block=error".into()),
+        )
+        .with_test_writer()
+        .try_init()
+}
