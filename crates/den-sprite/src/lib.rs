@@ -18,6 +18,7 @@ pub mod catalog;
 pub mod config;
 mod disk;
 mod error;
+pub mod helper_cmd;
 mod idle;
 mod live;
 pub mod manager;

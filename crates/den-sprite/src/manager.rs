@@ -173,7 +173,7 @@ impl SpriteManager {
         let bundle = blocking(move || AgentBundle::prepare(&bundles, &exe)).await?;
         let shim = ShimCommand {
             program: cfg.den_exe.clone(),
-            args: vec!["runtime-shim".into()],
+            args: vec![crate::helper_cmd::SHIM_SUBCOMMAND.into()],
         };
         let backend: Arc<dyn Backend> = Arc::new(ContainerBackend::new(cfg.run_dir.join("ctr"), shim)?);
         let netcfg = cfg.net.clone();

@@ -6,7 +6,7 @@
 
 use std::ffi::OsString;
 use std::net::{SocketAddrV4, TcpListener};
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail, ensure};
@@ -727,12 +727,8 @@ async fn debian_userland() -> Result<()> {
 type TestFn = fn() -> std::pin::Pin<Box<dyn std::future::Future<Output = Result<()>>>>;
 
 fn main() {
+    den_sprite::helper_cmd::dispatch();
     let args: Vec<OsString> = std::env::args_os().collect();
-    match args.get(1).and_then(|a| a.to_str()) {
-        Some("runtime-shim") => std::process::exit(den_runtime::container::shim_main(&args[2..])),
-        Some("agent") => std::process::exit(agent_main(&args[2..])),
-        _ => {}
-    }
     assert!(nix::unistd::geteuid().is_root(), "the sprite tests need root");
     let _ = tracing_subscriber::fmt()
         .with_env_filter(
@@ -776,26 +772,5 @@ fn main() {
     if !failed.is_empty() {
         eprintln!("failed: {failed:?}");
         std::process::exit(1);
-    }
-}
-
-/// `agent --socket PATH`, as the sprite manager starts it.
-fn agent_main(args: &[OsString]) -> i32 {
-    let socket = args
-        .iter()
-        .position(|a| a == "--socket")
-        .and_then(|i| args.get(i + 1))
-        .map(PathBuf::from)
-        .unwrap_or_else(|| Path::new(den_sprite::AGENT_SOCKET).to_path_buf());
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .expect("runtime");
-    match rt.block_on(den_agent::run(den_agent::AgentConfig::new(socket))) {
-        Ok(()) => 0,
-        Err(e) => {
-            eprintln!("agent: {e}");
-            1
-        }
     }
 }

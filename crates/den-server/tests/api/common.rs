@@ -7,8 +7,6 @@
 
 #![allow(dead_code)]
 
-use std::ffi::OsString;
-use std::path::PathBuf;
 use std::time::Duration;
 
 use anyhow::{Context, Result};
@@ -19,31 +17,7 @@ pub const WAIT: Duration = Duration::from_secs(30);
 
 /// If this process was started as `runtime-shim` or `agent`, be that and exit.
 pub fn dispatch_subcommands() {
-    let args: Vec<OsString> = std::env::args_os().collect();
-    match args.get(1).and_then(|a| a.to_str()) {
-        Some("runtime-shim") => std::process::exit(den_runtime::container::shim_main(&args[2..])),
-        Some("agent") => {
-            let socket = args
-                .iter()
-                .position(|a| a == "--socket")
-                .and_then(|i| args.get(i + 1))
-                .map(PathBuf::from)
-                .unwrap_or_else(|| den_sprite::AGENT_SOCKET.into());
-            let rt = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-                .expect("runtime");
-            let code = match rt.block_on(den_agent::run(den_agent::AgentConfig::new(socket))) {
-                Ok(()) => 0,
-                Err(e) => {
-                    eprintln!("agent: {e}");
-                    1
-                }
-            };
-            std::process::exit(code);
-        }
-        _ => {}
-    }
+    den_sprite::helper_cmd::dispatch();
 }
 
 pub struct TestServer {

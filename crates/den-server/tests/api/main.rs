@@ -3,6 +3,7 @@
 //! names contain one of the NAMEs.
 
 mod common;
+mod sdk;
 mod sprites;
 
 use std::future::Future;
@@ -19,6 +20,7 @@ const TESTS: &[(&str, TestFn)] = &[
     }),
     ("policy_validation", || Box::pin(sprites::policy_validation())),
     ("checkpoints_ndjson", || Box::pin(sprites::checkpoints_ndjson())),
+    ("sdk_python", || Box::pin(sdk::python_sdk())),
 ];
 
 fn main() {
