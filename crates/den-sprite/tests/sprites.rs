@@ -680,6 +680,99 @@ async fn wait_services(
     }
 }
 
+const CRASH_CHILD: &str = "crash-child";
+
+/// The manager's process is killed with SIGKILL while a sprite runs (its
+/// FUSE server dies with it, leaving a dead disk under a live container).
+/// A new manager cleans everything up, and the sprite comes back cold with
+/// every synced byte.
+async fn host_crash_recovery() -> Result<()> {
+    let env = Env::new()?;
+    let cfg = env.config();
+    let n = &cfg.net;
+    let mut child = std::process::Command::new(std::env::current_exe()?)
+        .arg(CRASH_CHILD)
+        .arg(env.dir.path())
+        .args([
+            n.subnet.to_string(),
+            n.table.clone(),
+            n.ifprefix.clone(),
+            n.netns_prefix.clone(),
+            n.uplinks.join(","),
+            n.upstream_dns.to_string(),
+        ])
+        .stdout(std::process::Stdio::piped())
+        .spawn()?;
+    let mut stdout = std::io::BufReader::new(child.stdout.take().context("stdout")?);
+    let mut line = String::new();
+    tokio::task::block_in_place(|| std::io::BufRead::read_line(&mut stdout, &mut line))?;
+    ensure!(line.trim() == "ready", "child said {line:?}");
+    child.kill()?;
+    child.wait()?;
+
+    let mgr = env.start(cfg).await?;
+    ensure!(mgr.get("crashy")?.status == SpriteStatus::Cold);
+    let out = sh(&mgr, "crashy", "cat /home/sprite/synced; ls /home/sprite").await?;
+    ensure!(out == "synced\nsynced\n", "after the crash: {out:?}");
+    // The orphaned container of the dead process is gone: only the new one runs.
+    let key = mgr.get("crashy")?.record.key;
+    let procs = count_sprite_tasks(&key)?;
+    ensure!(procs >= 1, "no task in the new container");
+    ensure!(
+        sh(&mgr, "crashy", "ps -o comm | grep -c sleep || true").await? == "0\n",
+        "the old sleep survived"
+    );
+    close(mgr).await;
+    Ok(())
+}
+
+/// The crash child: a manager with one running sprite that wrote and synced
+/// a file and runs a `sleep`; prints "ready" and waits to be killed.
+fn crash_child(args: &[OsString]) -> ! {
+    let a: Vec<String> = args.iter().map(|s| s.to_string_lossy().into_owned()).collect();
+    let dir = PathBuf::from(&a[0]);
+    let mut net = den_net::NetConfig::new(a[6].parse().expect("dns"));
+    net.subnet = a[1].parse().expect("subnet");
+    net.table = a[2].clone();
+    net.ifprefix = a[3].clone();
+    net.netns_prefix = a[4].clone();
+    net.uplinks = a[5]
+        .split(',')
+        .filter(|s| !s.is_empty())
+        .map(String::from)
+        .collect();
+    net.blocked = vec![
+        "169.254.0.0/16".parse().expect("net"),
+        "127.0.0.0/8".parse().expect("net"),
+    ];
+    let rt = tokio::runtime::Runtime::new().expect("runtime");
+    rt.block_on(async move {
+        let mut cfg = ManagerConfig::new(dir.join("data"), std::env::current_exe().expect("exe"), net);
+        cfg.run_dir = dir.join("run");
+        cfg.images_dir = dir.join("images");
+        cfg.image = ImageSource::Busybox;
+        cfg.warm_after = Duration::from_secs(3600);
+        cfg.cold_after = Duration::from_secs(7200);
+        let store = Store::open(StoreConfig::local(dir.join("data/store")))
+            .await
+            .expect("store");
+        let mgr = SpriteManager::start(cfg, store).await.expect("manager");
+        mgr.create("crashy", CreateSprite::default())
+            .await
+            .expect("create");
+        sh(&mgr, "crashy", "echo synced > /home/sprite/synced && sync")
+            .await
+            .expect("write");
+        let act = mgr.wake("crashy").await.expect("wake");
+        let mut req = sh_req("sleep 1000");
+        req.max_run_after_disconnect_ms = Some(0);
+        act.agent().exec(req).await.expect("sleep").detach();
+        println!("ready");
+        std::future::pending::<()>().await;
+    });
+    unreachable!()
+}
+
 /// The real Debian userland: `sprite` with passwordless sudo, home, apt.
 async fn debian_userland() -> Result<()> {
     let images = std::env::var_os("DEN_TEST_IMAGES")
@@ -729,6 +822,9 @@ type TestFn = fn() -> std::pin::Pin<Box<dyn std::future::Future<Output = Result<
 fn main() {
     den_sprite::helper_cmd::dispatch();
     let args: Vec<OsString> = std::env::args_os().collect();
+    if args.get(1).is_some_and(|a| a == CRASH_CHILD) {
+        crash_child(&args[2..]);
+    }
     assert!(nix::unistd::geteuid().is_root(), "the sprite tests need root");
     let _ = tracing_subscriber::fmt()
         .with_env_filter(
@@ -747,6 +843,7 @@ fn main() {
         ("security", || Box::pin(security())),
         ("egress_policy", || Box::pin(egress_policy())),
         ("services", || Box::pin(services())),
+        ("host_crash_recovery", || Box::pin(host_crash_recovery())),
         ("debian_userland", || Box::pin(debian_userland())),
     ];
     let rt = tokio::runtime::Runtime::new().expect("runtime");
