@@ -3,6 +3,8 @@
 //! names contain one of the NAMEs.
 
 mod common;
+mod fs;
+mod services;
 mod sprites;
 
 use std::future::Future;
@@ -19,6 +21,9 @@ const TESTS: &[(&str, TestFn)] = &[
     }),
     ("policy_validation", || Box::pin(sprites::policy_validation())),
     ("checkpoints_ndjson", || Box::pin(sprites::checkpoints_ndjson())),
+    ("services_lifecycle", || Box::pin(services::lifecycle())),
+    ("fs_operations", || Box::pin(fs::operations())),
+    ("fs_confinement", || Box::pin(fs::confinement())),
 ];
 
 fn main() {
