@@ -189,9 +189,19 @@ pub struct ReadQuery {
     pub path: Option<String>,
     pub working_dir: Option<String>,
     /// First byte offset (inclusive).
-    pub start: Option<u64>,
+    pub start: Option<String>,
     /// End byte offset (exclusive).
-    pub end: Option<u64>,
+    pub end: Option<String>,
+}
+
+fn offset(v: Option<&str>, path: &str) -> FsResult<Option<u64>> {
+    match v.map(str::trim) {
+        None | Some("") => Ok(None),
+        Some(s) => s
+            .parse()
+            .map(Some)
+            .map_err(|_| invalid(format!("invalid byte offset {s:?}"), path)),
+    }
 }
 
 /// A `Range: bytes=…` header: `(start, end exclusive)`, or a suffix length.
@@ -243,7 +253,10 @@ pub async fn read(
             let size = stat["entries"][0]["size"].as_u64().unwrap_or(0);
             Some((size.saturating_sub(n), None))
         }
-        None if q.start.is_some() || q.end.is_some() => Some((q.start.unwrap_or(0), q.end)),
+        None if q.start.is_some() || q.end.is_some() => Some((
+            offset(q.start.as_deref(), &path)?.unwrap_or(0),
+            offset(q.end.as_deref(), &path)?,
+        )),
         None => None,
     };
     let (start, end) = range.unzip();

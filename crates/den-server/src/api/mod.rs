@@ -98,10 +98,12 @@ pub fn router(state: AppState) -> Router {
         .route("/checkpoints/{id}/restore", post(checkpoints::restore))
         .route("/policy/network", get(policy::get).post(policy::set))
         .route("/services", get(services::list))
-        .route("/services/signal", post(services::signal))
         .route(
             "/services/{service}",
-            get(services::get).put(services::put).delete(services::delete),
+            get(services::get)
+                .put(services::put)
+                .delete(services::delete)
+                .post(services::signal),
         )
         .route("/services/{service}/start", post(services::start))
         .route("/services/{service}/stop", post(services::stop))

@@ -176,7 +176,9 @@ pub struct ServiceRequest {
     pub args: Option<Vec<String>>,
     /// Services that must run before this one starts.
     pub needs: Option<Vec<String>>,
-    /// At most one service of a sprite may have one.
+    /// At most one service of a sprite may have one. `httpPort` is what the
+    /// JS SDK's type calls it.
+    #[serde(alias = "httpPort")]
     pub http_port: Option<i64>,
     /// Extra environment: an object, or the CLI's `K=v,K2=v2` string.
     #[schema(value_type = Object)]
@@ -539,14 +541,23 @@ pub struct SignalRequest {
     pub signal: Option<String>,
 }
 
-/// Signal a running service's process group.
+/// Signal a running service's process group. Routed as `POST
+/// /services/{service}` so that a service named `signal` can still be read,
+/// replaced and deleted.
 #[utoipa::path(post, path = "/v1/sprites/{name}/services/signal", request_body = SignalRequest,
     responses((status = 204), (status = 400), (status = 404), (status = 409)))]
 pub async fn signal(
     State(st): State<AppState>,
-    Path(name): Path<String>,
+    Path((name, endpoint)): Path<(String, String)>,
     JsonBody(req): JsonBody<SignalRequest>,
 ) -> ApiResult<StatusCode> {
+    if endpoint != "signal" {
+        return Err(ApiError::new(
+            StatusCode::METHOD_NOT_ALLOWED,
+            "method_not_allowed",
+            "POST is only defined for /services/signal",
+        ));
+    }
     let service = req
         .name
         .filter(|n| !n.is_empty())

@@ -96,6 +96,7 @@ pub async fn operations() -> Result<()> {
     let r = c.get(format!("{url}&start=5&end=9")).send().await?;
     ensure!(r.status() == 206);
     ensure!(r.bytes().await?[..] == data[5..9]);
+    fs_error(c.get(format!("{url}&start=x")).send().await?, 400, "EINVAL").await?;
     let r = c.get(&url).header("range", "bytes=99999999-").send().await?;
     ensure!(r.status() == 416, "{}", r.status());
 

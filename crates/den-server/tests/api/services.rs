@@ -340,6 +340,24 @@ pub async fn lifecycle() -> Result<()> {
     r.text().await?;
     wait_for(&s, "svc", "a", |v| status(v) == "running").await?;
 
+    // A service may be called `signal`, like the signal endpoint.
+    create(
+        &s,
+        "svc",
+        "signal",
+        json!({"cmd": "sleep", "args": ["1000"]}),
+        "?duration=0s",
+    )
+    .await?;
+    ensure!(get_one(&s, "svc", "signal").await?["cmd"] == "sleep");
+    ensure!(
+        c.delete(s.api("/v1/sprites/svc/services/signal"))
+            .send()
+            .await?
+            .status()
+            == 204
+    );
+
     // Delete keeps the logs.
     ensure!(
         c.delete(s.api("/v1/sprites/svc/services/crash"))
