@@ -116,7 +116,8 @@ fn state_json(name: &str, st: Option<&ServiceStatus>) -> Value {
     })
 }
 
-/// ServiceWithState.
+/// ServiceWithState. `env` and `dir` are not in the documented example but
+/// the Python SDK reads them.
 fn service_json(def: &ServiceDef, st: Option<&ServiceStatus>) -> Value {
     json!({
         "name": def.name,
@@ -124,6 +125,8 @@ fn service_json(def: &ServiceDef, st: Option<&ServiceStatus>) -> Value {
         "args": def.args,
         "needs": def.needs,
         "http_port": def.http_port,
+        "env": def.env,
+        "dir": def.dir,
         "state": state_json(&def.name, st),
     })
 }

@@ -6,6 +6,7 @@ mod common;
 mod fs;
 mod services;
 mod sprites;
+mod svcfs_python;
 
 use std::future::Future;
 use std::pin::Pin;
@@ -24,6 +25,7 @@ const TESTS: &[(&str, TestFn)] = &[
     ("services_lifecycle", || Box::pin(services::lifecycle())),
     ("fs_operations", || Box::pin(fs::operations())),
     ("fs_confinement", || Box::pin(fs::confinement())),
+    ("services_fs_python_sdk", || Box::pin(svcfs_python::python_sdk())),
 ];
 
 fn main() {

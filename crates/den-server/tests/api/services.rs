@@ -151,6 +151,8 @@ pub async fn lifecycle() -> Result<()> {
             && web["cmd"] == "sh"
             && web["http_port"] == 8000
             && web["needs"] == json!([])
+            && web["env"] == json!({"GREETING": "hi", "OTHER": "x"})
+            && web["dir"].is_null()
             && web["state"]["name"] == "web"
             && status(&web) == "running"
             && pid(&web) > 0
