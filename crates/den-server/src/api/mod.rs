@@ -2,7 +2,9 @@
 //! sits behind the bearer-token check ([`crate::auth::require_token`]).
 
 pub mod checkpoints;
+pub mod fs;
 pub mod policy;
+pub mod services;
 pub mod sprites;
 pub mod tokens;
 
@@ -52,6 +54,21 @@ pub fn checkpoint_id(raw: &str) -> String {
         tokens::create,
         tokens::list,
         tokens::revoke,
+        services::list,
+        services::get,
+        services::put,
+        services::delete,
+        services::start,
+        services::stop,
+        services::signal,
+        services::logs,
+        fs::read,
+        fs::write,
+        fs::list,
+        fs::delete,
+        fs::rename,
+        fs::copy,
+        fs::chmod,
     )
 )]
 pub struct ApiDoc;
@@ -79,7 +96,25 @@ pub fn router(state: AppState) -> Router {
             get(checkpoints::get).delete(checkpoints::delete),
         )
         .route("/checkpoints/{id}/restore", post(checkpoints::restore))
-        .route("/policy/network", get(policy::get).post(policy::set));
+        .route("/policy/network", get(policy::get).post(policy::set))
+        .route("/services", get(services::list))
+        .route(
+            "/services/{service}",
+            get(services::get)
+                .put(services::put)
+                .delete(services::delete)
+                .post(services::signal),
+        )
+        .route("/services/{service}/start", post(services::start))
+        .route("/services/{service}/stop", post(services::stop))
+        .route("/services/{service}/logs", get(services::logs))
+        .route("/fs/read", get(fs::read))
+        .route("/fs/write", axum::routing::put(fs::write))
+        .route("/fs/list", get(fs::list))
+        .route("/fs/delete", axum::routing::delete(fs::delete))
+        .route("/fs/rename", post(fs::rename))
+        .route("/fs/copy", post(fs::copy))
+        .route("/fs/chmod", post(fs::chmod));
     let authed = Router::new()
         .route("/v1/sprites", get(sprites::list).post(sprites::create))
         .nest("/v1/sprites/{name}", sprite)

@@ -5,7 +5,10 @@
 mod common;
 mod fuzz;
 mod sdk;
+mod fs;
+mod services;
 mod sprites;
+mod svcfs_python;
 
 use std::future::Future;
 use std::pin::Pin;
@@ -23,6 +26,10 @@ const TESTS: &[(&str, TestFn)] = &[
     ("checkpoints_ndjson", || Box::pin(sprites::checkpoints_ndjson())),
     ("api_fuzz", || Box::pin(fuzz::api_fuzz())),
     ("sdk_python", || Box::pin(sdk::python_sdk())),
+    ("services_lifecycle", || Box::pin(services::lifecycle())),
+    ("fs_operations", || Box::pin(fs::operations())),
+    ("fs_confinement", || Box::pin(fs::confinement())),
+    ("services_fs_python_sdk", || Box::pin(svcfs_python::python_sdk())),
 ];
 
 fn main() {
