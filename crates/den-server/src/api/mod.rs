@@ -3,6 +3,7 @@
 
 pub mod checkpoints;
 pub mod policy;
+pub mod proxy;
 pub mod sprites;
 pub mod tokens;
 
@@ -49,6 +50,8 @@ pub fn checkpoint_id(raw: &str) -> String {
         checkpoints::restore,
         policy::get,
         policy::set,
+        proxy::proxy,
+        proxy::control,
         tokens::create,
         tokens::list,
         tokens::revoke,
@@ -80,6 +83,9 @@ pub fn router(state: AppState) -> Router {
         )
         .route("/checkpoints/{id}/restore", post(checkpoints::restore))
         .route("/policy/network", get(policy::get).post(policy::set));
+    let sprite = sprite
+        .route("/proxy", get(proxy::proxy))
+        .route("/control", axum::routing::any(proxy::control));
     let authed = Router::new()
         .route("/v1/sprites", get(sprites::list).post(sprites::create))
         .nest("/v1/sprites/{name}", sprite)
@@ -101,6 +107,11 @@ pub fn router(state: AppState) -> Router {
                     .insert("sprite-version", HeaderValue::from_static(SPRITE_VERSION));
                 r
             },
+        ))
+        // Outermost: sprite-URL hosts never reach the API (nor its headers).
+        .layer(middleware::from_fn_with_state(
+            state.clone(),
+            crate::url_proxy::route_by_host,
         ))
         .with_state(state)
 }

@@ -3,6 +3,7 @@
 //! names contain one of the NAMEs.
 
 mod common;
+mod proxy;
 mod sprites;
 
 use std::future::Future;
@@ -19,6 +20,10 @@ const TESTS: &[(&str, TestFn)] = &[
     }),
     ("policy_validation", || Box::pin(sprites::policy_validation())),
     ("checkpoints_ndjson", || Box::pin(sprites::checkpoints_ndjson())),
+    ("proxy_tunnel", || Box::pin(proxy::tunnel())),
+    ("url_proxy", || Box::pin(proxy::urls())),
+    ("url_upgrade", || Box::pin(proxy::url_upgrade())),
+    ("url_wakes_cold", || Box::pin(proxy::url_wakes_cold())),
 ];
 
 fn main() {
