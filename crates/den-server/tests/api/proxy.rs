@@ -272,6 +272,9 @@ fn host(s: &TestServer, name: &str) -> String {
 }
 
 const ENV_CGI: &str = "#!/bin/sh\necho Content-Type: text/plain\necho\nenv\n";
+/// Sends a line, then the next only once /tmp/go exists.
+const STREAM_CGI: &str = "#!/bin/sh\necho Content-Type: text/plain\necho\necho first\n\
+    while [ ! -e /tmp/go ]; do sleep 0.1; done\necho second\n";
 const ECHO_CGI: &str = "#!/bin/sh\necho Content-Type: application/octet-stream\necho\nexec cat\n";
 /// Answers any request with 101 and then echoes bytes.
 const UPGRADE_ECHO: &str = r#"#!/bin/sh
@@ -307,6 +310,7 @@ pub async fn urls() -> Result<()> {
     put_file(&s, "web", "/srv/www/index.html", "page on 8080\n").await?;
     put_file(&s, "web", "/srv/www/cgi-bin/env", ENV_CGI).await?;
     put_file(&s, "web", "/srv/www/cgi-bin/echo", ECHO_CGI).await?;
+    put_file(&s, "web", "/srv/www/cgi-bin/stream", STREAM_CGI).await?;
     serve(&s, "web", "busybox httpd -f -p 8080 -h /srv/www", 8080).await?;
     let web = host(&s, "web");
 
@@ -380,6 +384,22 @@ pub async fn urls() -> Result<()> {
         "echoed {} bytes",
         back.len()
     );
+
+    // Responses stream: the first line arrives while the CGI still waits.
+    let mut r = c
+        .get(url(&s, "/cgi-bin/stream"))
+        .header("host", &web)
+        .send()
+        .await?;
+    ensure!(r.status() == 200, "{}", r.status());
+    let first = tokio::time::timeout(WAIT, r.chunk()).await??;
+    ensure!(first.as_deref() == Some(&b"first\n"[..]), "{first:?}");
+    sh(&s, "web", "touch /tmp/go").await?;
+    let mut rest = Vec::new();
+    while let Some(b) = tokio::time::timeout(WAIT, r.chunk()).await?? {
+        rest.extend_from_slice(&b);
+    }
+    ensure!(rest == b"second\n", "{:?}", String::from_utf8_lossy(&rest));
 
     // `public`: open to anyone; a den token sent anyway is still stripped.
     let r = c
