@@ -15,6 +15,8 @@ mod extract;
 pub mod server;
 pub mod sprite_json;
 pub mod state;
+mod upstream;
+pub mod url_proxy;
 
 pub use config::ServerConfig;
 pub use server::{Running, ServerError, start};

@@ -5,6 +5,7 @@ pub mod checkpoints;
 pub mod fs;
 pub mod policy;
 pub mod services;
+pub mod proxy;
 pub mod sprites;
 pub mod tokens;
 
@@ -51,6 +52,8 @@ pub fn checkpoint_id(raw: &str) -> String {
         checkpoints::restore,
         policy::get,
         policy::set,
+        proxy::proxy,
+        proxy::control,
         tokens::create,
         tokens::list,
         tokens::revoke,
@@ -115,6 +118,9 @@ pub fn router(state: AppState) -> Router {
         .route("/fs/rename", post(fs::rename))
         .route("/fs/copy", post(fs::copy))
         .route("/fs/chmod", post(fs::chmod));
+    let sprite = sprite
+        .route("/proxy", get(proxy::proxy))
+        .route("/control", axum::routing::any(proxy::control));
     let authed = Router::new()
         .route("/v1/sprites", get(sprites::list).post(sprites::create))
         .nest("/v1/sprites/{name}", sprite)
@@ -136,6 +142,11 @@ pub fn router(state: AppState) -> Router {
                     .insert("sprite-version", HeaderValue::from_static(SPRITE_VERSION));
                 r
             },
+        ))
+        // Outermost: sprite-URL hosts never reach the API (nor its headers).
+        .layer(middleware::from_fn_with_state(
+            state.clone(),
+            crate::url_proxy::route_by_host,
         ))
         .with_state(state)
 }

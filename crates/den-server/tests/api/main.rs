@@ -7,6 +7,7 @@ mod fuzz;
 mod sdk;
 mod fs;
 mod services;
+mod proxy;
 mod sprites;
 mod svcfs_python;
 
@@ -30,6 +31,10 @@ const TESTS: &[(&str, TestFn)] = &[
     ("fs_operations", || Box::pin(fs::operations())),
     ("fs_confinement", || Box::pin(fs::confinement())),
     ("services_fs_python_sdk", || Box::pin(svcfs_python::python_sdk())),
+    ("proxy_tunnel", || Box::pin(proxy::tunnel())),
+    ("url_proxy", || Box::pin(proxy::urls())),
+    ("url_upgrade", || Box::pin(proxy::url_upgrade())),
+    ("url_wakes_cold", || Box::pin(proxy::url_wakes_cold())),
 ];
 
 fn main() {

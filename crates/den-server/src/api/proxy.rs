@@ -1,0 +1,250 @@
+//! TCP over WebSocket (§2.11): `GET /v1/sprites/{name}/proxy`, and the
+//! `/control` channel, which den does not offer (§2.12).
+//!
+//! After the upgrade the client names a target with a text frame
+//! `{"host":"localhost","port":8080}` (or `?host=&port=` on the URL); den
+//! dials it and answers `{"status":"connected","target":"<ip>:<port>"}`,
+//! then binary frames carry the raw byte stream both ways.
+//!
+//! Targets: den dials from the host, not from inside the sprite, so the
+//! only reachable host is the sprite itself. `localhost`, `127.0.0.1`,
+//! `::1`, the inner-container names the SDKs document (`10.0.0.1`,
+//! `fdf::1`) and the sprite's own address all mean the sprite, at its
+//! address (see [`crate::upstream`] for the loopback-listener limitation).
+//! Any other host is refused like an unreachable one (close 1011 `Failed
+//! to connect to target: …`): dialing it from the host would bypass the
+//! sprite's egress policy and reach the host's own networks.
+
+use std::net::Ipv4Addr;
+use std::time::Duration;
+
+use axum::extract::ws::{CloseFrame, Message, WebSocket, WebSocketUpgrade, close_code};
+use axum::extract::{Path, Query, State};
+use axum::response::Response;
+use den_sprite::Activity;
+use futures::{SinkExt, StreamExt};
+use serde::Deserialize;
+use serde_json::{Value, json};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+use crate::error::{ApiError, ApiResult};
+use crate::state::AppState;
+use crate::upstream;
+
+/// How long a client may take to send the init frame.
+const INIT_TIMEOUT: Duration = Duration::from_secs(30);
+const BAD_PORT: &str = "Invalid port number";
+const NOT_JSON: &str = "Expected JSON initialization message";
+
+#[derive(Debug, Deserialize, utoipa::IntoParams)]
+pub struct ProxyQuery {
+    /// With `port`: the target, so no init frame is expected.
+    pub host: Option<String>,
+    pub port: Option<String>,
+}
+
+/// Where the tunnel goes, as the client asked.
+struct Target {
+    host: String,
+    port: u16,
+}
+
+fn parse_port(v: &Value) -> Option<u16> {
+    v.as_u64().filter(|p| (1..=65535).contains(p)).map(|p| p as u16)
+}
+
+/// The init frame: `Err` is the 1003 close reason.
+fn parse_init(text: &str) -> Result<Target, &'static str> {
+    let v: Value = serde_json::from_str(text).map_err(|_| NOT_JSON)?;
+    let obj = v.as_object().ok_or(NOT_JSON)?;
+    let host = match obj.get("host") {
+        None | Some(Value::Null) => String::new(),
+        Some(Value::String(h)) => h.clone(),
+        Some(_) => return Err(NOT_JSON),
+    };
+    let port = obj.get("port").and_then(parse_port).ok_or(BAD_PORT)?;
+    Ok(Target { host, port })
+}
+
+/// The sprite's address if `host` names the sprite.
+fn resolve(host: &str, sprite: Ipv4Addr) -> Option<Ipv4Addr> {
+    let h = host.trim().trim_start_matches('[').trim_end_matches(']');
+    let own = sprite.to_string();
+    let is_sprite = h.is_empty()
+        || h.eq_ignore_ascii_case("localhost")
+        || h == own
+        || matches!(h, "127.0.0.1" | "::1" | "10.0.0.1" | "fdf::1");
+    is_sprite.then_some(sprite)
+}
+
+/// Open a TCP tunnel to a port of the sprite (WebSocket).
+#[utoipa::path(get, path = "/v1/sprites/{name}/proxy", params(ProxyQuery),
+    responses((status = 101, description = "Tunnel: init frame, `connected` reply, then binary frames"),
+        (status = 400), (status = 401), (status = 404), (status = 503)))]
+pub async fn proxy(
+    State(st): State<AppState>,
+    Path(name): Path<String>,
+    Query(q): Query<ProxyQuery>,
+    ws: Result<WebSocketUpgrade, axum::extract::ws::rejection::WebSocketUpgradeRejection>,
+) -> ApiResult<Response> {
+    st.mgr.get(&name)?;
+    let preset = match (&q.host, q.port.as_deref()) {
+        (_, Some(p)) => {
+            let port = p
+                .parse::<u64>()
+                .ok()
+                .and_then(|p| parse_port(&json!(p)))
+                .ok_or_else(|| ApiError::bad_request(BAD_PORT))?;
+            Some(Target {
+                host: q.host.clone().unwrap_or_default(),
+                port,
+            })
+        }
+        (Some(_), None) => return Err(ApiError::bad_request("host given without port")),
+        (None, None) => None,
+    };
+    let ws = ws.map_err(|e| ApiError::bad_request(format!("expected a WebSocket upgrade: {e}")))?;
+    // Wake before the upgrade, so the client's handshake (not its init
+    // timeout) waits for a booting sprite, and failures are HTTP statuses.
+    let cold = upstream::is_cold(&st.mgr, &name);
+    let activity = st.mgr.wake(&name).await?;
+    Ok(ws.on_upgrade(move |socket| async move {
+        tunnel(st, socket, activity, preset, cold).await;
+    }))
+}
+
+async fn close(socket: &mut WebSocket, code: u16, reason: impl Into<String>) {
+    let frame = CloseFrame {
+        code,
+        reason: reason.into().into(),
+    };
+    let _ = socket.send(Message::Close(Some(frame))).await;
+}
+
+/// The first text frame; `Err` is the 1003 reason, `Ok(None)` a client
+/// that left.
+async fn read_init(socket: &mut WebSocket) -> Result<Option<Target>, &'static str> {
+    loop {
+        let msg = match tokio::time::timeout(INIT_TIMEOUT, socket.recv()).await {
+            Err(_) => return Err(NOT_JSON),
+            Ok(None) | Ok(Some(Err(_))) | Ok(Some(Ok(Message::Close(_)))) => return Ok(None),
+            Ok(Some(Ok(m))) => m,
+        };
+        match msg {
+            Message::Text(t) => return parse_init(t.as_str()).map(Some),
+            Message::Ping(_) | Message::Pong(_) => continue,
+            _ => return Err(NOT_JSON),
+        }
+    }
+}
+
+async fn tunnel(st: AppState, mut socket: WebSocket, activity: Activity, preset: Option<Target>, cold: bool) {
+    let target = match preset {
+        Some(t) => t,
+        None => match read_init(&mut socket).await {
+            Ok(Some(t)) => t,
+            Ok(None) => return,
+            Err(reason) => return close(&mut socket, close_code::UNSUPPORTED, reason).await,
+        },
+    };
+    let Some(addr) = resolve(&target.host, activity.addr()) else {
+        let reason = format!(
+            "Failed to connect to target: {}:{}: den only reaches the sprite itself",
+            target.host, target.port
+        );
+        return close(&mut socket, close_code::ERROR, reason).await;
+    };
+    let tcp = match upstream::dial(addr, target.port, cold).await {
+        Ok(t) => t,
+        Err(e) => {
+            let reason = format!("Failed to connect to target: {addr}:{}: {e}", target.port);
+            return close(&mut socket, close_code::ERROR, reason).await;
+        }
+    };
+    let hello = json!({"status": "connected", "target": format!("{addr}:{}", target.port)});
+    if socket
+        .send(Message::Text(hello.to_string().into()))
+        .await
+        .is_err()
+    {
+        return;
+    }
+    relay(st, socket, tcp).await;
+    drop(activity);
+}
+
+/// Why a tunnel ended.
+enum End {
+    /// The client closed or went away.
+    Client,
+    UpstreamEof,
+    UpstreamError,
+    Shutdown,
+}
+
+/// Raw bytes both ways until either side ends. The two directions run
+/// concurrently so a peer that only reads after writing cannot deadlock
+/// the tunnel.
+async fn relay(st: AppState, socket: WebSocket, tcp: TcpStream) {
+    let (mut ws_tx, mut ws_rx) = socket.split();
+    let (mut up_rd, mut up_wr) = tcp.into_split();
+    let to_upstream = async {
+        while let Some(Ok(msg)) = ws_rx.next().await {
+            let data = match msg {
+                Message::Binary(b) => b,
+                Message::Close(_) => break,
+                // Only binary frames carry data (the Go SDK does the same).
+                _ => continue,
+            };
+            if up_wr.write_all(&data).await.is_err() {
+                return End::UpstreamError;
+            }
+        }
+        End::Client
+    };
+    let to_client = async {
+        let mut buf = vec![0u8; 64 * 1024];
+        loop {
+            match up_rd.read(&mut buf).await {
+                Ok(0) => return End::UpstreamEof,
+                Ok(n) => {
+                    let data = bytes::Bytes::copy_from_slice(&buf[..n]);
+                    if ws_tx.send(Message::Binary(data)).await.is_err() {
+                        return End::Client;
+                    }
+                }
+                Err(_) => return End::UpstreamError,
+            }
+        }
+    };
+    let end = tokio::select! {
+        e = to_upstream => e,
+        e = to_client => e,
+        _ = st.shutdown.cancelled() => End::Shutdown,
+    };
+    let frame = |code: u16, reason: &str| {
+        Message::Close(Some(CloseFrame {
+            code,
+            reason: reason.into(),
+        }))
+    };
+    let close = match end {
+        // A close from the client is answered by the WebSocket layer.
+        End::Client => None,
+        End::UpstreamEof => Some(frame(close_code::NORMAL, "")),
+        End::UpstreamError => Some(frame(close_code::AWAY, "upstream closed")),
+        End::Shutdown => Some(frame(close_code::AWAY, "server shutting down")),
+    };
+    if let Some(c) = close {
+        let _ = ws_tx.send(c).await;
+    }
+    let _ = ws_tx.close().await;
+}
+
+/// The multiplexed control channel is optional; every SDK falls back to
+/// the direct endpoints when it answers 404.
+#[utoipa::path(get, path = "/v1/sprites/{name}/control", responses((status = 404)))]
+pub async fn control() -> ApiError {
+    ApiError::not_found("the control channel is not supported; use the direct endpoints")
+}

@@ -1,0 +1,261 @@
+//! Sprite URLs (§2.8): a request whose `Host` is `<name>.<url_domain>`
+//! (any port) is reverse-proxied to the sprite's HTTP port, the first
+//! service with `http_port`, else 8080. Every other request goes on to the
+//! API.
+//!
+//! The request wakes the sprite and keeps it awake until the exchange (or
+//! the upgraded connection) ends. `url_settings.auth` `sprite` requires a
+//! den bearer token; `public` lets anyone in. A den token is never passed
+//! on to the sprite's program. Each request gets its own upstream
+//! connection: sprites sleep and come back, and a pooled connection to a
+//! sprite that slept would fail the next request.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use axum::body::Body;
+use axum::extract::{ConnectInfo, Request, State};
+use axum::http::header::{self, HeaderMap, HeaderName, HeaderValue};
+use axum::http::request::Parts;
+use axum::http::{StatusCode, Uri, Version};
+use axum::middleware::Next;
+use axum::response::{IntoResponse, Response};
+use den_sprite::Activity;
+use hyper::upgrade::OnUpgrade;
+use hyper_util::rt::TokioIo;
+
+use crate::error::{ApiError, ApiResult};
+use crate::sprite_json::url_auth;
+use crate::state::AppState;
+use crate::upstream;
+
+/// URL traffic goes here unless a service says otherwise.
+pub const DEFAULT_HTTP_PORT: u16 = 8080;
+
+/// Middleware in front of the API: sprite hosts are proxied, the rest
+/// passes through.
+pub async fn route_by_host(State(st): State<AppState>, req: Request, next: Next) -> Response {
+    let Some(host) = request_host(&req) else {
+        return next.run(req).await;
+    };
+    match sprite_name(&host, &st.cfg.url_domain) {
+        Some(name) => forward(st, name, host, req)
+            .await
+            .unwrap_or_else(IntoResponse::into_response),
+        None => next.run(req).await,
+    }
+}
+
+/// The host the client addressed: the absolute-form URI's, else `Host`.
+fn request_host(req: &Request) -> Option<String> {
+    if let Some(a) = req.uri().authority() {
+        return Some(a.as_str().to_string());
+    }
+    req.headers().get(header::HOST)?.to_str().ok().map(str::to_string)
+}
+
+/// `<name>` of `<name>.<domain>[:port]` (case-insensitive); `None` for the
+/// API's own host and anything else.
+pub fn sprite_name(host: &str, domain: &str) -> Option<String> {
+    if domain.is_empty() || host.starts_with('[') {
+        return None;
+    }
+    let host = match host.rsplit_once(':') {
+        Some((h, port)) if port.bytes().all(|b| b.is_ascii_digit()) => h,
+        _ => host,
+    };
+    let host = host.trim_end_matches('.').to_ascii_lowercase();
+    let domain = domain.trim_end_matches('.').to_ascii_lowercase();
+    let name = host.strip_suffix(&domain)?.strip_suffix('.')?;
+    (!name.is_empty()).then(|| name.to_string())
+}
+
+/// Headers that describe one connection, not the message (RFC 9110 §7.6.1).
+const HOP_BY_HOP: [HeaderName; 8] = [
+    header::CONNECTION,
+    HeaderName::from_static("keep-alive"),
+    HeaderName::from_static("proxy-connection"),
+    header::PROXY_AUTHENTICATE,
+    header::PROXY_AUTHORIZATION,
+    header::TE,
+    header::TRAILER,
+    header::TRANSFER_ENCODING,
+];
+
+/// Drop hop-by-hop headers, those `Connection` names included, and
+/// `Upgrade` (put back by the caller for an upgrade it forwards).
+fn strip_hop_by_hop(h: &mut HeaderMap) {
+    let named: Vec<HeaderName> = h
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .filter_map(|t| HeaderName::from_bytes(t.trim().as_bytes()).ok())
+        .collect();
+    for n in named.iter().chain(HOP_BY_HOP.iter()) {
+        h.remove(n);
+    }
+    h.remove(header::UPGRADE);
+}
+
+/// The `Upgrade` value of a request that asks for one.
+fn upgrade_of(h: &HeaderMap) -> Option<HeaderValue> {
+    let asks = h
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .any(|t| t.trim().eq_ignore_ascii_case("upgrade"));
+    asks.then(|| h.get(header::UPGRADE).cloned()).flatten()
+}
+
+fn bad_gateway(message: String) -> ApiError {
+    ApiError::new(StatusCode::BAD_GATEWAY, "bad_gateway", message)
+}
+
+/// The port URL traffic of `name` goes to.
+fn http_port(st: &AppState, name: &str) -> ApiResult<u16> {
+    Ok(st
+        .mgr
+        .services(name)?
+        .iter()
+        .find_map(|s| s.http_port)
+        .unwrap_or(DEFAULT_HTTP_PORT))
+}
+
+async fn forward(st: AppState, name: String, host: String, mut req: Request) -> ApiResult<Response> {
+    let host = HeaderValue::from_str(&host).map_err(|_| ApiError::bad_request("invalid Host"))?;
+    let info = st.mgr.get(&name)?;
+    let token_ok = crate::auth::bearer(&req).is_some_and(|t| st.tokens.verify(&t).is_some());
+    if url_auth(&info) != "public" && !token_ok {
+        return Err(ApiError::unauthorized());
+    }
+    let port = http_port(&st, &name)?;
+    let cold = upstream::is_cold(&st.mgr, &name);
+    let activity = Arc::new(st.mgr.wake(&name).await?);
+    let addr = activity.addr();
+    let tcp = upstream::dial(addr, port, cold).await.map_err(|e| {
+        bad_gateway(format!(
+            "nothing answers on port {port} of sprite {name} ({e}); \
+             URL traffic goes to port {DEFAULT_HTTP_PORT} or the service with http_port, \
+             which must listen on 0.0.0.0"
+        ))
+    })?;
+    let (mut sender, conn) = hyper::client::conn::http1::Builder::new()
+        .handshake::<_, Body>(TokioIo::new(tcp))
+        .await
+        .map_err(|e| bad_gateway(format!("sprite {name}: {e}")))?;
+    {
+        // The connection lives until the exchange (body streams included)
+        // is over, so it is what keeps the sprite awake.
+        let hold = activity.clone();
+        let stop = st.shutdown.clone();
+        tokio::spawn(async move {
+            tokio::select! {
+                _ = conn.with_upgrades() => {}
+                _ = stop.cancelled() => {}
+            }
+            drop(hold);
+        });
+    }
+
+    let client_upgrade = req.extensions_mut().remove::<OnUpgrade>();
+    let upgrade = upgrade_of(req.headers());
+    let (mut parts, body) = req.into_parts();
+    rewrite_request(&mut parts, host, upgrade.clone(), token_ok);
+    let mut resp = sender
+        .send_request(Request::from_parts(parts, body))
+        .await
+        .map_err(|e| bad_gateway(format!("sprite {name} did not answer: {e}")))?;
+
+    if resp.status() == StatusCode::SWITCHING_PROTOCOLS {
+        let (Some(client), Some(_)) = (client_upgrade, &upgrade) else {
+            return Err(bad_gateway(format!(
+                "sprite {name} switched protocols without being asked to"
+            )));
+        };
+        let upstream_upgrade = hyper::upgrade::on(&mut resp);
+        let stop = st.shutdown.clone();
+        tokio::spawn(splice(client, upstream_upgrade, activity, stop));
+        let (parts, _) = resp.into_parts();
+        return Ok(Response::from_parts(parts, Body::empty()));
+    }
+    let (mut parts, body) = resp.into_parts();
+    strip_hop_by_hop(&mut parts.headers);
+    Ok(Response::from_parts(parts, Body::new(body)))
+}
+
+/// The client's request as the sprite gets it: this hop's headers and a
+/// den token removed, forwarding headers added, origin-form on HTTP/1.1.
+fn rewrite_request(parts: &mut Parts, host: HeaderValue, upgrade: Option<HeaderValue>, den_token: bool) {
+    let peer = parts
+        .extensions
+        .get::<ConnectInfo<SocketAddr>>()
+        .map(|c| c.0.ip());
+    let h = &mut parts.headers;
+    strip_hop_by_hop(h);
+    if den_token {
+        h.remove(header::AUTHORIZATION);
+    }
+    // den's server has already answered the expectation (hyper sends 100
+    // when the body is first read), and the body follows regardless.
+    h.remove(header::EXPECT);
+    h.insert(header::HOST, host.clone());
+    add_forwarded(h, peer, host);
+    if let Some(u) = upgrade {
+        h.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+        h.insert(header::UPGRADE, u);
+    }
+    parts.uri = parts
+        .uri
+        .path_and_query()
+        .map(|pq| Uri::from(pq.clone()))
+        .unwrap_or_else(|| Uri::from_static("/"));
+    parts.version = Version::HTTP_11;
+}
+
+/// `X-Forwarded-For` gets the client appended; `-Host` and `-Proto` are
+/// set unless a fronting proxy (TLS termination) already did.
+fn add_forwarded(h: &mut HeaderMap, peer: Option<std::net::IpAddr>, host: HeaderValue) {
+    if let Some(ip) = peer {
+        let xff = HeaderName::from_static("x-forwarded-for");
+        let value = match h.get(&xff).and_then(|v| v.to_str().ok()) {
+            Some(prev) => format!("{prev}, {ip}"),
+            None => ip.to_string(),
+        };
+        if let Ok(v) = HeaderValue::from_str(&value) {
+            h.insert(xff, v);
+        }
+    }
+    let xfh = HeaderName::from_static("x-forwarded-host");
+    if !h.contains_key(&xfh) {
+        h.insert(xfh, host);
+    }
+    let xfp = HeaderName::from_static("x-forwarded-proto");
+    if !h.contains_key(&xfp) {
+        h.insert(xfp, HeaderValue::from_static("http"));
+    }
+}
+
+/// Both sides switched protocols: copy bytes until either ends or the
+/// server stops, keeping the sprite awake meanwhile.
+async fn splice(
+    client: OnUpgrade,
+    upstream: OnUpgrade,
+    hold: Arc<Activity>,
+    stop: tokio_util::sync::CancellationToken,
+) {
+    let (client, upstream) = match tokio::join!(client, upstream) {
+        (Ok(c), Ok(u)) => (c, u),
+        (c, u) => {
+            tracing::debug!(client = ?c.err(), upstream = ?u.err(), "sprite URL upgrade failed");
+            return;
+        }
+    };
+    let (mut client, mut upstream) = (TokioIo::new(client), TokioIo::new(upstream));
+    tokio::select! {
+        _ = tokio::io::copy_bidirectional(&mut client, &mut upstream) => {}
+        _ = stop.cancelled() => {}
+    }
+    drop(hold);
+}

@@ -1,0 +1,564 @@
+//! TCP over WebSocket (`/v1/sprites/{name}/proxy`), sprite URLs (Host
+//! routing to the sprite's HTTP port) and the absent `/control` channel.
+//! Servers inside the sprites are busybox `nc`, `httpd` and CGI scripts.
+
+use std::net::{Ipv4Addr, SocketAddr};
+use std::time::Duration;
+
+use anyhow::{Context, Result, bail, ensure};
+use den_agent::protocol::{ExecRequest, ServiceDef};
+use den_sprite::SpriteStatus;
+use futures::{SinkExt, StreamExt};
+use serde_json::{Value, json};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tokio::time::Instant;
+use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+use tokio_tungstenite::tungstenite::{self, Message};
+
+use crate::common::{TestServer, WAIT};
+
+type Ws = tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<TcpStream>>;
+
+fn mgr(s: &TestServer) -> &den_sprite::SpriteManager {
+    &s.running.as_ref().expect("running").state.mgr
+}
+
+/// Run a shell script as root in the sprite to completion; its stdout.
+async fn sh(s: &TestServer, name: &str, script: &str) -> Result<String> {
+    let act = mgr(s).wake(name).await?;
+    let out = act
+        .agent()
+        .exec(ExecRequest {
+            argv: vec!["/bin/sh".into(), "-c".into(), script.into()],
+            user: Some("root".into()),
+            ..Default::default()
+        })
+        .await?
+        .collect()
+        .await;
+    let code = out.exit.as_ref().map(|e| e.exit_code);
+    ensure!(
+        code == Some(0),
+        "{script}: exit {code:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+/// Start a long-running command in the sprite and wait until `port`
+/// accepts connections from the host; the sprite's address.
+async fn serve(s: &TestServer, name: &str, cmd: &str, port: u16) -> Result<Ipv4Addr> {
+    let act = mgr(s).wake(name).await?;
+    act.agent()
+        .exec(ExecRequest {
+            argv: vec!["/bin/sh".into(), "-c".into(), cmd.into()],
+            user: Some("root".into()),
+            max_run_after_disconnect_ms: Some(0),
+            ..Default::default()
+        })
+        .await?
+        .detach();
+    let addr = act.addr();
+    wait_listening(addr, port).await?;
+    Ok(addr)
+}
+
+async fn wait_listening(addr: Ipv4Addr, port: u16) -> Result<()> {
+    let deadline = Instant::now() + WAIT;
+    loop {
+        if TcpStream::connect(SocketAddr::from((addr, port))).await.is_ok() {
+            return Ok(());
+        }
+        ensure!(Instant::now() < deadline, "nothing listens on {addr}:{port}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+async fn ws_connect(s: &TestServer, path: &str, token: Option<&str>) -> Result<Ws, tungstenite::Error> {
+    let mut req = s.ws(path).into_client_request()?;
+    if let Some(t) = token {
+        req.headers_mut()
+            .insert("authorization", format!("Bearer {t}").parse().expect("header"));
+    }
+    Ok(tokio_tungstenite::connect_async(req).await?.0)
+}
+
+/// The HTTP status a refused WebSocket handshake got.
+async fn ws_refused(s: &TestServer, path: &str, token: Option<&str>) -> Result<u16> {
+    match ws_connect(s, path, token).await {
+        Err(tungstenite::Error::Http(r)) => Ok(r.status().as_u16()),
+        Err(e) => bail!("{path}: {e}"),
+        Ok(_) => bail!("{path}: upgraded"),
+    }
+}
+
+/// Next message that is not a ping/pong, within [`WAIT`].
+async fn next(ws: &mut Ws) -> Result<Option<Message>> {
+    loop {
+        match tokio::time::timeout(WAIT, ws.next())
+            .await
+            .context("no message in time")?
+        {
+            None => return Ok(None),
+            Some(Err(e)) => bail!("websocket: {e}"),
+            Some(Ok(Message::Ping(_) | Message::Pong(_))) => {}
+            Some(Ok(m)) => return Ok(Some(m)),
+        }
+    }
+}
+
+/// The close frame's code and reason; fails on any data before it.
+async fn expect_close(ws: &mut Ws) -> Result<(u16, String)> {
+    match next(ws).await? {
+        Some(Message::Close(Some(f))) => Ok((u16::from(f.code), f.reason.to_string())),
+        other => bail!("expected a close frame, got {other:?}"),
+    }
+}
+
+async fn connected(ws: &mut Ws) -> Result<Value> {
+    match next(ws).await? {
+        Some(Message::Text(t)) => Ok(serde_json::from_str(t.as_str())?),
+        other => bail!("expected the connected reply, got {other:?}"),
+    }
+}
+
+/// Send `data` and read the same number of bytes back.
+async fn echo(ws: &mut Ws, data: &[u8]) -> Result<Vec<u8>> {
+    ws.send(Message::Binary(data.to_vec().into())).await?;
+    let mut got = Vec::new();
+    while got.len() < data.len() {
+        match next(ws).await? {
+            Some(Message::Binary(b)) => got.extend_from_slice(&b),
+            other => bail!("after {} bytes: {other:?}", got.len()),
+        }
+    }
+    Ok(got)
+}
+
+fn pattern(n: usize) -> Vec<u8> {
+    (0..n).map(|i| (i * 7 + i / 251) as u8).collect()
+}
+
+pub async fn tunnel() -> Result<()> {
+    let s = TestServer::start().await?;
+    s.create("tun").await?;
+    sh(
+        &s,
+        "tun",
+        "printf '#!/bin/sh\\necho hi\\n' > /tmp/hi.sh && chmod +x /tmp/hi.sh",
+    )
+    .await?;
+    let addr = serve(&s, "tun", "busybox nc -ll -p 7000 -e cat", 7000).await?;
+    serve(&s, "tun", "busybox nc -ll -p 7001 -e /tmp/hi.sh", 7001).await?;
+    let path = "/v1/sprites/tun/proxy";
+
+    // Init frame, connected reply with the dialed address, echo both ways;
+    // the large payload only gets back if both directions flow at once.
+    let mut ws = ws_connect(&s, path, Some(&s.token)).await?;
+    ws.send(Message::Text(
+        json!({"host": "localhost", "port": 7000}).to_string().into(),
+    ))
+    .await?;
+    let hello = connected(&mut ws).await?;
+    ensure!(
+        hello == json!({"status": "connected", "target": format!("{addr}:7000")}),
+        "{hello}"
+    );
+    ensure!(echo(&mut ws, b"hello\n").await? == b"hello\n");
+    let big = pattern(3 << 20);
+    ensure!(echo(&mut ws, &big).await? == big, "3 MiB echo differs");
+    ws.close(None).await?;
+
+    // Query form (no init frame), and every name of the sprite itself.
+    for (q, host) in [
+        ("?host=127.0.0.1&port=7000", None),
+        ("?port=7000", None),
+        ("", Some(String::new())),
+        ("", Some("::1".to_string())),
+        ("", Some("10.0.0.1".to_string())),
+        ("", Some(addr.to_string())),
+    ] {
+        let mut ws = ws_connect(&s, &format!("{path}{q}"), Some(&s.token)).await?;
+        if let Some(h) = &host {
+            ws.send(Message::Text(json!({"host": h, "port": 7000}).to_string().into()))
+                .await?;
+        }
+        ensure!(connected(&mut ws).await?["status"] == "connected", "{q} {host:?}");
+        ensure!(echo(&mut ws, b"x").await? == b"x", "{q} {host:?}");
+    }
+
+    // The upstream ends cleanly: its bytes, then a normal close.
+    let mut ws = ws_connect(&s, path, Some(&s.token)).await?;
+    ws.send(Message::Text(json!({"port": 7001}).to_string().into()))
+        .await?;
+    connected(&mut ws).await?;
+    let mut got = Vec::new();
+    let close = loop {
+        match next(&mut ws).await? {
+            Some(Message::Binary(b)) => got.extend_from_slice(&b),
+            Some(Message::Close(f)) => break f,
+            other => bail!("{other:?}"),
+        }
+    };
+    ensure!(got == b"hi\n", "{:?}", String::from_utf8_lossy(&got));
+    ensure!(close.map(|f| u16::from(f.code)) == Some(1000));
+
+    // Bad init frames: 1003 with the reference's reasons.
+    for (msg, reason) in [
+        (
+            Message::Binary(b"{\"port\":7000}".to_vec().into()),
+            "Expected JSON initialization message",
+        ),
+        (
+            Message::Text("not json".into()),
+            "Expected JSON initialization message",
+        ),
+        (Message::Text(r#"{"port":0}"#.into()), "Invalid port number"),
+        (Message::Text(r#"{"port":70000}"#.into()), "Invalid port number"),
+        (
+            Message::Text(r#"{"host":"localhost"}"#.into()),
+            "Invalid port number",
+        ),
+    ] {
+        let mut ws = ws_connect(&s, path, Some(&s.token)).await?;
+        ws.send(msg.clone()).await?;
+        let (code, why) = expect_close(&mut ws).await?;
+        ensure!(code == 1003 && why == reason, "{msg:?}: {code} {why}");
+    }
+    // Nothing listening, or a host other than the sprite: 1011.
+    for init in [json!({"port": 7999}), json!({"host": "192.0.2.1", "port": 80})] {
+        let mut ws = ws_connect(&s, path, Some(&s.token)).await?;
+        ws.send(Message::Text(init.to_string().into())).await?;
+        let (code, why) = expect_close(&mut ws).await?;
+        ensure!(
+            code == 1011 && why.starts_with("Failed to connect to target: "),
+            "{init}: {code} {why}"
+        );
+    }
+
+    // Refused before the upgrade.
+    ensure!(ws_refused(&s, "/v1/sprites/nope/proxy", Some(&s.token)).await? == 404);
+    ensure!(ws_refused(&s, path, None).await? == 401);
+    ensure!(ws_refused(&s, &format!("{path}?port=abc"), Some(&s.token)).await? == 400);
+    let r = s.client().get(s.api(path)).send().await?;
+    ensure!(r.status() == 400, "plain GET: {}", r.status());
+    ensure!(r.json::<Value>().await?["error"] == "bad_request");
+
+    // The optional control channel is absent, so SDKs fall back.
+    let r = s.client().get(s.api("/v1/sprites/tun/control")).send().await?;
+    ensure!(r.status() == 404, "control: {}", r.status());
+    ensure!(ws_refused(&s, "/v1/sprites/tun/control", Some(&s.token)).await? == 404);
+
+    // Server shutdown ends an open tunnel with 1001.
+    let mut ws = ws_connect(&s, path, Some(&s.token)).await?;
+    ws.send(Message::Text(json!({"port": 7000}).to_string().into()))
+        .await?;
+    connected(&mut ws).await?;
+    s.running.as_ref().expect("running").state.shutdown.cancel();
+    let (code, why) = expect_close(&mut ws).await?;
+    ensure!(code == 1001 && why == "server shutting down", "{code} {why}");
+    s.stop().await;
+    Ok(())
+}
+
+/// A request to `http://<host>/<path>` sent to the server's own address.
+fn url(s: &TestServer, path: &str) -> String {
+    s.api(path)
+}
+
+fn host(s: &TestServer, name: &str) -> String {
+    format!("{name}.localhost:{}", s.cfg.listen.port())
+}
+
+const ENV_CGI: &str = "#!/bin/sh\necho Content-Type: text/plain\necho\nenv\n";
+/// Sends a line, then the next only once /tmp/go exists.
+const STREAM_CGI: &str = "#!/bin/sh\necho Content-Type: text/plain\necho\necho first\n\
+    while [ ! -e /tmp/go ]; do sleep 0.1; done\necho second\n";
+const ECHO_CGI: &str = "#!/bin/sh\necho Content-Type: application/octet-stream\necho\nexec cat\n";
+/// Answers any request with 101 and then echoes bytes.
+const UPGRADE_ECHO: &str = r#"#!/bin/sh
+cr=$(printf '\r')
+while IFS= read -r line; do
+  [ "$line" = "$cr" ] && break
+  [ -z "$line" ] && break
+done
+printf 'HTTP/1.1 101 Switching Protocols\r\nUpgrade: echo\r\nConnection: Upgrade\r\n\r\n'
+exec cat
+"#;
+
+/// Write `content` to `path` in the sprite (mode 0755).
+async fn put_file(s: &TestServer, name: &str, path: &str, content: &str) -> Result<()> {
+    let quoted = content.replace('\'', r"'\''");
+    sh(
+        s,
+        name,
+        &format!("mkdir -p \"$(dirname {path})\" && printf '%s' '{quoted}' > {path} && chmod 755 {path}"),
+    )
+    .await?;
+    Ok(())
+}
+
+fn env_var<'a>(env: &'a str, key: &str) -> Option<&'a str> {
+    env.lines().find_map(|l| l.strip_prefix(key)?.strip_prefix('='))
+}
+
+pub async fn urls() -> Result<()> {
+    let s = TestServer::start().await?;
+    let (c, anon) = (s.client(), s.anonymous());
+    s.create("web").await?;
+    put_file(&s, "web", "/srv/www/index.html", "page on 8080\n").await?;
+    put_file(&s, "web", "/srv/www/cgi-bin/env", ENV_CGI).await?;
+    put_file(&s, "web", "/srv/www/cgi-bin/echo", ECHO_CGI).await?;
+    put_file(&s, "web", "/srv/www/cgi-bin/stream", STREAM_CGI).await?;
+    serve(&s, "web", "busybox httpd -f -p 8080 -h /srv/www", 8080).await?;
+    let web = host(&s, "web");
+
+    // `sprite` auth (the default): the den token is required, and is not
+    // passed on to the sprite.
+    let r = anon.get(url(&s, "/")).header("host", &web).send().await?;
+    ensure!(r.status() == 401, "{}", r.status());
+    ensure!(r.json::<Value>().await?["error"] == "unauthorized");
+    let r = anon
+        .get(url(&s, "/"))
+        .header("host", &web)
+        .header("authorization", "Bearer den_wrong")
+        .send()
+        .await?;
+    ensure!(r.status() == 401, "{}", r.status());
+    let r = c.get(url(&s, "/")).header("host", &web).send().await?;
+    ensure!(r.status() == 200, "{}", r.status());
+    ensure!(r.text().await? == "page on 8080\n");
+    let r = c
+        .get(url(&s, "/cgi-bin/env?a=1&b=two"))
+        .header("host", &web)
+        .header("x-custom", "kept")
+        .send()
+        .await?;
+    ensure!(r.status() == 200, "{}", r.status());
+    let env = r.text().await?;
+    ensure!(
+        env_var(&env, "HTTP_AUTHORIZATION").is_none(),
+        "token leaked: {env}"
+    );
+    ensure!(env_var(&env, "QUERY_STRING") == Some("a=1&b=two"), "{env}");
+    ensure!(env_var(&env, "REQUEST_METHOD") == Some("GET"), "{env}");
+    ensure!(env_var(&env, "HTTP_HOST") == Some(web.as_str()), "{env}");
+    ensure!(env_var(&env, "HTTP_X_CUSTOM") == Some("kept"), "{env}");
+    ensure!(
+        env_var(&env, "HTTP_X_FORWARDED_FOR") == Some("127.0.0.1"),
+        "{env}"
+    );
+    ensure!(
+        env_var(&env, "HTTP_X_FORWARDED_HOST") == Some(web.as_str()),
+        "{env}"
+    );
+    ensure!(env_var(&env, "HTTP_X_FORWARDED_PROTO") == Some("http"), "{env}");
+    // The API itself is untouched by sprite hosts and vice versa.
+    let r = c
+        .get(url(&s, "/v1/sprites/web"))
+        .header("host", &web)
+        .send()
+        .await?;
+    ensure!(
+        r.status() == 404,
+        "the sprite's httpd has no such file: {}",
+        r.status()
+    );
+    let r = c.get(url(&s, "/v1/sprites/web")).send().await?;
+    ensure!(r.json::<Value>().await?["name"] == "web");
+
+    // A POST body of a few MiB goes through and back intact.
+    let body = pattern(5 << 20);
+    let r = c
+        .post(url(&s, "/cgi-bin/echo"))
+        .header("host", &web)
+        .header("content-type", "application/octet-stream")
+        .body(body.clone())
+        .send()
+        .await?;
+    ensure!(r.status() == 200, "{}", r.status());
+    let back = r.bytes().await?;
+    ensure!(
+        back.len() == body.len() && back[..] == body[..],
+        "echoed {} bytes",
+        back.len()
+    );
+
+    // Responses stream: the first line arrives while the CGI still waits.
+    let mut r = c
+        .get(url(&s, "/cgi-bin/stream"))
+        .header("host", &web)
+        .send()
+        .await?;
+    ensure!(r.status() == 200, "{}", r.status());
+    let first = tokio::time::timeout(WAIT, r.chunk()).await??;
+    ensure!(first.as_deref() == Some(&b"first\n"[..]), "{first:?}");
+    sh(&s, "web", "touch /tmp/go").await?;
+    let mut rest = Vec::new();
+    while let Some(b) = tokio::time::timeout(WAIT, r.chunk()).await?? {
+        rest.extend_from_slice(&b);
+    }
+    ensure!(rest == b"second\n", "{:?}", String::from_utf8_lossy(&rest));
+
+    // `public`: open to anyone; a den token sent anyway is still stripped.
+    let r = c
+        .put(s.api("/v1/sprites/web"))
+        .json(&json!({"url_settings": {"auth": "public"}}))
+        .send()
+        .await?;
+    ensure!(r.status() == 200);
+    let r = anon.get(url(&s, "/")).header("host", &web).send().await?;
+    ensure!(r.status() == 200, "{}", r.status());
+    ensure!(r.text().await? == "page on 8080\n");
+    let env = c
+        .get(url(&s, "/cgi-bin/env"))
+        .header("host", &web)
+        .send()
+        .await?
+        .text()
+        .await?;
+    ensure!(
+        env_var(&env, "HTTP_AUTHORIZATION").is_none(),
+        "token leaked: {env}"
+    );
+    let env = anon
+        .get(url(&s, "/cgi-bin/env"))
+        .header("host", &web)
+        .header("authorization", "Bearer app-own-token")
+        .send()
+        .await?
+        .text()
+        .await?;
+    ensure!(
+        env_var(&env, "HTTP_AUTHORIZATION") == Some("Bearer app-own-token"),
+        "the app's own credentials pass: {env}"
+    );
+
+    // A service with http_port takes the URL traffic from 8080.
+    put_file(&s, "web", "/srv/www2/index.html", "page of the service\n").await?;
+    mgr(&s)
+        .update_services("web", |v| {
+            v.push(ServiceDef {
+                name: "site".into(),
+                cmd: "busybox".into(),
+                args: ["httpd", "-f", "-p", "8081", "-h", "/srv/www2"]
+                    .map(String::from)
+                    .to_vec(),
+                http_port: Some(8081),
+                ..Default::default()
+            });
+            Ok(())
+        })
+        .await?;
+    wait_listening(mgr(&s).wake("web").await?.addr(), 8081).await?;
+    let r = anon.get(url(&s, "/")).header("host", &web).send().await?;
+    ensure!(r.text().await? == "page of the service\n");
+
+    // Unknown sprites and silent ports.
+    let r = anon
+        .get(url(&s, "/"))
+        .header("host", host(&s, "nope"))
+        .send()
+        .await?;
+    ensure!(r.status() == 404, "{}", r.status());
+    ensure!(r.json::<Value>().await?["error"] == "not_found");
+    s.create("quiet").await?;
+    drop(mgr(&s).wake("quiet").await?);
+    let r = c
+        .get(url(&s, "/"))
+        .header("host", host(&s, "quiet"))
+        .send()
+        .await?;
+    ensure!(r.status() == 502, "{}", r.status());
+    let body: Value = r.json().await?;
+    ensure!(
+        body["error"] == "bad_gateway" && body["message"].as_str().unwrap_or("").contains("8080"),
+        "{body}"
+    );
+    s.stop().await;
+    Ok(())
+}
+
+/// Read an HTTP/1.1 response head from a raw stream.
+async fn read_head(tcp: &mut TcpStream) -> Result<String> {
+    let mut head = Vec::new();
+    let mut b = [0u8; 1];
+    while !head.ends_with(b"\r\n\r\n") {
+        let n = tokio::time::timeout(WAIT, tcp.read(&mut b)).await??;
+        ensure!(n == 1, "closed after {:?}", String::from_utf8_lossy(&head));
+        head.push(b[0]);
+    }
+    Ok(String::from_utf8(head)?)
+}
+
+/// `Upgrade` passes through: 101 from the sprite, then raw bytes both ways.
+pub async fn url_upgrade() -> Result<()> {
+    let s = TestServer::start().await?;
+    s.create("up").await?;
+    put_file(&s, "up", "/srv/upgrade.sh", UPGRADE_ECHO).await?;
+    serve(&s, "up", "busybox nc -ll -p 8080 -e /srv/upgrade.sh", 8080).await?;
+    let mut tcp = TcpStream::connect(s.cfg.listen).await?;
+    let req = format!(
+        "GET /chat HTTP/1.1\r\nHost: {}\r\nConnection: Upgrade\r\nUpgrade: echo\r\n\
+         Authorization: Bearer {}\r\n\r\n",
+        host(&s, "up"),
+        s.token
+    );
+    tcp.write_all(req.as_bytes()).await?;
+    let head = read_head(&mut tcp).await?;
+    ensure!(head.starts_with("HTTP/1.1 101"), "{head}");
+    ensure!(head.to_ascii_lowercase().contains("upgrade: echo"), "{head}");
+    let data = pattern(1 << 20);
+    let (mut rd, mut wr) = tcp.split();
+    let mut back = vec![0u8; data.len()];
+    let (w, r) = tokio::join!(wr.write_all(&data), async {
+        tokio::time::timeout(WAIT, rd.read_exact(&mut back)).await
+    });
+    w?;
+    r??;
+    ensure!(back == data, "1 MiB through the upgraded connection differs");
+    // Server shutdown ends the upgraded connection.
+    s.running.as_ref().expect("running").state.shutdown.cancel();
+    let mut rest = Vec::new();
+    tokio::time::timeout(WAIT, tcp.read_to_end(&mut rest))
+        .await
+        .context("still open after shutdown")??;
+    s.stop().await;
+    Ok(())
+}
+
+/// A request to a cold sprite boots it and waits for its service to listen.
+pub async fn url_wakes_cold() -> Result<()> {
+    let s = TestServer::start().await?;
+    s.create("sleepy").await?;
+    put_file(&s, "sleepy", "/srv/www/index.html", "awake\n").await?;
+    mgr(&s)
+        .update_services("sleepy", |v| {
+            v.push(ServiceDef {
+                name: "site".into(),
+                // Slow to start, like real apps: the request waits for it.
+                cmd: "sh".into(),
+                args: ["-c", "sleep 1; exec busybox httpd -f -p 8090 -h /srv/www"]
+                    .map(String::from)
+                    .to_vec(),
+                http_port: Some(8090),
+                ..Default::default()
+            });
+            Ok(())
+        })
+        .await?;
+    mgr(&s).sleep("sleepy", SpriteStatus::Cold).await?;
+    ensure!(mgr(&s).get("sleepy")?.status == SpriteStatus::Cold);
+    let r = s
+        .client()
+        .get(url(&s, "/"))
+        .header("host", host(&s, "sleepy"))
+        .send()
+        .await?;
+    ensure!(r.status() == 200, "{}", r.status());
+    ensure!(r.text().await? == "awake\n");
+    ensure!(mgr(&s).get("sleepy")?.status == SpriteStatus::Running);
+    s.stop().await;
+    Ok(())
+}
