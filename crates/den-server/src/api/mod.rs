@@ -4,8 +4,8 @@
 pub mod checkpoints;
 pub mod fs;
 pub mod policy;
-pub mod services;
 pub mod proxy;
+pub mod services;
 pub mod sprites;
 pub mod tokens;
 

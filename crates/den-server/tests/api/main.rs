@@ -3,11 +3,11 @@
 //! names contain one of the NAMEs.
 
 mod common;
-mod fuzz;
-mod sdk;
 mod fs;
-mod services;
+mod fuzz;
 mod proxy;
+mod sdk;
+mod services;
 mod sprites;
 mod svcfs_python;
 
