@@ -45,17 +45,20 @@ impl AgentBundle {
             let tmp = root.join(format!(".{tag}.{}", std::process::id()));
             let _ = std::fs::remove_dir_all(&tmp);
             std::fs::create_dir_all(&tmp).map_err(|e| SpriteError::io("creating the agent bundle", e))?;
-            std::fs::write(tmp.join("den"), &data).map_err(|e| SpriteError::io("copying den", e))?;
+            // A hard link costs nothing (the binary is large); a copy only
+            // across filesystems. The link shares the binary's mode, which is
+            // executable already, so only copies get theirs set.
+            if std::fs::hard_link(exe, tmp.join("den")).is_err() {
+                std::fs::write(tmp.join("den"), &data).map_err(|e| SpriteError::io("copying den", e))?;
+                set_mode(&tmp.join("den"), 0o555)?;
+            }
             for lib in &libs {
                 let name = lib.file_name().expect("ldd paths have file names");
                 std::fs::copy(lib, tmp.join(name))
                     .map_err(|e| SpriteError::io(format!("copying {}", lib.display()), e))?;
+                set_mode(&tmp.join(name), 0o555)?;
             }
             set_mode(&tmp, 0o755)?;
-            for entry in std::fs::read_dir(&tmp).map_err(|e| SpriteError::io("listing the bundle", e))? {
-                let entry = entry.map_err(|e| SpriteError::io("listing the bundle", e))?;
-                set_mode(&entry.path(), 0o555)?;
-            }
             if let Err(e) = std::fs::rename(&tmp, &dir) {
                 // Another process published the same version first.
                 let _ = std::fs::remove_dir_all(&tmp);

@@ -747,6 +747,12 @@ impl SpriteManager {
         if let Some(dns) = self.inner.dns.lock().await.take() {
             dns.stop().await;
         }
+        // The idmapped image mounts exist only for running sprites; leaving
+        // them would pin the images directory (and keep it from being removed).
+        if let Err(e) = self.inner.image.release_idmapped() {
+            tracing::warn!(error = %e, "releasing the idmapped image mounts");
+        }
+        self.inner.lowers.lock().clear();
     }
 
     /// Remove den's firewall table (sprites must be cold: see [`Self::shutdown`]).
