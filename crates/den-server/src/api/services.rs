@@ -444,27 +444,20 @@ pub async fn delete(
     State(st): State<AppState>,
     Path((name, service)): Path<(String, String)>,
 ) -> ApiResult<StatusCode> {
+    find(&st.mgr.services(&name)?, &name, &service)?;
     st.mgr
         .update_services(&name, |defs| {
-            if !defs.iter().any(|d| d.name == service) {
-                return Err(SpriteError::NotFound(String::new()));
-            }
             if let Some(d) = defs.iter().find(|d| d.needs.contains(&service)) {
                 return Err(SpriteError::Conflict(format!(
                     "service {:?} needs {service:?}",
                     d.name
                 )));
             }
+            // Gone already if a concurrent delete won: same outcome.
             defs.retain(|d| d.name != service);
             Ok(())
         })
-        .await
-        .map_err(|e| match e {
-            SpriteError::NotFound(s) if s.is_empty() => {
-                ApiError::not_found(format!("service {service:?} not found"))
-            }
-            e => e.into(),
-        })?;
+        .await?;
     Ok(StatusCode::NO_CONTENT)
 }
 
@@ -484,7 +477,11 @@ pub async fn start(
         .update_services(&name, |defs| {
             match defs.iter_mut().find(|d| d.name == service) {
                 Some(d) => d.stopped = false,
-                None => return Err(SpriteError::NotFound(format!("service {service:?}"))),
+                None => {
+                    return Err(SpriteError::Conflict(format!(
+                        "service {service:?} was deleted meanwhile"
+                    )));
+                }
             }
             Ok(())
         })

@@ -278,6 +278,20 @@ pub async fn operations() -> Result<()> {
     .await?;
     let r = c.get(fs(&s, "nosprite", "list", "path=/")).send().await?;
     ensure!(r.status() == 404);
+
+    // Documented in the OpenAPI description, next to the services.
+    let doc: Value = c.get(s.api("/v1/openapi.json")).send().await?.json().await?;
+    for p in [
+        "/v1/sprites/{name}/fs/read",
+        "/v1/sprites/{name}/fs/chmod",
+        "/v1/sprites/{name}/services/{service}",
+        "/v1/sprites/{name}/services/signal",
+    ] {
+        ensure!(
+            doc["paths"][p].is_object(),
+            "{p} missing from the OpenAPI document"
+        );
+    }
     s.stop().await;
     Ok(())
 }
