@@ -102,9 +102,9 @@ pub async fn proxy(
     let preset = match (&q.host, q.port.as_deref()) {
         (_, Some(p)) => {
             let port = p
-                .parse::<u64>()
+                .parse::<u16>()
                 .ok()
-                .and_then(|p| parse_port(&json!(p)))
+                .filter(|p| *p != 0)
                 .ok_or_else(|| ApiError::bad_request(BAD_PORT))?;
             Some(Target {
                 host: q.host.clone().unwrap_or_default(),
@@ -124,10 +124,21 @@ pub async fn proxy(
     }))
 }
 
+/// A close frame's reason may not exceed 123 bytes (RFC 6455 §5.5).
+const MAX_REASON: usize = 123;
+
 async fn close(socket: &mut WebSocket, code: u16, reason: impl Into<String>) {
+    let mut reason: String = reason.into();
+    if reason.len() > MAX_REASON {
+        let mut end = MAX_REASON;
+        while !reason.is_char_boundary(end) {
+            end -= 1;
+        }
+        reason.truncate(end);
+    }
     let frame = CloseFrame {
         code,
-        reason: reason.into().into(),
+        reason: reason.into(),
     };
     let _ = socket.send(Message::Close(Some(frame))).await;
 }
@@ -152,11 +163,19 @@ async fn read_init(socket: &mut WebSocket) -> Result<Option<Target>, &'static st
 async fn tunnel(st: AppState, mut socket: WebSocket, activity: Activity, preset: Option<Target>, cold: bool) {
     let target = match preset {
         Some(t) => t,
-        None => match read_init(&mut socket).await {
-            Ok(Some(t)) => t,
-            Ok(None) => return,
-            Err(reason) => return close(&mut socket, close_code::UNSUPPORTED, reason).await,
-        },
+        None => {
+            let init = tokio::select! {
+                r = read_init(&mut socket) => r,
+                _ = st.shutdown.cancelled() => {
+                    return close(&mut socket, close_code::AWAY, "server shutting down").await;
+                }
+            };
+            match init {
+                Ok(Some(t)) => t,
+                Ok(None) => return,
+                Err(reason) => return close(&mut socket, close_code::UNSUPPORTED, reason).await,
+            }
+        }
     };
     let Some(route) = resolve(&target.host, &activity) else {
         let reason = format!(

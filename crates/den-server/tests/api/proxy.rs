@@ -265,7 +265,12 @@ pub async fn tunnel() -> Result<()> {
         ensure!(code == 1003 && why == reason, "{msg:?}: {code} {why}");
     }
     // Nothing listening, or a host other than the sprite: 1011.
-    for init in [json!({"port": 7999}), json!({"host": "192.0.2.1", "port": 80})] {
+    let long_host = format!("{}.example", "x".repeat(200));
+    for init in [
+        json!({"port": 7999}),
+        json!({"host": "192.0.2.1", "port": 80}),
+        json!({"host": long_host, "port": 80}),
+    ] {
         let mut ws = ws_connect(&s, path, Some(&s.token)).await?;
         ws.send(Message::Text(init.to_string().into())).await?;
         let (code, why) = expect_close(&mut ws).await?;
