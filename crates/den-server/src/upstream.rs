@@ -1,11 +1,11 @@
 //! Reaching a TCP port of a sprite from the host, shared by the WebSocket
 //! proxy and sprite URLs.
 //!
-//! den dials `<sprite addr>:<port>` over the sprite's veth, so only
-//! processes listening on `0.0.0.0` (or the sprite's address) are
-//! reachable; a listener bound to `127.0.0.1` inside the sprite is not.
-//! Sprites behaves the same: its in-VM server rewrites `localhost` to the
-//! inner container's address (§2.11), outside the container's loopback.
+//! [`dial`] goes to `<sprite addr>:<port>` over the sprite's veth, which
+//! reaches listeners on `0.0.0.0` or the sprite's address, like Sprites'
+//! in-VM server dialing the inner container's address (§2.11).
+//! [`dial_loopback`] connects from inside the sprite's network namespace to
+//! `127.0.0.1`, so listeners bound to the sprite's loopback answer too.
 
 use std::io::ErrorKind;
 use std::net::{Ipv4Addr, SocketAddr};
@@ -41,15 +41,51 @@ pub async fn dial(addr: Ipv4Addr, port: u16, just_booted: bool) -> std::io::Resu
         ));
     }
     let target = SocketAddr::from((addr, port));
+    with_boot_grace(just_booted, || async move {
+        tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(target))
+            .await
+            .unwrap_or_else(|_| Err(std::io::Error::new(ErrorKind::TimedOut, "connect timed out")))
+    })
+    .await
+}
+
+/// Connect to `127.0.0.1:port` inside the network namespace `netns`.
+pub async fn dial_loopback(netns: &str, port: u16, just_booted: bool) -> std::io::Result<TcpStream> {
+    let target = SocketAddr::from((Ipv4Addr::LOCALHOST, port));
+    with_boot_grace(just_booted, || {
+        let ns = netns.to_string();
+        async move {
+            // setns is per thread: run_in uses a short-lived thread of its own.
+            let made = tokio::task::spawn_blocking(move || {
+                den_net::netns::run_in(&ns, move || {
+                    std::net::TcpStream::connect_timeout(&target, CONNECT_TIMEOUT)
+                })
+            })
+            .await
+            .map_err(std::io::Error::other)?
+            .map_err(|e| std::io::Error::other(e.to_string()))??;
+            made.set_nonblocking(true)?;
+            TcpStream::from_std(made)
+        }
+    })
+    .await
+}
+
+/// Run `connect` until it succeeds, fails other than by refusal, or the
+/// grace (if any) is over.
+async fn with_boot_grace<F, Fut>(just_booted: bool, mut connect: F) -> std::io::Result<TcpStream>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = std::io::Result<TcpStream>>,
+{
     let deadline = Instant::now() + if just_booted { BOOT_GRACE } else { Duration::ZERO };
     loop {
-        let err = match tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(target)).await {
-            Ok(Ok(s)) => {
+        let err = match connect().await {
+            Ok(s) => {
                 let _ = s.set_nodelay(true);
                 return Ok(s);
             }
-            Ok(Err(e)) => e,
-            Err(_) => return Err(std::io::Error::new(ErrorKind::TimedOut, "connect timed out")),
+            Err(e) => e,
         };
         if err.kind() != ErrorKind::ConnectionRefused || Instant::now() >= deadline {
             return Err(err);

@@ -9,6 +9,10 @@
 //! on to the sprite's program. Each request gets its own upstream
 //! connection: sprites sleep and come back, and a pooled connection to a
 //! sprite that slept would fail the next request.
+//!
+//! URL traffic is dialed at the sprite's address, not its loopback (as in
+//! Sprites): a program bound to `127.0.0.1` stays private even when the
+//! URL is public.
 
 use std::net::SocketAddr;
 use std::sync::Arc;

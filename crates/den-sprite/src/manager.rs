@@ -110,6 +110,7 @@ pub struct Activity {
     slot: Arc<Slot>,
     agent: Client,
     addr: Ipv4Addr,
+    netns: Option<String>,
 }
 
 impl Activity {
@@ -125,6 +126,12 @@ impl Activity {
 
     pub fn name(&self) -> &str {
         &self.slot.name
+    }
+
+    /// The sprite's network namespace (for [`den_net::netns::run_in`]):
+    /// sockets made there reach the sprite's loopback listeners too.
+    pub fn netns(&self) -> Option<&str> {
+        self.netns.as_deref()
     }
 }
 
@@ -429,6 +436,7 @@ impl SpriteManager {
         Ok(Activity {
             agent: live.agent.clone(),
             addr: live.net.as_ref().map(|n| n.addr).unwrap_or(Ipv4Addr::UNSPECIFIED),
+            netns: live.net.as_ref().map(|n| n.netns.clone()),
             slot: slot.clone(),
         })
     }

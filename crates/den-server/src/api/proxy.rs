@@ -6,14 +6,14 @@
 //! dials it and answers `{"status":"connected","target":"<ip>:<port>"}`,
 //! then binary frames carry the raw byte stream both ways.
 //!
-//! Targets: den dials from the host, not from inside the sprite, so the
-//! only reachable host is the sprite itself. `localhost`, `127.0.0.1`,
-//! `::1`, the inner-container names the SDKs document (`10.0.0.1`,
-//! `fdf::1`) and the sprite's own address all mean the sprite, at its
-//! address (see [`crate::upstream`] for the loopback-listener limitation).
-//! Any other host is refused like an unreachable one (close 1011 `Failed
-//! to connect to target: …`): dialing it from the host would bypass the
-//! sprite's egress policy and reach the host's own networks.
+//! Targets are the sprite itself only. An empty host, `localhost`,
+//! `127.0.0.1` and `::1` are dialed as `127.0.0.1` inside the sprite's
+//! network namespace, so loopback-only listeners (dev servers) work; the
+//! inner-container names the SDKs document (`10.0.0.1`, `fdf::1`) and the
+//! sprite's own address are dialed at that address. Any other host is
+//! refused like an unreachable one (close 1011 `Failed to connect to
+//! target: …`): den dials from the host, so reaching it would bypass the
+//! sprite's egress policy and open the host's own networks.
 
 use std::net::Ipv4Addr;
 use std::time::Duration;
@@ -67,15 +67,25 @@ fn parse_init(text: &str) -> Result<Target, &'static str> {
     Ok(Target { host, port })
 }
 
-/// The sprite's address if `host` names the sprite.
-fn resolve(host: &str, sprite: Ipv4Addr) -> Option<Ipv4Addr> {
+/// How a target that names the sprite is reached.
+enum Route {
+    /// `127.0.0.1` in the sprite's network namespace.
+    Loopback(String),
+    Addr(Ipv4Addr),
+}
+
+/// `None` if `host` is not the sprite.
+fn resolve(host: &str, act: &Activity) -> Option<Route> {
     let h = host.trim().trim_start_matches('[').trim_end_matches(']');
-    let own = sprite.to_string();
-    let is_sprite = h.is_empty()
-        || h.eq_ignore_ascii_case("localhost")
-        || h == own
-        || matches!(h, "127.0.0.1" | "::1" | "10.0.0.1" | "fdf::1");
-    is_sprite.then_some(sprite)
+    let sprite = act.addr();
+    if h.is_empty() || h.eq_ignore_ascii_case("localhost") || matches!(h, "127.0.0.1" | "::1") {
+        // Without a namespace (no network) the address path reports why.
+        return Some(match act.netns() {
+            Some(ns) => Route::Loopback(ns.to_string()),
+            None => Route::Addr(sprite),
+        });
+    }
+    (h == sprite.to_string() || matches!(h, "10.0.0.1" | "fdf::1")).then_some(Route::Addr(sprite))
 }
 
 /// Open a TCP tunnel to a port of the sprite (WebSocket).
@@ -92,9 +102,9 @@ pub async fn proxy(
     let preset = match (&q.host, q.port.as_deref()) {
         (_, Some(p)) => {
             let port = p
-                .parse::<u64>()
+                .parse::<u16>()
                 .ok()
-                .and_then(|p| parse_port(&json!(p)))
+                .filter(|p| *p != 0)
                 .ok_or_else(|| ApiError::bad_request(BAD_PORT))?;
             Some(Target {
                 host: q.host.clone().unwrap_or_default(),
@@ -114,10 +124,21 @@ pub async fn proxy(
     }))
 }
 
+/// A close frame's reason may not exceed 123 bytes (RFC 6455 §5.5).
+const MAX_REASON: usize = 123;
+
 async fn close(socket: &mut WebSocket, code: u16, reason: impl Into<String>) {
+    let mut reason: String = reason.into();
+    if reason.len() > MAX_REASON {
+        let mut end = MAX_REASON;
+        while !reason.is_char_boundary(end) {
+            end -= 1;
+        }
+        reason.truncate(end);
+    }
     let frame = CloseFrame {
         code,
-        reason: reason.into().into(),
+        reason: reason.into(),
     };
     let _ = socket.send(Message::Close(Some(frame))).await;
 }
@@ -142,27 +163,43 @@ async fn read_init(socket: &mut WebSocket) -> Result<Option<Target>, &'static st
 async fn tunnel(st: AppState, mut socket: WebSocket, activity: Activity, preset: Option<Target>, cold: bool) {
     let target = match preset {
         Some(t) => t,
-        None => match read_init(&mut socket).await {
-            Ok(Some(t)) => t,
-            Ok(None) => return,
-            Err(reason) => return close(&mut socket, close_code::UNSUPPORTED, reason).await,
-        },
+        None => {
+            let init = tokio::select! {
+                r = read_init(&mut socket) => r,
+                _ = st.shutdown.cancelled() => {
+                    return close(&mut socket, close_code::AWAY, "server shutting down").await;
+                }
+            };
+            match init {
+                Ok(Some(t)) => t,
+                Ok(None) => return,
+                Err(reason) => return close(&mut socket, close_code::UNSUPPORTED, reason).await,
+            }
+        }
     };
-    let Some(addr) = resolve(&target.host, activity.addr()) else {
+    let Some(route) = resolve(&target.host, &activity) else {
         let reason = format!(
             "Failed to connect to target: {}:{}: den only reaches the sprite itself",
             target.host, target.port
         );
         return close(&mut socket, close_code::ERROR, reason).await;
     };
-    let tcp = match upstream::dial(addr, target.port, cold).await {
+    let (dialed, tcp) = match &route {
+        Route::Loopback(ns) => (
+            Ipv4Addr::LOCALHOST,
+            upstream::dial_loopback(ns, target.port, cold).await,
+        ),
+        Route::Addr(a) => (*a, upstream::dial(*a, target.port, cold).await),
+    };
+    let target = format!("{dialed}:{}", target.port);
+    let tcp = match tcp {
         Ok(t) => t,
         Err(e) => {
-            let reason = format!("Failed to connect to target: {addr}:{}: {e}", target.port);
+            let reason = format!("Failed to connect to target: {target}: {e}");
             return close(&mut socket, close_code::ERROR, reason).await;
         }
     };
-    let hello = json!({"status": "connected", "target": format!("{addr}:{}", target.port)});
+    let hello = json!({"status": "connected", "target": target});
     if socket
         .send(Message::Text(hello.to_string().into()))
         .await

@@ -162,7 +162,7 @@ pub async fn tunnel() -> Result<()> {
     .await?;
     let hello = connected(&mut ws).await?;
     ensure!(
-        hello == json!({"status": "connected", "target": format!("{addr}:7000")}),
+        hello == json!({"status": "connected", "target": "127.0.0.1:7000"}),
         "{hello}"
     );
     ensure!(echo(&mut ws, b"hello\n").await? == b"hello\n");
@@ -187,6 +187,44 @@ pub async fn tunnel() -> Result<()> {
         ensure!(connected(&mut ws).await?["status"] == "connected", "{q} {host:?}");
         ensure!(echo(&mut ws, b"x").await? == b"x", "{q} {host:?}");
     }
+
+    // The sprite's own names are dialed at its address.
+    for h in [addr.to_string(), "10.0.0.1".into()] {
+        let mut ws = ws_connect(&s, path, Some(&s.token)).await?;
+        ws.send(Message::Text(json!({"host": h, "port": 7000}).to_string().into()))
+            .await?;
+        let hello = connected(&mut ws).await?;
+        ensure!(hello["target"] == format!("{addr}:7000"), "{h}: {hello}");
+    }
+
+    // A listener on the sprite's loopback only: reached as localhost.
+    put_file(&s, "tun", "/srv/lo/index.html", "loopback only\n").await?;
+    sh(
+        &s,
+        "tun",
+        "busybox httpd -f -p 127.0.0.1:7002 -h /srv/lo </dev/null >/dev/null 2>&1 & \
+         i=0; until grep -q '0100007F:1B5A 00000000:0000 0A' /proc/net/tcp; do \
+         i=$((i+1)); [ $i -gt 600 ] && exit 1; sleep 0.05; done",
+    )
+    .await?;
+    ensure!(
+        TcpStream::connect((addr, 7002)).await.is_err(),
+        "7002 answers on the sprite's address"
+    );
+    let mut ws = ws_connect(&s, path, Some(&s.token)).await?;
+    ws.send(Message::Text(
+        json!({"host": "localhost", "port": 7002}).to_string().into(),
+    ))
+    .await?;
+    connected(&mut ws).await?;
+    ws.send(Message::Binary(b"GET / HTTP/1.0\r\n\r\n".to_vec().into()))
+        .await?;
+    let mut page = Vec::new();
+    while let Some(Message::Binary(b)) = next(&mut ws).await? {
+        page.extend_from_slice(&b);
+    }
+    let page = String::from_utf8_lossy(&page);
+    ensure!(page.ends_with("\r\n\r\nloopback only\n"), "{page}");
 
     // The upstream ends cleanly: its bytes, then a normal close.
     let mut ws = ws_connect(&s, path, Some(&s.token)).await?;
@@ -227,7 +265,12 @@ pub async fn tunnel() -> Result<()> {
         ensure!(code == 1003 && why == reason, "{msg:?}: {code} {why}");
     }
     // Nothing listening, or a host other than the sprite: 1011.
-    for init in [json!({"port": 7999}), json!({"host": "192.0.2.1", "port": 80})] {
+    let long_host = format!("{}.example", "x".repeat(200));
+    for init in [
+        json!({"port": 7999}),
+        json!({"host": "192.0.2.1", "port": 80}),
+        json!({"host": long_host, "port": 80}),
+    ] {
         let mut ws = ws_connect(&s, path, Some(&s.token)).await?;
         ws.send(Message::Text(init.to_string().into())).await?;
         let (code, why) = expect_close(&mut ws).await?;
