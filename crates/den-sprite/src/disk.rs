@@ -128,7 +128,10 @@ impl Drop for Disk {
     }
 }
 
-const RELEASE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+/// Generous: on a loaded host the dying namespace can take seconds, and booting
+/// again before the old filesystem let go is refused by the export (two ext4
+/// instances on one volume would corrupt it).
+const RELEASE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(60);
 
 /// Wait until nothing holds `dev` open exclusively (no filesystem on it).
 fn wait_released(dev: &Path, timeout: std::time::Duration) {
