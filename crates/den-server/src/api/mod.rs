@@ -2,6 +2,7 @@
 //! sits behind the bearer-token check ([`crate::auth::require_token`]).
 
 pub mod checkpoints;
+pub mod exec;
 pub mod policy;
 pub mod sprites;
 pub mod tokens;
@@ -52,6 +53,11 @@ pub fn checkpoint_id(raw: &str) -> String {
         tokens::create,
         tokens::list,
         tokens::revoke,
+        exec::exec_get,
+        exec::attach,
+        exec::head,
+        exec::exec_http,
+        exec::kill,
     )
 )]
 pub struct ApiDoc;
@@ -79,7 +85,13 @@ pub fn router(state: AppState) -> Router {
             get(checkpoints::get).delete(checkpoints::delete),
         )
         .route("/checkpoints/{id}/restore", post(checkpoints::restore))
-        .route("/policy/network", get(policy::get).post(policy::set));
+        .route("/policy/network", get(policy::get).post(policy::set))
+        .route(
+            "/exec",
+            get(exec::exec_get).head(exec::head).post(exec::exec_http),
+        )
+        .route("/exec/{session_id}", get(exec::attach))
+        .route("/exec/{session_id}/kill", post(exec::kill));
     let authed = Router::new()
         .route("/v1/sprites", get(sprites::list).post(sprites::create))
         .nest("/v1/sprites/{name}", sprite)

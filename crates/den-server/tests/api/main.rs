@@ -3,6 +3,7 @@
 //! names contain one of the NAMEs.
 
 mod common;
+mod exec;
 mod sprites;
 
 use std::future::Future;
@@ -19,6 +20,9 @@ const TESTS: &[(&str, TestFn)] = &[
     }),
     ("policy_validation", || Box::pin(sprites::policy_validation())),
     ("checkpoints_ndjson", || Box::pin(sprites::checkpoints_ndjson())),
+    ("exec_ws_protocol", || Box::pin(exec::ws_protocol())),
+    ("exec_tty_attach_http", || Box::pin(exec::tty_attach_http())),
+    ("exec_default_timeout", || Box::pin(exec::default_timeout())),
 ];
 
 fn main() {
