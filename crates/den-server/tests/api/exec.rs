@@ -275,6 +275,37 @@ pub async fn ws_protocol() -> Result<()> {
     let r = drain(&mut ws, info).await?;
     ok_run(&r, 0)?;
     ensure!(r.stdout == b"hello\nworld", "{r:?}");
+    // Bulk stdin while output flows back: 4 MiB through `cat`.
+    let (ws, _) = connect(&s, "/v1/sprites/ex/exec?cmd=cat&stdin=true").await?;
+    let (mut sink, mut stream) = ws.split();
+    let big: Vec<u8> = (0..4u32 << 20).map(|i| (i % 251) as u8).collect();
+    let input = big.clone();
+    let writer = tokio::spawn(async move {
+        for chunk in input.chunks(60_000) {
+            let mut frame = vec![0x00];
+            frame.extend_from_slice(chunk);
+            sink.send(Message::Binary(frame.into())).await?;
+        }
+        sink.send(Message::Binary(vec![0x04].into())).await?;
+        // Returned, not dropped: closing it would detach before the output is in.
+        anyhow::Ok(sink)
+    });
+    let mut got = Vec::new();
+    let mut exit = None;
+    while let Some(m) = tokio::time::timeout(WAIT, stream.next()).await? {
+        match m? {
+            Message::Binary(b) if b.first() == Some(&1) => got.extend_from_slice(&b[1..]),
+            Message::Binary(b) if b.first() == Some(&3) => exit = b.get(1).copied(),
+            Message::Close(_) => break,
+            _ => {}
+        }
+    }
+    let _sink = writer.await??;
+    ensure!(
+        exit == Some(0) && got.len() == big.len() && got == big,
+        "{} bytes, exit {exit:?}",
+        got.len()
+    );
     // Without stdin=true a non-TTY command reads nothing (EOF at once).
     let r = run(&s, "ex", "cmd=cat").await?;
     ok_run(&r, 0)?;

@@ -18,7 +18,7 @@ use axum::extract::rejection::QueryRejection;
 use axum::extract::ws::WebSocketUpgrade;
 use axum::extract::ws::rejection::WebSocketUpgradeRejection;
 use axum::extract::{Path, Query, State};
-use axum::http::{HeaderMap, HeaderValue, StatusCode};
+use axum::http::{HeaderMap, HeaderValue};
 use axum::response::{IntoResponse, Response};
 use den_sprite::SpriteInfo;
 
@@ -161,12 +161,7 @@ pub async fn attach(
     ws: Upgrade,
 ) -> ApiResult<Response> {
     st.mgr.get(&name)?;
-    let ws = ws.map_err(|e| {
-        ApiError::new(
-            StatusCode::BAD_REQUEST,
-            "bad_request",
-            format!("attach needs a WebSocket upgrade: {}", e.body_text()),
-        )
-    })?;
+    let ws = ws
+        .map_err(|e| ApiError::bad_request(format!("attach needs a WebSocket upgrade: {}", e.body_text())))?;
     attach_bridge(&st, &name, &id, ws).await
 }
