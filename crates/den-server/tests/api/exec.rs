@@ -498,7 +498,15 @@ pub async fn tty_attach_http() -> Result<()> {
     let info = session_info(&mut ws).await?;
     let id = info["session_id"].as_str().context("id")?.to_string();
     read_until(&mut ws, false, "first").await?;
-    drop(ws); // detach
+    // Detach with a close handshake; the server answers it.
+    ws.close(None).await?;
+    loop {
+        match next(&mut ws).await? {
+            Some(Message::Close(_)) => break,
+            Some(_) => {}
+            None => bail!("no close reply"),
+        }
+    }
     let listed = wait_sessions(&s, "tt", |v| {
         v["sessions"].as_array().is_some_and(|a| {
             a.iter()
@@ -622,6 +630,24 @@ pub async fn tty_attach_http() -> Result<()> {
     let types: Vec<&str> = ev.iter().map(|e| e["type"].as_str().unwrap_or("")).collect();
     ensure!(types == ["signal", "timeout", "killed", "complete"], "{ev:?}");
     ensure!(ev[3]["exit_code"] == 137, "{ev:?}");
+
+    // timeout=0s only signals (the Go SDK's fallback for the signal frame).
+    let (mut ws, _) = connect(&s, "/v1/sprites/tt/exec?cmd=sleep&cmd=300").await?;
+    let info = session_info(&mut ws).await?;
+    let id5 = info["session_id"].as_str().context("id")?.to_string();
+    let ev = ndjson(
+        &c.post(s.api(&format!("/v1/sprites/tt/exec/{id5}/kill?signal=INT&timeout=0s")))
+            .send()
+            .await?
+            .text()
+            .await?,
+    )?;
+    let types: Vec<&str> = ev.iter().map(|e| e["type"].as_str().unwrap_or("")).collect();
+    ensure!(
+        types == ["signal", "complete"] && ev[0]["signal"] == "SIGINT",
+        "{ev:?}"
+    );
+    ok_run(&drain(&mut ws, info).await?, 130)?;
 
     // HTTP exec: stdin from the body, concatenated framing, exit last.
     let r = c

@@ -171,7 +171,11 @@ impl Bridge {
                             // Other text (control:… on plain exec, malformed) is ignored.
                             _ => {}
                         },
-                        Message::Close(_) => return,
+                        Message::Close(_) => {
+                            // Sends the close reply tungstenite has queued.
+                            let _ = tx.flush().await;
+                            return;
+                        }
                         // tungstenite answers pings itself.
                         Message::Ping(_) | Message::Pong(_) => {}
                     }
