@@ -7,6 +7,7 @@
 
 use std::collections::{HashMap, HashSet};
 use std::net::{Ipv4Addr, Ipv6Addr};
+use std::path::PathBuf;
 use std::sync::Weak;
 
 use bytes::Bytes;
@@ -76,13 +77,7 @@ fn owners(wanted: &HashSet<u64>) -> HashMap<u64, i32> {
         let Some(pid) = entry.file_name().to_str().and_then(|s| s.parse::<i32>().ok()) else {
             continue;
         };
-        let Ok(fds) = std::fs::read_dir(entry.path().join("fd")) else {
-            continue;
-        };
-        for fd in fds.flatten() {
-            let Ok(target) = std::fs::read_link(fd.path()) else {
-                continue;
-            };
+        for target in socket_links(pid, &entry.path().join("fd")) {
             let Some(inode) = target
                 .to_str()
                 .and_then(|t| t.strip_prefix("socket:["))
@@ -100,6 +95,56 @@ fn owners(wanted: &HashSet<u64>) -> HashMap<u64, i32> {
         }
     }
     found
+}
+
+/// Link targets of a process's open descriptors. Without CAP_SYS_PTRACE
+/// (sprites drop it) root may not read another user's `/proc/<pid>/fd`, but
+/// the owner may: the read is retried with this thread's filesystem ids
+/// switched to the process's.
+fn socket_links(pid: i32, fd_dir: &std::path::Path) -> Vec<PathBuf> {
+    // Listing the directory may be allowed (DAC override) while each
+    // readlink is refused by the ptrace check, so either counts as denied.
+    let read = || -> std::io::Result<Vec<PathBuf>> {
+        let mut out = Vec::new();
+        for fd in std::fs::read_dir(fd_dir)?.flatten() {
+            match std::fs::read_link(fd.path()) {
+                Ok(t) => out.push(t),
+                Err(e) if e.kind() == std::io::ErrorKind::PermissionDenied => return Err(e),
+                Err(_) => {}
+            }
+        }
+        Ok(out)
+    };
+    match read() {
+        Ok(v) => v,
+        Err(e) if e.kind() == std::io::ErrorKind::PermissionDenied => {
+            let Some((uid, gid)) = proc_ids(pid) else {
+                return Vec::new();
+            };
+            // setfsuid/setfsgid are per thread and nothing awaits in between,
+            // so no other task runs with these ids.
+            // SAFETY: plain syscalls without memory arguments.
+            let (old_gid, old_uid) = unsafe { (libc::setfsgid(gid), libc::setfsuid(uid)) };
+            let v = read().unwrap_or_default();
+            // SAFETY: as above; restores the previous ids.
+            unsafe {
+                libc::setfsuid(old_uid as libc::uid_t);
+                libc::setfsgid(old_gid as libc::gid_t);
+            }
+            v
+        }
+        Err(_) => Vec::new(),
+    }
+}
+
+/// Effective uid and gid from /proc/<pid>/status.
+fn proc_ids(pid: i32) -> Option<(libc::uid_t, libc::gid_t)> {
+    let text = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    let field = |name: &str| -> Option<u32> {
+        let line = text.lines().find(|l| l.starts_with(name))?;
+        line.split_whitespace().nth(2)?.parse().ok()
+    };
+    Some((field("Uid:")?, field("Gid:")?))
 }
 
 /// (ppid, sid) from /proc/<pid>/stat.

@@ -214,6 +214,11 @@ pub struct ExecRequest {
     pub argv: Vec<String>,
     /// Replaces the default environment when present.
     pub env: Option<BTreeMap<String, String>>,
+    /// Added on top of the default environment when `env` is absent (the
+    /// sprite's own `environment` attribute), so the host need not know the
+    /// agent's defaults.
+    #[serde(skip_serializing_if = "BTreeMap::is_empty")]
+    pub extra_env: BTreeMap<String, String>,
     /// Working directory; default `/home/sprite`, `/` if that does not exist.
     pub cwd: Option<String>,
     /// User name or numeric uid; default is the agent's `default_user`.

@@ -195,6 +195,7 @@ impl Session {
             }
             None => {
                 cmd.envs(default_env(&user, req.tty));
+                cmd.envs(&req.extra_env);
             }
         }
         let creds = spawn_creds(&user)?;

@@ -9,6 +9,8 @@
 //! [`latency_bench`] times checkpoint, fork, restore, write-back and cold
 //! reads on a raw volume, and [`suite`] runs it all for `den bench storage`
 //! and `den bench chunk-size`, stopping cleanly on Ctrl-C ([`cancel`]).
+//! [`sprite_bench`] is `den bench sprites`: the sprite runtime (create, exec,
+//! wakes, checkpoint, restore, fork, density) against `runc` ([`runc`]).
 //!
 //! Everything here needs root: dropping the page cache, `losetup`, `mount`.
 
@@ -18,6 +20,8 @@ pub mod den_target;
 mod guards;
 pub mod latency_bench;
 pub mod report;
+pub mod runc;
+pub mod sprite_bench;
 pub mod suite;
 pub mod workloads;
 

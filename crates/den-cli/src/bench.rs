@@ -3,7 +3,11 @@
 //!
 //! Everything is mounted in a private mount namespace (see
 //! [`suite::private_mount_namespace`]): the mounts are invisible from other
-//! shells while the benchmark runs, and vanish with the process.
+//! shells while the benchmark runs, and vanish with the process. `den bench
+//! sprites` is the exception: it runs a sprite manager in the host's mount
+//! namespace, as `den server` does, and shuts it down (every sprite deleted,
+//! firewall removed) on success, error and the first Ctrl-C; after a forced
+//! exit the next run's manager start cleans up what was left.
 //!
 //! The first Ctrl-C (or SIGTERM) stops at the next step and tears every
 //! target down through the normal path; a second one lazily unmounts and
@@ -18,6 +22,7 @@ use anyhow::{Context, Result, bail};
 use clap::{Args, Subcommand};
 use den_bench::cancel::{self, Interrupted};
 use den_bench::latency_bench::fmt_size;
+use den_bench::sprite_bench::{self, BenchImage, SpriteBenchOptions};
 use den_bench::suite::{
     self, ChunkSizeOptions, StorageOptions, TextTable, chunk_size_table, cold_table, goals_table,
     latency_table,
@@ -29,6 +34,7 @@ use tokio::signal::unix::{SignalKind, signal};
 use crate::store_args::parse_size;
 
 const DEFAULT_WORK: &str = "/var/tmp/den-bench";
+const DEFAULT_SPRITES_WORK: &str = "/var/tmp/den-bench-sprites";
 /// Volume (and native image) size with `--quick`: mkfs with eager inode
 /// tables writes ~2 % of the device, which is 2 GiB for 100 GiB.
 const QUICK_VOLUME_SIZE: u64 = 4 << 30;
@@ -40,6 +46,48 @@ pub enum BenchCmd {
     Storage(StorageArgs),
     /// Throughput, map size, object count and checkpoint latency per chunk size. Needs root.
     ChunkSize(ChunkSizeArgs),
+    /// Sprite runtime: create/exec/wake/restore/fork → output latency, checkpoint, density,
+    /// with runc on the same rootfs as the baseline. Needs root.
+    Sprites(SpritesArgs),
+}
+
+#[derive(Clone, Copy, Debug, clap::ValueEnum)]
+pub enum ImageArg {
+    /// Debian bookworm, the product image (built on the first run, then cached).
+    Debian,
+    /// busybox: small and quick to build.
+    Busybox,
+}
+
+#[derive(Args, Debug)]
+pub struct SpritesArgs {
+    /// Work directory: the manager's data dir (store, catalog) and the cached images.
+    #[arg(long, default_value = DEFAULT_SPRITES_WORK)]
+    pub work: PathBuf,
+    /// Mounts and sockets of running sprites (keep it short: socket paths are limited).
+    #[arg(long, default_value = "/run/den-bench")]
+    pub run_dir: PathBuf,
+    /// Base image of the sprites (and of the runc baseline).
+    #[arg(long, value_enum, default_value = "debian")]
+    pub image: ImageArg,
+    /// Few samples and 10 sprites for density: checks everything end to end.
+    #[arg(long)]
+    pub quick: bool,
+    /// Samples of each boot-sized figure [default: 20, 3 with --quick].
+    #[arg(long)]
+    pub samples: Option<usize>,
+    /// Samples of the exec round trip [default: 200, 20 with --quick].
+    #[arg(long)]
+    pub exec_samples: Option<usize>,
+    /// Sprites in the density test; 0 skips it [default: 100, 10 with --quick].
+    #[arg(long)]
+    pub density: Option<usize>,
+    /// Leave the runc baseline out.
+    #[arg(long)]
+    pub skip_runc: bool,
+    /// Also write every table as Markdown to this file.
+    #[arg(long)]
+    pub markdown: Option<PathBuf>,
 }
 
 #[derive(Args, Debug)]
@@ -101,13 +149,17 @@ pub fn run(cmd: BenchCmd) -> Result<()> {
         bail!("den bench needs root (loop devices, mount, FUSE, dropping the page cache)");
     }
     // Before any thread exists: unshare(CLONE_NEWNS) needs a single thread.
-    if let Err(e) = suite::private_mount_namespace() {
+    // Sprites run in the host's mount namespace, as under `den server`.
+    if !matches!(cmd, BenchCmd::Sprites(_))
+        && let Err(e) = suite::private_mount_namespace()
+    {
         eprintln!("warning: running in the shared mount namespace: {e:#}");
     }
     install_interrupt_handler()?;
     let result = match cmd {
         BenchCmd::Storage(a) => storage(a),
         BenchCmd::ChunkSize(a) => chunk_size(a),
+        BenchCmd::Sprites(a) => sprites(a),
     };
     if let Err(e) = &result
         && e.chain().any(|c| c.is::<Interrupted>())
@@ -287,6 +339,73 @@ fn chunk_size(a: ChunkSizeArgs) -> Result<()> {
     eprintln!("total wall time: {:.1?}", started.elapsed());
     if let Some(path) = &a.markdown {
         write_markdown(path, "den bench chunk-size", &date, &a.work, &sections)?;
+        eprintln!("wrote {}", path.display());
+    }
+    Ok(())
+}
+
+fn sprites(a: SpritesArgs) -> Result<()> {
+    let started = Instant::now();
+    let date = now();
+    let exe = std::env::current_exe().context("locating the den binary")?;
+    let mut opts = SpriteBenchOptions::new(a.work.clone(), exe, a.quick);
+    opts.run_dir = a.run_dir.clone();
+    opts.image = match a.image {
+        ImageArg::Debian => BenchImage::Debian,
+        ImageArg::Busybox => BenchImage::Busybox,
+    };
+    if let Some(s) = a.samples {
+        opts.samples = s;
+    }
+    if let Some(s) = a.exec_samples {
+        opts.exec_samples = s;
+    }
+    if let Some(d) = a.density {
+        opts.density = d;
+    }
+    opts.runc = !a.skip_runc;
+    let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+    let r = rt.block_on(sprite_bench::run(&opts, &mut progress))?;
+    drop(rt);
+
+    let lat = sprite_bench::latency_table(&r);
+    let mut lat_note = format!(
+        "{} (version {}). \"→ output\": until the first stdout byte of `echo hi` is back at the host \
+         through the agent socket. Exec round trip: `true` until its exit status is back. \
+         Create samples start after a warm-up create (the disk template is made once per image).",
+        opts.describe(),
+        r.image_version
+    );
+    match &r.runc_error {
+        Some(e) => {
+            let _ = write!(lat_note, " runc baseline: not measured ({e}).");
+        }
+        None => lat_note.push_str(
+            " runc: `runc run`/`exec` of the same image rootfs (read-only, no user namespace, \
+             no overlay, no network set-up, loopback-only netns); ratios are den p50 / runc p50.",
+        ),
+    }
+    let density = r.density.as_ref().map(sprite_bench::density_table);
+    let mut sections: Vec<(&str, String, Section)> = vec![(
+        "Sprite latency (p50/p99) vs goals and runc",
+        lat_note,
+        Section::Table(&lat),
+    )];
+    if let (Some(t), Some(d)) = (&density, &r.density) {
+        sections.push((
+            "Density",
+            format!(
+                "{} sprites created one after another, each woken with `exec true` and put to warm \
+                 (frozen), all present at once. Host memory: MemAvailable before − after.",
+                d.requested
+            ),
+            Section::Table(t),
+        ));
+    }
+    print_sections(&sections);
+    eprintln!("total wall time: {:.1?}", started.elapsed());
+    if let Some(path) = &a.markdown {
+        write_markdown(path, "den bench sprites", &date, &a.work, &sections)?;
         eprintln!("wrote {}", path.display());
     }
     Ok(())

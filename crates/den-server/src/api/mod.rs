@@ -2,6 +2,7 @@
 //! sits behind the bearer-token check ([`crate::auth::require_token`]).
 
 pub mod checkpoints;
+pub mod exec;
 pub mod fs;
 pub mod policy;
 pub mod proxy;
@@ -72,6 +73,11 @@ pub fn checkpoint_id(raw: &str) -> String {
         fs::rename,
         fs::copy,
         fs::chmod,
+        exec::exec_get,
+        exec::attach,
+        exec::head,
+        exec::exec_http,
+        exec::kill,
     )
 )]
 pub struct ApiDoc;
@@ -120,7 +126,13 @@ pub fn router(state: AppState) -> Router {
         .route("/fs/chmod", post(fs::chmod));
     let sprite = sprite
         .route("/proxy", get(proxy::proxy))
-        .route("/control", axum::routing::any(proxy::control));
+        .route("/control", axum::routing::any(proxy::control))
+        .route(
+            "/exec",
+            get(exec::exec_get).head(exec::head).post(exec::exec_http),
+        )
+        .route("/exec/{session_id}", get(exec::attach))
+        .route("/exec/{session_id}/kill", post(exec::kill));
     let authed = Router::new()
         .route("/v1/sprites", get(sprites::list).post(sprites::create))
         .nest("/v1/sprites/{name}", sprite)

@@ -3,6 +3,7 @@
 //! names contain one of the NAMEs.
 
 mod common;
+mod exec;
 mod fs;
 mod fuzz;
 mod proxy;
@@ -35,6 +36,9 @@ const TESTS: &[(&str, TestFn)] = &[
     ("url_proxy", || Box::pin(proxy::urls())),
     ("url_upgrade", || Box::pin(proxy::url_upgrade())),
     ("url_wakes_cold", || Box::pin(proxy::url_wakes_cold())),
+    ("exec_ws_protocol", || Box::pin(exec::ws_protocol())),
+    ("exec_tty_attach_http", || Box::pin(exec::tty_attach_http())),
+    ("exec_default_timeout", || Box::pin(exec::default_timeout())),
 ];
 
 fn main() {

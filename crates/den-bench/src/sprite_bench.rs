@@ -1,0 +1,750 @@
+//! `den bench sprites`: the sprite runtime, end to end, through
+//! [`SpriteManager`] — create, exec, warm and cold wake, checkpoint, restore,
+//! fork and density — with `runc` on the same image rootfs as the baseline
+//! ([`crate::runc`]), measured in the same run.
+//!
+//! Every "→ output" figure runs until the first stdout byte of `echo hi`
+//! arrives at the host through the agent socket, so it includes everything a
+//! user waits for: boot (disk, network, container, agent) or thaw, the exec
+//! request, spawning the process and its output coming back.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail};
+use den_agent::client::{Event, ExecRequest};
+use den_net::{Ipv4Net, NetConfig};
+use den_runtime::Resources;
+use den_runtime::image::{BaseImage, LogProgress};
+use den_sprite::{CreateSprite, ImageSource, ManagerConfig, SpriteManager, SpriteStatus};
+use den_store::{Store, StoreConfig};
+use rand::Rng;
+
+use crate::cancel;
+use crate::report::{Latency, TextTable, latency};
+use crate::runc::{self, RuncBundle};
+
+/// How long one command may take before the run fails.
+const WAIT: Duration = Duration::from_secs(60);
+
+/// Which base image the sprites (and runc) run.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BenchImage {
+    Debian,
+    Busybox,
+}
+
+impl BenchImage {
+    fn base(self, images_dir: &Path) -> BaseImage {
+        match self {
+            BenchImage::Debian => BaseImage::debian(images_dir),
+            BenchImage::Busybox => BaseImage::busybox(images_dir),
+        }
+    }
+
+    fn source(self) -> ImageSource {
+        match self {
+            BenchImage::Debian => ImageSource::Debian,
+            BenchImage::Busybox => ImageSource::Busybox,
+        }
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            BenchImage::Debian => "debian",
+            BenchImage::Busybox => "busybox",
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct SpriteBenchOptions {
+    /// Data dir of the manager (store, catalog, images).
+    pub work: PathBuf,
+    /// Mounts and sockets of running sprites: keep it short.
+    pub run_dir: PathBuf,
+    /// The `den` binary (runs as `runtime-shim` and `agent`).
+    pub den_exe: PathBuf,
+    pub image: BenchImage,
+    /// Samples of the boot-sized figures (create, wakes, restore, fork, checkpoint).
+    pub samples: usize,
+    /// Samples of the exec round trip (and of the runc exec/pause/resume baseline).
+    pub exec_samples: usize,
+    /// Sprites in the density test (0: skip it).
+    pub density: usize,
+    /// Measure the runc baseline.
+    pub runc: bool,
+}
+
+impl SpriteBenchOptions {
+    pub fn new(work: PathBuf, den_exe: PathBuf, quick: bool) -> Self {
+        SpriteBenchOptions {
+            work,
+            run_dir: PathBuf::from("/run/den-bench"),
+            den_exe,
+            image: BenchImage::Debian,
+            samples: if quick { 3 } else { 20 },
+            exec_samples: if quick { 20 } else { 200 },
+            density: if quick { 10 } else { 100 },
+            runc: true,
+        }
+    }
+
+    pub fn describe(&self) -> String {
+        format!(
+            "{} image; {} samples per boot-sized figure, {} per exec round trip",
+            self.image.name(),
+            self.samples,
+            self.exec_samples
+        )
+    }
+}
+
+/// Everything one run measured.
+#[derive(Debug, Default)]
+pub struct SpriteBenchResults {
+    pub image_version: String,
+    pub create_to_output: Vec<Duration>,
+    pub exec_true: Vec<Duration>,
+    pub freeze: Vec<Duration>,
+    pub thaw: Vec<Duration>,
+    pub warm_to_output: Vec<Duration>,
+    pub cold_to_output: Vec<Duration>,
+    pub checkpoint: Vec<Duration>,
+    pub restore_to_output: Vec<Duration>,
+    pub fork_to_output: Vec<Duration>,
+    pub runc: Option<RuncResults>,
+    /// Why the runc baseline is missing, if it is.
+    pub runc_error: Option<String>,
+    pub density: Option<DensityResults>,
+}
+
+#[derive(Debug, Default)]
+pub struct RuncResults {
+    pub run_to_output: Vec<Duration>,
+    pub exec_true: Vec<Duration>,
+    pub pause: Vec<Duration>,
+    pub resume: Vec<Duration>,
+}
+
+#[derive(Debug, Default)]
+pub struct DensityResults {
+    pub requested: usize,
+    /// Sprites that were created, woken and put to Warm.
+    pub reached: usize,
+    /// The first failure, with the count at which it happened.
+    pub failure: Option<String>,
+    pub total: Duration,
+    /// MemAvailable before − after, in bytes (all `reached` sprites warm).
+    pub mem_available_drop: i64,
+    /// Growth of this process's RSS (FUSE servers and store caches of the disks live here).
+    pub rss_growth: i64,
+    /// Growth of the page cache (`Cached` in /proc/meminfo).
+    pub cached_growth: i64,
+    /// Sum of the sprites' cgroup `memory.current`, in bytes (`None` if unreadable).
+    pub cgroup_memory: Option<u64>,
+    /// Warm wake → output of one random sprite with all of them present.
+    pub warm_to_output: Option<Duration>,
+    /// How many were `Warm` at the end.
+    pub warm_count: usize,
+    /// Deleting all of them.
+    pub delete_total: Duration,
+}
+
+impl DensityResults {
+    pub fn mem_per_sprite(&self) -> Option<f64> {
+        (self.reached > 0).then(|| self.mem_available_drop as f64 / self.reached as f64)
+    }
+}
+
+/// A NetConfig that cannot collide with a den server or the tests.
+fn net_config() -> NetConfig {
+    let upstream = den_sprite::host_upstream_dns().unwrap_or_else(|| SocketAddr::from(([127, 0, 0, 1], 53)));
+    let mut cfg = NetConfig::new(upstream);
+    cfg.subnet = "10.201.0.0/16".parse::<Ipv4Net>().expect("literal");
+    cfg.table = "denbench".into();
+    cfg.ifprefix = "db".into();
+    cfg.netns_prefix = "denbench-".into();
+    cfg
+}
+
+fn echo_hi() -> ExecRequest {
+    ExecRequest {
+        argv: vec!["echo".into(), "hi".into()],
+        ..Default::default()
+    }
+}
+
+fn run_true() -> ExecRequest {
+    ExecRequest {
+        argv: vec!["true".into()],
+        ..Default::default()
+    }
+}
+
+/// Wake `name` (boot or thaw as needed), run `echo hi` and return when its
+/// first stdout byte is back; the rest of the session is drained untimed.
+async fn wake_to_output(mgr: &SpriteManager, name: &str, t0: Instant) -> Result<Duration> {
+    let act = mgr.wake(name).await.with_context(|| format!("waking {name}"))?;
+    let mut session = act.agent().exec(echo_hi()).await.context("exec echo")?;
+    let first = tokio::time::timeout(WAIT, async {
+        while let Some(ev) = session.recv().await {
+            match ev {
+                Event::Stdout(_) => return Ok(t0.elapsed()),
+                Event::Exit(e) => bail!("echo exited {} before any output", e.exit_code),
+                _ => {}
+            }
+        }
+        bail!("the session ended without output")
+    })
+    .await
+    .context("no output from echo")??;
+    let exit = tokio::time::timeout(WAIT, session.wait_exit())
+        .await
+        .context("echo did not exit")?
+        .context("no exit status")?;
+    if exit.exit_code != 0 {
+        bail!("echo exited {}", exit.exit_code);
+    }
+    Ok(first)
+}
+
+/// `true` until its exit status is back, on an awake sprite.
+async fn exec_true(mgr: &SpriteManager, name: &str) -> Result<()> {
+    let act = mgr.wake(name).await?;
+    let mut session = act.agent().exec(run_true()).await?;
+    let exit = tokio::time::timeout(WAIT, session.wait_exit())
+        .await
+        .context("true did not exit")?
+        .context("no exit status")?;
+    if exit.exit_code != 0 {
+        bail!("true exited {}", exit.exit_code);
+    }
+    Ok(())
+}
+
+/// A `Key:  123 kB` line of a /proc file, in bytes.
+fn proc_kib(file: &str, key: &str) -> Result<i64> {
+    let text = std::fs::read_to_string(file)?;
+    text.lines()
+        .find(|l| l.strip_prefix(key).is_some_and(|r| r.starts_with(':')))
+        .and_then(|l| l.split_whitespace().nth(1)?.parse::<i64>().ok())
+        .map(|kib| kib * 1024)
+        .with_context(|| format!("no {key} in {file}"))
+}
+
+fn mem_available() -> Result<i64> {
+    proc_kib("/proc/meminfo", "MemAvailable")
+}
+
+/// Memory charged to a sprite's cgroup `/den/<key>`: `memory.current`
+/// (cgroup v2) or `memory.usage_in_bytes` (v1; includes its page cache).
+fn cgroup_memory(key: &str) -> Option<u64> {
+    [
+        format!("/sys/fs/cgroup/den/{key}/memory.current"),
+        format!("/sys/fs/cgroup/memory/den/{key}/memory.usage_in_bytes"),
+    ]
+    .iter()
+    .find_map(|p| std::fs::read_to_string(p).ok()?.trim().parse().ok())
+}
+
+/// Delete every sprite of this bench (names start with `b-`): leftovers of an
+/// interrupted earlier run, or of this one.
+async fn delete_all(mgr: &SpriteManager) {
+    for info in mgr.list() {
+        if let Err(e) = mgr.delete(&info.record.name).await {
+            tracing::warn!(sprite = %info.record.name, error = %e, "deleting a bench sprite");
+        }
+    }
+}
+
+/// Run the whole benchmark. The manager is always shut down and its firewall
+/// removed, also on errors and Ctrl-C.
+pub async fn run(opts: &SpriteBenchOptions, progress: &mut dyn FnMut(&str)) -> Result<SpriteBenchResults> {
+    std::fs::create_dir_all(&opts.work).with_context(|| format!("creating {}", opts.work.display()))?;
+    let images_dir = opts.work.join("images");
+    progress(&format!(
+        "preparing the {} image (built once, then cached in {})",
+        opts.image.name(),
+        images_dir.display()
+    ));
+    let base = opts.image.base(&images_dir);
+    let image = tokio::task::spawn_blocking(move || base.ensure(&LogProgress))
+        .await?
+        .context("building the base image")?;
+    cancel::check()?;
+
+    let mut res = SpriteBenchResults {
+        image_version: image.version().to_string(),
+        ..Default::default()
+    };
+
+    if opts.runc {
+        if runc::available() {
+            progress("runc baseline (same rootfs)");
+            let dir = opts.work.join("runc");
+            let rootfs = image.rootfs();
+            let (n, m) = (opts.samples, opts.exec_samples);
+            let r = tokio::task::spawn_blocking(move || -> Result<RuncResults> {
+                let mut b = RuncBundle::new(&dir, &rootfs)?;
+                let run_to_output = b.run_to_output(n)?;
+                let (exec_true, pause, resume) = b.exec_pause_resume(m)?;
+                Ok(RuncResults {
+                    run_to_output,
+                    exec_true,
+                    pause,
+                    resume,
+                })
+            })
+            .await?;
+            match r {
+                Ok(r) => res.runc = Some(r),
+                Err(e) => {
+                    tracing::warn!(error = %format!("{e:#}"), "runc baseline failed");
+                    res.runc_error = Some(format!("{e:#}"));
+                }
+            }
+        } else {
+            res.runc_error = Some("runc is not installed".into());
+        }
+        cancel::check()?;
+    }
+
+    let mut cfg = ManagerConfig::new(opts.work.join("data"), &opts.den_exe, net_config());
+    cfg.run_dir = opts.run_dir.clone();
+    cfg.images_dir = images_dir;
+    cfg.image = opts.image.source();
+    cfg.resources = Resources::sprite_default();
+    // The bench decides when sprites sleep.
+    cfg.warm_after = Duration::from_secs(24 * 3600);
+    cfg.cold_after = Duration::from_secs(48 * 3600);
+    let store = Store::open(StoreConfig::local(opts.work.join("data/store")))
+        .await
+        .context("opening the bench's store")?;
+    progress("starting the sprite manager");
+    let mgr = SpriteManager::start(cfg, store)
+        .await
+        .context("starting the sprite manager")?;
+    delete_all(&mgr).await;
+    let outcome = measure(&mgr, opts, &mut res, progress).await;
+    progress("deleting the bench's sprites and shutting the manager down");
+    delete_all(&mgr).await;
+    mgr.shutdown().await;
+    mgr.remove_firewall();
+    drop(mgr);
+    // The manager leaves the image's idmapped lower mounted for the next
+    // start; the bench's image dir is its own, so release it.
+    if let Err(e) = image.release_idmapped() {
+        tracing::warn!(error = %e, "unmounting the idmapped image");
+    }
+    outcome?;
+    Ok(res)
+}
+
+async fn measure(
+    mgr: &SpriteManager,
+    opts: &SpriteBenchOptions,
+    res: &mut SpriteBenchResults,
+    progress: &mut dyn FnMut(&str),
+) -> Result<()> {
+    let n = opts.samples.max(1);
+
+    // The disk template is made on the first create of an image version:
+    // once per data dir, not part of any figure.
+    progress("warm-up: first create (makes the disk template once)");
+    mgr.create("b-warmup", CreateSprite::default()).await?;
+    wake_to_output(mgr, "b-warmup", Instant::now()).await?;
+    mgr.delete("b-warmup").await?;
+
+    progress(&format!("create → first output ×{n}"));
+    for i in 0..n {
+        cancel::check()?;
+        let name = format!("b-c{i}");
+        let t0 = Instant::now();
+        mgr.create(&name, CreateSprite::default()).await?;
+        res.create_to_output.push(wake_to_output(mgr, &name, t0).await?);
+        mgr.delete(&name).await?;
+    }
+
+    let main = "b-main";
+    mgr.create(main, CreateSprite::default()).await?;
+    wake_to_output(mgr, main, Instant::now()).await?;
+
+    let m = opts.exec_samples.max(1);
+    progress(&format!("exec `true` round trip ×{m}"));
+    for _ in 0..m {
+        cancel::check()?;
+        let t0 = Instant::now();
+        exec_true(mgr, main).await?;
+        res.exec_true.push(t0.elapsed());
+    }
+
+    progress(&format!("freeze, thaw, warm wake → output ×{n}"));
+    for _ in 0..n {
+        cancel::check()?;
+        let t0 = Instant::now();
+        mgr.sleep(main, SpriteStatus::Warm).await?;
+        res.freeze.push(t0.elapsed());
+        if mgr.get(main)?.status != SpriteStatus::Warm {
+            bail!("{main} is not warm after sleep(Warm)");
+        }
+        let t0 = Instant::now();
+        drop(mgr.wake(main).await?);
+        res.thaw.push(t0.elapsed());
+        mgr.sleep(main, SpriteStatus::Warm).await?;
+        let t0 = Instant::now();
+        res.warm_to_output.push(wake_to_output(mgr, main, t0).await?);
+    }
+
+    progress(&format!("cold wake → output ×{n}"));
+    for _ in 0..n {
+        cancel::check()?;
+        mgr.sleep(main, SpriteStatus::Cold).await?;
+        let t0 = Instant::now();
+        res.cold_to_output.push(wake_to_output(mgr, main, t0).await?);
+    }
+
+    progress(&format!("checkpoint of a running sprite ×{n}"));
+    let mut checkpoints = Vec::new();
+    for i in 0..n {
+        cancel::check()?;
+        exec_true(mgr, main).await?;
+        let t0 = Instant::now();
+        let ck = mgr.checkpoint(main, &format!("bench {i}")).await?;
+        res.checkpoint.push(t0.elapsed());
+        checkpoints.push(ck.id);
+    }
+
+    progress(&format!("restore of a running sprite → output ×{n}"));
+    for i in 0..n {
+        cancel::check()?;
+        exec_true(mgr, main).await?;
+        let ck = &checkpoints[i % checkpoints.len()];
+        let t0 = Instant::now();
+        mgr.restore(main, ck).await?;
+        res.restore_to_output.push(wake_to_output(mgr, main, t0).await?);
+    }
+
+    progress(&format!("live fork → output in the fork ×{n}"));
+    for i in 0..n {
+        cancel::check()?;
+        exec_true(mgr, main).await?;
+        let name = format!("b-f{i}");
+        let t0 = Instant::now();
+        mgr.fork(main, &name, None, None).await?;
+        res.fork_to_output.push(wake_to_output(mgr, &name, t0).await?);
+        mgr.delete(&name).await?;
+    }
+    mgr.delete(main).await?;
+
+    if opts.density > 0 {
+        progress(&format!(
+            "density: {} sprites, woken and put to warm",
+            opts.density
+        ));
+        res.density = Some(density(mgr, opts.density, progress).await?);
+    }
+    Ok(())
+}
+
+async fn density(
+    mgr: &SpriteManager,
+    count: usize,
+    progress: &mut dyn FnMut(&str),
+) -> Result<DensityResults> {
+    let mut d = DensityResults {
+        requested: count,
+        ..Default::default()
+    };
+    // Let the deletes of the earlier phases settle before the baseline.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let before = mem_available()?;
+    let rss_before = proc_kib("/proc/self/status", "VmRSS")?;
+    let cached_before = proc_kib("/proc/meminfo", "Cached")?;
+    let t0 = Instant::now();
+    let mut names = Vec::new();
+    for i in 0..count {
+        cancel::check()?;
+        let name = format!("b-d{i:04}");
+        let step = async {
+            mgr.create(&name, CreateSprite::default())
+                .await
+                .context("create")?;
+            exec_true(mgr, &name).await.context("wake + exec true")?;
+            mgr.sleep(&name, SpriteStatus::Warm)
+                .await
+                .context("sleep(Warm)")?;
+            anyhow::Ok(())
+        };
+        match step.await {
+            Ok(()) => {
+                names.push(name);
+                d.reached += 1;
+                if (i + 1) % 10 == 0 {
+                    progress(&format!("  {} warm sprites after {:.1?}", i + 1, t0.elapsed()));
+                }
+            }
+            Err(e) => {
+                let msg = format!("sprite #{} ({name}) failed with {} up: {e:#}", i + 1, d.reached);
+                tracing::error!("{msg}");
+                d.failure = Some(msg);
+                break;
+            }
+        }
+    }
+    d.total = t0.elapsed();
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    d.mem_available_drop = before - mem_available()?;
+    d.rss_growth = proc_kib("/proc/self/status", "VmRSS")? - rss_before;
+    d.cached_growth = proc_kib("/proc/meminfo", "Cached")? - cached_before;
+    let keys: Vec<String> = names
+        .iter()
+        .filter_map(|n| mgr.get(n).ok().map(|i| i.record.key))
+        .collect();
+    let sizes: Vec<u64> = keys.iter().filter_map(|k| cgroup_memory(k)).collect();
+    d.cgroup_memory = (!sizes.is_empty() && sizes.len() == keys.len()).then(|| sizes.iter().sum());
+    d.warm_count = names
+        .iter()
+        .filter(|n| mgr.get(n).is_ok_and(|i| i.status == SpriteStatus::Warm))
+        .count();
+    if !names.is_empty() {
+        let pick = &names[rand::rng().random_range(0..names.len())];
+        let t0 = Instant::now();
+        d.warm_to_output = Some(wake_to_output(mgr, pick, t0).await?);
+        mgr.sleep(pick, SpriteStatus::Warm).await?;
+    }
+    progress(&format!("  deleting {} sprites", names.len()));
+    let t0 = Instant::now();
+    for n in &names {
+        mgr.delete(n).await?;
+    }
+    d.delete_total = t0.elapsed();
+    Ok(d)
+}
+
+// ---------------------------------------------------------------------------
+// Tables
+// ---------------------------------------------------------------------------
+
+fn fmt_ms(d: Duration) -> String {
+    let ms = d.as_secs_f64() * 1e3;
+    if ms < 10.0 {
+        format!("{ms:.2}")
+    } else if ms < 100.0 {
+        format!("{ms:.1}")
+    } else {
+        format!("{ms:.0}")
+    }
+}
+
+fn ratio(den: Option<Latency>, base: Option<Latency>) -> String {
+    match (den, base) {
+        (Some(d), Some(b)) if !b.p50.is_zero() => {
+            format!("{:.2}×", d.p50.as_secs_f64() / b.p50.as_secs_f64())
+        }
+        _ => "—".into(),
+    }
+}
+
+/// The main table: p50/p99 per figure, the goal, and den / runc (p50) where
+/// runc has a counterpart.
+pub fn latency_table(r: &SpriteBenchResults) -> TextTable {
+    let mut t = TextTable::new(
+        &[
+            "Measure",
+            "n",
+            "p50 ms",
+            "p99 ms",
+            "Goal (p50)",
+            "Met",
+            "runc counterpart",
+            "runc p50 ms",
+            "den / runc",
+        ],
+        1,
+    );
+    let runc = r.runc.as_ref();
+    let rows: Vec<(&str, &[Duration], Option<f64>, &str, Option<&[Duration]>)> = vec![
+        (
+            "create → first output (create + boot + exec echo)",
+            &r.create_to_output,
+            Some(150.0),
+            "runc run echo → output",
+            runc.map(|x| x.run_to_output.as_slice()),
+        ),
+        (
+            "exec `true` round trip (running sprite)",
+            &r.exec_true,
+            Some(5.0),
+            "runc exec true",
+            runc.map(|x| x.exec_true.as_slice()),
+        ),
+        (
+            "warm wake → output (thaw + exec echo)",
+            &r.warm_to_output,
+            Some(20.0),
+            "",
+            None,
+        ),
+        (
+            "cold wake → output (boot + exec echo)",
+            &r.cold_to_output,
+            Some(300.0),
+            "runc run echo → output",
+            runc.map(|x| x.run_to_output.as_slice()),
+        ),
+        (
+            "restore of a running sprite → output",
+            &r.restore_to_output,
+            Some(300.0),
+            "",
+            None,
+        ),
+        (
+            "live fork → output in the fork",
+            &r.fork_to_output,
+            Some(200.0),
+            "",
+            None,
+        ),
+        ("checkpoint of a running sprite", &r.checkpoint, None, "", None),
+        (
+            "freeze (sleep Warm)",
+            &r.freeze,
+            None,
+            "runc pause",
+            runc.map(|x| x.pause.as_slice()),
+        ),
+        (
+            "thaw (wake of a warm sprite, no exec)",
+            &r.thaw,
+            None,
+            "runc resume",
+            runc.map(|x| x.resume.as_slice()),
+        ),
+    ];
+    for (label, samples, goal, base_label, base) in rows {
+        let l = latency(samples);
+        let b = base.and_then(latency);
+        let cell = |x: Option<Latency>, f: fn(&Latency) -> Duration| {
+            x.as_ref().map_or("—".into(), |l| fmt_ms(f(l)))
+        };
+        let met = match (goal, l) {
+            (Some(g), Some(l)) => {
+                if l.p50.as_secs_f64() * 1e3 <= g {
+                    "yes"
+                } else {
+                    "no"
+                }
+            }
+            _ => "",
+        };
+        t.push(vec![
+            label.into(),
+            l.map_or(0, |l| l.count).to_string(),
+            cell(l, |l| l.p50),
+            cell(l, |l| l.p99),
+            goal.map_or(String::new(), |g| format!("≤ {g:.0} ms")),
+            met.into(),
+            if base.is_some() {
+                base_label.into()
+            } else {
+                String::new()
+            },
+            if base.is_some() {
+                cell(b, |l| l.p50)
+            } else {
+                String::new()
+            },
+            if base.is_some() {
+                ratio(l, b)
+            } else {
+                String::new()
+            },
+        ]);
+    }
+    t
+}
+
+fn fmt_bytes(b: f64) -> String {
+    const MIB: f64 = (1 << 20) as f64;
+    if b.abs() >= 1024.0 * MIB {
+        format!("{:.2} GiB", b / (1024.0 * MIB))
+    } else {
+        format!("{:.1} MiB", b / MIB)
+    }
+}
+
+pub fn density_table(d: &DensityResults) -> TextTable {
+    let mut t = TextTable::new(&["Density", "Value"], 1);
+    let reached = if d.reached == d.requested {
+        format!("{} of {}", d.reached, d.requested)
+    } else {
+        format!("{} of {} (stopped: see below)", d.reached, d.requested)
+    };
+    t.push(vec![
+        "sprites created, woken (exec true), put to warm".into(),
+        reached,
+    ]);
+    t.push(vec![
+        "total time (create + wake + exec + freeze, one after another)".into(),
+        format!("{:.1} s", d.total.as_secs_f64()),
+    ]);
+    if d.reached > 0 {
+        t.push(vec![
+            "per sprite".into(),
+            format!("{} ms", fmt_ms(d.total / d.reached as u32)),
+        ]);
+    }
+    t.push(vec![
+        "host memory per warm sprite (MemAvailable drop / N)".into(),
+        d.mem_per_sprite().map_or("—".into(), fmt_bytes),
+    ]);
+    t.push(vec![
+        "host MemAvailable drop, total".into(),
+        fmt_bytes(d.mem_available_drop as f64),
+    ]);
+    let per = |b: i64| {
+        format!(
+            "{} ({} per sprite)",
+            fmt_bytes(b as f64),
+            fmt_bytes(b as f64 / d.reached.max(1) as f64)
+        )
+    };
+    t.push(vec![
+        "den process RSS growth (FUSE servers, store caches)".into(),
+        per(d.rss_growth),
+    ]);
+    t.push(vec![
+        "page cache growth (meminfo Cached)".into(),
+        per(d.cached_growth),
+    ]);
+    t.push(vec![
+        "sum of the sprites' cgroup memory (v2 memory.current / v1 memory.usage_in_bytes)".into(),
+        d.cgroup_memory.map_or("—".into(), |b| {
+            format!(
+                "{} ({} per sprite)",
+                fmt_bytes(b as f64),
+                fmt_bytes(b as f64 / d.reached.max(1) as f64)
+            )
+        }),
+    ]);
+    t.push(vec![
+        format!("warm wake → output of a random one, {} present", d.reached),
+        d.warm_to_output
+            .map_or("—".into(), |x| format!("{} ms", fmt_ms(x))),
+    ]);
+    t.push(vec![
+        "warm at the end".into(),
+        format!("{} of {}", d.warm_count, d.reached),
+    ]);
+    t.push(vec![
+        "deleting all of them".into(),
+        format!("{:.1} s", d.delete_total.as_secs_f64()),
+    ]);
+    if let Some(f) = &d.failure {
+        t.push(vec!["failure".into(), f.clone()]);
+    }
+    t
+}
