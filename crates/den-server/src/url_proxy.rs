@@ -132,7 +132,12 @@ async fn forward(st: AppState, name: String, host: String, mut req: Request) -> 
     let info = st.mgr.get(&name)?;
     let token_ok = crate::auth::bearer(&req).is_some_and(|t| st.tokens.verify(&t).is_some());
     if url_auth(&info) != "public" && !token_ok {
-        return Err(ApiError::unauthorized());
+        // Exactly the hosted service's body: browsers and scripts match on it.
+        return Ok((
+            StatusCode::UNAUTHORIZED,
+            axum::Json(serde_json::json!({"error": "unauthorized"})),
+        )
+            .into_response());
     }
     let port = http_port(&st, &name)?;
     let cold = upstream::is_cold(&st.mgr, &name);

@@ -361,7 +361,10 @@ pub async fn urls() -> Result<()> {
     // passed on to the sprite.
     let r = anon.get(url(&s, "/")).header("host", &web).send().await?;
     ensure!(r.status() == 401, "{}", r.status());
-    ensure!(r.json::<Value>().await?["error"] == "unauthorized");
+    ensure!(
+        r.json::<Value>().await? == json!({"error": "unauthorized"}),
+        "the exact Sprites body"
+    );
     let r = anon
         .get(url(&s, "/"))
         .header("host", &web)
