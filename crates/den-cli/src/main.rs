@@ -2,15 +2,18 @@
 
 mod agent;
 mod bench;
+mod client_cmd;
 mod server;
 mod store_args;
 mod volume;
 
-use clap::{Parser, Subcommand};
+use clap::{CommandFactory, Parser, Subcommand};
 
 #[derive(Parser)]
-#[command(name = "den", version, about = "Self-hosted persistent Linux sandboxes")]
+#[command(name = "den", version, about = "Self-hosted persistent Linux sandboxes", after_help = client_cmd::EXAMPLES)]
 struct Cli {
+    #[command(flatten)]
+    global: client_cmd::GlobalArgs,
     #[command(subcommand)]
     command: Command,
 }
@@ -34,6 +37,8 @@ enum Command {
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<std::ffi::OsString>,
     },
+    #[command(flatten)]
+    Client(client_cmd::ClientCommand),
 }
 
 fn main() {
@@ -51,6 +56,7 @@ fn main() {
         Command::Bench(cmd) => bench::run(cmd),
         Command::Agent(args) => agent::run(args),
         Command::RuntimeShim { args } => std::process::exit(den_runtime::container::shim_main(&args)),
+        Command::Client(cmd) => client_cmd::run(cmd, cli.global, Cli::command),
     };
     if let Err(e) = result {
         eprintln!("error: {e:#}");
