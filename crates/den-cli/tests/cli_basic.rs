@@ -186,6 +186,16 @@ fn names(list: &Value) -> Vec<String> {
         .collect()
 }
 
+/// Run with stdin on a fresh pseudo-terminal that already holds `input`,
+/// as if a person had typed it at the prompt.
+fn run_on_tty(mut c: Command, input: &str) -> Output {
+    let pty = nix::pty::openpty(None, None).unwrap();
+    let mut master = std::fs::File::from(pty.master);
+    master.write_all(input.as_bytes()).unwrap();
+    c.stdin(Stdio::from(pty.slave));
+    c.output().unwrap()
+}
+
 /// An address nothing listens on (bound a moment ago by us, then closed).
 fn dead_url() -> String {
     let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
@@ -426,6 +436,22 @@ fn sprites_lifecycle() {
         "error: refusing to destroy 'alpha' without confirmation (stdin is not a terminal) — pass --force\n"
     );
     assert_eq!(json(&ok(u.cmd(&["info", "alpha", "--json"])))["name"], "alpha");
+    // On a terminal it asks; anything but yes keeps the sprite.
+    let o = run_on_tty(u.cmd(&["destroy", "alpha"]), "n\n");
+    assert_eq!(o.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        err.contains("Destroy sprite 'alpha'") && err.ends_with("error: not destroyed\n"),
+        "{err}"
+    );
+    assert_eq!(json(&ok(u.cmd(&["info", "alpha", "--json"])))["name"], "alpha");
+    let o = run_on_tty(u.cmd(&["destroy", "beta"]), "y\n");
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    assert_eq!(String::from_utf8_lossy(&o.stdout), "destroyed sprite beta\n");
+    assert_eq!(
+        fails(u.cmd(&["info", "beta"])),
+        "error: sprite 'beta' not found — run `den ls`\n"
+    );
     assert_eq!(
         ok(u.cmd(&["destroy", "alpha", "--force"])),
         "destroyed sprite alpha\n"
@@ -436,8 +462,7 @@ fn sprites_lifecycle() {
     );
     ok(u.cmd(&["use", "--unset"]));
     assert!(!u.cwd.join(".den").exists());
-    let left = json(&ok(u.cmd(&["ls", "--json"])));
-    assert!(!names(&left).contains(&"alpha".to_string()));
+    assert_eq!(names(&json(&ok(u.cmd(&["ls", "--json"])))), [rnd_name]);
 }
 
 #[test]

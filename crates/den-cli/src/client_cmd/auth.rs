@@ -5,7 +5,7 @@ use clap::{Args, Subcommand};
 use den_client::Client;
 
 use super::errors::Hint;
-use super::output::{print_json, table};
+use super::output::{print_json, print_table, table};
 use super::{Ctx, config, prompt};
 
 #[derive(Args, Debug)]
@@ -82,7 +82,7 @@ pub async fn token(ctx: &Ctx, cmd: TokenCmd) -> Result<()> {
             for tok in ts {
                 t.add_row(vec![tok.id, tok.name, tok.created_at]);
             }
-            println!("{t}");
+            print_table(&t);
         }
         TokenCmd::Revoke { id } => {
             c.revoke_token(&id).await.hint()?;

@@ -8,7 +8,7 @@ use den_client::{Client, StreamMessage};
 
 use super::Ctx;
 use super::errors::Hint;
-use super::output::{ago, print_json, secs, spinner, table};
+use super::output::{ago, print_json, print_table, secs, spinner, table};
 
 #[derive(Subcommand, Debug)]
 pub enum CheckpointCmd {
@@ -80,7 +80,7 @@ pub async fn checkpoint(ctx: &Ctx, cmd: CheckpointCmd) -> Result<()> {
                     ck.comment.unwrap_or_default(),
                 ]);
             }
-            println!("{t}");
+            print_table(&t);
         }
         CheckpointCmd::Info { id, json } => {
             let ck = c.get_checkpoint(&name, &id).await.hint()?;

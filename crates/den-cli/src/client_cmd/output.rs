@@ -19,7 +19,18 @@ pub fn table(header: &[&str]) -> Table {
     t.load_style(presets::NOTHING)
         .set_content_arrangement(ContentArrangement::Disabled)
         .set_header(header.iter().map(|h| h.to_uppercase()));
+    for c in t.column_iter_mut() {
+        c.set_padding((0, 3));
+    }
     t
+}
+
+/// Print without the padding comfy-table leaves at line ends (it trips
+/// `diff` and copy-paste).
+pub fn print_table(t: &Table) {
+    for line in t.to_string().lines() {
+        println!("{}", line.trim_end());
+    }
 }
 
 /// A spinner on stderr; indicatif draws nothing when stderr is not a terminal,

@@ -7,7 +7,7 @@ use clap::{Args, ValueEnum};
 use den_client::{CreateSprite, Sprite};
 
 use super::errors::Hint;
-use super::output::{ago, print_json, secs, spinner, stdin_is_tty, table};
+use super::output::{ago, print_json, print_table, secs, spinner, stdin_is_tty, table};
 use super::{Ctx, config, names, prompt};
 
 #[derive(Args, Debug)]
@@ -17,7 +17,8 @@ pub struct CreateArgs {
     /// A label to attach (repeatable).
     #[arg(long = "label", value_name = "LABEL")]
     pub labels: Vec<String>,
-    /// Do not open a console after creating.
+    /// Do not open a console after creating. (This build's CLI has no console
+    /// yet: without the flag it prints a note instead.)
     #[arg(long)]
     pub skip_console: bool,
     /// Print the new sprite as JSON.
@@ -80,7 +81,7 @@ pub async fn ls(ctx: &Ctx, a: LsArgs) -> Result<()> {
             if a.watch {
                 print!("\x1b[2J\x1b[H");
             }
-            print_table(&sprites);
+            print_sprites(&sprites);
         }
         if !a.watch {
             return Ok(());
@@ -92,7 +93,7 @@ pub async fn ls(ctx: &Ctx, a: LsArgs) -> Result<()> {
     }
 }
 
-fn print_table(sprites: &[Sprite]) {
+fn print_sprites(sprites: &[Sprite]) {
     if sprites.is_empty() {
         println!("no sprites — create one with `den create`");
         return;
@@ -103,10 +104,10 @@ fn print_table(sprites: &[Sprite]) {
             s.name.clone(),
             s.status.clone(),
             s.url.clone(),
-            ago(s.last_running_at.as_deref().or(s.updated_at.as_deref())),
+            ago(s.last_running_at.as_deref()),
         ]);
     }
-    println!("{t}");
+    print_table(&t);
 }
 
 #[derive(Args, Debug)]
