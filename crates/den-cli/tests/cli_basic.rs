@@ -264,6 +264,13 @@ fn login_and_config_precedence() {
     // File only: works.
     ok(u.cmd(&["ls"]));
 
+    // On a terminal it prompts on stderr and reads the typed token; the token is never printed.
+    let o = run_on_tty(u.cmd(&["login"]), &format!("{}\n", s.token));
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    assert!(String::from_utf8_lossy(&o.stderr).starts_with(&format!("Token for {}", s.url)));
+    assert!(!String::from_utf8_lossy(&o.stderr).contains(&s.token));
+    assert!(String::from_utf8_lossy(&o.stdout).starts_with(&format!("logged in to {}", s.url)));
+
     // Token: env beats file, flag beats env.
     let mut c = u.cmd(&["ls"]);
     c.env("DEN_TOKEN", "den_wrong");
@@ -339,8 +346,16 @@ fn sprites_lifecycle() {
     let beta = json(&ok(u.cmd(&["create", "beta", "--skip-console", "--json"])));
     assert_eq!(beta["name"], "beta");
     // No name: a random friendly one.
-    let rnd = json(&ok(u.cmd(&["create", "--skip-console", "--json"])));
-    let rnd_name = rnd["name"].as_str().unwrap().to_string();
+    // Without --skip-console: no console in this build yet, and it says so.
+    let o = run(u.cmd(&["create"]));
+    assert!(o.status.success());
+    let out = String::from_utf8(o.stdout).unwrap();
+    assert!(String::from_utf8_lossy(&o.stderr).contains("no console yet"));
+    let rnd_name = out
+        .strip_prefix("created sprite ")
+        .and_then(|r| r.split_whitespace().next())
+        .unwrap_or_else(|| panic!("{out}"))
+        .to_string();
     assert_eq!(rnd_name.split('-').count(), 3, "{rnd_name}");
 
     let all = json(&ok(u.cmd(&["ls", "--json"])));
@@ -360,6 +375,17 @@ fn sprites_lifecycle() {
         table.lines().any(|l| l.contains("alpha") && l.contains("cold")),
         "{table}"
     );
+
+    // --watch redraws until Ctrl+C; with --json, one array per line.
+    let mut c = u.cmd(&["ls", "--watch", "--json", "--prefix", "al"]);
+    let mut child = c.stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().unwrap();
+    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+    for _ in 0..2 {
+        assert_eq!(names(&json(&lines.next().unwrap().unwrap())), ["alpha"]);
+    }
+    // SAFETY: kill(2) on our own child's pid.
+    unsafe { libc::kill(child.id() as i32, libc::SIGINT) };
+    assert!(child.wait().unwrap().success(), "Ctrl+C ends --watch cleanly");
 
     let info = json(&ok(u.cmd(&["info", "alpha", "--json"])));
     assert_eq!(info["name"], "alpha");
