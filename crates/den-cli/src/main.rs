@@ -63,3 +63,15 @@ fn main() {
         std::process::exit(1);
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use clap::CommandFactory;
+
+    /// Global client flags must not clash with any subcommand's own flags
+    /// (clap checks the whole tree here, not only the commands a run touches).
+    #[test]
+    fn command_tree_is_consistent() {
+        super::Cli::command().debug_assert();
+    }
+}

@@ -324,7 +324,15 @@ fn login_and_config_precedence() {
         fails(u.cmd(&["ls", "--token", &secret])),
         "error: the server rejected the token — run `den login`\n"
     );
-    let plain = ok(u.cmd(&["token", "create"]));
+    // Logout forgets the token but keeps the URL.
+    assert!(ok(u.cmd(&["logout"])).starts_with("removed the token"));
+    assert_eq!(
+        fails(u.cmd(&["ls"])),
+        "error: no token — run `den login` (or pass --token, or set DEN_TOKEN)\n"
+    );
+    ok(u.cmd(&["ls", "--token", &s.token]));
+    assert_eq!(ok(u.cmd(&["logout"])), "not logged in\n");
+    let plain = ok(u.cmd(&["token", "create", "--token", &s.token]));
     assert!(plain.trim().starts_with("den_"), "{plain}");
 }
 

@@ -43,6 +43,19 @@ pub async fn login(ctx: &Ctx, a: LoginArgs) -> Result<()> {
     Ok(())
 }
 
+/// Only the local copy goes: the token stays valid on the server until
+/// `den token revoke`.
+pub fn logout() -> Result<()> {
+    let mut cfg = config::load()?;
+    if cfg.token.take().is_none() {
+        println!("not logged in");
+        return Ok(());
+    }
+    let path = config::save(&cfg)?;
+    println!("removed the token from {}", path.display());
+    Ok(())
+}
+
 #[derive(Subcommand, Debug)]
 pub enum TokenCmd {
     /// Mint a token; its secret is printed once, on stdout.

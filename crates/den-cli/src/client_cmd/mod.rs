@@ -55,6 +55,8 @@ pub enum ClientCommand {
         after_help = "Examples:\n  den login                          prompts for the token\n  den login http://10.0.0.5:8080 --token den_…\n  echo \"$T\" | den login            reads the token from stdin"
     )]
     Login(auth::LoginArgs),
+    /// Forget the saved token (the API URL stays).
+    Logout,
     /// Create, list and revoke API tokens.
     #[command(subcommand)]
     Token(auth::TokenCmd),
@@ -144,6 +146,7 @@ pub fn run(cmd: ClientCommand, global: GlobalArgs, cli: fn() -> clap::Command) -
     rt.block_on(async move {
         match cmd {
             ClientCommand::Login(a) => auth::login(&ctx, a).await,
+            ClientCommand::Logout => auth::logout(),
             ClientCommand::Token(c) => auth::token(&ctx, c).await,
             ClientCommand::Create(a) => sprites::create(&ctx, a).await,
             ClientCommand::Ls(a) => sprites::ls(&ctx, a).await,
