@@ -58,7 +58,10 @@ pub enum ClientCommand {
     /// Forget the saved token (the API URL stays).
     Logout,
     /// Create, list and revoke API tokens.
-    #[command(subcommand)]
+    #[command(
+        subcommand,
+        after_help = "Examples:\n  den token create ci          prints the secret once\n  den token ls --json\n  den token revoke 1f2e3d4c5b6a7980"
+    )]
     Token(auth::TokenCmd),
     /// Create a sprite.
     #[command(
@@ -85,7 +88,10 @@ pub enum ClientCommand {
     #[command(after_help = "Examples:\n  den use web\n  den use --unset")]
     Use(sprites::UseArgs),
     /// Checkpoints of a sprite's disk.
-    #[command(subcommand)]
+    #[command(
+        subcommand,
+        after_help = "Examples:\n  den checkpoint create -c 'before upgrade' -s web\n  den checkpoint ls\n  den checkpoint info v2\n  den checkpoint rm v1"
+    )]
     Checkpoint(checkpoints::CheckpointCmd),
     /// Roll a sprite back to a checkpoint and wait until it answers again.
     #[command(after_help = "Examples:\n  den restore v3 -s web")]
@@ -99,7 +105,10 @@ pub enum ClientCommand {
     #[command(after_help = "Examples:\n  den url -s web\n  den url --auth public -s web")]
     Url(sprites::UrlArgs),
     /// The sprite's egress network policy.
-    #[command(subcommand)]
+    #[command(
+        subcommand,
+        after_help = "Examples:\n  den policy get -s web\n  den policy allow github.com\n  den policy deny '*'\n  den policy set policy.json"
+    )]
     Policy(policy::PolicyCmd),
     /// Print a shell completion script.
     #[command(
