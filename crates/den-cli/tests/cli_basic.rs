@@ -547,6 +547,34 @@ fn checkpoint_restore_fork() {
         "error: sprite 'ghost' not found — run `den ls`\n"
     );
 
+    // `den api` reaches any endpoint, streams NDJSON, and explains errors the same way.
+    let listed = json(&ok(u.cmd(&["api", "/v1/sprites?prefix=chi"])));
+    assert_eq!(names(&listed["sprites"]), ["child"]);
+    let ndjson = ok(u.cmd(&[
+        "api",
+        "-X",
+        "post",
+        "/v1/sprites/child/checkpoint",
+        "-d",
+        r#"{"comment":"raw"}"#,
+    ]));
+    let last = json(ndjson.lines().last().unwrap());
+    assert_eq!(last["type"], "complete", "{ndjson}");
+    assert_eq!(
+        json(&ok(u.cmd(&["checkpoint", "ls", "--json", "-s", "child"])))[0]["comment"],
+        "raw"
+    );
+    assert_eq!(
+        fails(u.cmd(&["api", "/v1/sprites/ghost"])),
+        "error: sprite not found: ghost\n"
+    );
+    let mut c = u.cmd(&["api", "/v1/sprites"]);
+    c.env("DEN_TOKEN", "den_wrong");
+    assert_eq!(
+        fails(c),
+        "error: the server rejected the token — run `den login`\n"
+    );
+
     ok(u.cmd(&["checkpoint", "rm", &second_id]));
     let list = json(&ok(u.cmd(&["checkpoint", "ls", "--json"])));
     assert!(

@@ -19,6 +19,8 @@ pub mod types;
 pub use client::Client;
 pub use error::Error;
 pub use ndjson::NdjsonStream;
+/// Re-exported so callers of [`Client::request`] use the same version.
+pub use reqwest;
 pub use types::*;
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;

@@ -4,6 +4,7 @@
 //! One module per area; each command gets a [`Ctx`] that knows the API URL,
 //! the token (flag > env > file, see [`config`]) and the `-s` sprite.
 
+mod api;
 mod auth;
 mod checkpoints;
 mod config;
@@ -110,6 +111,11 @@ pub enum ClientCommand {
         after_help = "Examples:\n  den policy get -s web\n  den policy allow github.com\n  den policy deny '*'\n  den policy set policy.json"
     )]
     Policy(policy::PolicyCmd),
+    /// Send an authenticated request to any API path and print the answer.
+    #[command(
+        after_help = "Examples:\n  den api /v1/sprites\n  den api -X POST /v1/sprites/web/checkpoint -d '{\"comment\":\"x\"}'\n  den api -X PUT /v1/sprites/web -d @update.json"
+    )]
+    Api(api::ApiArgs),
     /// Print a shell completion script.
     #[command(
         after_help = "Examples:\n  den completions bash > /etc/bash_completion.d/den\n  den completions zsh > \"${fpath[1]}/_den\"\n  den completions fish > ~/.config/fish/completions/den.fish"
@@ -167,6 +173,7 @@ pub fn run(cmd: ClientCommand, global: GlobalArgs, cli: fn() -> clap::Command) -
             ClientCommand::Restore(a) => checkpoints::restore(&ctx, a).await,
             ClientCommand::Fork(a) => checkpoints::fork(&ctx, a).await,
             ClientCommand::Policy(c) => policy::policy(&ctx, c).await,
+            ClientCommand::Api(a) => api::api(&ctx, a).await,
             ClientCommand::Completions { .. } => Ok(()),
         }
     })
