@@ -532,8 +532,15 @@ fn checkpoint_restore_fork() {
     assert_eq!(info["comment"], "first");
     assert!(fails(u.cmd(&["checkpoint", "info", "v999"])).contains("not found"));
 
-    let out = ok(u.cmd(&["restore", &first]));
+    let o = run(u.cmd(&["restore", &first]));
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let out = String::from_utf8(o.stdout).unwrap();
     assert!(out.starts_with(&format!("restored src to {first} in ")), "{out}");
+    // The server's NDJSON progress, line by line.
+    assert_eq!(
+        String::from_utf8(o.stderr).unwrap(),
+        format!("Restoring from checkpoint {first}...\nRestore from {first} complete\n")
+    );
     assert!(fails(u.cmd(&["restore", "v999"])).contains("v999"));
 
     let forked = json(&ok(u.cmd(&["fork", &format!("src@{first}"), "child", "--json"])));
