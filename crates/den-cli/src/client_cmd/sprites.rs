@@ -1,5 +1,6 @@
 //! Sprite lifecycle: create, ls, info, destroy, use, url.
 
+use std::io::IsTerminal;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
@@ -78,7 +79,8 @@ pub async fn ls(ctx: &Ctx, a: LsArgs) -> Result<()> {
         } else if a.json {
             print_json(&sprites)?;
         } else {
-            if a.watch {
+            // Redraw in place on a terminal; a log or pipe gets one table after another.
+            if a.watch && std::io::stdout().is_terminal() {
                 print!("\x1b[2J\x1b[H");
             }
             print_sprites(&sprites);
