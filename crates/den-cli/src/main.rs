@@ -2,15 +2,18 @@
 
 mod agent;
 mod bench;
+mod client_cmd;
 mod server;
 mod store_args;
 mod volume;
 
-use clap::{Parser, Subcommand};
+use clap::{CommandFactory, Parser, Subcommand};
 
 #[derive(Parser)]
-#[command(name = "den", version, about = "Self-hosted persistent Linux sandboxes")]
+#[command(name = "den", version, about = "Self-hosted persistent Linux sandboxes", after_help = client_cmd::EXAMPLES)]
 struct Cli {
+    #[command(flatten)]
+    global: client_cmd::GlobalArgs,
     #[command(subcommand)]
     command: Command,
 }
@@ -34,6 +37,8 @@ enum Command {
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<std::ffi::OsString>,
     },
+    #[command(flatten)]
+    Client(client_cmd::ClientCommand),
 }
 
 fn main() {
@@ -51,9 +56,22 @@ fn main() {
         Command::Bench(cmd) => bench::run(cmd),
         Command::Agent(args) => agent::run(args),
         Command::RuntimeShim { args } => std::process::exit(den_runtime::container::shim_main(&args)),
+        Command::Client(cmd) => client_cmd::run(cmd, cli.global, Cli::command),
     };
     if let Err(e) = result {
         eprintln!("error: {e:#}");
         std::process::exit(1);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::CommandFactory;
+
+    /// Global client flags must not clash with any subcommand's own flags
+    /// (clap checks the whole tree here, not only the commands a run touches).
+    #[test]
+    fn command_tree_is_consistent() {
+        super::Cli::command().debug_assert();
     }
 }

@@ -1,0 +1,595 @@
+//! The client commands of `den` against a real `den server` started by the
+//! test (a subprocess of the same binary, busybox image, its own network
+//! sandbox from den_testkit::net). Run as root.
+
+use std::io::{BufRead, BufReader, Write};
+use std::os::unix::fs::PermissionsExt;
+use std::path::PathBuf;
+use std::process::{Child, Command, Output, Stdio};
+use std::sync::mpsc;
+use std::time::Duration;
+
+use den_testkit::net::TestNet;
+use serde_json::Value;
+
+const DEN: &str = env!("CARGO_BIN_EXE_den");
+/// First start prepares the image; later ones are quick.
+const READY_TIMEOUT: Duration = Duration::from_secs(180);
+
+/// A `den server` subprocess; SIGTERM and wait on drop, so a failed test
+/// still tears down its sprites, mounts and firewall table.
+struct Server {
+    child: Child,
+    url: String,
+    token: String,
+    dir: tempfile::TempDir,
+    _net: TestNet,
+}
+
+impl Server {
+    fn start() -> Server {
+        den_testkit::require_root();
+        let dir = tempfile::Builder::new()
+            .prefix("den-cli-test-")
+            .tempdir()
+            .unwrap();
+        // Sprite processes run as other users and must reach their run dir.
+        std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o711)).unwrap();
+        let net = TestNet::new().expect("network sandbox");
+        let n = &net.config;
+        let cfg = format!(
+            "run_dir = {:?}\nsubnet = {:?}\nnet_table = {:?}\nnet_ifprefix = {:?}\nnet_netns_prefix = {:?}\n\
+             uplinks = {:?}\nblocked = {:?}\nupstream_dns = {:?}\nwarm_after = \"1h\"\ncold_after = \"2h\"\n",
+            dir.path().join("run"),
+            n.subnet.to_string(),
+            n.table,
+            n.ifprefix,
+            n.netns_prefix,
+            n.uplinks,
+            n.blocked.iter().map(|b| b.to_string()).collect::<Vec<_>>(),
+            n.upstream_dns.to_string(),
+        );
+        let cfg_path = dir.path().join("server.toml");
+        std::fs::write(&cfg_path, cfg).unwrap();
+        let log = std::fs::File::create(dir.path().join("server.log")).unwrap();
+        let data = dir.path().join("data");
+        let mut child = Command::new(DEN)
+            .args([
+                "server",
+                "--listen",
+                "127.0.0.1:0",
+                "--image",
+                "busybox",
+                "--data-dir",
+            ])
+            .arg(&data)
+            .arg("--config")
+            .arg(&cfg_path)
+            .env_remove("DEN_CONFIG")
+            .stdout(Stdio::piped())
+            .stderr(log)
+            .spawn()
+            .unwrap();
+        let stdout = child.stdout.take().unwrap();
+        let (tx, rx) = mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+                let _ = tx.send(line);
+            }
+        });
+        let mut server = Server {
+            child,
+            url: String::new(),
+            token: String::new(),
+            dir,
+            _net: net,
+        };
+        let line = match rx.recv_timeout(READY_TIMEOUT) {
+            Ok(l) => l,
+            Err(e) => panic!("den server did not get ready ({e}); log:\n{}", server.log()),
+        };
+        let ready: Value = serde_json::from_str(&line).unwrap();
+        assert_eq!(ready["ready"], true, "{line}");
+        server.url = format!("http://{}", ready["listen"].as_str().unwrap());
+        server.token = std::fs::read_to_string(data.join("admin-token"))
+            .unwrap()
+            .trim()
+            .to_string();
+        server
+    }
+
+    fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("server.log")).unwrap_or_default()
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        // SAFETY: kill(2) on our own child's pid.
+        unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
+        let _ = self.child.wait();
+    }
+}
+
+/// A user of the CLI: own HOME (so its own config file) and working directory,
+/// and none of the caller's DEN_* settings.
+struct User {
+    home: tempfile::TempDir,
+    cwd: PathBuf,
+}
+
+impl User {
+    fn new() -> User {
+        let home = tempfile::tempdir().unwrap();
+        let cwd = home.path().join("work");
+        std::fs::create_dir_all(&cwd).unwrap();
+        User { home, cwd }
+    }
+
+    fn cmd(&self, args: &[&str]) -> Command {
+        let mut c = Command::new(DEN);
+        c.args(args)
+            .current_dir(&self.cwd)
+            .env("HOME", self.home.path())
+            .env_remove("XDG_CONFIG_HOME")
+            .env_remove("DEN_API_URL")
+            .env_remove("DEN_TOKEN")
+            .env_remove("DEN_LOG")
+            .stdin(Stdio::null());
+        c
+    }
+
+    fn config_file(&self) -> PathBuf {
+        self.home.path().join(".config/den/config.toml")
+    }
+}
+
+fn run(mut c: Command) -> Output {
+    c.output().unwrap()
+}
+
+/// Run, insist on success, return stdout.
+fn ok(c: Command) -> String {
+    let dbg = format!("{c:?}");
+    let o = run(c);
+    assert!(
+        o.status.success(),
+        "{dbg} failed: {}\nstdout: {}",
+        String::from_utf8_lossy(&o.stderr),
+        String::from_utf8_lossy(&o.stdout)
+    );
+    String::from_utf8(o.stdout).unwrap()
+}
+
+/// Run, insist on failure, return stderr.
+fn fails(c: Command) -> String {
+    let dbg = format!("{c:?}");
+    let o = run(c);
+    assert!(
+        !o.status.success(),
+        "{dbg} should have failed; stdout: {}",
+        String::from_utf8_lossy(&o.stdout)
+    );
+    assert_eq!(o.status.code(), Some(1), "{dbg}");
+    String::from_utf8(o.stderr).unwrap()
+}
+
+fn json(s: &str) -> Value {
+    serde_json::from_str(s).unwrap_or_else(|e| panic!("not JSON ({e}): {s}"))
+}
+
+fn names(list: &Value) -> Vec<String> {
+    list.as_array()
+        .unwrap()
+        .iter()
+        .map(|s| s["name"].as_str().unwrap().to_string())
+        .collect()
+}
+
+/// Run with stdin on a fresh pseudo-terminal that already holds `input`,
+/// as if a person had typed it at the prompt.
+fn run_on_tty(mut c: Command, input: &str) -> Output {
+    let pty = nix::pty::openpty(None, None).unwrap();
+    let mut master = std::fs::File::from(pty.master);
+    master.write_all(input.as_bytes()).unwrap();
+    c.stdin(Stdio::from(pty.slave));
+    c.output().unwrap()
+}
+
+/// An address nothing listens on (bound a moment ago by us, then closed).
+fn dead_url() -> String {
+    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = l.local_addr().unwrap().port();
+    drop(l);
+    format!("http://127.0.0.1:{port}")
+}
+
+#[test]
+fn completions_produce_output() {
+    let u = User::new();
+    for shell in ["bash", "zsh", "fish"] {
+        let out = ok(u.cmd(&["completions", shell]));
+        assert!(out.contains("den"), "{shell}");
+        // The client commands and the existing ones are both completed.
+        for sub in ["checkpoint", "destroy", "volume", "server"] {
+            assert!(out.contains(sub), "{shell} completion lacks {sub}");
+        }
+    }
+    // Usage errors exit 2, as clap does everywhere.
+    assert_eq!(run(u.cmd(&["completions", "tcsh"])).status.code(), Some(2));
+}
+
+#[test]
+fn unreachable_server_says_so() {
+    let u = User::new();
+    let url = dead_url();
+    let err = fails(u.cmd(&["ls", "--api-url", &url, "--token", "x"]));
+    assert_eq!(
+        err,
+        format!("error: cannot reach den at {url} — is `den server` running?\n")
+    );
+    let err = fails(u.cmd(&["ls"]));
+    assert_eq!(
+        err,
+        "error: no token — run `den login` (or pass --token, or set DEN_TOKEN)\n"
+    );
+}
+
+#[test]
+fn login_and_config_precedence() {
+    let s = Server::start();
+    let u = User::new();
+    let dead = dead_url();
+
+    // A wrong token is refused and nothing is saved.
+    let err = fails(u.cmd(&["login", &s.url, "--token", "den_wrong"]));
+    assert_eq!(err, "error: the server rejected the token — run `den login`\n");
+    assert!(!u.config_file().exists());
+
+    // The token can come from stdin (not a terminal: no prompt, no echo games).
+    let mut c = u.cmd(&["login", &s.url]);
+    c.stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    let mut child = c.spawn().unwrap();
+    writeln!(child.stdin.take().unwrap(), "{}", s.token).unwrap();
+    let o = child.wait_with_output().unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let meta = std::fs::metadata(u.config_file()).unwrap();
+    assert_eq!(meta.permissions().mode() & 0o777, 0o600);
+    let saved: toml::Table = toml::from_str(&std::fs::read_to_string(u.config_file()).unwrap()).unwrap();
+    assert_eq!(saved["api_url"].as_str(), Some(s.url.as_str()));
+    assert_eq!(saved["token"].as_str(), Some(s.token.as_str()));
+
+    // File only: works.
+    ok(u.cmd(&["ls"]));
+
+    // On a terminal it prompts on stderr and reads the typed token; the token is never printed.
+    let o = run_on_tty(u.cmd(&["login"]), &format!("{}\n", s.token));
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    assert!(String::from_utf8_lossy(&o.stderr).starts_with(&format!("Token for {}", s.url)));
+    assert!(!String::from_utf8_lossy(&o.stderr).contains(&s.token));
+    assert!(String::from_utf8_lossy(&o.stdout).starts_with(&format!("logged in to {}", s.url)));
+
+    // Token: env beats file, flag beats env.
+    let mut c = u.cmd(&["ls"]);
+    c.env("DEN_TOKEN", "den_wrong");
+    assert_eq!(
+        fails(c),
+        "error: the server rejected the token — run `den login`\n"
+    );
+    let mut c = u.cmd(&["ls", "--token", &s.token]);
+    c.env("DEN_TOKEN", "den_wrong");
+    ok(c);
+    // ... and a flag beats a good file too.
+    assert_eq!(
+        fails(u.cmd(&["ls", "--token", "den_wrong"])),
+        "error: the server rejected the token — run `den login`\n"
+    );
+
+    // URL: env beats file, flag beats env.
+    let mut c = u.cmd(&["ls"]);
+    c.env("DEN_API_URL", &dead);
+    assert_eq!(
+        fails(c),
+        format!("error: cannot reach den at {dead} — is `den server` running?\n")
+    );
+    let mut c = u.cmd(&["ls", "--api-url", &s.url]);
+    c.env("DEN_API_URL", &dead);
+    ok(c);
+    let other = dead_url();
+    let mut c = u.cmd(&["ls", "--api-url", &other]);
+    c.env("DEN_API_URL", &s.url);
+    assert_eq!(
+        fails(c),
+        format!("error: cannot reach den at {other} — is `den server` running?\n")
+    );
+
+    // Tokens: create one, use it, revoke it, and it stops working.
+    let minted = json(&ok(u.cmd(&["token", "create", "ci", "--json"])));
+    let secret = minted["token"].as_str().unwrap().to_string();
+    let id = minted["id"].as_str().unwrap().to_string();
+    ok(u.cmd(&["ls", "--token", &secret]));
+    let listed = json(&ok(u.cmd(&["token", "ls", "--json"])));
+    assert!(
+        listed
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|t| t["id"] == id.as_str() && t["name"] == "ci")
+    );
+    assert!(ok(u.cmd(&["token", "ls"])).contains("ci"));
+    ok(u.cmd(&["token", "revoke", &id]));
+    assert_eq!(
+        fails(u.cmd(&["ls", "--token", &secret])),
+        "error: the server rejected the token — run `den login`\n"
+    );
+    // Logout forgets the token but keeps the URL.
+    assert!(ok(u.cmd(&["logout"])).starts_with("removed the token"));
+    assert_eq!(
+        fails(u.cmd(&["ls"])),
+        "error: no token — run `den login` (or pass --token, or set DEN_TOKEN)\n"
+    );
+    ok(u.cmd(&["ls", "--token", &s.token]));
+    assert_eq!(ok(u.cmd(&["logout"])), "not logged in\n");
+    let plain = ok(u.cmd(&["token", "create", "--token", &s.token]));
+    assert!(plain.trim().starts_with("den_"), "{plain}");
+}
+
+/// Logged-in user of `s`.
+fn logged_in(s: &Server) -> User {
+    let u = User::new();
+    ok(u.cmd(&["login", &s.url, "--token", &s.token]));
+    u
+}
+
+#[test]
+fn sprites_lifecycle() {
+    let s = Server::start();
+    let u = logged_in(&s);
+
+    let out = ok(u.cmd(&["create", "alpha", "--label", "team-a", "--skip-console"]));
+    assert!(out.starts_with("created sprite alpha in "), "{out}");
+    assert!(out.contains("url: http://alpha."), "{out}");
+    let beta = json(&ok(u.cmd(&["create", "beta", "--skip-console", "--json"])));
+    assert_eq!(beta["name"], "beta");
+    // No name: a random friendly one.
+    // Without --skip-console: no console in this build yet, and it says so.
+    let o = run(u.cmd(&["create"]));
+    assert!(o.status.success());
+    let out = String::from_utf8(o.stdout).unwrap();
+    assert!(String::from_utf8_lossy(&o.stderr).contains("no console yet"));
+    let rnd_name = out
+        .strip_prefix("created sprite ")
+        .and_then(|r| r.split_whitespace().next())
+        .unwrap_or_else(|| panic!("{out}"))
+        .to_string();
+    assert_eq!(rnd_name.split('-').count(), 3, "{rnd_name}");
+
+    let all = json(&ok(u.cmd(&["ls", "--json"])));
+    let mut want = vec!["alpha".to_string(), "beta".to_string(), rnd_name.clone()];
+    want.sort();
+    assert_eq!(names(&all), want);
+    assert_eq!(
+        names(&json(&ok(u.cmd(&["ls", "--prefix", "al", "--json"])))),
+        ["alpha"]
+    );
+    let table = ok(u.cmd(&["ls"]));
+    let header = table.lines().next().unwrap();
+    for col in ["NAME", "STATUS", "URL", "LAST ACTIVE"] {
+        assert!(header.contains(col), "{table}");
+    }
+    assert!(
+        table.lines().any(|l| l.contains("alpha") && l.contains("cold")),
+        "{table}"
+    );
+
+    // --watch redraws until Ctrl+C; with --json, one array per line.
+    let mut c = u.cmd(&["ls", "--watch", "--json", "--prefix", "al"]);
+    let mut child = c.stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().unwrap();
+    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+    for _ in 0..2 {
+        assert_eq!(names(&json(&lines.next().unwrap().unwrap())), ["alpha"]);
+    }
+    // SAFETY: kill(2) on our own child's pid.
+    unsafe { libc::kill(child.id() as i32, libc::SIGINT) };
+    assert!(child.wait().unwrap().success(), "Ctrl+C ends --watch cleanly");
+
+    let info = json(&ok(u.cmd(&["info", "alpha", "--json"])));
+    assert_eq!(info["name"], "alpha");
+    assert_eq!(info["labels"], serde_json::json!(["team-a"]));
+    let text = ok(u.cmd(&["info", "-s", "alpha"]));
+    assert!(
+        text.contains("name:") && text.contains("alpha") && text.contains("team-a"),
+        "{text}"
+    );
+
+    // Unknown sprite, wherever it is named.
+    let nf = "error: sprite 'nope' not found — run `den ls`\n";
+    assert_eq!(fails(u.cmd(&["info", "nope"])), nf);
+    assert_eq!(fails(u.cmd(&["-s", "nope", "checkpoint", "ls"])), nf);
+    assert_eq!(fails(u.cmd(&["destroy", "nope", "--force"])), nf);
+    assert_eq!(fails(u.cmd(&["use", "nope"])), nf);
+
+    // No sprite chosen yet.
+    assert!(fails(u.cmd(&["info"])).contains("den use NAME"));
+    // `den use` writes .den; commands in this directory and below use it.
+    ok(u.cmd(&["use", "beta"]));
+    assert_eq!(
+        std::fs::read_to_string(u.cwd.join(".den")).unwrap().trim(),
+        "sprite = \"beta\""
+    );
+    assert_eq!(json(&ok(u.cmd(&["info", "--json"])))["name"], "beta");
+    let sub = u.cwd.join("deeper/still");
+    std::fs::create_dir_all(&sub).unwrap();
+    let mut c = u.cmd(&["info", "--json"]);
+    c.current_dir(&sub);
+    assert_eq!(json(&ok(c))["name"], "beta");
+    // -s beats .den.
+    assert_eq!(
+        json(&ok(u.cmd(&["info", "--json", "-s", "alpha"])))["name"],
+        "alpha"
+    );
+
+    // URL auth.
+    let url = json(&ok(u.cmd(&["url", "--json"])));
+    assert_eq!(url["auth"], "sprite");
+    assert!(url["url"].as_str().unwrap().starts_with("http://beta."));
+    ok(u.cmd(&["url", "--auth", "public"]));
+    assert_eq!(
+        json(&ok(u.cmd(&["info", "--json"])))["url_settings"]["auth"],
+        "public"
+    );
+
+    // Policy.
+    assert_eq!(
+        json(&ok(u.cmd(&["policy", "get"]))),
+        serde_json::json!({"rules": []})
+    );
+    ok(u.cmd(&["policy", "allow", "github.com"]));
+    ok(u.cmd(&["policy", "deny", "*"]));
+    ok(u.cmd(&["policy", "deny", "github.com"]));
+    assert_eq!(
+        json(&ok(u.cmd(&["policy", "get", "--json"]))),
+        serde_json::json!({"rules": [{"domain": "github.com", "action": "deny"}, {"domain": "*", "action": "deny"}]})
+    );
+    let pfile = u.cwd.join("policy.json");
+    std::fs::write(&pfile, r#"{"rules":[{"include":"defaults"}]}"#).unwrap();
+    ok(u.cmd(&["policy", "set", pfile.to_str().unwrap()]));
+    assert_eq!(
+        json(&ok(u.cmd(&["policy", "get"]))),
+        serde_json::json!({"rules": [{"include": "defaults"}]})
+    );
+    std::fs::write(&pfile, r#"{"rules":[{"domain":"x.com"}]}"#).unwrap();
+    assert!(fails(u.cmd(&["policy", "set", pfile.to_str().unwrap()])).contains("invalid policy config"));
+
+    // Destroy: refuses without a terminal unless --force.
+    let err = fails(u.cmd(&["destroy", "alpha"]));
+    assert_eq!(
+        err,
+        "error: refusing to destroy 'alpha' without confirmation (stdin is not a terminal) — pass --force\n"
+    );
+    assert_eq!(json(&ok(u.cmd(&["info", "alpha", "--json"])))["name"], "alpha");
+    // On a terminal it asks; anything but yes keeps the sprite.
+    let o = run_on_tty(u.cmd(&["destroy", "alpha"]), "n\n");
+    assert_eq!(o.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        err.contains("Destroy sprite 'alpha'") && err.ends_with("error: not destroyed\n"),
+        "{err}"
+    );
+    assert_eq!(json(&ok(u.cmd(&["info", "alpha", "--json"])))["name"], "alpha");
+    let o = run_on_tty(u.cmd(&["destroy", "beta"]), "y\n");
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    assert_eq!(String::from_utf8_lossy(&o.stdout), "destroyed sprite beta\n");
+    assert_eq!(
+        fails(u.cmd(&["info", "beta"])),
+        "error: sprite 'beta' not found — run `den ls`\n"
+    );
+    assert_eq!(
+        ok(u.cmd(&["destroy", "alpha", "--force"])),
+        "destroyed sprite alpha\n"
+    );
+    assert_eq!(
+        fails(u.cmd(&["info", "alpha"])),
+        "error: sprite 'alpha' not found — run `den ls`\n"
+    );
+    ok(u.cmd(&["use", "--unset"]));
+    assert!(!u.cwd.join(".den").exists());
+    assert_eq!(names(&json(&ok(u.cmd(&["ls", "--json"])))), [rnd_name]);
+}
+
+#[test]
+fn checkpoint_restore_fork() {
+    let s = Server::start();
+    let u = logged_in(&s);
+    ok(u.cmd(&["create", "src", "--skip-console"]));
+    ok(u.cmd(&["use", "src"]));
+
+    let out = ok(u.cmd(&["checkpoint", "create", "--comment", "first"]));
+    assert!(out.starts_with("checkpoint v"), "{out}");
+    assert!(out.contains(" of src created in "), "{out}");
+    let first = out.split_whitespace().nth(1).unwrap().to_string();
+    let second = json(&ok(u.cmd(&["checkpoint", "create", "--json"])));
+    let second_id = second["id"].as_str().unwrap().to_string();
+    assert_ne!(first, second_id);
+    assert!(second["elapsed_ms"].is_u64());
+
+    let list = json(&ok(u.cmd(&["checkpoint", "ls", "--json"])));
+    let ids: Vec<&str> = list
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| c["id"].as_str().unwrap())
+        .collect();
+    assert!(
+        ids.contains(&first.as_str()) && ids.contains(&second_id.as_str()),
+        "{list}"
+    );
+    assert!(ok(u.cmd(&["checkpoint", "ls"])).contains("first"));
+    let info = json(&ok(u.cmd(&["checkpoint", "info", &first, "--json"])));
+    assert_eq!(info["id"], first.as_str());
+    assert_eq!(info["comment"], "first");
+    assert!(fails(u.cmd(&["checkpoint", "info", "v999"])).contains("not found"));
+
+    let o = run(u.cmd(&["restore", &first]));
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let out = String::from_utf8(o.stdout).unwrap();
+    assert!(out.starts_with(&format!("restored src to {first} in ")), "{out}");
+    // The server's NDJSON progress, line by line.
+    assert_eq!(
+        String::from_utf8(o.stderr).unwrap(),
+        format!("Restoring from checkpoint {first}...\nRestore from {first} complete\n")
+    );
+    assert!(fails(u.cmd(&["restore", "v999"])).contains("v999"));
+
+    let forked = json(&ok(u.cmd(&["fork", &format!("src@{first}"), "child", "--json"])));
+    assert_eq!(forked["name"], "child");
+    let out = ok(u.cmd(&["fork", "src", "live-copy"]));
+    assert!(out.starts_with("forked src into live-copy in "), "{out}");
+    let all = names(&json(&ok(u.cmd(&["ls", "--json"]))));
+    assert_eq!(all, ["child", "live-copy", "src"]);
+    assert_eq!(
+        fails(u.cmd(&["fork", "ghost", "x"])),
+        "error: sprite 'ghost' not found — run `den ls`\n"
+    );
+
+    // `den api` reaches any endpoint, streams NDJSON, and explains errors the same way.
+    let listed = json(&ok(u.cmd(&["api", "/v1/sprites?prefix=chi"])));
+    assert_eq!(names(&listed["sprites"]), ["child"]);
+    let ndjson = ok(u.cmd(&[
+        "api",
+        "-X",
+        "post",
+        "/v1/sprites/child/checkpoint",
+        "-d",
+        r#"{"comment":"raw"}"#,
+    ]));
+    let last = json(ndjson.lines().last().unwrap());
+    assert_eq!(last["type"], "complete", "{ndjson}");
+    assert_eq!(
+        json(&ok(u.cmd(&["checkpoint", "ls", "--json", "-s", "child"])))[0]["comment"],
+        "raw"
+    );
+    assert_eq!(
+        fails(u.cmd(&["api", "/v1/sprites/ghost"])),
+        "error: sprite not found: ghost\n"
+    );
+    let mut c = u.cmd(&["api", "/v1/sprites"]);
+    c.env("DEN_TOKEN", "den_wrong");
+    assert_eq!(
+        fails(c),
+        "error: the server rejected the token — run `den login`\n"
+    );
+
+    ok(u.cmd(&["checkpoint", "rm", &second_id]));
+    let list = json(&ok(u.cmd(&["checkpoint", "ls", "--json"])));
+    assert!(
+        !list
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|c| c["id"] == second_id.as_str()),
+        "{list}"
+    );
+}
