@@ -547,6 +547,15 @@ fn ratio(den: Option<Latency>, base: Option<Latency>) -> String {
     }
 }
 
+/// Label, den samples, goal in ms, runc counterpart's label and samples.
+type Row<'a> = (
+    &'a str,
+    &'a [Duration],
+    Option<f64>,
+    &'a str,
+    Option<&'a [Duration]>,
+);
+
 /// The main table: p50/p99 per figure, the goal, and den / runc (p50) where
 /// runc has a counterpart.
 pub fn latency_table(r: &SpriteBenchResults) -> TextTable {
@@ -565,7 +574,7 @@ pub fn latency_table(r: &SpriteBenchResults) -> TextTable {
         1,
     );
     let runc = r.runc.as_ref();
-    let rows: Vec<(&str, &[Duration], Option<f64>, &str, Option<&[Duration]>)> = vec![
+    let rows: Vec<Row> = vec![
         (
             "create → first output (create + boot + exec echo)",
             &r.create_to_output,
