@@ -67,6 +67,7 @@ impl AgentBundle {
                 }
             }
         }
+        remove_old_bundles(root, &tag);
         let den = format!("{SPRITE_BIN}/den");
         let mut init = match loader {
             Some(ld) => vec![
@@ -83,6 +84,22 @@ impl AgentBundle {
             AGENT_SOCKET.into(),
         ]);
         Ok(AgentBundle { dir, init })
+    }
+}
+
+/// Bundles of earlier den builds: the manager prepares the bundle at start,
+/// when every sprite is cold, so nothing runs from them any more.
+fn remove_old_bundles(root: &Path, keep: &str) {
+    let Ok(entries) = std::fs::read_dir(root) else {
+        return;
+    };
+    for e in entries.flatten() {
+        let name = e.file_name();
+        if name.to_string_lossy() != keep
+            && let Err(err) = std::fs::remove_dir_all(e.path())
+        {
+            tracing::warn!(path = %e.path().display(), error = %err, "removing an old agent bundle");
+        }
     }
 }
 
