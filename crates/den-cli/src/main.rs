@@ -42,13 +42,18 @@ enum Command {
 }
 
 fn main() {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_env("DEN_LOG")
-                .unwrap_or_else(|_| "warn,fuser=error".into()),
-        )
-        .with_writer(std::io::stderr)
-        .init();
+    let filter = tracing_subscriber::EnvFilter::try_from_env("DEN_LOG")
+        .unwrap_or_else(|_| "warn,fuser=error,libcgroups=error".into());
+    let logs = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    // Structured logs for collectors: one JSON object per line, with the
+    // request span (id, method, path) on every event of a request.
+    if std::env::var("DEN_LOG_FORMAT").is_ok_and(|f| f == "json") {
+        logs.json().init();
+    } else {
+        logs.init();
+    }
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Server(args) => server::run(*args),

@@ -19,7 +19,8 @@ pub struct ServerArgs {
     #[arg(long, env = "DEN_DATA_DIR", default_value = "/var/lib/den")]
     pub data_dir: PathBuf,
     /// TOML file with any of: listen, url_domain, url_port, warm_after, cold_after, image,
-    /// run_dir, subnet, net_table, upstream_dns, uplinks, blocked, default_exec_timeout.
+    /// run_dir, subnet, net_table, upstream_dns, uplinks, blocked, default_exec_timeout,
+    /// max_awake, max_sprites, create_rate ("10/60s"). Logs: DEN_LOG (filter), DEN_LOG_FORMAT=json.
     #[arg(long, env = "DEN_CONFIG")]
     pub config: Option<PathBuf>,
     /// Address to listen on [default: 127.0.0.1:8080].

@@ -40,6 +40,33 @@ pub struct ServerConfig {
     /// Hard cap on any command's run time (den extension), applied when a
     /// request gives none.
     pub default_exec_timeout: Option<Duration>,
+    /// Quota: most sprites awake (running or warm) at once.
+    pub max_awake: Option<usize>,
+    /// Quota: most sprites in total.
+    pub max_sprites: Option<usize>,
+    /// Rate limit on creates: at most `count` per `window`.
+    pub create_rate: Option<RateLimit>,
+}
+
+/// `count` events per `window` (TOML/env form `"10/60s"`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RateLimit {
+    pub count: u32,
+    pub window: Duration,
+}
+
+impl std::str::FromStr for RateLimit {
+    type Err = ConfigError;
+    fn from_str(s: &str) -> Result<Self, ConfigError> {
+        let bad = || ConfigError(format!("rate {s:?}: use COUNT/DURATION, e.g. 10/60s"));
+        let (n, w) = s.split_once('/').ok_or_else(bad)?;
+        let count: u32 = n.trim().parse().map_err(|_| bad())?;
+        let window = humantime::parse_duration(w.trim()).map_err(|_| bad())?;
+        if count == 0 || window.is_zero() {
+            return Err(bad());
+        }
+        Ok(RateLimit { count, window })
+    }
 }
 
 impl ServerConfig {
@@ -61,6 +88,9 @@ impl ServerConfig {
             uplinks: Vec::new(),
             blocked: None,
             default_exec_timeout: None,
+            max_awake: None,
+            max_sprites: None,
+            create_rate: None,
         }
     }
 
@@ -91,6 +121,17 @@ impl ServerConfig {
         f.run_dir = var("run_dir").map(PathBuf::from);
         f.upstream_dns = var("upstream_dns");
         f.default_exec_timeout = var("default_exec_timeout");
+        let num = |k: &str| -> Result<Option<usize>, ConfigError> {
+            var(k)
+                .map(|v| {
+                    v.parse()
+                        .map_err(|_| ConfigError(format!("DEN_{}={v}: not a number", k.to_uppercase())))
+                })
+                .transpose()
+        };
+        f.max_awake = num("max_awake")?;
+        f.max_sprites = num("max_sprites")?;
+        f.create_rate = var("create_rate");
         f.apply(self)
     }
 
@@ -129,6 +170,9 @@ struct FileConfig {
     uplinks: Option<Vec<String>>,
     blocked: Option<Vec<String>>,
     default_exec_timeout: Option<String>,
+    max_awake: Option<usize>,
+    max_sprites: Option<usize>,
+    create_rate: Option<String>,
 }
 
 fn duration(key: &str, v: &str) -> Result<Duration, ConfigError> {
@@ -184,6 +228,15 @@ impl FileConfig {
         }
         if let Some(v) = self.default_exec_timeout {
             c.default_exec_timeout = Some(duration("default_exec_timeout", &v)?);
+        }
+        if self.max_awake.is_some() {
+            c.max_awake = self.max_awake;
+        }
+        if self.max_sprites.is_some() {
+            c.max_sprites = self.max_sprites;
+        }
+        if let Some(v) = self.create_rate {
+            c.create_rate = Some(v.parse()?);
         }
         if c.cold_after < c.warm_after {
             return Err(ConfigError(format!(

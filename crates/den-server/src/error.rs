@@ -19,6 +19,8 @@ pub struct ApiError {
     pub message: String,
     /// Sent as plain text instead of JSON (the Sprites policy endpoint does so).
     pub plain: bool,
+    /// Set for 429s: their body and headers carry the limit.
+    pub limited: Option<Box<crate::limits::Limited>>,
 }
 
 impl ApiError {
@@ -28,6 +30,7 @@ impl ApiError {
             code,
             message: message.into(),
             plain: false,
+            limited: None,
         }
     }
     pub fn bad_request(message: impl Into<String>) -> Self {
@@ -49,6 +52,16 @@ impl ApiError {
     pub fn internal(message: impl Into<String>) -> Self {
         Self::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", message)
     }
+    /// A quota or rate limit (429 with the Sprites fields and headers).
+    pub fn limited(l: crate::limits::Limited) -> Self {
+        ApiError {
+            status: StatusCode::TOO_MANY_REQUESTS,
+            code: l.code,
+            message: l.message.clone(),
+            plain: false,
+            limited: Some(Box::new(l)),
+        }
+    }
     pub fn plain(mut self) -> Self {
         self.plain = true;
         self
@@ -59,6 +72,9 @@ impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         if self.status.is_server_error() {
             tracing::warn!(status = %self.status, code = self.code, message = %self.message, "request failed");
+        }
+        if let Some(l) = self.limited {
+            return l.into_response();
         }
         if self.plain {
             return (self.status, self.message).into_response();
@@ -85,6 +101,9 @@ impl From<SpriteError> for ApiError {
             SpriteError::Invalid(m) => ApiError::bad_request(m),
             SpriteError::Conflict(m) => ApiError::conflict(m),
             SpriteError::CheckpointNotFound { .. } => ApiError::not_found(msg),
+            SpriteError::AwakeLimit { awake, limit } => {
+                ApiError::limited(crate::limits::Limited::awake(awake, limit))
+            }
             SpriteError::ShuttingDown => ApiError::new(
                 StatusCode::SERVICE_UNAVAILABLE,
                 "shutting_down",

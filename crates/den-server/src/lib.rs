@@ -12,6 +12,8 @@ pub mod auth;
 pub mod config;
 pub mod error;
 mod extract;
+pub mod limits;
+pub mod metrics;
 pub mod server;
 pub mod sprite_json;
 pub mod state;

@@ -92,6 +92,7 @@ pub async fn start(cfg: ServerConfig, den_exe: std::path::PathBuf) -> Result<Run
     };
     mcfg.warm_after = cfg.warm_after;
     mcfg.cold_after = cfg.cold_after;
+    mcfg.max_awake = cfg.max_awake;
     let mgr = SpriteManager::start(mcfg, store.clone()).await?;
     let tokens = Arc::new(TokenStore::open(&cfg.data_dir.join("tokens.db"))?);
     let admin_token_file = ensure_admin_token(&tokens, &cfg.data_dir)?;
@@ -108,11 +109,14 @@ pub async fn start(cfg: ServerConfig, den_exe: std::path::PathBuf) -> Result<Run
         cfg.listen = addr;
     }
     let shutdown = CancellationToken::new();
+    let create_limiter = Arc::new(crate::limits::CreateLimiter::new(cfg.create_rate));
     let state = AppState {
         mgr,
         tokens,
         cfg: Arc::new(cfg),
         shutdown: shutdown.clone(),
+        create_limiter,
+        metrics: Arc::new(crate::metrics::Metrics::new()),
     };
     let app = crate::api::router(state.clone());
     let stop = shutdown.clone();

@@ -16,4 +16,6 @@ pub struct AppState {
     /// Cancelled when the server starts shutting down: long-lived streams
     /// (exec sessions, proxies, log follows) end and tell their clients.
     pub shutdown: CancellationToken,
+    pub create_limiter: Arc<crate::limits::CreateLimiter>,
+    pub metrics: Arc<crate::metrics::Metrics>,
 }

@@ -46,6 +46,9 @@ pub struct ManagerConfig {
     pub net: NetConfig,
     /// uid/gid range of every sprite (root in the sprite = `host_base` on the host).
     pub idmap: IdMap,
+    /// Most sprites awake (running or warm) at once; a wake beyond it is
+    /// refused with [`crate::SpriteError::AwakeLimit`]. `None`: no limit.
+    pub max_awake: Option<usize>,
 }
 
 impl ManagerConfig {
@@ -67,6 +70,7 @@ impl ManagerConfig {
             boot_timeout: Duration::from_secs(30),
             net,
             idmap: IdMap::root_at(100_000, 65_536),
+            max_awake: None,
         }
     }
 

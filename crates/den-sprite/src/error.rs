@@ -24,6 +24,9 @@ pub enum SpriteError {
     },
     #[error("sprite {sprite} failed to start: {detail}")]
     BootFailed { sprite: String, detail: String },
+    /// Waking one more sprite would exceed the configured limit.
+    #[error("{awake} sprites are awake, the limit is {limit}")]
+    AwakeLimit { awake: usize, limit: usize },
     #[error("the sprite manager is shutting down")]
     ShuttingDown,
     #[error("storage: {0}")]

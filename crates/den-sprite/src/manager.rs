@@ -415,6 +415,12 @@ impl SpriteManager {
         }
         self.check_running()?;
         if matches!(*phase, Phase::Cold) {
+            if let Some(limit) = self.inner.cfg.max_awake {
+                let awake = self.awake_count();
+                if awake >= limit {
+                    return Err(SpriteError::AwakeLimit { awake, limit });
+                }
+            }
             let rec = slot.record.lock().clone();
             let live = live::boot(&self.boot_context(&rec.image)?, &rec).await?;
             *phase = Phase::Awake(Box::new(live));
@@ -439,6 +445,16 @@ impl SpriteManager {
             netns: live.net.as_ref().map(|n| n.netns.clone()),
             slot: slot.clone(),
         })
+    }
+
+    /// Sprites that are running or warm.
+    pub fn awake_count(&self) -> usize {
+        self.inner
+            .slots
+            .lock()
+            .values()
+            .filter(|s| s.status() != SpriteStatus::Cold)
+            .count()
     }
 
     /// Put a sprite to sleep now: `Warm` freezes it, `Cold` stops it.

@@ -14,6 +14,8 @@ use axum::Router;
 use axum::http::HeaderValue;
 use axum::middleware;
 use axum::routing::{get, post};
+use tower_http::request_id::{MakeRequestUuid, PropagateRequestIdLayer, SetRequestIdLayer};
+use tower_http::trace::TraceLayer;
 use utoipa::OpenApi;
 
 use crate::state::AppState;
@@ -139,6 +141,7 @@ pub fn router(state: AppState) -> Router {
         .route("/v1/tokens", get(tokens::list).post(tokens::create))
         .route("/v1/tokens/{id}", axum::routing::delete(tokens::revoke))
         .route("/v1/openapi.json", get(openapi))
+        .route("/metrics", get(crate::metrics::render))
         .route_layer(middleware::from_fn_with_state(
             state.clone(),
             crate::auth::require_token,
@@ -147,6 +150,8 @@ pub fn router(state: AppState) -> Router {
         .route("/v1/health", get(health))
         .route("/healthz", get(health))
         .merge(authed)
+        // After routing, so requests are counted by route template.
+        .route_layer(middleware::from_fn(crate::metrics::track))
         .fallback(not_found)
         .layer(middleware::map_response(
             |mut r: axum::response::Response| async move {
@@ -155,12 +160,30 @@ pub fn router(state: AppState) -> Router {
                 r
             },
         ))
-        // Outermost: sprite-URL hosts never reach the API (nor its headers).
+        // Sprite-URL hosts never reach the API (nor its headers).
         .layer(middleware::from_fn_with_state(
             state.clone(),
             crate::url_proxy::route_by_host,
         ))
+        // Outermost: every request (API and URL) gets an id, echoed in
+        // `x-request-id` and carried by its log span.
+        .layer(
+            tower::ServiceBuilder::new()
+                .layer(SetRequestIdLayer::x_request_id(MakeRequestUuid))
+                .layer(TraceLayer::new_for_http().make_span_with(request_span))
+                .layer(PropagateRequestIdLayer::x_request_id()),
+        )
         .with_state(state)
+}
+
+/// The log span of one request: method, path and its request id.
+fn request_span(req: &axum::http::Request<axum::body::Body>) -> tracing::Span {
+    let id = req
+        .headers()
+        .get("x-request-id")
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("-");
+    tracing::info_span!("request", id, method = %req.method(), path = %req.uri().path())
 }
 
 async fn not_found() -> crate::error::ApiError {

@@ -103,6 +103,14 @@ pub async fn create(
     let name = req
         .name
         .ok_or_else(|| ApiError::bad_request("name is required"))?;
+    den_sprite::validate_name(&name)?;
+    if let Some(limit) = st.cfg.max_sprites {
+        let count = st.mgr.list().len();
+        if count >= limit {
+            return Err(ApiError::limited(crate::limits::Limited::total(count, limit)));
+        }
+    }
+    st.create_limiter.admit().map_err(ApiError::limited)?;
     let url_settings = match &req.url_settings {
         Some(v) => check_url_settings(v)?,
         None => default_url_settings(),

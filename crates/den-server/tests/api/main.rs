@@ -26,6 +26,9 @@ const TESTS: &[(&str, TestFn)] = &[
     }),
     ("policy_validation", || Box::pin(sprites::policy_validation())),
     ("checkpoints_ndjson", || Box::pin(sprites::checkpoints_ndjson())),
+    ("limits_metrics_request_ids", || {
+        Box::pin(sprites::limits_metrics_request_ids())
+    }),
     ("api_fuzz", || Box::pin(fuzz::api_fuzz())),
     ("sdk_python", || Box::pin(sdk::python_sdk())),
     ("services_lifecycle", || Box::pin(services::lifecycle())),

@@ -320,3 +320,73 @@ pub async fn checkpoints_ndjson() -> Result<()> {
     s.stop().await;
     Ok(())
 }
+
+/// Quotas and rate limits answer 429 with the Sprites codes and headers;
+/// /metrics shows requests and sprite states; every answer has a request id.
+pub async fn limits_metrics_request_ids() -> Result<()> {
+    let s = TestServer::start_with(|c| {
+        c.create_rate = Some("3/1h".parse().expect("rate"));
+        c.max_awake = Some(1);
+    })
+    .await?;
+    let c = s.client();
+    for n in ["lim-a", "lim-b", "lim-c"] {
+        s.create(n).await?;
+    }
+    let r = c
+        .post(s.api("/v1/sprites"))
+        .json(&json!({"name": "lim-d"}))
+        .send()
+        .await?;
+    ensure!(r.status() == 429, "{}", r.status());
+    ensure!(r.headers().contains_key("retry-after") && r.headers()["x-ratelimit-limit"] == "3");
+    let body: Value = r.json().await?;
+    ensure!(
+        body["error"] == "sprite_creation_rate_limited" && body["limit"] == 3,
+        "{body}"
+    );
+    ensure!(
+        c.get(s.api("/v1/sprites/lim-d")).send().await?.status() == 404,
+        "a refused create left a sprite"
+    );
+
+    // One sprite may be awake: waking a second is refused until the first sleeps.
+    let exec = |name: &str| c.post(s.api(&format!("/v1/sprites/{name}/exec?cmd=true"))).send();
+    ensure!(exec("lim-a").await?.status() == 200);
+    let r = exec("lim-b").await?;
+    ensure!(r.status() == 429, "{}", r.status());
+    let body: Value = r.json().await?;
+    ensure!(body["error"] == "concurrent_sprite_limit_exceeded", "{body}");
+    let mgr = &s.running.as_ref().expect("running").state.mgr;
+    mgr.sleep("lim-a", den_sprite::SpriteStatus::Cold).await?;
+    ensure!(exec("lim-b").await?.status() == 200);
+
+    // Request ids: generated, or the client's own echoed back.
+    let r = c.get(s.api("/v1/sprites")).send().await?;
+    let id = r
+        .headers()
+        .get("x-request-id")
+        .map(|v| v.to_str().unwrap_or("").to_string());
+    ensure!(id.as_deref().is_some_and(|i| i.len() >= 32), "{id:?}");
+    let r = c
+        .get(s.api("/v1/sprites"))
+        .header("x-request-id", "trace-me-42")
+        .send()
+        .await?;
+    ensure!(r.headers()["x-request-id"] == "trace-me-42");
+
+    // Metrics: token required; requests by route template, sprites by state, exec streams.
+    ensure!(s.anonymous().get(s.api("/metrics")).send().await?.status() == 401);
+    let text = c.get(s.api("/metrics")).send().await?.text().await?;
+    for want in [
+        "den_http_requests_total{method=\"POST\",route=\"/v1/sprites\",status=\"429\"}",
+        "den_sprites{status=\"running\"} 1",
+        "den_sprites{status=\"cold\"} 2",
+        "den_storage_local_only_bytes",
+        "den_http_request_duration_seconds",
+    ] {
+        ensure!(text.contains(want), "/metrics lacks {want}:\n{text}");
+    }
+    s.stop().await;
+    Ok(())
+}

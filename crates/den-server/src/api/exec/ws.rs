@@ -101,6 +101,7 @@ impl Bridge {
             shutdown,
             timeout,
         } = self;
+        let _live = crate::metrics::ExecStreamGauge::start();
         let tty = session.info.tty;
         let (mut tx, mut rx) = socket.split();
         let info = session_info_json(&session.info).to_string();
