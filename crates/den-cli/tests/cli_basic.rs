@@ -354,11 +354,11 @@ fn sprites_lifecycle() {
     let beta = json(&ok(u.cmd(&["create", "beta", "--skip-console", "--json"])));
     assert_eq!(beta["name"], "beta");
     // No name: a random friendly one.
-    // Without --skip-console: no console in this build yet, and it says so.
+    // Without --skip-console but not on a terminal: no console, a hint instead.
     let o = run(u.cmd(&["create"]));
     assert!(o.status.success());
     let out = String::from_utf8(o.stdout).unwrap();
-    assert!(String::from_utf8_lossy(&o.stderr).contains("no console yet"));
+    assert!(String::from_utf8_lossy(&o.stderr).contains("open a shell in it with: den console -s "));
     let rnd_name = out
         .strip_prefix("created sprite ")
         .and_then(|r| r.split_whitespace().next())
@@ -592,4 +592,258 @@ fn checkpoint_restore_fork() {
             .any(|c| c["id"] == second_id.as_str()),
         "{list}"
     );
+}
+
+/// Run, return (exit code, stdout, stderr).
+fn outcome(c: Command) -> (Option<i32>, String, String) {
+    let o = run(c);
+    (
+        o.status.code(),
+        String::from_utf8_lossy(&o.stdout).into_owned(),
+        String::from_utf8_lossy(&o.stderr).into_owned(),
+    )
+}
+
+#[test]
+fn exec_streams_and_exit_codes() {
+    let s = Server::start();
+    let u = logged_in(&s);
+    ok(u.cmd(&["create", "box", "--skip-console"]));
+    ok(u.cmd(&["use", "box"]));
+
+    // A pipeline: stdin goes through and EOF ends `cat`.
+    let mut c = u.cmd(&["exec", "--", "cat"]);
+    c.stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    let mut child = c.spawn().unwrap();
+    child.stdin.take().unwrap().write_all(b"hi\n").unwrap();
+    let o = child.wait_with_output().unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    assert_eq!(String::from_utf8_lossy(&o.stdout), "hi\n");
+
+    // Exit codes pass through, a signal death as 128+signal.
+    assert_eq!(outcome(u.cmd(&["exec", "--", "sh", "-c", "exit 7"])).0, Some(7));
+    assert_eq!(
+        outcome(u.cmd(&["exec", "--", "sh", "-c", "kill -9 $$"])).0,
+        Some(137)
+    );
+
+    // stdout and stderr stay apart.
+    let (code, out, err) = outcome(u.cmd(&["exec", "--", "sh", "-c", "echo out; echo err >&2"]));
+    assert_eq!((code, out.as_str(), err.as_str()), (Some(0), "out\n", "err\n"));
+
+    // --env and --dir.
+    let out = ok(u.cmd(&[
+        "exec",
+        "--env",
+        "FOO=bar baz",
+        "--dir",
+        "/tmp",
+        "--",
+        "sh",
+        "-c",
+        "echo \"$FOO\"; pwd",
+    ]));
+    assert_eq!(out, "bar baz\n/tmp\n");
+
+    // --timeout ends the command and says so.
+    let t0 = std::time::Instant::now();
+    let (code, _, err) = outcome(u.cmd(&["exec", "--timeout", "1s", "--", "sleep", "30"]));
+    assert!(code.is_some_and(|c| c != 0), "{code:?} {err}");
+    assert!(err.contains("den:"), "{err}");
+    assert!(t0.elapsed() < Duration::from_secs(20));
+
+    // 100 MiB of stdin streams through intact.
+    let big = u.cwd.join("big.bin");
+    {
+        let mut f = std::io::BufWriter::new(std::fs::File::create(&big).unwrap());
+        let mut x: u64 = 0x9E37_79B9_7F4A_7C15;
+        let mut block = vec![0u8; 1 << 20];
+        for _ in 0..100 {
+            for c in block.chunks_exact_mut(8) {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                c.copy_from_slice(&x.to_le_bytes());
+            }
+            f.write_all(&block).unwrap();
+        }
+    }
+    let local = ok({
+        let mut c = Command::new("sha256sum");
+        c.arg(&big);
+        c
+    });
+    let mut c = u.cmd(&["exec", "--", "sha256sum"]);
+    c.stdin(std::fs::File::open(&big).unwrap());
+    let remote = ok(c);
+    assert_eq!(
+        remote.split_whitespace().next(),
+        local.split_whitespace().next(),
+        "{remote} vs {local}"
+    );
+
+    // No command, or a bad flag value: usage and helpful errors.
+    assert_eq!(run(u.cmd(&["exec"])).status.code(), Some(2));
+    assert!(fails(u.cmd(&["exec", "--timeout", "soon", "--", "true"])).contains("not a duration"));
+    assert_eq!(
+        fails(u.cmd(&["exec", "-s", "nope", "--", "true"])),
+        "error: sprite 'nope' not found — run `den ls`\n"
+    );
+}
+
+/// A `den` on its own pseudo-terminal (its controlling terminal, so window
+/// size changes reach it as SIGWINCH), with everything it prints collected.
+struct Pty {
+    master: std::fs::File,
+    seen: std::sync::Arc<std::sync::Mutex<Vec<u8>>>,
+    child: Child,
+}
+
+impl Pty {
+    fn spawn(mut c: Command) -> Pty {
+        use std::os::unix::process::CommandExt;
+        let ws = nix::pty::Winsize {
+            ws_row: 24,
+            ws_col: 80,
+            ws_xpixel: 0,
+            ws_ypixel: 0,
+        };
+        let pty = nix::pty::openpty(Some(&ws), None).unwrap();
+        let slave = std::fs::File::from(pty.slave);
+        c.stdin(Stdio::from(slave.try_clone().unwrap()))
+            .stdout(Stdio::from(slave.try_clone().unwrap()))
+            .stderr(Stdio::from(slave));
+        // SAFETY: only async-signal-safe calls between fork and exec.
+        unsafe {
+            c.pre_exec(|| {
+                libc::setsid();
+                libc::ioctl(0, libc::TIOCSCTTY, 0);
+                Ok(())
+            });
+        }
+        let child = c.spawn().unwrap();
+        drop(c);
+        let master = std::fs::File::from(pty.master);
+        let seen = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let (mut r, s2) = (master.try_clone().unwrap(), seen.clone());
+        std::thread::spawn(move || {
+            let mut buf = [0u8; 4096];
+            while let Ok(n) = std::io::Read::read(&mut r, &mut buf) {
+                if n == 0 {
+                    break;
+                }
+                s2.lock().unwrap().extend_from_slice(&buf[..n]);
+            }
+        });
+        Pty { master, seen, child }
+    }
+
+    fn text(&self) -> String {
+        String::from_utf8_lossy(&self.seen.lock().unwrap()).into_owned()
+    }
+
+    fn send(&mut self, s: &str) {
+        self.master.write_all(s.as_bytes()).unwrap();
+    }
+
+    /// Wait until the output contains `needle`; panic with all of it if not.
+    fn expect(&self, needle: &str) {
+        let r = den_testkit::wait_until(Duration::from_secs(60), Duration::from_millis(20), || {
+            self.text().contains(needle)
+        });
+        assert!(r.is_ok(), "never saw {needle:?}; output:\n{}", self.text());
+    }
+
+    fn resize(&self, cols: u16, rows: u16) {
+        use std::os::fd::AsRawFd;
+        let ws = libc::winsize {
+            ws_row: rows,
+            ws_col: cols,
+            ws_xpixel: 0,
+            ws_ypixel: 0,
+        };
+        // SAFETY: TIOCSWINSZ reads one winsize we own.
+        assert_eq!(
+            unsafe { libc::ioctl(self.master.as_raw_fd(), libc::TIOCSWINSZ, &ws) },
+            0
+        );
+    }
+
+    /// Wait for the exit (bounded) and return the code.
+    fn wait(mut self) -> (Option<i32>, String) {
+        let r = den_testkit::wait_until(Duration::from_secs(60), Duration::from_millis(20), || {
+            matches!(self.child.try_wait(), Ok(Some(_)))
+        });
+        assert!(r.is_ok(), "den did not exit; output:\n{}", self.text());
+        let code = self.child.wait().unwrap().code();
+        (code, self.text())
+    }
+}
+
+#[test]
+fn console_detach_attach_and_sessions() {
+    let s = Server::start();
+    let u = logged_in(&s);
+    ok(u.cmd(&["create", "box", "--skip-console"]));
+    ok(u.cmd(&["use", "box"]));
+
+    let mut p = Pty::spawn(u.cmd(&["console"]));
+    p.send("echo $((6*7))\n");
+    p.expect("42\r\n");
+    // A new window size reaches the shell.
+    p.resize(100, 30);
+    p.send("stty size\n");
+    p.expect("30 100");
+    // Ctrl+\ detaches and says how to come back.
+    p.send("\x1c");
+    let (code, out) = p.wait();
+    assert_eq!(code, Some(0), "{out}");
+    let id = out
+        .split("detached from session ")
+        .nth(1)
+        .and_then(|r| r.split(';').next())
+        .unwrap_or_else(|| panic!("{out}"))
+        .to_string();
+    assert!(out.contains(&format!("den sessions attach {id} -s box")), "{out}");
+
+    let list = json(&ok(u.cmd(&["sessions", "ls", "--json"])));
+    assert!(
+        list.as_array().unwrap().iter().any(|s| s["id"]
+            .as_str()
+            .map(str::to_string)
+            .unwrap_or(s["id"].to_string())
+            == id
+            && s["tty"] == true),
+        "{list}"
+    );
+    assert!(ok(u.cmd(&["sessions", "ls"])).contains(&id));
+
+    // Attach replays what the session printed, then it is live again.
+    let mut p = Pty::spawn(u.cmd(&["sessions", "attach", &id]));
+    p.expect("30 100");
+    p.send("echo again-$((1+1))\n");
+    p.expect("again-2");
+    p.send("exit 3\n");
+    let (code, out) = p.wait();
+    assert_eq!(code, Some(3), "{out}");
+
+    // Kill: a detached console ends on a signal.
+    let mut p = Pty::spawn(u.cmd(&["console"]));
+    p.send("echo ready-$((2+2))\n");
+    p.expect("ready-4");
+    p.send("\x1c");
+    let (_, out) = p.wait();
+    let id2 = out
+        .split("detached from session ")
+        .nth(1)
+        .and_then(|r| r.split(';').next())
+        .unwrap_or_else(|| panic!("{out}"))
+        .to_string();
+    let o = run(u.cmd(&["sessions", "kill", &id2, "--signal", "KILL"]));
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    assert!(String::from_utf8_lossy(&o.stdout).starts_with(&format!("session {id2} ended")));
+    let list = ok(u.cmd(&["sessions", "ls", "--json"]));
+    assert!(!list.contains(&format!("\"{id2}\"")), "{list}");
 }

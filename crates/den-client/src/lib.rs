@@ -10,6 +10,7 @@
 mod checkpoints;
 mod client;
 mod error;
+mod exec;
 mod ndjson;
 mod policy;
 mod sprites;
@@ -18,9 +19,11 @@ pub mod types;
 
 pub use client::Client;
 pub use error::Error;
+pub use exec::{ExecOptions, Session, SessionList, Ws};
 pub use ndjson::NdjsonStream;
 /// Re-exported so callers of [`Client::request`] use the same version.
 pub use reqwest;
+pub use tokio_tungstenite;
 pub use types::*;
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;
