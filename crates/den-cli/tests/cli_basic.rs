@@ -847,3 +847,84 @@ fn console_detach_attach_and_sessions() {
     let list = ok(u.cmd(&["sessions", "ls", "--json"]));
     assert!(!list.contains(&format!("\"{id2}\"")), "{list}");
 }
+
+/// A relative path with its bytes and mode (`None` for a directory).
+type TreeEntry = (String, Option<(Vec<u8>, u32)>);
+
+/// Every file under `root` with its bytes and mode, and every directory, by relative path.
+fn tree(root: &std::path::Path) -> Vec<TreeEntry> {
+    fn go(root: &std::path::Path, dir: &std::path::Path, out: &mut Vec<TreeEntry>) {
+        for e in std::fs::read_dir(dir).unwrap() {
+            let p = e.unwrap().path();
+            let rel = p.strip_prefix(root).unwrap().to_string_lossy().into_owned();
+            let m = std::fs::metadata(&p).unwrap();
+            if m.is_dir() {
+                out.push((rel, None));
+                go(root, &p, out);
+            } else {
+                out.push((
+                    rel,
+                    Some((std::fs::read(&p).unwrap(), m.permissions().mode() & 0o777)),
+                ));
+            }
+        }
+    }
+    let mut out = Vec::new();
+    go(root, root, &mut out);
+    out.sort();
+    out
+}
+
+#[test]
+fn cp_round_trips_a_tree() {
+    let s = Server::start();
+    let u = logged_in(&s);
+    ok(u.cmd(&["create", "box", "--skip-console"]));
+    ok(u.cmd(&["use", "box"]));
+
+    let src = u.cwd.join("src");
+    std::fs::create_dir_all(src.join("sub/deeper")).unwrap();
+    std::fs::create_dir_all(src.join("empty")).unwrap();
+    std::fs::write(src.join("a.txt"), "alpha\n").unwrap();
+    std::fs::write(src.join("sub/b.txt"), "").unwrap();
+    std::fs::write(src.join("sub/run.sh"), "#!/bin/sh\necho hi\n").unwrap();
+    std::fs::set_permissions(src.join("sub/run.sh"), std::fs::Permissions::from_mode(0o755)).unwrap();
+    let mut big = vec![0u8; 5 << 20];
+    let mut x: u64 = 0x2545_F491_4F6C_DD1D;
+    for c in big.chunks_exact_mut(8) {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        c.copy_from_slice(&x.to_le_bytes());
+    }
+    std::fs::write(src.join("sub/deeper/big.bin"), &big).unwrap();
+
+    // Up: the destination does not exist, so it becomes the copy.
+    let out = ok(u.cmd(&["cp", "src", ":/tmp/up"]));
+    assert!(out.starts_with("copied 4 file(s)"), "{out}");
+    let listed = ok(u.cmd(&["exec", "--", "sh", "-c", "cd /tmp/up && find . | sort"]));
+    assert_eq!(
+        listed,
+        ".\n./a.txt\n./empty\n./sub\n./sub/b.txt\n./sub/deeper\n./sub/deeper/big.bin\n./sub/run.sh\n"
+    );
+    assert_eq!(ok(u.cmd(&["exec", "--", "/tmp/up/sub/run.sh"])), "hi\n");
+
+    // Down, into an existing directory: it lands inside, under its own name.
+    let back = u.cwd.join("back");
+    std::fs::create_dir_all(&back).unwrap();
+    ok(u.cmd(&["cp", "box:/tmp/up", "back"]));
+    assert!(
+        tree(&src) == tree(&back.join("up")),
+        "the round trip changed the tree"
+    );
+
+    // Single files, both ways, with the NAME: form.
+    ok(u.cmd(&["cp", "src/a.txt", "box:/tmp/up/sub/"]));
+    assert_eq!(ok(u.cmd(&["exec", "--", "cat", "/tmp/up/sub/a.txt"])), "alpha\n");
+    ok(u.cmd(&["cp", ":/tmp/up/sub/deeper/big.bin", "big-copy"]));
+    assert!(std::fs::read(u.cwd.join("big-copy")).unwrap() == big);
+
+    // Errors say what is wrong.
+    assert!(fails(u.cmd(&["cp", "src", "back"])).contains("neither side is in a sprite"));
+    assert!(fails(u.cmd(&["cp", ":/nope", "x"])).contains("does not exist"));
+}

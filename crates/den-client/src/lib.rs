@@ -11,6 +11,7 @@ mod checkpoints;
 mod client;
 mod error;
 mod exec;
+mod fs;
 mod ndjson;
 mod policy;
 mod sprites;
@@ -20,6 +21,7 @@ pub mod types;
 pub use client::Client;
 pub use error::Error;
 pub use exec::{ExecOptions, Session, SessionList, Ws};
+pub use fs::{FS_HOME, FsEntry, FsListing};
 pub use ndjson::NdjsonStream;
 /// Re-exported so callers of [`Client::request`] use the same version.
 pub use reqwest;

@@ -8,6 +8,7 @@ mod api;
 mod auth;
 mod checkpoints;
 mod config;
+mod cp;
 mod errors;
 mod exec;
 mod names;
@@ -100,6 +101,11 @@ pub enum ClientCommand {
         after_help = "The shell is bash if the image has /bin/bash, else sh, as a login shell.\n\nExamples:\n  den console -s web\n  den sessions attach 1234     back into a detached console"
     )]
     Console(exec::ConsoleArgs),
+    /// Copy files and directory trees between here and a sprite.
+    #[command(
+        after_help = "A path in a sprite is NAME:PATH, or :PATH for the -s / `den use` sprite; relative\nsprite paths start at /home/sprite. An existing directory receives SRC inside it.\n\nExamples:\n  den cp ./site web:/srv/site      upload a tree\n  den cp :/var/log/app.log .        download a file\n  den cp web:project ./project-copy"
+    )]
+    Cp(cp::CpArgs),
     /// List, attach to and kill a sprite's exec sessions.
     #[command(
         subcommand,
@@ -190,6 +196,7 @@ pub fn run(cmd: ClientCommand, global: GlobalArgs, cli: fn() -> clap::Command) -
             ClientCommand::Destroy(a) => sprites::destroy(&ctx, a).await,
             ClientCommand::Exec(a) => exec::exec(&ctx, a).await,
             ClientCommand::Console(a) => exec::console(&ctx, a).await,
+            ClientCommand::Cp(a) => cp::cp(&ctx, a).await,
             ClientCommand::Sessions(c) => exec::sessions(&ctx, c).await,
             ClientCommand::Use(a) => sprites::use_sprite(&ctx, a).await,
             ClientCommand::Url(a) => sprites::url(&ctx, a).await,
