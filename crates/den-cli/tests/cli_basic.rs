@@ -928,3 +928,90 @@ fn cp_round_trips_a_tree() {
     assert!(fails(u.cmd(&["cp", "src", "back"])).contains("neither side is in a sprite"));
     assert!(fails(u.cmd(&["cp", ":/nope", "x"])).contains("does not exist"));
 }
+
+/// Wait (bounded) for a child to exit; kill it and fail if it does not.
+fn wait_child(mut child: Child) -> std::process::ExitStatus {
+    let r = den_testkit::wait_until(Duration::from_secs(60), Duration::from_millis(20), || {
+        matches!(child.try_wait(), Ok(Some(_)))
+    });
+    if r.is_err() {
+        let _ = child.kill();
+        panic!("den did not exit");
+    }
+    child.wait().unwrap()
+}
+
+#[test]
+fn exec_forwards_ctrl_c_and_services() {
+    let s = Server::start();
+    let u = logged_in(&s);
+    ok(u.cmd(&["create", "box", "--skip-console"]));
+    ok(u.cmd(&["use", "box"]));
+
+    // Ctrl+C (SIGINT to den) reaches the command as INT.
+    let mut c = u.cmd(&[
+        "exec",
+        "--",
+        "sh",
+        "-c",
+        "trap 'echo got-int; exit 5' INT; echo ready; while :; do sleep 0.1; done",
+    ]);
+    let mut child = c.stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().unwrap();
+    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+    assert_eq!(lines.next().unwrap().unwrap(), "ready");
+    // SAFETY: kill(2) on our own child's pid.
+    unsafe { libc::kill(child.id() as i32, libc::SIGINT) };
+    assert_eq!(lines.next().unwrap().unwrap(), "got-int");
+    assert_eq!(wait_child(child).code(), Some(5));
+
+    // Services.
+    assert!(ok(u.cmd(&["services", "ls"])).starts_with("no services"));
+    ok(u.cmd(&[
+        "services",
+        "create",
+        "ticker",
+        "--cmd",
+        "sh",
+        "--arg",
+        "-c",
+        "--arg",
+        "while true; do echo tick; sleep 0.2; done",
+    ]));
+    let status = |u: &User| {
+        let l = json(&ok(u.cmd(&["services", "ls", "--json"])));
+        l[0]["state"]["status"].as_str().unwrap_or("").to_string()
+    };
+    let until = |want: &str| {
+        let r = den_testkit::wait_until(Duration::from_secs(30), Duration::from_millis(100), || {
+            status(&u) == want
+        });
+        assert!(r.is_ok(), "service never {want}: {}", status(&u));
+    };
+    until("running");
+    assert!(ok(u.cmd(&["services", "ls"])).contains("ticker"));
+    let r = den_testkit::wait_until(Duration::from_secs(30), Duration::from_millis(100), || {
+        ok(u.cmd(&["services", "logs", "ticker"])).contains("tick")
+    });
+    assert!(r.is_ok(), "no log lines");
+    // -f follows until Ctrl+C.
+    let mut c = u.cmd(&["services", "logs", "ticker", "-f", "-n", "1"]);
+    let mut child = c.stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().unwrap();
+    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+    for _ in 0..3 {
+        assert!(lines.next().unwrap().unwrap().contains("tick"));
+    }
+    // SAFETY: kill(2) on our own child's pid.
+    unsafe { libc::kill(child.id() as i32, libc::SIGINT) };
+    wait_child(child);
+
+    ok(u.cmd(&["services", "stop", "ticker"]));
+    until("stopped");
+    ok(u.cmd(&["services", "start", "ticker"]));
+    until("running");
+    ok(u.cmd(&["services", "rm", "ticker"]));
+    assert_eq!(
+        json(&ok(u.cmd(&["services", "ls", "--json"]))),
+        serde_json::json!([])
+    );
+    assert!(fails(u.cmd(&["services", "start", "ghost"])).contains("ghost"));
+}

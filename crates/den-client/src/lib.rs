@@ -14,6 +14,7 @@ mod exec;
 mod fs;
 mod ndjson;
 mod policy;
+mod services;
 mod sprites;
 mod tokens;
 pub mod types;
@@ -25,6 +26,7 @@ pub use fs::{FS_HOME, FsEntry, FsListing};
 pub use ndjson::NdjsonStream;
 /// Re-exported so callers of [`Client::request`] use the same version.
 pub use reqwest;
+pub use services::{Service, ServiceSpec};
 pub use tokio_tungstenite;
 pub use types::*;
 

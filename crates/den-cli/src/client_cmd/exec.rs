@@ -106,6 +106,17 @@ pub async fn exec(ctx: &Ctx, a: ExecArgs) -> Result<()> {
     finish(out, &name)
 }
 
+/// Run `cmd` without input (output passes through); exits with its code.
+pub async fn run_plain(c: &den_client::Client, name: &str, cmd: Vec<String>) -> Result<()> {
+    let opts = ExecOptions {
+        cmd,
+        ..Default::default()
+    };
+    let ws = c.exec_ws(name, &opts).await.hint()?;
+    let out = drive(ws, false, Input::None).await?;
+    finish(out, name)
+}
+
 #[derive(Args, Debug)]
 pub struct ConsoleArgs {}
 

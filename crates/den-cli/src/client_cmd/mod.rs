@@ -15,6 +15,7 @@ mod names;
 mod output;
 mod policy;
 mod prompt;
+mod services;
 mod sprites;
 
 use anyhow::{Result, bail};
@@ -106,6 +107,13 @@ pub enum ClientCommand {
         after_help = "A path in a sprite is NAME:PATH, or :PATH for the -s / `den use` sprite; relative\nsprite paths start at /home/sprite. An existing directory receives SRC inside it.\n\nExamples:\n  den cp ./site web:/srv/site      upload a tree\n  den cp :/var/log/app.log .        download a file\n  den cp web:project ./project-copy"
     )]
     Cp(cp::CpArgs),
+    /// The sprite's services: processes it starts at boot and restarts on crash.
+    #[command(
+        subcommand,
+        visible_alias = "svc",
+        after_help = "Examples:\n  den services create web --cmd python3 --arg -m --arg http.server --arg 8000 --http-port 8000\n  den services ls\n  den services logs web -f\n  den services stop web\n  den services rm web"
+    )]
+    Services(services::ServicesCmd),
     /// List, attach to and kill a sprite's exec sessions.
     #[command(
         subcommand,
@@ -196,6 +204,7 @@ pub fn run(cmd: ClientCommand, global: GlobalArgs, cli: fn() -> clap::Command) -
             ClientCommand::Destroy(a) => sprites::destroy(&ctx, a).await,
             ClientCommand::Exec(a) => exec::exec(&ctx, a).await,
             ClientCommand::Console(a) => exec::console(&ctx, a).await,
+            ClientCommand::Services(c) => services::services(&ctx, c).await,
             ClientCommand::Cp(a) => cp::cp(&ctx, a).await,
             ClientCommand::Sessions(c) => exec::sessions(&ctx, c).await,
             ClientCommand::Use(a) => sprites::use_sprite(&ctx, a).await,
