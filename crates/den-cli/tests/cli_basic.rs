@@ -1015,3 +1015,44 @@ fn exec_forwards_ctrl_c_and_services() {
     );
     assert!(fails(u.cmd(&["services", "start", "ghost"])).contains("ghost"));
 }
+
+#[test]
+fn proxy_forwards_a_port() {
+    let s = Server::start();
+    let u = logged_in(&s);
+    ok(u.cmd(&["create", "box", "--skip-console"]));
+    ok(u.cmd(&["use", "box"]));
+    ok(u.cmd(&[
+        "services",
+        "create",
+        "greeter",
+        "--cmd",
+        "sh",
+        "--arg",
+        "-c",
+        "--arg",
+        "while true; do echo hello-proxy | nc -l -p 8000; done",
+    ]));
+    let port = den_testkit::free_port().unwrap();
+    let mut c = u.cmd(&["proxy", &format!("{port}:8000")]);
+    let mut child = c.stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().unwrap();
+    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+    assert_eq!(
+        lines.next().unwrap().unwrap(),
+        format!("forwarding 127.0.0.1:{port} -> box:8000")
+    );
+    // Until the listener in the sprite is up, tunnels close empty.
+    let r = den_testkit::wait_until(Duration::from_secs(30), Duration::from_millis(100), || {
+        let Ok(mut conn) = std::net::TcpStream::connect(("127.0.0.1", port)) else {
+            return false;
+        };
+        conn.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        let mut got = String::new();
+        let _ = std::io::Read::read_to_string(&mut conn, &mut got);
+        got.contains("hello-proxy")
+    });
+    assert!(r.is_ok(), "never got the greeting through the proxy");
+    // SAFETY: kill(2) on our own child's pid.
+    unsafe { libc::kill(child.id() as i32, libc::SIGINT) };
+    assert!(wait_child(child).success());
+}

@@ -109,6 +109,12 @@ impl Client {
         self.connect_ws(url, name).await
     }
 
+    /// The TCP tunnel WebSocket (§2.11); the caller sends the `{"host","port"}` frame.
+    pub async fn proxy_ws(&self, name: &str) -> Result<Ws> {
+        let url = self.ws_url(&format!("/v1/sprites/{}/proxy", seg(name)))?;
+        self.connect_ws(url, name).await
+    }
+
     async fn connect_ws(&self, url: reqwest::Url, sprite: &str) -> Result<Ws> {
         let shown = url.as_str().split('?').next().unwrap_or_default().to_string();
         let mut req = url.as_str().into_client_request().map_err(|e| Error::BadUrl {

@@ -15,6 +15,7 @@ mod names;
 mod output;
 mod policy;
 mod prompt;
+mod proxy;
 mod services;
 mod sprites;
 
@@ -114,6 +115,11 @@ pub enum ClientCommand {
         after_help = "Examples:\n  den services create web --cmd python3 --arg -m --arg http.server --arg 8000 --http-port 8000\n  den services ls\n  den services logs web -f\n  den services stop web\n  den services rm web"
     )]
     Services(services::ServicesCmd),
+    /// Forward local TCP ports to ports in the sprite (until Ctrl+C).
+    #[command(
+        after_help = "Examples:\n  den proxy 8080                 localhost:8080 here reaches 8080 in the sprite\n  den proxy 5433:5432 3000 -s db"
+    )]
+    Proxy(proxy::ProxyArgs),
     /// List, attach to and kill a sprite's exec sessions.
     #[command(
         subcommand,
@@ -205,6 +211,7 @@ pub fn run(cmd: ClientCommand, global: GlobalArgs, cli: fn() -> clap::Command) -
             ClientCommand::Exec(a) => exec::exec(&ctx, a).await,
             ClientCommand::Console(a) => exec::console(&ctx, a).await,
             ClientCommand::Services(c) => services::services(&ctx, c).await,
+            ClientCommand::Proxy(a) => proxy::proxy(&ctx, a).await,
             ClientCommand::Cp(a) => cp::cp(&ctx, a).await,
             ClientCommand::Sessions(c) => exec::sessions(&ctx, c).await,
             ClientCommand::Use(a) => sprites::use_sprite(&ctx, a).await,
