@@ -1056,3 +1056,32 @@ fn proxy_forwards_a_port() {
     unsafe { libc::kill(child.id() as i32, libc::SIGINT) };
     assert!(wait_child(child).success());
 }
+
+#[test]
+fn exec_forward_follows_opened_ports() {
+    let s = Server::start();
+    let u = logged_in(&s);
+    ok(u.cmd(&["create", "box", "--skip-console"]));
+    ok(u.cmd(&["use", "box"]));
+    let port = den_testkit::free_port().unwrap();
+    let script = format!("echo fwd-hello | nc -l -p {port}; echo served");
+    let mut c = u.cmd(&["exec", "--forward", "--", "sh", "-c", &script]);
+    let mut child = c.stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().unwrap();
+    let mut err = BufReader::new(child.stderr.take().unwrap()).lines();
+    let want = format!("den: forwarding 127.0.0.1:{port} -> box:{port}");
+    loop {
+        let l = err
+            .next()
+            .expect("stderr ended before the port was forwarded")
+            .unwrap();
+        if l == want {
+            break;
+        }
+    }
+    let mut conn = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+    conn.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+    let mut got = String::new();
+    let _ = std::io::Read::read_to_string(&mut conn, &mut got);
+    assert_eq!(got, "fwd-hello\n");
+    assert!(wait_child(child).success());
+}

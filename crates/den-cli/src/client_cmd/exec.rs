@@ -50,6 +50,9 @@ pub struct ExecArgs {
     /// Kill the command after this long (like 30s, 5m, 1h).
     #[arg(long, value_name = "DUR")]
     pub timeout: Option<String>,
+    /// Forward ports the command starts listening on to the same ports on 127.0.0.1 here.
+    #[arg(long)]
+    pub forward: bool,
     /// The command and its arguments (after `--`).
     #[arg(
         required = true,
@@ -102,7 +105,8 @@ pub async fn exec(ctx: &Ctx, a: ExecArgs) -> Result<()> {
         (_, false) => Input::Pipe,
         (false, true) => Input::None,
     };
-    let out = drive(ws, a.tty, input).await?;
+    let fwd = a.forward.then(|| (c.clone(), name.clone()));
+    let out = drive_fwd(ws, a.tty, input, fwd).await?;
     finish(out, &name)
 }
 
@@ -336,6 +340,16 @@ fn note(raw: bool, msg: &str) {
 /// Run one session to its end: output to stdout/stderr, stdin, signals and
 /// window sizes to the sprite.
 async fn drive(ws: Ws, tty_hint: bool, input: Input) -> Result<Outcome> {
+    drive_fwd(ws, tty_hint, input, None).await
+}
+
+/// [`drive`], forwarding opened ports when `fwd` names the client and sprite.
+async fn drive_fwd(
+    ws: Ws,
+    tty_hint: bool,
+    input: Input,
+    fwd: Option<(den_client::Client, String)>,
+) -> Result<Outcome> {
     let mut tty = tty_hint;
     let raw_guard = if input == Input::Raw {
         Some(RawMode::enable()?)
@@ -432,10 +446,19 @@ async fn drive(ws: Ws, tty_hint: bool, input: Input) -> Result<Outcome> {
                                 let m = v["message"].as_str().unwrap_or("the command ran out of time");
                                 note(raw, &format!("den: {m}"));
                             }
-                            Some("port_opened") => note(raw, &format!(
-                                "den: port {} opened in the sprite (on {})",
-                                v["port"], v["address"].as_str().unwrap_or("?")
-                            )),
+                            Some("port_opened") => {
+                                note(raw, &format!(
+                                    "den: port {} opened in the sprite (on {})",
+                                    v["port"], v["address"].as_str().unwrap_or("?")
+                                ));
+                                let port = v["port"].as_u64().and_then(|p| u16::try_from(p).ok());
+                                if let (Some((c, sprite)), Some(p)) = (&fwd, port) {
+                                    match super::proxy::forward(c.clone(), sprite.clone(), p, p).await {
+                                        Ok(l) => note(raw, &format!("den: forwarding 127.0.0.1:{l} -> {sprite}:{p}")),
+                                        Err(e) => note(raw, &format!("den: not forwarding port {p}: {e:#}")),
+                                    }
+                                }
+                            }
                             Some("port_closed") => note(raw, &format!("den: port {} closed in the sprite", v["port"])),
                             _ => {}
                         }

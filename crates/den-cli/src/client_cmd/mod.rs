@@ -15,7 +15,7 @@ mod names;
 mod output;
 mod policy;
 mod prompt;
-mod proxy;
+pub(crate) mod proxy;
 mod services;
 mod sprites;
 

@@ -63,6 +63,27 @@ pub async fn proxy(ctx: &Ctx, a: ProxyArgs) -> Result<()> {
     Ok(())
 }
 
+/// Listen on 127.0.0.1:`local` and tunnel each connection to `remote` in the
+/// sprite, in the background (for `den exec --forward`).
+pub async fn forward(c: Client, sprite: String, local: u16, remote: u16) -> Result<u16> {
+    let l = TcpListener::bind(("127.0.0.1", local))
+        .await
+        .with_context(|| format!("listening on 127.0.0.1:{local}"))?;
+    let bound = l.local_addr()?.port();
+    tokio::spawn(async move {
+        loop {
+            let Ok((sock, _)) = l.accept().await else { continue };
+            let (c, sprite) = (c.clone(), sprite.clone());
+            tokio::spawn(async move {
+                if let Err(e) = tunnel(&c, &sprite, remote, sock).await {
+                    eprintln!("den: forwarding {sprite}:{remote}: {e:#}");
+                }
+            });
+        }
+    });
+    Ok(bound)
+}
+
 async fn tunnel(c: &Client, sprite: &str, port: u16, sock: TcpStream) -> Result<()> {
     let mut ws = c.proxy_ws(sprite).await.hint()?;
     ws.send(Message::Text(
