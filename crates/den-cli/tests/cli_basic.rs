@@ -354,11 +354,11 @@ fn sprites_lifecycle() {
     let beta = json(&ok(u.cmd(&["create", "beta", "--skip-console", "--json"])));
     assert_eq!(beta["name"], "beta");
     // No name: a random friendly one.
-    // Without --skip-console: no console in this build yet, and it says so.
+    // Without --skip-console but not on a terminal: no console, a hint instead.
     let o = run(u.cmd(&["create"]));
     assert!(o.status.success());
     let out = String::from_utf8(o.stdout).unwrap();
-    assert!(String::from_utf8_lossy(&o.stderr).contains("no console yet"));
+    assert!(String::from_utf8_lossy(&o.stderr).contains("open a shell in it with: den console -s "));
     let rnd_name = out
         .strip_prefix("created sprite ")
         .and_then(|r| r.split_whitespace().next())
@@ -592,4 +592,496 @@ fn checkpoint_restore_fork() {
             .any(|c| c["id"] == second_id.as_str()),
         "{list}"
     );
+}
+
+/// Run, return (exit code, stdout, stderr).
+fn outcome(c: Command) -> (Option<i32>, String, String) {
+    let o = run(c);
+    (
+        o.status.code(),
+        String::from_utf8_lossy(&o.stdout).into_owned(),
+        String::from_utf8_lossy(&o.stderr).into_owned(),
+    )
+}
+
+#[test]
+fn exec_streams_and_exit_codes() {
+    let s = Server::start();
+    let u = logged_in(&s);
+    ok(u.cmd(&["create", "box", "--skip-console"]));
+    ok(u.cmd(&["use", "box"]));
+
+    // A pipeline: stdin goes through and EOF ends `cat`.
+    let mut c = u.cmd(&["exec", "--", "cat"]);
+    c.stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    let mut child = c.spawn().unwrap();
+    child.stdin.take().unwrap().write_all(b"hi\n").unwrap();
+    let o = child.wait_with_output().unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    assert_eq!(String::from_utf8_lossy(&o.stdout), "hi\n");
+
+    // Exit codes pass through, a signal death as 128+signal.
+    assert_eq!(outcome(u.cmd(&["exec", "--", "sh", "-c", "exit 7"])).0, Some(7));
+    assert_eq!(
+        outcome(u.cmd(&["exec", "--", "sh", "-c", "kill -9 $$"])).0,
+        Some(137)
+    );
+
+    // stdout and stderr stay apart.
+    let (code, out, err) = outcome(u.cmd(&["exec", "--", "sh", "-c", "echo out; echo err >&2"]));
+    assert_eq!((code, out.as_str(), err.as_str()), (Some(0), "out\n", "err\n"));
+
+    // --env and --dir.
+    let out = ok(u.cmd(&[
+        "exec",
+        "--env",
+        "FOO=bar baz",
+        "--dir",
+        "/tmp",
+        "--",
+        "sh",
+        "-c",
+        "echo \"$FOO\"; pwd",
+    ]));
+    assert_eq!(out, "bar baz\n/tmp\n");
+
+    // --timeout ends the command and says so.
+    let t0 = std::time::Instant::now();
+    let (code, _, err) = outcome(u.cmd(&["exec", "--timeout", "1s", "--", "sleep", "30"]));
+    assert!(code.is_some_and(|c| c != 0), "{code:?} {err}");
+    assert!(err.contains("den:"), "{err}");
+    assert!(t0.elapsed() < Duration::from_secs(20));
+
+    // 100 MiB of stdin streams through intact.
+    let big = u.cwd.join("big.bin");
+    {
+        let mut f = std::io::BufWriter::new(std::fs::File::create(&big).unwrap());
+        let mut x: u64 = 0x9E37_79B9_7F4A_7C15;
+        let mut block = vec![0u8; 1 << 20];
+        for _ in 0..100 {
+            for c in block.chunks_exact_mut(8) {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                c.copy_from_slice(&x.to_le_bytes());
+            }
+            f.write_all(&block).unwrap();
+        }
+    }
+    let local = ok({
+        let mut c = Command::new("sha256sum");
+        c.arg(&big);
+        c
+    });
+    let mut c = u.cmd(&["exec", "--", "sha256sum"]);
+    c.stdin(std::fs::File::open(&big).unwrap());
+    let remote = ok(c);
+    assert_eq!(
+        remote.split_whitespace().next(),
+        local.split_whitespace().next(),
+        "{remote} vs {local}"
+    );
+
+    // No command, or a bad flag value: usage and helpful errors.
+    assert_eq!(run(u.cmd(&["exec"])).status.code(), Some(2));
+    assert!(fails(u.cmd(&["exec", "--timeout", "soon", "--", "true"])).contains("not a duration"));
+    assert_eq!(
+        fails(u.cmd(&["exec", "-s", "nope", "--", "true"])),
+        "error: sprite 'nope' not found — run `den ls`\n"
+    );
+}
+
+/// A `den` on its own pseudo-terminal (its controlling terminal, so window
+/// size changes reach it as SIGWINCH), with everything it prints collected.
+struct Pty {
+    master: std::fs::File,
+    seen: std::sync::Arc<std::sync::Mutex<Vec<u8>>>,
+    child: Child,
+}
+
+impl Pty {
+    fn spawn(mut c: Command) -> Pty {
+        use std::os::unix::process::CommandExt;
+        let ws = nix::pty::Winsize {
+            ws_row: 24,
+            ws_col: 80,
+            ws_xpixel: 0,
+            ws_ypixel: 0,
+        };
+        let pty = nix::pty::openpty(Some(&ws), None).unwrap();
+        let slave = std::fs::File::from(pty.slave);
+        c.stdin(Stdio::from(slave.try_clone().unwrap()))
+            .stdout(Stdio::from(slave.try_clone().unwrap()))
+            .stderr(Stdio::from(slave));
+        // SAFETY: only async-signal-safe calls between fork and exec.
+        unsafe {
+            c.pre_exec(|| {
+                libc::setsid();
+                libc::ioctl(0, libc::TIOCSCTTY, 0);
+                Ok(())
+            });
+        }
+        let child = c.spawn().unwrap();
+        drop(c);
+        let master = std::fs::File::from(pty.master);
+        let seen = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let (mut r, s2) = (master.try_clone().unwrap(), seen.clone());
+        std::thread::spawn(move || {
+            let mut buf = [0u8; 4096];
+            while let Ok(n) = std::io::Read::read(&mut r, &mut buf) {
+                if n == 0 {
+                    break;
+                }
+                s2.lock().unwrap().extend_from_slice(&buf[..n]);
+            }
+        });
+        Pty { master, seen, child }
+    }
+
+    fn text(&self) -> String {
+        String::from_utf8_lossy(&self.seen.lock().unwrap()).into_owned()
+    }
+
+    fn send(&mut self, s: &str) {
+        self.master.write_all(s.as_bytes()).unwrap();
+    }
+
+    /// Wait until the output contains `needle`; panic with all of it if not.
+    fn expect(&self, needle: &str) {
+        let r = den_testkit::wait_until(Duration::from_secs(60), Duration::from_millis(20), || {
+            self.text().contains(needle)
+        });
+        assert!(r.is_ok(), "never saw {needle:?}; output:\n{}", self.text());
+    }
+
+    fn resize(&self, cols: u16, rows: u16) {
+        use std::os::fd::AsRawFd;
+        let ws = libc::winsize {
+            ws_row: rows,
+            ws_col: cols,
+            ws_xpixel: 0,
+            ws_ypixel: 0,
+        };
+        // SAFETY: TIOCSWINSZ reads one winsize we own.
+        assert_eq!(
+            unsafe { libc::ioctl(self.master.as_raw_fd(), libc::TIOCSWINSZ, &ws) },
+            0
+        );
+    }
+
+    /// Wait for the exit (bounded) and return the code.
+    fn wait(mut self) -> (Option<i32>, String) {
+        let r = den_testkit::wait_until(Duration::from_secs(60), Duration::from_millis(20), || {
+            matches!(self.child.try_wait(), Ok(Some(_)))
+        });
+        assert!(r.is_ok(), "den did not exit; output:\n{}", self.text());
+        let code = self.child.wait().unwrap().code();
+        (code, self.text())
+    }
+}
+
+#[test]
+fn console_detach_attach_and_sessions() {
+    let s = Server::start();
+    let u = logged_in(&s);
+    ok(u.cmd(&["create", "box", "--skip-console"]));
+    ok(u.cmd(&["use", "box"]));
+
+    let mut p = Pty::spawn(u.cmd(&["console"]));
+    p.send("echo $((6*7))\n");
+    p.expect("42\r\n");
+    // A new window size reaches the shell.
+    p.resize(100, 30);
+    p.send("stty size\n");
+    p.expect("30 100");
+    // Ctrl+\ detaches and says how to come back.
+    p.send("\x1c");
+    let (code, out) = p.wait();
+    assert_eq!(code, Some(0), "{out}");
+    let id = out
+        .split("detached from session ")
+        .nth(1)
+        .and_then(|r| r.split(';').next())
+        .unwrap_or_else(|| panic!("{out}"))
+        .to_string();
+    assert!(out.contains(&format!("den sessions attach {id} -s box")), "{out}");
+
+    let list = json(&ok(u.cmd(&["sessions", "ls", "--json"])));
+    assert!(
+        list.as_array().unwrap().iter().any(|s| s["id"]
+            .as_str()
+            .map(str::to_string)
+            .unwrap_or(s["id"].to_string())
+            == id
+            && s["tty"] == true),
+        "{list}"
+    );
+    assert!(ok(u.cmd(&["sessions", "ls"])).contains(&id));
+
+    // Attach replays what the session printed, then it is live again.
+    let mut p = Pty::spawn(u.cmd(&["sessions", "attach", &id]));
+    p.expect("30 100");
+    p.send("echo again-$((1+1))\n");
+    p.expect("again-2");
+    p.send("exit 3\n");
+    let (code, out) = p.wait();
+    assert_eq!(code, Some(3), "{out}");
+
+    // Kill: a detached console ends on a signal.
+    let mut p = Pty::spawn(u.cmd(&["console"]));
+    p.send("echo ready-$((2+2))\n");
+    p.expect("ready-4");
+    p.send("\x1c");
+    let (_, out) = p.wait();
+    let id2 = out
+        .split("detached from session ")
+        .nth(1)
+        .and_then(|r| r.split(';').next())
+        .unwrap_or_else(|| panic!("{out}"))
+        .to_string();
+    let o = run(u.cmd(&["sessions", "kill", &id2, "--signal", "KILL"]));
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    assert!(String::from_utf8_lossy(&o.stdout).starts_with(&format!("session {id2} ended")));
+    let list = ok(u.cmd(&["sessions", "ls", "--json"]));
+    assert!(!list.contains(&format!("\"{id2}\"")), "{list}");
+}
+
+/// A relative path with its bytes and mode (`None` for a directory).
+type TreeEntry = (String, Option<(Vec<u8>, u32)>);
+
+/// Every file under `root` with its bytes and mode, and every directory, by relative path.
+fn tree(root: &std::path::Path) -> Vec<TreeEntry> {
+    fn go(root: &std::path::Path, dir: &std::path::Path, out: &mut Vec<TreeEntry>) {
+        for e in std::fs::read_dir(dir).unwrap() {
+            let p = e.unwrap().path();
+            let rel = p.strip_prefix(root).unwrap().to_string_lossy().into_owned();
+            let m = std::fs::metadata(&p).unwrap();
+            if m.is_dir() {
+                out.push((rel, None));
+                go(root, &p, out);
+            } else {
+                out.push((
+                    rel,
+                    Some((std::fs::read(&p).unwrap(), m.permissions().mode() & 0o777)),
+                ));
+            }
+        }
+    }
+    let mut out = Vec::new();
+    go(root, root, &mut out);
+    out.sort();
+    out
+}
+
+#[test]
+fn cp_round_trips_a_tree() {
+    let s = Server::start();
+    let u = logged_in(&s);
+    ok(u.cmd(&["create", "box", "--skip-console"]));
+    ok(u.cmd(&["use", "box"]));
+
+    let src = u.cwd.join("src");
+    std::fs::create_dir_all(src.join("sub/deeper")).unwrap();
+    std::fs::create_dir_all(src.join("empty")).unwrap();
+    std::fs::write(src.join("a.txt"), "alpha\n").unwrap();
+    std::fs::write(src.join("sub/b.txt"), "").unwrap();
+    std::fs::write(src.join("sub/run.sh"), "#!/bin/sh\necho hi\n").unwrap();
+    std::fs::set_permissions(src.join("sub/run.sh"), std::fs::Permissions::from_mode(0o755)).unwrap();
+    let mut big = vec![0u8; 5 << 20];
+    let mut x: u64 = 0x2545_F491_4F6C_DD1D;
+    for c in big.chunks_exact_mut(8) {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        c.copy_from_slice(&x.to_le_bytes());
+    }
+    std::fs::write(src.join("sub/deeper/big.bin"), &big).unwrap();
+
+    // Up: the destination does not exist, so it becomes the copy.
+    let out = ok(u.cmd(&["cp", "src", ":/tmp/up"]));
+    assert!(out.starts_with("copied 4 file(s)"), "{out}");
+    let listed = ok(u.cmd(&["exec", "--", "sh", "-c", "cd /tmp/up && find . | sort"]));
+    assert_eq!(
+        listed,
+        ".\n./a.txt\n./empty\n./sub\n./sub/b.txt\n./sub/deeper\n./sub/deeper/big.bin\n./sub/run.sh\n"
+    );
+    assert_eq!(ok(u.cmd(&["exec", "--", "/tmp/up/sub/run.sh"])), "hi\n");
+
+    // Down, into an existing directory: it lands inside, under its own name.
+    let back = u.cwd.join("back");
+    std::fs::create_dir_all(&back).unwrap();
+    ok(u.cmd(&["cp", "box:/tmp/up", "back"]));
+    assert!(
+        tree(&src) == tree(&back.join("up")),
+        "the round trip changed the tree"
+    );
+
+    // Single files, both ways, with the NAME: form.
+    ok(u.cmd(&["cp", "src/a.txt", "box:/tmp/up/sub/"]));
+    assert_eq!(ok(u.cmd(&["exec", "--", "cat", "/tmp/up/sub/a.txt"])), "alpha\n");
+    ok(u.cmd(&["cp", ":/tmp/up/sub/deeper/big.bin", "big-copy"]));
+    assert!(std::fs::read(u.cwd.join("big-copy")).unwrap() == big);
+
+    // Errors say what is wrong.
+    assert!(fails(u.cmd(&["cp", "src", "back"])).contains("neither side is in a sprite"));
+    assert!(fails(u.cmd(&["cp", ":/nope", "x"])).contains("does not exist"));
+}
+
+/// Wait (bounded) for a child to exit; kill it and fail if it does not.
+fn wait_child(mut child: Child) -> std::process::ExitStatus {
+    let r = den_testkit::wait_until(Duration::from_secs(60), Duration::from_millis(20), || {
+        matches!(child.try_wait(), Ok(Some(_)))
+    });
+    if r.is_err() {
+        let _ = child.kill();
+        panic!("den did not exit");
+    }
+    child.wait().unwrap()
+}
+
+#[test]
+fn exec_forwards_ctrl_c_and_services() {
+    let s = Server::start();
+    let u = logged_in(&s);
+    ok(u.cmd(&["create", "box", "--skip-console"]));
+    ok(u.cmd(&["use", "box"]));
+
+    // Ctrl+C (SIGINT to den) reaches the command as INT.
+    let mut c = u.cmd(&[
+        "exec",
+        "--",
+        "sh",
+        "-c",
+        "trap 'echo got-int; exit 5' INT; echo ready; while :; do sleep 0.1; done",
+    ]);
+    let mut child = c.stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().unwrap();
+    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+    assert_eq!(lines.next().unwrap().unwrap(), "ready");
+    // SAFETY: kill(2) on our own child's pid.
+    unsafe { libc::kill(child.id() as i32, libc::SIGINT) };
+    assert_eq!(lines.next().unwrap().unwrap(), "got-int");
+    assert_eq!(wait_child(child).code(), Some(5));
+
+    // Services.
+    assert!(ok(u.cmd(&["services", "ls"])).starts_with("no services"));
+    ok(u.cmd(&[
+        "services",
+        "create",
+        "ticker",
+        "--cmd",
+        "sh",
+        "--arg",
+        "-c",
+        "--arg",
+        "while true; do echo tick; sleep 0.2; done",
+    ]));
+    let status = |u: &User| {
+        let l = json(&ok(u.cmd(&["services", "ls", "--json"])));
+        l[0]["state"]["status"].as_str().unwrap_or("").to_string()
+    };
+    let until = |want: &str| {
+        let r = den_testkit::wait_until(Duration::from_secs(30), Duration::from_millis(100), || {
+            status(&u) == want
+        });
+        assert!(r.is_ok(), "service never {want}: {}", status(&u));
+    };
+    until("running");
+    assert!(ok(u.cmd(&["services", "ls"])).contains("ticker"));
+    let r = den_testkit::wait_until(Duration::from_secs(30), Duration::from_millis(100), || {
+        ok(u.cmd(&["services", "logs", "ticker"])).contains("tick")
+    });
+    assert!(r.is_ok(), "no log lines");
+    // -f follows until Ctrl+C.
+    let mut c = u.cmd(&["services", "logs", "ticker", "-f", "-n", "1"]);
+    let mut child = c.stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().unwrap();
+    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+    for _ in 0..3 {
+        assert!(lines.next().unwrap().unwrap().contains("tick"));
+    }
+    // SAFETY: kill(2) on our own child's pid.
+    unsafe { libc::kill(child.id() as i32, libc::SIGINT) };
+    wait_child(child);
+
+    ok(u.cmd(&["services", "stop", "ticker"]));
+    until("stopped");
+    ok(u.cmd(&["services", "start", "ticker"]));
+    until("running");
+    ok(u.cmd(&["services", "rm", "ticker"]));
+    assert_eq!(
+        json(&ok(u.cmd(&["services", "ls", "--json"]))),
+        serde_json::json!([])
+    );
+    assert!(fails(u.cmd(&["services", "start", "ghost"])).contains("ghost"));
+}
+
+#[test]
+fn proxy_forwards_a_port() {
+    let s = Server::start();
+    let u = logged_in(&s);
+    ok(u.cmd(&["create", "box", "--skip-console"]));
+    ok(u.cmd(&["use", "box"]));
+    ok(u.cmd(&[
+        "services",
+        "create",
+        "greeter",
+        "--cmd",
+        "sh",
+        "--arg",
+        "-c",
+        "--arg",
+        "while true; do echo hello-proxy | nc -l -p 8000; done",
+    ]));
+    let port = den_testkit::free_port().unwrap();
+    let mut c = u.cmd(&["proxy", &format!("{port}:8000")]);
+    let mut child = c.stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().unwrap();
+    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+    assert_eq!(
+        lines.next().unwrap().unwrap(),
+        format!("forwarding 127.0.0.1:{port} -> box:8000")
+    );
+    // Until the listener in the sprite is up, tunnels close empty.
+    let r = den_testkit::wait_until(Duration::from_secs(30), Duration::from_millis(100), || {
+        let Ok(mut conn) = std::net::TcpStream::connect(("127.0.0.1", port)) else {
+            return false;
+        };
+        conn.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        let mut got = String::new();
+        let _ = std::io::Read::read_to_string(&mut conn, &mut got);
+        got.contains("hello-proxy")
+    });
+    assert!(r.is_ok(), "never got the greeting through the proxy");
+    // SAFETY: kill(2) on our own child's pid.
+    unsafe { libc::kill(child.id() as i32, libc::SIGINT) };
+    assert!(wait_child(child).success());
+}
+
+#[test]
+fn exec_forward_follows_opened_ports() {
+    let s = Server::start();
+    let u = logged_in(&s);
+    ok(u.cmd(&["create", "box", "--skip-console"]));
+    ok(u.cmd(&["use", "box"]));
+    let port = den_testkit::free_port().unwrap();
+    let script = format!("echo fwd-hello | nc -l -p {port}; echo served");
+    let mut c = u.cmd(&["exec", "--forward", "--", "sh", "-c", &script]);
+    let mut child = c.stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().unwrap();
+    let mut err = BufReader::new(child.stderr.take().unwrap()).lines();
+    let want = format!("den: forwarding 127.0.0.1:{port} -> box:{port}");
+    loop {
+        let l = err
+            .next()
+            .expect("stderr ended before the port was forwarded")
+            .unwrap();
+        if l == want {
+            break;
+        }
+    }
+    let mut conn = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+    conn.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+    let mut got = String::new();
+    let _ = std::io::Read::read_to_string(&mut conn, &mut got);
+    assert_eq!(got, "fwd-hello\n");
+    assert!(wait_child(child).success());
 }

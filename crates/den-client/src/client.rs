@@ -128,7 +128,12 @@ impl Client {
 async fn error_from(resp: Response, sprite: Option<&str>) -> Error {
     let status = resp.status().as_u16();
     let text = resp.text().await.unwrap_or_default();
-    let (code, message) = match serde_json::from_str::<serde_json::Value>(&text) {
+    error_from_parts(status, &text, sprite)
+}
+
+/// [`error_from`] for an answer already read (a refused WebSocket upgrade).
+pub(crate) fn error_from_parts(status: u16, text: &str, sprite: Option<&str>) -> Error {
+    let (code, message) = match serde_json::from_str::<serde_json::Value>(text) {
         Ok(v) => (
             v.get("error").and_then(|c| c.as_str()).map(str::to_string),
             v.get("message")

@@ -35,6 +35,16 @@ pub enum Error {
     Decode(String),
     #[error("talking to the server: {0}")]
     Http(#[source] reqwest::Error),
+    /// Nothing answered when opening a WebSocket.
+    #[error("cannot reach den at {url}: {source}")]
+    WsUnreachable {
+        url: String,
+        #[source]
+        source: std::io::Error,
+    },
+    /// A WebSocket failed after it was open (or its handshake went wrong).
+    #[error("websocket: {0}")]
+    Ws(String),
 }
 
 impl Error {

@@ -10,17 +10,24 @@
 mod checkpoints;
 mod client;
 mod error;
+mod exec;
+mod fs;
 mod ndjson;
 mod policy;
+mod services;
 mod sprites;
 mod tokens;
 pub mod types;
 
 pub use client::Client;
 pub use error::Error;
+pub use exec::{ExecOptions, Session, SessionList, Ws};
+pub use fs::{FS_HOME, FsEntry, FsListing};
 pub use ndjson::NdjsonStream;
 /// Re-exported so callers of [`Client::request`] use the same version.
 pub use reqwest;
+pub use services::{Service, ServiceSpec};
+pub use tokio_tungstenite;
 pub use types::*;
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;

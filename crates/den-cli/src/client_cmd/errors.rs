@@ -5,7 +5,9 @@ use den_client::Error;
 
 pub fn explain(e: Error) -> anyhow::Error {
     match e {
-        Error::Unreachable { url, .. } => anyhow!("cannot reach den at {url} — is `den server` running?"),
+        Error::Unreachable { url, .. } | Error::WsUnreachable { url, .. } => {
+            anyhow!("cannot reach den at {url} — is `den server` running?")
+        }
         Error::Unauthorized => anyhow!("the server rejected the token — run `den login`"),
         Error::SpriteNotFound(name) => anyhow!("sprite '{name}' not found — run `den ls`"),
         other => anyhow!(other),

@@ -8,11 +8,15 @@ mod api;
 mod auth;
 mod checkpoints;
 mod config;
+mod cp;
 mod errors;
+mod exec;
 mod names;
 mod output;
 mod policy;
 mod prompt;
+pub(crate) mod proxy;
+mod services;
 mod sprites;
 
 use anyhow::{Result, bail};
@@ -45,6 +49,8 @@ Examples:
   den create web --skip-console       create a sprite
   den use web                         make `web` the default sprite here
   den ls                              list sprites
+  den exec -- ls /                    run a command in it
+  den console                         a shell in it
   den checkpoint create --comment ok  checkpoint the default sprite
   den restore v1                      roll it back
   den fork web@v1 web-test            a new sprite from a checkpoint";
@@ -85,6 +91,41 @@ pub enum ClientCommand {
         after_help = "Examples:\n  den destroy web\n  den destroy web --force      no question (scripts)"
     )]
     Destroy(sprites::DestroyArgs),
+    /// Run a command in a sprite: output, input and the exit code pass through.
+    #[command(
+        visible_alias = "x",
+        after_help = "Examples:\n  den exec -- uname -a\n  echo hi | den exec -s web -- cat\n  den exec --env FOO=1 --dir /tmp -- sh -c 'echo $FOO; pwd'\n  den exec --timeout 30s -- make test\n  den exec -t -- top                 on a terminal (Ctrl+\\ detaches)"
+    )]
+    Exec(exec::ExecArgs),
+    /// An interactive login shell in the sprite (Ctrl+\ detaches; `exit` ends it).
+    #[command(
+        visible_alias = "c",
+        after_help = "The shell is bash if the image has /bin/bash, else sh, as a login shell.\n\nExamples:\n  den console -s web\n  den sessions attach 1234     back into a detached console"
+    )]
+    Console(exec::ConsoleArgs),
+    /// Copy files and directory trees between here and a sprite.
+    #[command(
+        after_help = "A path in a sprite is NAME:PATH, or :PATH for the -s / `den use` sprite; relative\nsprite paths start at /home/sprite. An existing directory receives SRC inside it.\n\nExamples:\n  den cp ./site web:/srv/site      upload a tree\n  den cp :/var/log/app.log .        download a file\n  den cp web:project ./project-copy"
+    )]
+    Cp(cp::CpArgs),
+    /// The sprite's services: processes it starts at boot and restarts on crash.
+    #[command(
+        subcommand,
+        visible_alias = "svc",
+        after_help = "Examples:\n  den services create web --cmd python3 --arg -m --arg http.server --arg 8000 --http-port 8000\n  den services ls\n  den services logs web -f\n  den services stop web\n  den services rm web"
+    )]
+    Services(services::ServicesCmd),
+    /// Forward local TCP ports to ports in the sprite (until Ctrl+C).
+    #[command(
+        after_help = "Examples:\n  den proxy 8080                 localhost:8080 here reaches 8080 in the sprite\n  den proxy 5433:5432 3000 -s db"
+    )]
+    Proxy(proxy::ProxyArgs),
+    /// List, attach to and kill a sprite's exec sessions.
+    #[command(
+        subcommand,
+        after_help = "Examples:\n  den sessions ls\n  den sessions attach 1234\n  den sessions kill 1234 --signal KILL"
+    )]
+    Sessions(exec::SessionsCmd),
     /// Make NAME the default sprite in this directory (writes .den).
     #[command(after_help = "Examples:\n  den use web\n  den use --unset")]
     Use(sprites::UseArgs),
@@ -158,7 +199,7 @@ pub fn run(cmd: ClientCommand, global: GlobalArgs, cli: fn() -> clap::Command) -
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;
-    rt.block_on(async move {
+    let res = rt.block_on(async move {
         match cmd {
             ClientCommand::Login(a) => auth::login(&ctx, a).await,
             ClientCommand::Logout => auth::logout(),
@@ -167,6 +208,12 @@ pub fn run(cmd: ClientCommand, global: GlobalArgs, cli: fn() -> clap::Command) -
             ClientCommand::Ls(a) => sprites::ls(&ctx, a).await,
             ClientCommand::Info(a) => sprites::info(&ctx, a).await,
             ClientCommand::Destroy(a) => sprites::destroy(&ctx, a).await,
+            ClientCommand::Exec(a) => exec::exec(&ctx, a).await,
+            ClientCommand::Console(a) => exec::console(&ctx, a).await,
+            ClientCommand::Services(c) => services::services(&ctx, c).await,
+            ClientCommand::Proxy(a) => proxy::proxy(&ctx, a).await,
+            ClientCommand::Cp(a) => cp::cp(&ctx, a).await,
+            ClientCommand::Sessions(c) => exec::sessions(&ctx, c).await,
             ClientCommand::Use(a) => sprites::use_sprite(&ctx, a).await,
             ClientCommand::Url(a) => sprites::url(&ctx, a).await,
             ClientCommand::Checkpoint(c) => checkpoints::checkpoint(&ctx, c).await,
@@ -176,5 +223,8 @@ pub fn run(cmd: ClientCommand, global: GlobalArgs, cli: fn() -> clap::Command) -
             ClientCommand::Api(a) => api::api(&ctx, a).await,
             ClientCommand::Completions { .. } => Ok(()),
         }
-    })
+    });
+    // Do not wait for a read of stdin that is still blocked in the pool.
+    rt.shutdown_background();
+    res
 }

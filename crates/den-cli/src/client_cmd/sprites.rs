@@ -18,8 +18,7 @@ pub struct CreateArgs {
     /// A label to attach (repeatable).
     #[arg(long = "label", value_name = "LABEL")]
     pub labels: Vec<String>,
-    /// Do not open a console after creating. (This build's CLI has no console
-    /// yet: without the flag it prints a note instead.)
+    /// Do not open a console after creating (none opens when stdin is not a terminal).
     #[arg(long)]
     pub skip_console: bool,
     /// Print the new sprite as JSON.
@@ -49,8 +48,10 @@ pub async fn create(ctx: &Ctx, a: CreateArgs) -> Result<()> {
     println!("created sprite {} in {}", s.name, secs(t0.elapsed()));
     println!("url: {}", s.url);
     if !a.skip_console {
-        // The console needs the exec WebSocket, which this build's CLI does not speak yet.
-        eprintln!("(this den CLI has no console yet; --skip-console silences this note)");
+        if stdin_is_tty() && std::io::stdout().is_terminal() {
+            return super::exec::open_console(ctx, &s.name).await;
+        }
+        eprintln!("open a shell in it with: den console -s {}", s.name);
     }
     Ok(())
 }
