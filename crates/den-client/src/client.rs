@@ -111,7 +111,8 @@ impl Client {
         serde_json::from_slice(&bytes).map_err(|e| Error::Decode(e.to_string()))
     }
 
-    pub(crate) fn transport(&self, e: reqwest::Error) -> Error {
+    /// A transport failure as this client's error (unreachable server, timeout, …).
+    pub fn transport(&self, e: reqwest::Error) -> Error {
         if e.is_connect() || (e.is_timeout() && !e.is_body()) {
             Error::Unreachable {
                 url: self.api_url(),

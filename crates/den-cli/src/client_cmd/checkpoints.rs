@@ -133,12 +133,33 @@ pub async fn restore(ctx: &Ctx, a: RestoreArgs) -> Result<()> {
     Ok(())
 }
 
-/// Restore restarts the sprite; wait until the API answers for it again.
+/// Restore restarts the sprite; wait until it runs a command again (`true`
+/// over HTTP exec: the answer is complete once the exit frame arrived).
 async fn wait_answering(c: &Client, name: &str) -> Result<()> {
     let deadline = Instant::now() + RESTORE_WAIT;
+    let ping = || async {
+        let rb = c.request(
+            den_client::reqwest::Method::POST,
+            &format!("/v1/sprites/{name}/exec?cmd=true"),
+        )?;
+        let body = c
+            .send(rb, Some(name))
+            .await?
+            .bytes()
+            .await
+            .map_err(|e| c.transport(e))?;
+        Ok::<_, den_client::Error>(body.ends_with(&[3, 0]))
+    };
     loop {
-        match c.get_sprite(name).await {
-            Ok(_) => return Ok(()),
+        match ping().await {
+            Ok(true) => return Ok(()),
+            Ok(false) if Instant::now() >= deadline => {
+                anyhow::bail!(
+                    "{name} did not run a command within {}s of the restore",
+                    RESTORE_WAIT.as_secs()
+                )
+            }
+            Ok(false) => tokio::time::sleep(Duration::from_millis(250)).await,
             Err(e) if Instant::now() >= deadline => {
                 return Err(super::errors::explain(e).context(format!(
                     "{name} did not answer within {}s of the restore",
