@@ -30,7 +30,7 @@ mod fuse;
 mod fuse_session;
 pub mod loopdev;
 pub mod mem;
-mod mountinfo;
+pub mod mountinfo;
 mod util;
 #[cfg(feature = "store")]
 mod volume_device;

@@ -11,14 +11,14 @@ use std::path::{Path, PathBuf};
 
 /// One line of mountinfo.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub(crate) struct MountEntry {
-    pub(crate) id: u64,
-    pub(crate) parent_id: u64,
-    pub(crate) major: u32,
-    pub(crate) minor: u32,
-    pub(crate) mount_point: PathBuf,
-    pub(crate) fstype: String,
-    pub(crate) source: String,
+pub struct MountEntry {
+    pub id: u64,
+    pub parent_id: u64,
+    pub major: u32,
+    pub minor: u32,
+    pub mount_point: PathBuf,
+    pub fstype: String,
+    pub source: String,
 }
 
 /// Undo the octal escaping the kernel applies to spaces, tabs, newlines and
@@ -71,19 +71,19 @@ fn parse_line(line: &str) -> Option<MountEntry> {
     })
 }
 
-pub(crate) fn parse(text: &str) -> Vec<MountEntry> {
+pub fn parse(text: &str) -> Vec<MountEntry> {
     text.lines().filter_map(parse_line).collect()
 }
 
 /// All mounts of this mount namespace.
-pub(crate) fn read() -> io::Result<Vec<MountEntry>> {
+pub fn read() -> io::Result<Vec<MountEntry>> {
     Ok(parse(&std::fs::read_to_string("/proc/self/mountinfo")?))
 }
 
 /// Mounts sitting directly on `dir`, bottom first. When several are stacked, each
 /// one's parent is the one below it; ordering by that chain (instead of by id,
 /// which the kernel recycles) gives the true stacking order.
-pub(crate) fn stack_at(all: &[MountEntry], dir: &Path) -> Vec<MountEntry> {
+pub fn stack_at(all: &[MountEntry], dir: &Path) -> Vec<MountEntry> {
     let at: Vec<&MountEntry> = all.iter().filter(|m| m.mount_point == dir).collect();
     let mut ordered: Vec<MountEntry> = Vec::with_capacity(at.len());
     // Bottom: the one whose parent is not itself mounted on `dir`.

@@ -915,12 +915,6 @@ fn main() {
         std::process::exit(shim_main(&args[2..]));
     }
     assert!(nix::unistd::geteuid().is_root(), "the container tests need root");
-    let filters: Vec<String> = args[1..]
-        .iter()
-        .map(|a| a.to_string_lossy().into_owned())
-        .filter(|a| !a.starts_with('-'))
-        .collect();
-
     let tests: &[(&str, TestFn)] = &[
         ("cgroup_detection", cgroup_detection),
         ("lifecycle_and_persistence", lifecycle_and_persistence),
@@ -934,27 +928,9 @@ fn main() {
         ("bench", bench),
     ];
     let env = Env::new();
-    let mut failed = Vec::new();
-    for (name, test) in tests {
-        if !filters.is_empty() && !filters.iter().any(|f| name.contains(f.as_str())) {
-            continue;
-        }
-        let t0 = Instant::now();
-        println!("test {name} ...");
-        match test(&env) {
-            Ok(()) => println!("test {name} ... ok ({:.2} s)", t0.elapsed().as_secs_f64()),
-            Err(e) => {
-                println!(
-                    "test {name} ... FAILED ({:.2} s): {e}",
-                    t0.elapsed().as_secs_f64()
-                );
-                failed.push(*name);
-            }
-        }
-    }
+    let ok = den_testkit::runner::run_named(tests, |t| t(&env).map_err(anyhow::Error::msg));
     drop(env);
-    if !failed.is_empty() {
-        eprintln!("failed: {failed:?}");
+    if !ok {
         std::process::exit(1);
     }
 }

@@ -832,11 +832,6 @@ fn main() {
         )
         .with_test_writer()
         .try_init();
-    let filters: Vec<String> = args[1..]
-        .iter()
-        .map(|a| a.to_string_lossy().into_owned())
-        .filter(|a| !a.starts_with('-'))
-        .collect();
     let tests: &[(&str, TestFn)] = &[
         ("lifecycle", || Box::pin(lifecycle())),
         ("sleep_and_wake", || Box::pin(sleep_and_wake())),
@@ -847,27 +842,9 @@ fn main() {
         ("debian_userland", || Box::pin(debian_userland())),
     ];
     let rt = tokio::runtime::Runtime::new().expect("runtime");
-    let mut failed = Vec::new();
-    for (name, test) in tests {
-        if !filters.is_empty() && !filters.iter().any(|f| name.contains(f.as_str())) {
-            continue;
-        }
-        let t0 = Instant::now();
-        println!("test {name} ...");
-        match rt.block_on(test()) {
-            Ok(()) => println!("test {name} ... ok ({:.2} s)", t0.elapsed().as_secs_f64()),
-            Err(e) => {
-                println!(
-                    "test {name} ... FAILED ({:.2} s): {e:#}",
-                    t0.elapsed().as_secs_f64()
-                );
-                failed.push(*name);
-            }
-        }
-    }
+    let ok = den_testkit::runner::run_named(tests, |t| rt.block_on(t()));
     drop(rt);
-    if !failed.is_empty() {
-        eprintln!("failed: {failed:?}");
+    if !ok {
         std::process::exit(1);
     }
 }

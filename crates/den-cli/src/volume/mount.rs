@@ -1,7 +1,6 @@
 //! `den volume mount`: serve a volume as a block device (FUSE file + loop),
 //! optionally with ext4 on it, until SIGINT/SIGTERM.
 
-use std::os::unix::ffi::OsStringExt;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::Arc;
@@ -231,25 +230,6 @@ fn absolute(p: &Path) -> Option<PathBuf> {
     Some(parent.canonicalize().ok()?.join(p.file_name()?))
 }
 
-/// Decode the octal escapes (`\040` for a space, …) of /proc/self/mountinfo.
-fn unescape_mountinfo(s: &str) -> PathBuf {
-    let b = s.as_bytes();
-    let mut out = Vec::with_capacity(b.len());
-    let mut i = 0;
-    while i < b.len() {
-        if b[i] == b'\\'
-            && let Some(v) = s.get(i + 1..i + 4).and_then(|o| u8::from_str_radix(o, 8).ok())
-        {
-            out.push(v);
-            i += 4;
-            continue;
-        }
-        out.push(b[i]);
-        i += 1;
-    }
-    PathBuf::from(std::ffi::OsString::from_vec(out))
-}
-
 /// A daemon killed while serving a filesystem leaves it mounted on the
 /// mountpoint, on a loop device bound to the dead FUSE file, and frozen if it
 /// died during a checkpoint. A new mount would stack on top of it and the
@@ -260,23 +240,20 @@ fn remove_stale_mounts(mountpoint: &Path, file: &Path) -> Result<()> {
     let (Some(mp), Some(file)) = (absolute(mountpoint), absolute(file)) else {
         return Ok(());
     };
-    let info = std::fs::read_to_string("/proc/self/mountinfo").context("reading mountinfo")?;
+    let mounts = den_block::mountinfo::read().context("reading mountinfo")?;
     // The mounts stacked on the mountpoint, oldest first, and whether each
     // is a stale one of ours.
-    let stack: Vec<bool> = info
-        .lines()
-        .filter_map(|line| {
-            let fields: Vec<&str> = line.split(' ').collect();
-            let sep = fields.iter().position(|f| *f == "-")?;
-            if unescape_mountinfo(fields.get(4)?) != mp {
-                return None;
-            }
-            let dev = fields.get(sep + 2).and_then(|s| s.strip_prefix("/dev/"));
-            let backing = dev
+    let stack: Vec<bool> = mounts
+        .iter()
+        .filter(|m| m.mount_point == mp)
+        .map(|m| {
+            let backing = m
+                .source
+                .strip_prefix("/dev/")
                 .and_then(|d| std::fs::read_to_string(format!("/sys/block/{d}/loop/backing_file")).ok())
                 .unwrap_or_default();
             let backing = backing.trim_end_matches('\n');
-            Some(Path::new(backing.strip_suffix(" (deleted)").unwrap_or(backing)) == file)
+            Path::new(backing.strip_suffix(" (deleted)").unwrap_or(backing)) == file
         })
         .collect();
     // Only from the top down: never pull a stale mount from under a live one.

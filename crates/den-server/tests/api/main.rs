@@ -14,7 +14,6 @@ mod svcfs_python;
 
 use std::future::Future;
 use std::pin::Pin;
-use std::time::Instant;
 
 type TestFn = fn() -> Pin<Box<dyn Future<Output = anyhow::Result<()>>>>;
 
@@ -48,37 +47,15 @@ fn main() {
     common::dispatch_subcommands();
     assert!(nix::unistd::geteuid().is_root(), "the API tests need root");
     let _ = tracing_subscriber_init();
-    let filters: Vec<String> = std::env::args().skip(1).filter(|a| !a.starts_with('-')).collect();
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
         .expect("runtime");
-    let mut failed = Vec::new();
-    let mut ran = 0;
-    for (name, test) in TESTS {
-        if !filters.is_empty() && !filters.iter().any(|f| name.contains(f.as_str())) {
-            continue;
-        }
-        ran += 1;
-        let t0 = Instant::now();
-        println!("test {name} ...");
-        match rt.block_on(test()) {
-            Ok(()) => println!("test {name} ... ok ({:.2} s)", t0.elapsed().as_secs_f64()),
-            Err(e) => {
-                println!(
-                    "test {name} ... FAILED ({:.2} s): {e:#}",
-                    t0.elapsed().as_secs_f64()
-                );
-                failed.push(*name);
-            }
-        }
-    }
+    let ok = den_testkit::runner::run_named(TESTS, |t| rt.block_on(t()));
     drop(rt);
-    if !failed.is_empty() {
-        eprintln!("failed: {failed:?}");
+    if !ok {
         std::process::exit(1);
     }
-    println!("all {ran} selected tests passed");
 }
 
 fn tracing_subscriber_init() -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
