@@ -10,10 +10,13 @@
 //! reads on a raw volume, and [`suite`] runs it all for `den bench storage`
 //! and `den bench chunk-size`, stopping cleanly on Ctrl-C ([`cancel`]).
 //! [`sprite_bench`] is `den bench sprites`: the sprite runtime (create, exec,
-//! wakes, checkpoint, restore, fork, density) against `runc` ([`runc`]).
+//! wakes, checkpoint, restore, fork, density) against `runc` ([`runc`]);
+//! [`api_bench`] is `den bench api`: exec, load and the sprite URL proxy
+//! through a `den server` started in-process.
 //!
 //! Everything here needs root: dropping the page cache, `losetup`, `mount`.
 
+pub mod api_bench;
 pub mod baselines;
 pub mod cancel;
 pub mod den_target;

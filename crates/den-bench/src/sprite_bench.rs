@@ -36,7 +36,7 @@ pub enum BenchImage {
 }
 
 impl BenchImage {
-    fn base(self, images_dir: &Path) -> BaseImage {
+    pub(crate) fn base(self, images_dir: &Path) -> BaseImage {
         match self {
             BenchImage::Debian => BaseImage::debian(images_dir),
             BenchImage::Busybox => BaseImage::busybox(images_dir),
@@ -251,7 +251,7 @@ fn cgroup_memory(key: &str) -> Option<u64> {
 
 /// Delete every sprite of this bench (names start with `b-`): leftovers of an
 /// interrupted earlier run, or of this one.
-async fn delete_all(mgr: &SpriteManager) {
+pub(crate) async fn delete_all(mgr: &SpriteManager) {
     for info in mgr.list() {
         if let Err(e) = mgr.delete(&info.record.name).await {
             tracing::warn!(sprite = %info.record.name, error = %e, "deleting a bench sprite");
@@ -527,7 +527,7 @@ async fn density(
 // Tables
 // ---------------------------------------------------------------------------
 
-fn fmt_ms(d: Duration) -> String {
+pub(crate) fn fmt_ms(d: Duration) -> String {
     let ms = d.as_secs_f64() * 1e3;
     if ms < 10.0 {
         format!("{ms:.2}")

@@ -4,8 +4,9 @@
 //! Everything is mounted in a private mount namespace (see
 //! [`suite::private_mount_namespace`]): the mounts are invisible from other
 //! shells while the benchmark runs, and vanish with the process. `den bench
-//! sprites` is the exception: it runs a sprite manager in the host's mount
-//! namespace, as `den server` does, and shuts it down (every sprite deleted,
+//! sprites` and `den bench api` are the exceptions: they run a sprite manager
+//! (`den bench api`: a whole `den server`) in the host's mount namespace, as
+//! `den server` does, and shut it down (every sprite deleted,
 //! firewall removed) on success, error and the first Ctrl-C; after a forced
 //! exit the next run's manager start cleans up what was left.
 //!
@@ -20,6 +21,7 @@ use std::time::{Instant, SystemTime};
 
 use anyhow::{Context, Result, bail};
 use clap::{Args, Subcommand};
+use den_bench::api_bench::{self, ApiBenchOptions};
 use den_bench::cancel::{self, Interrupted};
 use den_bench::latency_bench::fmt_size;
 use den_bench::sprite_bench::{self, BenchImage, SpriteBenchOptions};
@@ -35,6 +37,7 @@ use crate::store_args::parse_size;
 
 const DEFAULT_WORK: &str = "/var/tmp/den-bench";
 const DEFAULT_SPRITES_WORK: &str = "/var/tmp/den-bench-sprites";
+const DEFAULT_API_WORK: &str = "/var/tmp/den-bench-api";
 /// Volume (and native image) size with `--quick`: mkfs with eager inode
 /// tables writes ~2 % of the device, which is 2 GiB for 100 GiB.
 const QUICK_VOLUME_SIZE: u64 = 4 << 30;
@@ -49,6 +52,9 @@ pub enum BenchCmd {
     /// Sprite runtime: create/exec/wake/restore/fork → output latency, checkpoint, density,
     /// with runc on the same rootfs as the baseline. Needs root.
     Sprites(SpritesArgs),
+    /// The HTTP + WebSocket API of an in-process `den server`: exec round trip (Rust client and
+    /// the Python SDK), concurrent exec streams and creates, sprite URL proxy vs direct. Needs root.
+    Api(ApiArgs),
 }
 
 #[derive(Clone, Copy, Debug, clap::ValueEnum)]
@@ -85,6 +91,47 @@ pub struct SpritesArgs {
     /// Leave the runc baseline out.
     #[arg(long)]
     pub skip_runc: bool,
+    /// Also write every table as Markdown to this file.
+    #[arg(long)]
+    pub markdown: Option<PathBuf>,
+}
+
+#[derive(Args, Debug)]
+pub struct ApiArgs {
+    /// Work directory: the server's data dir (`<work>/data`: store, catalog, images, tokens).
+    #[arg(long, default_value = DEFAULT_API_WORK)]
+    pub work: PathBuf,
+    /// Mounts and sockets of running sprites (keep it short: socket paths are limited).
+    #[arg(long, default_value = "/run/den-bench-api")]
+    pub run_dir: PathBuf,
+    /// Base image of the sprites.
+    #[arg(long, value_enum, default_value = "debian")]
+    pub image: ImageArg,
+    /// Few samples, small load and a 32 MiB file: checks everything end to end.
+    #[arg(long)]
+    pub quick: bool,
+    /// Exec round trips from the Rust client [default: 200, 20 with --quick].
+    #[arg(long)]
+    pub exec_samples: Option<usize>,
+    /// Exec round trips from the Python SDK; 0 skips it [default: 100, 10 with --quick].
+    #[arg(long)]
+    pub sdk_samples: Option<usize>,
+    /// Python with sprites-py installed.
+    #[arg(long, default_value = "/opt/den-venv/bin/python")]
+    pub python: PathBuf,
+    /// Concurrent exec streams in the load test [default: 50, 10 with --quick].
+    #[arg(long)]
+    pub streams: Option<usize>,
+    /// Execs per stream [default: 10, 2 with --quick].
+    #[arg(long)]
+    pub stream_reps: Option<usize>,
+    /// Concurrent creates during the load test [default: 10, 3 with --quick].
+    #[arg(long)]
+    pub creates: Option<usize>,
+    /// Size of the file served through the sprite URL, in MiB; 0 skips the proxy test
+    /// [default: 256, 32 with --quick].
+    #[arg(long)]
+    pub file_mib: Option<u64>,
     /// Also write every table as Markdown to this file.
     #[arg(long)]
     pub markdown: Option<PathBuf>,
@@ -150,7 +197,7 @@ pub fn run(cmd: BenchCmd) -> Result<()> {
     }
     // Before any thread exists: unshare(CLONE_NEWNS) needs a single thread.
     // Sprites run in the host's mount namespace, as under `den server`.
-    if !matches!(cmd, BenchCmd::Sprites(_))
+    if !matches!(cmd, BenchCmd::Sprites(_) | BenchCmd::Api(_))
         && let Err(e) = suite::private_mount_namespace()
     {
         eprintln!("warning: running in the shared mount namespace: {e:#}");
@@ -160,6 +207,7 @@ pub fn run(cmd: BenchCmd) -> Result<()> {
         BenchCmd::Storage(a) => storage(a),
         BenchCmd::ChunkSize(a) => chunk_size(a),
         BenchCmd::Sprites(a) => sprites(a),
+        BenchCmd::Api(a) => api(a),
     };
     if let Err(e) = &result
         && e.chain().any(|c| c.is::<Interrupted>())
@@ -406,6 +454,94 @@ fn sprites(a: SpritesArgs) -> Result<()> {
     eprintln!("total wall time: {:.1?}", started.elapsed());
     if let Some(path) = &a.markdown {
         write_markdown(path, "den bench sprites", &date, &a.work, &sections)?;
+        eprintln!("wrote {}", path.display());
+    }
+    Ok(())
+}
+
+fn api(a: ApiArgs) -> Result<()> {
+    let started = Instant::now();
+    let date = now();
+    let exe = std::env::current_exe().context("locating the den binary")?;
+    let mut opts = ApiBenchOptions::new(a.work.clone(), exe, a.quick);
+    opts.run_dir = a.run_dir.clone();
+    opts.image = match a.image {
+        ImageArg::Debian => BenchImage::Debian,
+        ImageArg::Busybox => BenchImage::Busybox,
+    };
+    opts.python = a.python.clone();
+    if let Some(s) = a.exec_samples {
+        opts.exec_samples = s;
+    }
+    if let Some(s) = a.sdk_samples {
+        opts.sdk_samples = s;
+    }
+    if let Some(s) = a.streams {
+        opts.streams = s;
+    }
+    if let Some(s) = a.stream_reps {
+        opts.stream_reps = s;
+    }
+    if let Some(c) = a.creates {
+        opts.creates = c;
+    }
+    if let Some(m) = a.file_mib {
+        opts.file_mib = m;
+    }
+    let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+    let r = rt.block_on(api_bench::run(&opts, &mut progress))?;
+    drop(rt);
+
+    let exec = api_bench::exec_table(&r);
+    let load = api_bench::load_table(&r, &opts);
+    let proxy = api_bench::proxy_table(&r, &opts);
+    let mut sections: Vec<(&str, String, Section)> = vec![
+        (
+            "Exec round trip through the API",
+            format!(
+                "{}. `true` on a running sprite, one exec at a time, each on a new WebSocket \
+                 (`/v1/sprites/{{name}}/exec?cmd=true`): from TCP connect to the server's close frame. \
+                 The SDK loop is timed in Python (`time.perf_counter` around `run()`), after 5 untimed runs. \
+                 The hosted figure is a reference (sprites-py PR #26: per-call exec overhead of the hosted \
+                 service, client to fly.io over the internet), not measured in this run.",
+                opts.describe()
+            ),
+            Section::Table(&exec),
+        ),
+        (
+            "Load: concurrent exec streams and creates",
+            format!(
+                "{} streams on one running sprite, each running its command {} times in a row, \
+                 all at once; {} creates (create, then the first exec `true`, which boots the sprite) \
+                 start at the same moment. An exec counts as an error unless it exits 0, closes with 1000 \
+                 and all its output arrived in order.",
+                opts.streams, opts.stream_reps, opts.creates
+            ),
+            Section::Table(&load),
+        ),
+    ];
+    if opts.file_mib > 0 {
+        sections.push((
+            "Sprite URL proxy vs direct",
+            format!(
+                "A {} MiB file from /dev/urandom and a 6-byte file in /home/sprite/www, served by {} \
+                 on port 8080 in the sprite. Via sprite URL: `http://<name>.localhost:<port>/…` to the \
+                 server on 127.0.0.1 with the admin token (the server dials the sprite for each request). \
+                 Direct: `http://<sprite ip>:8080/…` from the host. One client each, downloads interleaved \
+                 after one untimed download per path. MB/s = 10^6 bytes/s.",
+                opts.file_mib,
+                match opts.image {
+                    BenchImage::Debian => "`python3 -m http.server`",
+                    BenchImage::Busybox => "busybox httpd",
+                }
+            ),
+            Section::Table(&proxy),
+        ));
+    }
+    print_sections(&sections);
+    eprintln!("total wall time: {:.1?}", started.elapsed());
+    if let Some(path) = &a.markdown {
+        write_markdown(path, "den bench api", &date, &a.work, &sections)?;
         eprintln!("wrote {}", path.display());
     }
     Ok(())
