@@ -17,11 +17,16 @@ impl<S: Send + Sync, T: DeserializeOwned> FromRequest<S> for JsonBody<T> {
     type Rejection = ApiError;
 
     async fn from_request(req: Request, state: &S) -> Result<Self, Self::Rejection> {
-        let body = Bytes::from_request(req, state)
-            .await
-            .map_err(|e| ApiError::bad_request(format!("reading the body: {e}")))?;
+        let body = Bytes::from_request(req, state).await.map_err(|e| {
+            // axum's own body limit (2 MiB) answers a too-large body.
+            if e.status() == axum::http::StatusCode::PAYLOAD_TOO_LARGE {
+                too_large()
+            } else {
+                ApiError::bad_request(format!("reading the body: {e}"))
+            }
+        })?;
         if body.len() > MAX_JSON {
-            return Err(ApiError::bad_request("body too large"));
+            return Err(too_large());
         }
         let text: &[u8] = if body.iter().all(u8::is_ascii_whitespace) {
             b"{}"
@@ -32,4 +37,12 @@ impl<S: Send + Sync, T: DeserializeOwned> FromRequest<S> for JsonBody<T> {
             .map(JsonBody)
             .map_err(|e| ApiError::bad_request(format!("invalid JSON body: {e}")))
     }
+}
+
+fn too_large() -> ApiError {
+    ApiError::new(
+        axum::http::StatusCode::PAYLOAD_TOO_LARGE,
+        "payload_too_large",
+        format!("JSON bodies are limited to {} KiB", MAX_JSON >> 10),
+    )
 }

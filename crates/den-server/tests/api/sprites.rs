@@ -49,6 +49,10 @@ pub async fn crud_and_auth() -> Result<()> {
     }
     let r = c.post(s.api("/v1/sprites")).body("{not json").send().await?;
     ensure!(r.status() == 400);
+    let big = format!("{{\"name\": \"big\", \"labels\": [\"{}\"]}}", "x".repeat(3 << 20));
+    let r = c.post(s.api("/v1/sprites")).body(big).send().await?;
+    ensure!(r.status() == 413, "oversize body: {}", r.status());
+    ensure!(r.json::<Value>().await?["error"] == "payload_too_large");
 
     // Get, update, list, delete.
     let got: Value = c.get(s.api("/v1/sprites/crud")).send().await?.json().await?;
