@@ -240,7 +240,6 @@ pub async fn read(
     headers: HeaderMap,
 ) -> FsResult<Response> {
     let path = resolve(q.path.as_deref(), q.working_dir.as_deref())?;
-    st.mgr.get(&name)?;
     let act = st.mgr.wake(&name).await?;
     let agent = act.agent();
     let range = match parse_range(&headers) {
@@ -347,7 +346,6 @@ pub async fn write(
             || flag(q.mkdir.as_deref(), "mkdir")?,
         as_root: flag(q.as_root.as_deref(), "asRoot")?,
     };
-    st.mgr.get(&name)?;
     let act = st.mgr.wake(&name).await?;
     let mut writer = act
         .agent()
@@ -382,7 +380,6 @@ pub async fn list(
 ) -> FsResult<Json<Value>> {
     let path = resolve(q.path.as_deref(), q.working_dir.as_deref())?;
     let recursive = flag(q.recursive.as_deref(), "recursive")?;
-    st.mgr.get(&name)?;
     let act = st.mgr.wake(&name).await?;
     let out = act
         .agent()
@@ -418,7 +415,6 @@ pub async fn delete(
     };
     let path = resolve(path.as_deref(), wd.as_deref())?;
     let recursive = flag(q.recursive.as_deref(), "recursive")? || b.recursive.unwrap_or(false);
-    st.mgr.get(&name)?;
     let act = st.mgr.wake(&name).await?;
     let out = act
         .agent()
@@ -448,7 +444,6 @@ pub async fn rename(
     let wd = b.working_dir.as_deref();
     let source = resolve(b.source.as_deref(), wd).map_err(|_| invalid("source is required", ""))?;
     let dest = resolve(b.dest.as_deref(), wd).map_err(|_| invalid("dest is required", ""))?;
-    st.mgr.get(&name)?;
     let act = st.mgr.wake(&name).await?;
     let out = act
         .agent()
@@ -482,7 +477,6 @@ pub async fn copy(
     let wd = b.working_dir.as_deref();
     let source = resolve(b.source.as_deref(), wd).map_err(|_| invalid("source is required", ""))?;
     let dest = resolve(b.dest.as_deref(), wd).map_err(|_| invalid("dest is required", ""))?;
-    st.mgr.get(&name)?;
     let act = st.mgr.wake(&name).await?;
     let out = act
         .agent()
@@ -518,7 +512,6 @@ pub async fn chmod(
             .ok_or_else(|| invalid("mode is required", &path))?,
         &path,
     )?;
-    st.mgr.get(&name)?;
     let act = st.mgr.wake(&name).await?;
     let out = act
         .agent()

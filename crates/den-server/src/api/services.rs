@@ -598,7 +598,6 @@ pub async fn logs(
             .filter(|n| (1..=MAX_LOG_LINES).contains(n))
             .ok_or_else(|| ApiError::bad_request(format!("lines must be 1-{MAX_LOG_LINES}")))?,
     };
-    st.mgr.get(&name)?;
     let act = st.mgr.wake(&name).await?;
     let mut tail = act.agent().service_logs(&service, Some(lines), false).await?;
     let stream = async_stream(move |tx| async move {
