@@ -23,6 +23,10 @@ pub enum StoreError {
     ObjectStore(String),
     #[error("chunk {hash} is corrupt: {reason}")]
     CorruptChunk { hash: String, reason: String },
+    /// Another node claimed the volume (or this node never held it): this
+    /// process must not change it any more.
+    #[error("volume {0} is owned by another node (fenced)")]
+    Fenced(String),
     #[error("store is shutting down")]
     ShuttingDown,
 }

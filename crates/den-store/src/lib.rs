@@ -17,7 +17,7 @@ mod volume;
 
 pub use chunk::{ChunkHash, Compression};
 pub use error::{Result, StoreError};
-pub use meta::{CheckpointRecord, MetaStore, StoreStats, VolumeRecord};
+pub use meta::{CheckpointRecord, MetaStore, StoreStats, SyncState, VolumeOwner, VolumeRecord};
 pub use objects::ObjectBackend;
 pub use snapshot::CheckpointReader;
 pub use store::{

@@ -28,6 +28,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result, anyhow, bail};
 
 pub mod net;
+pub mod postgres;
 pub mod runner;
 
 /// Panics with a clear message unless the process runs as root (effective uid

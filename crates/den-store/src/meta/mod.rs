@@ -5,6 +5,7 @@
 //! serves a single host; the schema keeps to what PostgreSQL also speaks so a
 //! cluster backend can implement the same trait.
 
+pub mod postgres;
 pub mod sqlite;
 
 use async_trait::async_trait;
@@ -84,6 +85,32 @@ pub struct StoreStats {
     pub pending: u64,
 }
 
+/// The cluster lease on a volume: which node may change it. `epoch` grows by
+/// one with every successful claim and is the fencing token: a metadata
+/// backend that fences (PostgreSQL) refuses every change to the volume from a
+/// node whose held epoch is not the current one.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct VolumeOwner {
+    /// `None` when released (or never claimed).
+    pub node: Option<String>,
+    pub epoch: i64,
+}
+
+/// A volume's recovery point for when its owner dies: a hidden snapshot of
+/// the head (not a checkpoint; it has no `vN` id and is not listed), taken at
+/// a consistent moment and promoted once all its chunks are in the object
+/// store.
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct SyncState {
+    /// The newest promoted (durable) sync point, if any.
+    pub durable_map: Option<MapId>,
+    /// When that sync point was taken (ms since the epoch).
+    pub durable_at_ms: Option<i64>,
+    /// A newer sync point still waiting for uploads.
+    pub pending_map: Option<MapId>,
+    pub pending_at_ms: Option<i64>,
+}
+
 #[async_trait]
 pub trait MetaStore: Send + Sync + 'static {
     /// Create a volume whose head map is empty or a copy of `source`.
@@ -148,4 +175,41 @@ pub trait MetaStore: Send + Sync + 'static {
     /// Recount references from the maps and compare with the stored counts.
     /// Returns the chunks whose count is wrong (empty means consistent).
     async fn verify_refcounts(&self) -> Result<Vec<(ChunkHash, i64, i64)>>;
+
+    // ---- cluster: ownership and fencing ---------------------------------
+    //
+    // A volume created by a fencing backend is owned by the creating node at
+    // epoch 1, and that node holds the epoch. Every change to a volume
+    // (apply_seal on its head, checkpoint, delete_checkpoint, restore,
+    // resize, delete, sync points) checks inside its transaction that the
+    // volume's owner is this node and its epoch is the one this node holds;
+    // otherwise it fails with `StoreError::Fenced` and changes nothing.
+    // Backends for a single host (SQLite) do not fence: every method below
+    // still works, and the checks always pass.
+
+    async fn volume_owner(&self, volume_id: &str) -> Result<VolumeOwner>;
+    /// Compare-and-swap: if the volume's epoch is still `seen_epoch`, make
+    /// `node` the owner with epoch `seen_epoch + 1`, remember it as held by
+    /// this process, and return the new epoch. `None` if someone else moved
+    /// the epoch first.
+    async fn claim_volume(&self, volume_id: &str, node: &str, seen_epoch: i64) -> Result<Option<i64>>;
+    /// Clear the owner if `node` still holds `epoch` (the epoch stays, so a
+    /// later claim moves it on). False if the lease had moved on.
+    async fn release_volume(&self, volume_id: &str, node: &str, epoch: i64) -> Result<bool>;
+
+    // ---- cluster: sync points (the durability window) --------------------
+
+    /// Apply `seals` to the head, then snapshot the head as the volume's
+    /// pending sync point (dropping an older pending one). Returns its map.
+    async fn sync_point(&self, volume_id: &str, seals: &[(u64, Option<PendingId>)]) -> Result<MapId>;
+    /// The pending sync point `map` has no pending slots left: it becomes
+    /// the durable one (the older durable one is dropped). No-op if `map` is
+    /// no longer the volume's pending sync point.
+    async fn promote_sync_point(&self, volume_id: &str, map: MapId) -> Result<()>;
+    /// The head becomes a copy of the durable sync point (for a new owner
+    /// whose predecessor died with writes that never left its disk).
+    /// Returns the sync point's time, or `None` (head unchanged) if there is
+    /// no durable sync point.
+    async fn rollback_to_sync_point(&self, volume_id: &str) -> Result<Option<i64>>;
+    async fn sync_state(&self, volume_id: &str) -> Result<SyncState>;
 }

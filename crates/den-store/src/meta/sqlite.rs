@@ -663,4 +663,36 @@ impl MetaStore for SqliteMeta {
         })
         .await
     }
+    // Stubs until the sync-point/ownership work lands.
+    async fn volume_owner(&self, _volume_id: &str) -> Result<super::VolumeOwner> {
+        Err(crate::StoreError::Meta(
+            "volume_owner: not implemented yet".into(),
+        ))
+    }
+    async fn claim_volume(&self, _volume_id: &str, _node: &str, _seen_epoch: i64) -> Result<Option<i64>> {
+        Err(crate::StoreError::Meta(
+            "claim_volume: not implemented yet".into(),
+        ))
+    }
+    async fn release_volume(&self, _volume_id: &str, _node: &str, _epoch: i64) -> Result<bool> {
+        Err(crate::StoreError::Meta(
+            "release_volume: not implemented yet".into(),
+        ))
+    }
+    async fn sync_point(&self, _volume_id: &str, _seals: &[(u64, Option<PendingId>)]) -> Result<MapId> {
+        Err(crate::StoreError::Meta("sync_point: not implemented yet".into()))
+    }
+    async fn promote_sync_point(&self, _volume_id: &str, _map: MapId) -> Result<()> {
+        Err(crate::StoreError::Meta(
+            "promote_sync_point: not implemented yet".into(),
+        ))
+    }
+    async fn rollback_to_sync_point(&self, _volume_id: &str) -> Result<Option<i64>> {
+        Err(crate::StoreError::Meta(
+            "rollback_to_sync_point: not implemented yet".into(),
+        ))
+    }
+    async fn sync_state(&self, _volume_id: &str) -> Result<super::SyncState> {
+        Err(crate::StoreError::Meta("sync_state: not implemented yet".into()))
+    }
 }

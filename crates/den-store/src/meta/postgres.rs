@@ -1,0 +1,1 @@
+//! PostgreSQL metadata for cluster mode (being written).
