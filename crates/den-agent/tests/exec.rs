@@ -104,9 +104,17 @@ async fn exit_codes_and_signals() {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
 
-    // INT by name through the session connection.
-    let mut s = a.client.exec(sh("echo ready; exec sleep 30")).await.unwrap();
-    read_until(&mut s, "ready").await;
+    // INT by name through the session connection. Signal only once the
+    // shell has become `sleep`: a shell that gets SIGINT just before its
+    // `exec` may swallow it, and `sleep` would then run its full 30 s.
+    let mut s = a.client.exec(sh("echo pid $$; exec sleep 30")).await.unwrap();
+    let line = read_until(&mut s, "\n").await;
+    let pid: i32 = line.trim().strip_prefix("pid ").unwrap().parse().unwrap();
+    let deadline = Instant::now() + WAIT;
+    while std::fs::read_to_string(format!("/proc/{pid}/comm")).unwrap_or_default().trim() != "sleep" {
+        assert!(Instant::now() < deadline, "the shell never became sleep");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
     s.signal("INT").await.unwrap();
     let exit = collect(s).await.exit.unwrap();
     assert_eq!((exit.exit_code, exit.signal.as_deref()), (130, Some("SIGINT")));
