@@ -409,6 +409,8 @@ fn write_secret(path: &Path, secret: &str) -> Result<(), TokenError> {
 /// In cluster mode (PostgreSQL) the whole cluster gets one admin token: the
 /// first node to record `admin-token-created` in the database mints it and
 /// holds its file; every other node writes no file and logs where it is.
+/// The row (table `cluster_markers`) names the holder as `host:path`;
+/// deleting it lets the next node to start mint a fresh admin token.
 pub async fn ensure_admin_token(tokens: &TokenStore, data_dir: &Path) -> Result<Option<PathBuf>, TokenError> {
     let path = data_dir.join("admin-token");
     if let Backend::Postgres { pool, .. } = &tokens.backend {
