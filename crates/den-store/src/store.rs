@@ -340,6 +340,12 @@ impl Store {
                 }
             }
         }
+        if s.cfg.node.is_some() {
+            // In a cluster the metadata names every node's pending chunks;
+            // one missing here is usually on the node that owns its volume
+            // (and `adopt` deals with those whose owner died).
+            return Ok(());
+        }
         for p in known {
             // Another process sharing this cache (a mount daemon) may have
             // uploaded it since we listed: only a chunk still named after the
