@@ -553,3 +553,58 @@ fn databases_from_before_sync_points_are_migrated() {
     block(&rt, meta.promote_sync_point("old", map));
     assert_eq!(block(&rt, meta.sync_state("old")).durable_map, Some(map));
 }
+
+#[test]
+fn adopt_promotes_a_sync_point_whose_uploads_finished_before_the_owner_died() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path();
+    let rt = runtime();
+    let mut model: Model = vec![None; SLOTS as usize];
+
+    let a1 = node_store(&rt, root, "a", local_objects(root));
+    create(&rt, &a1, "v");
+    let id = block(&rt, a1.volume("v")).id;
+    let v = open(&rt, &a1, "v");
+    write(&v, &mut model, 0, 1);
+    let t1 = block(&rt, a1.sync("v"));
+    // A newer sync point whose chunks all reach the object store, but the
+    // owner dies before promoting it.
+    write(&v, &mut model, 1, 2);
+    let newer = block(&rt, a1.sync_point("v"));
+    den_testkit::wait_until(TIMEOUT, Duration::from_millis(5), || {
+        block(&rt, a1.meta().pending_count(newer)) == 0
+    })
+    .unwrap();
+    let t2 = block(&rt, a1.meta().sync_state(&id)).pending_at_ms.unwrap();
+    assert!(t2 >= t1);
+    let want = model.clone();
+    drop(v);
+    drop(a1);
+
+    // Back without an object store: a checkpoint seals more into the head.
+    let a2 = node_store(&rt, root, "a", dead_objects());
+    let v = open(&rt, &a2, "v");
+    write(&v, &mut model, 2, 3);
+    block(&rt, a2.checkpoint("v", "never uploaded"));
+    drop(v);
+    drop(a2);
+
+    let b = node_store(&rt, root, "b", local_objects(root));
+    let owner = block(&rt, b.owner("v"));
+    block(&rt, b.claim("v", owner.epoch)).unwrap();
+    let report = block(&rt, b.adopt("v"));
+    assert_eq!(
+        report,
+        AdoptReport {
+            rolled_back: true,
+            sync_at_ms: Some(t2),
+            foreign_pending: 1
+        }
+    );
+    let st = block(&rt, b.meta().sync_state(&id));
+    assert_eq!((st.durable_map, st.pending_map), (Some(newer), None));
+    let v = open(&rt, &b, "v");
+    b.drop_read_cache();
+    assert_content("rolled back to the newer sync point", &v, &want);
+    assert_refcounts(&rt, &b);
+}
