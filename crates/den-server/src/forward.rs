@@ -247,6 +247,18 @@ pub async fn create(
     }
 }
 
+/// An error with its causes (hyper's own says little: "client error (Connect)").
+fn chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut cur = e.source();
+    while let Some(c) = cur {
+        s.push_str(": ");
+        s.push_str(&c.to_string());
+        cur = c.source();
+    }
+    s
+}
+
 enum OutBody {
     /// Read in full: can be sent again.
     Bytes(Bytes),
@@ -260,8 +272,8 @@ enum Sent {
     Ok(Response),
     /// The peer does not own the sprite (any more); its answer, rebuilt.
     Moved(Response),
-    /// The peer could not be reached; the answer for the client.
-    Unreachable(Response),
+    /// The peer could not be reached: why.
+    Unreachable(String),
 }
 
 /// A request on its way to a peer, kept so it can be sent again or served
@@ -366,10 +378,7 @@ impl Outgoing {
         let uri: Uri = match format!("{}{}", base_url.trim_end_matches('/'), self.path).parse() {
             Ok(u) => u,
             Err(e) => {
-                return Sent::Unreachable(unavailable(
-                    "node_unavailable",
-                    format!("peer address {base_url:?} is invalid: {e}"),
-                ));
+                return Sent::Unreachable(format!("peer address {base_url:?} is invalid: {e}"));
             }
         };
         let body = match &mut self.body {
@@ -384,10 +393,7 @@ impl Outgoing {
         let resp = match client().request(req).await {
             Ok(r) => r,
             Err(e) => {
-                return Sent::Unreachable(unavailable(
-                    "node_unavailable",
-                    format!("node at {base_url} did not answer: {e}"),
-                ));
+                return Sent::Unreachable(format!("node at {base_url} did not answer: {}", chain(&e)));
             }
         };
         let resp = resp.map(Body::new);
@@ -399,10 +405,7 @@ impl Outgoing {
         let bytes = match Limited::new(body, ERROR_BODY_MAX).collect().await {
             Ok(b) => b.to_bytes(),
             Err(e) => {
-                return Sent::Unreachable(unavailable(
-                    "node_unavailable",
-                    format!("node at {base_url}: reading its answer: {e}"),
-                ));
+                return Sent::Unreachable(format!("node at {base_url}: reading its answer: {e}"));
             }
         };
         strip_hop_by_hop(&mut parts.headers);
@@ -429,7 +432,8 @@ impl Outgoing {
     fn finish(&mut self, sent: Sent) -> Response {
         let mut resp = match sent {
             Sent::Ok(r) => r,
-            Sent::Moved(r) | Sent::Unreachable(r) => return r,
+            Sent::Moved(r) => return r,
+            Sent::Unreachable(why) => return unavailable("node_unavailable", why),
         };
         if resp.status() == StatusCode::SWITCHING_PROTOCOLS {
             let (Some(client), Some(_)) = (self.client_upgrade.take(), &self.upgrade) else {

@@ -37,6 +37,8 @@ struct StaticRouter {
     /// (ownership moving while a request is on its way).
     flip: Vec<&'static str>,
     flips: AtomicUsize,
+    /// Sprites with these prefixes live on a node that is down.
+    dead: Vec<&'static str>,
     creates_remote: bool,
     peer: (String, String),
 }
@@ -47,6 +49,13 @@ impl Router for StaticRouter {
         &self.me
     }
     async fn route_sprite(&self, name: &str) -> Result<Route, RouteError> {
+        if self.dead.iter().any(|p| name.starts_with(p)) {
+            return Ok(Route::Remote {
+                node: "node-dead".into(),
+                // Nothing listens on port 1: connections are refused at once.
+                base_url: "http://127.0.0.1:1".into(),
+            });
+        }
         let flip = self.flip.iter().any(|p| name.starts_with(p));
         let remote = self.remote.iter().any(|p| name.starts_with(p));
         Ok(
@@ -223,6 +232,7 @@ pub async fn cluster_forwarding() -> Result<()> {
             remote: vec!["b-", "x-"],
             flip: vec!["y-"],
             flips: AtomicUsize::new(0),
+            dead: vec!["z-"],
             creates_remote: true,
             peer: ("node-b".into(), ub.clone()),
         },
@@ -236,6 +246,7 @@ pub async fn cluster_forwarding() -> Result<()> {
             remote: vec!["x-", "y-"],
             flip: vec![],
             flips: AtomicUsize::new(0),
+            dead: vec![],
             creates_remote: false,
             peer: ("node-a".into(), ua.clone()),
         },
@@ -569,6 +580,17 @@ pub async fn cluster_forwarding() -> Result<()> {
     ensure!(r.status() == 200, "{}", r.status());
     ensure!(&r.bytes().await?[..] == b"\x01here\n\x03\x00");
 
+    // The owner is down: 503 with Retry-After, after routing once more.
+    let t0 = Instant::now();
+    let r = c.get(format!("{ua}/v1/sprites/z-gone")).send().await?;
+    ensure!(r.status() == 503, "{}", r.status());
+    ensure!(r.headers().get("retry-after").is_some());
+    let v: Value = r.json().await?;
+    ensure!(v["error"] == "node_unavailable", "{v}");
+    let (code, _) = ws_refused(&ua, "/v1/sprites/z-gone/exec?cmd=true", Some(&token)).await?;
+    ensure!(code == 503, "{code}");
+    ensure!(t0.elapsed() < Duration::from_secs(5), "{:?}", t0.elapsed());
+
     // Forwarding cost on loopback: a round trip through A vs. straight to B.
     let rtt = |url: String| {
         let c = c.clone();
@@ -587,6 +609,33 @@ pub async fn cluster_forwarding() -> Result<()> {
     let direct = rtt(format!("{ub}/v1/sprites/b-one")).await?;
     let through = rtt(format!("{ua}/v1/sprites/b-one")).await?;
     eprintln!("GET sprite: direct {direct:?}, forwarded {through:?}");
+    // An exec stdin → stdout round trip on an open session (spliced bytes).
+    let echo_rtt = |base: String| {
+        let token = token.clone();
+        async move {
+            let mut ws = ws_connect(&base, "/v1/sprites/b-one/exec?cmd=cat&stdin=true", Some(&token)).await?;
+            match next(&mut ws).await? {
+                Some(Message::Text(t)) if t.contains("session_info") => {}
+                other => bail!("first frame is not session_info: {other:?}"),
+            }
+            let mut best = Duration::MAX;
+            for i in 0..30u8 {
+                let t0 = Instant::now();
+                ws.send(Message::Binary(vec![0x00, b'a' + i % 26].into())).await?;
+                match next(&mut ws).await? {
+                    Some(Message::Binary(b)) if b[..] == [0x01, b'a' + i % 26] => {}
+                    other => bail!("echo {i}: {other:?}"),
+                }
+                best = best.min(t0.elapsed());
+            }
+            ws.send(Message::Binary(vec![0x04].into())).await?;
+            anyhow::Ok(best)
+        }
+    };
+    let direct = echo_rtt(ub.clone()).await?;
+    let through = echo_rtt(ua.clone()).await?;
+    let direct2 = echo_rtt(ub.clone()).await?;
+    eprintln!("exec echo: direct {direct:?} / {direct2:?}, forwarded {through:?}");
 
     a.stop().await;
     b.stop().await;
