@@ -30,6 +30,7 @@ use axum::http::request::Parts;
 use axum::http::{Method, StatusCode, Uri, Version};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
+use futures::StreamExt;
 use http_body_util::{BodyExt, Limited};
 use hyper::body::Body as _;
 use hyper::upgrade::OnUpgrade;
@@ -451,6 +452,14 @@ impl Outgoing {
         }
         let (mut parts, body) = resp.into_parts();
         strip_hop_by_hop(&mut parts.headers);
-        Response::from_parts(parts, Body::new(body))
+        if parts.headers.contains_key(header::CONTENT_LENGTH) {
+            return Response::from_parts(parts, body);
+        }
+        // A stream of unknown length (log follow, exec output) ends when
+        // this node stops, as the owner's own streams do, rather than
+        // holding up the shutdown.
+        let stop = self.stop.clone().cancelled_owned();
+        let body = Body::from_stream(body.into_data_stream().take_until(stop));
+        Response::from_parts(parts, body)
     }
 }

@@ -369,6 +369,35 @@ pub async fn cluster_forwarding() -> Result<()> {
     let body = r.bytes().await?;
     ensure!(&body[..] == b"\x01abc\x03\x05", "{body:?}");
 
+    // Responses stream: the first output arrives before the command ends.
+    let mut r = c
+        .post(format!(
+            "{ua}/v1/sprites/b-one/exec?{}",
+            sh("echo first; while [ ! -e /tmp/go ]; do sleep 0.1; done; echo second")
+        ))
+        .send()
+        .await?;
+    ensure!(r.status() == 200, "{}", r.status());
+    let mut got = Vec::new();
+    while !got.ends_with(b"first\n") {
+        let chunk = tokio::time::timeout(WAIT, r.chunk())
+            .await
+            .context("no output in time")??
+            .context("ended early")?;
+        got.extend_from_slice(&chunk);
+    }
+    ensure!(&got[..] == b"\x01first\n", "{got:?}");
+    let r2 = c
+        .put(format!("{ua}/v1/sprites/b-one/fs/write?path=/tmp/go"))
+        .body("")
+        .send()
+        .await?;
+    ensure!(r2.status() == 200, "{}", r2.status());
+    while let Some(chunk) = tokio::time::timeout(WAIT, r.chunk()).await?? {
+        got.extend_from_slice(&chunk);
+    }
+    ensure!(&got[..] == b"\x01first\n\x01second\n\x03\x00", "{got:?}");
+
     // Checkpoint: the NDJSON stream arrives whole.
     let r = c
         .post(format!("{ua}/v1/sprites/b-one/checkpoint"))
@@ -636,6 +665,30 @@ pub async fn cluster_forwarding() -> Result<()> {
     let through = echo_rtt(ua.clone()).await?;
     let direct2 = echo_rtt(ub.clone()).await?;
     eprintln!("exec echo: direct {direct:?} / {direct2:?}, forwarded {through:?}");
+
+    // A stops: a stream it forwards ends (B's command is still running).
+    let mut r = c
+        .post(format!(
+            "{ua}/v1/sprites/b-one/exec?{}",
+            sh("echo start; sleep 300")
+        ))
+        .send()
+        .await?;
+    ensure!(r.status() == 200, "{}", r.status());
+    let first = tokio::time::timeout(WAIT, r.chunk()).await??;
+    ensure!(first.as_deref() == Some(&b"\x01start\n"[..]), "{first:?}");
+    a.running.as_ref().expect("running").state.shutdown.cancel();
+    let t0 = Instant::now();
+    loop {
+        match tokio::time::timeout(WAIT, r.chunk())
+            .await
+            .context("stream still open")?
+        {
+            Ok(Some(c)) => bail!("more output: {c:?}"),
+            Ok(None) | Err(_) => break,
+        }
+    }
+    ensure!(t0.elapsed() < Duration::from_secs(5), "{:?}", t0.elapsed());
 
     a.stop().await;
     b.stop().await;
