@@ -154,6 +154,7 @@ fn three_hosts_reach_postgres_s3_and_each_other_and_run_den() {
     });
     for node in &nodes {
         assert!(node.pid().is_some());
+        assert_eq!(node.url(), hosts.node_url(node.index(), 8080));
         check_node_answers(node, None);
         check_node_answers(node, Some(hosts.netns(0)));
     }
@@ -221,7 +222,7 @@ fn three_hosts_reach_postgres_s3_and_each_other_and_run_den() {
     );
 
     // A graceful stop and restart of node 1 keeps its sprite.
-    let status = nodes[1].stop(std::time::Duration::from_secs(60)).unwrap();
+    let status = nodes[1].stop().unwrap();
     assert!(status.is_some_and(|s| s.success()), "{status:?}");
     nodes[1].restart().unwrap_or_else(|e| panic!("{e:#}"));
     assert_eq!(
