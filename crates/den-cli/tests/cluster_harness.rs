@@ -230,6 +230,13 @@ fn three_hosts_reach_postgres_s3_and_each_other_and_run_den() {
         "again\n"
     );
 
+    // kill -9 of node 1 while its sprite runs (den's crash, the sprite left as it was):
+    // the restarted node serves the sprite again.
+    nodes[1].kill9().unwrap();
+    nodes[1].restart().unwrap_or_else(|e| panic!("{e:#}"));
+    let out = ok(den(&["-s", "hello", "exec", "--", "echo", "after the crash"]));
+    assert_eq!(out, "after the crash\n", "log:\n{}", nodes[1].log_tail());
+
     drop(nodes);
     let netns_list = ok({
         let mut c = Command::new("ip");
