@@ -470,8 +470,11 @@ impl NodeOptions {
 ///
 /// The process joins the host's network namespace only (setns before exec, so
 /// [`pid`](Self::pid) is den's own); it shares the machine's mount namespace, /sys and
-/// cgroups, like den on a real host would have its own. Its stdout and stderr go to
-/// `DATA_DIR/den-node.log` (appended across restarts).
+/// cgroups, as den on a real host has the host's. Not `ip netns exec`: that gives den a
+/// private mount namespace (its FUSE/loop mounts and sprite netns bind mounts invisible to
+/// the test and lost to a restarted node) and a fresh /sys without the cgroup
+/// hierarchies. Its stdout and stderr go to `DATA_DIR/den-node.log` (appended across
+/// restarts).
 ///
 /// Drop SIGKILLs the node's process group and waits, then removes what a killed den leaves
 /// behind: processes in its sprites' namespaces, those namespaces, mounts and loop devices
