@@ -218,6 +218,10 @@ impl Hosts {
     /// address, or [`host_ip`](Self::host_ip) for the test's services): host `i` drops
     /// every packet from `peer`. Connections either way time out (no resets, no errors
     /// on send), like a network fault. Undo with [`unblock`](Self::unblock).
+    ///
+    /// The test itself talks from `host_ip` too: blocking it also cuts the test's requests
+    /// from the root namespace (and [`DenNode`]'s readiness check); use [`http`] from
+    /// another host's namespace to reach host `i` meanwhile.
     pub fn block(&self, i: usize, peer: Ipv4Addr) -> Result<()> {
         self.nft_in(
             i,
