@@ -201,7 +201,10 @@ macro_rules! in_tx {
             .await;
             match res {
                 Ok(v) => break Ok(v),
-                Err(e) if e.retry(attempt) => backoff(attempt).await,
+                Err(e) if e.retry(attempt) => {
+                    $self.retries.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    backoff(attempt).await
+                }
                 Err(e) => break Err(e.into_store()),
             }
         }
@@ -462,6 +465,7 @@ pub struct PgMeta {
     /// Epochs this process holds, by volume id: the fencing token it
     /// presents. Only ever set after the claiming transaction committed.
     held: Mutex<HashMap<String, i64>>,
+    retries: std::sync::atomic::AtomicU64,
 }
 
 impl PgMeta {
@@ -495,6 +499,7 @@ impl PgMeta {
             pool,
             node: node.to_string(),
             held: Mutex::new(HashMap::new()),
+            retries: Default::default(),
         };
         meta.init_schema().await?;
         Ok(meta)
@@ -502,6 +507,12 @@ impl PgMeta {
 
     pub fn node(&self) -> &str {
         &self.node
+    }
+
+    /// Transactions retried so far (serialization failures, deadlocks,
+    /// broken connections): a measure of contention between nodes.
+    pub fn retries(&self) -> u64 {
+        self.retries.load(std::sync::atomic::Ordering::Relaxed)
     }
 
     async fn client(&self) -> R<deadpool_postgres::Client> {
