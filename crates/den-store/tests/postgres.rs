@@ -389,6 +389,63 @@ fn store_keeps_working_across_a_postgres_restart() {
 }
 
 #[test]
+fn postgres_restart_during_writes_and_uploads_loses_nothing() {
+    let mut pg = pg();
+    let rt = runtime();
+    let dir = tempfile::tempdir().unwrap();
+    let s = store(&rt, dir.path(), local_objects(dir.path()), meta(&rt, &pg, "a"));
+    create(&rt, &s, "busy", 4 * MIB);
+    let restarted = AtomicBool::new(false);
+    let failed_fsyncs = AtomicU32::new(0);
+    let handle = rt.handle().clone();
+    let m = std::thread::scope(|sc| {
+        let writer = sc.spawn(|| {
+            let v = handle.block_on(s.open_volume("busy")).unwrap();
+            let mut m = Model::new(4 * MIB);
+            let mut rng = Rng::new(5);
+            let mut after = 0;
+            // Write-back seals and uploads run all the time (50 ms delay);
+            // keep going well past the restart.
+            while after < 30 {
+                m.scribble(&v, &mut rng, 5);
+                // Seals may fail while the server is down; the data stays
+                // dirty in the cache and is sealed again later.
+                if v.fsync().is_err() {
+                    failed_fsyncs.fetch_add(1, Ordering::Relaxed);
+                }
+                if restarted.load(Ordering::SeqCst) {
+                    after += 1;
+                }
+            }
+            m
+        });
+        den_testkit::wait_until(T, Duration::from_millis(10), || {
+            handle
+                .block_on(s.stats())
+                .map(|st| st.chunks > 20)
+                .unwrap_or(false)
+        })
+        .expect("uploads before the restart");
+        pg.restart().expect("restart PostgreSQL");
+        restarted.store(true, Ordering::SeqCst);
+        writer.join().unwrap()
+    });
+    eprintln!(
+        "fsyncs failed during the restart: {}",
+        failed_fsyncs.load(Ordering::Relaxed)
+    );
+    let v = open(&rt, &s, "busy");
+    ok(&rt, "flush after restart", s.flush("busy", |_| {}));
+    assert_volume_eq(&v, &m.data, "busy after the restart");
+    settle(&s);
+    s.drop_read_cache();
+    assert_volume_eq(&v, &m.data, "busy from the object store");
+    ok(&rt, "gc", s.gc(true));
+    assert_refcounts_ok(&rt, &s);
+    assert!(ok(&rt, "pending", s.meta().list_pending()).is_empty());
+}
+
+#[test]
 fn two_nodes_share_postgres_and_s3_with_gc_on_the_other_node() {
     let pg = pg();
     let s3 = SeaweedS3::start().expect("start SeaweedFS");

@@ -148,6 +148,19 @@ fn is_conflict(e: &tokio_postgres::Error) -> bool {
     )
 }
 
+/// The connection is gone (server restarted or unreachable): nothing was
+/// committed by this attempt, and a fresh connection may well work.
+fn is_broken(e: &tokio_postgres::Error) -> bool {
+    e.is_closed()
+        || matches!(
+            e.code(),
+            Some(c) if *c == SqlState::ADMIN_SHUTDOWN
+                || *c == SqlState::CRASH_SHUTDOWN
+                || *c == SqlState::CANNOT_CONNECT_NOW
+                || c.code().starts_with("08")
+        )
+}
+
 fn pg_message(e: &tokio_postgres::Error) -> String {
     match e.as_db_error() {
         Some(db) => format!("postgres: {} ({})", db.message(), db.code().code()),
@@ -159,7 +172,7 @@ impl TxError {
     fn retry(&self, attempt: u32) -> bool {
         match self {
             TxError::Pg(e) => {
-                (is_conflict(e) && attempt < MAX_ATTEMPTS) || (e.is_closed() && attempt < MAX_BROKEN_ATTEMPTS)
+                (is_conflict(e) && attempt < MAX_ATTEMPTS) || (is_broken(e) && attempt < MAX_BROKEN_ATTEMPTS)
             }
             TxError::Commit(e) => {
                 attempt < MAX_ATTEMPTS
@@ -608,7 +621,7 @@ impl MetaStore for PgMeta {
 
     async fn list_volumes(&self) -> Result<Vec<VolumeRecord>> {
         read_tx!(self, |tx| {
-            let sql = format!("SELECT {VOLUME_COLS} FROM volumes ORDER BY name");
+            let sql = format!("SELECT {VOLUME_COLS} FROM volumes ORDER BY name COLLATE \"C\"");
             let rows = query(&tx, &sql, &[]).await?;
             rows.iter()
                 .map(|r| row_to_vol(r).map(|v| v.rec))
