@@ -745,3 +745,30 @@ fn concurrent_seals_uploads_forks_and_gc_on_two_nodes_keep_refcounts_exact() {
         "GC never found garbage: the test raced nothing"
     );
 }
+
+#[test]
+fn gc_batches_belong_to_the_node_that_marked_them() {
+    let pg = pg();
+    let rt = runtime();
+    let a = meta(&rt, &pg, "a");
+    let b = meta(&rt, &pg, "b");
+    let v = ok(&rt, "create", a.create_volume("v", MIB, CS as u32, None));
+    let h = ChunkHash::of(b"garbage");
+    ok(&rt, "seal", a.apply_seal(v.head_map, &[(0, Some(1))]));
+    ok(&rt, "begin", a.begin_upload(&h));
+    ok(&rt, "commit", a.commit_upload(1, &h, 7));
+    ok(&rt, "overwrite", a.apply_seal(v.head_map, &[(0, None)]));
+    // a's GC marks the chunk and "dies" before finishing.
+    assert_eq!(ok(&rt, "gc a", a.gc_begin(10)), vec![h]);
+    // b's GC must not finish a's live batch, nor mark it again.
+    assert!(ok(&rt, "interrupted b", b.gc_interrupted()).is_empty());
+    assert!(ok(&rt, "gc b", b.gc_begin(10)).is_empty());
+    assert_eq!(ok(&rt, "interrupted a", a.gc_interrupted()), vec![h]);
+    // Abandoned long ago: any node takes it over.
+    pg.psql("UPDATE chunks SET updated_at_ms = 0").unwrap();
+    assert_eq!(ok(&rt, "take over", b.gc_interrupted()), vec![h]);
+    assert!(ok(&rt, "interrupted a", a.gc_interrupted()).is_empty());
+    ok(&rt, "finish b", b.gc_finish(&[h]));
+    assert!(!ok(&rt, "known", a.is_known_chunk(&h)));
+    assert!(ok(&rt, "verify", a.verify_refcounts()).is_empty());
+}

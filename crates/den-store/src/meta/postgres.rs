@@ -83,7 +83,9 @@ CREATE TABLE IF NOT EXISTS chunks (
     state         TEXT NOT NULL,
     refs          BIGINT NOT NULL DEFAULT 0,
     stored_len    BIGINT NOT NULL DEFAULT 0,
-    updated_at_ms BIGINT NOT NULL
+    updated_at_ms BIGINT NOT NULL,
+    -- The node whose GC moved the row to `deleting` (see gc_interrupted).
+    gc_node       TEXT
 );
 CREATE INDEX IF NOT EXISTS chunks_gc ON chunks (refs, state);
 -- Pending ids name files in one node's cache: only that node may upload them.
@@ -97,6 +99,10 @@ CREATE INDEX IF NOT EXISTS pending_owner_node ON pending_owner (node);
 /// An `uploading` row older than this with no references is a leftover of a
 /// crashed uploader, and GC may reclaim it.
 const STALE_UPLOAD_MS: i64 = 3_600_000;
+
+/// A `deleting` batch of another node untouched for this long belongs to a
+/// GC that died; any node may finish it.
+const GC_TAKEOVER_MS: i64 = 600_000;
 
 /// Serialization failures are expected under contention and cheap to retry;
 /// the bound only keeps a pathological livelock from hanging a caller.
@@ -909,13 +915,13 @@ impl MetaStore for PgMeta {
             // anyway; the outer `refs = 0` is checked again on the locked row.
             let rows = query(
                 &tx,
-                "UPDATE chunks SET state = 'deleting', updated_at_ms = $3
+                "UPDATE chunks SET state = 'deleting', updated_at_ms = $3, gc_node = $4
                  WHERE hash IN (SELECT hash FROM chunks WHERE refs = 0 AND
                                   (state = 'present' OR (state = 'uploading' AND updated_at_ms < $1))
                                 LIMIT $2 FOR UPDATE SKIP LOCKED)
                    AND refs = 0
                  RETURNING hash",
-                &[&(now - STALE_UPLOAD_MS), &limit, &now],
+                &[&(now - STALE_UPLOAD_MS), &limit, &now, &self.node],
             )
             .await?;
             rows.iter()
@@ -953,12 +959,23 @@ impl MetaStore for PgMeta {
     }
 
     async fn gc_interrupted(&self) -> Result<Vec<ChunkHash>> {
-        read_tx!(self, |tx| {
-            query(&tx, "SELECT hash FROM chunks WHERE state = 'deleting'", &[])
-                .await?
-                .iter()
-                .map(|r| hash_of(r.try_get::<_, &[u8]>(0)?))
-                .collect::<R<Vec<_>>>()?
+        // Only this node's own batches (or long-abandoned ones), taken over
+        // atomically. Finishing another node's live batch would be unsafe:
+        // it may finish first, the chunk be uploaded afresh, and our late
+        // DELETE of the object then remove a chunk that is present again.
+        write_tx!(self, |tx| {
+            let now = now_ms();
+            query(
+                &tx,
+                "UPDATE chunks SET gc_node = $1, updated_at_ms = $2
+                 WHERE state = 'deleting' AND (gc_node = $1 OR gc_node IS NULL OR updated_at_ms < $3)
+                 RETURNING hash",
+                &[&self.node, &now, &(now - GC_TAKEOVER_MS)],
+            )
+            .await?
+            .iter()
+            .map(|r| hash_of(r.try_get::<_, &[u8]>(0)?))
+            .collect::<R<Vec<_>>>()?
         })
     }
 
