@@ -772,3 +772,137 @@ fn gc_batches_belong_to_the_node_that_marked_them() {
     assert!(!ok(&rt, "known", a.is_known_chunk(&h)));
     assert!(ok(&rt, "verify", a.verify_refcounts()).is_empty());
 }
+
+#[test]
+fn random_operations_match_a_model_across_node_restarts() {
+    let pg = pg();
+    let rt = runtime();
+    for seed in 1..=3u64 {
+        // Each seed in its own database and directory.
+        let url = pg.create_database(&format!("model{seed}")).unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let mut rng = Rng::new(seed);
+        // A node restarting: a fresh `PgMeta` under the same node name claims
+        // its volumes again (held epochs die with the process).
+        let connect = |rt: &Runtime| -> Store {
+            let m = Arc::new(rt.block_on(PgMeta::connect(&url, "m")).unwrap());
+            rt.block_on(async {
+                for v in m.list_volumes().await.unwrap() {
+                    let e = m.volume_owner(&v.id).await.unwrap().epoch;
+                    assert!(m.claim_volume(&v.id, "m", e).await.unwrap().is_some());
+                }
+            });
+            store(rt, dir.path(), local_objects(dir.path()), m)
+        };
+        let mut s = connect(&rt);
+        const SIZE: u64 = MIB;
+        let mut vols: std::collections::BTreeMap<String, Model> = Default::default();
+        let mut handles: std::collections::HashMap<String, den_store::Volume> = Default::default();
+        let mut cks: Vec<(String, String, Vec<u8>)> = Vec::new();
+        for name in ["a", "b"] {
+            create(&rt, &s, name, SIZE);
+            vols.insert(name.into(), Model::new(SIZE));
+        }
+        for step in 0..80 {
+            let names: Vec<String> = vols.keys().cloned().collect();
+            let name = names[rng.below(names.len() as u64) as usize].clone();
+            let what = format!("seed {seed} step {step}");
+            match rng.below(10) {
+                0..=3 => {
+                    let v = handles
+                        .entry(name.clone())
+                        .or_insert_with(|| open(&rt, &s, &name))
+                        .clone();
+                    vols.get_mut(&name).unwrap().scribble(&v, &mut rng, 6);
+                }
+                4 => {
+                    let ck = ok(&rt, &what, s.checkpoint(&name, "model"));
+                    cks.push((name.clone(), ck.id, vols[&name].data.clone()));
+                }
+                5 if !cks.is_empty() => {
+                    let (vol, id, data) = cks[rng.below(cks.len() as u64) as usize].clone();
+                    handles.remove(&vol);
+                    ok(&rt, &what, s.restore(&vol, &id));
+                    vols.get_mut(&vol).unwrap().data = data;
+                }
+                6 => {
+                    let fork = format!("f{step}");
+                    let (src, data) = match cks.last() {
+                        Some((vol, id, data)) if rng.below(2) == 0 => (
+                            VolumeSource::Checkpoint {
+                                volume: vol.clone(),
+                                checkpoint: id.clone(),
+                            },
+                            data.clone(),
+                        ),
+                        _ => (VolumeSource::Volume(name.clone()), vols[&name].data.clone()),
+                    };
+                    ok(&rt, &what, s.fork(&fork, src));
+                    vols.insert(fork, Model { data });
+                }
+                7 if name.starts_with('f') => {
+                    handles.remove(&name);
+                    ok(&rt, &what, s.delete_volume(&name));
+                    vols.remove(&name);
+                    cks.retain(|c| c.0 != name);
+                }
+                8 if !cks.is_empty() => {
+                    let (vol, id, _) = cks.remove(rng.below(cks.len() as u64) as usize);
+                    ok(&rt, &what, s.delete_checkpoint(&vol, &id));
+                }
+                9 => {
+                    if rng.below(2) == 0 {
+                        ok(&rt, &what, s.gc(rng.below(2) == 0));
+                    } else {
+                        // Restart the node, uploads in flight or not.
+                        handles.clear();
+                        drop(s);
+                        s = connect(&rt);
+                    }
+                }
+                _ => {}
+            }
+            if let Some(m) = vols.get(&name) {
+                let v = open(&rt, &s, &name);
+                assert_volume_eq(&v, &m.data, &what);
+            }
+            assert_refcounts_ok(&rt, &s);
+        }
+        handles.clear();
+        for name in vols.keys() {
+            ok(&rt, "flush", s.flush(name, |_| {}));
+        }
+        for (vol, id, _) in &cks {
+            ok(&rt, "wait durable", s.wait_durable(vol, id));
+        }
+        ok(&rt, "gc", s.gc(true));
+        assert_refcounts_ok(&rt, &s);
+        settle(&s);
+        drop(s);
+        let s = connect(&rt);
+        s.drop_read_cache();
+        for (name, m) in &vols {
+            assert_volume_eq(
+                &open(&rt, &s, name),
+                &m.data,
+                &format!("seed {seed}: {name} at the end"),
+            );
+        }
+        for (i, (vol, id, data)) in cks.iter().enumerate() {
+            let name = format!("check{i}");
+            ok(
+                &rt,
+                "fork",
+                s.fork(
+                    &name,
+                    VolumeSource::Checkpoint {
+                        volume: vol.clone(),
+                        checkpoint: id.clone(),
+                    },
+                ),
+            );
+            assert_volume_eq(&open(&rt, &s, &name), data, &format!("seed {seed}: {vol}/{id}"));
+        }
+        assert!(ok(&rt, "pending", s.meta().list_pending()).is_empty());
+    }
+}

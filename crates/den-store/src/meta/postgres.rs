@@ -15,6 +15,25 @@
 //! On top of that, rows are locked explicitly where it turns a likely abort
 //! into a wait (the volume row for every change to a volume, the source map
 //! of a copy), and the volume row lock is also where fencing is checked.
+//!
+//! The races this has to get right (tests/postgres.rs exercises them; its
+//! two-node stress test fails within seconds under READ COMMITTED):
+//! - fork (copy of a live head or a checkpoint) against the owner changing
+//!   or dropping that map and GC on another node: the copy's reference
+//!   increments must land before the count can reach zero, or GC deletes a
+//!   chunk the fork names. Serializable ordering, plus the share lock on the
+//!   source map row.
+//! - commit_upload against a fork copying the same pending slot: either the
+//!   copy sees the hash, or the commit sees the copied pending slot; never a
+//!   pending slot left behind for a file the uploader then deletes.
+//! - commit_upload against gc_begin: the chunk row is locked by both; GC
+//!   only marks rows still at zero references, and a commit that finds the
+//!   row `deleting` (or gone) answers Retry.
+//! - claim against a change by the old owner: the claim updates the volume
+//!   row every change locks first, so the change either commits before the
+//!   claim or sees the new epoch and is fenced.
+//! - two nodes' GCs: each only finishes batches it marked (see
+//!   gc_interrupted).
 
 use std::collections::HashMap;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -535,7 +554,10 @@ impl PgMeta {
     }
 
     async fn client(&self) -> R<deadpool_postgres::Client> {
-        self.pool.get().await.map_err(|e| TxError::Pool(e.to_string()))
+        self.pool.get().await.map_err(|e| match e {
+            deadpool_postgres::PoolError::Backend(e) => TxError::Pool(pg_message(&e)),
+            e => TxError::Pool(e.to_string()),
+        })
     }
 
     async fn init_schema(&self) -> Result<()> {
