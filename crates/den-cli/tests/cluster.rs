@@ -11,7 +11,10 @@
 //!    two hosts (a counter under a lock inside the sprite loses nothing);
 //! 4. PostgreSQL restarted: nodes recover by themselves; S3 down for 30 s:
 //!    the sprite keeps running from cache and uploads catch up;
-//! 5. drain a node: its sprites move and keep their data.
+//! 5. drain a node: its sprites move and keep their data;
+//! 6. the owner's cable is pulled: another node claims the sprite; when the
+//!    old owner is back it finds the lease moved, stops its stale copy and
+//!    forwards instead of serving it.
 
 use std::os::unix::fs::PermissionsExt;
 use std::process::{Command, Output};
@@ -383,6 +386,40 @@ fn cluster_end_to_end() {
         .unwrap()
         .clone();
     assert_eq!(drained["state"], "drained", "{nodes}");
+
+    // -- 6. a partitioned owner is fenced and gives the sprite up ---------
+    let x = now_on;
+    let y = NAMES
+        .iter()
+        .find(|n| **n != x && **n != owner)
+        .unwrap()
+        .to_string();
+    c.exec_ok(&x, "s1", "echo before > /home/sprite/p");
+    c.wait_durable(&x, "s1", now_ms());
+    let xi = c.node(&x);
+    c._hosts.cut(xi).unwrap();
+    // Through y: the owner is unreachable, then dead by the TTL; y claims.
+    let out = c.exec_eventually(&y, "s1", "cat /home/sprite/p; echo after > /home/sprite/q; sync");
+    assert_eq!(out, "before\n");
+    assert_eq!(c.sprite(&y, "s1")["node"], y.as_str());
+    c._hosts.heal(xi).unwrap();
+    // Back in touch, x finds the lease moved and stops its stale copy …
+    let deadline = Instant::now() + PATIENCE;
+    while !c.nodes[xi]
+        .log_tail()
+        .contains("another node owns this sprite now")
+    {
+        assert!(
+            Instant::now() < deadline,
+            "x never dropped its stale copy:\n{}",
+            c.logs()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    // … and from then on forwards to y instead of serving what it had.
+    let out = c.exec_eventually(&x, "s1", "cat /home/sprite/p /home/sprite/q");
+    assert_eq!(out, "before\nafter\n");
+    assert_eq!(c.sprite(&x, "s1")["node"], y.as_str());
 
     for n in &mut c.nodes {
         n.stop().unwrap();

@@ -161,22 +161,29 @@ pub async fn placements(
     infos: &[den_sprite::SpriteInfo],
 ) -> Result<std::collections::HashMap<String, Placement>, ApiError> {
     let published = c.placements().await.map_err(cluster_error)?;
+    let nodes = c.nodes().await.map_err(cluster_error)?;
     let mut out = std::collections::HashMap::new();
     for info in infos {
         let name = &info.record.name;
         let p = if info.status != den_sprite::SpriteStatus::Cold {
             local_placement(c, info).await
-        } else if let Some(p) = published.get(name) {
+        } else if let Some(p) = published.get(name).filter(|p| p.node_alive) {
             Placement {
-                node: p.node_alive.then(|| p.node.clone()),
+                node: Some(p.node.clone()),
                 region: Some(p.region.clone()),
-                status: if p.node_alive {
-                    parse_status(&p.status)
-                } else {
-                    None
-                },
+                status: parse_status(&p.status),
                 fully_durable: p.status == "cold",
                 durable_at_ms: p.durable_at_ms,
+            }
+        } else if let Some(n) = lease_holder(c, &nodes, &info.record.volume).await {
+            // Owned but not published yet (the owner publishes with its
+            // next heartbeat): the lease is the truth.
+            Placement {
+                node: Some(n.name.clone()),
+                region: Some(n.region.clone()),
+                status: None,
+                fully_durable: false,
+                durable_at_ms: None,
             }
         } else {
             Placement {
@@ -190,6 +197,16 @@ pub async fn placements(
         out.insert(name.clone(), p);
     }
     Ok(out)
+}
+
+/// The live node holding the lease on `volume`, if any.
+async fn lease_holder<'a>(
+    c: &Cluster,
+    nodes: &'a [den_cluster::NodeInfo],
+    volume: &str,
+) -> Option<&'a den_cluster::NodeInfo> {
+    let owner = c.store().owner(volume).await.ok()?.node?;
+    nodes.iter().find(|n| n.name == owner && n.alive)
 }
 
 pub(crate) fn now_ms() -> i64 {
