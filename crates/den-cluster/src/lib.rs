@@ -103,7 +103,7 @@ impl Cluster {
     /// Register this node, then start the heartbeat, the fencing watchdog,
     /// the sync-point loop and the GC loop.
     pub async fn join(cfg: ClusterConfig, mgr: SpriteManager) -> Result<Cluster> {
-        let db = pg::pool(&cfg.db_url)?;
+        let db = pg::pool(&cfg.db_url, &cfg.node)?;
         nodes::init_schema(&db).await?;
         nodes::register(&db, &cfg).await?;
         let store = mgr.store().clone();

@@ -15,13 +15,12 @@ use axum::extract::{Request, State};
 use axum::http::header::AUTHORIZATION;
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
-use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod, Runtime};
+use deadpool_postgres::Pool;
 use parking_lot::{Mutex, RwLock};
 use rand::RngCore;
 use rusqlite::{Connection, params};
 use serde::Serialize;
 use subtle::ConstantTimeEq;
-use tokio_postgres::NoTls;
 
 use crate::error::ApiError;
 use crate::state::AppState;
@@ -216,27 +215,7 @@ async fn refresh_loop(pool: Pool, shared: Weak<Shared>) {
 }
 
 fn pg_pool(url: &str) -> Result<Pool, TokenError> {
-    let mut cfg: tokio_postgres::Config = url
-        .parse()
-        .map_err(|e| TokenError::Postgres(format!("PostgreSQL URL: {e}")))?;
-    if cfg.get_connect_timeout().is_none() {
-        cfg.connect_timeout(Duration::from_secs(10));
-    }
-    // Verified recycling: after a database restart the next checkout replaces
-    // the dead connection instead of failing on it.
-    let mgr = Manager::from_config(
-        cfg,
-        NoTls,
-        ManagerConfig {
-            recycling_method: RecyclingMethod::Verified,
-        },
-    );
-    Pool::builder(mgr)
-        .max_size(4)
-        .runtime(Runtime::Tokio1)
-        .wait_timeout(Some(Duration::from_secs(30)))
-        .build()
-        .map_err(|e| TokenError::Postgres(format!("building the connection pool: {e}")))
+    den_store::pg::pool(url, 4, "den-tokens").map_err(|e| TokenError::Postgres(e.to_string()))
 }
 
 impl TokenStore {

@@ -51,13 +51,22 @@ impl SqliteCatalog {
     }
 
     fn decode(name: &str, json: &str) -> Result<SpriteRecord> {
-        serde_json::from_str(json)
-            .map_err(|e| SpriteError::Catalog(format!("record of {name} is unreadable: {e}")))
+        decode_record(name, json)
     }
 
     fn encode(rec: &SpriteRecord) -> Result<String> {
-        serde_json::to_string(rec).map_err(|e| SpriteError::Catalog(e.to_string()))
+        encode_record(rec)
     }
+}
+
+/// Records are stored as JSON documents by every catalog backend.
+pub(crate) fn decode_record(name: &str, json: &str) -> Result<SpriteRecord> {
+    serde_json::from_str(json)
+        .map_err(|e| SpriteError::Catalog(format!("record of {name} is unreadable: {e}")))
+}
+
+pub(crate) fn encode_record(rec: &SpriteRecord) -> Result<String> {
+    serde_json::to_string(rec).map_err(|e| SpriteError::Catalog(e.to_string()))
 }
 
 // The statements touch one small row, so they run inline rather than on the

@@ -1,11 +1,8 @@
 //! The catalog in PostgreSQL, for cluster mode: every node sees the same
 //! sprites, and the database (not a node) decides who gets a name.
 
-use std::time::Duration;
-
 use async_trait::async_trait;
-use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod, Runtime};
-use tokio_postgres::NoTls;
+use deadpool_postgres::Pool;
 
 use crate::catalog::Catalog;
 use crate::error::{Result, SpriteError};
@@ -35,26 +32,10 @@ impl PgCatalog {
     /// Connect to `url` (`postgres://user@host:port/db`) and create the
     /// schema if it is missing. Fails if the database is unreachable.
     pub async fn connect(url: &str) -> Result<PgCatalog> {
-        let mut cfg: tokio_postgres::Config = url
-            .parse()
-            .map_err(|e| SpriteError::Invalid(format!("PostgreSQL URL: {e}")))?;
-        if cfg.get_connect_timeout().is_none() {
-            // An unreachable host must fail a request, not hang it.
-            cfg.connect_timeout(Duration::from_secs(10));
-        }
-        let mgr = Manager::from_config(
-            cfg,
-            NoTls,
-            ManagerConfig {
-                recycling_method: RecyclingMethod::Verified,
-            },
-        );
-        let pool = Pool::builder(mgr)
-            .max_size(MAX_CONNECTIONS)
-            .runtime(Runtime::Tokio1)
-            .wait_timeout(Some(Duration::from_secs(30)))
-            .build()
-            .map_err(|e| pg_err("building the connection pool", e))?;
+        let pool = den_store::pg::pool(url, MAX_CONNECTIONS, "den-catalog").map_err(|e| match e {
+            den_store::pg::PoolError::Url(m) => SpriteError::Invalid(format!("PostgreSQL URL: {m}")),
+            other => pg_err("connecting", other),
+        })?;
         let cat = PgCatalog { pool };
         cat.create_schema().await?;
         Ok(cat)
@@ -92,12 +73,11 @@ impl PgCatalog {
     }
 
     fn decode(name: &str, json: &str) -> Result<SpriteRecord> {
-        serde_json::from_str(json)
-            .map_err(|e| SpriteError::Catalog(format!("record of {name} is unreadable: {e}")))
+        crate::catalog::decode_record(name, json)
     }
 
     fn encode(rec: &SpriteRecord) -> Result<String> {
-        serde_json::to_string(rec).map_err(|e| SpriteError::Catalog(e.to_string()))
+        crate::catalog::encode_record(rec)
     }
 }
 

@@ -613,20 +613,9 @@ impl SpriteManager {
         match &*phase {
             Phase::Cold => Ok(self.inner.store.checkpoint(&volume, comment).await?),
             Phase::Awake(live) => {
-                let (backend, handle, frozen) =
-                    (self.inner.backend.clone(), live.handle.clone(), live.frozen);
-                let disk = live.disk.as_ref().expect("an awake sprite has its disk");
-                let (mp, vol, comment) = (
-                    disk.mountpoint().to_path_buf(),
-                    disk.volume().clone(),
-                    comment.to_string(),
-                );
-                blocking(move || {
-                    let _frozen = FreezeGuard::new(backend, handle, frozen)?;
-                    disk::syncfs(&mp)?;
-                    Ok(vol.checkpoint(&comment)?)
-                })
-                .await
+                let comment = comment.to_string();
+                self.while_frozen(live, move |vol| Ok(vol.checkpoint(&comment)?))
+                    .await
             }
         }
     }
@@ -929,6 +918,25 @@ impl SpriteManager {
         Ok(())
     }
 
+    /// Run `f` on the disk of an awake sprite while its processes are
+    /// frozen and its filesystem is synced, so what `f` records of the
+    /// volume is a consistent filesystem image. Always thaws.
+    async fn while_frozen<T: Send + 'static>(
+        &self,
+        live: &Live,
+        f: impl FnOnce(&den_store::Volume) -> Result<T> + Send + 'static,
+    ) -> Result<T> {
+        let (backend, handle, frozen) = (self.inner.backend.clone(), live.handle.clone(), live.frozen);
+        let disk = live.disk.as_ref().expect("an awake sprite has its disk");
+        let (mp, vol) = (disk.mountpoint().to_path_buf(), disk.volume().clone());
+        blocking(move || {
+            let _frozen = FreezeGuard::new(backend, handle, frozen)?;
+            disk::syncfs(&mp)?;
+            f(&vol)
+        })
+        .await
+    }
+
     /// Cluster durability window: take a sync point of the sprite's disk at a
     /// consistent moment (frozen, filesystem synced) and wait until it is all
     /// in the object store. A cold sprite is flushed instead. Returns the
@@ -940,20 +948,7 @@ impl SpriteManager {
             let phase = slot.phase.lock().await;
             match &*phase {
                 Phase::Cold => None,
-                Phase::Awake(live) => {
-                    let (backend, handle, frozen) =
-                        (self.inner.backend.clone(), live.handle.clone(), live.frozen);
-                    let disk = live.disk.as_ref().expect("an awake sprite has its disk");
-                    let (mp, vol) = (disk.mountpoint().to_path_buf(), disk.volume().clone());
-                    Some(
-                        blocking(move || {
-                            let _frozen = FreezeGuard::new(backend, handle, frozen)?;
-                            disk::syncfs(&mp)?;
-                            Ok(vol.sync_point()?)
-                        })
-                        .await?,
-                    )
-                }
+                Phase::Awake(live) => Some(self.while_frozen(live, |vol| Ok(vol.sync_point()?)).await?),
             }
         };
         let at = now_ms();

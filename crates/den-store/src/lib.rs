@@ -10,6 +10,7 @@ pub mod chunk;
 pub mod error;
 pub mod meta;
 pub mod objects;
+pub mod pg;
 pub mod snapshot;
 mod store;
 mod uploader;

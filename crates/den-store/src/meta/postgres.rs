@@ -39,11 +39,11 @@ use std::collections::HashMap;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use async_trait::async_trait;
-use deadpool_postgres::{GenericClient, Manager, ManagerConfig, Pool, RecyclingMethod, Runtime};
+use deadpool_postgres::{GenericClient, Pool};
 use parking_lot::Mutex;
 use tokio_postgres::error::SqlState;
 use tokio_postgres::types::ToSql;
-use tokio_postgres::{IsolationLevel, NoTls, Row};
+use tokio_postgres::{IsolationLevel, Row};
 
 use super::*;
 use crate::error::StoreError;
@@ -509,30 +509,10 @@ pub struct PgMeta {
 impl PgMeta {
     /// Connect to `url` as node `node`, creating the schema if it is missing.
     pub async fn connect(url: &str, node: &str) -> Result<PgMeta> {
-        let mut cfg: tokio_postgres::Config = url
-            .parse()
-            .map_err(|e| StoreError::InvalidArgument(format!("postgres url: {e}")))?;
-        cfg.connect_timeout(Duration::from_secs(5));
-        if cfg.get_application_name().is_none() {
-            cfg.application_name(format!("den-{node}"));
-        }
-        let mgr = Manager::from_config(
-            cfg,
-            NoTls,
-            // Verified: a connection killed by a server restart is noticed
-            // and replaced on checkout instead of failing the next call.
-            ManagerConfig {
-                recycling_method: RecyclingMethod::Verified,
-            },
-        );
-        let pool = Pool::builder(mgr)
-            .max_size(POOL_SIZE)
-            .runtime(Runtime::Tokio1)
-            .wait_timeout(Some(Duration::from_secs(30)))
-            .create_timeout(Some(Duration::from_secs(10)))
-            .recycle_timeout(Some(Duration::from_secs(10)))
-            .build()
-            .map_err(|e| StoreError::Meta(format!("postgres pool: {e}")))?;
+        let pool = crate::pg::pool(url, POOL_SIZE, &format!("den-{node}")).map_err(|e| match e {
+            crate::pg::PoolError::Url(m) => StoreError::InvalidArgument(format!("postgres url: {m}")),
+            other => StoreError::Meta(other.to_string()),
+        })?;
         let meta = PgMeta {
             pool,
             node: node.to_string(),
