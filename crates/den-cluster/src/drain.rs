@@ -4,7 +4,6 @@
 
 use std::sync::atomic::Ordering;
 
-use den_sprite::SpriteStatus;
 use serde::Serialize;
 
 use crate::Cluster;
@@ -35,9 +34,7 @@ impl Cluster {
                 continue;
             }
             let res = async {
-                inner.mgr.sleep(&name, SpriteStatus::Cold).await?;
-                inner.store.flush(&vol, |_| {}).await?;
-                inner.store.release(&vol).await?;
+                inner.mgr.hand_off(&name).await?;
                 nodes::forget_sprite(&inner.db, &name).await?;
                 Ok::<_, crate::ClusterError>(())
             }

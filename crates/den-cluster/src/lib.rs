@@ -141,6 +141,22 @@ impl Cluster {
         &self.inner.cfg
     }
 
+    /// How much of a sprite this node owns would survive losing this node:
+    /// `(fully_durable, durable_at_ms)`. A running sprite is durable up to
+    /// its last sync point only (its guest may hold unsynced writes in its
+    /// page cache, which no state of the block device can vouch for); a
+    /// cold one is fully durable once its volume has nothing local-only.
+    pub async fn durability(&self, info: &den_sprite::SpriteInfo) -> (bool, Option<i64>) {
+        let Ok(d) = self.inner.store.durability(&info.record.volume).await else {
+            return (false, None);
+        };
+        if info.status == den_sprite::SpriteStatus::Cold && d.fully_durable {
+            (true, Some(watchdog::now_ms()))
+        } else {
+            (false, d.durable_at_ms)
+        }
+    }
+
     pub fn is_fenced(&self) -> bool {
         self.inner.fenced.load(Ordering::Acquire)
     }

@@ -127,11 +127,7 @@ impl Cluster {
             } else {
                 published_cold.remove(&name);
             }
-            let durable_at = match inner.store.durability(&s.record.volume).await {
-                Ok(d) if d.fully_durable => Some(now_ms()),
-                Ok(d) => d.durable_at_ms,
-                Err(_) => None,
-            };
+            let (_, durable_at) = self.durability(&s).await;
             rows.push((name, s.status.as_str().to_string(), durable_at));
         }
         if rows.is_empty() {

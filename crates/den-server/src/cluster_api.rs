@@ -138,19 +138,13 @@ fn parse_status(s: &str) -> Option<den_sprite::SpriteStatus> {
 
 /// The placement of a sprite served by this node (its owner).
 pub async fn local_placement(c: &Cluster, info: &den_sprite::SpriteInfo) -> Placement {
-    let d = c.store().durability(&info.record.volume).await.ok();
+    let (fully_durable, durable_at_ms) = c.durability(info).await;
     Placement {
         node: Some(c.node().to_string()),
         region: Some(c.region().to_string()),
         status: None,
-        fully_durable: d.as_ref().is_some_and(|d| d.fully_durable),
-        durable_at_ms: d.and_then(|d| {
-            if d.fully_durable {
-                Some(crate::cluster_api::now_ms())
-            } else {
-                d.durable_at_ms
-            }
-        }),
+        fully_durable,
+        durable_at_ms,
     }
 }
 
@@ -207,11 +201,4 @@ async fn lease_holder<'a>(
 ) -> Option<&'a den_cluster::NodeInfo> {
     let owner = c.store().owner(volume).await.ok()?.node?;
     nodes.iter().find(|n| n.name == owner && n.alive)
-}
-
-pub(crate) fn now_ms() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_millis() as i64)
-        .unwrap_or(0)
 }

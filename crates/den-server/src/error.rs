@@ -104,6 +104,9 @@ impl From<SpriteError> for ApiError {
             SpriteError::AwakeLimit { awake, limit } => {
                 ApiError::limited(crate::limits::Limited::awake(awake, limit))
             }
+            SpriteError::NotOwner(_) | SpriteError::Store(StoreError::Fenced(_)) => {
+                ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "sprite_moved", msg)
+            }
             SpriteError::ShuttingDown => ApiError::new(
                 StatusCode::SERVICE_UNAVAILABLE,
                 "shutting_down",

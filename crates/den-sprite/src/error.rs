@@ -29,6 +29,10 @@ pub enum SpriteError {
     AwakeLimit { awake: usize, limit: usize },
     #[error("the sprite manager is shutting down")]
     ShuttingDown,
+    /// Cluster mode: this node does not hold the sprite's lease (another
+    /// node claimed it, or this node just gave it up).
+    #[error("sprite {0} is owned by another node")]
+    NotOwner(String),
     #[error("storage: {0}")]
     Store(#[from] den_store::StoreError),
     #[error("block device: {0}")]

@@ -466,6 +466,12 @@ impl SpriteManager {
         }
         self.check_running()?;
         if matches!(*phase, Phase::Cold) {
+            // Cluster mode: boot only a sprite whose lease this node holds
+            // (checked under the phase lock, which hand-off also takes).
+            let volume = slot.record.lock().volume.clone();
+            if self.inner.store.config().node.is_some() && self.inner.store.held_epoch(&volume).is_none() {
+                return Err(SpriteError::NotOwner(name.to_string()));
+            }
             if let Some(limit) = self.inner.cfg.max_awake {
                 let awake = self.awake_count();
                 if awake >= limit {
@@ -876,6 +882,20 @@ impl SpriteManager {
                 }
             }
         }
+        Ok(())
+    }
+
+    /// Cluster mode: put the sprite to sleep, flush its disk to the object
+    /// store and give up its lease, all under its phase lock, so no request
+    /// can wake it here in between (wake refuses a sprite whose lease this
+    /// node does not hold).
+    pub async fn hand_off(&self, name: &str) -> Result<()> {
+        let slot = self.slot(name)?;
+        let mut phase = slot.phase.lock().await;
+        self.sleep_locked(&slot, &mut phase, SpriteStatus::Cold).await?;
+        let volume = slot.record.lock().volume.clone();
+        self.inner.store.flush(&volume, |_| {}).await?;
+        self.inner.store.release(&volume).await?;
         Ok(())
     }
 
