@@ -1,13 +1,16 @@
 //! Test support for den's integration tests.
 //!
-//! * [`SeaweedS3`]: a real SeaweedFS S3 server on 127.0.0.1, one per test, in
-//!   its own temp dir, on free ports, with SigV4 credentials enforced and a
-//!   bucket created before [`SeaweedS3::start`] returns.
+//! * [`SeaweedS3`]: a real SeaweedFS S3 server on 127.0.0.1 (or another local
+//!   address, [`SeaweedS3::start_on`]), one per test, in its own temp dir, on
+//!   free ports, with SigV4 credentials enforced and a bucket created before
+//!   [`SeaweedS3::start`] returns.
 //! * [`require_root`], [`free_port`], [`free_ports`], [`wait_until`]: small
 //!   helpers.
 //! * [`net`]: a fake internet in its own network namespace and a unique,
 //!   trapped `den_net::NetConfig` per test, for sprite networking tests that
 //!   must never send traffic anywhere but to namespaces they created.
+//! * [`cluster`]: several "hosts" (network namespaces on a bridge) and
+//!   `den server` nodes running in them, for cluster tests.
 //!
 //! The external tools (`weed`, `curl`) are installed by
 //! `scripts/install-deps.sh`.
@@ -15,7 +18,7 @@
 use std::ffi::OsString;
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, Read, Seek, SeekFrom};
-use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream};
 use std::os::unix::fs::PermissionsExt;
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
@@ -27,6 +30,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, anyhow, bail};
 
+pub mod cluster;
 pub mod net;
 pub mod postgres;
 pub mod runner;
@@ -87,7 +91,7 @@ const START_ATTEMPTS: usize = 3;
 const BUCKET: &str = "den-test";
 const REGION: &str = "us-east-1";
 
-/// The ports one SeaweedFS instance listens on, all on 127.0.0.1.
+/// The ports one SeaweedFS instance listens on, all on its one address.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct SeaweedPorts {
     pub s3: u16,
@@ -103,18 +107,18 @@ pub struct SeaweedPorts {
 }
 
 impl SeaweedPorts {
-    fn pick() -> Result<Self> {
+    fn pick(ip: Ipv4Addr) -> Result<Self> {
         // weed's maintenance worker dials the admin server at admin port +
         // 10000 whatever -admin.port.grpc says, so keep that relation. All
         // listeners are held until every port is chosen, so none repeats.
         let mut held = Vec::new();
         let mut admin = None;
         for _ in 0..100 {
-            let l = TcpListener::bind(("127.0.0.1", 0)).context("bind 127.0.0.1:0")?;
+            let l = TcpListener::bind((ip, 0)).with_context(|| format!("bind {ip}:0"))?;
             let port = l.local_addr()?.port();
             held.push(l);
             if port <= u16::MAX - 10_000
-                && let Ok(g) = TcpListener::bind(("127.0.0.1", port + 10_000))
+                && let Ok(g) = TcpListener::bind((ip, port + 10_000))
             {
                 held.push(g);
                 admin = Some(port);
@@ -124,7 +128,7 @@ impl SeaweedPorts {
         let admin = admin.context("no free port pair (p, p+10000) for the SeaweedFS admin")?;
         let mut others = Vec::new();
         while others.len() < 8 {
-            let l = TcpListener::bind(("127.0.0.1", 0)).context("bind 127.0.0.1:0")?;
+            let l = TcpListener::bind((ip, 0)).with_context(|| format!("bind {ip}:0"))?;
             others.push(l.local_addr()?.port());
             held.push(l);
         }
@@ -162,8 +166,9 @@ impl SeaweedPorts {
 
 /// A SeaweedFS S3 server (`weed mini`) for one test.
 ///
-/// * Listens on 127.0.0.1 only; every port (S3, master, volume, filer, admin
-///   and their gRPC ports) is chosen free at start.
+/// * Listens on 127.0.0.1 only (or only on the address given to
+///   [`start_on`](Self::start_on)); every port (S3, master, volume, filer,
+///   admin and their gRPC ports) is chosen free at start.
 /// * SigV4 is enforced with a random access key / secret per instance;
 ///   anonymous requests get 403.
 /// * Bucket [`bucket()`](Self::bucket) exists when `start` returns.
@@ -179,6 +184,7 @@ impl SeaweedPorts {
 #[derive(Debug)]
 pub struct SeaweedS3 {
     weed: PathBuf,
+    ip: Ipv4Addr,
     ports: SeaweedPorts,
     access_key: String,
     secret_key: String,
@@ -187,9 +193,18 @@ pub struct SeaweedS3 {
 }
 
 impl SeaweedS3 {
-    /// Starts a fresh server and waits (at most 30 s) until the bucket is
-    /// served with the instance's credentials.
+    /// Starts a fresh server on 127.0.0.1 and waits (at most 30 s) until the
+    /// bucket is served with the instance's credentials.
     pub fn start() -> Result<Self> {
+        Self::start_on(Ipv4Addr::LOCALHOST)
+    }
+
+    /// Like [`start`](Self::start), but every SeaweedFS component listens on
+    /// `ip` (a local address, e.g. the bridge address of
+    /// [`cluster::Hosts`](crate::cluster::Hosts), so that other network
+    /// namespaces reach it) instead of 127.0.0.1. [`endpoint`](Self::endpoint)
+    /// then names `ip`.
+    pub fn start_on(ip: Ipv4Addr) -> Result<Self> {
         let weed = weed_bin()?;
         which("curl").context(
             "curl not found on PATH (SeaweedS3 uses it for its readiness check); \
@@ -202,7 +217,8 @@ impl SeaweedS3 {
         fs::create_dir(dir.path().join("data")).context("create SeaweedFS data dir")?;
         let mut s3 = SeaweedS3 {
             weed,
-            ports: SeaweedPorts::pick()?,
+            ip,
+            ports: SeaweedPorts::pick(ip)?,
             access_key: format!("DEN{}", random_hex(8)?.to_uppercase()),
             secret_key: random_hex(20)?,
             dir,
@@ -218,7 +234,7 @@ impl SeaweedS3 {
                     s3.kill();
                     s3.remove_grpc_sockets();
                     let old = s3.ports;
-                    s3.ports = SeaweedPorts::pick()?;
+                    s3.ports = SeaweedPorts::pick(ip)?;
                     eprintln!(
                         "den-testkit: SeaweedFS could not bind its ports {old:?} \
                          (attempt {attempt}), retrying with {:?}: {e:#}",
@@ -231,9 +247,15 @@ impl SeaweedS3 {
         }
     }
 
-    /// `http://127.0.0.1:PORT`, the S3 endpoint (path-style addressing).
+    /// `http://IP:PORT`, the S3 endpoint (path-style addressing); IP is
+    /// 127.0.0.1 unless started with [`start_on`](Self::start_on).
     pub fn endpoint(&self) -> String {
-        format!("http://127.0.0.1:{}", self.ports.s3)
+        format!("http://{}:{}", self.ip, self.ports.s3)
+    }
+
+    /// The address every component listens on.
+    pub fn ip(&self) -> Ipv4Addr {
+        self.ip
     }
 
     /// The bucket created at start, `den-test`.
@@ -274,7 +296,7 @@ impl SeaweedS3 {
         tail(&self.log_path(), max_bytes)
     }
 
-    /// `http://127.0.0.1:PORT/den-test/KEY`.
+    /// `http://IP:PORT/den-test/KEY`.
     pub fn object_url(&self, key: &str) -> String {
         format!("{}/{}/{}", self.endpoint(), BUCKET, key.trim_start_matches('/'))
     }
@@ -308,7 +330,7 @@ impl SeaweedS3 {
     /// when already stopped.
     pub fn stop(&mut self) -> Result<()> {
         self.kill();
-        let addr = SocketAddr::from(([127, 0, 0, 1], self.ports.s3));
+        let addr = SocketAddr::from((self.ip, self.ports.s3));
         wait_until(Duration::from_secs(10), Duration::from_millis(20), || {
             TcpStream::connect_timeout(&addr, Duration::from_millis(200)).is_err()
         })
@@ -355,8 +377,8 @@ impl SeaweedS3 {
             args.push(format!("-{name}={value}").into());
         };
         flag("dir", &data.display());
-        flag("ip", &"127.0.0.1");
-        flag("ip.bind", &"127.0.0.1");
+        flag("ip", &self.ip);
+        flag("ip.bind", &self.ip);
         flag("bucket", &BUCKET);
         flag("master.telemetry", &false);
         flag("admin.ui", &false);
@@ -477,7 +499,7 @@ impl SeaweedS3 {
             let Ok(id) = stem.rsplit('_').next().unwrap_or(stem).parse::<u32>() else {
                 continue;
             };
-            let body = http_get(self.ports.master, &format!("/dir/lookup?volumeId={id}"))
+            let body = http_get(self.ip, self.ports.master, &format!("/dir/lookup?volumeId={id}"))
                 .map_err(|e| format!("master lookup of volume {id}: {e}"))?;
             if !body.contains("\"locations\"") {
                 return Err(format!("master does not know volume {id} yet: {}", body.trim()));
@@ -569,14 +591,14 @@ fn is_executable(p: &Path) -> bool {
     fs::metadata(p).is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
 }
 
-/// A plain HTTP/1.0 GET to 127.0.0.1:`port`; returns the whole response.
-fn http_get(port: u16, path: &str) -> io::Result<String> {
+/// A plain HTTP/1.0 GET to `ip`:`port`; returns the whole response.
+fn http_get(ip: Ipv4Addr, port: u16, path: &str) -> io::Result<String> {
     use std::io::Write;
-    let addr = SocketAddr::from(([127, 0, 0, 1], port));
+    let addr = SocketAddr::from((ip, port));
     let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(2))?;
     s.set_read_timeout(Some(Duration::from_secs(2)))?;
     s.set_write_timeout(Some(Duration::from_secs(2)))?;
-    write!(s, "GET {path} HTTP/1.0\r\nHost: 127.0.0.1:{port}\r\n\r\n")?;
+    write!(s, "GET {path} HTTP/1.0\r\nHost: {ip}:{port}\r\n\r\n")?;
     let mut buf = Vec::new();
     s.read_to_end(&mut buf)?;
     Ok(String::from_utf8_lossy(&buf).into_owned())

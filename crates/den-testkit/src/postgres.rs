@@ -22,6 +22,9 @@ pub struct TestPostgres {
     dir: tempfile::TempDir,
     port: u16,
     running: bool,
+    /// Set by `listen_on_all`: the command line's `listen_addresses` would
+    /// otherwise override the config file's.
+    listen_all: bool,
 }
 
 impl TestPostgres {
@@ -61,6 +64,7 @@ impl TestPostgres {
             dir,
             port: free_port()?,
             running: false,
+            listen_all: false,
         };
         pg.start_server()?;
         let out = Command::new(bin.join("psql"))
@@ -117,6 +121,7 @@ impl TestPostgres {
         let mut s = fs::read_to_string(&hba)?;
         s.push_str("host all all 0.0.0.0/0 trust\n");
         fs::write(&hba, s)?;
+        self.listen_all = true;
         self.restart()
     }
 
@@ -128,9 +133,11 @@ impl TestPostgres {
             .arg(self.log_path())
             .arg("-o")
             .arg(format!(
-                "-p {} -k {} -c listen_addresses=127.0.0.1 -c fsync=off -c max_connections=300",
+                "-p {} -k {} -c listen_addresses={} -c fsync=off -c max_connections=300",
                 self.port,
-                self.dir.path().join("sock").display()
+                self.dir.path().join("sock").display(),
+                // pg_ctl runs postgres through a shell: no `*` here.
+                if self.listen_all { "0.0.0.0" } else { "127.0.0.1" },
             ))
             .args(["-w", "-t", "60", "start"])
             .stdin(Stdio::null())
