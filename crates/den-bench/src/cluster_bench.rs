@@ -47,7 +47,7 @@ const POLL: Duration = Duration::from_millis(100);
 /// Per-request timeout of the HTTP client; the exec WebSocket has its own (60 s).
 const HTTP_TIMEOUT: Duration = Duration::from_secs(120);
 /// Where the wake sprites keep their data.
-const DATA_DIR: &str = "/home/bench";
+const DATA_DIR: &str = "/home/sprite/bench";
 /// Size of each data file.
 const FILE_MIB: u64 = 4;
 
@@ -613,8 +613,10 @@ fn data_script(opts: &ClusterBenchOptions) -> String {
     )
 }
 
-/// Reads every data file; prints the byte count.
-const READ_SCRIPT: &str = "cat /home/bench/* | wc -c";
+/// Reads every data file of a wake sprite; prints the byte count.
+pub fn read_script() -> String {
+    format!("cat {DATA_DIR}/* | wc -c")
+}
 
 async fn write_wake_data(c: &Cluster, opts: &ClusterBenchOptions, wake: &[String]) -> Result<()> {
     let api = c.api("a")?;
@@ -639,7 +641,7 @@ async fn write_wake_data(c: &Cluster, opts: &ClusterBenchOptions, wake: &[String
 async fn first_exec(c: &Cluster, opts: &ClusterBenchOptions, name: &str, via: &str) -> Result<WakeSample> {
     let api = c.api(via)?;
     let t = Instant::now();
-    let out = api.exec(name, &["sh", "-c", READ_SCRIPT]).await?;
+    let out = api.exec(name, &["sh", "-c", read_script().as_str()]).await?;
     let took = t.elapsed();
     let n: u64 = String::from_utf8_lossy(&out)
         .trim()
@@ -735,12 +737,8 @@ async fn forwarding(c: &Cluster, opts: &ClusterBenchOptions, res: &mut ClusterBe
     create(b, name).await?;
     b.exec(name, &["true"]).await?;
     let owner = sprite_node(b, name).await?;
-    // a is drained: the forwarding node is whichever of b and c does not own the sprite.
-    let via = match owner.as_str() {
-        "b" => "c",
-        "c" => "b",
-        other => bail!("{name} was placed on {other:?}, expected b or c (a is drained)"),
-    };
+    // a is drained: forward through b or c, whichever does not own the sprite.
+    let via = ["b", "c"].into_iter().find(|n| *n != owner).context("b and c")?;
     res.fwd_owner = owner.clone();
     res.fwd_via = via.to_string();
     let (direct, forwarded) = (c.api(&owner)?, c.api(via)?);

@@ -622,8 +622,8 @@ fn cluster(a: ClusterArgs) -> Result<()> {
             "Create throughput: 1-node vs 3-node cluster",
             format!(
                 "{}.{debug_note} {} creates through node a, {} at a time: each is POST /v1/sprites \
-                 (placed on the least-loaded live node), then the first exec `true` through a, which \
-                 boots the sprite on its node. creates/s = completed creates / wall time. Before each run, \
+                 (placed on the least-loaded live node), then the first exec `true` through a (forwarded to \
+                 the sprite's node when it was placed elsewhere), which boots the sprite. creates/s = completed creates / wall time. Before each run, \
                  untimed warm-up creates make every node's disk template. All nodes share this machine's \
                  CPUs and disk, so more nodes add no hardware here.",
                 opts.describe(),
@@ -644,7 +644,7 @@ fn cluster(a: ClusterArgs) -> Result<()> {
                  S3 runs on this machine, so no network latency is included.",
                 opts.wake_sprites,
                 opts.wake_bytes() >> 20,
-                "cat /home/bench/* | wc -c",
+                cluster_bench::read_script(),
             ),
             Section::Table(&wake),
         ),
