@@ -95,7 +95,7 @@ pub async fn start(cfg: ServerConfig, den_exe: std::path::PathBuf) -> Result<Run
     mcfg.max_awake = cfg.max_awake;
     let mgr = SpriteManager::start(mcfg, store.clone()).await?;
     let tokens = Arc::new(TokenStore::open(&cfg.data_dir.join("tokens.db"))?);
-    let admin_token_file = ensure_admin_token(&tokens, &cfg.data_dir)?;
+    let admin_token_file = ensure_admin_token(&tokens, &cfg.data_dir).await?;
     let listener = TcpListener::bind(cfg.listen).await.map_err(|e| ServerError::Io {
         context: format!("binding {}", cfg.listen),
         source: e,

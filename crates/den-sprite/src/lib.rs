@@ -15,6 +15,7 @@
 
 mod agent_bundle;
 pub mod catalog;
+pub mod catalog_pg;
 pub mod config;
 mod disk;
 mod error;

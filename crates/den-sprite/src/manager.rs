@@ -168,12 +168,24 @@ impl SpriteManager {
     /// first time, with progress in the log), clean up whatever a crashed
     /// earlier run left, and start the idle monitor. Every sprite starts cold.
     pub async fn start(cfg: ManagerConfig, store: Store) -> Result<SpriteManager> {
+        std::fs::create_dir_all(&cfg.data_dir)
+            .map_err(|e| SpriteError::io(format!("creating {}", cfg.data_dir.display()), e))?;
+        let catalog: Arc<dyn Catalog> = Arc::new(SqliteCatalog::open(&cfg.data_dir.join("sprites.db"))?);
+        Self::start_with_catalog(cfg, store, catalog).await
+    }
+
+    /// [`SpriteManager::start`] with records kept in `catalog` instead of the
+    /// node-local `sprites.db` (cluster mode passes a shared one).
+    pub async fn start_with_catalog(
+        cfg: ManagerConfig,
+        store: Store,
+        catalog: Arc<dyn Catalog>,
+    ) -> Result<SpriteManager> {
         for d in [&cfg.data_dir, &cfg.run_dir] {
             std::fs::create_dir_all(d)
                 .map_err(|e| SpriteError::io(format!("creating {}", d.display()), e))?;
             traversable(d)?;
         }
-        let catalog: Arc<dyn Catalog> = Arc::new(SqliteCatalog::open(&cfg.data_dir.join("sprites.db"))?);
         let base = cfg.base_image();
         let image = blocking(move || Ok(base.ensure(&LogProgress)?)).await?;
         let (exe, bundles) = (cfg.den_exe.clone(), cfg.data_dir.join("agent"));

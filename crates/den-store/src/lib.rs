@@ -17,11 +17,11 @@ mod volume;
 
 pub use chunk::{ChunkHash, Compression};
 pub use error::{Result, StoreError};
-pub use meta::{CheckpointRecord, MetaStore, StoreStats, SyncState, VolumeOwner, VolumeRecord};
+pub use meta::{CheckpointRecord, MapId, MetaStore, StoreStats, SyncState, VolumeOwner, VolumeRecord};
 pub use objects::ObjectBackend;
 pub use snapshot::CheckpointReader;
 pub use store::{
-    CreateOptions, DEFAULT_CHUNK_SIZE, DEFAULT_VOLUME_SIZE, GcReport, Store, StoreConfig, VolumeInfo,
-    VolumeSource,
+    AdoptReport, CreateOptions, DEFAULT_CHUNK_SIZE, DEFAULT_VOLUME_SIZE, Durability, GcReport, Store,
+    StoreConfig, VolumeInfo, VolumeSource,
 };
 pub use volume::Volume;

@@ -16,7 +16,7 @@ use crate::cache::{Cache, CacheStats};
 use crate::chunk::{self, ChunkHash, Compression};
 use crate::error::{Result, StoreError};
 use crate::meta::sqlite::SqliteMeta;
-use crate::meta::{CheckpointRecord, MetaStore, PendingId, StoreStats, VolumeRecord};
+use crate::meta::{CheckpointRecord, MapId, MetaStore, PendingId, StoreStats, VolumeOwner, VolumeRecord};
 use crate::objects::{ObjectBackend, Objects};
 use crate::volume::Volume;
 
@@ -44,6 +44,10 @@ pub struct StoreConfig {
     /// How long a read of a missing chunk keeps retrying the object store
     /// before the guest gets EIO.
     pub fetch_timeout: Duration,
+    /// This node's name in cluster mode, used to claim volumes; `None` on a
+    /// single host.
+    #[serde(default)]
+    pub node: Option<String>,
 }
 
 impl StoreConfig {
@@ -61,6 +65,7 @@ impl StoreConfig {
             compression: Compression::Zstd,
             upload_concurrency: 4,
             fetch_timeout: Duration::from_secs(60),
+            node: None,
         }
     }
 }
@@ -91,6 +96,30 @@ pub struct VolumeInfo {
     pub open_here: bool,
 }
 
+/// What [`Store::adopt`] found and did.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
+pub struct AdoptReport {
+    /// The head was replaced by the durable sync point.
+    pub rolled_back: bool,
+    /// When that sync point was taken (ms since the epoch).
+    pub sync_at_ms: Option<i64>,
+    /// Head slots that named chunks only the previous owner's disk held.
+    pub foreign_pending: u64,
+}
+
+/// How much of a volume would survive losing this node's disk.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
+pub struct Durability {
+    /// Everything the volume holds is in the object store.
+    pub fully_durable: bool,
+    /// When the durable sync point was taken: what a new owner would roll
+    /// back to if this node died now (`None`: no sync point yet).
+    pub durable_at_ms: Option<i64>,
+    /// Chunk slots whose current content exists only on this node: pending
+    /// in the head, dirty, or discarded but not yet sealed.
+    pub local_only_slots: u64,
+}
+
 #[derive(Clone, Debug, Default, Serialize)]
 pub struct GcReport {
     pub chunks_deleted: u64,
@@ -117,6 +146,11 @@ pub(crate) struct Shared {
     /// landing in between leaves the new volume pointing at a pending file
     /// that is then deleted, and reads of that chunk fail.
     pub(crate) commit_gate: tokio::sync::RwLock<()>,
+    /// Volume id → the epoch this store holds it at (cluster mode).
+    held: Mutex<HashMap<String, i64>>,
+    /// One `Store::sync` per volume at a time, so a sync never sees its
+    /// sync point replaced by a concurrent one before promoting it.
+    sync_locks: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
 }
 
 impl Shared {
@@ -267,6 +301,8 @@ impl Store {
             writeback_kick: Notify::new(),
             gc_lock: tokio::sync::Mutex::new(()),
             commit_gate: tokio::sync::RwLock::new(()),
+            held: Mutex::new(HashMap::new()),
+            sync_locks: Mutex::new(HashMap::new()),
         });
         let store = Store { shared };
         store.recover_pending().await?;
@@ -303,6 +339,12 @@ impl Store {
                     let _ = std::fs::remove_file(&path);
                 }
             }
+        }
+        if s.cfg.node.is_some() {
+            // In a cluster the metadata names every node's pending chunks;
+            // one missing here is usually on the node that owns its volume
+            // (and `adopt` deals with those whose owner died).
+            return Ok(());
         }
         for p in known {
             // Another process sharing this cache (a mount daemon) may have
@@ -434,6 +476,37 @@ impl Store {
     }
 
     pub async fn create_volume(&self, name: &str, opts: CreateOptions) -> Result<VolumeRecord> {
+        let rec = self.create_volume_record(name, opts).await?;
+        if let Some(node) = self.shared.cfg.node.clone() {
+            self.take_new_volume(&rec, &node).await?;
+        }
+        Ok(rec)
+    }
+
+    /// The creator owns a new volume. A fencing backend made it the owner
+    /// already; a single-host one left it unowned, so claim it, and both
+    /// backends then agree on who holds it at which epoch.
+    async fn take_new_volume(&self, rec: &VolumeRecord, node: &str) -> Result<()> {
+        let owner = self.shared.meta.volume_owner(&rec.id).await?;
+        let epoch = match owner.node.as_deref() {
+            Some(n) if n == node => Some(owner.epoch),
+            None => self.shared.meta.claim_volume(&rec.id, node, owner.epoch).await?,
+            Some(_) => None,
+        };
+        match epoch {
+            Some(e) => {
+                self.shared.held.lock().insert(rec.id.clone(), e);
+            }
+            None => tracing::warn!(
+                "new volume {} is owned by {:?}, not by this node",
+                rec.name,
+                owner.node
+            ),
+        }
+        Ok(())
+    }
+
+    async fn create_volume_record(&self, name: &str, opts: CreateOptions) -> Result<VolumeRecord> {
         validate_name(name)?;
         if let Some(s) = opts.size {
             validate_size(s)?;
@@ -515,12 +588,16 @@ impl Store {
     pub async fn delete_volume(&self, name: &str) -> Result<()> {
         let meta = self.shared.meta.clone();
         let shared = self.shared.clone();
-        self.with_exclusive(name, move |v| {
-            shared.block_on(meta.delete_volume(&v.record().id))??;
-            v.drop_local_state()?;
-            Ok(())
-        })
-        .await
+        let id = self
+            .with_exclusive(name, move |v| {
+                shared.block_on(meta.delete_volume(&v.record().id))??;
+                v.drop_local_state()?;
+                Ok(v.record().id.clone())
+            })
+            .await?;
+        self.shared.held.lock().remove(&id);
+        self.shared.sync_locks.lock().remove(&id);
+        Ok(())
     }
 
     /// Snapshot a volume. Returns as soon as the snapshot is in metadata; it
@@ -673,6 +750,230 @@ impl Store {
             }
         }
         Ok(report)
+    }
+
+    // ---- cluster: ownership ---------------------------------------------
+
+    fn node(&self) -> Result<&str> {
+        self.shared
+            .cfg
+            .node
+            .as_deref()
+            .ok_or_else(|| StoreError::InvalidArgument("this store has no node name (single host)".into()))
+    }
+
+    pub async fn owner(&self, name: &str) -> Result<VolumeOwner> {
+        let rec = self.shared.meta.get_volume(name).await?;
+        self.shared.meta.volume_owner(&rec.id).await
+    }
+
+    /// Make this node the volume's owner if its epoch is still `seen_epoch`.
+    /// Returns the new epoch, or `None` if another claim got there first.
+    pub async fn claim(&self, name: &str, seen_epoch: i64) -> Result<Option<i64>> {
+        let node = self.node()?;
+        let rec = self.shared.meta.get_volume(name).await?;
+        let epoch = self.shared.meta.claim_volume(&rec.id, node, seen_epoch).await?;
+        if let Some(e) = epoch {
+            self.shared.held.lock().insert(rec.id, e);
+        }
+        Ok(epoch)
+    }
+
+    /// Give up the volume with the epoch this store holds. False if this
+    /// store holds no epoch for it or the lease had already moved on.
+    pub async fn release(&self, name: &str) -> Result<bool> {
+        let node = self.node()?;
+        let rec = self.shared.meta.get_volume(name).await?;
+        let Some(epoch) = self.shared.held.lock().get(&rec.id).copied() else {
+            return Ok(false);
+        };
+        let released = self.shared.meta.release_volume(&rec.id, node, epoch).await?;
+        // Either way the epoch is no longer ours to use.
+        let mut held = self.shared.held.lock();
+        if held.get(&rec.id) == Some(&epoch) {
+            held.remove(&rec.id);
+        }
+        Ok(released)
+    }
+
+    /// The epoch this store holds the volume at, if any.
+    pub fn held_epoch(&self, volume_id: &str) -> Option<i64> {
+        self.shared.held.lock().get(volume_id).copied()
+    }
+
+    // ---- cluster: sync points -------------------------------------------
+
+    /// Take a sync point of the volume's current state. The caller makes
+    /// the moment consistent (freezes the guest and syncs its filesystem
+    /// first). Metadata only: the chunks upload in the background.
+    pub async fn sync_point(&self, name: &str) -> Result<MapId> {
+        let rec = self.shared.meta.get_volume(name).await?;
+        match self.open_here(&rec.id) {
+            Some(inner) => {
+                let vol = inner.internal_handle();
+                tokio::task::spawn_blocking(move || vol.sync_point())
+                    .await
+                    .map_err(|e| StoreError::Io(std::io::Error::other(e)))?
+            }
+            None => self.shared.meta.sync_point(&rec.id, &[]).await,
+        }
+    }
+
+    /// Wait until every chunk of sync point `map` is in the object store,
+    /// then make it the volume's durable sync point.
+    pub async fn wait_sync_durable(&self, name: &str, map: MapId) -> Result<()> {
+        let rec = self.shared.meta.get_volume(name).await?;
+        // Sealing queued this process's pending chunks already, and opening
+        // the store queued those of earlier runs; this catches any the
+        // uploader gave up on. Only ids the map names: a pending file that no
+        // metadata names yet may be another process's seal in progress.
+        for (_, e) in self.shared.meta.load_map(map).await? {
+            if let crate::meta::Entry::Pending(p) = e
+                && self.shared.cache.pending_path(p).exists()
+            {
+                self.shared.enqueue_upload(p);
+            }
+        }
+        self.wait_uploaded(map, |_| {}).await?;
+        self.shared.meta.promote_sync_point(&rec.id, map).await
+    }
+
+    /// Take a sync point and wait until it is durable. Returns its time (ms
+    /// since the epoch): a new owner would lose at most the writes after it.
+    pub async fn sync(&self, name: &str) -> Result<i64> {
+        let rec = self.shared.meta.get_volume(name).await?;
+        let lock = self
+            .shared
+            .sync_locks
+            .lock()
+            .entry(rec.id.clone())
+            .or_default()
+            .clone();
+        let _one = lock.lock().await;
+        let map = self.sync_point(name).await?;
+        self.wait_sync_durable(name, map).await?;
+        let st = self.shared.meta.sync_state(&rec.id).await?;
+        match (st.durable_map, st.durable_at_ms) {
+            (Some(m), Some(at)) if m == map => Ok(at),
+            _ => Err(StoreError::Meta(format!(
+                "sync point {map} of {name} was replaced before it became durable"
+            ))),
+        }
+    }
+
+    /// Make a volume this node just claimed safe to open: if its head names
+    /// pending chunks that are not in this node's cache, the previous owner
+    /// died before uploading them, and the head goes back to the durable
+    /// sync point. Call before opening the volume.
+    pub async fn adopt(&self, name: &str) -> Result<AdoptReport> {
+        let rec = self.shared.meta.get_volume(name).await?;
+        let s = &self.shared;
+        let entries = s.meta.load_map(rec.head_map).await?;
+        let mut slots: HashMap<PendingId, u64> = HashMap::new();
+        for (_, e) in entries {
+            if let crate::meta::Entry::Pending(p) = e {
+                *slots.entry(p).or_default() += 1;
+            }
+        }
+        let mut foreign_pending = 0;
+        for (p, n) in slots {
+            // A file missing now may have been uploaded (and removed) by this
+            // process since the map was loaded: the upload commits before the
+            // file goes, so the metadata then no longer names it.
+            if !s.cache.pending_path(p).exists() && s.meta.pending_referenced(p).await? {
+                foreign_pending += n;
+            }
+        }
+        let mut report = AdoptReport {
+            foreign_pending,
+            ..Default::default()
+        };
+        if foreign_pending == 0 {
+            return Ok(report);
+        }
+        if self.open_here(&rec.id).is_some() {
+            return Err(StoreError::VolumeBusy(rec.name));
+        }
+        // The previous owner may have finished the uploads of its newest
+        // sync point and died before promoting it.
+        let st = s.meta.sync_state(&rec.id).await?;
+        if let Some(m) = st.pending_map
+            && s.meta.pending_count(m).await? == 0
+        {
+            s.meta.promote_sync_point(&rec.id, m).await?;
+        }
+        let meta = s.meta.clone();
+        let shared = s.clone();
+        let at = self
+            .with_exclusive(name, move |v| {
+                let at = shared.block_on(meta.rollback_to_sync_point(&v.record().id))??;
+                if at.is_some() {
+                    // Local dirty chunks of this volume predate the foreign
+                    // writes; on top of the rolled-back head they would tear it.
+                    v.drop_local_state()?;
+                }
+                Ok(at)
+            })
+            .await?;
+        match at {
+            Some(at) => {
+                report.rolled_back = true;
+                report.sync_at_ms = Some(at);
+                tracing::warn!(
+                    "volume {name}: {foreign_pending} slots named chunks lost with the previous owner; \
+                     rolled back to the sync point of {at} ms"
+                );
+            }
+            None => tracing::warn!(
+                "volume {name}: {foreign_pending} slots name chunks lost with the previous owner, \
+                 and there is no durable sync point to roll back to"
+            ),
+        }
+        Ok(report)
+    }
+
+    /// How much of the volume is safe from losing this node.
+    pub async fn durability(&self, name: &str) -> Result<Durability> {
+        let rec = self.shared.meta.get_volume(name).await?;
+        let s = &self.shared;
+        let pending = s.meta.pending_count(rec.head_map).await?;
+        // Dirty files and discard markers live in the dirty directory whether
+        // or not the volume is open right now.
+        let mut local: std::collections::HashSet<u64> = std::collections::HashSet::new();
+        match std::fs::read_dir(s.cache.dirty_dir(&rec.id)) {
+            Ok(dir) => {
+                for ent in dir {
+                    let ent = ent?;
+                    let name = ent.file_name();
+                    let name = name.to_str().unwrap_or("");
+                    let idx = name.strip_suffix(crate::volume::UNMAP_SUFFIX).unwrap_or(name);
+                    if let Ok(idx) = idx.parse::<u64>() {
+                        local.insert(idx);
+                    }
+                }
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => return Err(e.into()),
+        }
+        let local_only_slots = if pending == 0 {
+            local.len() as u64
+        } else if local.is_empty() {
+            pending
+        } else {
+            // A slot rewritten after its seal is both pending and dirty.
+            for (idx, e) in s.meta.load_map(rec.head_map).await? {
+                if matches!(e, crate::meta::Entry::Pending(_)) {
+                    local.insert(idx);
+                }
+            }
+            local.len() as u64
+        };
+        let st = s.meta.sync_state(&rec.id).await?;
+        Ok(Durability {
+            fully_durable: local_only_slots == 0,
+            durable_at_ms: st.durable_at_ms,
+            local_only_slots,
+        })
     }
 }
 

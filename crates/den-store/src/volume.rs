@@ -22,7 +22,7 @@ use crate::store::Shared;
 
 const STRIPES: usize = 256;
 /// `dirty/<volume>/<idx>.unmapped`: slot `idx` was discarded while mapped.
-const UNMAP_SUFFIX: &str = ".unmapped";
+pub(crate) const UNMAP_SUFFIX: &str = ".unmapped";
 
 pub(crate) struct DirtyChunk {
     file: Arc<File>,
@@ -689,6 +689,18 @@ impl Volume {
             |d| d.keys().copied().collect(),
             true,
             |seals| shared.block_on(shared.meta.checkpoint(&vid, comment, seals))?,
+        )
+    }
+
+    /// Sync point: like [`Volume::checkpoint`], but the snapshot is the
+    /// volume's hidden recovery point (see `MetaStore::sync_point`).
+    pub fn sync_point(&self) -> Result<crate::meta::MapId> {
+        let shared = self.inner.shared.clone();
+        let vid = self.inner.rec.id.clone();
+        self.seal(
+            |d| d.keys().copied().collect(),
+            true,
+            |seals| shared.block_on(shared.meta.sync_point(&vid, seals))?,
         )
     }
 

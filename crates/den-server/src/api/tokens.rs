@@ -33,6 +33,7 @@ pub async fn create(
     let (info, secret) = st
         .tokens
         .create(&name)
+        .await
         .map_err(|e| ApiError::internal(e.to_string()))?;
     Ok((
         StatusCode::CREATED,
@@ -50,7 +51,7 @@ pub async fn list(State(st): State<AppState>) -> Json<Value> {
 /// Revoke a token; requests with it fail from now on.
 #[utoipa::path(delete, path = "/v1/tokens/{id}", responses((status = 204), (status = 404)))]
 pub async fn revoke(State(st): State<AppState>, Path(id): Path<String>) -> ApiResult<StatusCode> {
-    match st.tokens.revoke(&id) {
+    match st.tokens.revoke(&id).await {
         Ok(true) => Ok(StatusCode::NO_CONTENT),
         Ok(false) => Err(ApiError::not_found(format!("token not found: {id}"))),
         Err(e) => Err(ApiError::internal(e.to_string())),

@@ -91,6 +91,7 @@ impl SqliteMeta {
         conn.pragma_update(None, "synchronous", "FULL")?;
         conn.pragma_update(None, "foreign_keys", "ON")?;
         conn.execute_batch(SCHEMA)?;
+        migrate(&conn)?;
         Ok(SqliteMeta {
             conn: Arc::new(Mutex::new(conn)),
         })
@@ -125,6 +126,47 @@ impl SqliteMeta {
         })
         .await
     }
+}
+
+/// Columns added to `volumes` after the first release, with their types.
+/// Ownership: `owner_node` and the `epoch` claims compare-and-swap on (this
+/// backend does not fence). Sync points: the durable one (`sync_map`) and a
+/// newer one still waiting for uploads (`sync_pending_map`), both maps owned
+/// by the volume like checkpoint maps.
+const VOLUME_COLUMNS: &[(&str, &str)] = &[
+    ("owner_node", "TEXT"),
+    ("epoch", "BIGINT NOT NULL DEFAULT 0"),
+    ("sync_map", "BIGINT"),
+    ("sync_at_ms", "BIGINT"),
+    ("sync_pending_map", "BIGINT"),
+    ("sync_pending_at_ms", "BIGINT"),
+];
+
+/// Bring a database created by an older release up to date. Idempotent; one
+/// transaction, so two processes opening the same file at once cannot both
+/// add a column.
+fn migrate(conn: &Connection) -> Result<()> {
+    conn.execute_batch("BEGIN IMMEDIATE")?;
+    let res = (|| -> Result<()> {
+        let have: Vec<String> = conn
+            .prepare("SELECT name FROM pragma_table_info('volumes')")?
+            .query_map([], |r| r.get(0))?
+            .collect::<rusqlite::Result<_>>()?;
+        for (col, ty) in VOLUME_COLUMNS {
+            if !have.iter().any(|h| h == col) {
+                conn.execute_batch(&format!("ALTER TABLE volumes ADD COLUMN {col} {ty}"))?;
+            }
+        }
+        Ok(())
+    })();
+    match res {
+        Ok(()) => conn.execute_batch("COMMIT")?,
+        Err(e) => {
+            let _ = conn.execute_batch("ROLLBACK");
+            return Err(e);
+        }
+    }
+    Ok(())
 }
 
 fn volume_by_name(tx: &Connection, name: &str) -> Result<VolumeRecord> {
@@ -663,36 +705,152 @@ impl MetaStore for SqliteMeta {
         })
         .await
     }
-    // Stubs until the sync-point/ownership work lands.
-    async fn volume_owner(&self, _volume_id: &str) -> Result<super::VolumeOwner> {
-        Err(crate::StoreError::Meta(
-            "volume_owner: not implemented yet".into(),
-        ))
+    async fn volume_owner(&self, volume_id: &str) -> Result<VolumeOwner> {
+        let volume_id = volume_id.to_string();
+        self.with(move |c| {
+            c.query_row(
+                "SELECT owner_node, epoch FROM volumes WHERE id = ?1",
+                params![volume_id],
+                |r| {
+                    Ok(VolumeOwner {
+                        node: r.get(0)?,
+                        epoch: r.get(1)?,
+                    })
+                },
+            )
+            .optional()?
+            .ok_or(StoreError::VolumeNotFound(volume_id))
+        })
+        .await
     }
-    async fn claim_volume(&self, _volume_id: &str, _node: &str, _seen_epoch: i64) -> Result<Option<i64>> {
-        Err(crate::StoreError::Meta(
-            "claim_volume: not implemented yet".into(),
-        ))
+
+    async fn claim_volume(&self, volume_id: &str, node: &str, seen_epoch: i64) -> Result<Option<i64>> {
+        let (volume_id, node) = (volume_id.to_string(), node.to_string());
+        self.tx(move |tx| {
+            let n = tx.execute(
+                "UPDATE volumes SET owner_node = ?2, epoch = epoch + 1 WHERE id = ?1 AND epoch = ?3",
+                params![volume_id, node, seen_epoch],
+            )?;
+            if n == 1 {
+                return Ok(Some(seen_epoch + 1));
+            }
+            volume_by_id(tx, &volume_id)?;
+            Ok(None)
+        })
+        .await
     }
-    async fn release_volume(&self, _volume_id: &str, _node: &str, _epoch: i64) -> Result<bool> {
-        Err(crate::StoreError::Meta(
-            "release_volume: not implemented yet".into(),
-        ))
+
+    async fn release_volume(&self, volume_id: &str, node: &str, epoch: i64) -> Result<bool> {
+        let (volume_id, node) = (volume_id.to_string(), node.to_string());
+        self.tx(move |tx| {
+            let n = tx.execute(
+                "UPDATE volumes SET owner_node = NULL WHERE id = ?1 AND owner_node = ?2 AND epoch = ?3",
+                params![volume_id, node, epoch],
+            )?;
+            if n == 1 {
+                return Ok(true);
+            }
+            volume_by_id(tx, &volume_id)?;
+            Ok(false)
+        })
+        .await
     }
-    async fn sync_point(&self, _volume_id: &str, _seals: &[(u64, Option<PendingId>)]) -> Result<MapId> {
-        Err(crate::StoreError::Meta("sync_point: not implemented yet".into()))
+
+    async fn sync_point(&self, volume_id: &str, seals: &[(u64, Option<PendingId>)]) -> Result<MapId> {
+        let (volume_id, seals) = (volume_id.to_string(), seals.to_vec());
+        self.tx(move |tx| {
+            let vol = volume_by_id(tx, &volume_id)?;
+            apply_seals(tx, vol.head_map, &seals)?;
+            let state = sync_state_of(tx, &volume_id)?;
+            let map = new_map(tx, &volume_id)?;
+            copy_map(tx, vol.head_map, map)?;
+            if let Some(old) = state.pending_map {
+                drop_map(tx, old)?;
+            }
+            tx.execute(
+                "UPDATE volumes SET sync_pending_map = ?2, sync_pending_at_ms = ?3 WHERE id = ?1",
+                params![volume_id, map, now_ms()],
+            )?;
+            Ok(map)
+        })
+        .await
     }
-    async fn promote_sync_point(&self, _volume_id: &str, _map: MapId) -> Result<()> {
-        Err(crate::StoreError::Meta(
-            "promote_sync_point: not implemented yet".into(),
-        ))
+
+    async fn promote_sync_point(&self, volume_id: &str, map: MapId) -> Result<()> {
+        let volume_id = volume_id.to_string();
+        self.tx(move |tx| {
+            let state = sync_state_of(tx, &volume_id)?;
+            if state.pending_map != Some(map) {
+                return Ok(());
+            }
+            // A durable sync point that names a chunk living only on some
+            // node's disk would break the one promise rollback makes.
+            let pending: bool = tx.query_row(
+                "SELECT EXISTS (SELECT 1 FROM map_entries WHERE map_id = ?1 AND pending IS NOT NULL)",
+                params![map],
+                |r| r.get(0),
+            )?;
+            if pending {
+                return Err(StoreError::InvalidArgument(format!(
+                    "sync point {map} of volume {volume_id} still has chunks waiting for upload"
+                )));
+            }
+            if let Some(old) = state.durable_map {
+                drop_map(tx, old)?;
+            }
+            tx.execute(
+                "UPDATE volumes SET sync_map = sync_pending_map, sync_at_ms = sync_pending_at_ms,
+                     sync_pending_map = NULL, sync_pending_at_ms = NULL WHERE id = ?1",
+                params![volume_id],
+            )?;
+            Ok(())
+        })
+        .await
     }
-    async fn rollback_to_sync_point(&self, _volume_id: &str) -> Result<Option<i64>> {
-        Err(crate::StoreError::Meta(
-            "rollback_to_sync_point: not implemented yet".into(),
-        ))
+
+    async fn rollback_to_sync_point(&self, volume_id: &str) -> Result<Option<i64>> {
+        let volume_id = volume_id.to_string();
+        self.tx(move |tx| {
+            let vol = volume_by_id(tx, &volume_id)?;
+            let state = sync_state_of(tx, &volume_id)?;
+            let Some(durable) = state.durable_map else {
+                return Ok(None);
+            };
+            clear_map(tx, vol.head_map)?;
+            copy_map(tx, durable, vol.head_map)?;
+            // A pending sync point is the dead owner's, taken after the durable
+            // one; its pending slots can never be uploaded now.
+            if let Some(p) = state.pending_map {
+                drop_map(tx, p)?;
+                tx.execute(
+                    "UPDATE volumes SET sync_pending_map = NULL, sync_pending_at_ms = NULL WHERE id = ?1",
+                    params![volume_id],
+                )?;
+            }
+            Ok(state.durable_at_ms)
+        })
+        .await
     }
-    async fn sync_state(&self, _volume_id: &str) -> Result<super::SyncState> {
-        Err(crate::StoreError::Meta("sync_state: not implemented yet".into()))
+
+    async fn sync_state(&self, volume_id: &str) -> Result<SyncState> {
+        let volume_id = volume_id.to_string();
+        self.with(move |c| sync_state_of(c, &volume_id)).await
     }
+}
+
+fn sync_state_of(c: &Connection, volume_id: &str) -> Result<SyncState> {
+    c.query_row(
+        "SELECT sync_map, sync_at_ms, sync_pending_map, sync_pending_at_ms FROM volumes WHERE id = ?1",
+        params![volume_id],
+        |r| {
+            Ok(SyncState {
+                durable_map: r.get(0)?,
+                durable_at_ms: r.get(1)?,
+                pending_map: r.get(2)?,
+                pending_at_ms: r.get(3)?,
+            })
+        },
+    )
+    .optional()?
+    .ok_or_else(|| StoreError::VolumeNotFound(volume_id.to_string()))
 }
