@@ -154,6 +154,7 @@ fn three_hosts_reach_postgres_s3_and_each_other_and_run_den() {
     });
     for node in &nodes {
         assert!(node.pid().is_some());
+        assert_eq!(node.url(), hosts.node_url(node.index(), 8080));
         check_node_answers(node, None);
         check_node_answers(node, Some(hosts.netns(0)));
     }
@@ -221,13 +222,20 @@ fn three_hosts_reach_postgres_s3_and_each_other_and_run_den() {
     );
 
     // A graceful stop and restart of node 1 keeps its sprite.
-    let status = nodes[1].stop(std::time::Duration::from_secs(60)).unwrap();
+    let status = nodes[1].stop().unwrap();
     assert!(status.is_some_and(|s| s.success()), "{status:?}");
     nodes[1].restart().unwrap_or_else(|e| panic!("{e:#}"));
     assert_eq!(
         ok(den(&["-s", "hello", "exec", "--", "echo", "again"])),
         "again\n"
     );
+
+    // kill -9 of node 1 while its sprite runs (den's crash, the sprite left as it was):
+    // the restarted node serves the sprite again.
+    nodes[1].kill9().unwrap();
+    nodes[1].restart().unwrap_or_else(|e| panic!("{e:#}"));
+    let out = ok(den(&["-s", "hello", "exec", "--", "echo", "after the crash"]));
+    assert_eq!(out, "after the crash\n", "log:\n{}", nodes[1].log_tail());
 
     drop(nodes);
     let netns_list = ok({

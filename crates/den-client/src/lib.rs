@@ -13,6 +13,7 @@ mod error;
 mod exec;
 mod fs;
 mod ndjson;
+mod nodes;
 mod policy;
 mod services;
 mod sprites;
@@ -24,6 +25,7 @@ pub use error::Error;
 pub use exec::{ExecOptions, Session, SessionList, Ws};
 pub use fs::{FS_HOME, FsEntry, FsListing};
 pub use ndjson::NdjsonStream;
+pub use nodes::{DrainReport, Node};
 /// Re-exported so callers of [`Client::request`] use the same version.
 pub use reqwest;
 pub use services::{Service, ServiceSpec};

@@ -12,6 +12,7 @@ pub mod auth;
 pub mod config;
 pub mod error;
 mod extract;
+pub mod forward;
 pub mod limits;
 pub mod metrics;
 pub mod server;

@@ -117,6 +117,7 @@ pub async fn start(cfg: ServerConfig, den_exe: std::path::PathBuf) -> Result<Run
         shutdown: shutdown.clone(),
         create_limiter,
         metrics: Arc::new(crate::metrics::Metrics::new()),
+        router: None,
     };
     let app = crate::api::router(state.clone());
     let stop = shutdown.clone();

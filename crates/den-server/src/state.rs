@@ -18,4 +18,7 @@ pub struct AppState {
     pub shutdown: CancellationToken,
     pub create_limiter: Arc<crate::limits::CreateLimiter>,
     pub metrics: Arc<crate::metrics::Metrics>,
+    /// Cluster mode: where each sprite is served. `None` on a single node,
+    /// where every request is served here.
+    pub router: Option<Arc<dyn crate::forward::Router>>,
 }

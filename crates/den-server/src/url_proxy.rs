@@ -24,7 +24,6 @@ use axum::http::request::Parts;
 use axum::http::{StatusCode, Uri, Version};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
-use den_sprite::Activity;
 use hyper::upgrade::OnUpgrade;
 use hyper_util::rt::TokioIo;
 
@@ -42,11 +41,25 @@ pub async fn route_by_host(State(st): State<AppState>, req: Request, next: Next)
     let Some(host) = request_host(&req) else {
         return next.run(req).await;
     };
-    match sprite_name(&host, &st.cfg.url_domain) {
-        Some(name) => forward(st, name, host, req)
+    let Some(name) = sprite_name(&host, &st.cfg.url_domain) else {
+        return next.run(req).await;
+    };
+    match st.router.clone() {
+        None => forward(st, name, host, req)
             .await
             .unwrap_or_else(IntoResponse::into_response),
-        None => next.run(req).await,
+        // In a cluster the owner serves URL traffic; its node checks the
+        // token (`sprite` auth) with the sprite's settings at hand.
+        Some(router) => {
+            let stop = st.shutdown.clone();
+            let sprite = name.clone();
+            let local = |req| async move {
+                forward(st, sprite, host, req)
+                    .await
+                    .unwrap_or_else(IntoResponse::into_response)
+            };
+            crate::forward::dispatch(&*router, stop, &name, "url", req, local).await
+        }
     }
 }
 
@@ -88,7 +101,7 @@ const HOP_BY_HOP: [HeaderName; 8] = [
 
 /// Drop hop-by-hop headers, those `Connection` names included, and
 /// `Upgrade` (put back by the caller for an upgrade it forwards).
-fn strip_hop_by_hop(h: &mut HeaderMap) {
+pub(crate) fn strip_hop_by_hop(h: &mut HeaderMap) {
     let named: Vec<HeaderName> = h
         .get_all(header::CONNECTION)
         .iter()
@@ -103,7 +116,7 @@ fn strip_hop_by_hop(h: &mut HeaderMap) {
 }
 
 /// The `Upgrade` value of a request that asks for one.
-fn upgrade_of(h: &HeaderMap) -> Option<HeaderValue> {
+pub(crate) fn upgrade_of(h: &HeaderMap) -> Option<HeaderValue> {
     let asks = h
         .get_all(header::CONNECTION)
         .iter()
@@ -209,6 +222,8 @@ fn rewrite_request(parts: &mut Parts, host: HeaderValue, upgrade: Option<HeaderV
     // den's server has already answered the expectation (hyper sends 100
     // when the body is first read), and the body follows regardless.
     h.remove(header::EXPECT);
+    // Between den nodes only: the sprite's program has no use for it.
+    h.remove(crate::forward::FORWARDED_BY);
     h.insert(header::HOST, host.clone());
     add_forwarded(h, peer, host);
     if let Some(u) = upgrade {
@@ -247,11 +262,11 @@ fn add_forwarded(h: &mut HeaderMap, peer: Option<std::net::IpAddr>, host: Header
 }
 
 /// Both sides switched protocols: copy bytes until either ends or the
-/// server stops, keeping the sprite awake meanwhile.
-async fn splice(
+/// server stops, keeping `hold` (the sprite awake) meanwhile.
+pub(crate) async fn splice(
     client: OnUpgrade,
     upstream: OnUpgrade,
-    hold: Arc<Activity>,
+    hold: impl Send + 'static,
     stop: tokio_util::sync::CancellationToken,
 ) {
     let (client, upstream) = match tokio::join!(client, upstream) {

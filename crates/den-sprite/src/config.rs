@@ -49,6 +49,9 @@ pub struct ManagerConfig {
     /// Most sprites awake (running or warm) at once; a wake beyond it is
     /// refused with [`crate::SpriteError::AwakeLimit`]. `None`: no limit.
     pub max_awake: Option<usize>,
+    /// Cluster mode: a sprite going cold waits until all its data is in the
+    /// object store, so its host may die afterwards without losing a byte.
+    pub flush_on_cold: bool,
 }
 
 impl ManagerConfig {
@@ -71,6 +74,7 @@ impl ManagerConfig {
             net,
             idmap: IdMap::root_at(100_000, 65_536),
             max_awake: None,
+            flush_on_cold: false,
         }
     }
 

@@ -332,29 +332,49 @@ impl SpriteManager {
         let name = format!("template-{version}-{gib}g");
         const MARK: &str = "den template";
         let store = &self.inner.store;
-        match store.list_checkpoints(&name).await {
-            Ok(cks) => {
-                if let Some(ck) = cks.iter().find(|c| c.comment == MARK) {
-                    let t = (name.clone(), ck.id.clone());
-                    cache.insert(version.to_string(), t.clone());
-                    return Ok(t);
+        // In a cluster another node may be making the same template right
+        // now: its half-made volume is fenced against us, so wait for it.
+        let deadline = Instant::now() + Duration::from_secs(300);
+        loop {
+            let retry = match store.list_checkpoints(&name).await {
+                Ok(cks) => {
+                    if let Some(ck) = cks.iter().find(|c| c.comment == MARK) {
+                        let t = (name.clone(), ck.id.clone());
+                        cache.insert(version.to_string(), t.clone());
+                        return Ok(t);
+                    }
+                    // Left half-made by a crash (or still being made elsewhere).
+                    match store.delete_volume(&name).await {
+                        Ok(()) => false,
+                        Err(StoreError::Fenced(_)) => true,
+                        Err(e) => return Err(e.into()),
+                    }
                 }
-                // Left half-made by a crash.
-                store.delete_volume(&name).await?;
+                Err(StoreError::VolumeNotFound(_)) => false,
+                Err(e) => return Err(e.into()),
+            };
+            if !retry {
+                match store
+                    .create_volume(
+                        &name,
+                        den_store::CreateOptions {
+                            size: Some(self.inner.cfg.disk_size),
+                            ..Default::default()
+                        },
+                    )
+                    .await
+                {
+                    Ok(_) => break,
+                    Err(StoreError::VolumeExists(_)) => {}
+                    Err(e) => return Err(e.into()),
+                }
             }
-            Err(StoreError::VolumeNotFound(_)) => {}
-            Err(e) => return Err(e.into()),
+            if Instant::now() > deadline {
+                return Err(SpriteError::Catalog(format!("template {name} is never finished")));
+            }
+            tokio::time::sleep(Duration::from_millis(250)).await;
         }
         let t0 = Instant::now();
-        store
-            .create_volume(
-                &name,
-                den_store::CreateOptions {
-                    size: Some(self.inner.cfg.disk_size),
-                    ..Default::default()
-                },
-            )
-            .await?;
         let vol = store.open_volume(&name).await?;
         let dir = self.inner.cfg.run_dir.join("template");
         let (uid, gid) = (
@@ -511,6 +531,10 @@ impl SpriteManager {
                         self.inner.cfg.stop_grace,
                     );
                     blocking(move || live.teardown(b.as_ref(), &n, g)).await?;
+                    if self.inner.cfg.flush_on_cold {
+                        let volume = slot.record.lock().volume.clone();
+                        self.inner.store.flush(&volume, |_| {}).await?;
+                    }
                 }
                 Ok(())
             }
@@ -771,6 +795,156 @@ impl SpriteManager {
 
     /// Stop every sprite (they come back cold on the next start). New wakes
     /// are refused from now on.
+    /// Cluster mode: re-read one sprite from the shared catalog, since
+    /// another node may have created, changed or deleted it. An awake
+    /// sprite keeps its record (this node owns it and is the only writer).
+    /// `None` if it no longer exists.
+    pub async fn refresh(&self, name: &str) -> Result<Option<SpriteInfo>> {
+        let rec = self.inner.catalog.get(name).await?;
+        let existing = self.inner.slots.lock().get(name).cloned();
+        match (rec, existing) {
+            (None, None) => Ok(None),
+            (None, Some(slot)) => {
+                let phase = slot.phase.lock().await;
+                if matches!(*phase, Phase::Cold) {
+                    slot.deleted.store(true, Ordering::Release);
+                    self.inner.slots.lock().remove(name);
+                    Ok(None)
+                } else {
+                    Ok(Some(slot.info()))
+                }
+            }
+            (Some(rec), Some(slot)) => {
+                let phase = slot.phase.lock().await;
+                if matches!(*phase, Phase::Cold) && rec.id == slot.record.lock().id {
+                    *slot.record.lock() = rec;
+                } else if rec.id != slot.record.lock().id && matches!(*phase, Phase::Cold) {
+                    // Deleted and made again under the same name elsewhere.
+                    drop(phase);
+                    self.inner.slots.lock().insert(name.to_string(), Slot::new(rec));
+                    return Ok(Some(self.slot(name)?.info()));
+                }
+                Ok(Some(slot.info()))
+            }
+            (Some(rec), None) => {
+                let slot = self
+                    .inner
+                    .slots
+                    .lock()
+                    .entry(name.to_string())
+                    .or_insert_with(|| Slot::new(rec))
+                    .clone();
+                Ok(Some(slot.info()))
+            }
+        }
+    }
+
+    /// Cluster mode: bring the whole list in line with the shared catalog
+    /// (sprites made or deleted on other nodes).
+    pub async fn refresh_all(&self) -> Result<()> {
+        let recs = self.inner.catalog.list().await?;
+        let names: std::collections::HashSet<String> = recs.iter().map(|r| r.name.clone()).collect();
+        let gone: Vec<String> = self
+            .inner
+            .slots
+            .lock()
+            .keys()
+            .filter(|n| !names.contains(*n))
+            .cloned()
+            .collect();
+        for name in gone {
+            self.refresh(&name).await?;
+        }
+        for rec in recs {
+            let known = self.inner.slots.lock().get(&rec.name).cloned();
+            match known {
+                Some(slot) if slot.record.lock().id == rec.id => {
+                    if slot.status() == SpriteStatus::Cold {
+                        *slot.record.lock() = rec;
+                    }
+                }
+                _ => {
+                    self.refresh(&rec.name).await?;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Freeze a running sprite without touching the catalog (which may be
+    /// unreachable: this is how a node that lost its lease stops at once).
+    pub async fn freeze(&self, name: &str) -> Result<()> {
+        let slot = self.slot(name)?;
+        let mut phase = slot.phase.lock().await;
+        if let Phase::Awake(live) = &mut *phase
+            && !live.frozen
+        {
+            if let Some(h) = &live.handle {
+                let (b, h) = (self.inner.backend.clone(), h.clone());
+                blocking(move || Ok(b.freeze(&h)?)).await?;
+            }
+            live.frozen = true;
+            slot.set_status(SpriteStatus::Warm);
+        }
+        Ok(())
+    }
+
+    /// Another node owns this sprite now: stop it here and throw away what
+    /// this node had of its disk that never reached the shared store (the
+    /// fencing epoch already refuses it).
+    pub async fn evict(&self, name: &str) -> Result<()> {
+        let slot = self.slot(name)?;
+        let mut phase = slot.phase.lock().await;
+        if let Phase::Awake(_) = &*phase {
+            let Phase::Awake(live) = std::mem::replace(&mut *phase, Phase::Cold) else {
+                unreachable!()
+            };
+            slot.set_status(SpriteStatus::Cold);
+            let (b, n) = (self.inner.backend.clone(), self.inner.net.clone());
+            if let Err(e) = blocking(move || live.teardown(b.as_ref(), &n, Duration::ZERO)).await {
+                tracing::warn!(sprite = name, error = %e, "stopping an evicted sprite");
+            }
+        }
+        let volume = slot.record.lock().volume.clone();
+        self.inner.store.discard_local(&volume).await?;
+        Ok(())
+    }
+
+    /// Cluster durability window: take a sync point of the sprite's disk at a
+    /// consistent moment (frozen, filesystem synced) and wait until it is all
+    /// in the object store. A cold sprite is flushed instead. Returns the
+    /// time (ms) up to which the sprite's writes are durable.
+    pub async fn sync_point(&self, name: &str) -> Result<i64> {
+        let slot = self.slot(name)?;
+        let volume = slot.record.lock().volume.clone();
+        let map = {
+            let phase = slot.phase.lock().await;
+            match &*phase {
+                Phase::Cold => None,
+                Phase::Awake(live) => {
+                    let (backend, handle, frozen) =
+                        (self.inner.backend.clone(), live.handle.clone(), live.frozen);
+                    let disk = live.disk.as_ref().expect("an awake sprite has its disk");
+                    let (mp, vol) = (disk.mountpoint().to_path_buf(), disk.volume().clone());
+                    Some(
+                        blocking(move || {
+                            let _frozen = FreezeGuard::new(backend, handle, frozen)?;
+                            disk::syncfs(&mp)?;
+                            Ok(vol.sync_point()?)
+                        })
+                        .await?,
+                    )
+                }
+            }
+        };
+        let at = now_ms();
+        match map {
+            Some(map) => self.inner.store.wait_sync_durable(&volume, map).await?,
+            None => self.inner.store.flush(&volume, |_| {}).await?,
+        }
+        Ok(at)
+    }
+
     pub async fn shutdown(&self) {
         self.inner.shutting_down.store(true, Ordering::Release);
         let slots: Vec<Arc<Slot>> = self.inner.slots.lock().values().cloned().collect();

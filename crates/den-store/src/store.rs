@@ -932,6 +932,14 @@ impl Store {
         Ok(report)
     }
 
+    /// Forget this node's local, never-committed state of a volume (dirty
+    /// chunks, discard markers): another node owns it now, and that state
+    /// would tear the newer head if this node ever opened the volume again.
+    /// The volume must not be open in this process.
+    pub async fn discard_local(&self, name: &str) -> Result<()> {
+        self.with_exclusive(name, |v| Ok(v.drop_local_state()?)).await
+    }
+
     /// How much of the volume is safe from losing this node.
     pub async fn durability(&self, name: &str) -> Result<Durability> {
         let rec = self.shared.meta.get_volume(name).await?;

@@ -41,6 +41,10 @@ pub const MAX_HOSTS: usize = 36;
 const SUBNET_ATTEMPTS: usize = 50;
 const KILL_TIMEOUT: Duration = Duration::from_secs(10);
 const POLL: Duration = Duration::from_millis(50);
+const STOP_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// The nft table (inside a host) of [`Hosts::block`].
+const BLOCK_TABLE: &str = "dhblock";
 
 static NEXT: AtomicU32 = AtomicU32::new(0);
 
@@ -193,6 +197,62 @@ impl Hosts {
         &self.namespaces[i]
     }
 
+    /// `http://IP:PORT` of a node on host `i` listening on `port` (e.g. for
+    /// `--advertise-url` before the node starts; [`DenNode::url`] says the same).
+    pub fn node_url(&self, i: usize, port: u16) -> String {
+        format!("http://{}:{port}", self.ip(i))
+    }
+
+    /// Pulls host `i`'s cable: its veth goes down, so nothing reaches it or leaves it
+    /// (packets vanish; connections time out) until [`heal`](Self::heal).
+    pub fn cut(&self, i: usize) -> Result<()> {
+        sh("ip", &["link", "set", &self.veths[i], "down"]).map(drop)
+    }
+
+    /// Plugs host `i` back in after [`cut`](Self::cut).
+    pub fn heal(&self, i: usize) -> Result<()> {
+        sh("ip", &["link", "set", &self.veths[i], "up"]).map(drop)
+    }
+
+    /// A one-way-looking, silent partition between host `i` and `peer` (another host's
+    /// address, or [`host_ip`](Self::host_ip) for the test's services): host `i` drops
+    /// every packet from `peer`. Connections either way time out (no resets, no errors
+    /// on send), like a network fault. Undo with [`unblock`](Self::unblock).
+    ///
+    /// The test itself talks from `host_ip` too: blocking it also cuts the test's requests
+    /// from the root namespace (and [`DenNode`]'s readiness check); use [`http`] from
+    /// another host's namespace to reach host `i` meanwhile.
+    pub fn block(&self, i: usize, peer: Ipv4Addr) -> Result<()> {
+        self.nft_in(
+            i,
+            &format!(
+                "add table inet {BLOCK_TABLE}
+                 add chain inet {BLOCK_TABLE} input {{ type filter hook input priority -10; policy accept; }}
+                 add rule inet {BLOCK_TABLE} input ip saddr {peer} drop
+"
+            ),
+        )
+    }
+
+    /// Removes every [`block`](Self::block) of host `i`.
+    pub fn unblock(&self, i: usize) -> Result<()> {
+        self.nft_in(
+            i,
+            &format!(
+                "add table inet {BLOCK_TABLE}
+delete table inet {BLOCK_TABLE}
+"
+            ),
+        )
+    }
+
+    fn nft_in(&self, i: usize, script: &str) -> Result<()> {
+        let script = script.to_string();
+        // A child process inherits the namespace of the thread that forks it.
+        den_net::netns::run_in(self.netns(i), move || nft_stdin(&script))
+            .with_context(|| format!("enter netns {}", self.netns(i)))?
+    }
+
     /// All host namespace names.
     pub fn namespaces(&self) -> &[String] {
         &self.namespaces
@@ -294,13 +354,8 @@ fn subnet_users(prefix: &str) -> Result<usize> {
 
 /// SIGKILLs every process in netns `ns` until none is left (they may fork meanwhile).
 fn kill_netns_pids(ns: &str) {
-    let pids = |ns: &str| -> Vec<i32> {
-        sh("ip", &["netns", "pids", ns])
-            .map(|o| o.split_whitespace().filter_map(|p| p.parse().ok()).collect())
-            .unwrap_or_default()
-    };
     let _ = wait_until(KILL_TIMEOUT, POLL, || {
-        let left = pids(ns);
+        let left = netns_pids(ns);
         for &p in &left {
             // SAFETY: plain syscall; the pid was in a namespace the test created.
             unsafe {
@@ -309,6 +364,50 @@ fn kill_netns_pids(ns: &str) {
         }
         left.is_empty()
     });
+}
+
+fn netns_pids(ns: &str) -> Vec<i32> {
+    sh("ip", &["netns", "pids", ns])
+        .map(|o| o.split_whitespace().filter_map(|p| p.parse().ok()).collect())
+        .unwrap_or_default()
+}
+
+/// den's sprite cgroups (`/den/KEY`, relative to a hierarchy) that process `pid` is in.
+fn den_cgroups_of(pid: i32) -> Vec<String> {
+    fs::read_to_string(format!("/proc/{pid}/cgroup"))
+        .unwrap_or_default()
+        .lines()
+        .filter_map(|l| l.splitn(3, ':').nth(2))
+        .filter(|p| p.starts_with("/den/"))
+        .map(str::to_string)
+        .collect()
+}
+
+/// Thaws cgroup `rel` (v1 freezer and v2), so that its tasks can be killed.
+fn thaw_cgroup(rel: &str) {
+    let rel = rel.trim_start_matches('/');
+    let root = Path::new("/sys/fs/cgroup");
+    let _ = fs::write(root.join("freezer").join(rel).join("freezer.state"), "THAWED");
+    let _ = fs::write(root.join(rel).join("cgroup.freeze"), "0");
+    let _ = fs::write(root.join("unified").join(rel).join("cgroup.freeze"), "0");
+}
+
+/// Removes the (emptied) cgroup `rel` from every hierarchy that has it (v1 controllers or
+/// the v2 root). rmdir only ever removes an empty cgroup; killed tasks leave it once reaped.
+fn remove_cgroup(rel: &str) {
+    let root = Path::new("/sys/fs/cgroup");
+    let mut hierarchies = vec![root.to_path_buf()];
+    if let Ok(entries) = fs::read_dir(root) {
+        hierarchies.extend(entries.flatten().map(|e| e.path()));
+    }
+    for h in hierarchies {
+        let dir = h.join(rel.trim_start_matches('/'));
+        if dir.is_dir() {
+            let _ = wait_until(KILL_TIMEOUT, POLL, || {
+                fs::remove_dir(&dir).is_ok() || !dir.exists()
+            });
+        }
+    }
 }
 
 impl Drop for Hosts {
@@ -375,8 +474,11 @@ impl NodeOptions {
 ///
 /// The process joins the host's network namespace only (setns before exec, so
 /// [`pid`](Self::pid) is den's own); it shares the machine's mount namespace, /sys and
-/// cgroups, like den on a real host would have its own. Its stdout and stderr go to
-/// `DATA_DIR/den-node.log` (appended across restarts).
+/// cgroups, as den on a real host has the host's. Not `ip netns exec`: that gives den a
+/// private mount namespace (its FUSE/loop mounts and sprite netns bind mounts invisible to
+/// the test and lost to a restarted node) and a fresh /sys without the cgroup
+/// hierarchies. Its stdout and stderr go to `DATA_DIR/den-node.log` (appended across
+/// restarts).
 ///
 /// Drop SIGKILLs the node's process group and waits, then removes what a killed den leaves
 /// behind: processes in its sprites' namespaces, those namespaces, mounts and loop devices
@@ -389,7 +491,8 @@ pub struct DenNode {
     opts: NodeOptions,
     run_dir: PathBuf,
     netns_prefix: String,
-    argv: Vec<OsString>,
+    /// The config file's keys the node sets itself.
+    node_config: String,
     child: Option<Child>,
 }
 
@@ -402,42 +505,25 @@ impl DenNode {
         let digit = std::char::from_digit(i as u32, 36).expect("i < MAX_HOSTS");
         let run_dir = PathBuf::from(format!("/run/dh{tag}n{digit}"));
         let netns_prefix = format!("dh{tag}n{digit}-");
-        fs::create_dir_all(&opts.data_dir).with_context(|| format!("create {}", opts.data_dir.display()))?;
         // Sprites of different nodes live in different host namespaces, so the subnet only
         // has to stay clear of the bridge's 10.250/16; names and paths are machine-wide.
-        let config = format!(
+        let node_config = format!(
             "run_dir = {:?}\nsubnet = \"10.251.0.0/20\"\nnet_table = \"dh{tag}n{digit}\"\n\
              net_ifprefix = \"d{tag}{digit}\"\nnet_netns_prefix = {:?}\n\
              # Nothing listens there: sprites' DNS goes nowhere outside the test.\n\
-             upstream_dns = \"{}:53\"\n{}\n",
+             upstream_dns = \"{}:53\"\n",
             run_dir.display().to_string(),
             netns_prefix,
             hosts.host_ip(),
-            opts.config_toml,
         );
-        let config_path = opts.data_dir.join("den-node.toml");
-        fs::write(&config_path, config).with_context(|| format!("write {}", config_path.display()))?;
-        let ip = hosts.ip(i);
-        let mut argv: Vec<OsString> = vec![
-            "server".into(),
-            "--data-dir".into(),
-            opts.data_dir.clone().into(),
-            "--listen".into(),
-            format!("{ip}:{}", opts.port).into(),
-            "--image".into(),
-            opts.image.clone().into(),
-            "--config".into(),
-            config_path.into(),
-        ];
-        argv.extend(opts.extra_args.iter().map(OsString::from));
         let mut node = DenNode {
             index: i,
             netns: hosts.netns(i).to_string(),
-            ip,
+            ip: hosts.ip(i),
             opts: opts.clone(),
             run_dir,
             netns_prefix,
-            argv,
+            node_config,
             child: None,
         };
         node.spawn_and_wait()?;
@@ -461,7 +547,30 @@ impl DenNode {
         Ok(())
     }
 
+    /// Writes the config file and returns the command line for the current options.
+    fn prepare(&self) -> Result<Vec<OsString>> {
+        let o = &self.opts;
+        fs::create_dir_all(&o.data_dir).with_context(|| format!("create {}", o.data_dir.display()))?;
+        let config_path = o.data_dir.join("den-node.toml");
+        fs::write(&config_path, format!("{}{}\n", self.node_config, o.config_toml))
+            .with_context(|| format!("write {}", config_path.display()))?;
+        let mut argv: Vec<OsString> = vec![
+            "server".into(),
+            "--data-dir".into(),
+            o.data_dir.clone().into(),
+            "--listen".into(),
+            format!("{}:{}", self.ip, o.port).into(),
+            "--image".into(),
+            o.image.clone().into(),
+            "--config".into(),
+            config_path.into(),
+        ];
+        argv.extend(o.extra_args.iter().map(OsString::from));
+        Ok(argv)
+    }
+
     fn spawn(&mut self) -> Result<()> {
+        let argv = self.prepare()?;
         let log = OpenOptions::new()
             .create(true)
             .append(true)
@@ -472,7 +581,7 @@ impl DenNode {
         let ns_file = File::open(&ns_path).with_context(|| format!("open {}", ns_path.display()))?;
         let ns_fd = ns_file.as_raw_fd();
         let mut cmd = Command::new(&self.opts.den_bin);
-        cmd.args(&self.argv);
+        cmd.args(&argv);
         for (k, _) in std::env::vars_os() {
             if k.to_str().is_some_and(|k| k.starts_with("DEN_")) {
                 cmd.env_remove(k);
@@ -501,7 +610,7 @@ impl DenNode {
             });
         }
         let child = spawn_from_spawner_thread(cmd)
-            .with_context(|| format!("spawn {} {:?}", self.opts.den_bin.display(), self.argv))?;
+            .with_context(|| format!("spawn {} {argv:?}", self.opts.den_bin.display()))?;
         drop(ns_file);
         self.child = Some(child);
         Ok(())
@@ -604,9 +713,15 @@ impl DenNode {
         Ok(())
     }
 
+    /// SIGTERM (den stops its sprites and flushes) and waits up to 60 s; see
+    /// [`stop_within`](Self::stop_within).
+    pub fn stop(&mut self) -> Result<Option<ExitStatus>> {
+        self.stop_within(STOP_TIMEOUT)
+    }
+
     /// SIGTERM (den stops its sprites and flushes) and waits up to `timeout`; then
     /// SIGKILLs and fails. Returns the exit status (`None` when it was not running).
-    pub fn stop(&mut self, timeout: Duration) -> Result<Option<ExitStatus>> {
+    pub fn stop_within(&mut self, timeout: Duration) -> Result<Option<ExitStatus>> {
         let Some(mut c) = self.child.take() else {
             return Ok(None);
         };
@@ -634,11 +749,17 @@ impl DenNode {
         Ok(status)
     }
 
-    /// Starts the node again with the same arguments and waits until it is ready; stops it
+    /// Starts the node again with the same options (changed ones, if the test changed them
+    /// through [`options_mut`](Self::options_mut)) and waits until it is ready; stops it
     /// first (SIGTERM, 60 s) if it runs.
     pub fn restart(&mut self) -> Result<()> {
-        self.stop(Duration::from_secs(60))?;
+        self.stop()?;
         self.spawn_and_wait()
+    }
+
+    /// The options of the next [`restart`](Self::restart) (e.g. other extra args or env).
+    pub fn options_mut(&mut self) -> &mut NodeOptions {
+        &mut self.opts
     }
 
     fn kill_group(&mut self) {
@@ -654,14 +775,22 @@ impl DenNode {
 
     /// Removes what a killed den leaves behind (best effort).
     fn clean_leftovers(&self) {
+        let mut cgroups = std::collections::BTreeSet::new();
         if let Ok(entries) = fs::read_dir(den_net::netns::NETNS_DIR) {
             for e in entries.flatten() {
                 let name = e.file_name().to_string_lossy().into_owned();
                 if name.starts_with(&self.netns_prefix) {
+                    let found: Vec<String> = netns_pids(&name).into_iter().flat_map(den_cgroups_of).collect();
+                    // A warm sprite is frozen, and frozen tasks (cgroup v1) do not die.
+                    found.iter().for_each(|cg| thaw_cgroup(cg));
+                    cgroups.extend(found);
                     kill_netns_pids(&name);
                     let _ = sh("ip", &["netns", "del", &name]);
                 }
             }
+        }
+        for cg in &cgroups {
+            remove_cgroup(cg);
         }
         let roots = [self.run_dir.clone(), self.opts.data_dir.clone()];
         let under = |p: &Path| roots.iter().any(|r| p.starts_with(r));

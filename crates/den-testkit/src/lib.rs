@@ -201,7 +201,7 @@ impl SeaweedS3 {
 
     /// Like [`start`](Self::start), but every SeaweedFS component listens on
     /// `ip` (a local address, e.g. the bridge address of
-    /// [`cluster::Hosts`](crate::cluster::Hosts), so that other network
+    /// [`cluster::Hosts`], so that other network
     /// namespaces reach it) instead of 127.0.0.1. [`endpoint`](Self::endpoint)
     /// then names `ip`.
     pub fn start_on(ip: Ipv4Addr) -> Result<Self> {

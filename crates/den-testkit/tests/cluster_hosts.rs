@@ -2,8 +2,9 @@
 //! (PostgreSQL, SeaweedFS S3 on the bridge address) and each other, nothing else is routed,
 //! and Drop removes everything, also the processes left in the namespaces. Run as root.
 
-use std::net::{SocketAddr, SocketAddrV4, TcpListener};
+use std::net::{SocketAddr, SocketAddrV4, TcpListener, TcpStream};
 use std::process::{Command, Stdio};
+use std::time::Duration;
 
 use den_testkit::SeaweedS3;
 use den_testkit::cluster::{Hosts, http, leftovers_after_drop};
@@ -57,6 +58,30 @@ fn hosts_reach_services_and_each_other_and_vanish_on_drop() {
         greeting(&mut s).unwrap(),
         format!("hello from {}", hosts.host_ip())
     );
+
+    // Partitions: a silent block between two hosts, a pulled cable; both heal.
+    let reaches = |from: usize, to: SocketAddr| -> bool {
+        den_net::netns::run_in(hosts.netns(from), move || {
+            TcpStream::connect_timeout(&to, Duration::from_secs(1)).is_ok()
+        })
+        .unwrap()
+    };
+    let g0 = SocketAddr::from((hosts.ip(0), 7000));
+    let root = SocketAddr::from((hosts.host_ip(), port));
+    hosts.block(2, hosts.ip(0)).unwrap();
+    assert!(!reaches(2, g0), "blocked");
+    assert!(reaches(1, g0), "only host 2 is blocked");
+    assert!(reaches(2, root), "only from host 0");
+    hosts.unblock(2).unwrap();
+    assert!(reaches(2, g0), "unblocked");
+    hosts.cut(1).unwrap();
+    assert!(!reaches(1, root), "cut");
+    assert!(reaches(0, root));
+    hosts.heal(1).unwrap();
+    den_testkit::wait_until(Duration::from_secs(10), Duration::from_millis(50), || {
+        reaches(1, root)
+    })
+    .expect("host 1 reaches the root namespace again after heal");
 
     // PostgreSQL listening on all addresses, asked from host 2.
     let mut pg = TestPostgres::start().unwrap();

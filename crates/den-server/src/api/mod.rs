@@ -135,6 +135,16 @@ pub fn router(state: AppState) -> Router {
         )
         .route("/exec/{session_id}", get(exec::attach))
         .route("/exec/{session_id}/kill", post(exec::kill));
+    // Cluster mode only, so a single node pays nothing for it. Inside the
+    // token check: a node forwards only requests it would accept itself.
+    let sprite = if state.router.is_some() {
+        sprite.route_layer(middleware::from_fn_with_state(
+            state.clone(),
+            crate::forward::sprite_api,
+        ))
+    } else {
+        sprite
+    };
     let authed = Router::new()
         .route("/v1/sprites", get(sprites::list).post(sprites::create))
         .nest("/v1/sprites/{name}", sprite)

@@ -2,7 +2,7 @@
 
 use axum::Json;
 use axum::extract::{Path, Query, State};
-use axum::http::StatusCode;
+use axum::http::{HeaderMap, StatusCode, Uri};
 use axum::response::{IntoResponse, Response};
 use den_runtime::{CpuLimit, Resources};
 use den_sprite::{CreateSprite, SpriteStatus};
@@ -11,6 +11,7 @@ use serde_json::{Map, Value, json};
 
 use crate::error::{ApiError, ApiResult};
 use crate::extract::JsonBody;
+use crate::forward::Route;
 use crate::sprite_json::{ORG, default_url_settings, sprite_json};
 use crate::state::AppState;
 
@@ -93,39 +94,58 @@ fn resources_from(config: &Value, default: Resources) -> ApiResult<Resources> {
     Ok(r)
 }
 
-/// Create a sprite (cold).
+/// Create a sprite (cold). In a cluster, the router places it (by
+/// `config.region`) and a create placed on another node is forwarded there.
 #[utoipa::path(post, path = "/v1/sprites", request_body = CreateSpriteRequest,
     responses((status = 201, description = "The new sprite"), (status = 400), (status = 409)))]
 pub async fn create(
     State(st): State<AppState>,
-    JsonBody(req): JsonBody<CreateSpriteRequest>,
+    uri: Uri,
+    headers: HeaderMap,
+    JsonBody(raw): JsonBody<Value>,
 ) -> ApiResult<Response> {
+    let req = CreateSpriteRequest::deserialize(&raw)
+        .map_err(|e| ApiError::bad_request(format!("invalid JSON body: {e}")))?;
     let name = req
         .name
         .ok_or_else(|| ApiError::bad_request("name is required"))?;
     den_sprite::validate_name(&name)?;
-    if let Some(limit) = st.cfg.max_sprites {
-        let count = st.mgr.list().len();
-        if count >= limit {
-            return Err(ApiError::limited(crate::limits::Limited::total(count, limit)));
+    let router = st
+        .router
+        .clone()
+        .filter(|_| !crate::forward::is_forwarded(&headers));
+    let checked = match router {
+        // Placed first, so the limits that count are the serving node's.
+        Some(router) => {
+            let checked = check_create(&st, req.url_settings, req.labels, req.config, req.environment)?;
+            let region = checked.config.get("region").and_then(Value::as_str);
+            match router.route_create(region).await {
+                Ok(Route::Local) => {}
+                Ok(Route::Remote { base_url, .. }) => {
+                    let body = serde_json::to_vec(&raw)
+                        .map_err(|e| ApiError::internal(format!("encoding the body: {e}")))?;
+                    let fwd = crate::forward::create(&*router, region, &base_url, uri, headers, body.into());
+                    if let Some(resp) = fwd.await {
+                        return Ok(resp);
+                    }
+                }
+                Err(e) => return Ok(e.into_response()),
+            }
+            check_limits(&st)?;
+            checked
         }
-    }
-    st.create_limiter.admit().map_err(ApiError::limited)?;
-    let url_settings = match &req.url_settings {
-        Some(v) => check_url_settings(v)?,
-        None => default_url_settings(),
+        None => {
+            check_limits(&st)?;
+            check_create(&st, req.url_settings, req.labels, req.config, req.environment)?
+        }
     };
-    let labels = req.labels.unwrap_or_default();
-    check_labels(&labels)?;
-    let config = req.config.unwrap_or_else(|| json!({}));
-    if !config.is_object() {
-        return Err(ApiError::bad_request("config must be an object"));
-    }
-    let resources = resources_from(&config, st.mgr.config().resources)?;
-    let environment = req.environment.unwrap_or_default();
-    if let Some((k, _)) = environment.iter().find(|(_, v)| !v.is_string()) {
-        return Err(ApiError::bad_request(format!("environment.{k} must be a string")));
-    }
+    let CheckedCreate {
+        url_settings,
+        labels,
+        config,
+        resources,
+        environment,
+    } = checked;
     let attrs = json!({
         "url_settings": url_settings,
         "labels": labels,
@@ -144,6 +164,56 @@ pub async fn create(
         )
         .await?;
     Ok((StatusCode::CREATED, Json(sprite_json(&st.cfg, &info))).into_response())
+}
+
+fn check_limits(st: &AppState) -> ApiResult<()> {
+    if let Some(limit) = st.cfg.max_sprites {
+        let count = st.mgr.list().len();
+        if count >= limit {
+            return Err(ApiError::limited(crate::limits::Limited::total(count, limit)));
+        }
+    }
+    st.create_limiter.admit().map_err(ApiError::limited)
+}
+
+/// A create request's settings, checked.
+struct CheckedCreate {
+    url_settings: Value,
+    labels: Vec<String>,
+    config: Value,
+    resources: Resources,
+    environment: Map<String, Value>,
+}
+
+fn check_create(
+    st: &AppState,
+    url_settings: Option<Value>,
+    labels: Option<Vec<String>>,
+    config: Option<Value>,
+    environment: Option<Map<String, Value>>,
+) -> ApiResult<CheckedCreate> {
+    let url_settings = match &url_settings {
+        Some(v) => check_url_settings(v)?,
+        None => default_url_settings(),
+    };
+    let labels = labels.unwrap_or_default();
+    check_labels(&labels)?;
+    let config = config.unwrap_or_else(|| json!({}));
+    if !config.is_object() {
+        return Err(ApiError::bad_request("config must be an object"));
+    }
+    let resources = resources_from(&config, st.mgr.config().resources)?;
+    let environment = environment.unwrap_or_default();
+    if let Some((k, _)) = environment.iter().find(|(_, v)| !v.is_string()) {
+        return Err(ApiError::bad_request(format!("environment.{k} must be a string")));
+    }
+    Ok(CheckedCreate {
+        url_settings,
+        labels,
+        config,
+        resources,
+        environment,
+    })
 }
 
 #[derive(Debug, Deserialize, utoipa::IntoParams)]

@@ -4,6 +4,7 @@
 
 mod common;
 mod exec;
+mod forward;
 mod fs;
 mod fuzz;
 mod proxy;
@@ -41,6 +42,7 @@ const TESTS: &[(&str, TestFn)] = &[
     ("exec_ws_protocol", || Box::pin(exec::ws_protocol())),
     ("exec_tty_attach_http", || Box::pin(exec::tty_attach_http())),
     ("exec_default_timeout", || Box::pin(exec::default_timeout())),
+    ("cluster_forwarding", || Box::pin(forward::cluster_forwarding())),
 ];
 
 fn main() {
