@@ -272,7 +272,7 @@ impl Cluster {
     fn stop_nodes(&mut self) {
         for (n, name) in self.nodes.iter_mut().zip(NODES) {
             if let Some(node) = n
-                && let Err(e) = node.stop(Duration::from_secs(60))
+                && let Err(e) = node.stop()
             {
                 tracing::warn!(node = name, error = %format!("{e:#}"), "stopping a node");
             }
