@@ -111,7 +111,11 @@ async fn exit_codes_and_signals() {
     let line = read_until(&mut s, "\n").await;
     let pid: i32 = line.trim().strip_prefix("pid ").unwrap().parse().unwrap();
     let deadline = Instant::now() + WAIT;
-    while std::fs::read_to_string(format!("/proc/{pid}/comm")).unwrap_or_default().trim() != "sleep" {
+    while std::fs::read_to_string(format!("/proc/{pid}/comm"))
+        .unwrap_or_default()
+        .trim()
+        != "sleep"
+    {
         assert!(Instant::now() < deadline, "the shell never became sleep");
         tokio::time::sleep(Duration::from_millis(5)).await;
     }

@@ -41,6 +41,29 @@ pub struct ServerArgs {
     /// Base image: debian (default) or busybox.
     #[arg(long)]
     pub image: Option<String>,
+    /// Keep chunks in S3: s3://BUCKET[/PREFIX]?endpoint=URL&region=REGION. Credentials from
+    /// AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY.
+    #[arg(long)]
+    pub object_store: Option<String>,
+    /// Cluster mode: all metadata in this PostgreSQL database (postgres://…). Needs
+    /// --object-store and --node-name.
+    #[arg(long)]
+    pub cluster_db: Option<String>,
+    /// This node's unique name in the cluster.
+    #[arg(long)]
+    pub node_name: Option<String>,
+    /// This node's region [default: default].
+    #[arg(long)]
+    pub region: Option<String>,
+    /// How other nodes reach this node's API [default: http://LISTEN].
+    #[arg(long)]
+    pub advertise_url: Option<String>,
+    /// Cluster: the most a running sprite loses if its host dies [default: 30s].
+    #[arg(long, value_parser = humantime::parse_duration)]
+    pub durability_window: Option<Duration>,
+    /// Cluster: a node silent this long is dead and its sprites move [default: 10s].
+    #[arg(long, value_parser = humantime::parse_duration)]
+    pub node_ttl: Option<Duration>,
 }
 
 pub fn run(args: ServerArgs) -> Result<()> {
@@ -70,6 +93,27 @@ pub fn run(args: ServerArgs) -> Result<()> {
             "--image must be debian or busybox"
         );
         cfg.image = v;
+    }
+    if args.object_store.is_some() {
+        cfg.object_store = args.object_store;
+    }
+    if args.cluster_db.is_some() {
+        cfg.cluster_db = args.cluster_db;
+    }
+    if args.node_name.is_some() {
+        cfg.node_name = args.node_name;
+    }
+    if let Some(v) = args.region {
+        cfg.region = v;
+    }
+    if args.advertise_url.is_some() {
+        cfg.advertise_url = args.advertise_url;
+    }
+    if let Some(v) = args.durability_window {
+        cfg.durability_window = v;
+    }
+    if let Some(v) = args.node_ttl {
+        cfg.node_ttl = v;
     }
     anyhow::ensure!(
         cfg.cold_after >= cfg.warm_after,

@@ -46,6 +46,22 @@ pub struct ServerConfig {
     pub max_sprites: Option<usize>,
     /// Rate limit on creates: at most `count` per `window`.
     pub create_rate: Option<RateLimit>,
+    /// Chunks in S3 (`s3://bucket[/prefix]?endpoint=URL&region=R`) instead
+    /// of `DATA_DIR/objects`. Credentials come from `AWS_ACCESS_KEY_ID` and
+    /// `AWS_SECRET_ACCESS_KEY`, never from the URL (it is logged).
+    pub object_store: Option<String>,
+    /// Cluster mode: PostgreSQL for all metadata (`postgres://…`).
+    pub cluster_db: Option<String>,
+    pub node_name: Option<String>,
+    pub region: String,
+    /// How other nodes reach this one (`http://host:port`); defaults to the
+    /// listen address.
+    pub advertise_url: Option<String>,
+    /// Cluster durability window: how much a running sprite's host may lose
+    /// if it dies (time between sync points).
+    pub durability_window: Duration,
+    /// A node silent for this long is dead and its sprites may move.
+    pub node_ttl: Duration,
 }
 
 /// `count` events per `window` (TOML/env form `"10/60s"`).
@@ -91,6 +107,23 @@ impl ServerConfig {
             max_awake: None,
             max_sprites: None,
             create_rate: None,
+            object_store: None,
+            cluster_db: None,
+            node_name: None,
+            region: "default".into(),
+            advertise_url: None,
+            durability_window: Duration::from_secs(30),
+            node_ttl: Duration::from_secs(10),
+        }
+    }
+
+    /// The chunk store: local under the data dir, or S3 from `object_store`.
+    pub fn object_backend(&self) -> Result<den_store::ObjectBackend, ConfigError> {
+        match &self.object_store {
+            None => Ok(den_store::ObjectBackend::Local {
+                dir: self.data_dir.join("objects"),
+            }),
+            Some(u) => parse_object_store(u),
         }
     }
 
@@ -132,6 +165,17 @@ impl ServerConfig {
         f.max_awake = num("max_awake")?;
         f.max_sprites = num("max_sprites")?;
         f.create_rate = var("create_rate");
+        f.subnet = var("subnet");
+        f.net_table = var("net_table");
+        f.net_ifprefix = var("net_ifprefix");
+        f.net_netns_prefix = var("net_netns_prefix");
+        f.object_store = var("object_store");
+        f.cluster_db = var("cluster_db");
+        f.node_name = var("node_name");
+        f.region = var("region");
+        f.advertise_url = var("advertise_url");
+        f.durability_window = var("durability_window");
+        f.node_ttl = var("node_ttl");
         f.apply(self)
     }
 
@@ -173,6 +217,45 @@ struct FileConfig {
     max_awake: Option<usize>,
     max_sprites: Option<usize>,
     create_rate: Option<String>,
+    object_store: Option<String>,
+    cluster_db: Option<String>,
+    node_name: Option<String>,
+    region: Option<String>,
+    advertise_url: Option<String>,
+    durability_window: Option<String>,
+    node_ttl: Option<String>,
+}
+
+/// `s3://bucket[/prefix]?endpoint=URL&region=R`.
+pub fn parse_object_store(u: &str) -> Result<den_store::ObjectBackend, ConfigError> {
+    let bad = |why: &str| ConfigError(format!("object store {u:?}: {why}"));
+    let parsed = url::Url::parse(u).map_err(|e| bad(&e.to_string()))?;
+    if parsed.scheme() != "s3" {
+        return Err(bad("use s3://bucket?endpoint=URL&region=REGION"));
+    }
+    let bucket = parsed
+        .host_str()
+        .filter(|b| !b.is_empty())
+        .ok_or_else(|| bad("no bucket"))?;
+    let mut endpoint = None;
+    let mut region = "us-east-1".to_string();
+    for (k, v) in parsed.query_pairs() {
+        match &*k {
+            "endpoint" => endpoint = Some(v.into_owned()),
+            "region" => region = v.into_owned(),
+            other => return Err(bad(&format!("unknown parameter {other:?} (endpoint, region)"))),
+        }
+    }
+    let endpoint = endpoint.ok_or_else(|| bad("endpoint=URL is required"))?;
+    let key = |k: &str| std::env::var(k).map_err(|_| bad(&format!("set {k} in the environment")));
+    Ok(den_store::ObjectBackend::S3 {
+        endpoint,
+        bucket: bucket.to_string(),
+        access_key: key("AWS_ACCESS_KEY_ID")?,
+        secret_key: key("AWS_SECRET_ACCESS_KEY")?,
+        region,
+        prefix: parsed.path().trim_matches('/').to_string(),
+    })
 }
 
 fn duration(key: &str, v: &str) -> Result<Duration, ConfigError> {
@@ -237,6 +320,27 @@ impl FileConfig {
         }
         if let Some(v) = self.create_rate {
             c.create_rate = Some(v.parse()?);
+        }
+        if self.object_store.is_some() {
+            c.object_store = self.object_store;
+        }
+        if self.cluster_db.is_some() {
+            c.cluster_db = self.cluster_db;
+        }
+        if self.node_name.is_some() {
+            c.node_name = self.node_name;
+        }
+        if let Some(v) = self.region {
+            c.region = v;
+        }
+        if self.advertise_url.is_some() {
+            c.advertise_url = self.advertise_url;
+        }
+        if let Some(v) = self.durability_window {
+            c.durability_window = duration("durability_window", &v)?;
+        }
+        if let Some(v) = self.node_ttl {
+            c.node_ttl = duration("node_ttl", &v)?;
         }
         if c.cold_after < c.warm_after {
             return Err(ConfigError(format!(

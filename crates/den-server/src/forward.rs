@@ -216,6 +216,18 @@ where
     }
 }
 
+/// Send `req` unchanged to the node at `base_url` (node-scoped requests
+/// such as a drain asked of another node).
+pub async fn to_node(this_node: &str, stop: CancellationToken, base_url: &str, req: Request) -> Response {
+    let mut out = match Outgoing::new(req, this_node, stop).await {
+        Ok(o) => o,
+        Err(r) => return *r,
+    };
+    count("node");
+    let sent = out.send(base_url).await;
+    out.finish(sent)
+}
+
 /// Forward a create (`POST uri` with the client's `headers`) whose body was
 /// already read and checked to the node at `base_url`. `None`: the router
 /// now places it here after all.

@@ -9,6 +9,8 @@
 
 pub mod api;
 pub mod auth;
+mod backends;
+pub mod cluster_api;
 pub mod config;
 pub mod error;
 mod extract;

@@ -4,12 +4,12 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use den_net::{Ipv4Net, NetConfig};
-use den_sprite::{ImageSource, ManagerConfig, SpriteManager};
-use den_store::{Store, StoreConfig};
+use den_sprite::{ImageSource, ManagerConfig};
+use den_store::Store;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
-use crate::auth::{TokenStore, ensure_admin_token};
+use crate::auth::ensure_admin_token;
 use crate::config::ServerConfig;
 use crate::state::AppState;
 
@@ -23,6 +23,8 @@ pub enum ServerError {
     Sprite(#[from] den_sprite::SpriteError),
     #[error("tokens: {0}")]
     Tokens(#[from] crate::auth::TokenError),
+    #[error("cluster: {0}")]
+    Cluster(#[from] den_cluster::ClusterError),
     #[error("{context}: {source}")]
     Io {
         context: String,
@@ -81,7 +83,6 @@ pub async fn start(cfg: ServerConfig, den_exe: std::path::PathBuf) -> Result<Run
         context: format!("creating {}", cfg.data_dir.display()),
         source: e,
     })?;
-    let store = Store::open(StoreConfig::local(&cfg.data_dir)).await?;
     let mut mcfg = ManagerConfig::new(&cfg.data_dir, den_exe, net_config(&cfg)?);
     if let Some(r) = &cfg.run_dir {
         mcfg.run_dir = r.clone();
@@ -93,8 +94,12 @@ pub async fn start(cfg: ServerConfig, den_exe: std::path::PathBuf) -> Result<Run
     mcfg.warm_after = cfg.warm_after;
     mcfg.cold_after = cfg.cold_after;
     mcfg.max_awake = cfg.max_awake;
-    let mgr = SpriteManager::start(mcfg, store.clone()).await?;
-    let tokens = Arc::new(TokenStore::open(&cfg.data_dir.join("tokens.db"))?);
+    let crate::backends::Backends {
+        store,
+        mgr,
+        tokens,
+        cluster,
+    } = crate::backends::open(&cfg, mcfg).await?;
     let admin_token_file = ensure_admin_token(&tokens, &cfg.data_dir).await?;
     let listener = TcpListener::bind(cfg.listen).await.map_err(|e| ServerError::Io {
         context: format!("binding {}", cfg.listen),
@@ -117,7 +122,10 @@ pub async fn start(cfg: ServerConfig, den_exe: std::path::PathBuf) -> Result<Run
         shutdown: shutdown.clone(),
         create_limiter,
         metrics: Arc::new(crate::metrics::Metrics::new()),
-        router: None,
+        router: cluster
+            .clone()
+            .map(|c| Arc::new(crate::cluster_api::ClusterRouter(c)) as Arc<dyn crate::forward::Router>),
+        cluster,
     };
     let app = crate::api::router(state.clone());
     let stop = shutdown.clone();
@@ -157,6 +165,9 @@ impl Running {
                 bytes = self.store.local_only_bytes(),
                 "data still only in the local cache at shutdown; it uploads on the next start"
             ),
+        }
+        if let Some(c) = &self.state.cluster {
+            c.leave().await;
         }
     }
 }

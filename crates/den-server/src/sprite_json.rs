@@ -50,6 +50,16 @@ pub fn sprite_json(cfg: &ServerConfig, info: &SpriteInfo) -> Value {
     v
 }
 
+/// `config.region` of a sprite, if it asked for one.
+pub fn primary_region(info: &SpriteInfo) -> Option<String> {
+    info.record
+        .attrs
+        .get("config")
+        .and_then(|c| c.get("region"))
+        .and_then(|r| r.as_str())
+        .map(str::to_string)
+}
+
 /// The sprite's URL auth mode: `sprite` (token required) or `public`.
 pub fn url_auth(info: &SpriteInfo) -> &str {
     info.record

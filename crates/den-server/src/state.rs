@@ -21,4 +21,6 @@ pub struct AppState {
     /// Cluster mode: where each sprite is served. `None` on a single node,
     /// where every request is served here.
     pub router: Option<Arc<dyn crate::forward::Router>>,
+    /// Cluster mode: this node's membership (nodes, drain, placement info).
+    pub cluster: Option<den_cluster::Cluster>,
 }

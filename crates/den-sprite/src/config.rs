@@ -52,6 +52,10 @@ pub struct ManagerConfig {
     /// Cluster mode: a sprite going cold waits until all its data is in the
     /// object store, so its host may die afterwards without losing a byte.
     pub flush_on_cold: bool,
+    /// Prepended to each sprite's key to name its container and cgroup, so
+    /// several den processes on one machine (cluster nodes in tests) never
+    /// touch each other's containers. Empty on a single host.
+    pub container_prefix: String,
 }
 
 impl ManagerConfig {
@@ -75,6 +79,7 @@ impl ManagerConfig {
             idmap: IdMap::root_at(100_000, 65_536),
             max_awake: None,
             flush_on_cold: false,
+            container_prefix: String::new(),
         }
     }
 

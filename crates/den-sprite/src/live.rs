@@ -79,6 +79,8 @@ pub(crate) struct BootContext<'a> {
     pub idmap: den_runtime::image::IdMap,
     pub timeout: Duration,
     pub grace: Duration,
+    /// Prepended to the sprite's key to name its container (and cgroup).
+    pub container_prefix: String,
 }
 
 /// Run blocking work (mounts, cgroup writes, engine calls) off the async threads.
@@ -140,7 +142,7 @@ async fn boot_rest(ctx: &BootContext<'_>, rec: &SpriteRecord, live: &mut Live) -
         readonly: true,
     };
     let spec = SpriteSpec {
-        id: rec.key.clone(),
+        id: format!("{}{}", ctx.container_prefix, rec.key),
         rootfs_lower: ctx.lower.clone(),
         upper_dir: disk.upper(),
         work_dir: disk.work(),

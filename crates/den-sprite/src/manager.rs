@@ -38,6 +38,9 @@ use crate::error::{Result, SpriteError};
 use crate::live::{self, BootContext, Live, SpritePaths, blocking};
 use crate::record::{SpriteInfo, SpriteRecord, SpriteStatus, now_ms, validate_name};
 
+/// How long a node waits for another node's fresh template to be uploaded.
+const TEMPLATE_DURABLE: Duration = Duration::from_secs(120);
+
 /// What a new sprite starts with.
 #[derive(Debug, Clone, Default)]
 pub struct CreateSprite {
@@ -339,6 +342,18 @@ impl SpriteManager {
             let retry = match store.list_checkpoints(&name).await {
                 Ok(cks) => {
                     if let Some(ck) = cks.iter().find(|c| c.comment == MARK) {
+                        // Made by another node whose uploads may still run:
+                        // a fork of it here must not name chunks only that
+                        // node's disk has.
+                        if !ck.durable {
+                            tokio::time::timeout(TEMPLATE_DURABLE, store.wait_durable(&name, &ck.id))
+                                .await
+                                .map_err(|_| {
+                                    SpriteError::Catalog(format!(
+                                        "template {name} never reached the object store"
+                                    ))
+                                })??;
+                        }
                         let t = (name.clone(), ck.id.clone());
                         cache.insert(version.to_string(), t.clone());
                         return Ok(t);
@@ -383,6 +398,9 @@ impl SpriteManager {
         );
         blocking(move || disk::format_template(vol, &dir.join("fuse"), &dir.join("disk"), uid, gid)).await?;
         let ck = store.checkpoint(&name, MARK).await?;
+        // Other nodes fork it from the shared store; a single host waits
+        // only for its local chunk directory.
+        store.wait_durable(&name, &ck.id).await?;
         tracing::info!(template = %name, ms = t0.elapsed().as_secs_f64() * 1e3, "made the sprite disk template");
         let t = (name, ck.id);
         cache.insert(version.to_string(), t.clone());
@@ -426,6 +444,7 @@ impl SpriteManager {
             idmap: i.cfg.idmap.clone(),
             timeout: i.cfg.boot_timeout,
             grace: i.cfg.stop_grace,
+            container_prefix: i.cfg.container_prefix.clone(),
         })
     }
 

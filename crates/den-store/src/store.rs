@@ -495,7 +495,7 @@ impl Store {
         };
         match epoch {
             Some(e) => {
-                self.shared.held.lock().insert(rec.id.clone(), e);
+                self.shared.held.lock().insert(rec.name.clone(), e);
             }
             None => tracing::warn!(
                 "new volume {} is owned by {:?}, not by this node",
@@ -595,7 +595,7 @@ impl Store {
                 Ok(v.record().id.clone())
             })
             .await?;
-        self.shared.held.lock().remove(&id);
+        self.shared.held.lock().remove(name);
         self.shared.sync_locks.lock().remove(&id);
         Ok(())
     }
@@ -774,7 +774,7 @@ impl Store {
         let rec = self.shared.meta.get_volume(name).await?;
         let epoch = self.shared.meta.claim_volume(&rec.id, node, seen_epoch).await?;
         if let Some(e) = epoch {
-            self.shared.held.lock().insert(rec.id, e);
+            self.shared.held.lock().insert(rec.name, e);
         }
         Ok(epoch)
     }
@@ -784,21 +784,21 @@ impl Store {
     pub async fn release(&self, name: &str) -> Result<bool> {
         let node = self.node()?;
         let rec = self.shared.meta.get_volume(name).await?;
-        let Some(epoch) = self.shared.held.lock().get(&rec.id).copied() else {
+        let Some(epoch) = self.shared.held.lock().get(name).copied() else {
             return Ok(false);
         };
         let released = self.shared.meta.release_volume(&rec.id, node, epoch).await?;
         // Either way the epoch is no longer ours to use.
         let mut held = self.shared.held.lock();
-        if held.get(&rec.id) == Some(&epoch) {
-            held.remove(&rec.id);
+        if held.get(name) == Some(&epoch) {
+            held.remove(name);
         }
         Ok(released)
     }
 
-    /// The epoch this store holds the volume at, if any.
-    pub fn held_epoch(&self, volume_id: &str) -> Option<i64> {
-        self.shared.held.lock().get(volume_id).copied()
+    /// The epoch this store holds the volume (by name) at, if any.
+    pub fn held_epoch(&self, name: &str) -> Option<i64> {
+        self.shared.held.lock().get(name).copied()
     }
 
     // ---- cluster: sync points -------------------------------------------

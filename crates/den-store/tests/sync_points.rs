@@ -462,8 +462,8 @@ fn claims_are_compare_and_swap_on_the_epoch() {
     let b = node_store(&rt, root, "b", local_objects(root));
     create(&rt, &a, "v");
     let id = block(&rt, a.volume("v")).id;
-    assert_eq!(a.held_epoch(&id), Some(1));
-    assert_eq!(b.held_epoch(&id), None);
+    assert_eq!(a.held_epoch("v"), Some(1));
+    assert_eq!(b.held_epoch("v"), None);
     // b holds nothing, so it has nothing to release.
     assert!(!block(&rt, b.release("v")));
 
@@ -485,7 +485,7 @@ fn claims_are_compare_and_swap_on_the_epoch() {
     assert!(!block(&rt, b.release("v")), "released twice");
     assert_eq!(block(&rt, a.owner("v")), VolumeOwner { node: None, epoch: 2 });
     assert_eq!(block(&rt, a.claim("v", 2)), Some(3));
-    assert_eq!(a.held_epoch(&id), Some(3));
+    assert_eq!(a.held_epoch("v"), Some(3));
 
     // Forks are owned by their creator too.
     block(&rt, b.fork("w", den_store::VolumeSource::Volume("v".into())));

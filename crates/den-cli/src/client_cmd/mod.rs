@@ -12,6 +12,7 @@ mod cp;
 mod errors;
 mod exec;
 mod names;
+mod nodes;
 mod output;
 mod policy;
 mod prompt;
@@ -152,6 +153,9 @@ pub enum ClientCommand {
         after_help = "Examples:\n  den policy get -s web\n  den policy allow github.com\n  den policy deny '*'\n  den policy set policy.json"
     )]
     Policy(policy::PolicyCmd),
+    /// Cluster nodes: list them, drain one before retiring its host.
+    #[command(subcommand, after_help = "Examples:\n  den node ls\n  den node drain node-b")]
+    Node(nodes::NodeCmd),
     /// Send an authenticated request to any API path and print the answer.
     #[command(
         after_help = "Examples:\n  den api /v1/sprites\n  den api -X POST /v1/sprites/web/checkpoint -d '{\"comment\":\"x\"}'\n  den api -X PUT /v1/sprites/web -d @update.json"
@@ -220,6 +224,7 @@ pub fn run(cmd: ClientCommand, global: GlobalArgs, cli: fn() -> clap::Command) -
             ClientCommand::Restore(a) => checkpoints::restore(&ctx, a).await,
             ClientCommand::Fork(a) => checkpoints::fork(&ctx, a).await,
             ClientCommand::Policy(c) => policy::policy(&ctx, c).await,
+            ClientCommand::Node(c) => nodes::node(&ctx, c).await,
             ClientCommand::Api(a) => api::api(&ctx, a).await,
             ClientCommand::Completions { .. } => Ok(()),
         }

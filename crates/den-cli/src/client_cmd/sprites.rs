@@ -101,14 +101,24 @@ fn print_sprites(sprites: &[Sprite]) {
         println!("no sprites — create one with `den create`");
         return;
     }
-    let mut t = table(&["name", "status", "url", "last active"]);
+    // In a cluster, show where each sprite runs.
+    let clustered = sprites.iter().any(|s| s.extra.contains_key("node"));
+    let mut header = vec!["name", "status", "url", "last active"];
+    if clustered {
+        header.push("node (region)");
+    }
+    let mut t = table(&header);
     for s in sprites {
-        t.add_row(vec![
+        let mut row = vec![
             s.name.clone(),
             s.status.clone(),
             s.url.clone(),
             ago(s.last_running_at.as_deref()),
-        ]);
+        ];
+        if clustered {
+            row.push(placement(s));
+        }
+        t.add_row(row);
     }
     print_table(&t);
 }
@@ -144,6 +154,12 @@ pub async fn info(ctx: &Ctx, a: InfoArgs) -> Result<()> {
     ];
     for (k, v) in rows {
         println!("{:<12} {v}", format!("{k}:"));
+    }
+    if s.extra.contains_key("node") {
+        println!("{:<12} {}", "node:", placement(&s));
+    }
+    if let Some(d) = s.extra.get("durability") {
+        println!("{:<12} {}", "durable:", durability(d));
     }
     Ok(())
 }
@@ -240,4 +256,28 @@ pub async fn url(ctx: &Ctx, a: UrlArgs) -> Result<()> {
     println!("{}", s.url);
     println!("auth: {}", s.url_settings.auth);
     Ok(())
+}
+
+/// `node (region)` of a sprite in a cluster; `-` when no node holds it.
+fn placement(s: &Sprite) -> String {
+    let text = |k: &str| s.extra.get(k).and_then(|v| v.as_str()).unwrap_or("").to_string();
+    let (node, region) = (text("node"), text("region"));
+    match (node.is_empty(), region.is_empty()) {
+        (true, true) => "-".into(),
+        (true, false) => format!("- ({region})"),
+        (false, true) => node,
+        (false, false) => format!("{node} ({region})"),
+    }
+}
+
+/// The cluster durability window: what a dead host would cost this sprite.
+fn durability(d: &serde_json::Value) -> String {
+    let window = d.get("window_seconds").and_then(|v| v.as_u64()).unwrap_or(0);
+    if d.get("fully_durable").and_then(|v| v.as_bool()) == Some(true) {
+        return format!("everything (in the object store); window {window}s while running");
+    }
+    match d.get("durable_at").and_then(|v| v.as_str()) {
+        Some(t) => format!("up to {} ({t}); window {window}s", ago(Some(t))),
+        None => format!("not yet synced; window {window}s"),
+    }
 }

@@ -149,6 +149,8 @@ pub fn router(state: AppState) -> Router {
         .route("/v1/sprites", get(sprites::list).post(sprites::create))
         .nest("/v1/sprites/{name}", sprite)
         .route("/v1/tokens", get(tokens::list).post(tokens::create))
+        .route("/v1/nodes", get(crate::cluster_api::list_nodes))
+        .route("/v1/nodes/{node}/drain", post(crate::cluster_api::drain_node))
         .route("/v1/tokens/{id}", axum::routing::delete(tokens::revoke))
         .route("/v1/openapi.json", get(openapi))
         .route("/metrics", get(crate::metrics::render))

@@ -235,7 +235,22 @@ pub async fn list(State(st): State<AppState>, Query(q): Query<ListQuery>) -> Api
             .ok_or_else(|| ApiError::bad_request("max_results must be a positive integer"))?
             .min(100),
     };
-    let all = st.mgr.list();
+    if st.cluster.is_some() {
+        // Other nodes create and delete sprites too.
+        st.mgr.refresh_all().await?;
+    }
+    let mut all = st.mgr.list();
+    let placements = match &st.cluster {
+        Some(c) => Some(crate::cluster_api::placements(c, &all).await?),
+        None => None,
+    };
+    if let Some(p) = &placements {
+        for s in &mut all {
+            if let Some(status) = p.get(&s.record.name).and_then(|p| p.status) {
+                s.status = status;
+            }
+        }
+    }
     let (mut running, mut warm, mut cold) = (0, 0, 0);
     for s in &all {
         match s.status {
@@ -258,7 +273,11 @@ pub async fn list(State(st): State<AppState>, Query(q): Query<ListQuery>) -> Api
             break;
         }
         last = Some(s.record.name.clone());
-        page.push(sprite_json(&st.cfg, s));
+        let mut v = sprite_json(&st.cfg, s);
+        if let Some(p) = placements.as_ref().and_then(|p| p.get(&s.record.name)) {
+            p.apply(&mut v, st.cfg.durability_window);
+        }
+        page.push(v);
     }
     Ok(Json(json!({
         "sprites": page,
@@ -280,7 +299,15 @@ pub async fn list(State(st): State<AppState>, Query(q): Query<ListQuery>) -> Api
 
 #[utoipa::path(get, path = "/v1/sprites/{name}", responses((status = 200), (status = 404)))]
 pub async fn get(State(st): State<AppState>, Path(name): Path<String>) -> ApiResult<Json<Value>> {
-    Ok(Json(sprite_json(&st.cfg, &st.mgr.get(&name)?)))
+    let info = st.mgr.get(&name)?;
+    let mut v = sprite_json(&st.cfg, &info);
+    // In a cluster this runs on the sprite's owner (the request was routed here).
+    if let Some(c) = &st.cluster {
+        crate::cluster_api::local_placement(c, &info)
+            .await
+            .apply(&mut v, st.cfg.durability_window);
+    }
+    Ok(Json(v))
 }
 
 #[derive(Debug, Deserialize, utoipa::ToSchema)]
