@@ -895,7 +895,7 @@ pub fn wake_table(r: &ClusterBenchResults, opts: &ClusterBenchOptions) -> TextTa
         ratio(secs(percentile(&moved, 50.0)), secs(percentile(&same, 50.0))),
         ratio(secs(percentile(&moved, 90.0)), secs(percentile(&same, 90.0))),
         format!(
-            "{} MiB per sprite; drain of a took {}; errors: {}{}",
+            "{} MiB per sprite; drain of a (until listed as drained) took {} ms; errors: {}{}",
             opts.wake_bytes() >> 20,
             ms_opt(r.drain),
             r.wake_errors,
