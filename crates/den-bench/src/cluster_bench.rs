@@ -306,16 +306,19 @@ fn mount_points() -> Vec<PathBuf> {
         .collect()
 }
 
-/// Empties a node's data dir of a previous run, except the built images (building them is the
-/// slow part of a node's first start). Never recurses into a mount.
-fn clear_node_dir(dir: &Path) -> Result<()> {
+/// The node's log, kept after a run for a look at what happened.
+const NODE_LOG: &str = "den-node.log";
+
+/// Empties a node's data dir, except the built images (building them is the slow part of a
+/// node's first start) and the entries named in `keep`. Never recurses into a mount.
+fn clear_node_dir(dir: &Path, keep: &[&str]) -> Result<()> {
     let Ok(entries) = fs::read_dir(dir) else {
         return Ok(());
     };
     let mounts = mount_points();
     for e in entries.flatten() {
         let p = e.path();
-        if e.file_name() == "images" {
+        if e.file_name() == "images" || keep.iter().any(|k| e.file_name() == *k) {
             continue;
         }
         if mounts.iter().any(|m| m.starts_with(&p)) {
@@ -341,7 +344,7 @@ fn prepare_work(opts: &ClusterBenchOptions) -> Result<()> {
         fs::set_permissions(&d, fs::Permissions::from_mode(0o711))?;
     }
     for name in NODES {
-        clear_node_dir(&node_dir(&opts.work, name))?;
+        clear_node_dir(&node_dir(&opts.work, name), &[])?;
     }
     Ok(())
 }
@@ -377,12 +380,18 @@ pub fn run(opts: &ClusterBenchOptions, progress: &mut dyn FnMut(&str)) -> Result
     drop(rt);
     if let Err(e) = (|| -> Result<()> {
         for name in NODES {
-            clear_node_dir(&node_dir(&opts.work, name))?;
+            clear_node_dir(&node_dir(&opts.work, name), &[NODE_LOG])?;
         }
         Ok(())
     })() {
         tracing::warn!(error = %format!("{e:#}"), "cleaning the node dirs");
     }
+    progress(&format!(
+        "the nodes' logs are kept in {}",
+        node_dir(&opts.work, &format!("{{{}}}", NODES.join(",")))
+            .join(NODE_LOG)
+            .display()
+    ));
     outcome.map(|()| res)
 }
 
@@ -415,7 +424,7 @@ fn measure(
         wake.len(),
         opts.wake_bytes() >> 20
     ));
-    rt.block_on(write_wake_data(c, opts, &wake))?;
+    let sums = rt.block_on(write_wake_data(c, opts, &wake))?;
     cancel::check()?;
 
     // -- 3-node creates ----------------------------------------------------
@@ -436,9 +445,9 @@ fn measure(
 
     // -- cold wake on a, then on another node after draining a -------------
     progress("cold wake: first exec through a, the node that ran them (local cache warm)");
-    rt.block_on(wake_same_node(c, opts, &wake, res))?;
+    rt.block_on(wake_same_node(c, opts, &wake, &sums, res))?;
     progress("cold wake: drain a, then first exec through b or c (claim + lazy fetch from S3)");
-    rt.block_on(wake_after_drain(c, opts, &wake, res))?;
+    rt.block_on(wake_after_drain(c, opts, &wake, &sums, res))?;
     cancel::check()?;
 
     // -- forwarding --------------------------------------------------------
@@ -548,7 +557,11 @@ async fn delete_all(c: &Cluster, via: &str, names: &[String]) {
             .await;
         match r {
             Ok(r) if r.status() == 204 || r.status() == 404 => {}
-            Ok(r) => tracing::warn!(sprite = %name, status = %r.status(), "deleting a bench sprite"),
+            Ok(r) => {
+                let status = r.status();
+                let body = r.text().await.unwrap_or_default();
+                tracing::warn!(sprite = %name, %status, body, "deleting a bench sprite");
+            }
             Err(e) => tracing::warn!(sprite = %name, error = %e, "deleting a bench sprite"),
         }
     }
@@ -605,12 +618,29 @@ async fn create_run(
     Ok(run)
 }
 
+/// Writes the data files and prints their checksum. `head -c`, not `dd bs=1M`: a read of
+/// /dev/urandom may come back short, and dd counts it as a whole block.
 fn data_script(opts: &ClusterBenchOptions) -> String {
     format!(
-        "mkdir -p {DATA_DIR} && for i in $(seq {}); do dd if=/dev/urandom of={DATA_DIR}/f$i bs=1M count={FILE_MIB} \
-         2>/dev/null || exit 1; done && sync",
-        opts.wake_files()
+        "mkdir -p {DATA_DIR} && for i in $(seq {}); do head -c {} /dev/urandom > {DATA_DIR}/f$i || exit 1; done \
+         && sync && cat {DATA_DIR}/* | sha256sum",
+        opts.wake_files(),
+        FILE_MIB << 20
     )
+}
+
+/// Checksum of every data file, as `data_script` prints it.
+fn sum_script() -> String {
+    format!("cat {DATA_DIR}/* | sha256sum")
+}
+
+/// The hash out of `sha256sum`'s `HASH  -`.
+fn first_word(out: &[u8]) -> String {
+    String::from_utf8_lossy(out)
+        .split_whitespace()
+        .next()
+        .unwrap_or_default()
+        .to_string()
 }
 
 /// Reads every data file of a wake sprite; prints the byte count.
@@ -618,14 +648,22 @@ pub fn read_script() -> String {
     format!("cat {DATA_DIR}/* | wc -c")
 }
 
-async fn write_wake_data(c: &Cluster, opts: &ClusterBenchOptions, wake: &[String]) -> Result<()> {
+/// Returns each sprite's data checksum.
+async fn write_wake_data(
+    c: &Cluster,
+    opts: &ClusterBenchOptions,
+    wake: &[String],
+) -> Result<BTreeMap<String, String>> {
     let api = c.api("a")?;
     let script = data_script(opts);
+    let mut sums = BTreeMap::new();
     for name in wake {
         create(api, name).await?;
-        api.exec(name, &["sh", "-c", script.as_str()])
+        let out = api
+            .exec(name, &["sh", "-c", script.as_str()])
             .await
             .with_context(|| format!("writing the data of {name}"))?;
+        sums.insert(name.clone(), first_word(&out));
         let on = sprite_node(api, name).await?;
         ensure!(on == "a", "{name} runs on {on:?}, not on a (the only node)");
     }
@@ -633,12 +671,18 @@ async fn write_wake_data(c: &Cluster, opts: &ClusterBenchOptions, wake: &[String
     for name in wake {
         wait_durable(api, name, since).await?;
     }
-    Ok(())
+    Ok(sums)
 }
 
 /// Times the first exec of the cold sprite `name` through `via` and checks that it read
-/// every byte.
-async fn first_exec(c: &Cluster, opts: &ClusterBenchOptions, name: &str, via: &str) -> Result<WakeSample> {
+/// every byte; then, untimed, that the data is what was written.
+async fn first_exec(
+    c: &Cluster,
+    opts: &ClusterBenchOptions,
+    name: &str,
+    via: &str,
+    sums: &BTreeMap<String, String>,
+) -> Result<WakeSample> {
     let api = c.api(via)?;
     let t = Instant::now();
     let out = api.exec(name, &["sh", "-c", read_script().as_str()]).await?;
@@ -651,6 +695,12 @@ async fn first_exec(c: &Cluster, opts: &ClusterBenchOptions, name: &str, via: &s
         n == opts.wake_bytes(),
         "{name}: read {n} bytes, want {}",
         opts.wake_bytes()
+    );
+    let sum = first_word(&api.exec(name, &["sh", "-c", sum_script().as_str()]).await?);
+    let want = sums.get(name).map_or("", String::as_str);
+    ensure!(
+        sum == want,
+        "{name}: the data changed: sha256 {sum}, written {want}"
     );
     Ok(WakeSample {
         sprite: name.to_string(),
@@ -676,12 +726,13 @@ async fn wake_same_node(
     c: &Cluster,
     opts: &ClusterBenchOptions,
     wake: &[String],
+    sums: &BTreeMap<String, String>,
     res: &mut ClusterBenchResults,
 ) -> Result<()> {
     let api = c.api("a")?;
     for name in wake {
         wait_status(api, name, "cold").await?;
-        let r = first_exec(c, opts, name, "a").await;
+        let r = first_exec(c, opts, name, "a", sums).await;
         record_wake(res, false, r);
     }
     Ok(())
@@ -691,6 +742,7 @@ async fn wake_after_drain(
     c: &Cluster,
     opts: &ClusterBenchOptions,
     wake: &[String],
+    sums: &BTreeMap<String, String>,
     res: &mut ClusterBenchResults,
 ) -> Result<()> {
     let b = c.api("b")?;
@@ -725,7 +777,7 @@ async fn wake_after_drain(
         cancel::check()?;
         // Alternate the entry node, so both b and c claim sprites they never ran.
         let via = NODES[1 + i % (NODES.len() - 1)];
-        let r = first_exec(c, opts, name, via).await;
+        let r = first_exec(c, opts, name, via, sums).await;
         record_wake(res, true, r);
     }
     Ok(())

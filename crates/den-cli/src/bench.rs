@@ -640,7 +640,8 @@ fn cluster(a: ClusterArgs) -> Result<()> {
                  `{}` through a, which wakes it on a with its chunks in a's local cache. Then all \
                  cold again, POST /v1/nodes/a/drain, and the first exec through b or c (alternating), \
                  which never ran them: ownership claim in PostgreSQL, then the chunks fetched lazily \
-                 from S3. Timed from the WebSocket connect to the close frame; the byte count is checked. \
+                 from S3. Timed from the WebSocket connect to the close frame; the byte count is checked, then \
+                 (untimed) the data's sha256 against the one taken when it was written. \
                  S3 runs on this machine, so no network latency is included.",
                 opts.wake_sprites,
                 opts.wake_bytes() >> 20,
