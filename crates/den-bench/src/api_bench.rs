@@ -130,20 +130,21 @@ pub struct ApiBenchResults {
     pub direct_errors: usize,
 }
 
-/// The server under test and a client for it.
-struct Api {
-    /// `127.0.0.1:PORT`
-    addr: SocketAddr,
-    token: String,
-    http: reqwest::Client,
+/// A den server under test and a client for it (also used by
+/// [`crate::cluster_bench`], one per node).
+pub struct Api {
+    /// `127.0.0.1:PORT`, or a cluster node's `IP:PORT`
+    pub addr: SocketAddr,
+    pub token: String,
+    pub http: reqwest::Client,
 }
 
 impl Api {
-    fn url(&self, path: &str) -> String {
+    pub fn url(&self, path: &str) -> String {
         format!("http://{}{path}", self.addr)
     }
 
-    async fn create(&self, name: &str) -> Result<()> {
+    pub async fn create(&self, name: &str) -> Result<()> {
         let r = self
             .http
             .post(self.url("/v1/sprites"))
@@ -177,7 +178,7 @@ impl Api {
     /// Run `argv` to completion over the WebSocket: `session_info` first,
     /// then output, the exit frame and the close. Returns stdout; fails
     /// unless the command exited 0 and the server closed with 1000.
-    async fn exec(&self, sprite: &str, argv: &[&str]) -> Result<Vec<u8>> {
+    pub async fn exec(&self, sprite: &str, argv: &[&str]) -> Result<Vec<u8>> {
         let mut ws = self.exec_ws(sprite, argv).await?;
         let out = tokio::time::timeout(WAIT, drain(&mut ws))
             .await

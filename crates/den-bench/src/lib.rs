@@ -12,13 +12,16 @@
 //! [`sprite_bench`] is `den bench sprites`: the sprite runtime (create, exec,
 //! wakes, checkpoint, restore, fork, density) against `runc` ([`runc`]);
 //! [`api_bench`] is `den bench api`: exec, load and the sprite URL proxy
-//! through a `den server` started in-process.
+//! through a `den server` started in-process; [`cluster_bench`] is `den
+//! bench cluster`: create throughput, cold wake across nodes and request
+//! forwarding on PostgreSQL + S3 + `den server` nodes in network namespaces.
 //!
 //! Everything here needs root: dropping the page cache, `losetup`, `mount`.
 
 pub mod api_bench;
 pub mod baselines;
 pub mod cancel;
+pub mod cluster_bench;
 pub mod den_target;
 mod guards;
 pub mod latency_bench;

@@ -8,7 +8,9 @@
 //! (`den bench api`: a whole `den server`) in the host's mount namespace, as
 //! `den server` does, and shut it down (every sprite deleted,
 //! firewall removed) on success, error and the first Ctrl-C; after a forced
-//! exit the next run's manager start cleans up what was left.
+//! exit the next run's manager start cleans up what was left. `den bench
+//! cluster` also stays in the host's mount namespace: its nodes are `den
+//! server` processes, each in a network namespace of its own.
 //!
 //! The first Ctrl-C (or SIGTERM) stops at the next step and tears every
 //! target down through the normal path; a second one lazily unmounts and
@@ -23,6 +25,7 @@ use anyhow::{Context, Result, bail};
 use clap::{Args, Subcommand};
 use den_bench::api_bench::{self, ApiBenchOptions};
 use den_bench::cancel::{self, Interrupted};
+use den_bench::cluster_bench::{self, ClusterBenchOptions};
 use den_bench::latency_bench::fmt_size;
 use den_bench::sprite_bench::{self, BenchImage, SpriteBenchOptions};
 use den_bench::suite::{
@@ -38,6 +41,7 @@ use crate::store_args::parse_size;
 const DEFAULT_WORK: &str = "/var/tmp/den-bench";
 const DEFAULT_SPRITES_WORK: &str = "/var/tmp/den-bench-sprites";
 const DEFAULT_API_WORK: &str = "/var/tmp/den-bench-api";
+const DEFAULT_CLUSTER_WORK: &str = "/var/tmp/den-bench-cluster";
 /// Volume (and native image) size with `--quick`: mkfs with eager inode
 /// tables writes ~2 % of the device, which is 2 GiB for 100 GiB.
 const QUICK_VOLUME_SIZE: u64 = 4 << 30;
@@ -55,6 +59,10 @@ pub enum BenchCmd {
     /// The HTTP + WebSocket API of an in-process `den server`: exec round trip (Rust client and
     /// the Python SDK), concurrent exec streams and creates, sprite URL proxy vs direct. Needs root.
     Api(ApiArgs),
+    /// Cluster mode: PostgreSQL, SeaweedFS S3 and 1 or 3 `den server` nodes in network
+    /// namespaces, all started here: create throughput 1 vs 3 nodes, cold wake on the same node
+    /// vs on another node after a drain, exec through the owner vs forwarded. Needs root.
+    Cluster(ClusterArgs),
 }
 
 #[derive(Clone, Copy, Debug, clap::ValueEnum)]
@@ -138,6 +146,34 @@ pub struct ApiArgs {
 }
 
 #[derive(Args, Debug)]
+pub struct ClusterArgs {
+    /// Work directory: the nodes' data dirs (`<work>/nodes/NAME`; their built images are kept).
+    #[arg(long, default_value = DEFAULT_CLUSTER_WORK)]
+    pub work: PathBuf,
+    /// Few creates, wake sprites and exec samples: checks everything end to end.
+    #[arg(long)]
+    pub quick: bool,
+    /// Creates per cluster size [default: 30, 10 with --quick].
+    #[arg(long)]
+    pub creates: Option<usize>,
+    /// Creates in flight at once [default: 6].
+    #[arg(long)]
+    pub concurrency: Option<usize>,
+    /// Sprites in the cold-wake test [default: 5, 2 with --quick].
+    #[arg(long)]
+    pub wake_sprites: Option<usize>,
+    /// Data per wake sprite in MiB, written as 4 MiB files [default: 32].
+    #[arg(long)]
+    pub wake_mib: Option<u64>,
+    /// Exec round trips per path in the forwarding test [default: 100, 20 with --quick].
+    #[arg(long)]
+    pub exec_samples: Option<usize>,
+    /// Also write every table as Markdown to this file.
+    #[arg(long)]
+    pub markdown: Option<PathBuf>,
+}
+
+#[derive(Args, Debug)]
 pub struct StorageArgs {
     /// Work directory; every target (image, den store, JuiceFS bucket) lives here, on one disk.
     #[arg(long, default_value = DEFAULT_WORK)]
@@ -197,8 +233,10 @@ pub fn run(cmd: BenchCmd) -> Result<()> {
     }
     // Before any thread exists: unshare(CLONE_NEWNS) needs a single thread.
     // Sprites run in the host's mount namespace, as under `den server`.
-    if !matches!(cmd, BenchCmd::Sprites(_) | BenchCmd::Api(_))
-        && let Err(e) = suite::private_mount_namespace()
+    if !matches!(
+        cmd,
+        BenchCmd::Sprites(_) | BenchCmd::Api(_) | BenchCmd::Cluster(_)
+    ) && let Err(e) = suite::private_mount_namespace()
     {
         eprintln!("warning: running in the shared mount namespace: {e:#}");
     }
@@ -208,6 +246,7 @@ pub fn run(cmd: BenchCmd) -> Result<()> {
         BenchCmd::ChunkSize(a) => chunk_size(a),
         BenchCmd::Sprites(a) => sprites(a),
         BenchCmd::Api(a) => api(a),
+        BenchCmd::Cluster(a) => cluster(a),
     };
     if let Err(e) = &result
         && e.chain().any(|c| c.is::<Interrupted>())
@@ -542,6 +581,95 @@ fn api(a: ApiArgs) -> Result<()> {
     eprintln!("total wall time: {:.1?}", started.elapsed());
     if let Some(path) = &a.markdown {
         write_markdown(path, "den bench api", &date, &a.work, &sections)?;
+        eprintln!("wrote {}", path.display());
+    }
+    Ok(())
+}
+
+fn cluster(a: ClusterArgs) -> Result<()> {
+    let started = Instant::now();
+    let date = now();
+    let exe = std::env::current_exe().context("locating the den binary")?;
+    let mut opts = ClusterBenchOptions::new(a.work.clone(), exe, a.quick);
+    if let Some(n) = a.creates {
+        opts.creates = n;
+    }
+    if let Some(n) = a.concurrency {
+        opts.concurrency = n;
+    }
+    if let Some(n) = a.wake_sprites {
+        opts.wake_sprites = n;
+    }
+    if let Some(m) = a.wake_mib {
+        opts.wake_mib = m;
+    }
+    if let Some(n) = a.exec_samples {
+        opts.exec_samples = n;
+    }
+    let r = cluster_bench::run(&opts, &mut progress)?;
+
+    let creates = cluster_bench::create_table(&r);
+    let wake = cluster_bench::wake_table(&r, &opts);
+    let fwd = cluster_bench::forward_table(&r);
+    let summary = cluster_bench::summary_table(&r);
+    let debug_note = if cfg!(debug_assertions) {
+        " This `den` is a debug build: absolute times are worse than a release build's."
+    } else {
+        ""
+    };
+    let sections: Vec<(&str, String, Section)> = vec![
+        (
+            "Create throughput: 1-node vs 3-node cluster",
+            format!(
+                "{}.{debug_note} {} creates through node a, {} at a time: each is POST /v1/sprites \
+                 (placed on the least-loaded live node), then the first exec `true` through a (forwarded to \
+                 the sprite's node when it was placed elsewhere), which boots the sprite. creates/s = completed creates / wall time. Before each run, \
+                 untimed warm-up creates make every node's disk template. All nodes share this machine's \
+                 CPUs and disk, so more nodes add no hardware here.",
+                opts.describe(),
+                opts.creates,
+                opts.concurrency
+            ),
+            Section::Table(&creates),
+        ),
+        (
+            "Cold wake: same node vs another node",
+            format!(
+                "{} sprites created on a (alone then), {} MiB of /dev/urandom in 4 MiB files each, waited until \
+                 durable in S3. After each went cold (stopped, status `cold`): the first exec of \
+                 `{}` through a, which wakes it on a with its chunks in a's local cache. Then all \
+                 cold again, POST /v1/nodes/a/drain, and the first exec through b or c (alternating), \
+                 which never ran them: ownership claim in PostgreSQL, then the chunks fetched lazily \
+                 from S3. Timed from the WebSocket connect to the close frame; the byte count is checked, then \
+                 (untimed) the data's sha256 against the one taken when it was written. \
+                 S3 runs on this machine, so no network latency is included.",
+                opts.wake_sprites,
+                opts.wake_bytes() >> 20,
+                cluster_bench::read_script(),
+            ),
+            Section::Table(&wake),
+        ),
+        (
+            "Forwarding overhead",
+            format!(
+                "Exec `true` on a running sprite over the WebSocket, one at a time, after 5 untimed rounds: \
+                 through the node that owns it and through another live node, which forwards the exec \
+                 to the owner; {} samples per path, interleaved.",
+                opts.exec_samples
+            ),
+            Section::Table(&fwd),
+        ),
+        (
+            "Summary",
+            format!("Command: `{}`", command_line()),
+            Section::Table(&summary),
+        ),
+    ];
+    print_sections(&sections);
+    println!("\ncommand: {}", command_line());
+    eprintln!("total wall time: {:.1?}", started.elapsed());
+    if let Some(path) = &a.markdown {
+        write_markdown(path, "den bench cluster", &date, &a.work, &sections)?;
         eprintln!("wrote {}", path.display());
     }
     Ok(())
