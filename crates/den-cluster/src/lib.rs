@@ -88,6 +88,8 @@ pub(crate) struct Inner {
     pub(crate) fenced: AtomicBool,
     pub(crate) draining: AtomicBool,
     /// Serialises claims of one sprite on this node.
+    /// Remote owners recently looked up (sprite → location, when).
+    pub(crate) routes: parking_lot::Mutex<std::collections::HashMap<String, (Location, std::time::Instant)>>,
     pub(crate) claim_locks:
         parking_lot::Mutex<std::collections::HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
     pub(crate) stop: CancellationToken,
@@ -114,6 +116,7 @@ impl Cluster {
             store,
             fenced: AtomicBool::new(false),
             draining: AtomicBool::new(false),
+            routes: Default::default(),
             claim_locks: Default::default(),
             stop: CancellationToken::new(),
         });

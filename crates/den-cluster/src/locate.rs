@@ -5,8 +5,13 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering;
 
 use crate::Cluster;
+use den_sprite::SpriteStatus;
+
 use crate::error::{ClusterError, Result};
 use crate::nodes::{self, NodeInfo, NodeState};
+
+/// How long a forwarder trusts a remote owner it looked up.
+const ROUTE_TTL: std::time::Duration = std::time::Duration::from_secs(2);
 
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Location {
@@ -24,13 +29,42 @@ impl Cluster {
     /// when its owner is gone (or it has none).
     pub async fn locate(&self, sprite: &str) -> Result<Location> {
         let inner = &self.inner;
-        // Another node may have created, changed or deleted it.
-        let Some(info) = inner.mgr.refresh(sprite).await? else {
+        let known = inner.mgr.get(sprite).ok();
+        // Fast path, no database: a sprite running here on a lease this
+        // node holds. The watchdog re-checks those leases every heartbeat,
+        // and a node that misses heartbeats is fenced before anyone may
+        // claim, so the lease cannot have moved unnoticed.
+        if let Some(info) = &known
+            && info.status != SpriteStatus::Cold
+            && !self.is_fenced()
+            && inner.store.held_epoch(&info.record.volume).is_some()
+        {
             return Ok(Location::Local);
+        }
+        if let Some(l) = self.cached_route(sprite) {
+            return Ok(l);
+        }
+        // Another node may have created it (unknown here yet); its volume
+        // never changes, so a known sprite needs no catalog read to route.
+        let info = match known {
+            Some(i) => i,
+            None => match inner.mgr.refresh(sprite).await? {
+                Some(i) => i,
+                None => return Ok(Location::Local),
+            },
         };
         let vol = info.record.volume.clone();
         for _ in 0..4 {
-            let owner = inner.store.owner(&vol).await?;
+            let owner = match inner.store.owner(&vol).await {
+                Ok(o) => o,
+                // Deleted (perhaps on another node): the local handler
+                // answers 404 once the refresh has dropped it.
+                Err(den_store::StoreError::VolumeNotFound(_)) => {
+                    inner.mgr.refresh(sprite).await?;
+                    return Ok(Location::Local);
+                }
+                Err(e) => return Err(e.into()),
+            };
             match owner.node.as_deref() {
                 Some(n) if n == inner.cfg.node => {
                     if self.is_fenced() {
@@ -46,10 +80,15 @@ impl Cluster {
                     if let Some(peer) = nodes::get(&inner.db, n, inner.cfg.node_ttl).await?
                         && peer.alive
                     {
-                        return Ok(Location::Remote {
+                        let l = Location::Remote {
                             node: peer.name,
                             url: peer.url,
-                        });
+                        };
+                        self.inner
+                            .routes
+                            .lock()
+                            .insert(sprite.to_string(), (l.clone(), std::time::Instant::now()));
+                        return Ok(l);
                     }
                 }
                 None => {}
@@ -96,6 +135,25 @@ impl Cluster {
             // Lost the race: look again.
         }
         Err(ClusterError::Db(format!("ownership of {sprite} kept moving")))
+    }
+
+    /// A remote owner found less than [`ROUTE_TTL`] ago. A stale answer is
+    /// safe: the old owner answers `sprite_moved` (or is unreachable), and
+    /// the forwarder then drops the entry and asks again.
+    fn cached_route(&self, sprite: &str) -> Option<Location> {
+        let mut routes = self.inner.routes.lock();
+        match routes.get(sprite) {
+            Some((l, at)) if at.elapsed() < ROUTE_TTL => Some(l.clone()),
+            Some(_) => {
+                routes.remove(sprite);
+                None
+            }
+            None => None,
+        }
+    }
+
+    pub fn forget_route(&self, sprite: &str) {
+        self.inner.routes.lock().remove(sprite);
     }
 
     fn claim_lock(&self, sprite: &str) -> Arc<tokio::sync::Mutex<()>> {

@@ -44,7 +44,7 @@ pub(crate) async fn run(c: Cluster) {
                 if inner.fenced.load(Ordering::Acquire) {
                     c.unfence().await;
                 } else {
-                    c.drop_moved_sprites().await;
+                    c.drop_moved_sprites(false).await;
                 }
                 c.publish(&mut published_cold).await;
             }
@@ -75,7 +75,7 @@ impl Cluster {
     /// Back in touch: keep what is still ours (it stays frozen until the
     /// next request wakes it), drop what another node claimed meanwhile.
     async fn unfence(&self) {
-        self.drop_moved_sprites().await;
+        self.drop_moved_sprites(true).await;
         self.inner.fenced.store(false, Ordering::Release);
         tracing::warn!("cluster database reachable again: serving sprites");
     }
@@ -83,10 +83,13 @@ impl Cluster {
     /// Awake sprites whose lease moved to another node (this node was cut
     /// off long enough for a claim) are stopped here and their local,
     /// never-committed state is discarded: the new owner has the truth.
-    async fn drop_moved_sprites(&self) {
+    /// After a partition (`after_partition`), cold sprites this node held
+    /// are checked too, and the leases that moved are forgotten.
+    async fn drop_moved_sprites(&self, after_partition: bool) {
         let inner = &self.inner;
         for s in inner.mgr.list() {
-            if s.status == SpriteStatus::Cold {
+            let held = inner.store.held_epoch(&s.record.volume).is_some();
+            if s.status == SpriteStatus::Cold && !(after_partition && held) {
                 continue;
             }
             let vol = &s.record.volume;
@@ -105,6 +108,7 @@ impl Cluster {
                 if let Err(e) = inner.mgr.evict(&s.record.name).await {
                     tracing::error!(sprite = %s.record.name, error = %e, "evicting a moved sprite");
                 }
+                inner.store.forget_lease(vol);
             }
         }
     }

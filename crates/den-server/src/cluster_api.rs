@@ -47,6 +47,10 @@ impl Router for ClusterRouter {
     async fn route_create(&self, region: Option<&str>) -> Result<Route, RouteError> {
         self.0.place(region).await.map(route).map_err(route_error)
     }
+
+    fn invalidate(&self, name: &str) {
+        self.0.forget_route(name);
+    }
 }
 
 fn cluster(state: &AppState) -> Result<&Cluster, ApiError> {

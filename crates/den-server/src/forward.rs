@@ -93,6 +93,9 @@ pub trait Router: Send + Sync + 'static {
     async fn route_sprite(&self, name: &str) -> Result<Route, RouteError>;
     /// Where a create in this region (`None` = any) should run.
     async fn route_create(&self, region: Option<&str>) -> Result<Route, RouteError>;
+    /// The last route given for `name` turned out wrong (the peer said the
+    /// sprite moved, or was unreachable): don't answer from a cache again.
+    fn invalidate(&self, _name: &str) {}
 }
 
 /// A bounded wait for a peer's SYN-ACK: peers are in one network, so a
@@ -200,7 +203,11 @@ where
         Err(r) => return *r,
     };
     count(kind);
-    match out.send(&node.1).await {
+    let sent = out.send(&node.1).await;
+    if matches!(sent, Sent::Moved(_) | Sent::Unreachable(_)) {
+        router.invalidate(name);
+    }
+    match sent {
         Sent::Moved(_) | Sent::Unreachable(_) if out.replayable() => {
             tracing::debug!(sprite = name, node = %node.0, "owner changed or gone; routing again");
         }

@@ -796,6 +796,12 @@ impl Store {
         Ok(released)
     }
 
+    /// Stop holding the volume's lease without touching the database (the
+    /// lease already moved to another node).
+    pub fn forget_lease(&self, name: &str) {
+        self.shared.held.lock().remove(name);
+    }
+
     /// The epoch this store holds the volume (by name) at, if any.
     pub fn held_epoch(&self, name: &str) -> Option<i64> {
         self.shared.held.lock().get(name).copied()
