@@ -52,6 +52,25 @@ pub fn configure_child(cmd: &mut Command, controlling_tty: bool, creds: Option<C
         // Only async-signal-safe syscalls below: we are in a forked child of a
         // multithreaded process, so no allocation and no locks.
         nix::unistd::setsid()?;
+        // Ignored signals survive exec: a command must not inherit an
+        // ignored SIGINT or SIGTERM from whatever started the agent (a
+        // shell's background job, nohup), or `signal`/`kill` can't stop it.
+        for sig in [
+            libc::SIGHUP,
+            libc::SIGINT,
+            libc::SIGQUIT,
+            libc::SIGTERM,
+            libc::SIGPIPE,
+            libc::SIGTSTP,
+            libc::SIGTTIN,
+            libc::SIGTTOU,
+            libc::SIGUSR1,
+            libc::SIGUSR2,
+        ] {
+            // SAFETY: setting a default disposition is async-signal-safe
+            // and touches no memory of ours.
+            unsafe { libc::signal(sig, libc::SIG_DFL) };
+        }
         if controlling_tty {
             // SAFETY: fd 0 is the pty slave installed by std's stdio setup;
             // TIOCSCTTY takes an integer argument and touches no memory.

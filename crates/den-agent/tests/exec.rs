@@ -70,6 +70,14 @@ async fn stdin_pipe_and_eof() {
 
 #[tokio::test]
 async fn exit_codes_and_signals() {
+    // Whoever starts the agent may ignore signals (a script's `cmd &`,
+    // nohup, some CI runners); ignored dispositions survive exec, so the
+    // agent must reset them for its commands or TERM/INT can't stop them.
+    // SAFETY: SIG_IGN for two signals; this test process never relies on them.
+    unsafe {
+        libc::signal(libc::SIGINT, libc::SIG_IGN);
+        libc::signal(libc::SIGTERM, libc::SIG_IGN);
+    }
     let a = agent().await;
     let out = collect(a.client.exec(sh("exit 7")).await.unwrap()).await;
     assert_eq!(out.exit.unwrap().exit_code, 7);
