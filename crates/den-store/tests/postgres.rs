@@ -776,7 +776,7 @@ fn gc_batches_belong_to_the_node_that_marked_them() {
 #[test]
 fn random_operations_match_a_model_across_node_restarts() {
     let pg = pg();
-    let rt = runtime();
+    let mut rt = runtime();
     for seed in 1..=3u64 {
         // Each seed in its own database and directory.
         let url = pg.create_database(&format!("model{seed}")).unwrap();
@@ -855,8 +855,13 @@ fn random_operations_match_a_model_across_node_restarts() {
                         ok(&rt, &what, s.gc(rng.below(2) == 0));
                     } else {
                         // Restart the node, uploads in flight or not.
+                        // Dropping the runtime cancels its background work
+                        // (which holds volume handles and their locks), as
+                        // the end of a process would.
                         handles.clear();
                         drop(s);
+                        drop(rt);
+                        rt = runtime();
                         s = connect(&rt);
                     }
                 }
