@@ -597,7 +597,7 @@ impl SpriteManager {
         }
         self.sleep_locked(&slot, &mut phase, SpriteStatus::Cold).await?;
         let volume = slot.record.lock().volume.clone();
-        match self.inner.store.delete_volume(&volume).await {
+        match when_released(|| self.inner.store.delete_volume(&volume)).await {
             Ok(()) | Err(StoreError::VolumeNotFound(_)) => {}
             Err(e) => return Err(e.into()),
         }
@@ -668,7 +668,7 @@ impl SpriteManager {
         let was_awake = matches!(*phase, Phase::Awake(_));
         self.sleep_locked(&slot, &mut phase, SpriteStatus::Cold).await?;
         let volume = slot.record.lock().volume.clone();
-        self.inner.store.restore(&volume, &ck.id).await?;
+        when_released(|| self.inner.store.restore(&volume, &ck.id)).await?;
         self.update_record(&slot, |r| r.active_checkpoint = Some(ck.id.clone()))
             .await?;
         if was_awake {
@@ -1086,6 +1086,25 @@ impl Drop for FreezeGuard {
             && let Err(e) = self.backend.thaw(h)
         {
             tracing::error!(sprite = %h.id, error = %e, "thawing after a checkpoint failed");
+        }
+    }
+}
+
+/// Run an operation that needs a volume closed. A sprite that just went
+/// cold may still have its volume held for a moment by background
+/// write-back or an upload commit (`VolumeBusy`): wait for that, boundedly.
+async fn when_released<T, F, Fut>(mut op: F) -> std::result::Result<T, StoreError>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = std::result::Result<T, StoreError>>,
+{
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        match op().await {
+            Err(StoreError::VolumeBusy(_)) if Instant::now() < deadline => {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            other => return other,
         }
     }
 }
