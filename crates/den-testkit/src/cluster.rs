@@ -832,31 +832,13 @@ impl Drop for DenNode {
     }
 }
 
-/// Mount points from /proc/self/mountinfo (octal escapes decoded), in mount order.
+/// Mount points, in mount order (den_block parses mountinfo, escapes and all).
 fn mount_points() -> Vec<PathBuf> {
-    let text = fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
-    text.lines()
-        .filter_map(|l| l.split(' ').nth(4).map(|p| PathBuf::from(unescape_mountinfo(p))))
+    den_block::mountinfo::read()
+        .unwrap_or_default()
+        .into_iter()
+        .map(|m| m.mount_point)
         .collect()
-}
-
-fn unescape_mountinfo(s: &str) -> String {
-    let b = s.as_bytes();
-    let mut out = Vec::with_capacity(b.len());
-    let mut i = 0;
-    while i < b.len() {
-        if b[i] == b'\\'
-            && i + 3 < b.len()
-            && let Ok(v) = u8::from_str_radix(&s[i + 1..i + 4], 8)
-        {
-            out.push(v);
-            i += 4;
-            continue;
-        }
-        out.push(b[i]);
-        i += 1;
-    }
-    String::from_utf8_lossy(&out).into_owned()
 }
 
 /// An HTTP response: status and body (as text).

@@ -454,35 +454,13 @@ pub fn loop_backing_file(dev: &Path) -> Option<PathBuf> {
     Some(PathBuf::from(s.strip_suffix(" (deleted)").unwrap_or(s)))
 }
 
-/// Mount points from /proc/self/mountinfo (octal escapes decoded) with their fstype.
+/// Mount points with their fstype, in mount order.
 pub fn mounts() -> Vec<(PathBuf, String)> {
-    let text = fs::read_to_string("/proc/self/mountinfo").expect("read mountinfo");
-    text.lines()
-        .filter_map(|l| {
-            let f: Vec<&str> = l.split(' ').collect();
-            let sep = f.iter().position(|x| *x == "-")?;
-            Some((PathBuf::from(unescape(f.get(4)?)), f.get(sep + 1)?.to_string()))
-        })
+    den_block::mountinfo::read()
+        .expect("read mountinfo")
+        .into_iter()
+        .map(|m| (m.mount_point, m.fstype))
         .collect()
-}
-
-fn unescape(s: &str) -> String {
-    let b = s.as_bytes();
-    let mut out = Vec::with_capacity(b.len());
-    let mut i = 0;
-    while i < b.len() {
-        if b[i] == b'\\'
-            && i + 3 < b.len()
-            && let Ok(v) = u8::from_str_radix(&s[i + 1..i + 4], 8)
-        {
-            out.push(v);
-            i += 4;
-            continue;
-        }
-        out.push(b[i]);
-        i += 1;
-    }
-    String::from_utf8_lossy(&out).into_owned()
 }
 
 /// How many mounts are stacked on `path`.
