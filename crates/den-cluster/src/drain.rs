@@ -56,12 +56,4 @@ impl Cluster {
     pub fn is_draining(&self) -> bool {
         self.inner.draining.load(Ordering::Acquire)
     }
-
-    /// Placement info of every sprite the cluster knows about (for listings).
-    pub async fn placements(&self) -> Result<std::collections::HashMap<String, nodes::SpritePlacement>> {
-        Ok(nodes::placements(&self.inner.db, self.inner.cfg.node_ttl)
-            .await?
-            .into_iter()
-            .collect())
-    }
 }

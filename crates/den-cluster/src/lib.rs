@@ -164,6 +164,14 @@ impl Cluster {
         self.inner.fenced.load(Ordering::Acquire)
     }
 
+    /// Placement info of every sprite the cluster knows about (for listings).
+    pub async fn placements(&self) -> Result<std::collections::HashMap<String, nodes::SpritePlacement>> {
+        Ok(nodes::placements(&self.inner.db, self.inner.cfg.node_ttl)
+            .await?
+            .into_iter()
+            .collect())
+    }
+
     pub async fn nodes(&self) -> Result<Vec<NodeInfo>> {
         nodes::list(&self.inner.db, self.inner.cfg.node_ttl).await
     }

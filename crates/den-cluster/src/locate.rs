@@ -101,7 +101,7 @@ impl Cluster {
                 // A draining node takes nothing: hand it to the node that
                 // would get a new sprite of its region.
                 let region = sprite_region(&info.record.attrs);
-                return match self.place_excluding_self(region.as_deref()).await? {
+                return match self.best_node(region.as_deref(), true).await? {
                     Some(peer) => Ok(Location::Remote {
                         node: peer.name,
                         url: peer.url,
@@ -180,7 +180,7 @@ impl Cluster {
                 url: best.url,
             });
         }
-        match self.place_excluding_self(region).await? {
+        match self.best_node(region, true).await? {
             Some(peer) => Ok(Location::Remote {
                 node: peer.name,
                 url: peer.url,
@@ -192,10 +192,6 @@ impl Cluster {
         }
     }
 
-    async fn place_excluding_self(&self, region: Option<&str>) -> Result<Option<NodeInfo>> {
-        self.best_node(region, true).await
-    }
-
     async fn best_node(&self, region: Option<&str>, exclude_self: bool) -> Result<Option<NodeInfo>> {
         let nodes = self.nodes().await?;
         let best = nodes
@@ -204,12 +200,6 @@ impl Cluster {
             .filter(|n| !exclude_self || n.name != self.inner.cfg.node)
             .filter(|n| region.is_none_or(|r| n.region == r))
             .min_by(|a, b| (a.awake, a.sprites, &a.name).cmp(&(b.awake, b.sprites, &b.name)));
-        if best.is_none()
-            && let Some(r) = region
-            && exclude_self
-        {
-            tracing::debug!(region = r, "no other node in region");
-        }
         Ok(best)
     }
 }

@@ -123,9 +123,8 @@ impl Cluster {
                     continue;
                 }
                 // Only sprites this node owns.
-                match inner.store.held_epoch(&s.record.volume) {
-                    Some(_) => {}
-                    None => continue,
+                if inner.store.held_epoch(&s.record.volume).is_none() {
+                    continue;
                 }
                 published_cold.insert(name.clone());
             } else {

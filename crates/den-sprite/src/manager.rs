@@ -815,74 +815,71 @@ impl SpriteManager {
     /// `None` if it no longer exists.
     pub async fn refresh(&self, name: &str) -> Result<Option<SpriteInfo>> {
         let rec = self.inner.catalog.get(name).await?;
-        let existing = self.inner.slots.lock().get(name).cloned();
-        match (rec, existing) {
-            (None, None) => Ok(None),
-            (None, Some(slot)) => {
-                let phase = slot.phase.lock().await;
-                if matches!(*phase, Phase::Cold) {
-                    slot.deleted.store(true, Ordering::Release);
-                    self.inner.slots.lock().remove(name);
-                    Ok(None)
-                } else {
-                    Ok(Some(slot.info()))
-                }
-            }
-            (Some(rec), Some(slot)) => {
-                let phase = slot.phase.lock().await;
-                if matches!(*phase, Phase::Cold) && rec.id == slot.record.lock().id {
-                    *slot.record.lock() = rec;
-                } else if rec.id != slot.record.lock().id && matches!(*phase, Phase::Cold) {
-                    // Deleted and made again under the same name elsewhere.
-                    drop(phase);
-                    self.inner.slots.lock().insert(name.to_string(), Slot::new(rec));
-                    return Ok(Some(self.slot(name)?.info()));
-                }
-                Ok(Some(slot.info()))
-            }
-            (Some(rec), None) => {
-                let slot = self
-                    .inner
-                    .slots
-                    .lock()
-                    .entry(name.to_string())
-                    .or_insert_with(|| Slot::new(rec))
-                    .clone();
-                Ok(Some(slot.info()))
-            }
-        }
+        Ok(self.adopt_record(name, rec))
     }
 
     /// Cluster mode: bring the whole list in line with the shared catalog
     /// (sprites made or deleted on other nodes).
     pub async fn refresh_all(&self) -> Result<()> {
-        let recs = self.inner.catalog.list().await?;
-        let names: std::collections::HashSet<String> = recs.iter().map(|r| r.name.clone()).collect();
-        let gone: Vec<String> = self
+        let mut recs: HashMap<String, SpriteRecord> = self
             .inner
-            .slots
-            .lock()
-            .keys()
-            .filter(|n| !names.contains(*n))
-            .cloned()
+            .catalog
+            .list()
+            .await?
+            .into_iter()
+            .map(|r| (r.name.clone(), r))
             .collect();
-        for name in gone {
-            self.refresh(&name).await?;
+        let known: Vec<String> = self.inner.slots.lock().keys().cloned().collect();
+        for name in known {
+            let rec = recs.remove(&name);
+            self.adopt_record(&name, rec);
         }
-        for rec in recs {
-            let known = self.inner.slots.lock().get(&rec.name).cloned();
-            match known {
-                Some(slot) if slot.record.lock().id == rec.id => {
-                    if slot.status() == SpriteStatus::Cold {
-                        *slot.record.lock() = rec;
-                    }
-                }
-                _ => {
-                    self.refresh(&rec.name).await?;
-                }
-            }
+        for (name, rec) in recs {
+            self.adopt_record(&name, Some(rec));
         }
         Ok(())
+    }
+
+    /// Bring one slot in line with its catalog record (`None`: deleted
+    /// elsewhere). Only a cold sprite nobody is working on here takes the
+    /// catalog's word: one this node runs (or is booting, stopping, …) keeps
+    /// its own record, since this node owns it and is its only writer.
+    fn adopt_record(&self, name: &str, rec: Option<SpriteRecord>) -> Option<SpriteInfo> {
+        let existing = self.inner.slots.lock().get(name).cloned();
+        let Some(slot) = existing else {
+            let rec = rec?;
+            let mut slots = self.inner.slots.lock();
+            return Some(
+                slots
+                    .entry(name.to_string())
+                    .or_insert_with(|| Slot::new(rec))
+                    .info(),
+            );
+        };
+        let Ok(phase) = slot.phase.try_lock() else {
+            return Some(slot.info());
+        };
+        if !matches!(*phase, Phase::Cold) {
+            return Some(slot.info());
+        }
+        match rec {
+            None => {
+                slot.deleted.store(true, Ordering::Release);
+                self.inner.slots.lock().remove(name);
+                None
+            }
+            Some(rec) if rec.id == slot.record.lock().id => {
+                *slot.record.lock() = rec;
+                Some(slot.info())
+            }
+            // Deleted and made again under the same name elsewhere.
+            Some(rec) => {
+                let fresh = Slot::new(rec);
+                let info = fresh.info();
+                self.inner.slots.lock().insert(name.to_string(), fresh);
+                Some(info)
+            }
+        }
     }
 
     /// Cluster mode: put the sprite to sleep, flush its disk to the object
