@@ -79,11 +79,21 @@ impl IntoResponse for ApiError {
         if self.plain {
             return (self.status, self.message).into_response();
         }
-        (
+        let mut resp = (
             self.status,
             Json(json!({"error": self.code, "message": self.message})),
         )
-            .into_response()
+            .into_response();
+        // A rejected oversize body is left unread on the wire, so this connection
+        // cannot carry another request. Without the header a client pools it and
+        // its next request dies with "connection closed before message completed".
+        if self.status == StatusCode::PAYLOAD_TOO_LARGE {
+            resp.headers_mut().insert(
+                axum::http::header::CONNECTION,
+                axum::http::HeaderValue::from_static("close"),
+            );
+        }
+        resp
     }
 }
 

@@ -52,6 +52,11 @@ pub async fn crud_and_auth() -> Result<()> {
     let big = format!("{{\"name\": \"big\", \"labels\": [\"{}\"]}}", "x".repeat(3 << 20));
     let r = c.post(s.api("/v1/sprites")).body(big).send().await?;
     ensure!(r.status() == 413, "oversize body: {}", r.status());
+    ensure!(
+        r.headers().get("connection").is_some_and(|v| v == "close"),
+        "413 must close the connection its unread body is still on: {:?}",
+        r.headers()
+    );
     ensure!(r.json::<Value>().await?["error"] == "payload_too_large");
 
     // Get, update, list, delete.
