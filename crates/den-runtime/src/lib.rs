@@ -9,10 +9,13 @@
 //!   `libcontainer`, run from a helper process).
 //! * [`cgroup`] detects the cgroup layout (v1, hybrid, v2) and does den's own
 //!   cgroup work: the freezer for warm sleep and killing a sprite's tasks.
+//! * [`exit_watch`] tells, exactly and cheaply, whether a sprite's PID 1 exited.
 
 pub mod backend;
 pub mod cgroup;
 pub mod container;
+pub mod exit_watch;
 pub mod image;
 
 pub use backend::{Backend, BindMount, CpuLimit, Handle, Resources, RuntimeError, SpriteSpec, SpriteState};
+pub use exit_watch::ExitWatch;

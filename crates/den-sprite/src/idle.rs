@@ -36,15 +36,24 @@ async fn sweep(mgr: &SpriteManager) {
         if slot.holds() > 0 {
             continue;
         }
-        let idle = slot.idle();
-        if idle < warm_after.min(cold_after) {
-            continue;
-        }
         // A sprite in the middle of a transition is busy, not idle.
         let Some(mut phase) = slot.try_phase() else {
             continue;
         };
         let Phase::Awake(live) = &*phase else { continue };
+        if live.init_exited() {
+            // Dead, not idle: report it cold now rather than "running" until
+            // the next request finds out (which would boot it again anyway).
+            tracing::warn!(sprite = %slot.name(), "the sprite's PID 1 exited on its own; stopping it");
+            if let Err(e) = mgr.sleep_locked(&slot, &mut phase, SpriteStatus::Cold).await {
+                tracing::warn!(sprite = %slot.name(), error = %e, "cleaning up a sprite whose PID 1 exited");
+            }
+            continue;
+        }
+        let idle = slot.idle();
+        if idle < warm_after.min(cold_after) {
+            continue;
+        }
         let target = if idle >= cold_after {
             SpriteStatus::Cold
         } else if !live.frozen {

@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 
 use den_agent::client::Client;
 use den_net::{NetManager, NetworkPolicy, SpriteNet};
-use den_runtime::{Backend, BindMount, Handle, SpriteSpec};
+use den_runtime::{Backend, BindMount, ExitWatch, Handle, SpriteSpec};
 
 use crate::agent_bundle::{SPRITE_BIN, SPRITE_RUN};
 use crate::disk::Disk;
@@ -65,6 +65,17 @@ pub(crate) struct Live {
     pub net: Option<SpriteNet>,
     pub agent: Client,
     pub frozen: bool,
+    /// PID 1 (the agent). If it exits, the kernel has killed every process of
+    /// the sprite and nothing in it can answer again.
+    pub init: Option<ExitWatch>,
+}
+
+impl Live {
+    /// PID 1 is gone: the sprite is dead although nobody stopped it (the
+    /// agent crashed, the OOM killer chose it, someone on the host killed it).
+    pub fn init_exited(&self) -> bool {
+        self.init.as_ref().is_some_and(ExitWatch::exited)
+    }
 }
 
 /// What boot needs from the manager.
@@ -104,6 +115,7 @@ pub(crate) async fn boot(ctx: &BootContext<'_>, rec: &SpriteRecord) -> Result<Li
         net: None,
         agent: Client::new(paths.socket()),
         frozen: false,
+        init: None,
     };
     match boot_rest(ctx, rec, &mut live).await {
         Ok(()) => {
@@ -183,7 +195,23 @@ async fn boot_rest(ctx: &BootContext<'_>, rec: &SpriteRecord, live: &mut Live) -
     })
     .await?;
     live.handle = Some(handle.clone());
-    wait_for_agent(ctx, rec, &live.agent, &handle, &live.paths).await?;
+    let init = handle
+        .pid
+        .ok_or_else(|| SpriteError::BootFailed {
+            sprite: rec.name.clone(),
+            detail: "the engine reported no PID 1".into(),
+        })
+        .and_then(|pid| {
+            ExitWatch::new(pid).map_err(|e| SpriteError::BootFailed {
+                sprite: rec.name.clone(),
+                detail: format!(
+                    "PID 1 ({pid}) exited at once: {e}; console: {}",
+                    tail(&live.paths.console_log(), 2000)
+                ),
+            })
+        })?;
+    wait_for_agent(ctx, rec, &live.agent, &init, &live.paths).await?;
+    live.init = Some(init);
     if !rec.services.is_empty() {
         live.agent.services_set(&rec.services).await?;
     }
@@ -196,7 +224,7 @@ async fn wait_for_agent(
     ctx: &BootContext<'_>,
     rec: &SpriteRecord,
     agent: &Client,
-    handle: &Handle,
+    init: &ExitWatch,
     paths: &SpritePaths,
 ) -> Result<()> {
     let deadline = Instant::now() + ctx.timeout;
@@ -205,7 +233,7 @@ async fn wait_for_agent(
             Ok(()) => return Ok(()),
             Err(e) => e.to_string(),
         };
-        if !ctx.backend.pid(handle)?.is_some_and(pid_alive) {
+        if init.exited() {
             return Err(SpriteError::BootFailed {
                 sprite: rec.name.clone(),
                 detail: format!("PID 1 exited; console: {}", tail(&paths.console_log(), 2000)),
@@ -222,15 +250,7 @@ async fn wait_for_agent(
     }
 }
 
-fn pid_alive(pid: i32) -> bool {
-    // A zombie still has a /proc entry; its state letter tells it apart.
-    std::fs::read_to_string(format!("/proc/{pid}/stat"))
-        .ok()
-        .and_then(|s| s.rsplit_once(") ").map(|(_, rest)| !rest.starts_with('Z')))
-        .unwrap_or(false)
-}
-
-fn tail(p: &Path, max: usize) -> String {
+pub(crate) fn tail(p: &Path, max: usize) -> String {
     let s = std::fs::read_to_string(p).unwrap_or_default();
     let start = s.len().saturating_sub(max);
     let start = (start..s.len())

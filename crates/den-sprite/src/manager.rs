@@ -465,6 +465,16 @@ impl SpriteManager {
             return Err(SpriteError::NotFound(name.to_string()));
         }
         self.check_running()?;
+        if let Phase::Awake(live) = &*phase
+            && live.init_exited()
+        {
+            tracing::warn!(
+                sprite = %name,
+                console = %live::tail(&live.paths.console_log(), 500),
+                "the sprite's PID 1 exited on its own; booting it again"
+            );
+            self.sleep_locked(&slot, &mut phase, SpriteStatus::Cold).await?;
+        }
         if matches!(*phase, Phase::Cold) {
             // Cluster mode: boot only a sprite whose lease this node holds
             // (checked under the phase lock, which hand-off also takes).

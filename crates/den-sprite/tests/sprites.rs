@@ -474,6 +474,58 @@ async fn security() -> Result<()> {
     Ok(())
 }
 
+/// A sprite whose PID 1 dies on its own (an agent crash, the OOM killer, a
+/// host admin's `kill -9`) is noticed: the next request boots it again, and
+/// with no request the idle monitor reports it cold. The disk is kept.
+async fn init_death() -> Result<()> {
+    let env = Env::new()?;
+    let mgr = env.start(env.config()).await?;
+    mgr.create("phoenix", CreateSprite::default()).await?;
+    sh(&mgr, "phoenix", "echo kept > /home/sprite/f").await?;
+    let key = mgr.get("phoenix")?.record.key;
+
+    kill_init(&key)?;
+    ensure!(mgr.get("phoenix")?.status == SpriteStatus::Running);
+    let t0 = Instant::now();
+    let out = sh(&mgr, "phoenix", "cat /home/sprite/f").await?;
+    println!("  request after PID 1 died → output: {:?}", t0.elapsed());
+    ensure!(out == "kept\n", "{out:?}");
+
+    kill_init(&key)?;
+    let noticed = wait_status(&mgr, "phoenix", SpriteStatus::Cold, WAIT).await?;
+    println!("  idle monitor reported it cold after {noticed:?}");
+    ensure!(sh(&mgr, "phoenix", "cat /home/sprite/f").await? == "kept\n");
+    close(mgr).await;
+    Ok(())
+}
+
+/// SIGKILL a sprite's PID 1 from the host, and wait until it has exited.
+fn kill_init(key: &str) -> Result<()> {
+    let cg = den_runtime::cgroup::SpriteCgroup::new(den_runtime::cgroup::detect()?, key);
+    let init = cg
+        .procs()?
+        .into_iter()
+        .find(|pid| {
+            std::fs::read_to_string(format!("/proc/{pid}/status")).is_ok_and(|s| {
+                s.lines()
+                    .find(|l| l.starts_with("NSpid:"))
+                    .is_some_and(|l| l.split_whitespace().last() == Some("1"))
+            })
+        })
+        .context("the sprite has no PID 1")?;
+    let watch = den_runtime::ExitWatch::new(init)?;
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(init),
+        nix::sys::signal::Signal::SIGKILL,
+    )?;
+    let t0 = Instant::now();
+    while !watch.exited() {
+        ensure!(t0.elapsed() < WAIT, "PID 1 ({init}) survived SIGKILL");
+        std::thread::sleep(Duration::from_millis(2));
+    }
+    Ok(())
+}
+
 fn host_uids_of_sprite(key: &str) -> Result<Vec<u32>> {
     let cg = den_runtime::cgroup::SpriteCgroup::new(den_runtime::cgroup::detect()?, key);
     let mut uids = Vec::new();
@@ -839,6 +891,7 @@ fn main() {
         ("egress_policy", || Box::pin(egress_policy())),
         ("services", || Box::pin(services())),
         ("host_crash_recovery", || Box::pin(host_crash_recovery())),
+        ("init_death", || Box::pin(init_death())),
         ("debian_userland", || Box::pin(debian_userland())),
     ];
     let rt = tokio::runtime::Runtime::new().expect("runtime");
