@@ -127,6 +127,9 @@ impl From<SpriteError> for ApiError {
             }
             SpriteError::Store(StoreError::InvalidArgument(m)) => ApiError::bad_request(m),
             SpriteError::Store(StoreError::CheckpointNotFound { .. }) => ApiError::not_found(msg),
+            SpriteError::Store(StoreError::NotDurable { .. }) => {
+                ApiError::new(StatusCode::CONFLICT, "checkpoint_not_durable", msg)
+            }
             _ => ApiError::internal(msg),
         }
     }

@@ -27,6 +27,17 @@ pub enum StoreError {
     /// process must not change it any more.
     #[error("volume {0} is owned by another node (fenced)")]
     Fenced(String),
+    /// Cluster mode: part of the checkpoint exists only on the node that took
+    /// it, which has not uploaded it (yet, or ever if that node is gone).
+    #[error(
+        "checkpoint {volume}/{checkpoint} is not durable: {chunks} of its chunks exist only on the node \
+         that took it; retry once it reports durable (if that node is gone, they are lost)"
+    )]
+    NotDurable {
+        volume: String,
+        checkpoint: String,
+        chunks: u64,
+    },
     #[error("store is shutting down")]
     ShuttingDown,
 }

@@ -27,6 +27,9 @@ pub const DEFAULT_CHUNK_SIZE: u32 = 1 << 20;
 /// handle of it (held for a moment by write-back or an upload commit) to
 /// let go of the volume lock.
 const LOCK_HANDOVER_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long a restore or fork waits for another node to upload the
+/// checkpoint it names before refusing with [`StoreError::NotDurable`].
+const FOREIGN_UPLOAD_WAIT: Duration = Duration::from_secs(10);
 
 #[derive(Clone, Debug, Serialize, serde::Deserialize)]
 pub struct StoreConfig {
@@ -535,6 +538,7 @@ impl Store {
                                 },
                                 e => e,
                             })?;
+                        self.readable_here(volume, checkpoint, ck.map_id).await?;
                         (v, ck.map_id)
                     }
                     VolumeSource::Volume(volume) => {
@@ -636,7 +640,8 @@ impl Store {
     /// The volume's content becomes the checkpoint's. Refused while the
     /// volume is open (mounted): the guest's view would change under it.
     pub async fn restore(&self, name: &str, checkpoint: &str) -> Result<()> {
-        self.get_checkpoint(name, checkpoint).await?;
+        let ck = self.get_checkpoint(name, checkpoint).await?;
+        self.readable_here(name, checkpoint, ck.map_id).await?;
         let meta = self.shared.meta.clone();
         let shared = self.shared.clone();
         let checkpoint = checkpoint.to_string();
@@ -683,6 +688,53 @@ impl Store {
         self.with_volume(name, |v| v.seal_all()).await?;
         let rec = self.shared.meta.get_volume(name).await?;
         self.wait_uploaded(rec.head_map, progress).await
+    }
+
+    /// Cluster mode: a checkpoint whose chunks are still pending on the node
+    /// that took it would read as EIO here. Give that node a moment to upload
+    /// them (a fresh checkpoint on a live node is durable within seconds),
+    /// then refuse rather than hand out a volume with holes.
+    async fn readable_here(&self, volume: &str, checkpoint: &str, map: MapId) -> Result<()> {
+        if self.shared.cfg.node.is_none() {
+            // One host: every pending chunk is in this cache.
+            return Ok(());
+        }
+        if self.foreign_pending(map).await? == 0 {
+            return Ok(());
+        }
+        if tokio::time::timeout(FOREIGN_UPLOAD_WAIT, self.wait_uploaded(map, |_| {}))
+            .await
+            .is_ok_and(|r| r.is_ok())
+        {
+            return Ok(());
+        }
+        Err(StoreError::NotDurable {
+            volume: volume.to_string(),
+            checkpoint: checkpoint.to_string(),
+            chunks: self.foreign_pending(map).await?,
+        })
+    }
+
+    /// Slots of `map` naming pending chunks that are not in this node's cache:
+    /// another node sealed them and has not uploaded them.
+    async fn foreign_pending(&self, map: MapId) -> Result<u64> {
+        let s = &self.shared;
+        let mut slots: HashMap<PendingId, u64> = HashMap::new();
+        for (_, e) in s.meta.load_map(map).await? {
+            if let crate::meta::Entry::Pending(p) = e {
+                *slots.entry(p).or_default() += 1;
+            }
+        }
+        let mut foreign = 0;
+        for (p, n) in slots {
+            // A file missing now may have been uploaded (and removed) by this
+            // process since the map was loaded: the upload commits before the
+            // file goes, so the metadata then no longer names it.
+            if !s.cache.pending_path(p).exists() && s.meta.pending_referenced(p).await? {
+                foreign += n;
+            }
+        }
+        Ok(foreign)
     }
 
     /// Wait until a checkpoint is durable.
@@ -874,22 +926,7 @@ impl Store {
     pub async fn adopt(&self, name: &str) -> Result<AdoptReport> {
         let rec = self.shared.meta.get_volume(name).await?;
         let s = &self.shared;
-        let entries = s.meta.load_map(rec.head_map).await?;
-        let mut slots: HashMap<PendingId, u64> = HashMap::new();
-        for (_, e) in entries {
-            if let crate::meta::Entry::Pending(p) = e {
-                *slots.entry(p).or_default() += 1;
-            }
-        }
-        let mut foreign_pending = 0;
-        for (p, n) in slots {
-            // A file missing now may have been uploaded (and removed) by this
-            // process since the map was loaded: the upload commits before the
-            // file goes, so the metadata then no longer names it.
-            if !s.cache.pending_path(p).exists() && s.meta.pending_referenced(p).await? {
-                foreign_pending += n;
-            }
-        }
+        let foreign_pending = self.foreign_pending(rec.head_map).await?;
         let mut report = AdoptReport {
             foreign_pending,
             ..Default::default()

@@ -608,3 +608,63 @@ fn adopt_promotes_a_sync_point_whose_uploads_finished_before_the_owner_died() {
     assert_content("rolled back to the newer sync point", &v, &want);
     assert_refcounts(&rt, &b);
 }
+
+#[test]
+fn a_checkpoint_still_pending_on_another_node_is_refused_then_served_once_uploaded() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path();
+    let rt = runtime();
+    let mut model: Model = vec![None; SLOTS as usize];
+
+    // Node a, cut off from the object store, checkpoints: the checkpoint's
+    // chunks exist only in a's cache.
+    let a1 = node_store(&rt, root, "a", dead_objects());
+    create(&rt, &a1, "v");
+    let v = open(&rt, &a1, "v");
+    for slot in 0..3 {
+        write(&v, &mut model, slot, 50 + slot as u32);
+    }
+    let ck = block(&rt, a1.checkpoint("v", "pending")).id;
+    drop(v);
+    drop(a1);
+
+    // Node b owns the volume now. Restoring or forking that checkpoint would
+    // hand out a disk with holes (EIO): both are refused, and change nothing.
+    let b = node_store(&rt, root, "b", local_objects(root));
+    let owner = block(&rt, b.owner("v"));
+    block(&rt, b.claim("v", owner.epoch)).unwrap();
+    let head_before = block(&rt, b.volume("v")).head_map;
+    let (restored, forked) = rt.block_on(async {
+        tokio::join!(
+            b.restore("v", &ck),
+            b.fork(
+                "w",
+                den_store::VolumeSource::Checkpoint {
+                    volume: "v".into(),
+                    checkpoint: ck.clone(),
+                }
+            )
+        )
+    });
+    for (what, r) in [("restore", restored.map(|_| ())), ("fork", forked.map(|_| ()))] {
+        match r {
+            Err(StoreError::NotDurable { chunks: 3, .. }) => {}
+            other => panic!("{what} of a checkpoint pending on a dead node: {other:?}"),
+        }
+    }
+    assert_eq!(block(&rt, b.volume("v")).head_map, head_before);
+    assert!(matches!(
+        rt.block_on(b.volume("w")),
+        Err(StoreError::VolumeNotFound(_))
+    ));
+
+    // Node a comes back with a working object store and uploads what it
+    // sealed; b's restore waits for that instead of failing.
+    let _a2 = node_store(&rt, root, "a", local_objects(root));
+    block(&rt, b.restore("v", &ck));
+    let v = open(&rt, &b, "v");
+    b.drop_read_cache();
+    assert_content("restored on b from a's late uploads", &v, &model);
+    drop(v);
+    assert_refcounts(&rt, &b);
+}
