@@ -285,6 +285,26 @@ fn is_bound(index: u32) -> bool {
     sys_dir(index).join("loop").exists()
 }
 
+/// Whether loop device `index` is bound to the file identified by `identity`
+/// (to anything, when `None`).
+fn bound_to(index: u32, identity: Option<(u64, u64)>) -> bool {
+    let Some(identity) = identity else {
+        return is_bound(index);
+    };
+    if !is_bound(index) {
+        return false;
+    }
+    match open_node(&node_path(index), false, false) {
+        Ok(dev) => match ioctl_get_status(dev.as_fd()) {
+            Ok(info) => info.identity() == identity,
+            Err(e) => errno(&e) != Some(libc::ENXIO),
+        },
+        // Refused while the kernel runs the release down: still ours until
+        // sysfs says it is unbound.
+        Err(_) => is_bound(index),
+    }
+}
+
 /// devtmpfs normally creates the node; in a container with a static /dev it
 /// may be missing, so create it from the numbers sysfs reports.
 fn ensure_node(index: u32) -> io::Result<PathBuf> {
@@ -615,7 +635,9 @@ fn clear(index: u32, identity: Option<(u64, u64)>, wait_until: Option<Instant>) 
     let Some(deadline) = wait_until else {
         return Ok(Cleared::Now);
     };
-    if poll_until(deadline, || !is_bound(index)) {
+    // Another process may bind the freed index the moment the kernel lets go
+    // of ours; that binding is not ours to wait for.
+    if poll_until(deadline, || !bound_to(index, identity)) {
         Ok(Cleared::Now)
     } else {
         Err(BlockError::Busy { path })

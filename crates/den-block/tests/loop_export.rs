@@ -278,6 +278,63 @@ fn loop_device_on_plain_file() {
     assert!(!loop_bound_to(&file));
 }
 
+/// Another process may bind the loop device index our detach just freed
+/// before the detach has looked again. That new binding is not ours: the
+/// detach must finish at once instead of waiting for it and reporting busy.
+#[test]
+fn detach_is_not_fooled_by_a_new_binding_of_the_same_index() {
+    common::init_logging();
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().canonicalize().unwrap();
+    let (first, second) = (dir.join("first.img"), dir.join("second.img"));
+    std::fs::write(&first, pattern(MIB as usize, 1)).unwrap();
+    std::fs::write(&second, pattern(MIB as usize, 2)).unwrap();
+    let opts = den_block::LoopOptions {
+        detach_timeout: Duration::from_secs(3),
+        ..Default::default()
+    };
+    // The kernel hands out the lowest free index, but loop tests running in
+    // parallel may take it first; the race needs the same index twice.
+    for _attempt in 0..20 {
+        let lo = den_block::LoopDevice::attach(&first, &opts).unwrap();
+        let index = lo.index();
+        let autoclear = PathBuf::from(format!("/sys/block/loop{index}/loop/autoclear"));
+        // A second opener makes the kernel defer the release to its close,
+        // which this test then controls.
+        let opener = std::fs::File::open(lo.path()).unwrap();
+        let detach = std::thread::spawn(move || {
+            let t0 = Instant::now();
+            (lo.detach(), t0.elapsed())
+        });
+        // LOOP_CLR_FD on a device with openers arms autoclear.
+        assert!(eventually(Duration::from_secs(10), || {
+            std::fs::read_to_string(&autoclear).is_ok_and(|s| s.trim() == "1")
+        }));
+        // The detach now polls for the release with a backoff that grows to
+        // 50 ms. Letting it reach that only widens the window in which the
+        // race shows; with a correct detach the test passes whatever the timing.
+        std::thread::sleep(Duration::from_millis(150));
+        drop(opener);
+        let other = den_block::LoopDevice::attach(&second, &opts).unwrap();
+        let same = other.index() == index;
+        let (result, took) = detach.join().unwrap();
+        result.unwrap();
+        assert!(
+            loop_bound_to(&second),
+            "the detach cleared someone else's binding"
+        );
+        other.detach().unwrap();
+        if same {
+            assert!(
+                took < Duration::from_secs(2),
+                "the detach waited {took:?} for a binding that was not its own"
+            );
+            return;
+        }
+    }
+    panic!("never got the same loop index twice in 20 attempts");
+}
+
 #[repr(C, align(4096))]
 struct AlignedPage([u8; 4096]);
 
