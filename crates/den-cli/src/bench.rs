@@ -73,6 +73,15 @@ pub enum ImageArg {
     Busybox,
 }
 
+impl From<ImageArg> for BenchImage {
+    fn from(a: ImageArg) -> Self {
+        match a {
+            ImageArg::Debian => BenchImage::Debian,
+            ImageArg::Busybox => BenchImage::Busybox,
+        }
+    }
+}
+
 #[derive(Args, Debug)]
 pub struct SpritesArgs {
     /// Work directory: the manager's data dir (store, catalog) and the cached images.
@@ -376,13 +385,15 @@ fn storage(a: StorageArgs) -> Result<()> {
         ),
         ("Goals", GOALS_NOTE.to_owned(), Section::Table(&goals)),
     ];
-    print_sections(&sections);
-    eprintln!("total wall time: {:.1?}", started.elapsed());
-    if let Some(path) = &a.markdown {
-        write_markdown(path, "den bench storage", &date, &a.work, &sections)?;
-        eprintln!("wrote {}", path.display());
-    }
-    Ok(())
+    finish(
+        started,
+        &date,
+        "den bench storage",
+        &a.work,
+        a.markdown.as_deref(),
+        &sections,
+        false,
+    )
 }
 
 const GOALS_NOTE: &str = "Ratios are den volume / native ext4 medians from the throughput table; \
@@ -422,13 +433,15 @@ fn chunk_size(a: ChunkSizeArgs) -> Result<()> {
         opts.workloads.describe()
     );
     let sections = vec![("Chunk size comparison", note, Section::Table(&table))];
-    print_sections(&sections);
-    eprintln!("total wall time: {:.1?}", started.elapsed());
-    if let Some(path) = &a.markdown {
-        write_markdown(path, "den bench chunk-size", &date, &a.work, &sections)?;
-        eprintln!("wrote {}", path.display());
-    }
-    Ok(())
+    finish(
+        started,
+        &date,
+        "den bench chunk-size",
+        &a.work,
+        a.markdown.as_deref(),
+        &sections,
+        false,
+    )
 }
 
 fn sprites(a: SpritesArgs) -> Result<()> {
@@ -437,10 +450,7 @@ fn sprites(a: SpritesArgs) -> Result<()> {
     let exe = std::env::current_exe().context("locating the den binary")?;
     let mut opts = SpriteBenchOptions::new(a.work.clone(), exe, a.quick);
     opts.run_dir = a.run_dir.clone();
-    opts.image = match a.image {
-        ImageArg::Debian => BenchImage::Debian,
-        ImageArg::Busybox => BenchImage::Busybox,
-    };
+    opts.image = a.image.into();
     if let Some(s) = a.samples {
         opts.samples = s;
     }
@@ -489,13 +499,15 @@ fn sprites(a: SpritesArgs) -> Result<()> {
             Section::Table(t),
         ));
     }
-    print_sections(&sections);
-    eprintln!("total wall time: {:.1?}", started.elapsed());
-    if let Some(path) = &a.markdown {
-        write_markdown(path, "den bench sprites", &date, &a.work, &sections)?;
-        eprintln!("wrote {}", path.display());
-    }
-    Ok(())
+    finish(
+        started,
+        &date,
+        "den bench sprites",
+        &a.work,
+        a.markdown.as_deref(),
+        &sections,
+        false,
+    )
 }
 
 fn api(a: ApiArgs) -> Result<()> {
@@ -504,10 +516,7 @@ fn api(a: ApiArgs) -> Result<()> {
     let exe = std::env::current_exe().context("locating the den binary")?;
     let mut opts = ApiBenchOptions::new(a.work.clone(), exe, a.quick);
     opts.run_dir = a.run_dir.clone();
-    opts.image = match a.image {
-        ImageArg::Debian => BenchImage::Debian,
-        ImageArg::Busybox => BenchImage::Busybox,
-    };
+    opts.image = a.image.into();
     opts.python = a.python.clone();
     if let Some(s) = a.exec_samples {
         opts.exec_samples = s;
@@ -577,13 +586,15 @@ fn api(a: ApiArgs) -> Result<()> {
             Section::Table(&proxy),
         ));
     }
-    print_sections(&sections);
-    eprintln!("total wall time: {:.1?}", started.elapsed());
-    if let Some(path) = &a.markdown {
-        write_markdown(path, "den bench api", &date, &a.work, &sections)?;
-        eprintln!("wrote {}", path.display());
-    }
-    Ok(())
+    finish(
+        started,
+        &date,
+        "den bench api",
+        &a.work,
+        a.markdown.as_deref(),
+        &sections,
+        false,
+    )
 }
 
 fn cluster(a: ClusterArgs) -> Result<()> {
@@ -665,14 +676,15 @@ fn cluster(a: ClusterArgs) -> Result<()> {
             Section::Table(&summary),
         ),
     ];
-    print_sections(&sections);
-    println!("\ncommand: {}", command_line());
-    eprintln!("total wall time: {:.1?}", started.elapsed());
-    if let Some(path) = &a.markdown {
-        write_markdown(path, "den bench cluster", &date, &a.work, &sections)?;
-        eprintln!("wrote {}", path.display());
-    }
-    Ok(())
+    finish(
+        started,
+        &date,
+        "den bench cluster",
+        &a.work,
+        a.markdown.as_deref(),
+        &sections,
+        true,
+    )
 }
 
 enum Section<'a> {
@@ -694,6 +706,29 @@ impl Section<'_> {
             Section::Table(t) => t.markdown(),
         }
     }
+}
+
+/// Print a bench command's report (and the command line, if `show_command`),
+/// and write it as Markdown if asked.
+fn finish(
+    started: Instant,
+    date: &str,
+    title: &str,
+    work: &Path,
+    markdown: Option<&Path>,
+    sections: &[(&str, String, Section)],
+    show_command: bool,
+) -> Result<()> {
+    print_sections(sections);
+    if show_command {
+        println!("\ncommand: {}", command_line());
+    }
+    eprintln!("total wall time: {:.1?}", started.elapsed());
+    if let Some(path) = markdown {
+        write_markdown(path, title, date, work, sections)?;
+        eprintln!("wrote {}", path.display());
+    }
+    Ok(())
 }
 
 fn print_sections(sections: &[(&str, String, Section)]) {

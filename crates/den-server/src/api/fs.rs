@@ -125,6 +125,18 @@ fn agent_fail(e: den_agent::Error, path: &str) -> FsFail {
 
 /// `path` against `workingDir` (default `/`), normalised like the agent does;
 /// used to check input and to name the path in errors.
+/// The two paths of a rename or copy, each resolved like `resolve` does.
+fn source_and_dest(
+    source: &Option<String>,
+    dest: &Option<String>,
+    working_dir: &Option<String>,
+) -> FsResult<(String, String)> {
+    let wd = working_dir.as_deref();
+    let source = resolve(source.as_deref(), wd).map_err(|_| invalid("source is required", ""))?;
+    let dest = resolve(dest.as_deref(), wd).map_err(|_| invalid("dest is required", ""))?;
+    Ok((source, dest))
+}
+
 fn resolve(path: Option<&str>, working_dir: Option<&str>) -> FsResult<String> {
     let path = path.unwrap_or_default();
     if path.is_empty() {
@@ -441,9 +453,7 @@ pub async fn rename(
     Path(name): Path<String>,
     JsonBody(b): JsonBody<RenameRequest>,
 ) -> FsResult<Json<Value>> {
-    let wd = b.working_dir.as_deref();
-    let source = resolve(b.source.as_deref(), wd).map_err(|_| invalid("source is required", ""))?;
-    let dest = resolve(b.dest.as_deref(), wd).map_err(|_| invalid("dest is required", ""))?;
+    let (source, dest) = source_and_dest(&b.source, &b.dest, &b.working_dir)?;
     let act = st.mgr.wake(&name).await?;
     let out = act
         .agent()
@@ -474,9 +484,7 @@ pub async fn copy(
     Path(name): Path<String>,
     JsonBody(b): JsonBody<CopyRequest>,
 ) -> FsResult<Json<Value>> {
-    let wd = b.working_dir.as_deref();
-    let source = resolve(b.source.as_deref(), wd).map_err(|_| invalid("source is required", ""))?;
-    let dest = resolve(b.dest.as_deref(), wd).map_err(|_| invalid("dest is required", ""))?;
+    let (source, dest) = source_and_dest(&b.source, &b.dest, &b.working_dir)?;
     let act = st.mgr.wake(&name).await?;
     let out = act
         .agent()
