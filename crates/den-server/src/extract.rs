@@ -7,7 +7,7 @@ use serde::de::DeserializeOwned;
 use crate::error::ApiError;
 
 /// Largest JSON body accepted.
-const MAX_JSON: usize = 1 << 20;
+pub(crate) const MAX_JSON: usize = 1 << 20;
 
 /// A JSON body, whatever the `Content-Type` says (some clients omit it); an
 /// empty body reads as `{}`. Malformed input is a 400 with the parser's reason.

@@ -103,8 +103,10 @@ pub trait Router: Send + Sync + 'static {
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
 /// Bodies up to this size (with a known length) are read before
 /// forwarding, so the request can be sent again after a `sprite_moved`.
-/// Larger or streamed bodies go out as they come and are not retried.
-const REPLAY_MAX: u64 = 64 << 10;
+/// Larger or streamed bodies go out as they come and are not retried. As
+/// large as the biggest JSON body the API accepts, so every JSON request
+/// survives a move; file uploads and exec stdin stream instead.
+const REPLAY_MAX: u64 = crate::extract::MAX_JSON as u64;
 /// A peer's error bodies are small JSON; this bounds reading one.
 const ERROR_BODY_MAX: usize = 64 << 10;
 
