@@ -179,6 +179,7 @@ async fn boot_rest(ctx: &BootContext<'_>, rec: &SpriteRecord, live: &mut Live) -
             },
             file("resolv.conf", "/etc/resolv.conf"),
             file("hosts", "/etc/hosts"),
+            file("hostname", "/etc/hostname"),
             file("network.json", "/.sprite/policy/network.json"),
         ],
         resources: rec.resources,
@@ -290,6 +291,9 @@ fn write_etc(
         std::fs::write(&p, text).map_err(|e| SpriteError::io(format!("writing {}", p.display()), e))
     };
     w("resolv.conf", format!("nameserver {dns}\noptions edns0\n"))?;
+    // The image's own /etc/hostname names no sprite; tools that read the file
+    // instead of uname must see the same name as `hostname`.
+    w("hostname", format!("{name}\n"))?;
     w(
         "hosts",
         format!("127.0.0.1\tlocalhost\n127.0.1.1\t{name}\n::1\tlocalhost ip6-localhost ip6-loopback\n"),

@@ -184,9 +184,9 @@ async fn lifecycle() -> Result<()> {
     println!("  create: {:?}", t0.elapsed());
     ensure!(info.status == SpriteStatus::Cold);
     let t0 = Instant::now();
-    let who = sh(&mgr, "alpha", "id -un; id -u; pwd; hostname").await?;
+    let who = sh(&mgr, "alpha", "id -un; id -u; pwd; hostname; cat /etc/hostname").await?;
     println!("  first command (cold boot): {:?}", t0.elapsed());
-    ensure!(who == "sprite\n1000\n/home/sprite\nalpha\n", "{who:?}");
+    ensure!(who == "sprite\n1000\n/home/sprite\nalpha\nalpha\n", "{who:?}");
     sh(
         &mgr,
         "alpha",
