@@ -42,7 +42,7 @@ type Ws = WebSocketStream<MaybeTlsStream<TcpStream>>;
 
 #[derive(Debug, Clone)]
 pub struct ApiBenchOptions {
-    /// Work dir: the server's data dir (store, catalog, images, tokens) is `<work>/data`.
+    /// Work dir: the server's data dir (store, catalog, tokens) is `<work>/data`.
     pub work: PathBuf,
     /// Mounts and sockets of running sprites: keep it short.
     pub run_dir: PathBuf,
@@ -262,7 +262,7 @@ fn server_config(opts: &ApiBenchOptions) -> ServerConfig {
 /// sprites deleted, also on errors and Ctrl-C.
 pub async fn run(opts: &ApiBenchOptions, progress: &mut dyn FnMut(&str)) -> Result<ApiBenchResults> {
     let cfg = server_config(opts);
-    let images_dir = cfg.data_dir.join("images");
+    let images_dir = cfg.images_dir.clone();
     progress(&format!(
         "preparing the {} image (built once, then cached in {})",
         opts.image.name(),

@@ -15,11 +15,15 @@ use tokio::signal::unix::{SignalKind, signal};
 
 #[derive(Args, Debug)]
 pub struct ServerArgs {
-    /// Everything den keeps: metadata, chunks, images, tokens.
+    /// Everything den keeps: metadata, chunks, sprites, tokens.
     #[arg(long, env = "DEN_DATA_DIR", default_value = "/var/lib/den")]
     pub data_dir: PathBuf,
+    /// Base image cache, shared by every data dir on this host
+    /// [default: /var/cache/den/images].
+    #[arg(long)]
+    pub images_dir: Option<PathBuf>,
     /// TOML file with any of: listen, url_domain, url_port, warm_after, cold_after, image,
-    /// run_dir, subnet, net_table, upstream_dns, uplinks, blocked, default_exec_timeout,
+    /// images_dir, run_dir, subnet, net_table, upstream_dns, uplinks, blocked, default_exec_timeout,
     /// max_awake, max_sprites, create_rate ("10/60s"). Logs: DEN_LOG (filter), DEN_LOG_FORMAT=json.
     #[arg(long, env = "DEN_CONFIG")]
     pub config: Option<PathBuf>,
@@ -74,6 +78,9 @@ pub fn run(args: ServerArgs) -> Result<()> {
     cfg.apply_env()?;
     if let Some(v) = args.listen {
         cfg.listen = v;
+    }
+    if let Some(v) = args.images_dir {
+        cfg.images_dir = v;
     }
     if let Some(v) = args.url_domain {
         cfg.url_domain = v;

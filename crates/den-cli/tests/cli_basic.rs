@@ -38,9 +38,10 @@ impl Server {
         let net = TestNet::new().expect("network sandbox");
         let n = &net.config;
         let cfg = format!(
-            "run_dir = {:?}\nsubnet = {:?}\nnet_table = {:?}\nnet_ifprefix = {:?}\nnet_netns_prefix = {:?}\n\
+            "run_dir = {:?}\nimages_dir = {:?}\nsubnet = {:?}\nnet_table = {:?}\nnet_ifprefix = {:?}\nnet_netns_prefix = {:?}\n\
              uplinks = {:?}\nblocked = {:?}\nupstream_dns = {:?}\nwarm_after = \"1h\"\ncold_after = \"2h\"\n",
             dir.path().join("run"),
+            dir.path().join("images"),
             n.subnet.to_string(),
             n.table,
             n.ifprefix,
@@ -90,6 +91,10 @@ impl Server {
         };
         let ready: Value = serde_json::from_str(&line).unwrap();
         assert_eq!(ready["ready"], true, "{line}");
+        assert!(
+            std::fs::read_dir(server.dir.path().join("images")).is_ok_and(|mut d| d.next().is_some()),
+            "the base image was not built in the configured images_dir"
+        );
         server.url = format!("http://{}", ready["listen"].as_str().unwrap());
         server.token = std::fs::read_to_string(data.join("admin-token"))
             .unwrap()

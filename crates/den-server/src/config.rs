@@ -9,10 +9,17 @@ use serde::Deserialize;
 
 use crate::error::ConfigError;
 
+/// Where base images are cached unless configured otherwise: a host-wide
+/// cache, so a second data dir does not build the image again.
+pub const DEFAULT_IMAGES_DIR: &str = "/var/cache/den/images";
+
 #[derive(Debug, Clone)]
 pub struct ServerConfig {
-    /// SQLite metadata, chunk store, images, sprite records, tokens.
+    /// SQLite metadata, chunk store, sprite records, tokens.
     pub data_dir: PathBuf,
+    /// Base images, built once per host and shared by every data dir
+    /// (versioned by recipe, built under a lock, so sharing is safe).
+    pub images_dir: PathBuf,
     pub listen: SocketAddr,
     /// Sprite URLs are `http://<name>.<url_domain>:<port>/`.
     pub url_domain: String,
@@ -89,6 +96,7 @@ impl ServerConfig {
     pub fn new(data_dir: impl Into<PathBuf>) -> Self {
         ServerConfig {
             data_dir: data_dir.into(),
+            images_dir: DEFAULT_IMAGES_DIR.into(),
             listen: "127.0.0.1:8080".parse().expect("literal"),
             url_domain: "localhost".into(),
             url_port: None,
@@ -152,6 +160,7 @@ impl ServerConfig {
         f.cold_after = var("cold_after");
         f.image = var("image");
         f.run_dir = var("run_dir").map(PathBuf::from);
+        f.images_dir = var("images_dir").map(PathBuf::from);
         f.upstream_dns = var("upstream_dns");
         f.default_exec_timeout = var("default_exec_timeout");
         let num = |k: &str| -> Result<Option<usize>, ConfigError> {
@@ -206,6 +215,7 @@ struct FileConfig {
     cold_after: Option<String>,
     image: Option<String>,
     run_dir: Option<PathBuf>,
+    images_dir: Option<PathBuf>,
     subnet: Option<String>,
     net_table: Option<String>,
     net_ifprefix: Option<String>,
@@ -292,6 +302,9 @@ impl FileConfig {
         }
         if self.run_dir.is_some() {
             c.run_dir = self.run_dir;
+        }
+        if let Some(v) = self.images_dir {
+            c.images_dir = v;
         }
         c.subnet = self.subnet.or(c.subnet.take());
         c.net_table = self.net_table.or(c.net_table.take());

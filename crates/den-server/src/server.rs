@@ -87,6 +87,7 @@ pub async fn start(cfg: ServerConfig, den_exe: std::path::PathBuf) -> Result<Run
     if let Some(r) = &cfg.run_dir {
         mcfg.run_dir = r.clone();
     }
+    mcfg.images_dir = cfg.images_dir.clone();
     mcfg.image = match cfg.image.as_str() {
         "busybox" => ImageSource::Busybox,
         _ => ImageSource::Debian,
