@@ -78,13 +78,14 @@ pub async fn create(
         let t0 = std::time::Instant::now();
         match st.mgr.checkpoint(&name, &comment).await {
             Ok(ck) => {
-                let _ = tx
-                    .send(stream_line(
-                        "info",
-                        "data",
-                        &format!("ID: {} ({:.1} ms)", ck.id, t0.elapsed().as_secs_f64() * 1e3),
-                    ))
-                    .await;
+                // "  ID: vN" exactly: some SDKs (Rust `sprites`) take the id
+                // from this line rather than from `complete`.
+                for info in [
+                    format!("  ID: {}", ck.id),
+                    format!("  Took: {:.1} ms", t0.elapsed().as_secs_f64() * 1e3),
+                ] {
+                    let _ = tx.send(stream_line("info", "data", &info)).await;
+                }
                 let _ = tx
                     .send(stream_line(
                         "complete",

@@ -9,6 +9,7 @@ mod fs;
 mod fuzz;
 mod proxy;
 mod sdk;
+mod sdk_rust;
 mod services;
 mod sprites;
 mod svcfs_python;
@@ -32,6 +33,7 @@ const TESTS: &[(&str, TestFn)] = &[
     ("api_fuzz", || Box::pin(fuzz::api_fuzz())),
     ("sdk_python", || Box::pin(sdk::python_sdk())),
     ("sdk_js", || Box::pin(sdk::js_sdk())),
+    ("sdk_rust", || Box::pin(sdk_rust::rust_sdk())),
     ("services_lifecycle", || Box::pin(services::lifecycle())),
     ("fs_operations", || Box::pin(fs::operations())),
     ("fs_confinement", || Box::pin(fs::confinement())),

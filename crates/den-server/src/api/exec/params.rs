@@ -117,6 +117,10 @@ impl ExecParams {
                         .insert(key.into(), val.into());
                 }
                 "dir" if !v.is_empty() => p.dir = Some(v.clone()),
+                // The Rust SDK says `cwd`; `dir` (the reference's name) wins.
+                "cwd" if !v.is_empty() => {
+                    p.dir.get_or_insert_with(|| v.clone());
+                }
                 "tty" => p.tty = parse_bool(k, v)?,
                 "stdin" => stdin = Some(parse_bool(k, v)?),
                 "cols" => p.cols = parse_u16(k, v)?,
@@ -233,6 +237,10 @@ mod tests {
         assert!(ExecParams::parse(&q(&[("tty", "maybe")])).is_err());
         assert!(ExecParams::parse(&q(&[("env", "NOEQUALS")])).is_err());
         assert!(ExecParams::parse(&q(&[("rows", "0")])).is_err());
+        let dir = |pairs: &[(&str, &str)]| ExecParams::parse(&q(pairs)).unwrap().dir;
+        assert_eq!(dir(&[("cwd", "/a")]).as_deref(), Some("/a"));
+        assert_eq!(dir(&[("cwd", "/a"), ("dir", "/b")]).as_deref(), Some("/b"));
+        assert_eq!(dir(&[("dir", "/b"), ("cwd", "/a")]).as_deref(), Some("/b"));
         let none = ExecParams::parse(&q(&[])).unwrap();
         assert_eq!(
             none.to_exec_request(BTreeMap::new(), None).unwrap_err().message,
