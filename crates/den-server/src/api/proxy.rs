@@ -207,7 +207,7 @@ async fn tunnel(st: AppState, mut socket: WebSocket, activity: Activity, preset:
     {
         return;
     }
-    relay(st, socket, tcp).await;
+    relay(st, socket, tcp, tokio::time::Instant::now() + FIRST_DATA_GAP).await;
     drop(activity);
 }
 
@@ -223,7 +223,14 @@ enum End {
 /// Raw bytes both ways until either side ends. The two directions run
 /// concurrently so a peer that only reads after writing cannot deadlock
 /// the tunnel.
-async fn relay(st: AppState, socket: WebSocket, tcp: TcpStream) {
+/// The official JS SDK attaches its data listener only after it has handled
+/// the `connected` reply; a data frame arriving in the same read (a server
+/// that speaks first: SSH, SMTP, a banner) is dropped. Upstream bytes are
+/// therefore held this long after the reply, so they arrive on their own.
+const FIRST_DATA_GAP: std::time::Duration = std::time::Duration::from_millis(10);
+
+/// `hold_until`: upstream bytes go to the client no earlier than this.
+async fn relay(st: AppState, socket: WebSocket, tcp: TcpStream, hold_until: tokio::time::Instant) {
     let (mut ws_tx, mut ws_rx) = socket.split();
     let (mut up_rd, mut up_wr) = tcp.into_split();
     let to_upstream = async {
@@ -247,6 +254,7 @@ async fn relay(st: AppState, socket: WebSocket, tcp: TcpStream) {
                 Ok(0) => return End::UpstreamEof,
                 Ok(n) => {
                     let data = bytes::Bytes::copy_from_slice(&buf[..n]);
+                    tokio::time::sleep_until(hold_until).await;
                     if ws_tx.send(Message::Binary(data)).await.is_err() {
                         return End::Client;
                     }

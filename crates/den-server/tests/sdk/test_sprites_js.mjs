@@ -204,8 +204,15 @@ test('a service serves the sprite URL; auth modes', async () => {
 });
 
 test('TCP proxy to a port inside the sprite', async () => {
-  const srv = sprite.spawn('sh', ['-c', 'echo proxied | nc -l -p 7000']);
+  // TTY: this SDK drops text messages of non-TTY commands.
+  const srv = sprite.spawn('sh', ['-c', 'echo proxied | nc -l -p 7000'], { tty: true });
+  // den announces ports a command opens; proxy only once nc listens (this
+  // SDK waits 10 s on a tunnel whose target refused).
+  const listening = new Promise((resolve) =>
+    srv.on('message', (m) => m?.type === 'port_opened' && m.port === 7000 && resolve(m)),
+  );
   await started(srv);
+  await listening;
   const port = await new Promise((resolve) => {
     const l = net.createServer();
     l.listen(0, '127.0.0.1', () => {
@@ -248,6 +255,8 @@ test('network policy', async () => {
 
 test('sessions: list, attach with replay, kill', async () => {
   const cmd = sprite.createSession('sh', ['-c', 'echo first; sleep 600'], { tty: true });
+  const cmdMessages = [];
+  cmd.on('message', (m) => cmdMessages.push(m));
   let out = '';
   cmd.stdout.on('data', (c) => (out += c.toString()));
   await started(cmd);
@@ -257,6 +266,8 @@ test('sessions: list, attach with replay, kill', async () => {
   assert.ok(mine, JSON.stringify(sessions));
   // A second client attaches while the first is still there.
   const att = sprite.attachSession(String(mine.id), { tty: true });
+  const attMessages = [];
+  att.on('message', (m) => attMessages.push(m));
   let replay = '';
   att.stdout.on('data', (c) => (replay += c.toString()));
   await started(att);
@@ -264,8 +275,16 @@ test('sessions: list, attach with replay, kill', async () => {
   const kill = await sprite.killSession(String(mine.id), 'KILL');
   await kill.processAll(() => {});
   // Both clients see the end.
-  assert.notEqual(await cmd.wait(), 0);
-  assert.notEqual(await att.wait(), 0);
+  // Both clients see the end. This SDK takes a TTY command's exit code from
+  // the close code alone, so the status is checked in the `exit` message
+  // den sends before closing.
+  await Promise.all([cmd.wait(), att.wait()]);
+  for (const msgs of [cmdMessages, attMessages]) {
+    assert.ok(
+      msgs.some((m) => m?.type === 'exit' && m.exit_code === 137),
+      JSON.stringify(msgs),
+    );
+  }
   await waitFor('the session to go', async () => !(await sprite.listSessions()).some((s) => s.id === mine.id));
 });
 
