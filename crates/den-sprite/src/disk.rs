@@ -215,6 +215,14 @@ pub fn format_template(
             syncfs(mountpoint)
         })();
         let umount = run(Command::new("umount").arg(mountpoint)).map(|_| ());
+        if umount.is_ok() {
+            // A mount namespace cloned meanwhile (any container starting on
+            // this host, den's or another process's) holds its own reference
+            // until it pivots away; stopping the export under it would fail
+            // as busy and let its last superblock write land after the
+            // template is sealed.
+            wait_released(export.device_path(), RELEASE_TIMEOUT);
+        }
         res.and(umount)
     })();
     let shut = export.shutdown().map_err(SpriteError::from);
@@ -241,14 +249,18 @@ pub fn mounts_below(root: &Path) -> Vec<PathBuf> {
 /// cleanly), then free the loop devices bound to files below it.
 pub fn cleanup_stale(root: &Path) {
     let mounts = mounts_below(root);
-    for m in &mounts {
-        tracing::warn!(mount = %m.display(), "removing a mount left by an earlier run");
-        let _ = run(Command::new("umount").arg("-l").arg(m));
-    }
+    // Loop devices first, while their FUSE files still have their paths: once
+    // the FUSE mount is detached the kernel reports the file as `/disk` and
+    // the device could never be found again (a leak per crash). On a device
+    // whose ext4 is still mounted the detach is deferred until that goes.
     for m in &mounts {
         for dev in den_block::loopdev::devices_backed_by(&m.join(den_block::FuseOptions::default().file_name))
         {
             let _ = run(Command::new("losetup").arg("-d").arg(&dev));
         }
+    }
+    for m in &mounts {
+        tracing::warn!(mount = %m.display(), "removing a mount left by an earlier run");
+        let _ = run(Command::new("umount").arg("-l").arg(m));
     }
 }

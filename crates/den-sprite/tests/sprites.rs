@@ -499,6 +499,56 @@ async fn init_death() -> Result<()> {
     Ok(())
 }
 
+/// Any process on the host that clones its mount namespace while the disk
+/// template is mounted (a container starting, den's own or another's) keeps
+/// that ext4 alive until it lets go. Making the template must wait for it,
+/// not fail with "loop device still in use" (CI saw exactly that with test
+/// servers running side by side).
+async fn template_vs_cloned_mount_namespace() -> Result<()> {
+    for attempt in 1..=10 {
+        let env = Env::new()?;
+        let cfg = env.config();
+        let template = cfg.run_dir.join("template/disk");
+        let mgr = env.start(cfg).await?;
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        // Catch the template's mount and clone the mount namespace under it,
+        // holding the copy for a while (`unshare` makes it private, so the
+        // host's unmount does not reach it).
+        let watcher = {
+            let stop = stop.clone();
+            std::thread::spawn(move || -> Option<std::process::Child> {
+                while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                    let mounted = den_block::mountinfo::read()
+                        .unwrap_or_default()
+                        .iter()
+                        .any(|m| m.mount_point == template && m.fstype == "ext4");
+                    if mounted {
+                        return std::process::Command::new("unshare")
+                            .args(["--mount", "sleep", "0.5"])
+                            .spawn()
+                            .ok();
+                    }
+                }
+                None
+            })
+        };
+        let created = mgr.create("tpl", CreateSprite::default()).await;
+        stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        let holder = watcher.join().expect("watcher thread");
+        created.context("creating the first sprite (and so the template)")?;
+        let Some(mut holder) = holder else {
+            println!("  attempt {attempt}: the template mount came and went unseen; again");
+            continue;
+        };
+        let _ = holder.wait();
+        ensure!(sh(&mgr, "tpl", "echo ok").await? == "ok\n");
+        println!("  attempt {attempt}: a namespace clone held the template; create waited for it");
+        close(mgr).await;
+        return Ok(());
+    }
+    bail!("never caught the template while it was mounted")
+}
+
 /// SIGKILL a sprite's PID 1 from the host, and wait until it has exited.
 fn kill_init(key: &str) -> Result<()> {
     let cg = den_runtime::cgroup::SpriteCgroup::new(den_runtime::cgroup::detect()?, key);
@@ -759,6 +809,18 @@ async fn host_crash_recovery() -> Result<()> {
     let mut line = String::new();
     tokio::task::block_in_place(|| std::io::BufRead::read_line(&mut stdout, &mut line))?;
     ensure!(line.trim() == "ready", "child said {line:?}");
+    // The dead process's loop device must not outlive the recovery.
+    let run_dir = env.dir.path().join("run");
+    let fuse_files: Vec<PathBuf> = den_block::mountinfo::read()?
+        .into_iter()
+        .filter(|m| m.mount_point.starts_with(&run_dir))
+        .map(|m| m.mount_point.join(den_block::FuseOptions::default().file_name))
+        .collect();
+    let old_loops: Vec<PathBuf> = fuse_files
+        .iter()
+        .flat_map(|f| den_block::loopdev::devices_backed_by(f))
+        .collect();
+    ensure!(!old_loops.is_empty(), "the crashed sprite had no loop device");
     child.kill()?;
     child.wait()?;
 
@@ -775,6 +837,16 @@ async fn host_crash_recovery() -> Result<()> {
         "the old sleep survived"
     );
     close(mgr).await;
+    for dev in &old_loops {
+        let name = dev.file_name().and_then(|n| n.to_str()).unwrap_or_default();
+        let backing = std::fs::read_to_string(format!("/sys/block/{name}/loop/backing_file"));
+        // Unbound, or reused by someone else since; not still on the dead FUSE file.
+        ensure!(
+            !backing.is_ok_and(|b| b.trim() == "/disk"),
+            "{} is still bound to the crashed process's FUSE file",
+            dev.display()
+        );
+    }
     Ok(())
 }
 
@@ -892,6 +964,9 @@ fn main() {
         ("services", || Box::pin(services())),
         ("host_crash_recovery", || Box::pin(host_crash_recovery())),
         ("init_death", || Box::pin(init_death())),
+        ("template_vs_cloned_mount_namespace", || {
+            Box::pin(template_vs_cloned_mount_namespace())
+        }),
         ("debian_userland", || Box::pin(debian_userland())),
     ];
     let rt = tokio::runtime::Runtime::new().expect("runtime");
