@@ -13,28 +13,28 @@ fn python() -> String {
     std::env::var("DEN_TEST_PYTHON").unwrap_or_else(|_| "/opt/den-venv/bin/python".into())
 }
 
-fn pytest(s: &TestServer, phase: &str) -> Result<()> {
-    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/sdk/test_sprites_py.py");
-    let url = s.url.clone();
-    let token = s.token.clone();
-    let phase = phase.to_string();
-    // pytest runs while this runtime keeps serving the API.
-    let out = tokio::task::block_in_place(move || {
-        Command::new(python())
-            .args(["-m", "pytest", "-q", "-p", "no:cacheprovider", script])
-            .env("DEN_TEST_URL", url)
-            .env("DEN_TEST_TOKEN", token)
-            .env("DEN_TEST_PHASE", phase)
-            .output()
-    })?;
+/// Run an SDK's test suite against `s` (DEN_TEST_URL, DEN_TEST_TOKEN set),
+/// print what it said, and fail if it failed.
+fn run_suite(s: &TestServer, mut cmd: Command, what: &str) -> Result<()> {
+    cmd.env("DEN_TEST_URL", &s.url).env("DEN_TEST_TOKEN", &s.token);
+    // The suite runs while this runtime keeps serving the API.
+    let out = tokio::task::block_in_place(move || cmd.output())?;
     let text = format!(
         "{}{}",
         String::from_utf8_lossy(&out.stdout),
         String::from_utf8_lossy(&out.stderr)
     );
     println!("{}", text.trim_end());
-    ensure!(out.status.success(), "pytest failed in this phase");
+    ensure!(out.status.success(), "{what} failed");
     Ok(())
+}
+
+fn pytest(s: &TestServer, phase: &str) -> Result<()> {
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/sdk/test_sprites_py.py");
+    let mut cmd = Command::new(python());
+    cmd.args(["-m", "pytest", "-q", "-p", "no:cacheprovider", script])
+        .env("DEN_TEST_PHASE", phase);
+    run_suite(s, cmd, &format!("pytest ({phase} phase)"))
 }
 
 pub async fn python_sdk() -> Result<()> {
@@ -56,23 +56,10 @@ pub async fn js_sdk() -> Result<()> {
         .unwrap_or_else(|_| format!("{NODE_DIR}/node_modules/@fly/sprites/dist/index.js"));
     let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/sdk/test_sprites_js.mjs");
     let s = TestServer::start().await?;
-    let (url, token) = (s.url.clone(), s.token.clone());
-    // node runs while this runtime keeps serving the API.
-    let out = tokio::task::block_in_place(move || {
-        Command::new(node)
-            .args(["--test", "--test-timeout=120000", "--test-reporter=spec", script])
-            .env("DEN_TEST_URL", url)
-            .env("DEN_TEST_TOKEN", token)
-            .env("DEN_SPRITES_JS", sdk)
-            .output()
-    })?;
-    let text = format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    println!("{}", text.trim_end());
-    ensure!(out.status.success(), "node --test failed");
+    let mut cmd = Command::new(node);
+    cmd.args(["--test", "--test-timeout=120000", "--test-reporter=spec", script])
+        .env("DEN_SPRITES_JS", sdk);
+    run_suite(&s, cmd, "node --test")?;
     s.stop().await;
     Ok(())
 }
