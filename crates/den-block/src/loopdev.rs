@@ -644,6 +644,18 @@ fn clear(index: u32, identity: Option<(u64, u64)>, wait_until: Option<Instant>) 
     }
 }
 
+/// Wait (up to `timeout`) until nothing holds block device `dev`
+/// exclusively. After unmounting a filesystem from it, a mount namespace
+/// cloned while it was mounted (a container starting anywhere on the host)
+/// may keep it alive for a moment; stopping the export under it would find
+/// the device busy. Returns whether it was released in time.
+pub fn wait_unclaimed(dev: &Path, timeout: Duration) -> bool {
+    poll_until(
+        Instant::now() + timeout,
+        || !matches!(open_node(dev, false, true), Err(e) if errno(&e) == Some(libc::EBUSY)),
+    )
+}
+
 /// Loop devices currently bound to `file` (by the path the kernel reports).
 pub fn devices_backed_by(file: &Path) -> Vec<PathBuf> {
     let Ok(entries) = std::fs::read_dir("/sys/block") else {

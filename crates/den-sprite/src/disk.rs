@@ -99,7 +99,7 @@ impl Disk {
             // filesystem; the kernel drops it shortly after the last task
             // exits. Wait for that, so the export stops now and the volume is
             // free for a restore or the next boot.
-            wait_released(self.device(), RELEASE_TIMEOUT);
+            den_block::loopdev::wait_unclaimed(self.device(), RELEASE_TIMEOUT);
         } else {
             // Something in the host still uses it (a shell cd'ed into the run
             // directory): detach lazily so the sprite can still go cold; the
@@ -132,24 +132,6 @@ impl Drop for Disk {
 /// again before the old filesystem let go is refused by the export (two ext4
 /// instances on one volume would corrupt it).
 const RELEASE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(60);
-
-/// Wait until nothing holds `dev` open exclusively (no filesystem on it).
-fn wait_released(dev: &Path, timeout: std::time::Duration) {
-    use std::os::unix::fs::OpenOptionsExt;
-    let t0 = std::time::Instant::now();
-    loop {
-        match std::fs::OpenOptions::new()
-            .read(true)
-            .custom_flags(libc::O_EXCL)
-            .open(dev)
-        {
-            Err(e) if e.raw_os_error() == Some(libc::EBUSY) && t0.elapsed() < timeout => {
-                std::thread::sleep(std::time::Duration::from_millis(1));
-            }
-            _ => return,
-        }
-    }
-}
 
 /// `syncfs(2)` on the filesystem holding `path`. On a sprite's disk: everything
 /// written so far reaches the volume and the journal is committed, so a volume
@@ -221,7 +203,7 @@ pub fn format_template(
             // until it pivots away; stopping the export under it would fail
             // as busy and let its last superblock write land after the
             // template is sealed.
-            wait_released(export.device_path(), RELEASE_TIMEOUT);
+            den_block::loopdev::wait_unclaimed(export.device_path(), RELEASE_TIMEOUT);
         }
         res.and(umount)
     })();

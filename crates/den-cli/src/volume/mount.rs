@@ -269,13 +269,21 @@ fn remove_stale_mounts(mountpoint: &Path, file: &Path) -> Result<()> {
 }
 
 fn teardown(mounted: Option<&PathBuf>, served: Served) {
-    if let Some(mp) = mounted
-        && let Err(e) = run_cmd(Command::new("umount").arg(mp))
-    {
-        eprintln!("warning: {e:#}");
-    }
+    let unmounted = match mounted.map(|mp| run_cmd(Command::new("umount").arg(mp))) {
+        Some(Ok(_)) => true,
+        Some(Err(e)) => {
+            eprintln!("warning: {e:#}");
+            false
+        }
+        None => false,
+    };
     let res = match served {
-        Served::Loop(e) => e.shutdown(),
+        Served::Loop(e) => {
+            if unmounted {
+                den_block::loopdev::wait_unclaimed(e.device_path(), std::time::Duration::from_secs(10));
+            }
+            e.shutdown()
+        }
         Served::File(f) => f.shutdown(),
     };
     if let Err(e) = res {
