@@ -274,7 +274,6 @@ test('sessions: list, attach with replay, kill', async () => {
   await waitFor('the replayed scrollback', () => replay.includes('first'));
   const kill = await sprite.killSession(String(mine.id), 'KILL');
   await kill.processAll(() => {});
-  // Both clients see the end.
   // Both clients see the end. This SDK takes a TTY command's exit code from
   // the close code alone, so the status is checked in the `exit` message
   // den sends before closing.
