@@ -402,23 +402,29 @@ fn wait_for_exit(pids: &[u32], timeout: Duration) {
 // Guards shared by the targets
 // ---------------------------------------------------------------------------
 
-/// A loop device attached to an image file; detached on drop.
+/// A loop device attached to an image file; detached on drop. A plain
+/// loop device as `losetup` makes one (buffered, 512-byte sectors), through
+/// den-block, whose detach waits until the kernel has let go of the image
+/// (udev and mount-namespace clones may hold it for a moment) and cannot be
+/// fooled by another process binding the freed device.
 struct LoopGuard {
     dev: PathBuf,
-    attached: bool,
+    lo: Option<den_block::LoopDevice>,
 }
 
 impl LoopGuard {
     fn attach(image: &Path) -> Result<Self> {
-        // --find --show picks and binds a free device atomically, which
-        // matters when other tests attach loop devices concurrently.
-        let out = run(Command::new("losetup").args(["--find", "--show"]).arg(image))
-            .context("losetup --find --show")?;
-        let dev = PathBuf::from(out.trim());
-        if !dev.starts_with("/dev") {
-            bail!("losetup printed an unexpected device name: {out:?}");
-        }
-        Ok(Self { dev, attached: true })
+        let opts = den_block::LoopOptions {
+            direct_io: false,
+            block_size: 0,
+            ..Default::default()
+        };
+        let lo = den_block::LoopDevice::attach(image, &opts)
+            .with_context(|| format!("attaching a loop device to {}", image.display()))?;
+        Ok(Self {
+            dev: lo.path().to_path_buf(),
+            lo: Some(lo),
+        })
     }
 
     fn device(&self) -> &Path {
@@ -426,20 +432,11 @@ impl LoopGuard {
     }
 
     fn detach(&mut self) -> Result<()> {
-        if self.attached {
-            run(Command::new("losetup").arg("-d").arg(&self.dev))
-                .with_context(|| format!("losetup -d {}", self.dev.display()))?;
-            self.attached = false;
+        if let Some(lo) = self.lo.take() {
+            lo.detach()
+                .with_context(|| format!("detaching {}", self.dev.display()))?;
         }
         Ok(())
-    }
-}
-
-impl Drop for LoopGuard {
-    fn drop(&mut self) {
-        if let Err(e) = self.detach() {
-            tracing::warn!(dev = %self.dev.display(), error = %format!("{e:#}"), "loop device left attached");
-        }
     }
 }
 
