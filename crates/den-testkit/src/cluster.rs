@@ -794,13 +794,9 @@ impl DenNode {
         }
         let roots = [self.run_dir.clone(), self.opts.data_dir.clone()];
         let under = |p: &Path| roots.iter().any(|r| p.starts_with(r));
-        for mp in mount_points().into_iter().rev().filter(|m| under(m)) {
-            let _ = Command::new("umount")
-                .arg("-l")
-                .arg(&mp)
-                .stderr(Stdio::null())
-                .status();
-        }
+        // Loop devices first: once their FUSE mounts are detached the kernel
+        // names the backing file `/disk` and they could not be found again.
+        // (A device whose ext4 is still mounted detaches when that goes.)
         if let Ok(entries) = fs::read_dir("/sys/block") {
             for e in entries.flatten() {
                 let name = e.file_name().to_string_lossy().into_owned();
@@ -817,6 +813,13 @@ impl DenNode {
                         .status();
                 }
             }
+        }
+        for mp in mount_points().into_iter().rev().filter(|m| under(m)) {
+            let _ = Command::new("umount")
+                .arg("-l")
+                .arg(&mp)
+                .stderr(Stdio::null())
+                .status();
         }
         // Never recurse into a mount that is still there.
         if !mount_points().iter().any(|m| m.starts_with(&self.run_dir)) {
