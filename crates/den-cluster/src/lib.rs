@@ -87,9 +87,9 @@ pub(crate) struct Inner {
     /// are frozen and it claims nothing.
     pub(crate) fenced: AtomicBool,
     pub(crate) draining: AtomicBool,
-    /// Serialises claims of one sprite on this node.
     /// Remote owners recently looked up (sprite → location, when).
     pub(crate) routes: parking_lot::Mutex<std::collections::HashMap<String, (Location, std::time::Instant)>>,
+    /// Serialises claims of one sprite on this node.
     pub(crate) claim_locks:
         parking_lot::Mutex<std::collections::HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
     pub(crate) stop: CancellationToken,

@@ -125,18 +125,6 @@ fn agent_fail(e: den_agent::Error, path: &str) -> FsFail {
 
 /// `path` against `workingDir` (default `/`), normalised like the agent does;
 /// used to check input and to name the path in errors.
-/// The two paths of a rename or copy, each resolved like `resolve` does.
-fn source_and_dest(
-    source: &Option<String>,
-    dest: &Option<String>,
-    working_dir: &Option<String>,
-) -> FsResult<(String, String)> {
-    let wd = working_dir.as_deref();
-    let source = resolve(source.as_deref(), wd).map_err(|_| invalid("source is required", ""))?;
-    let dest = resolve(dest.as_deref(), wd).map_err(|_| invalid("dest is required", ""))?;
-    Ok((source, dest))
-}
-
 fn resolve(path: Option<&str>, working_dir: Option<&str>) -> FsResult<String> {
     let path = path.unwrap_or_default();
     if path.is_empty() {
@@ -157,6 +145,18 @@ fn resolve(path: Option<&str>, working_dir: Option<&str>) -> FsResult<String> {
         }
     }
     Ok(out.display().to_string())
+}
+
+/// The two paths of a rename or copy, each resolved like `resolve` does.
+fn source_and_dest(
+    source: &Option<String>,
+    dest: &Option<String>,
+    working_dir: &Option<String>,
+) -> FsResult<(String, String)> {
+    let wd = working_dir.as_deref();
+    let source = resolve(source.as_deref(), wd).map_err(|_| invalid("source is required", ""))?;
+    let dest = resolve(dest.as_deref(), wd).map_err(|_| invalid("dest is required", ""))?;
+    Ok((source, dest))
 }
 
 /// Query booleans as SDKs send them (`true`, `1`; absent or empty is false).

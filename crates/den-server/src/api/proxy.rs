@@ -220,16 +220,15 @@ enum End {
     Shutdown,
 }
 
-/// Raw bytes both ways until either side ends. The two directions run
-/// concurrently so a peer that only reads after writing cannot deadlock
-/// the tunnel.
 /// The official JS SDK attaches its data listener only after it has handled
 /// the `connected` reply; a data frame arriving in the same read (a server
 /// that speaks first: SSH, SMTP, a banner) is dropped. Upstream bytes are
 /// therefore held this long after the reply, so they arrive on their own.
 const FIRST_DATA_GAP: std::time::Duration = std::time::Duration::from_millis(10);
 
-/// `hold_until`: upstream bytes go to the client no earlier than this.
+/// Raw bytes both ways until either side ends. The two directions run
+/// concurrently so a peer that only reads after writing cannot deadlock
+/// the tunnel. Upstream bytes go to the client no earlier than `hold_until`.
 async fn relay(st: AppState, socket: WebSocket, tcp: TcpStream, hold_until: tokio::time::Instant) {
     let (mut ws_tx, mut ws_rx) = socket.split();
     let (mut up_rd, mut up_wr) = tcp.into_split();
