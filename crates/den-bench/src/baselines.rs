@@ -405,8 +405,7 @@ fn wait_for_exit(pids: &[u32], timeout: Duration) {
 /// A loop device attached to an image file; detached on drop. A plain
 /// loop device as `losetup` makes one (buffered, 512-byte sectors), through
 /// den-block, whose detach waits until the kernel has let go of the image
-/// (udev and mount-namespace clones may hold it for a moment) and cannot be
-/// fooled by another process binding the freed device.
+/// and cannot be fooled by another process binding the freed device.
 struct LoopGuard {
     dev: PathBuf,
     lo: Option<den_block::LoopDevice>,
@@ -433,10 +432,22 @@ impl LoopGuard {
 
     fn detach(&mut self) -> Result<()> {
         if let Some(lo) = self.lo.take() {
+            // Just unmounted: a mount-namespace clone may still hold the
+            // filesystem for a moment, and den-block defers (rather than
+            // waits for) a detach under an exclusive holder.
+            den_block::loopdev::wait_unclaimed(&self.dev, Duration::from_secs(10));
             lo.detach()
                 .with_context(|| format!("detaching {}", self.dev.display()))?;
         }
         Ok(())
+    }
+}
+
+impl Drop for LoopGuard {
+    fn drop(&mut self) {
+        if let Err(e) = self.detach() {
+            tracing::warn!(dev = %self.dev.display(), error = %format!("{e:#}"), "loop device left attached");
+        }
     }
 }
 
