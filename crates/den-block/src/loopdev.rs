@@ -656,31 +656,46 @@ pub fn wait_unclaimed(dev: &Path, timeout: Duration) -> bool {
     )
 }
 
-/// Loop devices currently bound to `file` (by the path the kernel reports).
-pub fn devices_backed_by(file: &Path) -> Vec<PathBuf> {
+/// The file loop device `dev` (`/dev/loopN`) is bound to, as the kernel
+/// names it (without its " (deleted)" suffix); `None` if it is unbound.
+pub fn backing_file(dev: &Path) -> Option<PathBuf> {
+    let index = dev
+        .file_name()?
+        .to_str()?
+        .strip_prefix("loop")?
+        .parse::<u32>()
+        .ok()?;
+    backing_of(index)
+}
+
+fn backing_of(index: u32) -> Option<PathBuf> {
+    let s = std::fs::read_to_string(sys_dir(index).join("loop/backing_file")).ok()?;
+    let s = s.trim_end_matches('\n');
+    Some(PathBuf::from(s.strip_suffix(" (deleted)").unwrap_or(s)))
+}
+
+/// Loop devices whose backing file (by the path the kernel reports) passes `pred`.
+pub fn devices_backed(pred: impl Fn(&Path) -> bool) -> Vec<PathBuf> {
     let Ok(entries) = std::fs::read_dir("/sys/block") else {
         return Vec::new();
     };
-    let mut found = Vec::new();
-    for entry in entries.flatten() {
-        let name = entry.file_name();
-        let Some(index) = name
-            .to_str()
-            .and_then(|n| n.strip_prefix("loop"))
-            .and_then(|n| n.parse::<u32>().ok())
-        else {
-            continue;
-        };
-        let Ok(backing) = std::fs::read_to_string(sys_dir(index).join("loop/backing_file")) else {
-            continue;
-        };
-        let backing = backing.trim_end_matches('\n');
-        let backing = backing.strip_suffix(" (deleted)").unwrap_or(backing);
-        if Path::new(backing) == file {
-            found.push(node_path(index));
-        }
-    }
-    found
+    entries
+        .flatten()
+        .filter_map(|entry| {
+            let index = entry
+                .file_name()
+                .to_str()?
+                .strip_prefix("loop")?
+                .parse::<u32>()
+                .ok()?;
+            backing_of(index).filter(|b| pred(b)).map(|_| node_path(index))
+        })
+        .collect()
+}
+
+/// Loop devices currently bound to `file` (by the path the kernel reports).
+pub fn devices_backed_by(file: &Path) -> Vec<PathBuf> {
+    devices_backed(|b| b == file)
 }
 
 /// Detach loop devices left bound to `file` by a previous run that crashed.

@@ -6,7 +6,7 @@
 
 use std::ffi::OsString;
 use std::net::{SocketAddrV4, TcpListener};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail, ensure};
@@ -838,11 +838,9 @@ async fn host_crash_recovery() -> Result<()> {
     );
     close(mgr).await;
     for dev in &old_loops {
-        let name = dev.file_name().and_then(|n| n.to_str()).unwrap_or_default();
-        let backing = std::fs::read_to_string(format!("/sys/block/{name}/loop/backing_file"));
         // Unbound, or reused by someone else since; not still on the dead FUSE file.
         ensure!(
-            !backing.is_ok_and(|b| b.trim() == "/disk"),
+            den_block::loopdev::backing_file(dev).is_none_or(|b| b != Path::new("/disk")),
             "{} is still bound to the crashed process's FUSE file",
             dev.display()
         );

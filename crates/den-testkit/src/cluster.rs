@@ -797,22 +797,12 @@ impl DenNode {
         // Loop devices first: once their FUSE mounts are detached the kernel
         // names the backing file `/disk` and they could not be found again.
         // (A device whose ext4 is still mounted detaches when that goes.)
-        if let Ok(entries) = fs::read_dir("/sys/block") {
-            for e in entries.flatten() {
-                let name = e.file_name().to_string_lossy().into_owned();
-                if !name.starts_with("loop") {
-                    continue;
-                }
-                let backing = fs::read_to_string(e.path().join("loop/backing_file")).unwrap_or_default();
-                let backing = backing.trim().trim_end_matches(" (deleted)");
-                if !backing.is_empty() && under(Path::new(backing)) {
-                    let _ = Command::new("losetup")
-                        .arg("-d")
-                        .arg(format!("/dev/{name}"))
-                        .stderr(Stdio::null())
-                        .status();
-                }
-            }
+        for dev in den_block::loopdev::devices_backed(under) {
+            let _ = Command::new("losetup")
+                .arg("-d")
+                .arg(&dev)
+                .stderr(Stdio::null())
+                .status();
         }
         for mp in mount_points().into_iter().rev().filter(|m| under(m)) {
             let _ = Command::new("umount")

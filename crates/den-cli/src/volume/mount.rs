@@ -246,15 +246,7 @@ fn remove_stale_mounts(mountpoint: &Path, file: &Path) -> Result<()> {
     let stack: Vec<bool> = mounts
         .iter()
         .filter(|m| m.mount_point == mp)
-        .map(|m| {
-            let backing = m
-                .source
-                .strip_prefix("/dev/")
-                .and_then(|d| std::fs::read_to_string(format!("/sys/block/{d}/loop/backing_file")).ok())
-                .unwrap_or_default();
-            let backing = backing.trim_end_matches('\n');
-            Path::new(backing.strip_suffix(" (deleted)").unwrap_or(backing)) == file
-        })
+        .map(|m| den_block::loopdev::backing_file(Path::new(&m.source)).is_some_and(|b| b == file))
         .collect();
     // Only from the top down: never pull a stale mount from under a live one.
     for _ in stack.iter().rev().take_while(|stale| **stale) {

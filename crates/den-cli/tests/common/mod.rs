@@ -448,10 +448,7 @@ pub fn cleanup_crash(r: &Ready) {
 
 /// The backing file of loop device `dev` (`/dev/loopN`), if it is bound.
 pub fn loop_backing_file(dev: &Path) -> Option<PathBuf> {
-    let name = dev.file_name()?.to_str()?;
-    let s = fs::read_to_string(format!("/sys/block/{name}/loop/backing_file")).ok()?;
-    let s = s.trim_end_matches('\n');
-    Some(PathBuf::from(s.strip_suffix(" (deleted)").unwrap_or(s)))
+    den_block::loopdev::backing_file(dev)
 }
 
 /// Mount points with their fstype, in mount order.
