@@ -121,6 +121,49 @@ pub struct NetConfig {
     pub min_learned_ttl: Duration,
     /// And at most this long.
     pub max_learned_ttl: Duration,
+    /// Bounds on the DNS forwarder's work per sprite and overall.
+    pub dns_limits: DnsLimits,
+}
+
+/// Bounds on the DNS forwarder's work, so that one sprite flooding its resolver can neither
+/// exhaust den's file handles nor delay other sprites' lookups: each sprite gets a query
+/// rate, and a number of queries and DNS-over-TCP connections it may have open at once;
+/// all sprites together share a fixed number of upstream sockets.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DnsLimits {
+    /// Queries per second one sprite may send; more are dropped (in nft for UDP, before
+    /// they reach den's socket, and again in the forwarder for UDP and TCP).
+    pub rate: u32,
+    /// How many queries one sprite may send in a burst above `rate`.
+    pub burst: u32,
+    /// Queries of one sprite that may wait for the upstream at once; more get SERVFAIL at
+    /// once.
+    pub inflight_per_sprite: usize,
+    /// The same for all sprites together.
+    pub inflight_total: usize,
+    /// DNS-over-TCP connections one sprite may keep open; more are closed on accept.
+    pub tcp_per_sprite: usize,
+    /// The same for all sprites together.
+    pub tcp_total: usize,
+    /// UDP sockets the forwarder asks the upstream from (answers are matched by query id
+    /// and question, not by socket).
+    pub upstream_sockets: usize,
+}
+
+impl Default for DnsLimits {
+    /// Generous for a build resolving hundreds of hosts; a flood costs den at most
+    /// `inflight_total` pending queries and `upstream_sockets` + `tcp_total` sockets.
+    fn default() -> Self {
+        DnsLimits {
+            rate: 500,
+            burst: 1000,
+            inflight_per_sprite: 64,
+            inflight_total: 1024,
+            tcp_per_sprite: 8,
+            tcp_total: 256,
+            upstream_sockets: 8,
+        }
+    }
 }
 
 impl NetConfig {
@@ -149,6 +192,7 @@ impl NetConfig {
             uplinks: Vec::new(),
             min_learned_ttl: Duration::from_secs(60),
             max_learned_ttl: Duration::from_secs(3600),
+            dns_limits: DnsLimits::default(),
         }
     }
 
@@ -179,6 +223,17 @@ impl NetConfig {
         }
         if self.min_learned_ttl > self.max_learned_ttl {
             return bad("min_learned_ttl > max_learned_ttl");
+        }
+        let d = &self.dns_limits;
+        if d.rate == 0
+            || d.burst == 0
+            || d.inflight_per_sprite == 0
+            || d.inflight_total == 0
+            || d.tcp_per_sprite == 0
+            || d.tcp_total == 0
+            || !(1..=64).contains(&d.upstream_sockets)
+        {
+            return bad("dns limits must be positive (and 1-64 upstream sockets)");
         }
         Ok(())
     }

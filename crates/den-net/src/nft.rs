@@ -81,6 +81,13 @@ pub(crate) fn render(cfg: &NetConfig, sprites: &[SpriteRules]) -> String {
 
     // Traffic to the host itself: only DNS (and ping) to the gateway address. Everything
     // else, including host services bound to 0.0.0.0 and the gateway, is refused.
+    // Each sprite's DNS queries are rate limited here, before they reach the forwarder's
+    // socket (shared by all sprites), so a flood can't crowd out other sprites' queries. The
+    // limit comes before the conntrack shortcut: a flood from one socket is "established".
+    let _ = writeln!(
+        s,
+        "  set dns_rate {{\n    type ipv4_addr\n    size 65535\n    flags dynamic,timeout\n    timeout 1m\n  }}"
+    );
     let _ = writeln!(
         s,
         "  chain input {{
@@ -90,13 +97,16 @@ pub(crate) fn render(cfg: &NetConfig, sprites: &[SpriteRules]) -> String {
   chain sprite_in {{
     meta nfproto != ipv4 drop
     iifname . ip saddr != @sprites counter drop
+    ip daddr {gw} udp dport {port} update @dns_rate {{ ip saddr limit rate over {rate}/second burst {burst} packets }} counter drop
     ct state established,related accept
     ip daddr {gw} udp dport {port} accept
     ip daddr {gw} tcp dport {port} accept
     ip daddr {gw} icmp type echo-request accept
     jump refuse
   }}",
-        port = cfg.dns_port
+        port = cfg.dns_port,
+        rate = cfg.dns_limits.rate,
+        burst = cfg.dns_limits.burst,
     );
 
     let _ = writeln!(
