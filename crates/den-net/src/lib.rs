@@ -22,8 +22,11 @@
 //!
 //! A restricted sprite may only reach addresses that the [`dns::DnsForwarder`] learned from a
 //! lookup of an allowed name; the addresses go into the sprite's nft set with a timeout from
-//! the TTL. A policy change re-renders the sets, and connections to addresses that are no
-//! longer allowed are cut (the rules check the set on every packet in both directions, and
+//! the TTL. A sprite holds at most [`NetConfig::max_learned`] of them (the ones that expire
+//! first are evicted), and learned addresses reach the kernel in batches, one nft
+//! transaction for all that were learned while the previous one ran, outside the state
+//! lock. A policy change deletes the addresses that are no longer allowed, and connections
+//! to them are cut (the rules check the set on every packet in both directions, and
 //! conntrack entries are deleted when the `conntrack` tool is installed).
 //!
 //! # Crash safety
@@ -36,15 +39,20 @@
 mod addr;
 mod cmd;
 pub mod dns;
+mod learned;
 pub mod netns;
 mod nft;
+mod nftq;
 pub mod policy;
 
-use std::collections::HashMap;
+use std::collections::{BTreeSet, HashMap};
 use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
+
+use learned::{Changes, Learned};
+use nftq::NftQueue;
 
 pub use addr::Ipv4Net;
 pub use policy::{Action, CompiledPolicy, NetworkPolicy, PolicyError};
@@ -121,6 +129,9 @@ pub struct NetConfig {
     pub min_learned_ttl: Duration,
     /// And at most this long.
     pub max_learned_ttl: Duration,
+    /// Learned (address, name) pairs one sprite may hold; beyond it, the ones that expire
+    /// first are forgotten (and their addresses unreachable until looked up again).
+    pub max_learned: usize,
     /// Bounds on the DNS forwarder's work per sprite and overall.
     pub dns_limits: DnsLimits,
 }
@@ -192,6 +203,7 @@ impl NetConfig {
             uplinks: Vec::new(),
             min_learned_ttl: Duration::from_secs(60),
             max_learned_ttl: Duration::from_secs(3600),
+            max_learned: 4096,
             dns_limits: DnsLimits::default(),
         }
     }
@@ -223,6 +235,9 @@ impl NetConfig {
         }
         if self.min_learned_ttl > self.max_learned_ttl {
             return bad("min_learned_ttl > max_learned_ttl");
+        }
+        if self.max_learned == 0 {
+            return bad("max_learned must be positive");
         }
         let d = &self.dns_limits;
         if d.rate == 0
@@ -274,29 +289,56 @@ struct Sprite {
     addr: Ipv4Addr,
     policy: NetworkPolicy,
     compiled: CompiledPolicy,
-    /// Destination → (name it was learned for → expiry). One address can serve many names;
-    /// it stays allowed while any of them is allowed and unexpired.
-    learned: HashMap<Ipv4Addr, HashMap<String, Instant>>,
-}
-
-impl Sprite {
-    fn prune(&mut self, now: Instant) {
-        self.learned.retain(|_, names| {
-            names.retain(|_, exp| *exp > now);
-            !names.is_empty()
-        });
-    }
+    /// Destinations learned from allowed lookups. One address can serve many names; it
+    /// stays allowed while any of them is allowed and unexpired.
+    learned: Learned,
 }
 
 #[derive(Default)]
 struct State {
     sprites: HashMap<String, Sprite>,
+    /// Sprite id by address, for the DNS forwarder's per-query lookup.
+    by_addr: HashMap<Ipv4Addr, String>,
+    /// Allow sets the rendered rulesets declared (so a re-render can delete the stale ones).
+    sets: BTreeSet<String>,
+}
+
+impl State {
+    fn insert(&mut self, id: &str, sp: Sprite) {
+        self.by_addr.insert(sp.addr, id.to_string());
+        self.sprites.insert(id.to_string(), sp);
+    }
+
+    fn remove(&mut self, id: &str) -> Option<Sprite> {
+        let sp = self.sprites.remove(id)?;
+        if self.by_addr.get(&sp.addr).is_some_and(|o| o == id) {
+            self.by_addr.remove(&sp.addr);
+        }
+        Some(sp)
+    }
+}
+
+/// What [`NetManager::learn`] asks of the DNS forwarder.
+pub(crate) enum Learn {
+    /// The name is not (or no longer) allowed: refuse the answer.
+    Refused,
+    /// Nothing for the firewall to do: send the answer.
+    Done,
+    /// Send the answer once the firewall has the addresses.
+    Wait(tokio::sync::oneshot::Receiver<Result<(), NetError>>),
 }
 
 /// Owns the sprite networks of one host (one config). Cheap to share: wrap in `Arc`.
+///
+/// Locks: `state` is held only for in-memory work (never while a command runs), since
+/// every DNS query takes it; firewall changes are queued in state order under it and
+/// waited for after ([`nftq`]). `setup` serialises sprite setups and teardowns, whose
+/// `ip` commands run without `state`.
 pub struct NetManager {
     cfg: NetConfig,
     state: Mutex<State>,
+    setup: Mutex<()>,
+    nft: NftQueue,
     conntrack: bool,
 }
 
@@ -330,9 +372,17 @@ impl NetManager {
         let mgr = NetManager {
             cfg,
             state: Mutex::new(State::default()),
+            setup: Mutex::new(()),
+            nft: NftQueue::start()?,
             conntrack,
         };
-        mgr.apply(&mgr.lock())?;
+        let t = &mgr.cfg.table;
+        // Create-then-delete makes the delete valid whether or not the table existed.
+        let script = format!(
+            "table inet {t} {{}}\ndelete table inet {t}\n{}",
+            mgr.render(&mut mgr.lock())
+        );
+        mgr.nft.submit(script).wait()?;
         Ok(Arc::new(mgr))
     }
 
@@ -344,6 +394,10 @@ impl NetManager {
         // A panic while holding the lock leaves consistent-enough data (every mutation is a
         // single insert/remove), so recover instead of poisoning the whole host.
         self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn setup_lock(&self) -> MutexGuard<'_, ()> {
+        self.setup.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     /// Name of the sprite's netns.
@@ -370,7 +424,8 @@ impl NetManager {
         let ifname = self.host_ifname(id);
         let netns = self.netns_name(id);
         let gw = self.cfg.gateway();
-        let mut st = self.lock();
+        let _setup = self.setup_lock();
+        let st = self.lock();
 
         for (other, sp) in &st.sprites {
             if other != id && sp.ifname == ifname {
@@ -405,22 +460,35 @@ impl NetManager {
             }
             None => self.allocate(&st)?,
         };
+        // Other setups wait on `setup`, so the address stays ours while `ip` runs; DNS
+        // answers don't wait at all.
+        drop(st);
 
         self.plumb(&netns, &ifname, addr)?;
 
-        let learned = st.sprites.remove(id).map(|s| s.learned).unwrap_or_default();
-        st.sprites.insert(
-            id.to_string(),
-            Sprite {
-                ifname: ifname.clone(),
-                addr,
-                policy: policy.clone(),
-                compiled,
-                learned,
-            },
-        );
-        if let Err(e) = self.apply(&st) {
-            st.sprites.remove(id);
+        let (pending, previous) = {
+            let mut st = self.lock();
+            let previous = st.remove(id);
+            let learned = previous.as_ref().map(|s| s.learned.clone()).unwrap_or_default();
+            st.insert(
+                id,
+                Sprite {
+                    ifname: ifname.clone(),
+                    addr,
+                    policy: policy.clone(),
+                    compiled,
+                    learned,
+                },
+            );
+            (self.nft.submit(self.render(&mut st)), previous)
+        };
+        if let Err(e) = pending.wait() {
+            let mut st = self.lock();
+            st.remove(id);
+            if let Some(p) = previous {
+                st.insert(id, p);
+            }
+            let _ = self.nft.submit(self.render(&mut st));
             return Err(e);
         }
         Ok(SpriteNet {
@@ -504,13 +572,16 @@ impl NetManager {
     /// so it also cleans up after a crash; missing pieces are not an error.
     pub fn teardown_sprite(&self, id: &str) -> Result<(), NetError> {
         validate_id(id)?;
-        let mut st = self.lock();
-        let removed = st.sprites.remove(id);
-        self.apply(&st)?;
+        let _setup = self.setup_lock();
+        let (pending, removed) = {
+            let mut st = self.lock();
+            let removed = st.remove(id);
+            (self.nft.submit(self.render(&mut st)), removed)
+        };
+        pending.wait()?;
         if let (Some(sp), true) = (&removed, self.conntrack) {
             kill_conntrack(&sp.addr.to_string(), None);
         }
-        drop(st);
         cmd::ignore_missing(cmd::ip(&["link", "del", &self.host_ifname(id)]))?;
         let ns = self.netns_name(id);
         if netns::netns_path(&ns).exists() {
@@ -558,36 +629,39 @@ impl NetManager {
     /// swap the ruleset, then delete conntrack entries of the dropped destinations.
     pub fn set_policy(&self, id: &str, policy: &NetworkPolicy) -> Result<(), NetError> {
         let compiled = policy.compile()?;
-        let mut st = self.lock();
         let now = Instant::now();
-        let sp = st
-            .sprites
-            .get_mut(id)
-            .ok_or_else(|| NetError::UnknownSprite(id.into()))?;
-        let old_policy = std::mem::replace(&mut sp.policy, policy.clone());
-        let old_compiled = std::mem::replace(&mut sp.compiled, compiled);
-        let was_unrestricted = old_compiled.is_unrestricted();
-        let old_learned = sp.learned.clone();
-        sp.prune(now);
-        let mut dropped = Vec::new();
-        let compiled = sp.compiled.clone();
-        sp.learned.retain(|ip, names| {
-            names.retain(|name, _| compiled.decide(name) == Action::Allow);
-            if names.is_empty() {
-                dropped.push(*ip);
+        let (pending, old, addr, dropped, was_unrestricted) = {
+            let mut st = self.lock();
+            let sp = st
+                .sprites
+                .get_mut(id)
+                .ok_or_else(|| NetError::UnknownSprite(id.into()))?;
+            let old = (sp.policy.clone(), sp.compiled.clone(), sp.learned.clone());
+            let was_unrestricted = sp.compiled.is_unrestricted();
+            sp.policy = policy.clone();
+            sp.compiled = compiled.clone();
+            sp.learned.prune(now);
+            let dropped = sp
+                .learned
+                .retain_names(|name| compiled.decide(name) == Action::Allow);
+            let (addr, set) = (sp.addr, nft::allow_set(&sp.ifname));
+            let mut script = self.render(&mut st);
+            let ch = Changes {
+                add: Vec::new(),
+                remove: dropped.clone(),
+            };
+            script.push_str(&nft::elements_script(&self.cfg.table, &set, &ch));
+            (self.nft.submit(script), old, addr, dropped, was_unrestricted)
+        };
+        if let Err(e) = pending.wait() {
+            let mut st = self.lock();
+            if let Some(sp) = st.sprites.get_mut(id) {
+                (sp.policy, sp.compiled, sp.learned) = old;
             }
-            !names.is_empty()
-        });
-        let addr = sp.addr;
-        let now_restricted = !compiled.is_unrestricted();
-        if let Err(e) = self.apply(&st) {
-            let sp = st.sprites.get_mut(id).expect("present");
-            sp.policy = old_policy;
-            sp.compiled = old_compiled;
-            sp.learned = old_learned;
+            let _ = self.nft.submit(self.render(&mut st));
             return Err(e);
         }
-        drop(st);
+        let now_restricted = !compiled.is_unrestricted();
         if self.conntrack {
             if was_unrestricted && now_restricted {
                 // Anything may have been open; keep nothing that isn't learned and allowed.
@@ -610,26 +684,29 @@ impl NetManager {
 
     /// Addresses a sprite may currently reach because of allowed lookups (for debugging).
     pub fn learned(&self, id: &str) -> Vec<Ipv4Addr> {
-        let mut st = self.lock();
-        let now = Instant::now();
-        let Some(sp) = st.sprites.get_mut(id) else {
-            return Vec::new();
-        };
-        sp.prune(now);
-        let mut v: Vec<Ipv4Addr> = sp.learned.keys().copied().collect();
-        v.sort();
-        v
+        let st = self.lock();
+        st.sprites
+            .get(id)
+            .map(|sp| sp.learned.ips(Instant::now()))
+            .unwrap_or_default()
     }
 
     /// Delete our nft table (for tests and `den` uninstall). Sprite netns/veths are left to
     /// [`NetManager::teardown_sprite`] / [`NetManager::cleanup_leftovers`].
     pub fn remove_firewall(&self) -> Result<(), NetError> {
         let t = &self.cfg.table;
-        cmd::nft(&format!("table inet {t} {{}}\ndelete table inet {t}\n"))
+        let pending = {
+            let mut st = self.lock();
+            st.sets.clear();
+            self.nft
+                .submit(format!("table inet {t} {{}}\ndelete table inet {t}\n"))
+        };
+        pending.wait()
     }
 
-    fn apply(&self, st: &State) -> Result<(), NetError> {
-        let now = Instant::now();
+    /// The ruleset script for the current state (call with the state lock held, and
+    /// submit before releasing it, so the kernel gets changes in state order).
+    fn render(&self, st: &mut State) -> String {
         let mut rules: Vec<nft::SpriteRules> = st
             .sprites
             .values()
@@ -637,24 +714,18 @@ impl NetManager {
                 ifname: sp.ifname.clone(),
                 addr: sp.addr,
                 unrestricted: sp.compiled.is_unrestricted(),
-                learned: sp
-                    .learned
-                    .iter()
-                    .filter_map(|(ip, names)| {
-                        let exp = names.values().max()?;
-                        let left = exp.checked_duration_since(now)?;
-                        Some((*ip, left))
-                    })
-                    .collect(),
             })
             .collect();
         rules.sort_by(|a, b| a.ifname.cmp(&b.ifname));
-        cmd::nft(&nft::render(&self.cfg, &rules))
+        let sets: BTreeSet<String> = rules.iter().map(|r| nft::allow_set(&r.ifname)).collect();
+        let gone: Vec<String> = st.sets.difference(&sets).cloned().collect();
+        st.sets = sets;
+        nft::render(&self.cfg, &rules, &gone)
     }
 
     pub(crate) fn dns_verdict(&self, src: Ipv4Addr, name: &str) -> DnsVerdict {
         let st = self.lock();
-        let Some(sp) = st.sprites.values().find(|s| s.addr == src) else {
+        let Some(sp) = st.by_addr.get(&src).and_then(|id| st.sprites.get(id)) else {
             return DnsVerdict::Unknown;
         };
         if sp.compiled.is_unrestricted() {
@@ -667,42 +738,38 @@ impl NetManager {
     }
 
     /// Record the A answers of an allowed lookup. Re-checks the policy under the lock, so a
-    /// policy change that raced with the lookup wins.
-    pub(crate) fn learn(
-        &self,
-        src: Ipv4Addr,
-        name: &str,
-        answers: &[(Ipv4Addr, u32)],
-    ) -> Result<bool, NetError> {
+    /// policy change that raced with the lookup wins. Never waits: the firewall change is
+    /// queued (batched with others) and the caller awaits it.
+    pub(crate) fn learn(&self, src: Ipv4Addr, name: &str, answers: &[(Ipv4Addr, u32)]) -> Learn {
         let mut st = self.lock();
-        let Some(sp) = st.sprites.values_mut().find(|s| s.addr == src) else {
-            return Ok(false);
+        let Some(sp) = st
+            .by_addr
+            .get(&src)
+            .cloned()
+            .and_then(|id| st.sprites.get_mut(&id))
+        else {
+            return Learn::Refused;
         };
         if sp.compiled.is_unrestricted() {
-            return Ok(true);
+            return Learn::Done;
         }
         if sp.compiled.decide(name) != Action::Allow {
-            return Ok(false);
+            return Learn::Refused;
         }
         let name = name.trim_end_matches('.').to_ascii_lowercase();
         let now = Instant::now();
-        let mut elems = Vec::new();
+        let mut ch = Changes::default();
         for (ip, ttl) in answers {
             let ttl = Duration::from_secs(u64::from(*ttl))
                 .clamp(self.cfg.min_learned_ttl, self.cfg.max_learned_ttl);
-            let exp = now + ttl;
-            let names = sp.learned.entry(*ip).or_default();
-            let e = names.entry(name.clone()).or_insert(exp);
-            *e = (*e).max(exp);
-            let longest = names.values().max().copied().unwrap_or(exp);
-            elems.push((*ip, longest.saturating_duration_since(now)));
+            sp.learned.insert(*ip, &name, now + ttl, now, &mut ch);
         }
-        if elems.is_empty() {
-            return Ok(true);
+        sp.learned.enforce_cap(self.cfg.max_learned, now, &mut ch);
+        if ch.is_empty() {
+            return Learn::Done;
         }
-        let set = nft::allow_set(&sp.ifname);
-        cmd::nft(&nft::learn_script(&self.cfg.table, &set, &elems))?;
-        Ok(true)
+        let script = nft::elements_script(&self.cfg.table, &nft::allow_set(&sp.ifname), &ch);
+        Learn::Wait(self.nft.submit_async(script))
     }
 }
 
@@ -762,6 +829,8 @@ mod tests {
         let mgr = NetManager {
             cfg,
             state: Mutex::new(State::default()),
+            setup: Mutex::new(()),
+            nft: NftQueue::start().unwrap(),
             conntrack: false,
         };
         let n = mgr.host_ifname(&"x".repeat(63));
@@ -783,12 +852,39 @@ mod tests {
                 ifname: "dn00000001".into(),
                 addr: "10.200.0.2".parse().unwrap(),
                 unrestricted: false,
-                learned: vec![("1.2.3.4".parse().unwrap(), Duration::from_secs(30))],
             }],
+            &["allow_dn00000002".to_string()],
         );
-        assert!(s.contains("1.2.3.4 timeout 30s"));
+        assert_eq!(
+            s,
+            nft::render(
+                &cfg,
+                &[nft::SpriteRules {
+                    ifname: "dn00000001".into(),
+                    addr: "10.200.0.2".parse().unwrap(),
+                    unrestricted: false,
+                }],
+                &["allow_dn00000002".to_string()]
+            )
+        );
         assert!(s.contains("iifname \"dn00000001\" ip daddr @allow_dn00000001 accept"));
         assert!(s.contains("169.254.0.0/16"));
+        assert!(s.contains("delete set inet den allow_dn00000002"));
+        // Re-rendering never touches the learned addresses.
+        assert!(!s.contains("delete table") && !s.contains("flush set inet den allow_"));
+        let ch = Changes {
+            add: vec![("1.2.3.4".parse().unwrap(), Duration::from_secs(30))],
+            remove: vec!["5.6.7.8".parse().unwrap()],
+        };
+        let e = nft::elements_script("den", "allow_dn00000001", &ch);
+        assert!(
+            e.contains("delete element inet den allow_dn00000001 { 5.6.7.8, 1.2.3.4 }"),
+            "{e}"
+        );
+        assert!(
+            e.ends_with("add element inet den allow_dn00000001 { 1.2.3.4 timeout 30s }\n"),
+            "{e}"
+        );
         assert!(s.contains("masquerade"));
     }
 }

@@ -205,3 +205,159 @@ fn abuse_dns_flood_does_not_slow_other_sprites() -> anyhow::Result<()> {
     }
     Ok(())
 }
+
+/// Elements in a sprite's set of learned addresses, as the kernel has them.
+fn kernel_learned(w: &World, sp: &SpriteNet) -> anyhow::Result<usize> {
+    let out = std::process::Command::new("nft")
+        .args([
+            "list",
+            "set",
+            "inet",
+            &w.mgr.config().table,
+            &format!("allow_{}", sp.host_ifname),
+        ])
+        .output()?;
+    anyhow::ensure!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    Ok(String::from_utf8_lossy(&out.stdout).matches(" expires ").count())
+}
+
+/// A sprite allowed `*.many.test` resolves thousands of unique names, each answered with an
+/// address of its own. Its learned addresses stay within the cap (in den and in the
+/// kernel), another sprite's lookups (which learn too) stay fast, and so does a new
+/// sprite's network setup: learning is batched into few nft transactions that run outside
+/// the state lock, and a re-render no longer rewrites every learned address.
+#[test]
+fn abuse_learned_address_flood_is_capped_and_does_not_slow_others() -> anyhow::Result<()> {
+    require_root!();
+    const NAMES: u32 = 3000;
+    const WINDOW: u32 = 64;
+    const CAP: usize = 500;
+
+    let mut w = World::with_config(|c| {
+        c.max_learned = CAP;
+        // The attack here is learning, not the query rate: let every query through.
+        c.dns_limits.rate = 1_000_000;
+        c.dns_limits.burst = 1_000_000;
+    })?;
+    let many =
+        policy(r#"{"rules":[{"domain":"*.many.test","action":"allow"},{"domain":"*","action":"deny"}]}"#);
+    let greedy = w.sprite("greedy", &many)?;
+    let calm = w.sprite("calm", &many)?;
+
+    // The bystander resolves new names too, so each of its lookups has to reach nft.
+    let stop = Arc::new(AtomicBool::new(false));
+    let (ns, dns, stop2) = (calm.netns.clone(), calm.dns, stop.clone());
+    let bystander = std::thread::spawn(move || {
+        netns::run_in(&ns, move || -> anyhow::Result<Vec<Sample>> {
+            let s = UdpSocket::bind("0.0.0.0:0")?;
+            s.connect(dns)?;
+            s.set_read_timeout(Some(Duration::from_secs(5)))?;
+            let mut out = Vec::new();
+            let mut buf = [0u8; 1500];
+            for id in 0..2_000u16 {
+                if stop2.load(Ordering::SeqCst) {
+                    break;
+                }
+                let t = Instant::now();
+                s.send(&query_bytes(id, &format!("calm{id}.many.test"))?)?;
+                let got = loop {
+                    let Ok(n) = s.recv(&mut buf) else { break None };
+                    let r = Message::from_vec(&buf[..n])?;
+                    if r.metadata.id == id {
+                        let ips = r
+                            .answers
+                            .iter()
+                            .filter_map(|rec| match &rec.data {
+                                RData::A(a) => Some(a.0),
+                                _ => None,
+                            })
+                            .collect();
+                        break Some((r.metadata.response_code, ips));
+                    }
+                };
+                out.push((t.elapsed(), got));
+                // The bystander's own request rate, not a wait for anything.
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            Ok(out)
+        })?
+    });
+
+    let (ns, dns) = (greedy.netns.clone(), greedy.dns);
+    let flood = std::thread::spawn(move || {
+        netns::run_in(&ns, move || -> anyhow::Result<u32> {
+            let s = UdpSocket::bind("0.0.0.0:0")?;
+            s.connect(SocketAddr::V4(dns))?;
+            s.set_read_timeout(Some(Duration::from_secs(5)))?;
+            let mut buf = [0u8; 1500];
+            let mut answered = 0;
+            // Windows of queries in flight, each window's answers read before the next.
+            for start in (0..NAMES).step_by(WINDOW as usize) {
+                let end = (start + WINDOW).min(NAMES);
+                for k in start..end {
+                    s.send(&query_bytes(k as u16, &format!("n{k}.many.test"))?)?;
+                }
+                for _ in start..end {
+                    let Ok(n) = s.recv(&mut buf) else { break };
+                    let r = Message::from_vec(&buf[..n])?;
+                    if r.metadata.response_code == ResponseCode::NoError && !r.answers.is_empty() {
+                        answered += 1;
+                    }
+                }
+            }
+            Ok(answered)
+        })?
+    });
+
+    // A new sprite's network setup while the flood is under way.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while w.mgr.learned("greedy").len() < CAP / 2 {
+        anyhow::ensure!(Instant::now() < deadline, "the flood learned nothing");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let t = Instant::now();
+    let late = w.sprite("late", &many)?;
+    let setup = t.elapsed();
+    let late_lookup = lookup(&late, "late.many.test")?;
+
+    let answered = flood.join().expect("flood thread")?;
+    stop.store(true, Ordering::SeqCst);
+    let samples = bystander.join().expect("bystander thread")?;
+
+    let mut lat: Vec<Duration> = samples.iter().map(|(d, _)| *d).collect();
+    lat.sort();
+    let (p50, p99) = (percentile(&lat, 0.5), percentile(&lat, 0.99));
+    let failed = samples
+        .iter()
+        .filter(|(_, r)| !matches!(r, Some((ResponseCode::NoError, ips)) if ips.len() == 1))
+        .count();
+    let (learned, in_kernel) = (w.mgr.learned("greedy").len(), kernel_learned(&w, &greedy)?);
+    eprintln!(
+        "learned flood: {answered}/{NAMES} answered; greedy learned {learned} (kernel {in_kernel}), cap \
+         {CAP}; bystander: {} lookups, {failed} failed, p50 {p50:?}, p99 {p99:?}; new sprite setup \
+         {setup:?}",
+        samples.len()
+    );
+    assert!(
+        answered >= NAMES * 9 / 10,
+        "the flood was not answered: {answered}"
+    );
+    assert!(learned <= CAP, "greedy learned {learned} addresses, cap {CAP}");
+    assert!(
+        in_kernel <= CAP,
+        "greedy's kernel set has {in_kernel} addresses, cap {CAP}"
+    );
+    assert!(
+        samples.len() >= 20,
+        "too few bystander lookups: {}",
+        samples.len()
+    );
+    assert_eq!(failed, 0, "bystander lookups failed under the flood");
+    assert!(p99 < Duration::from_millis(250), "bystander p99 {p99:?}");
+    assert!(setup < Duration::from_secs(1), "new sprite setup took {setup:?}");
+    assert_eq!(late_lookup.0, ResponseCode::NoError);
+    // The newest learned address works: the sprite can still reach what it just resolved.
+    let last = den_testkit::net::many_test_ip(&format!("n{}", NAMES - 1));
+    assert!(w.mgr.learned("greedy").contains(&last));
+    Ok(())
+}

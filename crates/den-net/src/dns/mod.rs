@@ -39,7 +39,7 @@ use tokio::task::JoinHandle;
 
 use self::budget::Budget;
 use self::upstream::Upstream;
-use crate::{DnsVerdict, NetError, NetManager};
+use crate::{DnsVerdict, Learn, NetError, NetManager};
 
 /// A TCP client that sends nothing for this long is dropped.
 const TCP_IDLE: Duration = Duration::from_secs(10);
@@ -47,6 +47,8 @@ const TCP_IDLE: Duration = Duration::from_secs(10);
 const BUF: usize = 4096;
 /// Receive buffer of the sprites' socket: absorbs bursts of every sprite's rate at once.
 const RCVBUF: usize = 4 << 20;
+/// How long an answer waits for its addresses to reach the firewall before it fails.
+const LEARN_TIMEOUT: Duration = Duration::from_secs(5);
 /// After a failed accept (out of file handles), wait this long instead of spinning.
 const ACCEPT_BACKOFF: Duration = Duration::from_millis(50);
 
@@ -296,17 +298,21 @@ async fn resolve(
             _ => None,
         })
         .collect();
-    let (m, n) = (ctx.mgr.clone(), name.clone());
-    let learned = tokio::task::spawn_blocking(move || m.learn(src, &n, &answers)).await;
-    match learned {
-        Ok(Ok(true)) => Some(raw),
+    match ctx.mgr.learn(src, &name, &answers) {
+        Learn::Done => Some(raw),
         // The policy changed while we were asking upstream.
-        Ok(Ok(false)) => error_reply(msg, ResponseCode::Refused),
-        Ok(Err(e)) => {
-            tracing::warn!(error = %e, %name, "recording DNS answers in nft failed");
-            error_reply(msg, ResponseCode::ServFail)
-        }
-        Err(_) => error_reply(msg, ResponseCode::ServFail),
+        Learn::Refused => error_reply(msg, ResponseCode::Refused),
+        Learn::Wait(done) => match tokio::time::timeout(LEARN_TIMEOUT, done).await {
+            Ok(Ok(Ok(()))) => Some(raw),
+            Ok(Ok(Err(e))) => {
+                tracing::warn!(error = %e, %name, "recording DNS answers in nft failed");
+                error_reply(msg, ResponseCode::ServFail)
+            }
+            _ => {
+                tracing::warn!(%name, "recording DNS answers in nft timed out");
+                error_reply(msg, ResponseCode::ServFail)
+            }
+        },
     }
 }
 

@@ -36,7 +36,13 @@ pub struct World {
 
 impl World {
     pub fn new() -> anyhow::Result<Self> {
-        let net = TestNet::new()?;
+        Self::with_config(|_| {})
+    }
+
+    /// A world whose manager's config is the TestNet's, changed by `f`.
+    pub fn with_config(f: impl FnOnce(&mut den_net::NetConfig)) -> anyhow::Result<Self> {
+        let mut net = TestNet::new()?;
+        f(&mut net.config);
         let rt = tokio::runtime::Runtime::new()?;
         let mgr = NetManager::new(net.config.clone())?;
         let forwarder = {
