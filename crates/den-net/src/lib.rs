@@ -15,8 +15,10 @@
 //!
 //! One `inet <table>` (default `den`), owned by us and replaced atomically ([`nft`]): sprites
 //! may reach the host only for DNS on the gateway; never each other, the blocked ranges
-//! (link-local/metadata, loopback, private ranges by default) or their own subnet; egress is
-//! masqueraded. Forwarding is enabled per interface (our veths and the uplinks), not globally.
+//! (link-local/metadata, loopback, private ranges by default), the networks attached to the
+//! host's interfaces and the host's own addresses (unless the operator allows them, read at
+//! every setup, teardown and policy change), or their own subnet; egress is masqueraded.
+//! Forwarding is enabled per interface (our veths and the uplinks), not globally.
 //!
 //! # Egress policy
 //!
@@ -119,8 +121,14 @@ pub struct NetConfig {
     pub dns_port: u16,
     /// Resolver the DNS forwarder asks for allowed names.
     pub upstream_dns: SocketAddr,
-    /// Destinations no sprite may reach, whatever the policy (the subnet itself is added).
+    /// Destinations no sprite may reach, whatever the policy (the subnet itself is added,
+    /// and so are the host's networks: see `allowed_host_networks`).
     pub blocked: Vec<Ipv4Net>,
+    /// The networks attached to the host's interfaces (its LAN, other bridges) and the
+    /// host's own addresses are blocked for every sprite, read again at every sprite setup,
+    /// teardown and policy change; except those inside one of these networks (e.g.
+    /// `0.0.0.0/0` lets sprites reach every host network again).
+    pub allowed_host_networks: Vec<Ipv4Net>,
     /// Interfaces that carry sprite egress (forwarding is enabled on them, for the return
     /// path). Empty: the interface of the default route.
     pub uplinks: Vec<String>,
@@ -200,6 +208,7 @@ impl NetConfig {
             dns_port: 53,
             upstream_dns,
             blocked: nets.iter().map(|n| n.parse().expect("literal")).collect(),
+            allowed_host_networks: Vec::new(),
             uplinks: Vec::new(),
             min_learned_ttl: Duration::from_secs(60),
             max_learned_ttl: Duration::from_secs(3600),
@@ -376,11 +385,12 @@ impl NetManager {
             nft: NftQueue::start()?,
             conntrack,
         };
+        let host = mgr.host_blocked()?;
         let t = &mgr.cfg.table;
         // Create-then-delete makes the delete valid whether or not the table existed.
         let script = format!(
             "table inet {t} {{}}\ndelete table inet {t}\n{}",
-            mgr.render(&mut mgr.lock())
+            mgr.render(&mut mgr.lock(), &host)
         );
         mgr.nft.submit(script).wait()?;
         Ok(Arc::new(mgr))
@@ -465,6 +475,7 @@ impl NetManager {
         drop(st);
 
         self.plumb(&netns, &ifname, addr)?;
+        let host = self.host_blocked()?;
 
         let (pending, previous) = {
             let mut st = self.lock();
@@ -480,7 +491,7 @@ impl NetManager {
                     learned,
                 },
             );
-            (self.nft.submit(self.render(&mut st)), previous)
+            (self.nft.submit(self.render(&mut st, &host)), previous)
         };
         if let Err(e) = pending.wait() {
             let mut st = self.lock();
@@ -488,7 +499,7 @@ impl NetManager {
             if let Some(p) = previous {
                 st.insert(id, p);
             }
-            let _ = self.nft.submit(self.render(&mut st));
+            let _ = self.nft.submit(self.render(&mut st, &host));
             return Err(e);
         }
         Ok(SpriteNet {
@@ -573,10 +584,11 @@ impl NetManager {
     pub fn teardown_sprite(&self, id: &str) -> Result<(), NetError> {
         validate_id(id)?;
         let _setup = self.setup_lock();
+        let host = self.host_blocked()?;
         let (pending, removed) = {
             let mut st = self.lock();
             let removed = st.remove(id);
-            (self.nft.submit(self.render(&mut st)), removed)
+            (self.nft.submit(self.render(&mut st, &host)), removed)
         };
         pending.wait()?;
         if let (Some(sp), true) = (&removed, self.conntrack) {
@@ -612,12 +624,7 @@ impl NetManager {
                 continue;
             };
             let name = name.split('@').next().unwrap_or(name);
-            let ours = name.len() == self.cfg.ifprefix.len() + 8
-                && name.starts_with(&self.cfg.ifprefix)
-                && name[self.cfg.ifprefix.len()..]
-                    .bytes()
-                    .all(|b| b.is_ascii_hexdigit());
-            if ours && !keep_if.iter().any(|k| k == name) {
+            if self.is_our_veth(name) && !keep_if.iter().any(|k| k == name) {
                 cmd::ignore_missing(cmd::ip(&["link", "del", name]))?;
                 removed.push(name.to_string());
             }
@@ -629,6 +636,7 @@ impl NetManager {
     /// swap the ruleset, then delete conntrack entries of the dropped destinations.
     pub fn set_policy(&self, id: &str, policy: &NetworkPolicy) -> Result<(), NetError> {
         let compiled = policy.compile()?;
+        let host = self.host_blocked()?;
         let now = Instant::now();
         let (pending, old, addr, dropped, was_unrestricted) = {
             let mut st = self.lock();
@@ -645,7 +653,7 @@ impl NetManager {
                 .learned
                 .retain_names(|name| compiled.decide(name) == Action::Allow);
             let (addr, set) = (sp.addr, nft::allow_set(&sp.ifname));
-            let mut script = self.render(&mut st);
+            let mut script = self.render(&mut st, &host);
             let ch = Changes {
                 add: Vec::new(),
                 remove: dropped.clone(),
@@ -658,7 +666,7 @@ impl NetManager {
             if let Some(sp) = st.sprites.get_mut(id) {
                 (sp.policy, sp.compiled, sp.learned) = old;
             }
-            let _ = self.nft.submit(self.render(&mut st));
+            let _ = self.nft.submit(self.render(&mut st, &host));
             return Err(e);
         }
         let now_restricted = !compiled.is_unrestricted();
@@ -706,7 +714,7 @@ impl NetManager {
 
     /// The ruleset script for the current state (call with the state lock held, and
     /// submit before releasing it, so the kernel gets changes in state order).
-    fn render(&self, st: &mut State) -> String {
+    fn render(&self, st: &mut State, host: &[Ipv4Net]) -> String {
         let mut rules: Vec<nft::SpriteRules> = st
             .sprites
             .values()
@@ -720,7 +728,26 @@ impl NetManager {
         let sets: BTreeSet<String> = rules.iter().map(|r| nft::allow_set(&r.ifname)).collect();
         let gone: Vec<String> = st.sets.difference(&sets).cloned().collect();
         st.sets = sets;
-        nft::render(&self.cfg, &rules, &gone)
+        nft::render(&self.cfg, &rules, &gone, host)
+    }
+
+    /// The host's networks and addresses that sprites must not reach (see
+    /// [`NetConfig::allowed_host_networks`]). Read before taking the state lock: it runs `ip`.
+    fn host_blocked(&self) -> Result<Vec<Ipv4Net>, NetError> {
+        let out = cmd::ip(&["-j", "-4", "addr", "show"])?;
+        host_networks(
+            &out,
+            |name| self.is_our_veth(name),
+            &self.cfg.allowed_host_networks,
+        )
+    }
+
+    /// Whether `name` is the host end of one of our sprites' veths (`<ifprefix><8 hex>`).
+    fn is_our_veth(&self, name: &str) -> bool {
+        let p = &self.cfg.ifprefix;
+        name.len() == p.len() + 8
+            && name.starts_with(p.as_str())
+            && name[p.len()..].bytes().all(|b| b.is_ascii_hexdigit())
     }
 
     pub(crate) fn dns_verdict(&self, src: Ipv4Addr, name: &str) -> DnsVerdict {
@@ -771,6 +798,53 @@ impl NetManager {
         let script = nft::elements_script(&self.cfg.table, &nft::allow_set(&sp.ifname), &ch);
         Learn::Wait(self.nft.submit_async(script))
     }
+}
+
+/// From `ip -j -4 addr show`: every network attached to an interface and every address of
+/// the host, except on interfaces `skip` names and those inside an `allowed` network.
+fn host_networks(
+    ip_json: &str,
+    skip: impl Fn(&str) -> bool,
+    allowed: &[Ipv4Net],
+) -> Result<Vec<Ipv4Net>, NetError> {
+    #[derive(serde::Deserialize)]
+    struct Link {
+        #[serde(default)]
+        ifname: String,
+        #[serde(default)]
+        addr_info: Vec<AddrInfo>,
+    }
+    #[derive(serde::Deserialize)]
+    struct AddrInfo {
+        #[serde(default)]
+        family: String,
+        #[serde(default)]
+        local: String,
+        #[serde(default)]
+        prefixlen: u8,
+    }
+    let links: Vec<Link> = serde_json::from_str(ip_json).map_err(|e| NetError::Io {
+        context: "parse `ip -j addr`".into(),
+        source: std::io::Error::other(e),
+    })?;
+    let mut nets = Vec::new();
+    for link in links.iter().filter(|l| !skip(&l.ifname)) {
+        for a in link.addr_info.iter().filter(|a| a.family == "inet") {
+            let Ok(local) = a.local.parse::<Ipv4Addr>() else {
+                continue;
+            };
+            // A /0 would block the whole internet: only an operator's `blocked` may do that.
+            let net = (a.prefixlen > 0)
+                .then(|| Ipv4Net::new(local, a.prefixlen))
+                .flatten();
+            for n in net.into_iter().chain(Ipv4Net::new(local, 32)) {
+                if !allowed.iter().any(|ok| ok.contains_net(&n)) && !nets.contains(&n) {
+                    nets.push(n);
+                }
+            }
+        }
+    }
+    Ok(nets)
 }
 
 fn set_forwarding(ifname: &str) -> Result<(), NetError> {
@@ -844,6 +918,32 @@ mod tests {
     }
 
     #[test]
+    fn host_networks_skip_our_veths_and_allowed_ones() {
+        let json = r#"[
+            {"ifname":"lo","addr_info":[{"family":"inet","local":"127.0.0.1","prefixlen":8}]},
+            {"ifname":"eth0","addr_info":[{"family":"inet","local":"192.168.1.5","prefixlen":24},
+                                          {"family":"inet6","local":"fe80::1","prefixlen":64}]},
+            {"ifname":"dn0123abcd","addr_info":[{"family":"inet","local":"10.200.0.1","prefixlen":32}]},
+            {"ifname":"ti1","addr_info":[{"family":"inet","local":"10.99.3.1","prefixlen":24}]},
+            {"ifname":"wg0","addr_info":[{"family":"inet","local":"1.2.3.4","prefixlen":0}]},
+            {"ifname":"down"}
+        ]"#;
+        let allowed = ["10.99.3.0/24".parse().unwrap()];
+        let nets = host_networks(json, |n| n.starts_with("dn"), &allowed).unwrap();
+        let want: Vec<Ipv4Net> = [
+            "127.0.0.0/8",
+            "127.0.0.1/32",
+            "192.168.1.0/24",
+            "192.168.1.5/32",
+            "1.2.3.4/32",
+        ]
+        .iter()
+        .map(|n| n.parse().unwrap())
+        .collect();
+        assert_eq!(nets, want);
+    }
+
+    #[test]
     fn render_is_deterministic_and_mentions_everything() {
         let cfg = NetConfig::new("127.0.0.1:53".parse().unwrap());
         let s = nft::render(
@@ -854,6 +954,7 @@ mod tests {
                 unrestricted: false,
             }],
             &["allow_dn00000002".to_string()],
+            &["192.168.1.0/24".parse().unwrap()],
         );
         assert_eq!(
             s,
@@ -864,11 +965,13 @@ mod tests {
                     addr: "10.200.0.2".parse().unwrap(),
                     unrestricted: false,
                 }],
-                &["allow_dn00000002".to_string()]
+                &["allow_dn00000002".to_string()],
+                &["192.168.1.0/24".parse().unwrap()],
             )
         );
         assert!(s.contains("iifname \"dn00000001\" ip daddr @allow_dn00000001 accept"));
         assert!(s.contains("169.254.0.0/16"));
+        assert!(s.contains("192.168.1.0/24"));
         assert!(s.contains("delete set inet den allow_dn00000002"));
         // Re-rendering never touches the learned addresses.
         assert!(!s.contains("delete table") && !s.contains("flush set inet den allow_"));

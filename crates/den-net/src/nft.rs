@@ -16,8 +16,8 @@ use std::fmt::Write as _;
 use std::net::Ipv4Addr;
 use std::time::Duration;
 
-use crate::NetConfig;
 use crate::learned::Changes;
+use crate::{Ipv4Net, NetConfig};
 
 /// What the renderer needs to know about one sprite.
 pub(crate) struct SpriteRules {
@@ -63,8 +63,8 @@ fn allow_set_decl(set: &str, cap: usize) -> String {
 }
 
 /// The script for the current `sprites`; `gone` are allow sets of sprites that no longer
-/// exist.
-pub(crate) fn render(cfg: &NetConfig, sprites: &[SpriteRules], gone: &[String]) -> String {
+/// exist, `host` the host's networks and addresses (blocked like `cfg.blocked`).
+pub(crate) fn render(cfg: &NetConfig, sprites: &[SpriteRules], gone: &[String], host: &[Ipv4Net]) -> String {
     let t = &cfg.table;
     let p = &cfg.ifprefix;
     let gw = cfg.gateway();
@@ -115,6 +115,7 @@ pub(crate) fn render(cfg: &NetConfig, sprites: &[SpriteRules], gone: &[String]) 
     }
     let mut blocked: Vec<String> = cfg.blocked.iter().map(|n| n.to_string()).collect();
     blocked.push(cfg.subnet.to_string());
+    blocked.extend(host.iter().map(|n| n.to_string()));
     let _ = writeln!(s, "add element inet {t} blocked {{ {} }}", blocked.join(", "));
 
     let _ = writeln!(s, "table inet {t} {{");

@@ -5,7 +5,9 @@
 
 mod common;
 
-use std::net::{Ipv4Addr, SocketAddr, UdpSocket};
+use std::io::ErrorKind;
+use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4, TcpListener, UdpSocket};
+use std::process::Command;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
@@ -22,6 +24,14 @@ macro_rules! require_root {
             return Ok(());
         }
     };
+}
+
+/// The tests here measure latency under an attack that loads the CPU: one at a time, so
+/// that one test's attack is not another's noise.
+static ONE_AT_A_TIME: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+fn one_at_a_time() -> std::sync::MutexGuard<'static, ()> {
+    ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 /// File handles open in this process, which runs den's forwarder.
@@ -109,6 +119,7 @@ fn percentile(sorted: &[Duration], p: f64) -> Duration {
 #[test]
 fn abuse_dns_flood_does_not_slow_other_sprites() -> anyhow::Result<()> {
     require_root!();
+    let _serial = one_at_a_time();
     const FLOOD_FOR: Duration = Duration::from_secs(3);
     const MAX_FLOOD: u64 = 3_000_000;
 
@@ -229,6 +240,7 @@ fn kernel_learned(w: &World, sp: &SpriteNet) -> anyhow::Result<usize> {
 #[test]
 fn abuse_learned_address_flood_is_capped_and_does_not_slow_others() -> anyhow::Result<()> {
     require_root!();
+    let _serial = one_at_a_time();
     const NAMES: u32 = 3000;
     const WINDOW: u32 = 64;
     const CAP: usize = 500;
@@ -353,11 +365,105 @@ fn abuse_learned_address_flood_is_capped_and_does_not_slow_others() -> anyhow::R
         samples.len()
     );
     assert_eq!(failed, 0, "bystander lookups failed under the flood");
-    assert!(p99 < Duration::from_millis(250), "bystander p99 {p99:?}");
+    assert!(p50 < Duration::from_millis(100), "bystander p50 {p50:?}");
+    assert!(p99 < Duration::from_millis(500), "bystander p99 {p99:?}");
     assert!(setup < Duration::from_secs(1), "new sprite setup took {setup:?}");
     assert_eq!(late_lookup.0, ResponseCode::NoError);
     // The newest learned address works: the sprite can still reach what it just resolved.
     let last = den_testkit::net::many_test_ip(&format!("n{}", NAMES - 1));
     assert!(w.mgr.learned("greedy").contains(&last));
+    Ok(())
+}
+
+fn ip(args: &[&str]) -> anyhow::Result<()> {
+    let out = Command::new("ip").args(args).output()?;
+    anyhow::ensure!(
+        out.status.success(),
+        "ip {}: {}",
+        args.join(" "),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    Ok(())
+}
+
+/// The host's LAN, as a test builds it: a veth from the host (`10.97.n.1/24`) into a netns
+/// of the test's (`10.97.n.2`, with a greeter on :80). Removed on drop.
+struct Lan {
+    _server: den_testkit::net::Server,
+    host_ip: Ipv4Addr,
+    peer: Ipv4Addr,
+    _link: den_testkit::net::LinkGuard,
+    _ns: den_testkit::net::NetnsGuard,
+}
+
+fn lan(tag: &str) -> anyhow::Result<Lan> {
+    let n = (den_testkit::net::rand_u32() % 250) as u8 + 1;
+    let (ns, ifname) = (format!("lan-{tag}"), format!("tl{tag}"));
+    ip(&["netns", "add", &ns])?;
+    let ns_guard = den_testkit::net::NetnsGuard(ns.clone());
+    ip(&[
+        "link", "add", &ifname, "type", "veth", "peer", "name", "eth0", "netns", &ns,
+    ])?;
+    let link_guard = den_testkit::net::LinkGuard(ifname.clone());
+    let (host_ip, peer) = (Ipv4Addr::new(10, 97, n, 1), Ipv4Addr::new(10, 97, n, 2));
+    ip(&["addr", "add", &format!("{host_ip}/24"), "dev", &ifname])?;
+    ip(&["link", "set", &ifname, "up"])?;
+    ip(&["-n", &ns, "addr", "add", &format!("{peer}/24"), "dev", "eth0"])?;
+    ip(&["-n", &ns, "link", "set", "eth0", "up"])?;
+    let server = den_testkit::net::greeter(&ns, SocketAddr::from((peer, 80)))?;
+    Ok(Lan {
+        _server: server,
+        host_ip,
+        peer,
+        _link: link_guard,
+        _ns: ns_guard,
+    })
+}
+
+/// The host's own networks (its LAN) and addresses are not in the configured blocked list
+/// (the test's list is only 169.254/16 and 127/8), yet an unrestricted sprite can reach
+/// neither: den blocks every network attached to a host interface, and the host's
+/// addresses, except those the operator allowed (here the fake internet, which the sprite
+/// still reaches). The refusal must come from den's firewall (a reset); the test's trap
+/// table would only drop the packets silently.
+#[test]
+fn abuse_sprite_cannot_reach_host_networks() -> anyhow::Result<()> {
+    require_root!();
+    let _serial = one_at_a_time();
+    let mut w = World::new()?;
+    let lan = lan(&w.tag)?;
+    let sp = w.sprite("probe", &NetworkPolicy::unrestricted())?;
+
+    // A host service on every address (the LAN address included).
+    let any = TcpListener::bind("0.0.0.0:0")?;
+    let port = any.local_addr()?.port();
+    let _host_service = den_testkit::net::tcp_server_on(any);
+    let o = w.inet.allowed_ip.octets();
+    let uplink_host = Ipv4Addr::new(o[0], o[1], o[2], 1);
+
+    for (what, dst) in [
+        ("a machine on the host's LAN", SocketAddrV4::new(lan.peer, 80)),
+        ("the host's LAN address", SocketAddrV4::new(lan.host_ip, port)),
+        (
+            "the host's address on the (allowed) uplink",
+            SocketAddrV4::new(uplink_host, port),
+        ),
+    ] {
+        let t = Instant::now();
+        let r = connect_from(&sp.netns, dst)?;
+        let e = r.err().unwrap_or_else(|| panic!("sprite reached {what} ({dst})"));
+        assert_eq!(
+            e.kind(),
+            ErrorKind::ConnectionRefused,
+            "{what} ({dst}): {e} after {:?}",
+            t.elapsed()
+        );
+    }
+
+    // What is allowed still works: the (fake) internet, and DNS on the gateway.
+    let mut c = connect_from(&sp.netns, SocketAddrV4::new(w.inet.allowed_ip, 80))?
+        .expect("the internet stays reachable");
+    assert!(greeting(&mut c)?.starts_with("hello"));
+    assert_eq!(lookup(&sp, "allowed.test")?.0, ResponseCode::NoError);
     Ok(())
 }

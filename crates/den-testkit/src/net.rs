@@ -310,7 +310,8 @@ fn tcp_server(l: TcpListener, addr: SocketAddr) -> Server {
 }
 
 /// A unique network sandbox for one test: fake internet + a NetConfig (own subnet, table,
-/// prefixes, uplink = the fake internet, blocked = only 169.254/16 and 127/8) + the trap
+/// prefixes, uplink = the fake internet, blocked = only 169.254/16 and 127/8 and the host's
+/// networks but the fake internet's) + the trap
 /// table. Dropping it removes the fake internet and the trap (the NetManager's own table is
 /// removed by whoever owns the NetManager).
 ///
@@ -351,6 +352,8 @@ impl TestNet {
             "169.254.0.0/16".parse().expect("literal"),
             "127.0.0.0/8".parse().expect("literal"),
         ];
+        // The fake internet is a network attached to the host, which den blocks by default.
+        cfg.allowed_host_networks = vec![Ipv4Net::new(Ipv4Addr::new(10, 99, n, 0), 24).expect("valid")];
 
         let trap = format!("trap{tag}");
         let trap_guard = TableGuard(trap.clone());
