@@ -9,6 +9,8 @@
 //! the state lock while nft runs. A batch that fails is retried job by job, so one bad
 //! script only fails its own caller.
 
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::mpsc;
 
 use crate::{NetError, cmd};
@@ -16,6 +18,10 @@ use crate::{NetError, cmd};
 /// Scripts of at most about this many bytes go into one transaction (more wait for the
 /// next), so a transaction, and the wait of whoever queued behind it, stays short.
 const MAX_BATCH_BYTES: usize = 1 << 20;
+
+/// Learning jobs queued beyond this many are refused at once (the DNS answer gets SERVFAIL):
+/// the queue must not grow without end while nft is slow.
+const MAX_QUEUED_ASYNC: usize = 4096;
 
 /// How the caller of [`NftQueue::submit`] learns the result.
 pub(crate) enum Done {
@@ -45,6 +51,8 @@ struct Job {
 
 pub(crate) struct NftQueue {
     tx: mpsc::Sender<Job>,
+    /// Jobs submitted and not yet applied.
+    queued: Arc<AtomicUsize>,
 }
 
 /// The result of a job submitted by a thread.
@@ -67,14 +75,16 @@ impl NftQueue {
     /// Start the thread; it ends when the queue is dropped.
     pub(crate) fn start() -> Result<Self, NetError> {
         let (tx, rx) = mpsc::channel::<Job>();
+        let queued = Arc::new(AtomicUsize::new(0));
+        let q = queued.clone();
         std::thread::Builder::new()
             .name("den-nft".into())
-            .spawn(move || run(rx))
+            .spawn(move || run(rx, &q))
             .map_err(|e| NetError::Spawn {
                 prog: "nft thread".into(),
                 source: e,
             })?;
-        Ok(NftQueue { tx })
+        Ok(NftQueue { tx, queued })
     }
 
     fn push(&self, mut script: String, done: Done) {
@@ -82,7 +92,16 @@ impl NftQueue {
         if !script.ends_with('\n') {
             script.push('\n');
         }
+        if matches!(done, Done::Async(_)) && self.queued.load(Ordering::Relaxed) >= MAX_QUEUED_ASYNC {
+            done.send(Err(NetError::Io {
+                context: "applying nft changes".into(),
+                source: std::io::Error::other("too many changes queued"),
+            }));
+            return;
+        }
+        self.queued.fetch_add(1, Ordering::Relaxed);
         if let Err(mpsc::SendError(job)) = self.tx.send(Job { script, done }) {
+            self.queued.fetch_sub(1, Ordering::Relaxed);
             job.done.send(Err(gone()));
         }
     }
@@ -105,7 +124,7 @@ impl NftQueue {
     }
 }
 
-fn run(rx: mpsc::Receiver<Job>) {
+fn run(rx: mpsc::Receiver<Job>, queued: &AtomicUsize) {
     while let Ok(first) = rx.recv() {
         let mut bytes = first.script.len();
         let mut batch = vec![first];
@@ -118,6 +137,7 @@ fn run(rx: mpsc::Receiver<Job>) {
                 Err(_) => break,
             }
         }
+        queued.fetch_sub(batch.len(), Ordering::Relaxed);
         if batch.len() > 1 {
             let script: String = batch.iter().map(|j| j.script.as_str()).collect();
             if cmd::nft(&script).is_ok() {

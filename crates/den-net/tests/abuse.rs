@@ -467,3 +467,54 @@ fn abuse_sprite_cannot_reach_host_networks() -> anyhow::Result<()> {
     assert_eq!(lookup(&sp, "allowed.test")?.0, ResponseCode::NoError);
     Ok(())
 }
+
+/// A sprite opens hundreds of DNS-over-TCP connections to its resolver and keeps them
+/// open. den keeps at most its per-sprite share of them (the rest are closed on accept), so
+/// its file handles stay bounded, and another sprite's TCP lookups still work.
+#[test]
+fn abuse_dns_tcp_connection_flood_is_capped() -> anyhow::Result<()> {
+    require_root!();
+    let _serial = one_at_a_time();
+    const CONNS: usize = 200;
+    let mut w = World::new()?;
+    let per_sprite = w.mgr.config().dns_limits.tcp_per_sprite;
+    let flooder = w.sprite("tcpflood", &NetworkPolicy::unrestricted())?;
+    let calm = w.sprite("calm", &NetworkPolicy::unrestricted())?;
+    assert_eq!(lookup_tcp(&calm, "allowed.test")?.0, ResponseCode::NoError);
+    let fds_before = open_fds()?;
+
+    let dns = SocketAddr::V4(flooder.dns);
+    let conns = netns::run_in(
+        &flooder.netns,
+        move || -> anyhow::Result<Vec<std::net::TcpStream>> {
+            (0..CONNS)
+                .map(|_| {
+                    Ok(std::net::TcpStream::connect_timeout(
+                        &dns,
+                        Duration::from_secs(5),
+                    )?)
+                })
+                .collect()
+        },
+    )??;
+    // den accepts in the background: watch its file handles for a while.
+    let mut max_fds = fds_before;
+    let until = Instant::now() + Duration::from_secs(1);
+    while Instant::now() < until {
+        max_fds = max_fds.max(open_fds()?);
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let tcp = lookup_tcp(&calm, "allowed.test")?;
+    // The test holds the client ends itself; what den holds is the rest.
+    let dens = max_fds.saturating_sub(fds_before + conns.len());
+    eprintln!(
+        "tcp flood: {} connections held by the sprite; den's share of fds: {dens}",
+        conns.len()
+    );
+    assert!(
+        dens <= per_sprite + 10,
+        "den holds {dens} fds for {CONNS} connections"
+    );
+    assert_eq!(tcp, (ResponseCode::NoError, vec![w.inet.allowed_ip]));
+    Ok(())
+}
