@@ -43,6 +43,11 @@ impl Ipv4Net {
         u32::from(ip) & Self::mask_bits(self.prefix) == u32::from(self.addr)
     }
 
+    /// Whether `other` lies entirely inside this network.
+    pub fn contains_net(&self, other: &Ipv4Net) -> bool {
+        self.prefix <= other.prefix && self.contains(other.addr)
+    }
+
     /// The `n`-th address of the network (0 = network address), if inside it.
     pub fn nth(&self, n: u32) -> Option<Ipv4Addr> {
         let size: u64 = 1u64 << (32 - self.prefix);
@@ -100,5 +105,9 @@ mod tests {
         assert_eq!(n.nth(1), Some("10.200.0.1".parse().unwrap()));
         assert_eq!(n.nth(65536), None);
         assert!("1.2.3.4/33".parse::<Ipv4Net>().is_err());
+        let lan: Ipv4Net = "192.168.1.0/24".parse().unwrap();
+        assert!(lan.contains_net(&"192.168.1.5/32".parse().unwrap()));
+        assert!(lan.contains_net(&lan));
+        assert!(!lan.contains_net(&"192.168.0.0/16".parse().unwrap()));
     }
 }

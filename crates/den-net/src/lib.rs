@@ -15,15 +15,20 @@
 //!
 //! One `inet <table>` (default `den`), owned by us and replaced atomically ([`nft`]): sprites
 //! may reach the host only for DNS on the gateway; never each other, the blocked ranges
-//! (link-local/metadata, loopback, private ranges by default) or their own subnet; egress is
-//! masqueraded. Forwarding is enabled per interface (our veths and the uplinks), not globally.
+//! (link-local/metadata, loopback, private ranges by default), the networks attached to the
+//! host's interfaces and the host's own addresses (unless the operator allows them, read at
+//! every setup, teardown and policy change), or their own subnet; egress is masqueraded.
+//! Forwarding is enabled per interface (our veths and the uplinks), not globally.
 //!
 //! # Egress policy
 //!
 //! A restricted sprite may only reach addresses that the [`dns::DnsForwarder`] learned from a
 //! lookup of an allowed name; the addresses go into the sprite's nft set with a timeout from
-//! the TTL. A policy change re-renders the sets, and connections to addresses that are no
-//! longer allowed are cut (the rules check the set on every packet in both directions, and
+//! the TTL. A sprite holds at most [`NetConfig::max_learned`] of them (the ones that expire
+//! first are evicted), and learned addresses reach the kernel in batches, one nft
+//! transaction for all that were learned while the previous one ran, outside the state
+//! lock. A policy change deletes the addresses that are no longer allowed, and connections
+//! to them are cut (the rules check the set on every packet in both directions, and
 //! conntrack entries are deleted when the `conntrack` tool is installed).
 //!
 //! # Crash safety
@@ -36,15 +41,20 @@
 mod addr;
 mod cmd;
 pub mod dns;
+mod learned;
 pub mod netns;
 mod nft;
+mod nftq;
 pub mod policy;
 
-use std::collections::HashMap;
+use std::collections::{BTreeSet, HashMap};
 use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
+
+use learned::{Changes, Learned};
+use nftq::NftQueue;
 
 pub use addr::Ipv4Net;
 pub use policy::{Action, CompiledPolicy, NetworkPolicy, PolicyError};
@@ -111,8 +121,14 @@ pub struct NetConfig {
     pub dns_port: u16,
     /// Resolver the DNS forwarder asks for allowed names.
     pub upstream_dns: SocketAddr,
-    /// Destinations no sprite may reach, whatever the policy (the subnet itself is added).
+    /// Destinations no sprite may reach, whatever the policy (the subnet itself is added,
+    /// and so are the host's networks: see `allowed_host_networks`).
     pub blocked: Vec<Ipv4Net>,
+    /// The networks attached to the host's interfaces (its LAN, other bridges) and the
+    /// host's own addresses are blocked for every sprite, read again at every sprite setup,
+    /// teardown and policy change; except those inside one of these networks (e.g.
+    /// `0.0.0.0/0` lets sprites reach every host network again).
+    pub allowed_host_networks: Vec<Ipv4Net>,
     /// Interfaces that carry sprite egress (forwarding is enabled on them, for the return
     /// path). Empty: the interface of the default route.
     pub uplinks: Vec<String>,
@@ -121,6 +137,52 @@ pub struct NetConfig {
     pub min_learned_ttl: Duration,
     /// And at most this long.
     pub max_learned_ttl: Duration,
+    /// Learned (address, name) pairs one sprite may hold; beyond it, the ones that expire
+    /// first are forgotten (and their addresses unreachable until looked up again).
+    pub max_learned: usize,
+    /// Bounds on the DNS forwarder's work per sprite and overall.
+    pub dns_limits: DnsLimits,
+}
+
+/// Bounds on the DNS forwarder's work, so that one sprite flooding its resolver can neither
+/// exhaust den's file handles nor delay other sprites' lookups: each sprite gets a query
+/// rate, and a number of queries and DNS-over-TCP connections it may have open at once;
+/// all sprites together share a fixed number of upstream sockets.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DnsLimits {
+    /// Queries per second one sprite may send; more are dropped (in nft for UDP, before
+    /// they reach den's socket, and again in the forwarder for UDP and TCP).
+    pub rate: u32,
+    /// How many queries one sprite may send in a burst above `rate`.
+    pub burst: u32,
+    /// Queries of one sprite that may wait for the upstream at once; more get SERVFAIL at
+    /// once.
+    pub inflight_per_sprite: usize,
+    /// The same for all sprites together.
+    pub inflight_total: usize,
+    /// DNS-over-TCP connections one sprite may keep open; more are closed on accept.
+    pub tcp_per_sprite: usize,
+    /// The same for all sprites together.
+    pub tcp_total: usize,
+    /// UDP sockets the forwarder asks the upstream from (answers are matched by query id
+    /// and question, not by socket).
+    pub upstream_sockets: usize,
+}
+
+impl Default for DnsLimits {
+    /// Generous for a build resolving hundreds of hosts; a flood costs den at most
+    /// `inflight_total` pending queries and `upstream_sockets` + `tcp_total` sockets.
+    fn default() -> Self {
+        DnsLimits {
+            rate: 500,
+            burst: 1000,
+            inflight_per_sprite: 64,
+            inflight_total: 1024,
+            tcp_per_sprite: 8,
+            tcp_total: 256,
+            upstream_sockets: 8,
+        }
+    }
 }
 
 impl NetConfig {
@@ -146,9 +208,12 @@ impl NetConfig {
             dns_port: 53,
             upstream_dns,
             blocked: nets.iter().map(|n| n.parse().expect("literal")).collect(),
+            allowed_host_networks: Vec::new(),
             uplinks: Vec::new(),
             min_learned_ttl: Duration::from_secs(60),
             max_learned_ttl: Duration::from_secs(3600),
+            max_learned: 4096,
+            dns_limits: DnsLimits::default(),
         }
     }
 
@@ -179,6 +244,20 @@ impl NetConfig {
         }
         if self.min_learned_ttl > self.max_learned_ttl {
             return bad("min_learned_ttl > max_learned_ttl");
+        }
+        if self.max_learned == 0 {
+            return bad("max_learned must be positive");
+        }
+        let d = &self.dns_limits;
+        if d.rate == 0
+            || d.burst == 0
+            || d.inflight_per_sprite == 0
+            || d.inflight_total == 0
+            || d.tcp_per_sprite == 0
+            || d.tcp_total == 0
+            || !(1..=64).contains(&d.upstream_sockets)
+        {
+            return bad("dns limits must be positive (and 1-64 upstream sockets)");
         }
         Ok(())
     }
@@ -219,29 +298,56 @@ struct Sprite {
     addr: Ipv4Addr,
     policy: NetworkPolicy,
     compiled: CompiledPolicy,
-    /// Destination → (name it was learned for → expiry). One address can serve many names;
-    /// it stays allowed while any of them is allowed and unexpired.
-    learned: HashMap<Ipv4Addr, HashMap<String, Instant>>,
-}
-
-impl Sprite {
-    fn prune(&mut self, now: Instant) {
-        self.learned.retain(|_, names| {
-            names.retain(|_, exp| *exp > now);
-            !names.is_empty()
-        });
-    }
+    /// Destinations learned from allowed lookups. One address can serve many names; it
+    /// stays allowed while any of them is allowed and unexpired.
+    learned: Learned,
 }
 
 #[derive(Default)]
 struct State {
     sprites: HashMap<String, Sprite>,
+    /// Sprite id by address, for the DNS forwarder's per-query lookup.
+    by_addr: HashMap<Ipv4Addr, String>,
+    /// Allow sets the rendered rulesets declared (so a re-render can delete the stale ones).
+    sets: BTreeSet<String>,
+}
+
+impl State {
+    fn insert(&mut self, id: &str, sp: Sprite) {
+        self.by_addr.insert(sp.addr, id.to_string());
+        self.sprites.insert(id.to_string(), sp);
+    }
+
+    fn remove(&mut self, id: &str) -> Option<Sprite> {
+        let sp = self.sprites.remove(id)?;
+        if self.by_addr.get(&sp.addr).is_some_and(|o| o == id) {
+            self.by_addr.remove(&sp.addr);
+        }
+        Some(sp)
+    }
+}
+
+/// What [`NetManager::learn`] asks of the DNS forwarder.
+pub(crate) enum Learn {
+    /// The name is not (or no longer) allowed: refuse the answer.
+    Refused,
+    /// Nothing for the firewall to do: send the answer.
+    Done,
+    /// Send the answer once the firewall has the addresses.
+    Wait(tokio::sync::oneshot::Receiver<Result<(), NetError>>),
 }
 
 /// Owns the sprite networks of one host (one config). Cheap to share: wrap in `Arc`.
+///
+/// Locks: `state` is held only for in-memory work (never while a command runs), since
+/// every DNS query takes it; firewall changes are queued in state order under it and
+/// waited for after ([`nftq`]). `setup` serialises sprite setups and teardowns, whose
+/// `ip` commands run without `state`.
 pub struct NetManager {
     cfg: NetConfig,
     state: Mutex<State>,
+    setup: Mutex<()>,
+    nft: NftQueue,
     conntrack: bool,
 }
 
@@ -275,9 +381,18 @@ impl NetManager {
         let mgr = NetManager {
             cfg,
             state: Mutex::new(State::default()),
+            setup: Mutex::new(()),
+            nft: NftQueue::start()?,
             conntrack,
         };
-        mgr.apply(&mgr.lock())?;
+        let host = mgr.host_blocked()?;
+        let t = &mgr.cfg.table;
+        // Create-then-delete makes the delete valid whether or not the table existed.
+        let script = format!(
+            "table inet {t} {{}}\ndelete table inet {t}\n{}",
+            mgr.render(&mut mgr.lock(), &host)
+        );
+        mgr.nft.submit(script).wait()?;
         Ok(Arc::new(mgr))
     }
 
@@ -289,6 +404,10 @@ impl NetManager {
         // A panic while holding the lock leaves consistent-enough data (every mutation is a
         // single insert/remove), so recover instead of poisoning the whole host.
         self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn setup_lock(&self) -> MutexGuard<'_, ()> {
+        self.setup.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     /// Name of the sprite's netns.
@@ -315,7 +434,8 @@ impl NetManager {
         let ifname = self.host_ifname(id);
         let netns = self.netns_name(id);
         let gw = self.cfg.gateway();
-        let mut st = self.lock();
+        let _setup = self.setup_lock();
+        let st = self.lock();
 
         for (other, sp) in &st.sprites {
             if other != id && sp.ifname == ifname {
@@ -350,22 +470,36 @@ impl NetManager {
             }
             None => self.allocate(&st)?,
         };
+        // Other setups wait on `setup`, so the address stays ours while `ip` runs; DNS
+        // answers don't wait at all.
+        drop(st);
 
         self.plumb(&netns, &ifname, addr)?;
+        let host = self.host_blocked()?;
 
-        let learned = st.sprites.remove(id).map(|s| s.learned).unwrap_or_default();
-        st.sprites.insert(
-            id.to_string(),
-            Sprite {
-                ifname: ifname.clone(),
-                addr,
-                policy: policy.clone(),
-                compiled,
-                learned,
-            },
-        );
-        if let Err(e) = self.apply(&st) {
-            st.sprites.remove(id);
+        let (pending, previous) = {
+            let mut st = self.lock();
+            let previous = st.remove(id);
+            let learned = previous.as_ref().map(|s| s.learned.clone()).unwrap_or_default();
+            st.insert(
+                id,
+                Sprite {
+                    ifname: ifname.clone(),
+                    addr,
+                    policy: policy.clone(),
+                    compiled,
+                    learned,
+                },
+            );
+            (self.nft.submit(self.render(&mut st, &host)), previous)
+        };
+        if let Err(e) = pending.wait() {
+            let mut st = self.lock();
+            st.remove(id);
+            if let Some(p) = previous {
+                st.insert(id, p);
+            }
+            let _ = self.nft.submit(self.render(&mut st, &host));
             return Err(e);
         }
         Ok(SpriteNet {
@@ -449,13 +583,17 @@ impl NetManager {
     /// so it also cleans up after a crash; missing pieces are not an error.
     pub fn teardown_sprite(&self, id: &str) -> Result<(), NetError> {
         validate_id(id)?;
-        let mut st = self.lock();
-        let removed = st.sprites.remove(id);
-        self.apply(&st)?;
+        let _setup = self.setup_lock();
+        let host = self.host_blocked()?;
+        let (pending, removed) = {
+            let mut st = self.lock();
+            let removed = st.remove(id);
+            (self.nft.submit(self.render(&mut st, &host)), removed)
+        };
+        pending.wait()?;
         if let (Some(sp), true) = (&removed, self.conntrack) {
             kill_conntrack(&sp.addr.to_string(), None);
         }
-        drop(st);
         cmd::ignore_missing(cmd::ip(&["link", "del", &self.host_ifname(id)]))?;
         let ns = self.netns_name(id);
         if netns::netns_path(&ns).exists() {
@@ -486,12 +624,7 @@ impl NetManager {
                 continue;
             };
             let name = name.split('@').next().unwrap_or(name);
-            let ours = name.len() == self.cfg.ifprefix.len() + 8
-                && name.starts_with(&self.cfg.ifprefix)
-                && name[self.cfg.ifprefix.len()..]
-                    .bytes()
-                    .all(|b| b.is_ascii_hexdigit());
-            if ours && !keep_if.iter().any(|k| k == name) {
+            if self.is_our_veth(name) && !keep_if.iter().any(|k| k == name) {
                 cmd::ignore_missing(cmd::ip(&["link", "del", name]))?;
                 removed.push(name.to_string());
             }
@@ -503,36 +636,40 @@ impl NetManager {
     /// swap the ruleset, then delete conntrack entries of the dropped destinations.
     pub fn set_policy(&self, id: &str, policy: &NetworkPolicy) -> Result<(), NetError> {
         let compiled = policy.compile()?;
-        let mut st = self.lock();
+        let host = self.host_blocked()?;
         let now = Instant::now();
-        let sp = st
-            .sprites
-            .get_mut(id)
-            .ok_or_else(|| NetError::UnknownSprite(id.into()))?;
-        let old_policy = std::mem::replace(&mut sp.policy, policy.clone());
-        let old_compiled = std::mem::replace(&mut sp.compiled, compiled);
-        let was_unrestricted = old_compiled.is_unrestricted();
-        let old_learned = sp.learned.clone();
-        sp.prune(now);
-        let mut dropped = Vec::new();
-        let compiled = sp.compiled.clone();
-        sp.learned.retain(|ip, names| {
-            names.retain(|name, _| compiled.decide(name) == Action::Allow);
-            if names.is_empty() {
-                dropped.push(*ip);
+        let (pending, old, addr, dropped, was_unrestricted) = {
+            let mut st = self.lock();
+            let sp = st
+                .sprites
+                .get_mut(id)
+                .ok_or_else(|| NetError::UnknownSprite(id.into()))?;
+            let old = (sp.policy.clone(), sp.compiled.clone(), sp.learned.clone());
+            let was_unrestricted = sp.compiled.is_unrestricted();
+            sp.policy = policy.clone();
+            sp.compiled = compiled.clone();
+            sp.learned.prune(now);
+            let dropped = sp
+                .learned
+                .retain_names(|name| compiled.decide(name) == Action::Allow);
+            let (addr, set) = (sp.addr, nft::allow_set(&sp.ifname));
+            let mut script = self.render(&mut st, &host);
+            let ch = Changes {
+                add: Vec::new(),
+                remove: dropped.clone(),
+            };
+            script.push_str(&nft::elements_script(&self.cfg.table, &set, &ch));
+            (self.nft.submit(script), old, addr, dropped, was_unrestricted)
+        };
+        if let Err(e) = pending.wait() {
+            let mut st = self.lock();
+            if let Some(sp) = st.sprites.get_mut(id) {
+                (sp.policy, sp.compiled, sp.learned) = old;
             }
-            !names.is_empty()
-        });
-        let addr = sp.addr;
-        let now_restricted = !compiled.is_unrestricted();
-        if let Err(e) = self.apply(&st) {
-            let sp = st.sprites.get_mut(id).expect("present");
-            sp.policy = old_policy;
-            sp.compiled = old_compiled;
-            sp.learned = old_learned;
+            let _ = self.nft.submit(self.render(&mut st, &host));
             return Err(e);
         }
-        drop(st);
+        let now_restricted = !compiled.is_unrestricted();
         if self.conntrack {
             if was_unrestricted && now_restricted {
                 // Anything may have been open; keep nothing that isn't learned and allowed.
@@ -555,26 +692,29 @@ impl NetManager {
 
     /// Addresses a sprite may currently reach because of allowed lookups (for debugging).
     pub fn learned(&self, id: &str) -> Vec<Ipv4Addr> {
-        let mut st = self.lock();
-        let now = Instant::now();
-        let Some(sp) = st.sprites.get_mut(id) else {
-            return Vec::new();
-        };
-        sp.prune(now);
-        let mut v: Vec<Ipv4Addr> = sp.learned.keys().copied().collect();
-        v.sort();
-        v
+        let st = self.lock();
+        st.sprites
+            .get(id)
+            .map(|sp| sp.learned.ips(Instant::now()))
+            .unwrap_or_default()
     }
 
     /// Delete our nft table (for tests and `den` uninstall). Sprite netns/veths are left to
     /// [`NetManager::teardown_sprite`] / [`NetManager::cleanup_leftovers`].
     pub fn remove_firewall(&self) -> Result<(), NetError> {
         let t = &self.cfg.table;
-        cmd::nft(&format!("table inet {t} {{}}\ndelete table inet {t}\n"))
+        let pending = {
+            let mut st = self.lock();
+            st.sets.clear();
+            self.nft
+                .submit(format!("table inet {t} {{}}\ndelete table inet {t}\n"))
+        };
+        pending.wait()
     }
 
-    fn apply(&self, st: &State) -> Result<(), NetError> {
-        let now = Instant::now();
+    /// The ruleset script for the current state (call with the state lock held, and
+    /// submit before releasing it, so the kernel gets changes in state order).
+    fn render(&self, st: &mut State, host: &[Ipv4Net]) -> String {
         let mut rules: Vec<nft::SpriteRules> = st
             .sprites
             .values()
@@ -582,24 +722,37 @@ impl NetManager {
                 ifname: sp.ifname.clone(),
                 addr: sp.addr,
                 unrestricted: sp.compiled.is_unrestricted(),
-                learned: sp
-                    .learned
-                    .iter()
-                    .filter_map(|(ip, names)| {
-                        let exp = names.values().max()?;
-                        let left = exp.checked_duration_since(now)?;
-                        Some((*ip, left))
-                    })
-                    .collect(),
             })
             .collect();
         rules.sort_by(|a, b| a.ifname.cmp(&b.ifname));
-        cmd::nft(&nft::render(&self.cfg, &rules))
+        let sets: BTreeSet<String> = rules.iter().map(|r| nft::allow_set(&r.ifname)).collect();
+        let gone: Vec<String> = st.sets.difference(&sets).cloned().collect();
+        st.sets = sets;
+        nft::render(&self.cfg, &rules, &gone, host)
+    }
+
+    /// The host's networks and addresses that sprites must not reach (see
+    /// [`NetConfig::allowed_host_networks`]). Read before taking the state lock: it runs `ip`.
+    fn host_blocked(&self) -> Result<Vec<Ipv4Net>, NetError> {
+        let out = cmd::ip(&["-j", "-4", "addr", "show"])?;
+        host_networks(
+            &out,
+            |name| self.is_our_veth(name),
+            &self.cfg.allowed_host_networks,
+        )
+    }
+
+    /// Whether `name` is the host end of one of our sprites' veths (`<ifprefix><8 hex>`).
+    fn is_our_veth(&self, name: &str) -> bool {
+        let p = &self.cfg.ifprefix;
+        name.len() == p.len() + 8
+            && name.starts_with(p.as_str())
+            && name[p.len()..].bytes().all(|b| b.is_ascii_hexdigit())
     }
 
     pub(crate) fn dns_verdict(&self, src: Ipv4Addr, name: &str) -> DnsVerdict {
         let st = self.lock();
-        let Some(sp) = st.sprites.values().find(|s| s.addr == src) else {
+        let Some(sp) = st.by_addr.get(&src).and_then(|id| st.sprites.get(id)) else {
             return DnsVerdict::Unknown;
         };
         if sp.compiled.is_unrestricted() {
@@ -612,43 +765,86 @@ impl NetManager {
     }
 
     /// Record the A answers of an allowed lookup. Re-checks the policy under the lock, so a
-    /// policy change that raced with the lookup wins.
-    pub(crate) fn learn(
-        &self,
-        src: Ipv4Addr,
-        name: &str,
-        answers: &[(Ipv4Addr, u32)],
-    ) -> Result<bool, NetError> {
+    /// policy change that raced with the lookup wins. Never waits: the firewall change is
+    /// queued (batched with others) and the caller awaits it.
+    pub(crate) fn learn(&self, src: Ipv4Addr, name: &str, answers: &[(Ipv4Addr, u32)]) -> Learn {
         let mut st = self.lock();
-        let Some(sp) = st.sprites.values_mut().find(|s| s.addr == src) else {
-            return Ok(false);
+        let Some(sp) = st
+            .by_addr
+            .get(&src)
+            .cloned()
+            .and_then(|id| st.sprites.get_mut(&id))
+        else {
+            return Learn::Refused;
         };
         if sp.compiled.is_unrestricted() {
-            return Ok(true);
+            return Learn::Done;
         }
         if sp.compiled.decide(name) != Action::Allow {
-            return Ok(false);
+            return Learn::Refused;
         }
         let name = name.trim_end_matches('.').to_ascii_lowercase();
         let now = Instant::now();
-        let mut elems = Vec::new();
+        let mut ch = Changes::default();
         for (ip, ttl) in answers {
             let ttl = Duration::from_secs(u64::from(*ttl))
                 .clamp(self.cfg.min_learned_ttl, self.cfg.max_learned_ttl);
-            let exp = now + ttl;
-            let names = sp.learned.entry(*ip).or_default();
-            let e = names.entry(name.clone()).or_insert(exp);
-            *e = (*e).max(exp);
-            let longest = names.values().max().copied().unwrap_or(exp);
-            elems.push((*ip, longest.saturating_duration_since(now)));
+            sp.learned.insert(*ip, &name, now + ttl, now, &mut ch);
         }
-        if elems.is_empty() {
-            return Ok(true);
+        sp.learned.enforce_cap(self.cfg.max_learned, now, &mut ch);
+        if ch.is_empty() {
+            return Learn::Done;
         }
-        let set = nft::allow_set(&sp.ifname);
-        cmd::nft(&nft::learn_script(&self.cfg.table, &set, &elems))?;
-        Ok(true)
+        let script = nft::elements_script(&self.cfg.table, &nft::allow_set(&sp.ifname), &ch);
+        Learn::Wait(self.nft.submit_async(script))
     }
+}
+
+/// From `ip -j -4 addr show`: every network attached to an interface and every address of
+/// the host, except on interfaces `skip` names and those inside an `allowed` network.
+fn host_networks(
+    ip_json: &str,
+    skip: impl Fn(&str) -> bool,
+    allowed: &[Ipv4Net],
+) -> Result<Vec<Ipv4Net>, NetError> {
+    #[derive(serde::Deserialize)]
+    struct Link {
+        #[serde(default)]
+        ifname: String,
+        #[serde(default)]
+        addr_info: Vec<AddrInfo>,
+    }
+    #[derive(serde::Deserialize)]
+    struct AddrInfo {
+        #[serde(default)]
+        family: String,
+        #[serde(default)]
+        local: String,
+        #[serde(default)]
+        prefixlen: u8,
+    }
+    let links: Vec<Link> = serde_json::from_str(ip_json).map_err(|e| NetError::Io {
+        context: "parse `ip -j addr`".into(),
+        source: std::io::Error::other(e),
+    })?;
+    let mut nets = Vec::new();
+    for link in links.iter().filter(|l| !skip(&l.ifname)) {
+        for a in link.addr_info.iter().filter(|a| a.family == "inet") {
+            let Ok(local) = a.local.parse::<Ipv4Addr>() else {
+                continue;
+            };
+            // A /0 would block the whole internet: only an operator's `blocked` may do that.
+            let net = (a.prefixlen > 0)
+                .then(|| Ipv4Net::new(local, a.prefixlen))
+                .flatten();
+            for n in net.into_iter().chain(Ipv4Net::new(local, 32)) {
+                if !allowed.iter().any(|ok| ok.contains_net(&n)) && !nets.contains(&n) {
+                    nets.push(n);
+                }
+            }
+        }
+    }
+    Ok(nets)
 }
 
 fn set_forwarding(ifname: &str) -> Result<(), NetError> {
@@ -707,6 +903,8 @@ mod tests {
         let mgr = NetManager {
             cfg,
             state: Mutex::new(State::default()),
+            setup: Mutex::new(()),
+            nft: NftQueue::start().unwrap(),
             conntrack: false,
         };
         let n = mgr.host_ifname(&"x".repeat(63));
@@ -720,6 +918,32 @@ mod tests {
     }
 
     #[test]
+    fn host_networks_skip_our_veths_and_allowed_ones() {
+        let json = r#"[
+            {"ifname":"lo","addr_info":[{"family":"inet","local":"127.0.0.1","prefixlen":8}]},
+            {"ifname":"eth0","addr_info":[{"family":"inet","local":"192.168.1.5","prefixlen":24},
+                                          {"family":"inet6","local":"fe80::1","prefixlen":64}]},
+            {"ifname":"dn0123abcd","addr_info":[{"family":"inet","local":"10.200.0.1","prefixlen":32}]},
+            {"ifname":"ti1","addr_info":[{"family":"inet","local":"10.99.3.1","prefixlen":24}]},
+            {"ifname":"wg0","addr_info":[{"family":"inet","local":"1.2.3.4","prefixlen":0}]},
+            {"ifname":"down"}
+        ]"#;
+        let allowed = ["10.99.3.0/24".parse().unwrap()];
+        let nets = host_networks(json, |n| n.starts_with("dn"), &allowed).unwrap();
+        let want: Vec<Ipv4Net> = [
+            "127.0.0.0/8",
+            "127.0.0.1/32",
+            "192.168.1.0/24",
+            "192.168.1.5/32",
+            "1.2.3.4/32",
+        ]
+        .iter()
+        .map(|n| n.parse().unwrap())
+        .collect();
+        assert_eq!(nets, want);
+    }
+
+    #[test]
     fn render_is_deterministic_and_mentions_everything() {
         let cfg = NetConfig::new("127.0.0.1:53".parse().unwrap());
         let s = nft::render(
@@ -728,12 +952,42 @@ mod tests {
                 ifname: "dn00000001".into(),
                 addr: "10.200.0.2".parse().unwrap(),
                 unrestricted: false,
-                learned: vec![("1.2.3.4".parse().unwrap(), Duration::from_secs(30))],
             }],
+            &["allow_dn00000002".to_string()],
+            &["192.168.1.0/24".parse().unwrap()],
         );
-        assert!(s.contains("1.2.3.4 timeout 30s"));
+        assert_eq!(
+            s,
+            nft::render(
+                &cfg,
+                &[nft::SpriteRules {
+                    ifname: "dn00000001".into(),
+                    addr: "10.200.0.2".parse().unwrap(),
+                    unrestricted: false,
+                }],
+                &["allow_dn00000002".to_string()],
+                &["192.168.1.0/24".parse().unwrap()],
+            )
+        );
         assert!(s.contains("iifname \"dn00000001\" ip daddr @allow_dn00000001 accept"));
         assert!(s.contains("169.254.0.0/16"));
+        assert!(s.contains("192.168.1.0/24"));
+        assert!(s.contains("delete set inet den allow_dn00000002"));
+        // Re-rendering never touches the learned addresses.
+        assert!(!s.contains("delete table") && !s.contains("flush set inet den allow_"));
+        let ch = Changes {
+            add: vec![("1.2.3.4".parse().unwrap(), Duration::from_secs(30))],
+            remove: vec!["5.6.7.8".parse().unwrap()],
+        };
+        let e = nft::elements_script("den", "allow_dn00000001", &ch);
+        assert!(
+            e.contains("delete element inet den allow_dn00000001 { 5.6.7.8, 1.2.3.4 }"),
+            "{e}"
+        );
+        assert!(
+            e.ends_with("add element inet den allow_dn00000001 { 1.2.3.4 timeout 30s }\n"),
+            "{e}"
+        );
         assert!(s.contains("masquerade"));
     }
 }

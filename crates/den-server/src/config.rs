@@ -44,6 +44,9 @@ pub struct ServerConfig {
     pub uplinks: Vec<String>,
     /// Destinations blocked for every sprite, replacing den's default list.
     pub blocked: Option<Vec<String>>,
+    /// Networks attached to the host (its LAN) and the host's own addresses are blocked for
+    /// sprites, except those inside these networks (e.g. `["0.0.0.0/0"]` for all).
+    pub allowed_host_networks: Vec<String>,
     /// Hard cap on any command's run time (den extension), applied when a
     /// request gives none.
     pub default_exec_timeout: Option<Duration>,
@@ -111,6 +114,7 @@ impl ServerConfig {
             upstream_dns: None,
             uplinks: Vec::new(),
             blocked: None,
+            allowed_host_networks: Vec::new(),
             default_exec_timeout: None,
             max_awake: None,
             max_sprites: None,
@@ -223,6 +227,7 @@ struct FileConfig {
     upstream_dns: Option<String>,
     uplinks: Option<Vec<String>>,
     blocked: Option<Vec<String>>,
+    allowed_host_networks: Option<Vec<String>>,
     default_exec_timeout: Option<String>,
     max_awake: Option<usize>,
     max_sprites: Option<usize>,
@@ -318,6 +323,9 @@ impl FileConfig {
         }
         if let Some(v) = self.uplinks {
             c.uplinks = v;
+        }
+        if let Some(v) = self.allowed_host_networks {
+            c.allowed_host_networks = v;
         }
         if self.blocked.is_some() {
             c.blocked = self.blocked;

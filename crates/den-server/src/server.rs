@@ -68,6 +68,11 @@ fn net_config(cfg: &ServerConfig) -> Result<NetConfig, ServerError> {
     if !cfg.uplinks.is_empty() {
         net.uplinks = cfg.uplinks.clone();
     }
+    net.allowed_host_networks = cfg
+        .allowed_host_networks
+        .iter()
+        .map(|s| s.parse::<Ipv4Net>().map_err(|_| bad("allowed_host_networks", s)))
+        .collect::<Result<_, _>>()?;
     if let Some(b) = &cfg.blocked {
         net.blocked = b
             .iter()

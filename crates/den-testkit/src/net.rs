@@ -122,7 +122,10 @@ impl Drop for Server {
 /// :80; `10.99.N.3` runs a TCP greeter on :80. The host reaches it via `10.99.N.1` on
 /// [`host_if`](Self::host_if). The DNS server answers `allowed.test` with
 /// [`allowed_ip`](Self::allowed_ip), `denied.test` with [`denied_ip`](Self::denied_ip)
-/// (A, TTL 300) and NXDOMAIN for anything else. Greeters say `hello from <ip>\n`, then echo.
+/// (A, TTL 300) and NXDOMAIN for anything else, with two families of names for abuse tests:
+/// `<label>.silent.test` is never answered (an upstream that drops queries), and
+/// `<label>.many.test` gets an address of its own ([`many_test_ip`]). Greeters say
+/// `hello from <ip>\n`, then echo.
 pub struct FakeInternet {
     _servers: Vec<Server>,
     /// The netns name.
@@ -182,7 +185,23 @@ impl FakeInternet {
     }
 }
 
-/// Answers `allowed.test` and `denied.test` (A, TTL 300) and NXDOMAIN for the rest.
+/// The address the fake internet's DNS server gives `n<k>.many.test` (`198.18.0.0` + k, in
+/// the benchmarking range, which nothing answers); other labels get a hashed one there.
+pub fn many_test_ip(label: &str) -> Ipv4Addr {
+    let k = label
+        .strip_prefix('n')
+        .and_then(|d| d.parse::<u32>().ok())
+        .unwrap_or_else(|| {
+            // FNV-1a: the same label always gets the same address.
+            label.bytes().fold(0x811c_9dc5_u32, |h, b| {
+                (h ^ u32::from(b)).wrapping_mul(0x0100_0193)
+            })
+        });
+    Ipv4Addr::from(u32::from(Ipv4Addr::new(198, 18, 0, 0)) + (k % (1 << 17)))
+}
+
+/// Answers `allowed.test` and `denied.test` (A, TTL 300), never answers `*.silent.test`,
+/// answers `n<k>.many.test` with [`many_test_ip`], and NXDOMAIN for the rest.
 fn dns_server(ns: &str, addr: SocketAddr, allowed: Ipv4Addr, denied: Ipv4Addr) -> Result<Server> {
     let sock = netns::run_in(ns, move || UdpSocket::bind(addr))??;
     let waker: OwnedFd = sock.try_clone()?.into();
@@ -207,10 +226,14 @@ fn dns_server(ns: &str, addr: SocketAddr, allowed: Ipv4Addr, denied: Ipv4Addr) -
             r.queries = q.queries.clone();
             if let Some(query) = q.queries.first() {
                 let name = query.name().to_ascii().to_ascii_lowercase();
-                let ip = match name.trim_end_matches('.') {
+                let name = name.trim_end_matches('.');
+                if name.ends_with(".silent.test") {
+                    continue;
+                }
+                let ip = match name {
                     "allowed.test" => Some(allowed),
                     "denied.test" => Some(denied),
-                    _ => None,
+                    _ => name.strip_suffix(".many.test").map(many_test_ip),
                 };
                 match (ip, query.query_type()) {
                     (Some(ip), RecordType::A) => {
@@ -287,7 +310,8 @@ fn tcp_server(l: TcpListener, addr: SocketAddr) -> Server {
 }
 
 /// A unique network sandbox for one test: fake internet + a NetConfig (own subnet, table,
-/// prefixes, uplink = the fake internet, blocked = only 169.254/16 and 127/8) + the trap
+/// prefixes, uplink = the fake internet, blocked = only 169.254/16 and 127/8 and the host's
+/// networks but the fake internet's) + the trap
 /// table. Dropping it removes the fake internet and the trap (the NetManager's own table is
 /// removed by whoever owns the NetManager).
 ///
@@ -328,6 +352,8 @@ impl TestNet {
             "169.254.0.0/16".parse().expect("literal"),
             "127.0.0.0/8".parse().expect("literal"),
         ];
+        // The fake internet is a network attached to the host, which den blocks by default.
+        cfg.allowed_host_networks = vec![Ipv4Net::new(Ipv4Addr::new(10, 99, n, 0), 24).expect("valid")];
 
         let trap = format!("trap{tag}");
         let trap_guard = TableGuard(trap.clone());

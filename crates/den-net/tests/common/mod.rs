@@ -14,7 +14,9 @@ use den_net::dns::DnsForwarder;
 use den_net::{NetManager, NetworkPolicy, SpriteNet};
 use hickory_proto::op::ResponseCode;
 
-// What tests/net.rs uses; the rest of den_testkit::net is there for new tests.
+// What the test files use (not every file uses all); the rest of den_testkit::net is there
+// for new tests.
+#[allow(unused_imports)]
 pub use den_testkit::net::{IO_TIMEOUT, NetnsGuard, TestNet, connect_from, greeting, tcp_server_on};
 
 pub fn is_root() -> bool {
@@ -34,7 +36,13 @@ pub struct World {
 
 impl World {
     pub fn new() -> anyhow::Result<Self> {
-        let net = TestNet::new()?;
+        Self::with_config(|_| {})
+    }
+
+    /// A world whose manager's config is the TestNet's, changed by `f`.
+    pub fn with_config(f: impl FnOnce(&mut den_net::NetConfig)) -> anyhow::Result<Self> {
+        let mut net = TestNet::new()?;
+        f(&mut net.config);
         let rt = tokio::runtime::Runtime::new()?;
         let mgr = NetManager::new(net.config.clone())?;
         let forwarder = {

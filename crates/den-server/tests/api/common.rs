@@ -51,6 +51,7 @@ impl TestServer {
         cfg.net_netns_prefix = Some(n.netns_prefix.clone());
         cfg.uplinks = n.uplinks.clone();
         cfg.blocked = Some(n.blocked.iter().map(|b| b.to_string()).collect());
+        cfg.allowed_host_networks = n.allowed_host_networks.iter().map(|b| b.to_string()).collect();
         cfg.upstream_dns = Some(n.upstream_dns);
         // Long idle timings: tests that want sleep ask for it.
         cfg.warm_after = Duration::from_secs(3600);
