@@ -9,6 +9,7 @@ use std::net::{Ipv4Addr, SocketAddr};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail, ensure};
+use serde_json::{Value, json};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpSocket, TcpStream};
 
@@ -236,6 +237,40 @@ pub async fn abuse_connection_flood_and_slowloris() -> Result<()> {
     let (a, l) = tokio::join!(attack, long_streams);
     a?;
     l?;
+    s.stop().await;
+    Ok(())
+}
+
+/// Issue 10: `config.ram_mb = 1048576` and `cpus = 1024` were accepted on a
+/// 24 GiB, 2-core host. Limits beyond the host or below a sane minimum are
+/// a 400 in the Sprites shape that names the field.
+pub async fn limits_beyond_the_host_are_refused() -> Result<()> {
+    let s = TestServer::start().await?;
+    let c = s.client();
+    let host_cpus = std::thread::available_parallelism()?.get();
+    let create = |name: &str, config: Value| {
+        c.post(s.api("/v1/sprites"))
+            .json(&json!({"name": name, "config": config}))
+            .send()
+    };
+    for (config, field) in [
+        (json!({"ram_mb": 1_048_576}), "config.ram_mb"),
+        (json!({"ram_mb": 16}), "config.ram_mb"),
+        (json!({"cpus": 1024}), "config.cpus"),
+        (json!({"cpus": host_cpus + 1}), "config.cpus"),
+        (json!({"cpus": 0.001}), "config.cpus"),
+    ] {
+        let r = create("big", config.clone()).await?;
+        let status = r.status();
+        let body: Value = r.json().await?;
+        ensure!(status == 400, "{config}: {status} {body}");
+        ensure!(body["error"] == "bad_request", "{config}: {body}");
+        let m = body["message"].as_str().unwrap_or_default();
+        ensure!(m.contains(field), "{config}: the message names no field: {body}");
+    }
+    let ok = json!({"ram_mb": 256, "cpus": host_cpus});
+    let r = create("fits", ok.clone()).await?;
+    ensure!(r.status() == 201, "{ok}: {} {}", r.status(), r.text().await?);
     s.stop().await;
     Ok(())
 }

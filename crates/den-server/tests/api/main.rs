@@ -53,6 +53,9 @@ const TESTS: &[(&str, TestFn)] = &[
     ("abuse_connection_flood_and_slowloris", || {
         Box::pin(abuse::abuse_connection_flood_and_slowloris())
     }),
+    ("limits_beyond_the_host_are_refused", || {
+        Box::pin(abuse::limits_beyond_the_host_are_refused())
+    }),
 ];
 
 fn main() {
