@@ -110,6 +110,12 @@ pub struct SdkResult {
 pub struct ApiBenchResults {
     pub exec_rust: Vec<Duration>,
     pub exec_rust_errors: usize,
+    /// HTTP exec of `true` on one kept-alive connection (as SDKs pool them)
+    /// and on a fresh connection each: equal unless something on the wire
+    /// (Nagle's algorithm meeting delayed ACKs) adds a fixed delay.
+    pub exec_http_pooled: Vec<Duration>,
+    pub exec_http_fresh: Vec<Duration>,
+    pub exec_http_errors: usize,
     pub sdk: Option<SdkResult>,
     /// Why the SDK figure is missing, if it is.
     pub sdk_error: Option<String>,
@@ -155,6 +161,21 @@ impl Api {
         let status = r.status();
         if status != 201 {
             bail!("create {name}: {status} {}", r.text().await.unwrap_or_default());
+        }
+        Ok(())
+    }
+
+    /// `POST /exec` of `true` through `client`, reading the whole stream.
+    async fn exec_http(&self, client: &reqwest::Client, sprite: &str) -> Result<()> {
+        let r = client
+            .post(self.url(&format!("/v1/sprites/{sprite}/exec?cmd=true")))
+            .bearer_auth(&self.token)
+            .send()
+            .await?;
+        let status = r.status();
+        let body = r.bytes().await?;
+        if status != 200 || !body.ends_with(&[3, 0]) {
+            bail!("HTTP exec: {status} {body:?}");
         }
         Ok(())
     }
@@ -335,6 +356,34 @@ async fn measure(
             }
         }
     }
+
+    progress(&format!(
+        "exec `true` over HTTP, kept-alive connection vs a fresh one each ×{m}"
+    ));
+    let pooled = reqwest::Client::builder().timeout(WAIT).build()?;
+    let fresh = reqwest::Client::builder()
+        .timeout(WAIT)
+        .pool_max_idle_per_host(0)
+        .build()?;
+    api.exec_http(&pooled, main).await?;
+    let mut errors = 0;
+    for _ in 0..m {
+        cancel::check()?;
+        for (client, out) in [
+            (&pooled, &mut res.exec_http_pooled),
+            (&fresh, &mut res.exec_http_fresh),
+        ] {
+            let t0 = Instant::now();
+            match api.exec_http(client, main).await {
+                Ok(()) => out.push(t0.elapsed()),
+                Err(e) => {
+                    tracing::warn!(error = %format!("{e:#}"), "HTTP exec true");
+                    errors += 1;
+                }
+            }
+        }
+    }
+    res.exec_http_errors = errors;
 
     if opts.sdk_samples > 0 {
         progress(&format!(
@@ -698,6 +747,26 @@ pub fn exec_table(r: &ApiBenchResults) -> TextTable {
         &r.exec_rust,
         r.exec_rust_errors,
         rust_note,
+    ));
+    let fresh_p50 = latency(&r.exec_http_fresh).map(|l| l.p50);
+    let pooled_note = match (latency(&r.exec_http_pooled).map(|l| l.p50), fresh_p50) {
+        (Some(p), Some(f)) => format!(
+            "{:+.1} ms vs a fresh connection (a fixed delay on the wire shows here)",
+            (p.as_secs_f64() - f.as_secs_f64()) * 1e3
+        ),
+        _ => String::new(),
+    };
+    t.push(lat_row(
+        "HTTP exec (POST /exec), one kept-alive connection, as SDKs pool them",
+        &r.exec_http_pooled,
+        r.exec_http_errors,
+        pooled_note,
+    ));
+    t.push(lat_row(
+        "HTTP exec (POST /exec), a fresh connection each",
+        &r.exec_http_fresh,
+        0,
+        String::new(),
     ));
     match (&r.sdk, &r.sdk_error) {
         (Some(s), _) => t.push(vec![

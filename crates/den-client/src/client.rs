@@ -35,7 +35,10 @@ impl Client {
             let p = format!("{}/", base.path());
             base.set_path(&p);
         }
+        // TCP_NODELAY: requests and stdin are small writes; Nagle's
+        // algorithm would hold one behind an unacknowledged other.
         let http = reqwest::Client::builder()
+            .tcp_nodelay(true)
             .connect_timeout(CONNECT_TIMEOUT)
             .user_agent(concat!("den-cli/", env!("CARGO_PKG_VERSION")))
             .build()

@@ -129,7 +129,8 @@ impl Client {
             v.set_sensitive(true);
             req.headers_mut().insert("authorization", v);
         }
-        match tokio_tungstenite::connect_async(req).await {
+        // disable_nagle: stdin and resize frames are small writes.
+        match tokio_tungstenite::connect_async_with_config(req, None, true).await {
             Ok((ws, _)) => Ok(ws),
             Err(tungstenite::Error::Http(resp)) => {
                 let body = resp

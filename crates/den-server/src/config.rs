@@ -72,6 +72,11 @@ pub struct ServerConfig {
     pub durability_window: Duration,
     /// A node silent for this long is dead and its sprites may move.
     pub node_ttl: Duration,
+    /// API connections: caps in total and per client address, and the
+    /// deadline for a request head (also the keep-alive idle timeout); see
+    /// [`crate::listener`]. Behind a reverse proxy every client shares the
+    /// proxy's address: raise `max_connections_per_ip` there.
+    pub connections: crate::listener::ConnLimits,
 }
 
 /// `count` events per `window` (TOML/env form `"10/60s"`).
@@ -126,6 +131,7 @@ impl ServerConfig {
             advertise_url: None,
             durability_window: Duration::from_secs(30),
             node_ttl: Duration::from_secs(10),
+            connections: crate::listener::ConnLimits::default(),
         }
     }
 
@@ -177,6 +183,9 @@ impl ServerConfig {
         };
         f.max_awake = num("max_awake")?;
         f.max_sprites = num("max_sprites")?;
+        f.max_connections = num("max_connections")?;
+        f.max_connections_per_ip = num("max_connections_per_ip")?;
+        f.header_read_timeout = var("header_read_timeout");
         f.create_rate = var("create_rate");
         f.subnet = var("subnet");
         f.net_table = var("net_table");
@@ -239,6 +248,9 @@ struct FileConfig {
     advertise_url: Option<String>,
     durability_window: Option<String>,
     node_ttl: Option<String>,
+    max_connections: Option<usize>,
+    max_connections_per_ip: Option<usize>,
+    header_read_timeout: Option<String>,
 }
 
 /// `s3://bucket[/prefix]?endpoint=URL&region=R`.
@@ -362,6 +374,24 @@ impl FileConfig {
         }
         if let Some(v) = self.node_ttl {
             c.node_ttl = duration("node_ttl", &v)?;
+        }
+        if let Some(v) = self.max_connections {
+            c.connections.max_connections = v;
+        }
+        if let Some(v) = self.max_connections_per_ip {
+            c.connections.max_connections_per_ip = v;
+        }
+        if let Some(v) = self.header_read_timeout {
+            c.connections.header_read_timeout = duration("header_read_timeout", &v)?;
+        }
+        let conns = &c.connections;
+        if conns.max_connections == 0
+            || conns.max_connections_per_ip == 0
+            || conns.header_read_timeout.is_zero()
+        {
+            return Err(ConfigError(
+                "max_connections, max_connections_per_ip and header_read_timeout must be above zero".into(),
+            ));
         }
         if c.cold_after < c.warm_after {
             return Err(ConfigError(format!(

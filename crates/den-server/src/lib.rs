@@ -16,6 +16,7 @@ pub mod error;
 mod extract;
 pub mod forward;
 pub mod limits;
+pub mod listener;
 pub mod metrics;
 pub mod server;
 pub mod sprite_json;

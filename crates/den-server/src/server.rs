@@ -82,12 +82,29 @@ fn net_config(cfg: &ServerConfig) -> Result<NetConfig, ServerError> {
     Ok(net)
 }
 
+/// Raise this process's soft limit on open files to the hard limit, and
+/// return the new soft limit. Every API connection, sprite and chunk file
+/// takes a handle; the usual soft default of 1,024 runs out under a few
+/// thousand idle connections (`accept`: Too many open files).
+pub fn raise_nofile_limit() -> std::io::Result<u64> {
+    use nix::sys::resource::{Resource, getrlimit, setrlimit};
+    let (soft, hard) = getrlimit(Resource::RLIMIT_NOFILE).map_err(std::io::Error::from)?;
+    if soft < hard {
+        setrlimit(Resource::RLIMIT_NOFILE, hard, hard).map_err(std::io::Error::from)?;
+    }
+    Ok(hard.max(soft))
+}
+
 /// Open everything under `cfg.data_dir`, bind, and serve in the background.
 pub async fn start(cfg: ServerConfig, den_exe: std::path::PathBuf) -> Result<Running, ServerError> {
     std::fs::create_dir_all(&cfg.data_dir).map_err(|e| ServerError::Io {
         context: format!("creating {}", cfg.data_dir.display()),
         source: e,
     })?;
+    match raise_nofile_limit() {
+        Ok(n) => tracing::debug!(limit = n, "open files limit"),
+        Err(e) => tracing::warn!(error = %e, "could not raise the open files limit"),
+    }
     let mut mcfg = ManagerConfig::new(&cfg.data_dir, den_exe, net_config(&cfg)?);
     if let Some(r) = &cfg.run_dir {
         mcfg.run_dir = r.clone();
@@ -134,17 +151,8 @@ pub async fn start(cfg: ServerConfig, den_exe: std::path::PathBuf) -> Result<Run
         cluster,
     };
     let app = crate::api::router(state.clone());
-    let stop = shutdown.clone();
-    let task = tokio::spawn(async move {
-        let serve = axum::serve(
-            listener,
-            app.into_make_service_with_connect_info::<std::net::SocketAddr>(),
-        )
-        .with_graceful_shutdown(async move { stop.cancelled().await });
-        if let Err(e) = serve.await {
-            tracing::error!(error = %e, "server stopped with an error");
-        }
-    });
+    let counter = crate::listener::ConnCounter::new(state.cfg.connections);
+    let task = tokio::spawn(crate::listener::serve(listener, app, counter, shutdown.clone()));
     Ok(Running {
         addr,
         admin_token_file,

@@ -56,6 +56,8 @@ pub struct ManagerConfig {
     /// several den processes on one machine (cluster nodes in tests) never
     /// touch each other's containers. Empty on a single host.
     pub container_prefix: String,
+    /// What this host can give one sprite; larger limits are refused.
+    pub host: HostCapacity,
 }
 
 impl ManagerConfig {
@@ -80,6 +82,7 @@ impl ManagerConfig {
             max_awake: None,
             flush_on_cold: false,
             container_prefix: String::new(),
+            host: HostCapacity::detect(),
         }
     }
 
@@ -90,6 +93,74 @@ impl ManagerConfig {
             ImageSource::Busybox => BaseImage::busybox(dir),
             ImageSource::Custom(b) => (**b).clone(),
         }
+    }
+}
+
+/// The most memory and CPU one sprite may be given: the host's own. A limit
+/// above it is not a limit (a 1 TiB sprite on a 24 GiB host can take all of
+/// it), and a CPU quota over the host's CPUs lets one sprite's hog starve
+/// its neighbours.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct HostCapacity {
+    pub memory_bytes: u64,
+    pub cpus: f64,
+}
+
+/// Below this a sprite cannot run its agent and a shell.
+pub const MIN_MEMORY_BYTES: u64 = 64 << 20;
+/// 5 % of a CPU (5 ms per 100 ms period); the kernel takes quotas from 1 ms.
+pub const MIN_CPUS: f64 = 0.05;
+
+impl HostCapacity {
+    /// This host: `MemTotal` of /proc/meminfo and the CPUs this process may
+    /// run on. Unknown values (no /proc) leave that limit unchecked.
+    pub fn detect() -> Self {
+        let memory_bytes = std::fs::read_to_string("/proc/meminfo")
+            .ok()
+            .and_then(|m| {
+                let line = m.lines().find(|l| l.starts_with("MemTotal:"))?;
+                let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+                Some(kib << 10)
+            })
+            .unwrap_or(u64::MAX);
+        let cpus = std::thread::available_parallelism()
+            .map(|n| n.get() as f64)
+            .unwrap_or(f64::INFINITY);
+        HostCapacity { memory_bytes, cpus }
+    }
+
+    /// Check a sprite's requested memory (MiB, as `config.ram_mb`).
+    pub fn check_ram_mb(&self, mb: f64) -> Result<u64, crate::SpriteError> {
+        let host_mb = self.memory_bytes >> 20;
+        let bytes = mb * (1u64 << 20) as f64;
+        if !mb.is_finite() || bytes < MIN_MEMORY_BYTES as f64 {
+            return Err(crate::SpriteError::Invalid(format!(
+                "config.ram_mb = {mb}: at least {} MiB",
+                MIN_MEMORY_BYTES >> 20
+            )));
+        }
+        if bytes > self.memory_bytes as f64 {
+            return Err(crate::SpriteError::Invalid(format!(
+                "config.ram_mb = {mb}: more than this host's memory ({host_mb} MiB)"
+            )));
+        }
+        Ok(bytes as u64)
+    }
+
+    /// Check a sprite's requested CPUs (as `config.cpus`).
+    pub fn check_cpus(&self, cpus: f64) -> Result<f64, crate::SpriteError> {
+        if !cpus.is_finite() || cpus < MIN_CPUS {
+            return Err(crate::SpriteError::Invalid(format!(
+                "config.cpus = {cpus}: at least {MIN_CPUS}"
+            )));
+        }
+        if cpus > self.cpus {
+            return Err(crate::SpriteError::Invalid(format!(
+                "config.cpus = {cpus}: more than this host's {} CPUs",
+                self.cpus
+            )));
+        }
+        Ok(cpus)
     }
 }
 
@@ -104,4 +175,36 @@ pub fn host_upstream_dns() -> Option<std::net::SocketAddr> {
             .and_then(|ip| ip.parse::<std::net::IpAddr>().ok())
             .map(|ip| std::net::SocketAddr::new(ip, 53))
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const HOST: HostCapacity = HostCapacity {
+        memory_bytes: 24 << 30,
+        cpus: 2.0,
+    };
+
+    #[test]
+    fn limits_beyond_the_host_are_refused() {
+        assert!(HOST.check_ram_mb(1_048_576.0).is_err(), "1 TiB on a 24 GiB host");
+        assert!(HOST.check_cpus(1024.0).is_err(), "1024 CPUs on a 2-CPU host");
+        assert!(HOST.check_cpus(2.5).is_err());
+        assert!(HOST.check_ram_mb(1.0).is_err(), "below the minimum");
+        assert!(HOST.check_cpus(0.001).is_err(), "below the minimum");
+        assert!(HOST.check_ram_mb(f64::NAN).is_err());
+        assert_eq!(HOST.check_ram_mb(512.0).unwrap(), 512 << 20);
+        assert_eq!(HOST.check_ram_mb((24 << 10) as f64).unwrap(), 24 << 30);
+        assert_eq!(HOST.check_cpus(2.0).unwrap(), 2.0);
+        assert_eq!(HOST.check_cpus(0.5).unwrap(), 0.5);
+    }
+
+    #[test]
+    fn refusals_name_the_field_and_the_host_figure() {
+        let e = HOST.check_ram_mb(1_048_576.0).unwrap_err().to_string();
+        assert!(e.contains("config.ram_mb") && e.contains("24576 MiB"), "{e}");
+        let e = HOST.check_cpus(1024.0).unwrap_err().to_string();
+        assert!(e.contains("config.cpus") && e.contains("2 CPUs"), "{e}");
+    }
 }

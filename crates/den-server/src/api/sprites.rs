@@ -5,7 +5,7 @@ use axum::extract::{Path, Query, State};
 use axum::http::{HeaderMap, StatusCode, Uri};
 use axum::response::{IntoResponse, Response};
 use den_runtime::{CpuLimit, Resources};
-use den_sprite::{CreateSprite, SpriteStatus};
+use den_sprite::{CreateSprite, HostCapacity, SpriteStatus};
 use serde::Deserialize;
 use serde_json::{Map, Value, json};
 
@@ -62,8 +62,9 @@ fn check_labels(labels: &[String]) -> ApiResult<()> {
     Ok(())
 }
 
-/// `config.ram_mb` / `config.cpus` become the sprite's cgroup limits.
-fn resources_from(config: &Value, default: Resources) -> ApiResult<Resources> {
+/// `config.ram_mb` / `config.cpus` become the sprite's cgroup limits,
+/// within what the host has (`host`).
+fn resources_from(config: &Value, default: Resources, host: &HostCapacity) -> ApiResult<Resources> {
     let mut r = default;
     let num = |k: &str| -> ApiResult<Option<f64>> {
         match config.get(k) {
@@ -76,15 +77,10 @@ fn resources_from(config: &Value, default: Resources) -> ApiResult<Resources> {
         }
     };
     if let Some(mb) = num("ram_mb")? {
-        if mb > 1024.0 * 1024.0 {
-            return Err(ApiError::bad_request("config.ram_mb is too large"));
-        }
-        r.memory_bytes = Some((mb as u64) << 20);
+        r.memory_bytes = Some(host.check_ram_mb(mb)?);
     }
     if let Some(cpus) = num("cpus")? {
-        if cpus > 1024.0 {
-            return Err(ApiError::bad_request("config.cpus is too large"));
-        }
+        let cpus = host.check_cpus(cpus)?;
         r.cpu = CpuLimit {
             shares: Some(((1024.0 * cpus) as u64).clamp(2, 262_144)),
             quota_us: Some((100_000.0 * cpus) as i64),
@@ -202,7 +198,7 @@ fn check_create(
     if !config.is_object() {
         return Err(ApiError::bad_request("config must be an object"));
     }
-    let resources = resources_from(&config, st.mgr.config().resources)?;
+    let resources = resources_from(&config, st.mgr.config().resources, &st.mgr.config().host)?;
     let environment = environment.unwrap_or_default();
     if let Some((k, _)) = environment.iter().find(|(_, v)| !v.is_string()) {
         return Err(ApiError::bad_request(format!("environment.{k} must be a string")));

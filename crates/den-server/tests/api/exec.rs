@@ -36,7 +36,7 @@ fn enc(s: &str) -> String {
     out
 }
 
-fn sh(script: &str) -> String {
+pub(crate) fn sh(script: &str) -> String {
     cmd(&["sh", "-c", script])
 }
 
@@ -74,12 +74,12 @@ async fn refused(s: &TestServer, path: &str, token: bool) -> Result<(u16, String
 
 /// What one exec WebSocket produced, in order.
 #[derive(Debug, Default)]
-struct Run {
-    stdout: Vec<u8>,
+pub(crate) struct Run {
+    pub(crate) stdout: Vec<u8>,
     stderr: Vec<u8>,
     /// Text frames other than session_info and exit.
     texts: Vec<Value>,
-    exit: Option<u8>,
+    pub(crate) exit: Option<u8>,
     close: Option<u16>,
     /// Time from the exit frame to the close frame.
     close_delay: Option<Duration>,
@@ -150,7 +150,7 @@ async fn drain(ws: &mut Ws, info: Value) -> Result<Run> {
 }
 
 /// Runs a command to completion with no stdin.
-async fn run(s: &TestServer, sprite: &str, query: &str) -> Result<Run> {
+pub(crate) async fn run(s: &TestServer, sprite: &str, query: &str) -> Result<Run> {
     let (mut ws, _) = connect(s, &format!("/v1/sprites/{sprite}/exec?{query}")).await?;
     let info = session_info(&mut ws).await?;
     drain(&mut ws, info).await
@@ -166,7 +166,7 @@ fn ok_run(r: &Run, code: u8) -> Result<()> {
     Ok(())
 }
 
-fn text(b: &[u8]) -> String {
+pub(crate) fn text(b: &[u8]) -> String {
     String::from_utf8_lossy(b).to_string()
 }
 

@@ -2,6 +2,7 @@
 //! `cargo test -p den-server --test api -- NAME…` runs the tests whose
 //! names contain one of the NAMEs.
 
+mod abuse;
 mod common;
 mod exec;
 mod forward;
@@ -46,6 +47,15 @@ const TESTS: &[(&str, TestFn)] = &[
     ("exec_tty_attach_http", || Box::pin(exec::tty_attach_http())),
     ("exec_default_timeout", || Box::pin(exec::default_timeout())),
     ("cluster_forwarding", || Box::pin(forward::cluster_forwarding())),
+    ("wire_pooled_stream_has_no_fixed_delay", || {
+        Box::pin(abuse::wire_pooled_stream_has_no_fixed_delay())
+    }),
+    ("abuse_connection_flood_and_slowloris", || {
+        Box::pin(abuse::abuse_connection_flood_and_slowloris())
+    }),
+    ("limits_beyond_the_host_are_refused", || {
+        Box::pin(abuse::limits_beyond_the_host_are_refused())
+    }),
 ];
 
 fn main() {

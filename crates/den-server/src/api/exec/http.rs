@@ -23,8 +23,11 @@ use crate::state::AppState;
 const AFTER_SIGKILL: Duration = Duration::from_secs(5);
 /// The framing has no lengths, and clients such as the official JS SDK take
 /// each read of the body as one frame. An exit frame sent right behind the
-/// output would usually reach them in the same read and be taken for
-/// output, so it waits this long after the last output frame.
+/// output would reach them in the same read and be taken for output, so it
+/// goes this long after the last output frame left for the socket (not
+/// after it was queued: under load the queue may lag). The socket has
+/// `TCP_NODELAY` ([`crate::listener`]), so the output is on the wire at once
+/// instead of waiting for the client's delayed ACK and the exit frame.
 const EXIT_FRAME_GAP: Duration = Duration::from_millis(10);
 
 fn framed(kind: u8, data: &[u8]) -> Bytes {
@@ -71,7 +74,6 @@ pub async fn exec_http(
     let shutdown = st.shutdown.clone();
     let stream = async_stream(move |tx| async move {
         let _awake = activity;
-        let mut last_output: Option<std::time::Instant> = None;
         loop {
             tokio::select! {
                 _ = shutdown.cancelled() => return,
@@ -80,9 +82,6 @@ pub async fn exec_http(
                         Some(Event::Stdout(b)) => framed(0x01, &b),
                         Some(Event::Stderr(b)) => framed(0x02, &b),
                         Some(Event::Exit(e)) => {
-                            if let Some(t) = last_output {
-                                tokio::time::sleep(EXIT_FRAME_GAP.saturating_sub(t.elapsed())).await;
-                            }
                             let _ = tx.send(Bytes::from(vec![0x03, wire_exit_code(e.exit_code)])).await;
                             return;
                         }
@@ -92,7 +91,6 @@ pub async fn exec_http(
                     if tx.send(frame).await.is_err() {
                         return; // client gone: detach
                     }
-                    last_output = Some(std::time::Instant::now());
                 }
                 chunk = async { stdin.as_mut()?.next().await }, if stdin.is_some() => {
                     match chunk {
@@ -110,12 +108,35 @@ pub async fn exec_http(
             }
         }
     });
-    let mut resp = Response::new(Body::from_stream(stream.map(Ok::<_, std::convert::Infallible>)));
+    let mut resp = Response::new(Body::from_stream(
+        exit_frame_apart(stream).map(Ok::<_, std::convert::Infallible>),
+    ));
     resp.headers_mut().insert(
         header::CONTENT_TYPE,
         HeaderValue::from_static("application/octet-stream"),
     );
     Ok(resp)
+}
+
+/// `frames` with the exit frame (`0x03`, always last) held back until
+/// [`EXIT_FRAME_GAP`] after the frame before it was taken by the server.
+/// While it waits, the body is pending, and hyper writes out what it holds.
+fn exit_frame_apart(
+    frames: impl futures::Stream<Item = Bytes> + Send + 'static,
+) -> impl futures::Stream<Item = Bytes> + Send + 'static {
+    let frames = Box::pin(frames);
+    futures::stream::unfold(
+        (frames, None::<tokio::time::Instant>),
+        |(mut frames, last)| async move {
+            let frame = frames.next().await?;
+            if frame.first() == Some(&0x03)
+                && let Some(t) = last
+            {
+                tokio::time::sleep_until(t + EXIT_FRAME_GAP).await;
+            }
+            Some((frame, (frames, Some(tokio::time::Instant::now()))))
+        },
+    )
 }
 
 fn line(v: serde_json::Value) -> Bytes {
