@@ -198,6 +198,7 @@ mod server;
 mod services;
 mod session;
 mod sys;
+mod tree;
 pub mod user;
 
 use std::path::PathBuf;

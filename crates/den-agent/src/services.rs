@@ -579,7 +579,7 @@ impl Services {
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped());
-        sys::configure_child(&mut cmd, false, creds);
+        sys::configure_child(&mut cmd, false, creds, false);
         let (mut child, pid, exit) = Reaper::global()
             .spawn(|| {
                 let child = cmd.spawn()?;

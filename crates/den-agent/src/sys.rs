@@ -43,7 +43,11 @@ pub struct Creds {
 /// Credentials are switched here rather than with `CommandExt::uid`, because
 /// std's stable API cannot set supplementary groups and would run the
 /// `pre_exec` hook after `setuid`, when `setgroups` is no longer permitted.
-pub fn configure_child(cmd: &mut Command, controlling_tty: bool, creds: Option<Creds>) {
+///
+/// With `subreaper`, the child (and the program it execs: the attribute
+/// survives `execve`) adopts its orphaned descendants, so they stay in its
+/// process tree while it runs.
+pub fn configure_child(cmd: &mut Command, controlling_tty: bool, creds: Option<Creds>, subreaper: bool) {
     let raw_groups: Vec<libc::gid_t> = creds
         .as_ref()
         .map(|c| c.groups.iter().map(|g| g.as_raw()).collect())
@@ -52,6 +56,12 @@ pub fn configure_child(cmd: &mut Command, controlling_tty: bool, creds: Option<C
         // Only async-signal-safe syscalls below: we are in a forked child of a
         // multithreaded process, so no allocation and no locks.
         nix::unistd::setsid()?;
+        if subreaper {
+            // SAFETY: PR_SET_CHILD_SUBREAPER takes an integer flag; no pointers.
+            if unsafe { libc::prctl(libc::PR_SET_CHILD_SUBREAPER, 1 as libc::c_ulong, 0, 0, 0) } < 0 {
+                return Err(io::Error::last_os_error());
+            }
+        }
         // Ignored signals survive exec: a command must not inherit an
         // ignored SIGINT or SIGTERM from whatever started the agent (a
         // shell's background job, nohup), or `signal`/`kill` can't stop it.
