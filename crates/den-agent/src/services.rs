@@ -321,6 +321,17 @@ impl Services {
         }
     }
 
+    /// Fencing: SIGKILLs every service's process tree at once and restarts
+    /// none of them.
+    pub(crate) fn kill_all(&self) {
+        let _ = self.shutting_down.send(true);
+        let pids: Vec<i32> = lock(&self.entries)
+            .values()
+            .filter_map(|e| lock(&e.rt).status.pid)
+            .collect();
+        crate::tree::kill_all(&crate::tree::descendants(&pids));
+    }
+
     /// Stops every service and waits for them.
     pub(crate) async fn shutdown(&self) {
         let _ = self.shutting_down.send(true);

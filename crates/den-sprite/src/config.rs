@@ -56,6 +56,11 @@ pub struct ManagerConfig {
     /// several den processes on one machine (cluster nodes in tests) never
     /// touch each other's containers. Empty on a single host.
     pub container_prefix: String,
+    /// Self-fencing: a sprite's agent stops every process of the sprite (and
+    /// PID 1 exits) when den's heartbeat has been missing this long, so a
+    /// killed den (or one whose node lost its cluster lease) leaves nothing
+    /// running. Use the cluster's node TTL or less; den beats every quarter.
+    pub fence_ttl: Duration,
 }
 
 impl ManagerConfig {
@@ -80,6 +85,7 @@ impl ManagerConfig {
             max_awake: None,
             flush_on_cold: false,
             container_prefix: String::new(),
+            fence_ttl: Duration::from_secs(10),
         }
     }
 
