@@ -2,6 +2,7 @@
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use std::time::Duration;
 
 use bytes::Bytes;
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
@@ -86,6 +87,28 @@ impl Client {
 
     pub async fn ping(&self) -> Result<(), Error> {
         request(&self.socket, &Request::Ping).await.map(|_| ())
+    }
+
+    /// Sends den's heartbeat every `interval` until the agent goes away (an
+    /// error then). An agent started with a fence TTL stops its sprite when
+    /// no heartbeat arrived for that long; beats sent while the sprite is
+    /// frozen wait in the socket and count on thaw.
+    pub async fn heartbeat(&self, interval: Duration) -> Result<(), Error> {
+        let (mut rd, mut wr) = request(&self.socket, &Request::Heartbeat).await?;
+        let mut probe = [0u8; 1];
+        loop {
+            // A frozen agent reads nothing; with its socket buffer full a
+            // write would wait until thaw, which is fine: the beats queued
+            // before already prove we are alive.
+            wr.write_all(b"\n").await?;
+            tokio::select! {
+                _ = tokio::time::sleep(interval) => {}
+                r = tokio::io::AsyncReadExt::read(&mut rd, &mut probe) => {
+                    r?;
+                    return Err(Error::Protocol("the agent closed the heartbeat".into()));
+                }
+            }
+        }
     }
 
     pub async fn list_sessions(&self) -> Result<Vec<SessionSummary>, Error> {

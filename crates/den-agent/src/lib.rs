@@ -198,6 +198,7 @@ mod server;
 mod services;
 mod session;
 mod sys;
+mod tree;
 pub mod user;
 
 use std::path::PathBuf;
@@ -219,6 +220,8 @@ pub enum Error {
     User(String),
     #[error("spawn: {0}")]
     Spawn(String),
+    #[error("fenced: no heartbeat from den for {0:?}")]
+    Fenced(Duration),
     /// The agent answered a request with `ok: false`.
     #[error("agent refused ({code}): {message}")]
     Agent { code: String, message: String },
@@ -254,6 +257,17 @@ pub struct AgentConfig {
     /// Cap of the restart delay; a service that stayed up this long starts
     /// over at `service_backoff_base`.
     pub service_backoff_max: Duration,
+    /// Serve on this inherited listening socket (made by the host) instead
+    /// of binding `socket`.
+    pub listen_fd: Option<std::os::fd::RawFd>,
+    /// Once serving, [`run`] points stdout and stderr here (a file inside the
+    /// sprite), so PID 1 keeps no descriptor of the host's console log.
+    pub log_file: Option<PathBuf>,
+    /// Self-fencing: when den's heartbeat (see [`client::Client::heartbeat`])
+    /// has been missing this long (counted from start before the first one),
+    /// every process of the sprite is killed and [`run`] returns
+    /// [`Error::Fenced`], so PID 1 exits. `None`: never.
+    pub fence_ttl: Option<Duration>,
 }
 
 impl AgentConfig {
@@ -275,20 +289,51 @@ impl AgentConfig {
             service_stop_grace: Duration::from_secs(5),
             service_backoff_base: Duration::from_secs(1),
             service_backoff_max: Duration::from_secs(30),
+            listen_fd: None,
+            log_file: None,
+            fence_ttl: None,
         }
     }
 }
 
-/// Serves until SIGTERM or SIGINT, then shuts sessions down.
+fn open_log(path: &std::path::Path) -> std::io::Result<std::fs::File> {
+    use std::os::unix::fs::OpenOptionsExt;
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir)?;
+    }
+    std::fs::OpenOptions::new()
+        .append(true)
+        .create(true)
+        .mode(0o600)
+        .open(path)
+}
+
+/// Serves until SIGTERM or SIGINT, then shuts sessions down. PID 1 is made
+/// non-dumpable first (see `sys::set_not_dumpable`).
 pub async fn run(config: AgentConfig) -> Result<(), Error> {
     use tokio::signal::unix::{SignalKind, signal};
     let mut term = signal(SignalKind::terminate())?;
     let mut int = signal(SignalKind::interrupt())?;
+    sys::set_not_dumpable()?;
+    let log_file = config.log_file.clone();
     let handle = AgentHandle::start(config).await?;
     tracing::info!(socket = %handle.socket().display(), pid = std::process::id(), "den agent serving");
+    if let Some(path) = log_file {
+        // Only now: a start-up failure above still reaches the host's console.
+        if let Err(e) = open_log(&path).and_then(|f| sys::redirect_stdio(&f)) {
+            tracing::warn!(path = %path.display(), error = %e, "moving the agent's output into the sprite");
+        }
+    }
     tokio::select! {
         _ = term.recv() => {}
         _ = int.recv() => {}
+        _ = handle.fenced() => {
+            let ttl = handle.fence_ttl().unwrap_or_default();
+            handle.kill_everything().await;
+            // As PID 1, returning ends the sprite: the kernel kills whatever
+            // is left in its pid namespace.
+            return Err(Error::Fenced(ttl));
+        }
     }
     tracing::info!("shutting down: forwarding SIGTERM to sessions");
     handle.shutdown().await;

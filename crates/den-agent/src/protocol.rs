@@ -40,6 +40,9 @@ pub enum Request {
     },
     SubscribePorts,
     Ping,
+    /// den's heartbeat: after the answer, any byte the host sends proves it
+    /// is alive (see [`crate::AgentConfig::fence_ttl`]).
+    Heartbeat,
     /// The full desired set of services; the agent reconciles to it.
     ServicesSet {
         services: Vec<ServiceDef>,

@@ -28,6 +28,10 @@ pub(crate) struct AgentInner {
     streaming: std::sync::atomic::AtomicUsize,
     streaming_done: Notify,
     pub services: Arc<crate::services::Services>,
+    /// When den's heartbeat was last heard (or the agent started).
+    last_heartbeat: Mutex<tokio::time::Instant>,
+    /// Set once the agent fenced itself.
+    fenced: tokio::sync::watch::Sender<bool>,
 }
 
 struct StreamingGuard(Arc<AgentInner>);
@@ -75,16 +79,22 @@ impl AgentHandle {
         if config.subreaper && std::process::id() != 1 {
             crate::sys::set_child_subreaper()?;
         }
-        if let Some(dir) = config.socket.parent() {
-            std::fs::create_dir_all(dir)?;
-        }
-        // A stale socket from a previous boot would make bind fail.
-        let _ = std::fs::remove_file(&config.socket);
-        let listener = UnixListener::bind(&config.socket)?;
-        {
-            use std::os::unix::fs::PermissionsExt;
-            std::fs::set_permissions(&config.socket, std::fs::Permissions::from_mode(0o600))?;
-        }
+        let listener = match config.listen_fd {
+            // The host made this socket, outside the sprite: serve on it and
+            // bind no path of our own.
+            Some(fd) => UnixListener::from_std(crate::sys::adopt_listener(fd)?)?,
+            None => {
+                if let Some(dir) = config.socket.parent() {
+                    std::fs::create_dir_all(dir)?;
+                }
+                // A stale socket from a previous boot would make bind fail.
+                let _ = std::fs::remove_file(&config.socket);
+                let listener = UnixListener::bind(&config.socket)?;
+                use std::os::unix::fs::PermissionsExt;
+                std::fs::set_permissions(&config.socket, std::fs::Permissions::from_mode(0o600))?;
+                listener
+            }
+        };
         let services = crate::services::Services::new(config.clone());
         let inner = Arc::new(AgentInner {
             config,
@@ -94,9 +104,14 @@ impl AgentHandle {
             sessions_changed: Notify::new(),
             streaming: 0.into(),
             streaming_done: Notify::new(),
+            last_heartbeat: Mutex::new(tokio::time::Instant::now()),
+            fenced: tokio::sync::watch::channel(false).0,
         });
         let stop = Arc::new(Notify::new());
         let ports = tokio::spawn(crate::ports::watch(Arc::downgrade(&inner)));
+        if let Some(ttl) = inner.config.fence_ttl {
+            tokio::spawn(fence_watchdog(Arc::downgrade(&inner), ttl));
+        }
         let task = {
             let inner = inner.clone();
             let stop = stop.clone();
@@ -132,7 +147,9 @@ impl AgentHandle {
     pub async fn shutdown(mut self) {
         self.stop.notify_one();
         let _ = (&mut self.task).await;
-        let _ = std::fs::remove_file(&self.inner.config.socket);
+        if self.inner.config.listen_fd.is_none() {
+            let _ = std::fs::remove_file(&self.inner.config.socket);
+        }
         let services = self.inner.services.clone();
         tokio::join!(services.shutdown(), self.shutdown_sessions());
     }
@@ -161,6 +178,58 @@ impl AgentHandle {
 
     pub fn socket(&self) -> &std::path::Path {
         &self.inner.config.socket
+    }
+
+    pub fn fence_ttl(&self) -> Option<Duration> {
+        self.inner.config.fence_ttl
+    }
+
+    /// Resolves once the agent fenced itself (den's heartbeat was missing
+    /// for `fence_ttl`); never without a `fence_ttl`.
+    pub async fn fenced(&self) {
+        let mut rx = self.inner.fenced.subscribe();
+        let _ = rx.wait_for(|f| *f).await;
+    }
+
+    /// Fencing: SIGKILL every session's process tree and every service at
+    /// once, no grace (the sprite may already run elsewhere).
+    pub async fn kill_everything(self) {
+        self.stop.notify_one();
+        let sessions: Vec<_> = self.inner.lock_sessions().values().cloned().collect();
+        let roots: Vec<i32> = sessions.iter().map(|s| s.pid).collect();
+        crate::tree::kill_all(&crate::tree::descendants(&roots));
+        let services = self.inner.services.clone();
+        services.kill_all();
+    }
+}
+
+/// Fences the sprite when den has not been heard from for `ttl`: a den that
+/// was killed (or lost its node lease and whose sprite may now run on another
+/// node) must not leave the sprite acting on the world.
+async fn fence_watchdog(inner: std::sync::Weak<AgentInner>, ttl: Duration) {
+    // After a thaw the timer fires at once although beats sent meanwhile
+    // wait in the socket: give the readers a moment to see them first.
+    let recheck = (ttl / 10).clamp(Duration::from_millis(50), Duration::from_secs(1));
+    loop {
+        let Some(last) = inner
+            .upgrade()
+            .map(|i| *i.last_heartbeat.lock().unwrap_or_else(|p| p.into_inner()))
+        else {
+            return;
+        };
+        let due = last + ttl;
+        if tokio::time::Instant::now() < due {
+            tokio::time::sleep_until(due).await;
+            continue;
+        }
+        tokio::time::sleep(recheck).await;
+        let Some(i) = inner.upgrade() else { return };
+        let last = *i.last_heartbeat.lock().unwrap_or_else(|p| p.into_inner());
+        if last.elapsed() >= ttl {
+            tracing::error!(?ttl, "no heartbeat from den: fencing the sprite");
+            i.fenced.send_replace(true);
+            return;
+        }
     }
 }
 
@@ -200,6 +269,19 @@ async fn handle_connection(inner: Arc<AgentInner>, stream: UnixStream) -> Result
     };
     match req {
         Request::Ping => write_response(&mut wr, &Response::ok()).await,
+        Request::Heartbeat => {
+            write_response(&mut wr, &Response::ok()).await?;
+            let mut buf = [0u8; 256];
+            loop {
+                match tokio::io::AsyncReadExt::read(&mut rd, &mut buf).await {
+                    Ok(0) | Err(_) => return Ok(()),
+                    Ok(_) => {
+                        *inner.last_heartbeat.lock().unwrap_or_else(|p| p.into_inner()) =
+                            tokio::time::Instant::now();
+                    }
+                }
+            }
+        }
         Request::FsRead {
             path,
             working_dir,

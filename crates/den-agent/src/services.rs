@@ -321,6 +321,17 @@ impl Services {
         }
     }
 
+    /// Fencing: SIGKILLs every service's process tree at once and restarts
+    /// none of them.
+    pub(crate) fn kill_all(&self) {
+        let _ = self.shutting_down.send(true);
+        let pids: Vec<i32> = lock(&self.entries)
+            .values()
+            .filter_map(|e| lock(&e.rt).status.pid)
+            .collect();
+        crate::tree::kill_all(&crate::tree::descendants(&pids));
+    }
+
     /// Stops every service and waits for them.
     pub(crate) async fn shutdown(&self) {
         let _ = self.shutting_down.send(true);
@@ -579,7 +590,7 @@ impl Services {
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped());
-        sys::configure_child(&mut cmd, false, creds);
+        sys::configure_child(&mut cmd, false, creds, false);
         let (mut child, pid, exit) = Reaper::global()
             .spawn(|| {
                 let child = cmd.spawn()?;

@@ -213,7 +213,9 @@ impl Session {
                 .stderr(Stdio::piped());
             None
         };
-        sys::configure_child(&mut cmd, req.tty, creds);
+        // A command with a time limit adopts its own orphans, so a
+        // double-forked descendant is still found under it at expiry.
+        sys::configure_child(&mut cmd, req.tty, creds, req.timeout_ms.is_some());
 
         let spawned = Reaper::global().spawn(|| {
             let child = cmd.spawn()?;
@@ -317,12 +319,20 @@ impl Session {
                 tokio::time::sleep(Duration::from_millis(ms)).await;
                 let Some(s) = weak.upgrade() else { return };
                 s.timed_out.store(true, std::sync::atomic::Ordering::SeqCst);
+                // The whole tree, not only the process group: descendants
+                // that called setsid left the group but not the tree.
+                let tree = crate::tree::descendants(&[s.pid]);
                 s.signal_group(Signal::SIGTERM);
+                crate::tree::signal(&tree, Signal::SIGTERM);
                 drop(s);
-                tokio::time::sleep(grace).await;
-                if let Some(s) = weak.upgrade() {
-                    s.signal_group(Signal::SIGKILL);
+                let deadline = tokio::time::Instant::now() + grace;
+                while tokio::time::Instant::now() < deadline && tree.iter().any(crate::tree::alive) {
+                    tokio::time::sleep(Duration::from_millis(20)).await;
                 }
+                // Members of the command's group are in its tree too (it
+                // adopts orphans), so no killpg, whose id may be reused by
+                // then.
+                crate::tree::kill_all(&tree);
             })
         });
 
@@ -331,7 +341,11 @@ impl Session {
         let sess = session.clone();
         tokio::spawn(async move {
             let exit = exit_rx.await.unwrap_or(ChildExit::Code(255));
-            if let Some(t) = timeout_task {
+            // Once the time limit hit, the timer still has the rest of the
+            // tree to kill; the command's own exit does not end that.
+            if let Some(t) = timeout_task
+                && !sess.timed_out.load(std::sync::atomic::Ordering::SeqCst)
+            {
                 t.abort();
             }
             // Output written before the exit is already in the pipe/pty; read

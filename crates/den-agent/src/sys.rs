@@ -43,7 +43,11 @@ pub struct Creds {
 /// Credentials are switched here rather than with `CommandExt::uid`, because
 /// std's stable API cannot set supplementary groups and would run the
 /// `pre_exec` hook after `setuid`, when `setgroups` is no longer permitted.
-pub fn configure_child(cmd: &mut Command, controlling_tty: bool, creds: Option<Creds>) {
+///
+/// With `subreaper`, the child (and the program it execs: the attribute
+/// survives `execve`) adopts its orphaned descendants, so they stay in its
+/// process tree while it runs.
+pub fn configure_child(cmd: &mut Command, controlling_tty: bool, creds: Option<Creds>, subreaper: bool) {
     let raw_groups: Vec<libc::gid_t> = creds
         .as_ref()
         .map(|c| c.groups.iter().map(|g| g.as_raw()).collect())
@@ -52,6 +56,12 @@ pub fn configure_child(cmd: &mut Command, controlling_tty: bool, creds: Option<C
         // Only async-signal-safe syscalls below: we are in a forked child of a
         // multithreaded process, so no allocation and no locks.
         nix::unistd::setsid()?;
+        if subreaper {
+            // SAFETY: PR_SET_CHILD_SUBREAPER takes an integer flag; no pointers.
+            if unsafe { libc::prctl(libc::PR_SET_CHILD_SUBREAPER, 1 as libc::c_ulong, 0, 0, 0) } < 0 {
+                return Err(io::Error::last_os_error());
+            }
+        }
         // Ignored signals survive exec: a command must not inherit an
         // ignored SIGINT or SIGTERM from whatever started the agent (a
         // shell's background job, nohup), or `signal`/`kill` can't stop it.
@@ -112,4 +122,64 @@ pub fn async_fd(fd: std::os::fd::OwnedFd) -> io::Result<tokio::io::unix::AsyncFd
     // SAFETY: an OwnedFd stays open and keeps returning the same descriptor
     // until it is dropped, which only happens together with the AsyncFd.
     unsafe { tokio::io::unix::AsyncFd::register(fd) }.map_err(io::Error::from)
+}
+
+/// Takes over the listening socket the runtime passed at descriptor `fd`:
+/// checks it is a socket, and makes it close-on-exec so no command the agent
+/// runs inherits it (it could otherwise accept the host's connections).
+pub fn adopt_listener(fd: std::os::fd::RawFd) -> io::Result<std::os::unix::net::UnixListener> {
+    use std::os::fd::FromRawFd;
+    // SAFETY: the descriptor was handed to this process at exec for the agent
+    // alone; nothing else in the process owns or closes it.
+    let owned = unsafe { std::os::fd::OwnedFd::from_raw_fd(fd) };
+    let st = nix::sys::stat::fstat(&owned)?;
+    if st.st_mode & libc::S_IFMT != libc::S_IFSOCK {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            format!("descriptor {fd} is not a socket"),
+        ));
+    }
+    nix::fcntl::fcntl(
+        &owned,
+        nix::fcntl::FcntlArg::F_SETFD(nix::fcntl::FdFlag::FD_CLOEXEC),
+    )?;
+    let listener = std::os::unix::net::UnixListener::from(owned);
+    listener.set_nonblocking(true)?;
+    Ok(listener)
+}
+
+/// Makes this process non-dumpable. For ptrace access checks (attach, and
+/// `pidfd_getfd`, `/proc/<pid>/fd`, `process_vm_readv`, which use them) a
+/// non-dumpable process needs CAP_SYS_PTRACE in the user namespace its memory
+/// was created in: the sprite's, whose root does not have that capability.
+/// Without this, the sprite's root (same uid) could stop PID 1 or copy its
+/// descriptors. `execve` resets the flag, so commands the agent runs are not
+/// affected.
+pub fn set_not_dumpable() -> io::Result<()> {
+    // SAFETY: PR_SET_DUMPABLE takes an integer flag; no pointers.
+    let rc = unsafe { libc::prctl(libc::PR_SET_DUMPABLE, 0 as libc::c_ulong, 0, 0, 0) };
+    if rc < 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(())
+    }
+}
+
+/// Points stdout and stderr at `file` (stdin at /dev/null): whatever the
+/// runtime gave PID 1 (a host log file) is then no longer held by it.
+pub fn redirect_stdio(file: &std::fs::File) -> io::Result<()> {
+    let null = std::fs::File::open("/dev/null")?;
+    for (src, target) in [
+        (null.as_raw_fd(), 0),
+        (file.as_raw_fd(), 1),
+        (file.as_raw_fd(), 2),
+    ] {
+        // SAFETY: dup2 only changes the descriptor table; both descriptors
+        // are open for the duration of the call, and the standard streams
+        // stay owned by the process as before.
+        if unsafe { libc::dup2(src, target) } < 0 {
+            return Err(io::Error::last_os_error());
+        }
+    }
+    Ok(())
 }

@@ -252,6 +252,65 @@ async fn max_run_time_times_out() {
     a.shutdown().await;
 }
 
+/// Processes whose argv is exactly `sleep <arg>`.
+fn sleeps_with(arg: &str) -> Vec<i32> {
+    let want = format!("sleep\0{arg}\0");
+    std::fs::read_dir("/proc")
+        .unwrap()
+        .flatten()
+        .filter_map(|e| e.file_name().to_str()?.parse::<i32>().ok())
+        .filter(|pid| {
+            std::fs::read(format!("/proc/{pid}/cmdline")).is_ok_and(|c| c == want.as_bytes())
+                && std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|s| {
+                    s.rsplit_once(')')
+                        .is_some_and(|(_, r)| !r.trim_start().starts_with('Z'))
+                })
+        })
+        .collect()
+}
+
+/// A timed-out command's whole tree dies, also what left its session and
+/// process group (setsid), was double-forked away, or ignores SIGTERM.
+#[tokio::test]
+async fn timeout_kills_the_whole_tree_including_setsid_children() {
+    let a = agent().await;
+    // A sleep length no other test uses marks this test's processes.
+    let mark = (900_000 + std::process::id() % 99_999).to_string();
+    let script = format!(
+        "setsid sleep {mark} & setsid sh -c 'sleep {mark}' & (setsid sleep {mark} &); \
+         setsid sh -c \"trap '' TERM; sleep {mark}\" & sleep {mark}"
+    );
+    let s = a
+        .client
+        .exec(ExecRequest {
+            timeout_ms: Some(1000),
+            kill_grace_ms: Some(300),
+            ..sh(&script)
+        })
+        .await
+        .unwrap();
+    let exit = collect(s).await.exit.unwrap();
+    assert!(exit.timed_out, "{exit:?}");
+    let t0 = Instant::now();
+    loop {
+        let left = sleeps_with(&mark);
+        if left.is_empty() {
+            break;
+        }
+        if t0.elapsed() > Duration::from_secs(5) {
+            for pid in &left {
+                let _ = nix::sys::signal::kill(
+                    nix::unistd::Pid::from_raw(*pid),
+                    nix::sys::signal::Signal::SIGKILL,
+                );
+            }
+            panic!("sleeps of the timed-out command survived: {left:?}");
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    a.shutdown().await;
+}
+
 #[tokio::test]
 async fn detach_and_reattach_replays_scrollback() {
     let a = agent().await;

@@ -141,7 +141,19 @@ pub struct SpriteSpec {
     /// Host file that receives PID 1's stdout and stderr (appended; may be a
     /// FIFO). `None` sends them to /dev/null.
     pub console_log: Option<PathBuf>,
+    /// Host path of the agent's listening socket. The shim binds it as host
+    /// root, before entering any of the sprite's namespaces, and hands the
+    /// listener to PID 1 as descriptor [`AGENT_LISTEN_FD`]. The host then
+    /// only ever connects to a socket it created, in a directory the sprite
+    /// can neither see nor write: a path inside the sprite (which its root
+    /// could turn into a symlink to another sprite's socket) is never
+    /// followed. `None`: no descriptor is passed.
+    #[serde(default)]
+    pub agent_listener: Option<PathBuf>,
 }
+
+/// The descriptor number PID 1 finds [`SpriteSpec::agent_listener`] at.
+pub const AGENT_LISTEN_FD: i32 = 3;
 
 impl SpriteSpec {
     /// Check what can be checked without touching the system.
@@ -173,6 +185,9 @@ impl SpriteSpec {
             if !p.is_absolute() {
                 return bad(format!("{} is not absolute", p.display()));
             }
+        }
+        if self.agent_listener.as_ref().is_some_and(|p| !p.is_absolute()) {
+            return bad("the agent listener path is not absolute".into());
         }
         for m in &self.mounts {
             if !m.destination.is_absolute() || !m.source.is_absolute() {

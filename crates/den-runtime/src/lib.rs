@@ -17,5 +17,7 @@ pub mod container;
 pub mod exit_watch;
 pub mod image;
 
-pub use backend::{Backend, BindMount, CpuLimit, Handle, Resources, RuntimeError, SpriteSpec, SpriteState};
+pub use backend::{
+    AGENT_LISTEN_FD, Backend, BindMount, CpuLimit, Handle, Resources, RuntimeError, SpriteSpec, SpriteState,
+};
 pub use exit_watch::ExitWatch;

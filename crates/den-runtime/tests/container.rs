@@ -102,6 +102,7 @@ impl Env {
                 ..Resources::default()
             },
             console_log: Some(vol.join("console.log")),
+            agent_listener: None,
         }
     }
 

@@ -86,6 +86,9 @@ pub async fn open(cfg: &ServerConfig, mut mcfg: ManagerConfig) -> Result<Backend
     let catalog = den_sprite::catalog_pg::PgCatalog::connect(db).await?;
     mcfg.flush_on_cold = true;
     mcfg.container_prefix = format!("{}-", ccfg.node);
+    // Sprites of a dead den stop well before another node may claim them
+    // (a whole node TTL after this node's last beat).
+    mcfg.fence_ttl = cfg.node_ttl / 2;
     let mgr = SpriteManager::start_with_catalog(mcfg, store.clone(), Arc::new(catalog)).await?;
     let tokens = Arc::new(TokenStore::open_postgres(db).await?);
     let cluster = Cluster::join(ccfg, mgr.clone()).await?;

@@ -11,10 +11,12 @@ use crate::error::{Result, SpriteError};
 
 /// Where the bundle appears inside the sprite.
 pub const SPRITE_BIN: &str = "/.sprite/bin";
-/// Where the agent's socket directory appears inside the sprite.
-pub const SPRITE_RUN: &str = "/.sprite/run";
-/// The agent's socket, inside the sprite.
+/// The agent's socket path inside the sprite, for an agent started without
+/// a listening descriptor. den itself passes one (see
+/// `SpriteSpec::agent_listener`) and never uses a path the sprite controls.
 pub const AGENT_SOCKET: &str = "/.sprite/run/agent.sock";
+/// The agent's own log, inside the sprite (on its volume, in its accounting).
+pub const AGENT_LOG: &str = "/.sprite/logs/agent.log";
 
 #[derive(Debug, Clone)]
 pub struct AgentBundle {
@@ -82,6 +84,10 @@ impl AgentBundle {
             crate::helper_cmd::AGENT_SUBCOMMAND.into(),
             "--socket".into(),
             AGENT_SOCKET.into(),
+            "--listen-fd".into(),
+            den_runtime::AGENT_LISTEN_FD.to_string(),
+            "--log-file".into(),
+            AGENT_LOG.into(),
         ]);
         Ok(AgentBundle { dir, init })
     }

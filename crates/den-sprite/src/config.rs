@@ -58,6 +58,11 @@ pub struct ManagerConfig {
     pub container_prefix: String,
     /// What this host can give one sprite; larger limits are refused.
     pub host: HostCapacity,
+    /// Self-fencing: a sprite's agent stops every process of the sprite (and
+    /// PID 1 exits) when den's heartbeat has been missing this long, so a
+    /// killed den (or one whose node lost its cluster lease) leaves nothing
+    /// running. Use the cluster's node TTL or less; den beats every quarter.
+    pub fence_ttl: Duration,
 }
 
 impl ManagerConfig {
@@ -83,6 +88,7 @@ impl ManagerConfig {
             flush_on_cold: false,
             container_prefix: String::new(),
             host: HostCapacity::detect(),
+            fence_ttl: Duration::from_secs(10),
         }
     }
 

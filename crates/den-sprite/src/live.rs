@@ -16,7 +16,7 @@ use den_agent::client::Client;
 use den_net::{NetManager, NetworkPolicy, SpriteNet};
 use den_runtime::{Backend, BindMount, ExitWatch, Handle, SpriteSpec};
 
-use crate::agent_bundle::{SPRITE_BIN, SPRITE_RUN};
+use crate::agent_bundle::SPRITE_BIN;
 use crate::disk::Disk;
 use crate::error::{Result, SpriteError};
 use crate::record::SpriteRecord;
@@ -39,11 +39,12 @@ impl SpritePaths {
     pub fn disk(&self) -> PathBuf {
         self.root.join("disk")
     }
-    pub fn agent_dir(&self) -> PathBuf {
-        self.root.join("agent")
-    }
+    /// The agent's socket: made by the runtime shim in this host-only
+    /// directory (root's, 0711, never mounted into the sprite) and passed to
+    /// PID 1 as a listening descriptor, so no path the sprite can change
+    /// (such as a symlink to another sprite's socket) is ever followed.
     pub fn socket(&self) -> PathBuf {
-        self.agent_dir().join("agent.sock")
+        self.root.join("agent.sock")
     }
     pub fn etc(&self) -> PathBuf {
         self.root.join("etc")
@@ -68,6 +69,33 @@ pub(crate) struct Live {
     /// PID 1 (the agent). If it exits, the kernel has killed every process of
     /// the sprite and nothing in it can answer again.
     pub init: Option<ExitWatch>,
+    /// den's heartbeat to the agent; stops when the sprite is dropped.
+    pub heartbeat: Option<Heartbeat>,
+}
+
+/// The task beating the agent's fence timer (see [`den_agent::AgentConfig::fence_ttl`]).
+pub(crate) struct Heartbeat(tokio::task::JoinHandle<()>);
+
+impl Heartbeat {
+    fn start(agent: Client, ttl: Duration) -> Heartbeat {
+        let every = ttl / 4;
+        Heartbeat(tokio::spawn(async move {
+            // A failed connection is retried: only a den that is gone (or
+            // stuck for the whole TTL) may let the sprite fence itself.
+            loop {
+                if let Err(e) = agent.heartbeat(every).await {
+                    tracing::debug!(error = %e, "agent heartbeat interrupted");
+                }
+                tokio::time::sleep(every / 2).await;
+            }
+        }))
+    }
+}
+
+impl Drop for Heartbeat {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
 }
 
 impl Live {
@@ -92,6 +120,7 @@ pub(crate) struct BootContext<'a> {
     pub grace: Duration,
     /// Prepended to the sprite's key to name its container (and cgroup).
     pub container_prefix: String,
+    pub fence_ttl: Duration,
 }
 
 /// Run blocking work (mounts, cgroup writes, engine calls) off the async threads.
@@ -102,7 +131,7 @@ pub(crate) async fn blocking<T: Send + 'static>(f: impl FnOnce() -> Result<T> + 
 pub(crate) async fn boot(ctx: &BootContext<'_>, rec: &SpriteRecord) -> Result<Live> {
     let t0 = Instant::now();
     let paths = SpritePaths::new(&ctx.run_dir, &rec.key);
-    prepare_dirs(&paths, &ctx.idmap)?;
+    prepare_dirs(&paths)?;
     let volume = ctx.store.open_volume(&rec.volume).await?;
     let (fuse, mp) = (paths.fuse(), paths.disk());
     let disk = blocking(move || Disk::mount(volume, &fuse, &mp)).await?;
@@ -116,6 +145,7 @@ pub(crate) async fn boot(ctx: &BootContext<'_>, rec: &SpriteRecord) -> Result<Li
         agent: Client::new(paths.socket()),
         frozen: false,
         init: None,
+        heartbeat: None,
     };
     match boot_rest(ctx, rec, &mut live).await {
         Ok(()) => {
@@ -161,7 +191,12 @@ async fn boot_rest(ctx: &BootContext<'_>, rec: &SpriteRecord, live: &mut Live) -
         hostname: rec.name.clone(),
         idmap: ctx.idmap.clone(),
         netns_path: Some(netns_path),
-        init: ctx.init.clone(),
+        init: ctx
+            .init
+            .iter()
+            .cloned()
+            .chain(["--fence-ttl-ms".into(), ctx.fence_ttl.as_millis().to_string()])
+            .collect(),
         env: vec![
             "PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin".into(),
             "LANG=C.UTF-8".into(),
@@ -172,11 +207,6 @@ async fn boot_rest(ctx: &BootContext<'_>, rec: &SpriteRecord, live: &mut Live) -
                 destination: SPRITE_BIN.into(),
                 readonly: true,
             },
-            BindMount {
-                source: live.paths.agent_dir(),
-                destination: SPRITE_RUN.into(),
-                readonly: false,
-            },
             file("resolv.conf", "/etc/resolv.conf"),
             file("hosts", "/etc/hosts"),
             file("hostname", "/etc/hostname"),
@@ -184,6 +214,7 @@ async fn boot_rest(ctx: &BootContext<'_>, rec: &SpriteRecord, live: &mut Live) -
         ],
         resources: rec.resources,
         console_log: Some(live.paths.console_log()),
+        agent_listener: Some(live.paths.socket()),
     };
     let backend = ctx.backend.clone();
     let handle = blocking(move || {
@@ -213,6 +244,7 @@ async fn boot_rest(ctx: &BootContext<'_>, rec: &SpriteRecord, live: &mut Live) -
         })?;
     wait_for_agent(ctx, rec, &live.agent, &init, &live.paths).await?;
     live.init = Some(init);
+    live.heartbeat = Some(Heartbeat::start(live.agent.clone(), ctx.fence_ttl));
     if !rec.services.is_empty() {
         live.agent.services_set(&rec.services).await?;
     }
@@ -260,7 +292,7 @@ pub(crate) fn tail(p: &Path, max: usize) -> String {
     s[start..].trim().to_string()
 }
 
-fn prepare_dirs(paths: &SpritePaths, idmap: &den_runtime::image::IdMap) -> Result<()> {
+fn prepare_dirs(paths: &SpritePaths) -> Result<()> {
     let mk = |p: &Path, mode: u32| -> Result<()> {
         std::fs::create_dir_all(p).map_err(|e| SpriteError::io(format!("creating {}", p.display()), e))?;
         std::fs::set_permissions(p, std::fs::Permissions::from_mode(mode))
@@ -270,12 +302,8 @@ fn prepare_dirs(paths: &SpritePaths, idmap: &den_runtime::image::IdMap) -> Resul
     // able to traverse to its bind-mount sources.
     mk(&paths.root, 0o711)?;
     mk(&paths.etc(), 0o755)?;
-    let agent = paths.agent_dir();
-    mk(&agent, 0o700)?;
-    let root_uid = idmap.uid_to_host(0).unwrap_or(0);
-    let root_gid = idmap.gid_to_host(0).unwrap_or(0);
-    std::os::unix::fs::chown(&agent, Some(root_uid), Some(root_gid))
-        .map_err(|e| SpriteError::io("chown the agent directory", e))?;
+    // The agent directory of older versions, writable by the sprite's root.
+    let _ = std::fs::remove_dir_all(paths.root.join("agent"));
     let _ = std::fs::remove_file(paths.socket());
     Ok(())
 }

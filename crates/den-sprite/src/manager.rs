@@ -445,6 +445,7 @@ impl SpriteManager {
             timeout: i.cfg.boot_timeout,
             grace: i.cfg.stop_grace,
             container_prefix: i.cfg.container_prefix.clone(),
+            fence_ttl: i.cfg.fence_ttl,
         })
     }
 

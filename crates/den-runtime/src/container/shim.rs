@@ -20,6 +20,7 @@
 use std::ffi::OsString;
 use std::fs::{self, File, OpenOptions};
 use std::io::Write;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::fs::{MetadataExt, OpenOptionsExt, PermissionsExt};
 use std::path::Path;
 
@@ -29,7 +30,7 @@ use nix::mount::{MsFlags, mount};
 use nix::sched::{CloneFlags, setns, unshare};
 
 use super::Layout;
-use crate::backend::{RuntimeError, SpriteSpec};
+use crate::backend::{AGENT_LISTEN_FD, RuntimeError, SpriteSpec};
 
 /// Entry point of `den runtime-shim ARGS…`. Returns the process exit code;
 /// errors are printed to stderr, which the backend returns in
@@ -63,6 +64,12 @@ fn create(layout: &Layout, id: &str) -> Result<i32, RuntimeError> {
         fs::read(&spec_path).map_err(|e| RuntimeError::io(format!("read {}", spec_path.display()), e))?;
     let sprite: SpriteSpec = serde_json::from_slice(&text)
         .map_err(|e| RuntimeError::InvalidSpec(format!("{}: {e}", spec_path.display())))?;
+    // Before anything else opens a descriptor, so the listener can take its
+    // fixed number; kept open until libcontainer has cloned PID 1.
+    let listener = match &sprite.agent_listener {
+        Some(p) => Some(bind_agent_listener(p)?),
+        None => None,
+    };
 
     if let Some(netns) = &sprite.netns_path {
         // Joined here, as host root, and inherited by the container (see spec.rs).
@@ -112,6 +119,9 @@ fn create(layout: &Layout, id: &str) -> Result<i32, RuntimeError> {
     let container = ContainerBuilder::new(id.to_string(), SyscallType::default())
         .with_root_path(layout.engine_root())
         .map_err(engine)?
+        // Descriptors 3.. up to this count survive into PID 1; every other
+        // one is closed on exec.
+        .with_preserved_fds(i32::from(listener.is_some()))
         .with_stdin(stdin)
         .with_stdout(console)
         .with_stderr(stderr)
@@ -120,10 +130,48 @@ fn create(layout: &Layout, id: &str) -> Result<i32, RuntimeError> {
         .with_detach(true)
         .build()
         .map_err(engine)?;
+    drop(listener);
     container
         .pid()
         .map(|p| p.as_raw())
         .ok_or_else(|| RuntimeError::Engine("container has no pid after create".into()))
+}
+
+/// Binds the agent's listening socket at `path` (a host path, in a directory
+/// only host root can write) and moves it to [`AGENT_LISTEN_FD`], inheritable,
+/// for PID 1. Whatever was at that number is a descriptor the shim inherited
+/// by accident; replacing it also keeps it out of the sprite.
+fn bind_agent_listener(path: &Path) -> Result<OwnedFd, RuntimeError> {
+    match fs::remove_file(path) {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => return Err(RuntimeError::io(format!("remove {}", path.display()), e)),
+    }
+    let listener = std::os::unix::net::UnixListener::bind(path)
+        .map_err(|e| RuntimeError::io(format!("bind {}", path.display()), e))?;
+    fs::set_permissions(path, fs::Permissions::from_mode(0o600))
+        .map_err(|e| RuntimeError::io(format!("chmod {}", path.display()), e))?;
+    move_to_fd(OwnedFd::from(listener), AGENT_LISTEN_FD)
+        .map_err(|e| RuntimeError::io("moving the agent listener to its descriptor", e))
+}
+
+/// `dup2(fd, target)`: the copy at `target` is inheritable (dup2 never sets
+/// close-on-exec), the original is closed.
+fn move_to_fd(fd: OwnedFd, target: RawFd) -> std::io::Result<OwnedFd> {
+    if fd.as_raw_fd() == target {
+        // Already there, but born close-on-exec.
+        nix::fcntl::fcntl(&fd, nix::fcntl::FcntlArg::F_SETFD(nix::fcntl::FdFlag::empty()))?;
+        return Ok(fd);
+    }
+    // SAFETY: dup2 only manipulates the descriptor table; `fd` is open for
+    // the call, and ownership of `target` is taken right below.
+    let rc = unsafe { libc::dup2(fd.as_raw_fd(), target) };
+    if rc < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: dup2 succeeded, so `target` is an open descriptor that nothing
+    // else in this process owns (any previous one was closed by dup2).
+    Ok(unsafe { OwnedFd::from_raw_fd(target) })
 }
 
 /// Give the upper directory the owner and mode of the image's root directory
@@ -162,11 +210,28 @@ fn mount_overlay(sprite: &SpriteSpec, merged: &Path) -> Result<(), RuntimeError>
             )));
         }
     }
+    // The layers are named by descriptor (the ',' and ':' check above
+    // still guards the paths' other users): overlayfs shows its options in
+    // the sprite's /proc/self/mountinfo verbatim, and host paths there would
+    // tell the sprite where den keeps its data and its disk.
+    let open = |p: &Path| {
+        OpenOptions::new()
+            .read(true)
+            .custom_flags(libc::O_PATH | libc::O_DIRECTORY)
+            .open(p)
+            .map_err(|e| RuntimeError::io(format!("open {}", p.display()), e))
+    };
+    let (lower, upper, work) = (
+        open(&sprite.rootfs_lower)?,
+        open(&sprite.upper_dir)?,
+        open(&sprite.work_dir)?,
+    );
+    let fd = |f: &File| format!("/proc/self/fd/{}", f.as_raw_fd());
     let data = format!(
         "lowerdir={},upperdir={},workdir={},userxattr",
-        sprite.rootfs_lower.display(),
-        sprite.upper_dir.display(),
-        sprite.work_dir.display()
+        fd(&lower),
+        fd(&upper),
+        fd(&work)
     );
     mount(
         Some("overlay"),
@@ -177,7 +242,13 @@ fn mount_overlay(sprite: &SpriteSpec, merged: &Path) -> Result<(), RuntimeError>
     )
     .map_err(|e| {
         RuntimeError::io(
-            format!("mount overlay ({data}) on {}", merged.display()),
+            format!(
+                "mount overlay (lower {}, upper {}, work {}) on {}",
+                sprite.rootfs_lower.display(),
+                sprite.upper_dir.display(),
+                sprite.work_dir.display(),
+                merged.display()
+            ),
             e.into(),
         )
     })

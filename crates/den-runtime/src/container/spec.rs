@@ -34,7 +34,9 @@ pub const CAPABILITIES: &[&str] = &[
 ];
 
 /// Hidden from the sprite (bind-mounted over with /dev/null or an empty
-/// read-only tmpfs): kernel memory, keys, timers, firmware tables.
+/// read-only tmpfs): kernel memory, keys, timers, firmware tables, and the
+/// block devices: every loop device's `loop/backing_file` names a host path
+/// (other sprites' and other servers' disks included).
 pub const MASKED_PATHS: &[&str] = &[
     "/proc/acpi",
     "/proc/asound",
@@ -47,6 +49,8 @@ pub const MASKED_PATHS: &[&str] = &[
     "/proc/scsi",
     "/sys/firmware",
     "/sys/devices/virtual/powercap",
+    "/sys/block",
+    "/sys/devices/virtual/block",
 ];
 
 /// Remounted read-only: host sysctls and kernel interfaces.
@@ -205,6 +209,7 @@ mod tests {
             }],
             resources: Resources::sprite_default(),
             console_log: None,
+            agent_listener: None,
         }
     }
 

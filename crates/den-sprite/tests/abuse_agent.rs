@@ -1,0 +1,550 @@
+//! Abuse from inside a sprite aimed at its agent (PID 1) and at the host
+//! side that talks to it, and a den killed under its sprites.
+//!
+//! The test binary doubles as the `den` binary inside the sprites (the
+//! manager runs it as `runtime-shim` and as `agent`), and as the attacker:
+//! it is reachable in every sprite at `/.sprite/bin/den`, so the attacks run
+//! as real processes of the sprite's root (`abuse-*` subcommands, see `main`).
+
+use std::ffi::OsString;
+use std::os::unix::fs::{FileTypeExt, MetadataExt};
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail, ensure};
+use den_agent::client::ExecRequest;
+use den_runtime::Resources;
+use den_sprite::{CreateSprite, ImageSource, ManagerConfig, SpriteManager};
+use den_store::{Store, StoreConfig};
+use den_testkit::net::TestNet;
+
+const WAIT: Duration = Duration::from_secs(30);
+
+struct Env {
+    managers: std::sync::Mutex<Vec<SpriteManager>>,
+    dir: tempfile::TempDir,
+    net: TestNet,
+}
+
+impl Env {
+    fn new() -> Result<Env> {
+        let dir = tempfile::Builder::new().prefix("den-abuse-agent-").tempdir()?;
+        // Sprites start as an unprivileged host uid that must traverse to
+        // their bind-mount sources.
+        std::fs::set_permissions(dir.path(), std::os::unix::fs::PermissionsExt::from_mode(0o711))?;
+        Ok(Env {
+            managers: Default::default(),
+            net: TestNet::new()?,
+            dir,
+        })
+    }
+
+    fn config(&self) -> ManagerConfig {
+        config_in(self.dir.path(), self.net.config.clone())
+    }
+
+    async fn start(&self, cfg: ManagerConfig) -> Result<SpriteManager> {
+        let store = Store::open(StoreConfig::local(self.dir.path().join("data/store"))).await?;
+        let mgr = SpriteManager::start(cfg, store).await?;
+        self.managers.lock().unwrap().push(mgr.clone());
+        Ok(mgr)
+    }
+}
+
+fn config_in(dir: &Path, net: den_net::NetConfig) -> ManagerConfig {
+    let mut cfg = ManagerConfig::new(
+        dir.join("data"),
+        std::env::current_exe().expect("test binary path"),
+        net,
+    );
+    cfg.run_dir = dir.join("run");
+    cfg.images_dir = dir.join("images");
+    cfg.image = ImageSource::Busybox;
+    cfg.resources = Resources {
+        memory_bytes: Some(256 << 20),
+        pids: Some(512),
+        ..Resources::default()
+    };
+    cfg.warm_after = Duration::from_secs(3600);
+    cfg.cold_after = Duration::from_secs(7200);
+    cfg.stop_grace = Duration::from_secs(2);
+    cfg
+}
+
+impl Drop for Env {
+    fn drop(&mut self) {
+        let managers: Vec<SpriteManager> = self.managers.lock().unwrap().drain(..).collect();
+        if managers.is_empty() {
+            return;
+        }
+        tokio::task::block_in_place(|| {
+            tokio::runtime::Handle::current().block_on(async {
+                for mgr in managers {
+                    mgr.shutdown().await;
+                    mgr.remove_firewall();
+                }
+            })
+        });
+    }
+}
+
+struct Out {
+    code: i32,
+    stdout: String,
+    stderr: String,
+}
+
+fn sh_req(script: &str, root: bool) -> ExecRequest {
+    ExecRequest {
+        argv: vec!["/bin/sh".into(), "-c".into(), script.into()],
+        user: root.then(|| "root".into()),
+        ..Default::default()
+    }
+}
+
+async fn exec(mgr: &SpriteManager, name: &str, req: ExecRequest) -> Result<Out> {
+    let act = mgr.wake(name).await?;
+    let session = act.agent().exec(req).await?;
+    let out = tokio::time::timeout(WAIT, session.collect())
+        .await
+        .context("command did not finish")?;
+    let exit = out.exit.context("no exit status")?;
+    Ok(Out {
+        code: exit.exit_code,
+        stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
+        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+    })
+}
+
+async fn root_sh(mgr: &SpriteManager, name: &str, script: &str) -> Result<Out> {
+    exec(mgr, name, sh_req(script, true)).await
+}
+
+/// The sprite's own name, as its kernel reports it: which sprite answered.
+async fn who_answers(mgr: &SpriteManager, name: &str) -> Result<String> {
+    let out = exec(mgr, name, sh_req("cat /proc/sys/kernel/hostname", false)).await?;
+    ensure!(out.code == 0, "hostname failed: {}{}", out.stdout, out.stderr);
+    Ok(out.stdout.trim().to_string())
+}
+
+/// Runs this binary inside the sprite (through the bundled loader, as the
+/// agent itself is started): `den <args>`.
+fn in_sprite_den(args: &str) -> String {
+    format!(
+        "LD=; for l in /.sprite/bin/ld-linux*; do [ -e \"$l\" ] && LD=$l; done; \
+         $LD ${{LD:+--library-path /.sprite/bin}} /.sprite/bin/den {args}"
+    )
+}
+
+/// Unix sockets below `dir` on the host.
+fn sockets_under(dir: &Path) -> Vec<PathBuf> {
+    let mut out = Vec::new();
+    let Ok(rd) = std::fs::read_dir(dir) else {
+        return out;
+    };
+    for e in rd.flatten() {
+        let Ok(ft) = e.file_type() else { continue };
+        if ft.is_socket() {
+            out.push(e.path());
+        } else if ft.is_dir() {
+            out.extend(sockets_under(&e.path()));
+        }
+    }
+    out
+}
+
+fn host_pid1(key: &str) -> Result<i32> {
+    let cg = den_runtime::cgroup::SpriteCgroup::new(den_runtime::cgroup::detect()?, key);
+    cg.procs()?
+        .into_iter()
+        .find(|pid| {
+            std::fs::read_to_string(format!("/proc/{pid}/status")).is_ok_and(|s| {
+                s.lines()
+                    .find(|l| l.starts_with("NSpid:"))
+                    .is_some_and(|l| l.split_whitespace().last() == Some("1"))
+            })
+        })
+        .context("the sprite has no PID 1")
+}
+
+// ------------------------------------------------------------------ tests
+
+/// Sprite A's root points A's agent socket path at sprite B's socket (the
+/// host path of B's socket, found on the host), then replaces it with a
+/// listener of its own. Requests for A must still be served by A's agent.
+async fn abuse_agent_socket_swap_is_never_followed() -> Result<()> {
+    let env = Env::new()?;
+    let mgr = env.start(env.config()).await?;
+    mgr.create("sa", CreateSprite::default()).await?;
+    mgr.create("sb", CreateSprite::default()).await?;
+    ensure!(who_answers(&mgr, "sb").await? == "sb");
+    let key_b = mgr.get("sb")?.record.key;
+    let b_sockets = sockets_under(&env.dir.path().join("run/s").join(&key_b));
+    ensure!(!b_sockets.is_empty(), "found no socket of sprite B on the host");
+
+    for b in &b_sockets {
+        let out = root_sh(
+            &mgr,
+            "sa",
+            &format!(
+                "mkdir -p /.sprite/run && ln -sfn {} /.sprite/run/agent.sock && echo linked",
+                b.display()
+            ),
+        )
+        .await?;
+        ensure!(out.stdout.contains("linked"), "{}{}", out.stdout, out.stderr);
+        let who = who_answers(&mgr, "sa").await;
+        ensure!(
+            matches!(&who, Ok(w) if w == "sa"),
+            "after A linked its socket to B's ({}), A's exec was answered by {who:?}",
+            b.display()
+        );
+        let listing = mgr
+            .wake("sa")
+            .await?
+            .agent()
+            .fs_list("/proc/sys/kernel", None, false)
+            .await;
+        ensure!(
+            listing.is_ok(),
+            "the fs API of A failed after the swap: {listing:?}"
+        );
+    }
+
+    // Replace the socket file with a listener of the sprite's own.
+    let act = mgr.wake("sa").await?;
+    let mut fake = sh_req(
+        &format!(
+            "rm -f /.sprite/run/agent.sock; {}",
+            in_sprite_den("abuse-fake-agent /.sprite/run/agent.sock")
+        ),
+        true,
+    );
+    fake.max_run_after_disconnect_ms = Some(0);
+    let mut fake = act.agent().exec(fake).await?;
+    // The impostor says when it listens.
+    let t0 = Instant::now();
+    let mut said = Vec::new();
+    while !String::from_utf8_lossy(&said).contains("listening") {
+        ensure!(
+            t0.elapsed() < WAIT,
+            "the fake agent never listened: {:?}",
+            String::from_utf8_lossy(&said)
+        );
+        match tokio::time::timeout(WAIT, fake.recv()).await? {
+            Some(den_agent::client::Event::Stdout(b) | den_agent::client::Event::Stderr(b)) => {
+                said.extend_from_slice(&b)
+            }
+            Some(den_agent::client::Event::Exit(e)) => {
+                bail!("the fake agent exited: {e:?}: {}", String::from_utf8_lossy(&said))
+            }
+            Some(_) => {}
+            None => bail!("the fake agent's session ended"),
+        }
+    }
+    drop(act);
+    let who = who_answers(&mgr, "sa").await;
+    ensure!(
+        matches!(&who, Ok(w) if w == "sa"),
+        "with the sprite's own listener in place, A's exec got {who:?}"
+    );
+    ensure!(who_answers(&mgr, "sb").await? == "sb");
+    drop(fake);
+    Ok(())
+}
+
+/// Loop devices' backing files name host paths (every sprite's disk); a
+/// sprite must not be able to read them.
+async fn abuse_sprite_cannot_read_loop_backing_files() -> Result<()> {
+    let env = Env::new()?;
+    let mgr = env.start(env.config()).await?;
+    mgr.create("s1", CreateSprite::default()).await?;
+    mgr.create("s2", CreateSprite::default()).await?;
+    ensure!(who_answers(&mgr, "s2").await? == "s2");
+    let out = root_sh(
+        &mgr,
+        "s1",
+        "for f in /sys/block/*/loop/backing_file /sys/devices/virtual/block/*/loop/backing_file \
+         /sys/class/block/*/loop/backing_file /sys/dev/block/*/loop/backing_file; do \
+           cat \"$f\" 2>/dev/null; done; echo END",
+    )
+    .await?;
+    ensure!(out.stdout.ends_with("END\n"), "{}{}", out.stdout, out.stderr);
+    let leaked: Vec<&str> = out.stdout.lines().filter(|l| l.starts_with('/')).collect();
+    ensure!(
+        leaked.is_empty(),
+        "the sprite read loop backing files: {leaked:?}"
+    );
+    // Nothing of the other sprite's host paths in this sprite's mount table.
+    let key2 = mgr.get("s2")?.record.key;
+    let out = root_sh(&mgr, "s1", "cat /proc/self/mountinfo").await?;
+    ensure!(
+        !out.stdout.contains(&key2),
+        "s2's key in s1's mountinfo:\n{}",
+        out.stdout
+    );
+    Ok(())
+}
+
+/// The sprite's root attacks PID 1: ptrace attach (which would stop the
+/// agent and hang every exec), pidfd_getfd and /proc/1/fd (which would hand
+/// out PID 1's descriptors, the host's console log among them). All are
+/// refused, exec keeps working, and PID 1 holds no descriptor of the console
+/// log.
+async fn abuse_pid1_refuses_ptrace_and_pidfd_getfd() -> Result<()> {
+    let env = Env::new()?;
+    let mgr = env.start(env.config()).await?;
+    mgr.create("p1", CreateSprite::default()).await?;
+    ensure!(who_answers(&mgr, "p1").await? == "p1");
+    let out = root_sh(&mgr, "p1", &in_sprite_den("abuse-pid1")).await?;
+    println!("  attacks on PID 1: {}", out.stdout.trim().replace('\n', ", "));
+    for attack in ["ptrace", "getfd", "procfd"] {
+        let result = out
+            .stdout
+            .lines()
+            .find_map(|l| l.strip_prefix(&format!("{attack}=")))
+            .with_context(|| format!("no {attack} result: {}{}", out.stdout, out.stderr))?;
+        ensure!(
+            result == "EPERM" || result == "EACCES",
+            "{attack} on PID 1 gave {result}, want EPERM or EACCES"
+        );
+    }
+    let t0 = Instant::now();
+    ensure!(who_answers(&mgr, "p1").await? == "p1");
+    let after = t0.elapsed();
+    println!("  exec after the attacks: {after:?}");
+    ensure!(after < Duration::from_secs(5), "exec took {after:?}");
+
+    let key = mgr.get("p1")?.record.key;
+    let console = env.dir.path().join("run/s").join(&key).join("console.log");
+    let console = std::fs::metadata(&console).with_context(|| format!("{}", console.display()))?;
+    let pid1 = host_pid1(&key)?;
+    for fd in std::fs::read_dir(format!("/proc/{pid1}/fd"))?.flatten() {
+        if let Ok(md) = std::fs::metadata(fd.path()) {
+            ensure!(
+                (md.dev(), md.ino()) != (console.dev(), console.ino()),
+                "PID 1 still holds the host's console log as fd {:?}",
+                fd.file_name()
+            );
+        }
+    }
+    Ok(())
+}
+
+const CRASH_CHILD: &str = "abuse-crash-child";
+const FENCE_TTL: Duration = Duration::from_secs(3);
+
+/// A den killed with SIGKILL leaves sprites behind; each must fence itself
+/// (every process gone) within the fence TTL of den's last heartbeat.
+async fn abuse_killed_den_sprites_fence_themselves() -> Result<()> {
+    let env = Env::new()?;
+    let cfg = env.config();
+    let n = &cfg.net;
+    let mut child = std::process::Command::new(std::env::current_exe()?)
+        .arg(CRASH_CHILD)
+        .arg(env.dir.path())
+        .args([
+            n.subnet.to_string(),
+            n.table.clone(),
+            n.ifprefix.clone(),
+            n.netns_prefix.clone(),
+            n.uplinks.join(","),
+            n.upstream_dns.to_string(),
+        ])
+        .stdout(std::process::Stdio::piped())
+        .spawn()?;
+    let mut stdout = std::io::BufReader::new(child.stdout.take().context("stdout")?);
+    let mut line = String::new();
+    tokio::task::block_in_place(|| std::io::BufRead::read_line(&mut stdout, &mut line))?;
+    let key = line
+        .trim()
+        .strip_prefix("ready ")
+        .with_context(|| format!("child said {line:?}"))?
+        .to_string();
+    let cg = den_runtime::cgroup::SpriteCgroup::new(den_runtime::cgroup::detect()?, &key);
+    let before = cg.procs()?.len();
+    ensure!(
+        before >= 2,
+        "the sprite runs {before} processes, want the agent and a sleep"
+    );
+
+    child.kill()?;
+    child.wait()?;
+    let t0 = Instant::now();
+    let deadline = FENCE_TTL + Duration::from_secs(3);
+    loop {
+        let left = cg.procs().map(|p| p.len()).unwrap_or(0);
+        if left == 0 {
+            break;
+        }
+        ensure!(
+            t0.elapsed() < deadline,
+            "{left} processes of the sprite still run {:?} after den was killed (fence TTL {FENCE_TTL:?})",
+            t0.elapsed()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    println!(
+        "  sprite fenced {:?} after den's SIGKILL (TTL {FENCE_TTL:?})",
+        t0.elapsed()
+    );
+    ensure!(
+        t0.elapsed() >= FENCE_TTL / 2,
+        "fenced after {:?}: sooner than the TTL allows",
+        t0.elapsed()
+    );
+    // A new manager cleans up what the dead one left (mounts, network).
+    let mgr = env.start(cfg).await?;
+    ensure!(who_answers(&mgr, "fenced").await? == "fenced");
+    Ok(())
+}
+
+/// The crash child: a manager with a short fence TTL and one running sprite
+/// with a detached `sleep`; prints "ready <key>" and waits to be killed.
+fn crash_child(args: &[OsString]) -> ! {
+    let a: Vec<String> = args.iter().map(|s| s.to_string_lossy().into_owned()).collect();
+    let dir = PathBuf::from(&a[0]);
+    let mut net = den_net::NetConfig::new(a[6].parse().expect("dns"));
+    net.subnet = a[1].parse().expect("subnet");
+    net.table = a[2].clone();
+    net.ifprefix = a[3].clone();
+    net.netns_prefix = a[4].clone();
+    net.uplinks = a[5]
+        .split(',')
+        .filter(|s| !s.is_empty())
+        .map(String::from)
+        .collect();
+    net.blocked = vec![
+        "169.254.0.0/16".parse().expect("net"),
+        "127.0.0.0/8".parse().expect("net"),
+    ];
+    let rt = tokio::runtime::Runtime::new().expect("runtime");
+    rt.block_on(async move {
+        let mut cfg = config_in(&dir, net);
+        cfg.fence_ttl = FENCE_TTL;
+        let store = Store::open(StoreConfig::local(dir.join("data/store")))
+            .await
+            .expect("store");
+        let mgr = SpriteManager::start(cfg, store).await.expect("manager");
+        mgr.create("fenced", CreateSprite::default())
+            .await
+            .expect("create");
+        let act = mgr.wake("fenced").await.expect("wake");
+        let mut req = sh_req("sleep 1000", false);
+        req.max_run_after_disconnect_ms = Some(0);
+        act.agent().exec(req).await.expect("sleep").detach();
+        println!("ready {}", mgr.get("fenced").expect("get").record.key);
+        std::future::pending::<()>().await;
+    });
+    unreachable!()
+}
+
+// ------------------------------------------------- attackers, in the sprite
+
+/// `abuse-pid1`: ptrace attach, pidfd_getfd and /proc/1/fd/1 against PID 1;
+/// prints `name=OK` or `name=<errno name>` for each.
+fn attack_pid1() -> ! {
+    let errno = || std::io::Error::last_os_error();
+    let name = |e: std::io::Error| match e.raw_os_error() {
+        Some(libc::EPERM) => "EPERM".to_string(),
+        Some(libc::EACCES) => "EACCES".to_string(),
+        Some(libc::ESRCH) => "ESRCH".to_string(),
+        _ => format!("{e}"),
+    };
+    // SAFETY: plain syscalls on integers; no memory is passed.
+    let rc = unsafe { libc::ptrace(libc::PTRACE_ATTACH, 1, 0, 0) };
+    if rc == 0 {
+        println!("ptrace=OK");
+        // Let the agent go again so the rest of the suite is not stuck.
+        let mut status = 0;
+        // SAFETY: waitpid writes the status into our local.
+        unsafe { libc::waitpid(1, &mut status, libc::__WALL) };
+        // SAFETY: as above, integers only.
+        unsafe { libc::ptrace(libc::PTRACE_DETACH, 1, 0, 0) };
+    } else {
+        println!("ptrace={}", name(errno()));
+    }
+    // SAFETY: pidfd_open takes a pid and flags.
+    let pidfd = unsafe { libc::syscall(libc::SYS_pidfd_open, 1, 0) };
+    if pidfd < 0 {
+        println!("pidfd_open={}", name(errno()));
+    } else {
+        // SAFETY: pidfd_getfd takes descriptors and flags.
+        let fd = unsafe { libc::syscall(libc::SYS_pidfd_getfd, pidfd, 1, 0) };
+        if fd >= 0 {
+            let target = std::fs::read_link(format!("/proc/self/fd/{fd}")).unwrap_or_default();
+            println!("getfd=OK:{}", target.display());
+        } else {
+            println!("getfd={}", name(errno()));
+        }
+    }
+    match std::fs::OpenOptions::new().append(true).open("/proc/1/fd/1") {
+        Ok(_) => println!("procfd=OK"),
+        Err(e) => println!("procfd={}", name(e)),
+    }
+    std::process::exit(0)
+}
+
+/// `abuse-fake-agent PATH`: listens at PATH and answers every request as
+/// an agent would, with output naming the impostor.
+fn fake_agent(path: &str) -> ! {
+    use std::io::{BufRead, Write};
+    let _ = std::fs::remove_file(path);
+    let l = std::os::unix::net::UnixListener::bind(path).expect("bind");
+    println!("listening");
+    for conn in l.incoming().flatten() {
+        let mut rd = std::io::BufReader::new(&conn);
+        let mut req = String::new();
+        let _ = rd.read_line(&mut req);
+        let mut w = &conn;
+        let mut out = b"{\"ok\":true}\n".to_vec();
+        out.extend(den_agent::protocol::encode_frame(
+            den_agent::protocol::FRAME_STDOUT,
+            b"impostor\n",
+        ));
+        let _ = w.write_all(&out);
+    }
+    std::process::exit(0)
+}
+
+// ------------------------------------------------------------------ main
+
+type TestFn = fn() -> std::pin::Pin<Box<dyn std::future::Future<Output = Result<()>>>>;
+
+fn main() {
+    den_sprite::helper_cmd::dispatch();
+    let args: Vec<OsString> = std::env::args_os().collect();
+    match args.get(1).and_then(|a| a.to_str()) {
+        Some(CRASH_CHILD) => crash_child(&args[2..]),
+        Some("abuse-pid1") => attack_pid1(),
+        Some("abuse-fake-agent") => fake_agent(&args[2].to_string_lossy()),
+        _ => {}
+    }
+    assert!(nix::unistd::geteuid().is_root(), "the sprite tests need root");
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(
+            std::env::var("RUST_LOG").unwrap_or_else(|_| "warn,libcgroups=error,fuser=error".into()),
+        )
+        .with_test_writer()
+        .try_init();
+    let tests: &[(&str, TestFn)] = &[
+        ("abuse_agent_socket_swap_is_never_followed", || {
+            Box::pin(abuse_agent_socket_swap_is_never_followed())
+        }),
+        ("abuse_sprite_cannot_read_loop_backing_files", || {
+            Box::pin(abuse_sprite_cannot_read_loop_backing_files())
+        }),
+        ("abuse_pid1_refuses_ptrace_and_pidfd_getfd", || {
+            Box::pin(abuse_pid1_refuses_ptrace_and_pidfd_getfd())
+        }),
+        ("abuse_killed_den_sprites_fence_themselves", || {
+            Box::pin(abuse_killed_den_sprites_fence_themselves())
+        }),
+    ];
+    let rt = tokio::runtime::Runtime::new().expect("runtime");
+    let ok = den_testkit::runner::run_named(tests, |t| rt.block_on(t()));
+    drop(rt);
+    if !ok {
+        std::process::exit(1);
+    }
+}
