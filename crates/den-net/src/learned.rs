@@ -70,15 +70,21 @@ impl Learned {
         }
     }
 
-    /// Forget expired entries.
-    pub(crate) fn prune(&mut self, now: Instant) {
+    /// Forget expired entries; returns the addresses left with no name (still in the kernel
+    /// set for at most [`REFRESH_SLACK`]).
+    pub(crate) fn prune(&mut self, now: Instant) -> Vec<Ipv4Addr> {
         let mut pairs = 0;
-        self.ips.retain(|_, e| {
+        let mut gone = Vec::new();
+        self.ips.retain(|ip, e| {
             e.names.retain(|_, exp| *exp > now);
             pairs += e.names.len();
+            if e.names.is_empty() {
+                gone.push(*ip);
+            }
             !e.names.is_empty()
         });
         self.pairs = pairs;
+        gone
     }
 
     /// Keep at most `cap` pairs: drop expired ones, then the ones that expire first (an
@@ -87,7 +93,12 @@ impl Learned {
         if self.pairs <= cap {
             return;
         }
-        self.prune(now);
+        // Expired addresses leave the kernel set now too, so it stays within its size even
+        // for a sprite that learns more than the cap within their slack.
+        for ip in self.prune(now) {
+            ch.add.retain(|(a, _)| *a != ip);
+            ch.remove.push(ip);
+        }
         if self.pairs <= cap {
             return;
         }

@@ -648,10 +648,11 @@ impl NetManager {
             let was_unrestricted = sp.compiled.is_unrestricted();
             sp.policy = policy.clone();
             sp.compiled = compiled.clone();
-            sp.learned.prune(now);
-            let dropped = sp
-                .learned
-                .retain_names(|name| compiled.decide(name) == Action::Allow);
+            let mut dropped = sp.learned.prune(now);
+            dropped.extend(
+                sp.learned
+                    .retain_names(|name| compiled.decide(name) == Action::Allow),
+            );
             let (addr, set) = (sp.addr, nft::allow_set(&sp.ifname));
             let mut script = self.render(&mut st, &host);
             let ch = Changes {

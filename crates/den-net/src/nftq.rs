@@ -24,7 +24,7 @@ const MAX_BATCH_BYTES: usize = 1 << 20;
 const MAX_QUEUED_ASYNC: usize = 4096;
 
 /// How the caller of [`NftQueue::submit`] learns the result.
-pub(crate) enum Done {
+enum Done {
     /// A thread that blocks until the result (sprite setup, policy changes).
     Sync(mpsc::SyncSender<Result<(), NetError>>),
     /// A task (the DNS forwarder).

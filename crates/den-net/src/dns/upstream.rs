@@ -194,7 +194,8 @@ async fn read_answers(i: usize, sock: Arc<UdpSocket>, pending: Pending) {
         let waiter = {
             let mut p = lock(&pending);
             match p.get(&key) {
-                Some(w) if w.queries == resp.queries => p.remove(&key),
+                // Some servers leave the question out of error answers.
+                Some(w) if w.queries == resp.queries || resp.queries.is_empty() => p.remove(&key),
                 _ => None,
             }
         };
