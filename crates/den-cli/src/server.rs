@@ -24,7 +24,8 @@ pub struct ServerArgs {
     pub images_dir: Option<PathBuf>,
     /// TOML file with any of: listen, url_domain, url_port, warm_after, cold_after, image,
     /// images_dir, run_dir, subnet, net_table, upstream_dns, uplinks, blocked, default_exec_timeout,
-    /// max_awake, max_sprites, create_rate ("10/60s"). Logs: DEN_LOG (filter), DEN_LOG_FORMAT=json.
+    /// max_awake, max_sprites, create_rate ("10/60s"), max_connections, max_connections_per_ip,
+    /// header_read_timeout. Logs: DEN_LOG (filter), DEN_LOG_FORMAT=json.
     #[arg(long, env = "DEN_CONFIG")]
     pub config: Option<PathBuf>,
     /// Address to listen on [default: 127.0.0.1:8080].

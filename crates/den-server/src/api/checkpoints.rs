@@ -96,12 +96,22 @@ pub async fn create(
             }
             Err(e) => {
                 let _ = tx
-                    .send(stream_line("error", "error", &format!("Checkpoint failed: {e}")))
+                    .send(stream_line(
+                        "error",
+                        "error",
+                        &format!("Checkpoint failed: {}", client_text(e)),
+                    ))
                     .await;
             }
         }
     });
     Ok(ndjson(stream))
+}
+
+/// What a client reads of a failure inside a stream: the message its
+/// status answer would carry (internal details go to the server log).
+fn client_text(e: den_sprite::SpriteError) -> String {
+    crate::error::one_clean_line(&crate::error::ApiError::from(e).message)
 }
 
 /// Run `f` feeding a channel, as a stream (keeps working if the client goes away).
@@ -174,7 +184,7 @@ pub async fn restore(
                     .send(stream_line(
                         "error",
                         "error",
-                        &format!("Failed to restore checkpoint: {e}"),
+                        &format!("Failed to restore checkpoint: {}", client_text(e)),
                     ))
                     .await;
             }

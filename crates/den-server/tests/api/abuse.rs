@@ -274,3 +274,105 @@ pub async fn limits_beyond_the_host_are_refused() -> Result<()> {
     s.stop().await;
     Ok(())
 }
+
+/// Read a whole NDJSON stream; fail on an `error` line.
+async fn ndjson_ok(r: reqwest::Response, what: &str) -> Result<()> {
+    let status = r.status();
+    let body = r.text().await?;
+    ensure!(status == 200, "{what}: {status} {body}");
+    ensure!(
+        body.lines().any(|l| l.contains("\"complete\"")) && !body.contains("\"error\""),
+        "{what}: {body}"
+    );
+    Ok(())
+}
+
+/// Issue 10: an exec racing a restore answered 500 (`Broken pipe`) in 8 of
+/// 23 tries, and a fork racing the deletion of its source 500 `storage:
+/// volume not found`. A race gets a retryable status or waits, never a 500.
+pub async fn race_lifecycle_never_answers_500() -> Result<()> {
+    let s = TestServer::start().await?;
+    s.create("race").await?;
+    let c = s.client();
+    ndjson_ok(
+        c.post(s.api("/v1/sprites/race/checkpoint"))
+            .json(&json!({}))
+            .send()
+            .await?,
+        "checkpoint",
+    )
+    .await?;
+    let exec_url = s.api("/v1/sprites/race/exec?cmd=echo&cmd=hi");
+    let mut outcomes = std::collections::BTreeMap::<String, usize>::new();
+    for i in 0..20u64 {
+        let exec = async {
+            tokio::time::sleep(Duration::from_millis(i % 5 * 3)).await;
+            let r = c.post(&exec_url).send().await?;
+            let status = r.status().as_u16();
+            let retry = r.headers().contains_key("retry-after");
+            let body = r.bytes().await.unwrap_or_default();
+            Ok::<_, anyhow::Error>((status, retry, body))
+        };
+        let restore = async {
+            ndjson_ok(
+                c.post(s.api("/v1/sprites/race/checkpoints/v1/restore"))
+                    .send()
+                    .await?,
+                "restore",
+            )
+            .await
+        };
+        let (e, r) = tokio::join!(exec, restore);
+        r?;
+        let (status, retry, body) = e?;
+        ensure!(
+            status != 500,
+            "exec racing a restore: 500 {}",
+            String::from_utf8_lossy(&body)
+        );
+        ensure!(status != 503 || retry, "a 503 without Retry-After");
+        *outcomes.entry(format!("exec {status}")).or_default() += 1;
+    }
+    for i in 0..16u64 {
+        let src = format!("src{i}");
+        let dst = format!("dst{i}");
+        s.create(&src).await?;
+        if i % 4 < 2 {
+            timed_exec(&c, &s.api(&format!("/v1/sprites/{src}/exec?cmd=true"))).await?;
+        }
+        // Either may go first: a fork that read its source just before the
+        // delete destroyed the source's disk is the case that answered 500.
+        let (fork_after, delete_after) = if i % 2 == 0 {
+            (Duration::from_millis(1 + i % 5 * 2), Duration::ZERO)
+        } else {
+            (Duration::ZERO, Duration::from_millis(i % 5 * 2))
+        };
+        let fork = async {
+            tokio::time::sleep(fork_after).await;
+            let r = c
+                .post(s.api(&format!("/v1/sprites/{src}/fork")))
+                .json(&json!({"name": dst}))
+                .send()
+                .await?;
+            Ok::<_, anyhow::Error>((r.status().as_u16(), r.text().await?))
+        };
+        let delete = async {
+            tokio::time::sleep(delete_after).await;
+            let r = c.delete(s.api(&format!("/v1/sprites/{src}"))).send().await?;
+            Ok::<_, anyhow::Error>((r.status().as_u16(), r.text().await?))
+        };
+        let (f, d) = tokio::join!(fork, delete);
+        let ((fs, fb), (ds, db)) = (f?, d?);
+        ensure!(fs != 500, "fork racing the deletion of its source: 500 {fb}");
+        ensure!(ds != 500, "deletion racing a fork: 500 {db}");
+        *outcomes.entry(format!("fork {fs}")).or_default() += 1;
+        *outcomes.entry(format!("delete {ds}")).or_default() += 1;
+        for name in [&src, &dst] {
+            let r = c.delete(s.api(&format!("/v1/sprites/{name}"))).send().await?;
+            ensure!(r.status() != 500, "cleanup delete {name}: {}", r.text().await?);
+        }
+    }
+    println!("race outcomes: {outcomes:?}");
+    s.stop().await;
+    Ok(())
+}

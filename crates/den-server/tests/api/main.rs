@@ -56,6 +56,9 @@ const TESTS: &[(&str, TestFn)] = &[
     ("limits_beyond_the_host_are_refused", || {
         Box::pin(abuse::limits_beyond_the_host_are_refused())
     }),
+    ("race_lifecycle_never_answers_500", || {
+        Box::pin(abuse::race_lifecycle_never_answers_500())
+    }),
 ];
 
 fn main() {

@@ -14,7 +14,7 @@ use serde_json::json;
 
 use super::params::{ExecParams, parse_go_duration};
 use super::ws::wire_exit_code;
-use super::{QueryPairs, query_pairs, sprite_env, start_error};
+use super::{QueryPairs, query_pairs, sprite_env, wake_and_exec};
 use crate::api::checkpoints::{async_stream, ndjson};
 use crate::error::{ApiError, ApiResult};
 use crate::state::AppState;
@@ -68,8 +68,7 @@ pub async fn exec_http(
         }
     }
     let req = p.to_exec_request(sprite_env(&info), st.cfg.default_exec_timeout)?;
-    let activity = st.mgr.wake(&name).await?;
-    let mut session = activity.agent().exec(req).await.map_err(start_error)?;
+    let (activity, mut session) = wake_and_exec(&st, &name, req).await?;
     let mut stdin = p.stdin.then(|| body.into_data_stream());
     let shutdown = st.shutdown.clone();
     let stream = async_stream(move |tx| async move {

@@ -70,6 +70,35 @@ fn start_error(e: den_agent::Error) -> ApiError {
     }
 }
 
+/// How often a command start is tried when the sprite's agent goes away
+/// under it.
+const START_TRIES: usize = 3;
+
+/// Wake `name` and start `req` in it. A restore or stop that wins a race
+/// with this request stops the sprite between the wake and the start, and
+/// the start fails on the dead agent connection (broken pipe). The sprite is
+/// then woken again, which waits for the restore or stop to finish, and the
+/// start is tried again; past [`START_TRIES`] the client gets a 503 with
+/// `Retry-After`, never a 500.
+async fn wake_and_exec(
+    st: &AppState,
+    name: &str,
+    req: den_agent::protocol::ExecRequest,
+) -> ApiResult<(den_sprite::Activity, den_agent::client::Session)> {
+    let mut tries = 1;
+    loop {
+        let activity = st.mgr.wake(name).await?;
+        match activity.agent().exec(req.clone()).await {
+            Ok(session) => return Ok((activity, session)),
+            Err(e) if crate::error::agent_gone(&e) && tries < START_TRIES => {
+                tracing::debug!(sprite = name, error = %e, "agent went away at exec start; waking again");
+                tries += 1;
+            }
+            Err(e) => return Err(start_error(e)),
+        }
+    }
+}
+
 /// Answer the upgrade and hand the socket to the bridge.
 fn upgrade(ws: WebSocketUpgrade, bridge: Bridge) -> Response {
     let mut resp = ws
@@ -136,8 +165,7 @@ pub async fn exec_get(
     }
     let req = p.to_exec_request(sprite_env(&info), st.cfg.default_exec_timeout)?;
     let timeout = req.timeout_ms.map(std::time::Duration::from_millis);
-    let activity = st.mgr.wake(&name).await?;
-    let session = activity.agent().exec(req).await.map_err(start_error)?;
+    let (activity, session) = wake_and_exec(&st, &name, req).await?;
     Ok(upgrade(
         ws,
         Bridge {
