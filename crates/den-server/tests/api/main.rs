@@ -2,6 +2,7 @@
 //! `cargo test -p den-server --test api -- NAME…` runs the tests whose
 //! names contain one of the NAMEs.
 
+mod abuse_exec;
 mod common;
 mod exec;
 mod forward;
@@ -46,6 +47,9 @@ const TESTS: &[(&str, TestFn)] = &[
     ("exec_tty_attach_http", || Box::pin(exec::tty_attach_http())),
     ("exec_default_timeout", || Box::pin(exec::default_timeout())),
     ("cluster_forwarding", || Box::pin(forward::cluster_forwarding())),
+    ("abuse_unread_exec_streams_stay_bounded", || {
+        Box::pin(abuse_exec::abuse_unread_exec_streams_stay_bounded())
+    }),
 ];
 
 fn main() {
