@@ -283,6 +283,9 @@ async fn abuse_sprite_cannot_read_loop_backing_files() -> Result<()> {
         "s2's key in s1's mountinfo:\n{}",
         out.stdout
     );
+    let host = env.dir.path().to_string_lossy().into_owned();
+    let own: Vec<&str> = out.stdout.lines().filter(|l| l.contains(&host)).collect();
+    println!("  host paths left in the sprite's mountinfo (its own bind mounts): {own:#?}");
     Ok(())
 }
 
@@ -372,29 +375,30 @@ async fn abuse_killed_den_sprites_fence_themselves() -> Result<()> {
     child.wait()?;
     let t0 = Instant::now();
     let deadline = FENCE_TTL + Duration::from_secs(3);
-    loop {
+    let fenced_after = loop {
         let left = cg.procs().map(|p| p.len()).unwrap_or(0);
         if left == 0 {
-            break;
+            break Ok(t0.elapsed());
         }
-        ensure!(
-            t0.elapsed() < deadline,
-            "{left} processes of the sprite still run {:?} after den was killed (fence TTL {FENCE_TTL:?})",
-            t0.elapsed()
-        );
+        if t0.elapsed() > deadline {
+            break Err(left);
+        }
         tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    println!(
-        "  sprite fenced {:?} after den's SIGKILL (TTL {FENCE_TTL:?})",
-        t0.elapsed()
-    );
-    ensure!(
-        t0.elapsed() >= FENCE_TTL / 2,
-        "fenced after {:?}: sooner than the TTL allows",
-        t0.elapsed()
-    );
-    // A new manager cleans up what the dead one left (mounts, network).
+    };
+    // A new manager cleans up what the dead one left (mounts, network, and
+    // the container if it did not fence), before any verdict.
     let mgr = env.start(cfg).await?;
+    let fenced_after = match fenced_after {
+        Ok(t) => t,
+        Err(left) => bail!(
+            "{left} processes of the sprite still ran {deadline:?} after den was killed (fence TTL {FENCE_TTL:?})"
+        ),
+    };
+    println!("  sprite fenced {fenced_after:?} after den's SIGKILL (TTL {FENCE_TTL:?})");
+    ensure!(
+        fenced_after >= FENCE_TTL / 2,
+        "fenced after {fenced_after:?}: sooner than the TTL allows"
+    );
     ensure!(who_answers(&mgr, "fenced").await? == "fenced");
     Ok(())
 }
