@@ -31,6 +31,12 @@ pub enum Event {
     Exit(ExitInfo),
 }
 
+/// Output chunks (each up to a 64 KiB frame) buffered per exec session or
+/// byte stream before reading from the agent pauses. Small, so a caller that
+/// stops reading (an exec client that never reads) costs little memory; the
+/// agent then stops reading the command's output in turn.
+const STREAM_QUEUE: usize = 4;
+
 /// Handle on the agent socket; each call opens its own connection.
 #[derive(Debug, Clone)]
 pub struct Client {
@@ -280,7 +286,7 @@ impl Client {
 
 /// Stdout frames until an EOF frame or the end of the connection.
 fn byte_stream(mut rd: BufReader<OwnedReadHalf>, wr: OwnedWriteHalf) -> ByteStream {
-    let (tx, rx) = mpsc::channel(1024);
+    let (tx, rx) = mpsc::channel(STREAM_QUEUE);
     let task = tokio::spawn(async move {
         while let Ok(Some((kind, payload))) = read_frame(&mut rd).await {
             match kind {
@@ -617,7 +623,7 @@ impl Session {
                 )));
             }
         };
-        let (tx, rx) = mpsc::channel(1024);
+        let (tx, rx) = mpsc::channel(STREAM_QUEUE);
         let task = tokio::spawn(read_events(rd, tx));
         Ok(Session {
             info,

@@ -403,7 +403,7 @@ async fn handle_connection(inner: Arc<AgentInner>, stream: UnixStream) -> Result
         }
         Request::Exec(exec) => {
             let _guard = StreamingGuard::new(&inner);
-            let (tx, rx) = mpsc::channel(crate::session::CLIENT_QUEUE);
+            let (tx, rx) = mpsc::channel(crate::session::OWNER_QUEUE);
             let (session, client) = match Session::spawn(&inner, &exec, tx) {
                 Ok(s) => s,
                 Err(e) => {

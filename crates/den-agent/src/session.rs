@@ -31,10 +31,19 @@ pub(crate) enum Out {
 
 pub(crate) type ClientTx = mpsc::Sender<Out>;
 
-/// Frames (each at most 64 KiB) queued per client. A client this far behind
-/// is disconnected rather than letting a chatty command grow the agent's
-/// memory without bound; it can re-attach and gets the scrollback.
+/// Frames (each at most 64 KiB) queued per attached client. A client this
+/// far behind is disconnected rather than letting a chatty command grow the
+/// agent's memory without bound; it can re-attach and gets the scrollback.
 pub(crate) const CLIENT_QUEUE: usize = 1024;
+
+/// Frames queued for the client that started the command (the owner). When
+/// they are full the output pumps wait instead: the pipe or pty fills and the
+/// command blocks on its writes, as with a terminal nobody reads. So an
+/// owner that does not read costs at most this many frames, here and in den.
+pub(crate) const OWNER_QUEUE: usize = 16;
+
+/// The owner's client id.
+const OWNER: u64 = 0;
 
 /// Queues a frame; false if the client is gone or too slow and must be dropped.
 pub(crate) fn offer(tx: &ClientTx, frame: &Bytes) -> bool {
@@ -279,10 +288,17 @@ impl Session {
         // never precede the insertion.
         agent.lock_sessions().insert(session.id.clone(), session.clone());
 
+        let drain = cfg.exit_drain_timeout;
+        let (exited_tx, exited_rx) = tokio::sync::watch::channel(false);
         let mut pumps = Vec::new();
         match &master {
             Some(m) => {
-                pumps.push(tokio::spawn(pump_pty(Arc::downgrade(&session), m.clone())));
+                pumps.push(tokio::spawn(pump_pty(
+                    Arc::downgrade(&session),
+                    m.clone(),
+                    exited_rx.clone(),
+                    drain,
+                )));
                 tokio::spawn(stdin_pty(m.clone(), stdin_rx));
             }
             None => {
@@ -292,11 +308,15 @@ impl Session {
                     Arc::downgrade(&session),
                     out,
                     FRAME_STDOUT,
+                    exited_rx.clone(),
+                    drain,
                 )));
                 pumps.push(tokio::spawn(pump_pipe(
                     Arc::downgrade(&session),
                     err,
                     FRAME_STDERR,
+                    exited_rx,
+                    drain,
                 )));
                 let input = match child.stdin.take() {
                     Some(s) => Some(tokio::net::unix::pipe::Sender::from_owned_fd(OwnedFd::from(s))?),
@@ -336,7 +356,6 @@ impl Session {
             })
         });
 
-        let drain = cfg.exit_drain_timeout;
         let agent_weak = Arc::downgrade(agent);
         let sess = session.clone();
         tokio::spawn(async move {
@@ -348,19 +367,12 @@ impl Session {
             {
                 t.abort();
             }
-            // Output written before the exit is already in the pipe/pty; read
-            // it to EOF. The bound only matters when a background process
-            // inherited the descriptors and keeps them open.
-            let joined = tokio::time::timeout(drain, async {
-                for p in &mut pumps {
-                    let _ = p.await;
-                }
-            })
-            .await;
-            if joined.is_err() {
-                for p in &pumps {
-                    p.abort();
-                }
+            // Output written before the exit is already in the pipe/pty; the
+            // pumps read it to EOF, or until it stays quiet for the drain
+            // time (a background process inherited the descriptors).
+            let _ = exited_tx.send(true);
+            for p in pumps {
+                let _ = p.await;
             }
             let info = match exit {
                 ChildExit::Code(c) => ExitInfo {
@@ -474,25 +486,58 @@ impl Session {
         });
     }
 
-    fn output(self: &Arc<Self>, kind: u8, data: Bytes) {
+    /// Fans a chunk out; waits while the owner's queue is full (backpressure
+    /// to the command), drops other clients that are too far behind.
+    async fn output(self: &Arc<Self>, kind: u8, data: Bytes) {
         let frame = Bytes::from(encode_frame(kind, &data));
-        let mut st = self.lock();
-        st.bytes_out += data.len() as u64;
-        st.last_activity = now_secs();
-        st.scrollback.push(kind, data);
-        let before = st.clients.len();
-        st.clients.retain(|_, tx| offer(tx, &frame));
-        if st.clients.len() < before {
-            self.arm_disconnect_timer(st);
+        let owner = {
+            let mut st = self.lock();
+            st.bytes_out += data.len() as u64;
+            st.last_activity = now_secs();
+            st.scrollback.push(kind, data);
+            let before = st.clients.len();
+            let mut owner = None;
+            st.clients.retain(|id, tx| {
+                if *id != OWNER {
+                    return offer(tx, &frame);
+                }
+                match tx.try_send(Out::Frame(frame.clone())) {
+                    Ok(()) => true,
+                    Err(mpsc::error::TrySendError::Full(out)) => {
+                        owner = Some((tx.clone(), out));
+                        true
+                    }
+                    Err(mpsc::error::TrySendError::Closed(_)) => false,
+                }
+            });
+            if st.clients.len() < before {
+                self.arm_disconnect_timer(st);
+            }
+            owner
+        };
+        if let Some((tx, out)) = owner
+            && tx.send(out).await.is_err()
+        {
+            self.detach(OWNER);
         }
     }
 
     /// Sends a control message to attached clients without keeping it in the
-    /// scrollback (port events are live-only).
+    /// scrollback (port events are live-only). An owner with a full queue
+    /// misses it rather than being dropped.
     pub(crate) fn broadcast_control(&self, msg: &Control) {
         let frame = Bytes::from(encode_control(msg));
         let mut st = self.lock();
-        st.clients.retain(|_, tx| offer(tx, &frame));
+        st.clients.retain(|id, tx| {
+            if *id == OWNER {
+                !matches!(
+                    tx.try_send(Out::Frame(frame.clone())),
+                    Err(mpsc::error::TrySendError::Closed(_))
+                )
+            } else {
+                offer(tx, &frame)
+            }
+        });
     }
 
     fn finish(&self, info: ExitInfo) {
@@ -569,23 +614,53 @@ fn pipe_receiver<T: Into<OwnedFd>>(p: Option<T>) -> Result<tokio::net::unix::pip
     Ok(tokio::net::unix::pipe::Receiver::from_owned_fd(fd)?)
 }
 
-async fn pump_pipe(session: Weak<Session>, mut rx: tokio::net::unix::pipe::Receiver, kind: u8) {
+/// Waits for `read`, unless the command exited: then only `drain` more per
+/// read, for descriptors a background process inherited and keeps open.
+/// Time spent waiting for a slow owner does not count, so output written
+/// before the exit is never cut off by backpressure. `None`: drained.
+async fn read_until_drained<T>(
+    read: impl std::future::Future<Output = T>,
+    exited: &mut tokio::sync::watch::Receiver<bool>,
+    drain: Duration,
+) -> Option<T> {
+    tokio::pin!(read);
+    if !*exited.borrow() {
+        tokio::select! {
+            r = &mut read => return Some(r),
+            _ = exited.wait_for(|e| *e) => {}
+        }
+    }
+    tokio::time::timeout(drain, read).await.ok()
+}
+
+async fn pump_pipe(
+    session: Weak<Session>,
+    mut rx: tokio::net::unix::pipe::Receiver,
+    kind: u8,
+    mut exited: tokio::sync::watch::Receiver<bool>,
+    drain: Duration,
+) {
     let mut buf = vec![0u8; 64 * 1024];
     loop {
-        match rx.read(&mut buf).await {
-            Ok(0) | Err(_) => return,
-            Ok(n) => match session.upgrade() {
-                Some(s) => s.output(kind, Bytes::copy_from_slice(&buf[..n])),
+        match read_until_drained(rx.read(&mut buf), &mut exited, drain).await {
+            None | Some(Ok(0)) | Some(Err(_)) => return,
+            Some(Ok(n)) => match session.upgrade() {
+                Some(s) => s.output(kind, Bytes::copy_from_slice(&buf[..n])).await,
                 None => return,
             },
         }
     }
 }
 
-async fn pump_pty(session: Weak<Session>, master: Arc<AsyncFd<OwnedFd>>) {
+async fn pump_pty(
+    session: Weak<Session>,
+    master: Arc<AsyncFd<OwnedFd>>,
+    mut exited: tokio::sync::watch::Receiver<bool>,
+    drain: Duration,
+) {
     let mut buf = vec![0u8; 64 * 1024];
     loop {
-        let Ok(mut guard) = master.readable().await else {
+        let Some(Ok(mut guard)) = read_until_drained(master.readable(), &mut exited, drain).await else {
             return;
         };
         match guard.try_io(|fd| nix::unistd::read(fd.get_ref(), &mut buf).map_err(std::io::Error::from)) {
@@ -593,7 +668,7 @@ async fn pump_pty(session: Weak<Session>, master: Arc<AsyncFd<OwnedFd>>) {
             // closed; Linux returns buffered data before it, so this is EOF.
             Ok(Ok(0)) | Ok(Err(_)) => return,
             Ok(Ok(n)) => match session.upgrade() {
-                Some(s) => s.output(FRAME_STDOUT, Bytes::copy_from_slice(&buf[..n])),
+                Some(s) => s.output(FRAME_STDOUT, Bytes::copy_from_slice(&buf[..n])).await,
                 None => return,
             },
             Err(_would_block) => continue,

@@ -283,6 +283,9 @@ async fn abuse_sprite_cannot_read_loop_backing_files() -> Result<()> {
         "s2's key in s1's mountinfo:\n{}",
         out.stdout
     );
+    let host = env.dir.path().to_string_lossy().into_owned();
+    let own: Vec<&str> = out.stdout.lines().filter(|l| l.contains(&host)).collect();
+    println!("  host paths left in the sprite's mountinfo (its own bind mounts): {own:#?}");
     Ok(())
 }
 
@@ -331,6 +334,44 @@ async fn abuse_pid1_refuses_ptrace_and_pidfd_getfd() -> Result<()> {
     Ok(())
 }
 
+/// A sprite frozen (warm) for longer than the fence TTL is not fenced on
+/// thaw while den is alive: the beats den sent meanwhile wait in the socket
+/// and count. Its processes survive and it answers at once.
+async fn abuse_long_frozen_sprite_is_not_fenced_on_thaw() -> Result<()> {
+    let env = Env::new()?;
+    let mut cfg = env.config();
+    cfg.fence_ttl = Duration::from_secs(1);
+    let mgr = env.start(cfg).await?;
+    mgr.create("warm", CreateSprite::default()).await?;
+    let act = mgr.wake("warm").await?;
+    let mut req = sh_req("sleep 1000", false);
+    req.max_run_after_disconnect_ms = Some(0);
+    act.agent().exec(req).await?.detach();
+    drop(act);
+    let key = mgr.get("warm")?.record.key;
+    let pid1 = host_pid1(&key)?;
+    mgr.freeze("warm").await?;
+    // The scenario itself: frozen for three TTLs.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let t0 = Instant::now();
+    ensure!(who_answers(&mgr, "warm").await? == "warm");
+    println!("  exec after a thaw past the fence TTL: {:?}", t0.elapsed());
+    // Two more TTLs awake: the heartbeat keeps it alive.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    ensure!(
+        host_pid1(&key)? == pid1,
+        "PID 1 changed: the sprite was fenced and rebooted"
+    );
+    let out = exec(&mgr, "warm", sh_req("ps | grep -c '[s]leep 1000'", false)).await?;
+    ensure!(
+        out.stdout.trim() == "1",
+        "the sleep did not survive: {}{}",
+        out.stdout,
+        out.stderr
+    );
+    Ok(())
+}
+
 const CRASH_CHILD: &str = "abuse-crash-child";
 const FENCE_TTL: Duration = Duration::from_secs(3);
 
@@ -372,29 +413,30 @@ async fn abuse_killed_den_sprites_fence_themselves() -> Result<()> {
     child.wait()?;
     let t0 = Instant::now();
     let deadline = FENCE_TTL + Duration::from_secs(3);
-    loop {
+    let fenced_after = loop {
         let left = cg.procs().map(|p| p.len()).unwrap_or(0);
         if left == 0 {
-            break;
+            break Ok(t0.elapsed());
         }
-        ensure!(
-            t0.elapsed() < deadline,
-            "{left} processes of the sprite still run {:?} after den was killed (fence TTL {FENCE_TTL:?})",
-            t0.elapsed()
-        );
+        if t0.elapsed() > deadline {
+            break Err(left);
+        }
         tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    println!(
-        "  sprite fenced {:?} after den's SIGKILL (TTL {FENCE_TTL:?})",
-        t0.elapsed()
-    );
-    ensure!(
-        t0.elapsed() >= FENCE_TTL / 2,
-        "fenced after {:?}: sooner than the TTL allows",
-        t0.elapsed()
-    );
-    // A new manager cleans up what the dead one left (mounts, network).
+    };
+    // A new manager cleans up what the dead one left (mounts, network, and
+    // the container if it did not fence), before any verdict.
     let mgr = env.start(cfg).await?;
+    let fenced_after = match fenced_after {
+        Ok(t) => t,
+        Err(left) => bail!(
+            "{left} processes of the sprite still ran {deadline:?} after den was killed (fence TTL {FENCE_TTL:?})"
+        ),
+    };
+    println!("  sprite fenced {fenced_after:?} after den's SIGKILL (TTL {FENCE_TTL:?})");
+    ensure!(
+        fenced_after >= FENCE_TTL / 2,
+        "fenced after {fenced_after:?}: sooner than the TTL allows"
+    );
     ensure!(who_answers(&mgr, "fenced").await? == "fenced");
     Ok(())
 }
@@ -536,6 +578,9 @@ fn main() {
         }),
         ("abuse_pid1_refuses_ptrace_and_pidfd_getfd", || {
             Box::pin(abuse_pid1_refuses_ptrace_and_pidfd_getfd())
+        }),
+        ("abuse_long_frozen_sprite_is_not_fenced_on_thaw", || {
+            Box::pin(abuse_long_frozen_sprite_is_not_fenced_on_thaw())
         }),
         ("abuse_killed_den_sprites_fence_themselves", || {
             Box::pin(abuse_killed_den_sprites_fence_themselves())

@@ -3,6 +3,7 @@
 //! names contain one of the NAMEs.
 
 mod abuse;
+mod abuse_exec;
 mod common;
 mod exec;
 mod forward;
@@ -58,6 +59,9 @@ const TESTS: &[(&str, TestFn)] = &[
     }),
     ("race_lifecycle_never_answers_500", || {
         Box::pin(abuse::race_lifecycle_never_answers_500())
+    }),
+    ("abuse_unread_exec_streams_stay_bounded", || {
+        Box::pin(abuse_exec::abuse_unread_exec_streams_stay_bounded())
     }),
 ];
 
