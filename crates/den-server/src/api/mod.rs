@@ -172,6 +172,7 @@ pub fn router(state: AppState) -> Router {
                 r
             },
         ))
+        .layer(catch_panics())
         // Sprite-URL hosts never reach the API (nor its headers).
         .layer(middleware::from_fn_with_state(
             state.clone(),
@@ -188,6 +189,22 @@ pub fn router(state: AppState) -> Router {
         .with_state(state)
 }
 
+/// A handler that panics on some input must not end its connection
+/// without an answer: the client gets a clean 500 and the log the panic.
+fn catch_panics()
+-> tower_http::catch_panic::CatchPanicLayer<fn(Box<dyn std::any::Any + Send>) -> axum::response::Response> {
+    fn answer(panic: Box<dyn std::any::Any + Send>) -> axum::response::Response {
+        use axum::response::IntoResponse;
+        let what = panic
+            .downcast_ref::<String>()
+            .map(String::as_str)
+            .or_else(|| panic.downcast_ref::<&str>().copied())
+            .unwrap_or("a panic");
+        crate::error::ApiError::internal_logged("a request handler", &what).into_response()
+    }
+    tower_http::catch_panic::CatchPanicLayer::custom(answer as fn(_) -> _)
+}
+
 /// The log span of one request: method, path and its request id.
 fn request_span(req: &axum::http::Request<axum::body::Body>) -> tracing::Span {
     let id = req
@@ -200,4 +217,37 @@ fn request_span(req: &axum::http::Request<axum::body::Body>) -> tracing::Span {
 
 async fn not_found() -> crate::error::ApiError {
     crate::error::ApiError::not_found("no such endpoint")
+}
+
+#[cfg(test)]
+mod tests {
+    use axum::body::Body;
+    use axum::http::{Request, StatusCode};
+    use tower::ServiceExt;
+
+    #[tokio::test]
+    async fn a_panicking_handler_answers_a_clean_500() {
+        let app = axum::Router::new()
+            .route(
+                "/boom",
+                axum::routing::get(|| async {
+                    let v: Vec<u8> = Vec::new();
+                    format!("{}", v[3])
+                }),
+            )
+            .layer(super::catch_panics());
+        let resp = app
+            .oneshot(Request::get("/boom").body(Body::empty()).unwrap())
+            .await
+            .unwrap();
+        assert_eq!(resp.status(), StatusCode::INTERNAL_SERVER_ERROR);
+        let body = axum::body::to_bytes(resp.into_body(), 1 << 16).await.unwrap();
+        let v: serde_json::Value = serde_json::from_slice(&body).unwrap();
+        assert_eq!(v["error"], "internal");
+        let m = v["message"].as_str().unwrap();
+        assert!(
+            m.contains("request handler") && !m.contains("index out of bounds"),
+            "{m}"
+        );
+    }
 }
