@@ -423,7 +423,7 @@ impl SpriteManager {
                 version,
             )?
         };
-        let lower = image.lower_dir_for(&self.inner.cfg.idmap)?;
+        let lower = image.lower_dir_in(&self.inner.cfg.idmap, &self.inner.cfg.lowers_dir())?;
         self.inner
             .lowers
             .lock()
@@ -1000,7 +1000,9 @@ impl SpriteManager {
         }
         // The idmapped image mounts exist only for running sprites; leaving
         // them would pin the images directory (and keep it from being removed).
-        if let Err(e) = self.inner.image.release_idmapped() {
+        // They are this server's own (under its run dir): other servers
+        // sharing the images directory keep theirs.
+        if let Err(e) = den_runtime::image::release_idmapped_in(&self.inner.cfg.lowers_dir()) {
             tracing::warn!(error = %e, "releasing the idmapped image mounts");
         }
         self.inner.lowers.lock().clear();

@@ -1,0 +1,351 @@
+//! Host-level abuse: several den servers on one host, other processes that
+//! clone mount namespaces, a data dir nobody else may enter, and a server
+//! killed in the middle of its own disk I/O. In each test the measure is what
+//! the *other* server, sprite or process sees.
+//!
+//! Each "server" is a `SpriteManager` (in this process, or in a child
+//! process of this binary when it must be killed with -9), with its own data
+//! dir, run dir and `TestNet`; the image cache is shared, as on a real host.
+//! The test binary doubles as the `den` binary inside the sprites.
+
+use std::ffi::OsString;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, ensure};
+use den_agent::client::ExecRequest;
+use den_runtime::Resources;
+use den_sprite::{CreateSprite, ImageSource, ManagerConfig, SpriteManager, SpriteStatus};
+use den_store::{Store, StoreConfig};
+use den_testkit::net::TestNet;
+
+const WAIT: Duration = Duration::from_secs(30);
+const CHILD: &str = "abuse-child";
+
+/// One server's directories and network; the image cache may be shared.
+struct Server {
+    /// Every manager started here; shut down again when the Server is
+    /// dropped (also when a test fails half-way), before its directories
+    /// are removed, so no sprite outlives its test.
+    managers: std::sync::Mutex<Vec<SpriteManager>>,
+    dir: tempfile::TempDir,
+    images: PathBuf,
+    net: TestNet,
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let managers: Vec<SpriteManager> = self.managers.lock().unwrap().drain(..).collect();
+        if managers.is_empty() {
+            return;
+        }
+        tokio::task::block_in_place(|| {
+            tokio::runtime::Handle::current().block_on(async {
+                for mgr in managers {
+                    close(mgr).await;
+                }
+            })
+        });
+    }
+}
+
+impl Server {
+    fn new(images: &Path) -> Result<Server> {
+        let dir = tempfile::Builder::new().prefix("den-abuse-host-").tempdir()?;
+        // Sprites start as an unprivileged host uid that must traverse to
+        // their bind-mount sources.
+        std::fs::set_permissions(dir.path(), std::os::unix::fs::PermissionsExt::from_mode(0o711))?;
+        Ok(Server {
+            managers: Default::default(),
+            dir,
+            images: images.to_path_buf(),
+            net: TestNet::new()?,
+        })
+    }
+
+    fn run_dir(&self) -> PathBuf {
+        self.dir.path().join("run")
+    }
+
+    fn config(&self) -> ManagerConfig {
+        config_at(self.dir.path(), &self.images, self.net.config.clone())
+    }
+
+    async fn start(&self) -> Result<SpriteManager> {
+        let mgr = start_at(self.config(), self.dir.path()).await?;
+        self.managers.lock().unwrap().push(mgr.clone());
+        Ok(mgr)
+    }
+}
+
+fn config_at(dir: &Path, images: &Path, net: den_net::NetConfig) -> ManagerConfig {
+    let mut cfg = ManagerConfig::new(
+        dir.join("data"),
+        std::env::current_exe().expect("test binary path"),
+        net,
+    );
+    cfg.run_dir = dir.join("run");
+    cfg.images_dir = images.to_path_buf();
+    cfg.image = ImageSource::Busybox;
+    cfg.resources = Resources {
+        memory_bytes: Some(256 << 20),
+        pids: Some(512),
+        ..Resources::default()
+    };
+    cfg.warm_after = Duration::from_secs(3600);
+    cfg.cold_after = Duration::from_secs(7200);
+    cfg.stop_grace = Duration::from_secs(2);
+    cfg
+}
+
+async fn start_at(cfg: ManagerConfig, dir: &Path) -> Result<SpriteManager> {
+    let store = Store::open(StoreConfig::local(dir.join("data/store"))).await?;
+    Ok(SpriteManager::start(cfg, store).await?)
+}
+
+fn shared_images() -> Result<tempfile::TempDir> {
+    let images = tempfile::Builder::new().prefix("den-abuse-images-").tempdir()?;
+    std::fs::set_permissions(images.path(), std::os::unix::fs::PermissionsExt::from_mode(0o711))?;
+    Ok(images)
+}
+
+async fn close(mgr: SpriteManager) {
+    mgr.shutdown().await;
+    mgr.remove_firewall();
+}
+
+/// Run a shell script in the sprite; fail unless it exits 0.
+async fn sh(mgr: &SpriteManager, name: &str, script: &str) -> Result<String> {
+    let act = mgr.wake(name).await?;
+    let session = act
+        .agent()
+        .exec(ExecRequest {
+            argv: vec!["/bin/sh".into(), "-c".into(), script.into()],
+            ..Default::default()
+        })
+        .await?;
+    let out = tokio::time::timeout(WAIT, session.collect())
+        .await
+        .context("command did not finish")?;
+    let code = out.exit.context("no exit status")?.exit_code;
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    ensure!(
+        code == 0,
+        "{script:?} exited {code}: {stdout}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    Ok(stdout)
+}
+
+/// A bystander's view: stop its sprite, boot it again and run a command
+/// (a cold boot mounts a new overlay over the image); and create, boot and
+/// run a brand-new one. Returns the cold boot → output time.
+async fn bystander_boots(mgr: &SpriteManager, name: &str, fresh: &str) -> Result<Duration> {
+    mgr.sleep(name, SpriteStatus::Cold).await?;
+    let t0 = Instant::now();
+    let out = sh(mgr, name, "cat /home/sprite/mark")
+        .await
+        .context("cold boot of the bystander")?;
+    let took = t0.elapsed();
+    ensure!(out == "kept\n", "{out:?}");
+    mgr.create(fresh, CreateSprite::default()).await?;
+    ensure!(sh(mgr, fresh, "echo new").await.context("booting a new sprite")? == "new\n");
+    Ok(took)
+}
+
+fn mounts_below(dir: &Path) -> Vec<PathBuf> {
+    den_block::mountinfo::read()
+        .unwrap_or_default()
+        .into_iter()
+        .map(|m| m.mount_point)
+        .filter(|p| p.starts_with(dir))
+        .collect()
+}
+
+fn loops_below(dir: &Path) -> Vec<PathBuf> {
+    den_block::loopdev::devices_backed(|b| b.starts_with(dir))
+}
+
+// ------------------------------------------------------------------ tests
+
+/// Two servers share the host's image cache. Stopping one (SIGTERM's
+/// graceful path) used to unmount the idmapped image views in that shared
+/// cache, so the other failed every boot with "failed to prepare rootfs".
+async fn stopping_one_server_keeps_the_other_booting() -> Result<()> {
+    let images = shared_images()?;
+    let (a, b) = (Server::new(images.path())?, Server::new(images.path())?);
+    let (ma, mb) = (a.start().await?, b.start().await?);
+    ma.create("a1", CreateSprite::default()).await?;
+    mb.create("b1", CreateSprite::default()).await?;
+    ensure!(sh(&ma, "a1", "echo a").await? == "a\n");
+    ensure!(sh(&mb, "b1", "echo kept > /home/sprite/mark; echo b").await? == "b\n");
+
+    close(ma).await;
+    ensure!(
+        mounts_below(&a.run_dir()).is_empty(),
+        "the stopped server left mounts: {:?}",
+        mounts_below(&a.run_dir())
+    );
+    let took = bystander_boots(&mb, "b1", "b2").await?;
+    println!("  bystander cold boot → output after the other server stopped: {took:?}");
+
+    // The other way round, and a restart of the stopped one in between.
+    let ma = a.start().await?;
+    ensure!(sh(&ma, "a1", "echo again").await? == "again\n");
+    close(mb).await;
+    ma.sleep("a1", SpriteStatus::Cold).await?;
+    ensure!(sh(&ma, "a1", "echo still").await? == "still\n");
+    close(ma).await;
+    Ok(())
+}
+
+/// A server killed with -9 while its sprite runs, then restarted (crash
+/// recovery) and stopped: the other server's sprites still boot, and its
+/// mounts are untouched throughout.
+async fn killed_server_recovery_leaves_the_other_alone() -> Result<()> {
+    let images = shared_images()?;
+    let (a, b) = (Server::new(images.path())?, Server::new(images.path())?);
+    let mb = b.start().await?;
+    mb.create("b1", CreateSprite::default()).await?;
+    ensure!(sh(&mb, "b1", "echo kept > /home/sprite/mark; echo b").await? == "b\n");
+    let b_mounts = mounts_below(&b.run_dir());
+
+    let mut child = spawn_child(&a, "run-sprite")?;
+    wait_ready(&mut child)?;
+    ensure!(!mounts_below(&a.run_dir()).is_empty(), "the child runs no sprite");
+    child.kill()?;
+    child.wait()?;
+
+    let ma = a.start().await?;
+    ensure!(ma.get("crashy")?.status == SpriteStatus::Cold);
+    ensure!(sh(&ma, "crashy", "cat /home/sprite/synced").await? == "synced\n");
+    close(ma).await;
+    ensure!(
+        loops_below(&a.run_dir()).is_empty(),
+        "loop devices of the killed server: {:?}",
+        loops_below(&a.run_dir())
+    );
+    for m in &b_mounts {
+        ensure!(
+            mounts_below(&b.run_dir()).contains(m),
+            "{} of the bystander was unmounted",
+            m.display()
+        );
+    }
+    let took = bystander_boots(&mb, "b1", "b2").await?;
+    println!("  bystander cold boot → output after the other server's crash and recovery: {took:?}");
+    close(mb).await;
+    Ok(())
+}
+
+// ------------------------------------------------------------------ child
+
+fn spawn_child(s: &Server, mode: &str) -> Result<std::process::Child> {
+    let n = &s.net.config;
+    Ok(std::process::Command::new(std::env::current_exe()?)
+        .arg(CHILD)
+        .arg(mode)
+        .arg(s.dir.path())
+        .arg(&s.images)
+        .args([
+            n.subnet.to_string(),
+            n.table.clone(),
+            n.ifprefix.clone(),
+            n.netns_prefix.clone(),
+            n.uplinks.join(","),
+            n.upstream_dns.to_string(),
+        ])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()?)
+}
+
+fn wait_ready(child: &mut std::process::Child) -> Result<()> {
+    let mut stdout = std::io::BufReader::new(child.stdout.take().context("stdout")?);
+    expect_line(&mut stdout, "ready")
+}
+
+fn expect_line(from: &mut impl std::io::BufRead, want: &str) -> Result<()> {
+    let mut line = String::new();
+    tokio::task::block_in_place(|| from.read_line(&mut line))?;
+    ensure!(line.trim() == want, "child said {line:?}, not {want:?}");
+    Ok(())
+}
+
+/// A server in a child process, to be killed with -9: `run-sprite` starts a
+/// sprite that wrote and synced a file, prints "ready" and waits.
+fn child_main(args: &[OsString]) -> ! {
+    let a: Vec<String> = args.iter().map(|s| s.to_string_lossy().into_owned()).collect();
+    let (mode, dir, images) = (a[0].as_str(), PathBuf::from(&a[1]), PathBuf::from(&a[2]));
+    let mut net = den_net::NetConfig::new(a[8].parse().expect("dns"));
+    net.subnet = a[3].parse().expect("subnet");
+    net.table = a[4].clone();
+    net.ifprefix = a[5].clone();
+    net.netns_prefix = a[6].clone();
+    net.uplinks = a[7]
+        .split(',')
+        .filter(|s| !s.is_empty())
+        .map(String::from)
+        .collect();
+    net.blocked = vec![
+        "169.254.0.0/16".parse().expect("net"),
+        "127.0.0.0/8".parse().expect("net"),
+    ];
+    let rt = tokio::runtime::Runtime::new().expect("runtime");
+    rt.block_on(async move {
+        let cfg = config_at(&dir, &images, net);
+        let store = Store::open(StoreConfig::local(dir.join("data/store")))
+            .await
+            .expect("store");
+        let mgr = SpriteManager::start(cfg, store).await.expect("manager");
+        mgr.create("crashy", CreateSprite::default())
+            .await
+            .expect("create");
+        // `sync -f`: a plain `sync` reaches every filesystem on the host,
+        // and hangs on any other test's stuck disk.
+        sh(
+            &mgr,
+            "crashy",
+            "echo synced > /home/sprite/synced && sync -f /home/sprite/synced",
+        )
+        .await
+        .expect("write");
+        println!("ready");
+        assert_eq!(mode, "run-sprite", "unknown child mode");
+        std::future::pending::<()>().await;
+    });
+    unreachable!()
+}
+
+// ------------------------------------------------------------------ main
+
+type TestFn = fn() -> std::pin::Pin<Box<dyn std::future::Future<Output = Result<()>>>>;
+
+fn main() {
+    den_sprite::helper_cmd::dispatch();
+    let args: Vec<OsString> = std::env::args_os().collect();
+    if args.get(1).is_some_and(|a| a == CHILD) {
+        child_main(&args[2..]);
+    }
+    assert!(nix::unistd::geteuid().is_root(), "the abuse tests need root");
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(
+            std::env::var("RUST_LOG").unwrap_or_else(|_| "warn,libcgroups=error,fuser=error".into()),
+        )
+        .with_test_writer()
+        .try_init();
+    let tests: &[(&str, TestFn)] = &[
+        ("stopping_one_server_keeps_the_other_booting", || {
+            Box::pin(stopping_one_server_keeps_the_other_booting())
+        }),
+        ("killed_server_recovery_leaves_the_other_alone", || {
+            Box::pin(killed_server_recovery_leaves_the_other_alone())
+        }),
+    ];
+    let rt = tokio::runtime::Runtime::new().expect("runtime");
+    let ok = den_testkit::runner::run_named(tests, |t| rt.block_on(t()));
+    drop(rt);
+    if !ok {
+        std::process::exit(1);
+    }
+}
