@@ -189,6 +189,9 @@ impl SpriteManager {
                 .map_err(|e| SpriteError::io(format!("creating {}", d.display()), e))?;
             traversable(d)?;
         }
+        // The agent bundle lives under the data dir, disks and image views
+        // under the run dir; a sprite's root must be able to walk to both.
+        reachable_by_sprites(&[&cfg.data_dir, &cfg.run_dir], &cfg.idmap)?;
         let base = cfg.base_image();
         let image = blocking(move || Ok(base.ensure(&LogProgress)?)).await?;
         let (exe, bundles) = (cfg.den_exe.clone(), cfg.data_dir.join("agent"));
@@ -1065,6 +1068,53 @@ fn traversable(d: &std::path::Path) -> Result<()> {
     if mode & 0o001 == 0 {
         std::fs::set_permissions(d, std::fs::Permissions::from_mode(mode | 0o011))
             .map_err(|e| SpriteError::io(format!("chmod {}", d.display()), e))?;
+    }
+    Ok(())
+}
+
+/// Sprites run as unprivileged host ids (the id map's root), and their
+/// runtime walks down to their disk, image view and agent binary as those
+/// ids. A directory above `dirs` that those ids may not search (`~` of root
+/// is 0700) would let the server start and then fail every boot with
+/// "failed to prepare rootfs"; refuse to start instead, naming the directory
+/// and the fix.
+fn reachable_by_sprites(dirs: &[&std::path::Path], idmap: &den_runtime::image::IdMap) -> Result<()> {
+    use std::os::unix::fs::MetadataExt;
+    let (uid, gid) = (
+        idmap.uid_to_host(0).unwrap_or(0),
+        idmap.gid_to_host(0).unwrap_or(0),
+    );
+    for d in dirs {
+        let canon = d
+            .canonicalize()
+            .map_err(|e| SpriteError::io(format!("resolving {}", d.display()), e))?;
+        for a in canon.ancestors() {
+            let meta =
+                std::fs::metadata(a).map_err(|e| SpriteError::io(format!("stat {}", a.display()), e))?;
+            let mode = meta.mode();
+            let search = if uid == 0 {
+                true
+            } else if meta.uid() == uid {
+                mode & 0o100 != 0
+            } else if meta.gid() == gid {
+                mode & 0o010 != 0
+            } else {
+                mode & 0o001 != 0
+            };
+            if !search {
+                return Err(SpriteError::io(
+                    format!(
+                        "sprites cannot reach {}: {} (mode {:04o}) is not searchable by their host uid \
+                         {uid}; run `chmod o+x {}`, or choose a data dir (and run_dir) outside it",
+                        d.display(),
+                        a.display(),
+                        mode & 0o7777,
+                        a.display()
+                    ),
+                    std::io::Error::from(std::io::ErrorKind::PermissionDenied),
+                ));
+            }
+        }
     }
     Ok(())
 }

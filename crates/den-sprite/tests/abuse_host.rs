@@ -12,7 +12,7 @@ use std::ffi::OsString;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use anyhow::{Context, Result, ensure};
+use anyhow::{Context, Result, bail, ensure};
 use den_agent::client::ExecRequest;
 use den_runtime::Resources;
 use den_sprite::{CreateSprite, ImageSource, ManagerConfig, SpriteManager, SpriteStatus};
@@ -238,6 +238,51 @@ async fn killed_server_recovery_leaves_the_other_alone() -> Result<()> {
     Ok(())
 }
 
+/// `den server --data-dir ~/den` as root (home 0700): the sprites' host uid
+/// cannot walk into it. The manager used to start and then fail every boot;
+/// it must refuse to start, naming the directory and the fix, and work
+/// once the directory is searchable.
+async fn data_dir_under_0700_parent_is_refused_with_the_fix() -> Result<()> {
+    use std::os::unix::fs::PermissionsExt;
+    let images = shared_images()?;
+    let s = Server::new(images.path())?;
+    let home = s.dir.path().join("home");
+    std::fs::create_dir(&home)?;
+    std::fs::set_permissions(&home, std::fs::Permissions::from_mode(0o700))?;
+    let mut cfg = s.config();
+    cfg.data_dir = home.join("den");
+    cfg.run_dir = home.join("den/run");
+    let err = match start_at(cfg.clone(), &home.join("den")).await {
+        Ok(mgr) => {
+            let booted = match mgr.create("x", CreateSprite::default()).await {
+                Ok(_) => sh(&mgr, "x", "echo ok").await.map(|_| ()),
+                Err(e) => Err(e.into()),
+            };
+            close(mgr).await;
+            bail!("the manager started under a 0700 parent (a boot then gave {booted:?})");
+        }
+        Err(e) => format!("{e:#}"),
+    };
+    println!("  refused: {err}");
+    ensure!(
+        err.contains(&home.display().to_string()),
+        "the error does not name {}: {err}",
+        home.display()
+    );
+    ensure!(
+        err.contains("chmod o+x"),
+        "the error does not say how to fix it: {err}"
+    );
+
+    std::fs::set_permissions(&home, std::fs::Permissions::from_mode(0o711))?;
+    let mgr = start_at(cfg, &home.join("den")).await?;
+    s.managers.lock().unwrap().push(mgr.clone());
+    mgr.create("x", CreateSprite::default()).await?;
+    ensure!(sh(&mgr, "x", "echo ok").await? == "ok\n");
+    close(mgr).await;
+    Ok(())
+}
+
 // ------------------------------------------------------------------ child
 
 fn spawn_child(s: &Server, mode: &str) -> Result<std::process::Child> {
@@ -340,6 +385,9 @@ fn main() {
         }),
         ("killed_server_recovery_leaves_the_other_alone", || {
             Box::pin(killed_server_recovery_leaves_the_other_alone())
+        }),
+        ("data_dir_under_0700_parent_is_refused_with_the_fix", || {
+            Box::pin(data_dir_under_0700_parent_is_refused_with_the_fix())
         }),
     ];
     let rt = tokio::runtime::Runtime::new().expect("runtime");
