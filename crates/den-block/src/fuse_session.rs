@@ -34,6 +34,10 @@ const FUSE_SOURCE: &str = "den-block";
 
 const FUSECTL_DIR: &str = "/sys/fs/fuse/connections";
 
+/// How long the workers may take to see the end of the connection before
+/// we look for copies of the mount in other mount namespaces.
+const FOREIGN_COPY_CHECK: Duration = Duration::from_millis(250);
+
 /// Options for the FUSE half of an export.
 #[derive(Debug, Clone)]
 pub struct FuseOptions {
@@ -510,8 +514,22 @@ impl FuseExport {
         let Some(session) = self.session.get_mut().take() else {
             return Ok(());
         };
-        let timeout = deadline.saturating_duration_since(Instant::now());
-        match session.done.recv_timeout(timeout) {
+        // The workers see ENODEV only once the last mount of the connection
+        // is gone. A mount namespace cloned by another process while ours
+        // was mounted holds a private copy that our unmount never reached:
+        // detach those (they are ours by device number) while we wait.
+        let waited = loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match session.done.recv_timeout(left.min(FOREIGN_COPY_CHECK)) {
+                Err(mpsc::RecvTimeoutError::Timeout) if !left.is_zero() => {
+                    if unmounted == Unmounted::Clean {
+                        mountinfo::detach_foreign_copies(self.mount.major, self.mount.minor);
+                    }
+                }
+                other => break other,
+            }
+        };
+        match waited {
             Ok(()) | Err(mpsc::RecvTimeoutError::Disconnected) => {}
             Err(mpsc::RecvTimeoutError::Timeout) => {
                 // Dropping the handle detaches the thread; it exits on its own

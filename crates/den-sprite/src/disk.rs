@@ -99,7 +99,7 @@ impl Disk {
             // filesystem; the kernel drops it shortly after the last task
             // exits. Wait for that, so the export stops now and the volume is
             // free for a restore or the next boot.
-            den_block::loopdev::wait_unclaimed(self.device(), RELEASE_TIMEOUT);
+            wait_released(self.device());
         } else {
             // Something in the host still uses it (a shell cd'ed into the run
             // directory): detach lazily so the sprite can still go cold; the
@@ -132,6 +132,35 @@ impl Drop for Disk {
 /// again before the old filesystem let go is refused by the export (two ext4
 /// instances on one volume would corrupt it).
 const RELEASE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(60);
+
+/// How long the kernel may take to drop the sprite's own mount namespace
+/// before we look for other namespaces holding a copy of the filesystem.
+const FOREIGN_COPY_CHECK: std::time::Duration = std::time::Duration::from_millis(300);
+
+/// Wait until nothing holds loop device `dev` after its filesystem was
+/// unmounted here. Another process on the host that cloned its mount
+/// namespace while the filesystem was mounted (and made its copy private, as
+/// `unshare -m` does) would hold it for as long as it lives, making the
+/// sprite's delete fail as "in use" and its shutdown leak the device: such
+/// copies of our own device are detached in their namespaces. Returns
+/// whether the device was released within [`RELEASE_TIMEOUT`].
+fn wait_released(dev: &Path) -> bool {
+    use std::os::unix::fs::MetadataExt;
+    let deadline = std::time::Instant::now() + RELEASE_TIMEOUT;
+    let rdev = std::fs::metadata(dev).map(|m| m.rdev()).ok();
+    loop {
+        if den_block::loopdev::wait_unclaimed(dev, FOREIGN_COPY_CHECK) {
+            return true;
+        }
+        if std::time::Instant::now() >= deadline {
+            return false;
+        }
+        if let Some(rdev) = rdev {
+            let (major, minor) = (nix::sys::stat::major(rdev), nix::sys::stat::minor(rdev));
+            den_block::mountinfo::detach_foreign_copies(major as u32, minor as u32);
+        }
+    }
+}
 
 /// `syncfs(2)` on the filesystem holding `path`. On a sprite's disk: everything
 /// written so far reaches the volume and the journal is committed, so a volume
@@ -203,7 +232,7 @@ pub fn format_template(
             // until it pivots away; stopping the export under it would fail
             // as busy and let its last superblock write land after the
             // template is sealed.
-            den_block::loopdev::wait_unclaimed(export.device_path(), RELEASE_TIMEOUT);
+            wait_released(export.device_path());
         }
         res.and(umount)
     })();
@@ -211,6 +240,54 @@ pub fn format_template(
     res.and(shut)?;
     volume.fsync().map_err(|e| SpriteError::io("fsync template", e))?;
     Ok(())
+}
+
+/// Make `run_dir` a mount point (a bind of itself) with shared propagation,
+/// so every mount den makes below it (sprite disks, their FUSE files, image
+/// views) is shared too.
+///
+/// Any process on the host that clones its mount namespace gets a copy of
+/// our mounts. With the host's usual private propagation, such a copy was
+/// private and our unmount never reached it: the copy kept the sprite's
+/// filesystem, loop device and volume busy for as long as that process
+/// lived (a delete took 70 s and failed "in use"; a stop leaked devices).
+/// A copy of a shared mount is a peer (or a slave, as container runtimes
+/// make it), so our unmount reaches it. Copies made private on purpose are
+/// detached by [`Disk::unmount`] instead.
+pub fn share_run_dir(run_dir: &Path) -> Result<()> {
+    use nix::mount::MsFlags;
+    let dir = run_dir
+        .canonicalize()
+        .map_err(|e| SpriteError::io(format!("resolving {}", run_dir.display()), e))?;
+    let mounts = den_block::mountinfo::read().map_err(|e| SpriteError::io("reading mountinfo", e))?;
+    if !mounts.iter().any(|m| m.mount_point == dir) {
+        nix::mount::mount(Some(&dir), &dir, None::<&str>, MsFlags::MS_BIND, None::<&str>)
+            .map_err(|e| SpriteError::io(format!("bind-mounting {} on itself", dir.display()), e.into()))?;
+    }
+    nix::mount::mount(None::<&str>, &dir, None::<&str>, MsFlags::MS_SHARED, None::<&str>)
+        .map_err(|e| SpriteError::io(format!("making {} a shared mount", dir.display()), e.into()))?;
+    Ok(())
+}
+
+/// Undo [`share_run_dir`] at shutdown: remove the bind of `run_dir` on
+/// itself, unless something is still mounted below it (a leftover the next
+/// start must find and clean up) or the mount there is not our bind (an
+/// operator's tmpfs, recognised by its device differing from its parent's).
+pub fn unshare_run_dir(run_dir: &Path) {
+    let Ok(dir) = run_dir.canonicalize() else { return };
+    if !mounts_below(&dir).is_empty() {
+        return;
+    }
+    let mounts = den_block::mountinfo::read().unwrap_or_default();
+    let ours = mounts.iter().filter(|m| m.mount_point == dir).any(|m| {
+        mounts
+            .iter()
+            .find(|p| p.id == m.parent_id)
+            .is_some_and(|p| (p.major, p.minor) == (m.major, m.minor))
+    });
+    if ours && let Err(e) = nix::mount::umount2(&dir, nix::mount::MntFlags::MNT_DETACH) {
+        tracing::warn!(dir = %dir.display(), error = %e, "removing the run directory's bind mount");
+    }
 }
 
 /// Every mount below `root`, deepest first (from /proc/self/mountinfo).

@@ -207,6 +207,7 @@ impl SpriteManager {
 
         let records = catalog.list().await?;
         recover(&cfg, backend.as_ref(), &net)?;
+        disk::share_run_dir(&cfg.run_dir)?;
         let slots = records
             .into_iter()
             .map(|r| (r.name.clone(), Slot::new(r)))
@@ -1009,6 +1010,7 @@ impl SpriteManager {
             tracing::warn!(error = %e, "releasing the idmapped image mounts");
         }
         self.inner.lowers.lock().clear();
+        disk::unshare_run_dir(&self.inner.cfg.run_dir);
     }
 
     /// Remove den's firewall table (sprites must be cold: see [`Self::shutdown`]).

@@ -283,6 +283,127 @@ async fn data_dir_under_0700_parent_is_refused_with_the_fix() -> Result<()> {
     Ok(())
 }
 
+/// Processes that clone their mount namespace while sprites run (a test
+/// runner, a container starting, `unshare -m`) get copies of the sprites'
+/// disk mounts. They used to pin the disks: a delete took ~60 s and failed
+/// "volume … is in use", and a stop left mounts and loop devices behind.
+/// Now delete and stop are quick and leave nothing, in our namespace or
+/// theirs, whatever propagation the clone chose.
+async fn cloned_mount_namespaces_do_not_pin_sprite_disks() -> Result<()> {
+    let images = shared_images()?;
+    let s = Server::new(images.path())?;
+    let run = s.run_dir();
+    let mgr = s.start().await?;
+    for n in ["p1", "p2", "p3"] {
+        mgr.create(n, CreateSprite::default()).await?;
+        ensure!(sh(&mgr, n, "echo up").await? == "up\n");
+    }
+    // Clones of the namespace as it is now, with every sprite mounted.
+    let mut holders = Holders(Vec::new());
+    for prop in ["unchanged", "private", "slave"] {
+        let child = std::process::Command::new("unshare")
+            .args(["--mount", "--propagation", prop, "sleep", "120"])
+            .spawn()?;
+        holders.0.push(child);
+    }
+    for h in &holders.0 {
+        let pid = h.id();
+        den_testkit::wait_until(WAIT, Duration::from_millis(5), || {
+            std::fs::read_to_string(format!("/proc/{pid}/mountinfo"))
+                .is_ok_and(|t| t.contains(&format!("{}/", run.display())) && t.lines().count() > 5)
+                && std::fs::read_link(format!("/proc/{pid}/exe")).is_ok_and(|e| e.ends_with("sleep"))
+        })
+        .context("a holder never started")?;
+    }
+
+    // The sprites' loop devices and the FUSE files they are bound to.
+    let disks: Vec<(PathBuf, PathBuf)> = den_block::mountinfo::read()?
+        .into_iter()
+        .filter(|m| m.fstype == "ext4" && m.mount_point.starts_with(&run))
+        .filter_map(|m| {
+            let dev = PathBuf::from(&m.source);
+            den_block::loopdev::backing_file(&dev).map(|b| (dev, b))
+        })
+        .collect();
+    ensure!(disks.len() == 3, "sprite disks: {disks:?}");
+    let t0 = Instant::now();
+    tokio::time::timeout(Duration::from_secs(20), mgr.delete("p1"))
+        .await
+        .context("deleting a sprite whose disk another namespace holds took over 20 s")??;
+    let delete_took = t0.elapsed();
+    println!("  delete with 3 foreign namespace copies: {delete_took:?}");
+    mgr.sleep("p2", SpriteStatus::Cold).await?;
+    ensure!(
+        sh(&mgr, "p2", "echo back").await? == "back\n",
+        "p2 did not boot again"
+    );
+    let t0 = Instant::now();
+    tokio::time::timeout(Duration::from_secs(30), close(mgr))
+        .await
+        .context("stopping the server took over 30 s")?;
+    let stop_took = t0.elapsed();
+    println!("  stop with 3 foreign namespace copies: {stop_took:?}");
+
+    ensure!(
+        mounts_below(&run).is_empty(),
+        "mounts left: {:?}",
+        mounts_below(&run)
+    );
+    ensure!(
+        loops_below(&run).is_empty(),
+        "loop devices left: {:?}",
+        loops_below(&run)
+    );
+    for (dev, file) in &disks {
+        let now = den_block::loopdev::backing_file(dev);
+        ensure!(
+            now.as_deref() != Some(file.as_path()) && now.as_deref() != Some(Path::new("/disk")),
+            "{} is still bound to a sprite's disk file ({now:?})",
+            dev.display()
+        );
+    }
+    for h in &holders.0 {
+        let text = std::fs::read_to_string(format!("/proc/{}/mountinfo", h.id()))?;
+        let pinned: Vec<String> = den_block::mountinfo::parse(&text)
+            .into_iter()
+            // Disks and their FUSE files; views of the host's own disk (the
+            // run dir's bind, the image's idmapped view) pin nothing.
+            .filter(|m| {
+                (m.mount_point.starts_with(&run) && m.fstype == den_block::FUSE_FSTYPE)
+                    || disks.iter().any(|(dev, _)| Path::new(&m.source) == dev)
+            })
+            .map(|m| format!("{} {} {}", m.mount_point.display(), m.fstype, m.source))
+            .collect();
+        ensure!(
+            pinned.is_empty(),
+            "holder {} still has our mounts: {pinned:?}",
+            h.id()
+        );
+        ensure!(
+            std::fs::read_link(format!("/proc/{}/exe", h.id())).is_ok(),
+            "a holder died (it must be left running)"
+        );
+    }
+    ensure!(
+        delete_took < Duration::from_secs(10),
+        "delete took {delete_took:?}"
+    );
+    ensure!(stop_took < Duration::from_secs(20), "stop took {stop_took:?}");
+    Ok(())
+}
+
+/// Kills the clone holders when a test ends, also on failure.
+struct Holders(Vec<std::process::Child>);
+
+impl Drop for Holders {
+    fn drop(&mut self) {
+        for c in &mut self.0 {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
 // ------------------------------------------------------------------ child
 
 fn spawn_child(s: &Server, mode: &str) -> Result<std::process::Child> {
@@ -388,6 +509,9 @@ fn main() {
         }),
         ("data_dir_under_0700_parent_is_refused_with_the_fix", || {
             Box::pin(data_dir_under_0700_parent_is_refused_with_the_fix())
+        }),
+        ("cloned_mount_namespaces_do_not_pin_sprite_disks", || {
+            Box::pin(cloned_mount_namespaces_do_not_pin_sprite_disks())
         }),
     ];
     let rt = tokio::runtime::Runtime::new().expect("runtime");
