@@ -219,6 +219,55 @@ fn cleanup_stale(dir: &Path, file: &Path) -> Result<()> {
     Ok(())
 }
 
+/// Make sure fusectl is mounted, so `/sys/fs/fuse/connections/<n>` exists.
+fn ensure_fusectl() -> Result<()> {
+    let mounted = mountinfo::read()?
+        .iter()
+        .any(|m| m.fstype == "fusectl" && m.mount_point == Path::new(FUSECTL_DIR));
+    if !mounted {
+        nix::mount::mount(
+            Some("fusectl"),
+            FUSECTL_DIR,
+            Some("fusectl"),
+            MsFlags::empty(),
+            None::<&str>,
+        )
+        .map_err(nix_to_io)?;
+    }
+    Ok(())
+}
+
+/// Abort the FUSE connections of our mounts below `root`, left by a process
+/// that is gone: call it only for a directory no live process serves (a
+/// server's own run directory at its start-up). A den killed while one of its
+/// threads waited on I/O through its own disk (a loop device on its own FUSE
+/// file) can't exit: the thread waits for an answer only the dead workers
+/// could give, and the connection stays open as long as the process exists.
+/// Aborting fails that I/O, so the stuck task (and everything else touching
+/// the mount) gets an error and can finish. Mounts of other types and other
+/// directories are never touched. Returns how many connections were aborted.
+pub fn abort_stale_connections(root: &Path) -> Result<usize> {
+    let stale: Vec<MountEntry> = mountinfo::read()?
+        .into_iter()
+        .filter(|m| m.fstype == FUSE_FSTYPE && m.mount_point.starts_with(root))
+        .collect();
+    if stale.is_empty() {
+        return Ok(0);
+    }
+    ensure_fusectl()?;
+    let mut n = 0;
+    for m in stale {
+        let conn = (m.major << 20) | m.minor;
+        let abort = Path::new(FUSECTL_DIR).join(conn.to_string()).join("abort");
+        // Gone already (the connection ended with its last user): fine.
+        if std::fs::write(&abort, "1").is_ok() {
+            tracing::warn!(mount = %m.mount_point.display(), connection = conn, "aborted a stale FUSE connection");
+            n += 1;
+        }
+    }
+    Ok(n)
+}
+
 impl FuseExport {
     /// Mount a FUSE filesystem on `mount_dir` (created if missing) exposing
     /// `device` as the file `opts.file_name`, and start serving it.
@@ -385,19 +434,7 @@ impl FuseExport {
     pub fn abort(mut self) -> Result<()> {
         let conn_dir = Path::new(FUSECTL_DIR).join(self.connection().to_string());
         if !conn_dir.exists() {
-            let mounted = mountinfo::read()?
-                .iter()
-                .any(|m| m.fstype == "fusectl" && m.mount_point == Path::new(FUSECTL_DIR));
-            if !mounted {
-                nix::mount::mount(
-                    Some("fusectl"),
-                    FUSECTL_DIR,
-                    Some("fusectl"),
-                    MsFlags::empty(),
-                    None::<&str>,
-                )
-                .map_err(nix_to_io)?;
-            }
+            ensure_fusectl()?;
         }
         std::fs::write(conn_dir.join("abort"), "1")?;
         tracing::warn!(file = %self.file_path.display(), "FUSE connection aborted");

@@ -7,7 +7,6 @@
 //! <run>/disk/           ext4, holding upper/ and work/ of the sprite's overlay
 //! ```
 
-use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::Arc;
@@ -166,14 +165,16 @@ fn wait_released(dev: &Path) -> bool {
 /// written so far reaches the volume and the journal is committed, so a volume
 /// checkpoint taken while the sprite's processes are frozen is a clean
 /// filesystem image.
+///
+/// Runs in a child process (`sync -f`), never on a thread of ours: the
+/// filesystem sits on a loop device on our own FUSE file, and if we are
+/// killed (-9) while the sync waits for that I/O (an object store outage
+/// blocks writers at the dirty limit), a thread of ours stuck in
+/// uninterruptible sleep would keep the process, and so the FUSE connection
+/// that could fail the I/O, alive forever. A child stuck there instead gets
+/// an error as soon as we are gone, and exits.
 pub fn syncfs(path: &Path) -> Result<()> {
-    let dir = std::fs::File::open(path).map_err(|e| SpriteError::io("opening the disk", e))?;
-    // SAFETY: syncfs only reads the descriptor, which `dir` keeps open.
-    let rc = unsafe { libc::syncfs(dir.as_raw_fd()) };
-    if rc != 0 {
-        return Err(SpriteError::io("syncfs", std::io::Error::last_os_error()));
-    }
-    Ok(())
+    run(Command::new("sync").arg("--file-system").arg(path)).map(|_| ())
 }
 
 /// Format a fresh volume as the template every sprite's disk is forked from:
@@ -303,10 +304,93 @@ pub fn mounts_below(root: &Path) -> Vec<PathBuf> {
     out
 }
 
+/// After a crash of the host process: abort the FUSE connections it left
+/// below `root` (only ours: `root` is this server's run directory, which no
+/// live process serves at start-up), so anything still waiting on one (even
+/// a thread of the dead process, which then can finally exit, or a sprite
+/// process of a container about to be removed) fails now instead of never.
+pub fn abort_stale_fuse(root: &Path) {
+    match den_block::abort_stale_connections(root) {
+        Ok(0) => {}
+        Ok(n) => tracing::warn!(connections = n, "aborted the FUSE connections of an earlier run"),
+        Err(e) => tracing::warn!(error = %e, "aborting the FUSE connections of an earlier run"),
+    }
+}
+
+/// Records which process serves a run directory: `<run_dir>/den.pid`.
+const PID_FILE: &str = "den.pid";
+
+/// How long a killed predecessor may take to finish dying once its FUSE
+/// connections are aborted.
+const PREDECESSOR_EXIT: std::time::Duration = std::time::Duration::from_secs(20);
+
+/// `(state, start time)` of process `pid` from `/proc/PID/stat`.
+fn proc_stat(pid: i32) -> Option<(char, u64)> {
+    let text = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    let (_, rest) = text.rsplit_once(") ")?;
+    let mut f = rest.split(' ');
+    let state = f.next()?.chars().next()?;
+    Some((state, f.nth(18)?.parse().ok()?))
+}
+
+/// Take over `run_dir` at start-up, before anything else touches it.
+///
+/// A predecessor killed with -9 while one of its threads waited on I/O
+/// through its own disk can't finish dying: that thread waits for its own
+/// dead FUSE workers, and keeps the process, its FUSE connections, its
+/// sockets (the DNS forwarder's port) and its locks alive. Its FUSE
+/// connections are aborted here (only those mounted below `run_dir`, which is
+/// this server's alone) and its exit awaited, boundedly. A predecessor that
+/// is still running normally is never touched.
+pub fn claim_run_dir(run_dir: &Path) -> Result<()> {
+    let pid_file = run_dir.join(PID_FILE);
+    let me = std::process::id() as i32;
+    let previous = std::fs::read_to_string(&pid_file).ok().and_then(|t| {
+        let mut w = t.split_whitespace();
+        Some((w.next()?.parse::<i32>().ok()?, w.next()?.parse::<u64>().ok()?))
+    });
+    if let Some((pid, started)) = previous
+        && pid != me
+        && let Some((state, now_started)) = proc_stat(pid)
+        && now_started == started
+    {
+        // A thread group whose leader is a zombie is exiting (-9 kills every
+        // thread; the leader goes first): only a stuck thread keeps it.
+        if state != 'Z' {
+            // Running (or not yet dead): its disks are not ours to abort.
+            tracing::warn!(pid, dir = %run_dir.display(), "another den process still uses this run directory");
+            return write_pid_file(&pid_file, me);
+        }
+        tracing::warn!(
+            pid,
+            "the previous den of this run directory is stuck dying; aborting its disks"
+        );
+        abort_stale_fuse(run_dir);
+        let deadline = std::time::Instant::now() + PREDECESSOR_EXIT;
+        while proc_stat(pid).is_some_and(|(_, s)| s == started) {
+            if std::time::Instant::now() >= deadline {
+                tracing::error!(pid, "the previous den of this run directory does not exit");
+                break;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(10));
+        }
+    } else {
+        abort_stale_fuse(run_dir);
+    }
+    write_pid_file(&pid_file, me)
+}
+
+fn write_pid_file(pid_file: &Path, me: i32) -> Result<()> {
+    let started = proc_stat(me).map(|(_, s)| s).unwrap_or(0);
+    std::fs::write(pid_file, format!("{me} {started}\n"))
+        .map_err(|e| SpriteError::io(format!("writing {}", pid_file.display()), e))
+}
+
 /// After a crash of the host process: detach every filesystem and FUSE
 /// mount it left below `root` (lazily: a dead FUSE mount can't be unmounted
 /// cleanly), then free the loop devices bound to files below it.
 pub fn cleanup_stale(root: &Path) {
+    abort_stale_fuse(root);
     let mounts = mounts_below(root);
     // Loop devices first, while their FUSE files still have their paths: once
     // the FUSE mount is detached the kernel reports the file as `/disk` and

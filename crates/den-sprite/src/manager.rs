@@ -192,6 +192,9 @@ impl SpriteManager {
         // The agent bundle lives under the data dir, disks and image views
         // under the run dir; a sprite's root must be able to walk to both.
         reachable_by_sprites(&[&cfg.data_dir, &cfg.run_dir], &cfg.idmap)?;
+        // First: a predecessor stuck dying still holds ports and locks.
+        let run_dir = cfg.run_dir.clone();
+        blocking(move || disk::claim_run_dir(&run_dir)).await?;
         let base = cfg.base_image();
         let image = blocking(move || Ok(base.ensure(&LogProgress)?)).await?;
         let (exe, bundles) = (cfg.den_exe.clone(), cfg.data_dir.join("agent"));
@@ -1173,6 +1176,9 @@ where
 /// A previous run may have died with sprites up: every sprite starts cold,
 /// so remove every container, mount and network it left.
 fn recover(cfg: &ManagerConfig, backend: &dyn Backend, net: &NetManager) -> Result<()> {
+    // Before anything that could wait on a dead disk (removing a container
+    // whose tasks are blocked in its I/O).
+    disk::abort_stale_fuse(&cfg.run_dir);
     let bundles = cfg.run_dir.join("ctr").join("bundles");
     if let Ok(rd) = std::fs::read_dir(&bundles) {
         for e in rd.flatten() {

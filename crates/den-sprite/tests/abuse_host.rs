@@ -21,6 +21,8 @@ use den_testkit::net::TestNet;
 
 const WAIT: Duration = Duration::from_secs(30);
 const CHILD: &str = "abuse-child";
+/// Local-only budget of the child server that loses its object store.
+const DIRTY_LIMIT: u64 = 64 << 20;
 
 /// One server's directories and network; the image cache may be shared.
 struct Server {
@@ -392,6 +394,136 @@ async fn cloned_mount_namespaces_do_not_pin_sprite_disks() -> Result<()> {
     Ok(())
 }
 
+/// A server killed with -9 while its own disk I/O waits: the object store is
+/// down, the sprite's writer has filled the local-only budget, and a
+/// checkpoint is syncing the sprite's filesystem. The sync used to run on a
+/// thread of the server, which then sat in uninterruptible sleep on a loop
+/// device backed by the server's own (now dead) FUSE workers: the process
+/// never exited and everything touching the mount hung. Now it exits at
+/// once; the next start aborts what is left of its FUSE connections and
+/// recovers the sprite with its synced data; a bystander server is untouched.
+async fn killed_during_own_disk_io_exits_and_recovers() -> Result<()> {
+    let images = shared_images()?;
+    let (a, b) = (Server::new(images.path())?, Server::new(images.path())?);
+    let mb = b.start().await?;
+    mb.create("b1", CreateSprite::default()).await?;
+    ensure!(sh(&mb, "b1", "echo kept > /home/sprite/mark; echo b").await? == "b\n");
+    let b_mounts = mounts_below(&b.run_dir());
+
+    let mut child = spawn_child(&a, "checkpoint-store-down")?;
+    let mut stdout = std::io::BufReader::new(child.stdout.take().context("stdout")?);
+    expect_line(&mut stdout, "ready")?;
+    // The object store goes down: uploads fail (EROFS) and are retried.
+    let outage = ReadOnly::bind(&a.dir.path().join("data/store/objects"))?;
+    let mut stdin = child.stdin.take().context("stdin")?;
+    std::io::Write::write_all(&mut stdin, b"go\n")?;
+    expect_line(&mut stdout, "checkpointing")?;
+    // Wait until the sync is stuck in the kernel (in the server or in a
+    // helper process of it).
+    let pid = child.id() as i32;
+    den_testkit::wait_until(Duration::from_secs(20), Duration::from_millis(20), || {
+        tasks_in_d(pid)
+    })
+    .context("the checkpoint's sync never blocked")?;
+
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), nix::sys::signal::Signal::SIGKILL)?;
+    let t0 = Instant::now();
+    let mut exited = false;
+    while t0.elapsed() < Duration::from_secs(10) {
+        if child.try_wait()?.is_some() {
+            exited = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let exit_took = t0.elapsed();
+    drop(outage);
+    // Recovery (also what frees a stuck process when the test fails).
+    let t1 = Instant::now();
+    let ma = a.start().await?;
+    let recovered_in = t1.elapsed();
+    if !exited {
+        let _ = tokio::task::block_in_place(|| child.wait());
+        bail!("the killed server was still alive {exit_took:?} after SIGKILL (stuck in its own disk I/O)");
+    }
+    println!("  killed server exited {exit_took:?} after SIGKILL; restart took {recovered_in:?}");
+    ensure!(ma.get("crashy")?.status == SpriteStatus::Cold);
+    ensure!(sh(&ma, "crashy", "cat /home/sprite/synced").await? == "synced\n");
+    close(ma).await;
+    ensure!(
+        loops_below(&a.run_dir()).is_empty(),
+        "loop devices left: {:?}",
+        loops_below(&a.run_dir())
+    );
+    for m in &b_mounts {
+        ensure!(
+            mounts_below(&b.run_dir()).contains(m),
+            "{} of the bystander was unmounted",
+            m.display()
+        );
+    }
+    let took = bystander_boots(&mb, "b1", "b2").await?;
+    println!("  bystander cold boot → output afterwards: {took:?}");
+    close(mb).await;
+    Ok(())
+}
+
+/// Whether a task of process `pid`, or of one of its children, is in
+/// uninterruptible sleep.
+fn tasks_in_d(pid: i32) -> bool {
+    let in_d = |p: &str| {
+        std::fs::read_dir(format!("/proc/{p}/task")).is_ok_and(|rd| {
+            rd.flatten().any(|t| {
+                std::fs::read_to_string(t.path().join("stat"))
+                    .is_ok_and(|s| s.rsplit_once(") ").is_some_and(|(_, rest)| rest.starts_with('D')))
+            })
+        })
+    };
+    if in_d(&pid.to_string()) {
+        return true;
+    }
+    let Ok(rd) = std::fs::read_dir("/proc") else {
+        return false;
+    };
+    rd.flatten().any(|e| {
+        let name = e.file_name().to_string_lossy().into_owned();
+        name.parse::<i32>().is_ok()
+            && std::fs::read_to_string(format!("/proc/{name}/stat")).is_ok_and(|s| {
+                s.rsplit_once(") ")
+                    .and_then(|(_, rest)| rest.split(' ').nth(1)?.parse::<i32>().ok())
+                    == Some(pid)
+            })
+            && in_d(&name)
+    })
+}
+
+/// A directory made read-only (a bind of itself, remounted `ro`) until drop:
+/// a local object store that refuses every upload.
+struct ReadOnly(PathBuf);
+
+impl ReadOnly {
+    fn bind(dir: &Path) -> Result<ReadOnly> {
+        use nix::mount::{MsFlags, mount};
+        std::fs::create_dir_all(dir)?;
+        mount(Some(dir), dir, None::<&str>, MsFlags::MS_BIND, None::<&str>)?;
+        let guard = ReadOnly(dir.to_path_buf());
+        mount(
+            None::<&str>,
+            dir,
+            None::<&str>,
+            MsFlags::MS_BIND | MsFlags::MS_REMOUNT | MsFlags::MS_RDONLY,
+            None::<&str>,
+        )?;
+        Ok(guard)
+    }
+}
+
+impl Drop for ReadOnly {
+    fn drop(&mut self) {
+        let _ = nix::mount::umount2(&self.0, nix::mount::MntFlags::MNT_DETACH);
+    }
+}
+
 /// Kills the clone holders when a test ends, also on failure.
 struct Holders(Vec<std::process::Child>);
 
@@ -438,8 +570,11 @@ fn expect_line(from: &mut impl std::io::BufRead, want: &str) -> Result<()> {
     Ok(())
 }
 
-/// A server in a child process, to be killed with -9: `run-sprite` starts a
-/// sprite that wrote and synced a file, prints "ready" and waits.
+/// A server in a child process, to be killed with -9. Both modes start a
+/// sprite that wrote and synced a file and print "ready". `run-sprite` then
+/// waits. `checkpoint-store-down` waits for "go" on stdin (the parent has
+/// taken the object store down), fills the local-only budget from inside the
+/// sprite, starts a checkpoint, prints "checkpointing" and waits.
 fn child_main(args: &[OsString]) -> ! {
     let a: Vec<String> = args.iter().map(|s| s.to_string_lossy().into_owned()).collect();
     let (mode, dir, images) = (a[0].as_str(), PathBuf::from(&a[1]), PathBuf::from(&a[2]));
@@ -460,9 +595,9 @@ fn child_main(args: &[OsString]) -> ! {
     let rt = tokio::runtime::Runtime::new().expect("runtime");
     rt.block_on(async move {
         let cfg = config_at(&dir, &images, net);
-        let store = Store::open(StoreConfig::local(dir.join("data/store")))
-            .await
-            .expect("store");
+        let mut scfg = StoreConfig::local(dir.join("data/store"));
+        scfg.dirty_limit = DIRTY_LIMIT;
+        let store = Store::open(scfg).await.expect("store");
         let mgr = SpriteManager::start(cfg, store).await.expect("manager");
         mgr.create("crashy", CreateSprite::default())
             .await
@@ -477,7 +612,27 @@ fn child_main(args: &[OsString]) -> ! {
         .await
         .expect("write");
         println!("ready");
-        assert_eq!(mode, "run-sprite", "unknown child mode");
+        if mode == "checkpoint-store-down" {
+            let mut go = String::new();
+            std::io::stdin().read_line(&mut go).expect("stdin");
+            // Far more than the budget, into the sprite's page cache (far
+            // below the kernel's dirty thresholds, so the writer finishes
+            // and the checkpoint's freeze succeeds): its sync then waits
+            // for uploads that never succeed.
+            sh(
+                &mgr,
+                "crashy",
+                &format!(
+                    "dd if=/dev/urandom of=/home/sprite/big bs=1M count={}",
+                    2 * (DIRTY_LIMIT >> 20)
+                ),
+            )
+            .await
+            .expect("dd");
+            let m = mgr.clone();
+            tokio::spawn(async move { m.checkpoint("crashy", "during the outage").await });
+            println!("checkpointing");
+        }
         std::future::pending::<()>().await;
     });
     unreachable!()
@@ -512,6 +667,9 @@ fn main() {
         }),
         ("cloned_mount_namespaces_do_not_pin_sprite_disks", || {
             Box::pin(cloned_mount_namespaces_do_not_pin_sprite_disks())
+        }),
+        ("killed_during_own_disk_io_exits_and_recovers", || {
+            Box::pin(killed_during_own_disk_io_exits_and_recovers())
         }),
     ];
     let rt = tokio::runtime::Runtime::new().expect("runtime");
