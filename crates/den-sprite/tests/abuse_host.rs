@@ -38,16 +38,27 @@ struct Server {
 impl Drop for Server {
     fn drop(&mut self) {
         let managers: Vec<SpriteManager> = self.managers.lock().unwrap().drain(..).collect();
-        if managers.is_empty() {
-            return;
+        if !managers.is_empty() {
+            tokio::task::block_in_place(|| {
+                tokio::runtime::Handle::current().block_on(async {
+                    for mgr in managers {
+                        close(mgr).await;
+                    }
+                })
+            });
         }
-        tokio::task::block_in_place(|| {
-            tokio::runtime::Handle::current().block_on(async {
-                for mgr in managers {
-                    close(mgr).await;
-                }
-            })
-        });
+        // A test that failed after killing a server child: nothing restarted
+        // it, so its devices and mounts (the run dir's own bind too) are
+        // still there. Devices first, while their files still have paths.
+        let run = self.run_dir();
+        for dev in loops_below(self.dir.path()) {
+            let _ = std::process::Command::new("losetup").arg("-d").arg(&dev).status();
+        }
+        let mut left = mounts_below(&run);
+        left.sort_by_key(|p| std::cmp::Reverse(p.components().count()));
+        for m in left {
+            let _ = nix::mount::umount2(&m, nix::mount::MntFlags::MNT_DETACH);
+        }
     }
 }
 
