@@ -34,6 +34,10 @@ const FUSE_SOURCE: &str = "den-block";
 
 const FUSECTL_DIR: &str = "/sys/fs/fuse/connections";
 
+/// How long the workers may take to see the end of the connection before
+/// we look for copies of the mount in other mount namespaces.
+const FOREIGN_COPY_CHECK: Duration = Duration::from_millis(250);
+
 /// Options for the FUSE half of an export.
 #[derive(Debug, Clone)]
 pub struct FuseOptions {
@@ -215,6 +219,55 @@ fn cleanup_stale(dir: &Path, file: &Path) -> Result<()> {
     Ok(())
 }
 
+/// Make sure fusectl is mounted, so `/sys/fs/fuse/connections/<n>` exists.
+fn ensure_fusectl() -> Result<()> {
+    let mounted = mountinfo::read()?
+        .iter()
+        .any(|m| m.fstype == "fusectl" && m.mount_point == Path::new(FUSECTL_DIR));
+    if !mounted {
+        nix::mount::mount(
+            Some("fusectl"),
+            FUSECTL_DIR,
+            Some("fusectl"),
+            MsFlags::empty(),
+            None::<&str>,
+        )
+        .map_err(nix_to_io)?;
+    }
+    Ok(())
+}
+
+/// Abort the FUSE connections of our mounts below `root`, left by a process
+/// that is gone: call it only for a directory no live process serves (a
+/// server's own run directory at its start-up). A den killed while one of its
+/// threads waited on I/O through its own disk (a loop device on its own FUSE
+/// file) can't exit: the thread waits for an answer only the dead workers
+/// could give, and the connection stays open as long as the process exists.
+/// Aborting fails that I/O, so the stuck task (and everything else touching
+/// the mount) gets an error and can finish. Mounts of other types and other
+/// directories are never touched. Returns how many connections were aborted.
+pub fn abort_stale_connections(root: &Path) -> Result<usize> {
+    let stale: Vec<MountEntry> = mountinfo::read()?
+        .into_iter()
+        .filter(|m| m.fstype == FUSE_FSTYPE && m.mount_point.starts_with(root))
+        .collect();
+    if stale.is_empty() {
+        return Ok(0);
+    }
+    ensure_fusectl()?;
+    let mut n = 0;
+    for m in stale {
+        let conn = (m.major << 20) | m.minor;
+        let abort = Path::new(FUSECTL_DIR).join(conn.to_string()).join("abort");
+        // Gone already (the connection ended with its last user): fine.
+        if std::fs::write(&abort, "1").is_ok() {
+            tracing::warn!(mount = %m.mount_point.display(), connection = conn, "aborted a stale FUSE connection");
+            n += 1;
+        }
+    }
+    Ok(n)
+}
+
 impl FuseExport {
     /// Mount a FUSE filesystem on `mount_dir` (created if missing) exposing
     /// `device` as the file `opts.file_name`, and start serving it.
@@ -381,19 +434,7 @@ impl FuseExport {
     pub fn abort(mut self) -> Result<()> {
         let conn_dir = Path::new(FUSECTL_DIR).join(self.connection().to_string());
         if !conn_dir.exists() {
-            let mounted = mountinfo::read()?
-                .iter()
-                .any(|m| m.fstype == "fusectl" && m.mount_point == Path::new(FUSECTL_DIR));
-            if !mounted {
-                nix::mount::mount(
-                    Some("fusectl"),
-                    FUSECTL_DIR,
-                    Some("fusectl"),
-                    MsFlags::empty(),
-                    None::<&str>,
-                )
-                .map_err(nix_to_io)?;
-            }
+            ensure_fusectl()?;
         }
         std::fs::write(conn_dir.join("abort"), "1")?;
         tracing::warn!(file = %self.file_path.display(), "FUSE connection aborted");
@@ -510,8 +551,22 @@ impl FuseExport {
         let Some(session) = self.session.get_mut().take() else {
             return Ok(());
         };
-        let timeout = deadline.saturating_duration_since(Instant::now());
-        match session.done.recv_timeout(timeout) {
+        // The workers see ENODEV only once the last mount of the connection
+        // is gone. A mount namespace cloned by another process while ours
+        // was mounted holds a private copy that our unmount never reached:
+        // detach those (they are ours by device number) while we wait.
+        let waited = loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match session.done.recv_timeout(left.min(FOREIGN_COPY_CHECK)) {
+                Err(mpsc::RecvTimeoutError::Timeout) if !left.is_zero() => {
+                    if unmounted == Unmounted::Clean {
+                        mountinfo::detach_foreign_copies(self.mount.major, self.mount.minor);
+                    }
+                }
+                other => break other,
+            }
+        };
+        match waited {
             Ok(()) | Err(mpsc::RecvTimeoutError::Disconnected) => {}
             Err(mpsc::RecvTimeoutError::Timeout) => {
                 // Dropping the handle detaches the thread; it exits on its own

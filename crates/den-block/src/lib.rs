@@ -38,7 +38,7 @@ mod volume_device;
 pub use error::BlockError;
 pub use frontend::{Export, ExportHandle, ExportOptions, Frontend, FuseLoopFrontend};
 pub use fuse::{FuseStats, Negotiated, set_io_flusher};
-pub use fuse_session::{FUSE_FSTYPE, FuseExport, FuseOptions};
+pub use fuse_session::{FUSE_FSTYPE, FuseExport, FuseOptions, abort_stale_connections};
 pub use loopdev::{LoopDevice, LoopMode, LoopOptions};
 #[cfg(feature = "store")]
 pub use volume_device::VolumeDevice;

@@ -80,6 +80,99 @@ pub fn read() -> io::Result<Vec<MountEntry>> {
     Ok(parse(&std::fs::read_to_string("/proc/self/mountinfo")?))
 }
 
+/// A copy of one of our mounts held by another mount namespace.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ForeignCopy {
+    /// A process in that namespace.
+    pub pid: i32,
+    /// Where that process sees the mount.
+    pub mount_point: PathBuf,
+}
+
+/// Copies of mounts of device `major:minor` in mount namespaces other than
+/// this process's (one process per namespace; deepest mounts first).
+///
+/// A process that clones its mount namespace (`unshare -m`, a container
+/// starting) gets a copy of every mount of the host, ours included; if its
+/// copy is private, unmounting ours does not reach it, and it keeps the
+/// filesystem (and so the loop device and the volume under it) busy for as
+/// long as that process lives.
+pub fn foreign_copies(major: u32, minor: u32) -> Vec<ForeignCopy> {
+    use std::os::unix::fs::MetadataExt;
+    let ns_of = |pid: &str| std::fs::metadata(format!("/proc/{pid}/ns/mnt")).map(|m| m.ino());
+    let Ok(ours) = ns_of("self") else {
+        return Vec::new();
+    };
+    let Ok(procs) = std::fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    let mut seen = std::collections::HashSet::from([ours]);
+    let mut out = Vec::new();
+    for e in procs.flatten() {
+        let name = e.file_name();
+        let Some(pid) = name.to_str().and_then(|n| n.parse::<i32>().ok()) else {
+            continue;
+        };
+        // A process gone meanwhile, or a kernel thread: nothing to see.
+        let Ok(ns) = ns_of(&pid.to_string()) else { continue };
+        if !seen.insert(ns) {
+            continue;
+        }
+        let Ok(text) = std::fs::read_to_string(format!("/proc/{pid}/mountinfo")) else {
+            continue;
+        };
+        let mut points: Vec<PathBuf> = parse(&text)
+            .into_iter()
+            .filter(|m| (m.major, m.minor) == (major, minor))
+            .map(|m| m.mount_point)
+            .collect();
+        points.sort_by_key(|p| std::cmp::Reverse(p.components().count()));
+        out.extend(
+            points
+                .into_iter()
+                .map(|mount_point| ForeignCopy { pid, mount_point }),
+        );
+    }
+    out
+}
+
+/// Lazily detach, inside the other namespaces, every copy of a mount of
+/// device `major:minor` that [`foreign_copies`] finds. Only ever meant for
+/// a device that is ours alone (a loop device we bound, a FUSE connection
+/// we serve): a copy of it elsewhere is an accident of namespace cloning,
+/// never something its holder mounted. Files open through a copy keep
+/// working (the detach is lazy). Returns how many copies were detached.
+pub fn detach_foreign_copies(major: u32, minor: u32) -> usize {
+    let mut n = 0;
+    for c in foreign_copies(major, minor) {
+        // nsenter: setns(CLONE_NEWNS) needs a single-threaded caller.
+        let status = std::process::Command::new("nsenter")
+            .arg(format!("--target={}", c.pid))
+            .args(["--mount", "--", "umount", "-l"])
+            .arg(&c.mount_point)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .status();
+        match status {
+            Ok(s) if s.success() => {
+                tracing::warn!(
+                    pid = c.pid,
+                    mount = %c.mount_point.display(),
+                    "detached a copy of our mount held by another mount namespace"
+                );
+                n += 1;
+            }
+            other => tracing::warn!(
+                pid = c.pid,
+                mount = %c.mount_point.display(),
+                result = ?other,
+                "could not detach a copy of our mount in another mount namespace"
+            ),
+        }
+    }
+    n
+}
+
 /// Mounts sitting directly on `dir`, bottom first. When several are stacked, each
 /// one's parent is the one below it; ordering by that chain (instead of by id,
 /// which the kernel recycles) gives the true stacking order.

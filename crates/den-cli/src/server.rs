@@ -13,6 +13,10 @@ use clap::Args;
 use den_server::ServerConfig;
 use tokio::signal::unix::{SignalKind, signal};
 
+/// Longest a graceful stop may take: sprites going cold (their grace and
+/// unmount) plus the bounded flush to the object store.
+const SHUTDOWN_LIMIT: Duration = Duration::from_secs(120);
+
 #[derive(Args, Debug)]
 pub struct ServerArgs {
     /// Everything den keeps: metadata, chunks, sprites, tokens.
@@ -147,7 +151,25 @@ pub fn run(args: ServerArgs) -> Result<()> {
             _ = int.recv() => {}
         }
         eprintln!("den server: shutting down (sprites go cold, data is flushed)…");
-        running.stop().await;
+        // Bounded: a disk that never lets go or an object store that never
+        // comes back must not keep a stopping server (and its port) forever.
+        // Whatever is left, the next start recovers; a second signal ends
+        // the wait at once.
+        tokio::select! {
+            _ = running.stop() => {}
+            _ = tokio::time::sleep(SHUTDOWN_LIMIT) => {
+                eprintln!("den server: shutdown did not finish within {SHUTDOWN_LIMIT:?}; exiting (the next start cleans up)");
+                std::process::exit(1);
+            }
+            _ = term.recv() => {
+                eprintln!("den server: second signal; exiting now (the next start cleans up)");
+                std::process::exit(1);
+            }
+            _ = int.recv() => {
+                eprintln!("den server: second signal; exiting now (the next start cleans up)");
+                std::process::exit(1);
+            }
+        }
         anyhow::Ok(())
     })
 }

@@ -92,6 +92,14 @@ impl ManagerConfig {
         }
     }
 
+    /// This server's idmapped views of the base image (one per image
+    /// version and id map), below its run directory: never in the shared
+    /// images directory, where stopping one server would unmount them under
+    /// every other server on the host.
+    pub fn lowers_dir(&self) -> PathBuf {
+        self.run_dir.join("lower")
+    }
+
     pub(crate) fn base_image(&self) -> BaseImage {
         let dir = self.images_dir.clone();
         match &self.image {

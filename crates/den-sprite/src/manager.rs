@@ -189,6 +189,12 @@ impl SpriteManager {
                 .map_err(|e| SpriteError::io(format!("creating {}", d.display()), e))?;
             traversable(d)?;
         }
+        // The agent bundle lives under the data dir, disks and image views
+        // under the run dir; a sprite's root must be able to walk to both.
+        reachable_by_sprites(&[&cfg.data_dir, &cfg.run_dir], &cfg.idmap)?;
+        // First: a predecessor stuck dying still holds ports and locks.
+        let run_dir = cfg.run_dir.clone();
+        blocking(move || disk::claim_run_dir(&run_dir)).await?;
         let base = cfg.base_image();
         let image = blocking(move || Ok(base.ensure(&LogProgress)?)).await?;
         let (exe, bundles) = (cfg.den_exe.clone(), cfg.data_dir.join("agent"));
@@ -204,6 +210,7 @@ impl SpriteManager {
 
         let records = catalog.list().await?;
         recover(&cfg, backend.as_ref(), &net)?;
+        disk::share_run_dir(&cfg.run_dir)?;
         let slots = records
             .into_iter()
             .map(|r| (r.name.clone(), Slot::new(r)))
@@ -423,7 +430,7 @@ impl SpriteManager {
                 version,
             )?
         };
-        let lower = image.lower_dir_for(&self.inner.cfg.idmap)?;
+        let lower = image.lower_dir_in(&self.inner.cfg.idmap, &self.inner.cfg.lowers_dir())?;
         self.inner
             .lowers
             .lock()
@@ -1001,10 +1008,13 @@ impl SpriteManager {
         }
         // The idmapped image mounts exist only for running sprites; leaving
         // them would pin the images directory (and keep it from being removed).
-        if let Err(e) = self.inner.image.release_idmapped() {
+        // They are this server's own (under its run dir): other servers
+        // sharing the images directory keep theirs.
+        if let Err(e) = den_runtime::image::release_idmapped_in(&self.inner.cfg.lowers_dir()) {
             tracing::warn!(error = %e, "releasing the idmapped image mounts");
         }
         self.inner.lowers.lock().clear();
+        disk::unshare_run_dir(&self.inner.cfg.run_dir);
     }
 
     /// Remove den's firewall table (sprites must be cold: see [`Self::shutdown`]).
@@ -1068,6 +1078,53 @@ fn traversable(d: &std::path::Path) -> Result<()> {
     Ok(())
 }
 
+/// Sprites run as unprivileged host ids (the id map's root), and their
+/// runtime walks down to their disk, image view and agent binary as those
+/// ids. A directory above `dirs` that those ids may not search (`~` of root
+/// is 0700) would let the server start and then fail every boot with
+/// "failed to prepare rootfs"; refuse to start instead, naming the directory
+/// and the fix.
+fn reachable_by_sprites(dirs: &[&std::path::Path], idmap: &den_runtime::image::IdMap) -> Result<()> {
+    use std::os::unix::fs::MetadataExt;
+    let (uid, gid) = (
+        idmap.uid_to_host(0).unwrap_or(0),
+        idmap.gid_to_host(0).unwrap_or(0),
+    );
+    for d in dirs {
+        let canon = d
+            .canonicalize()
+            .map_err(|e| SpriteError::io(format!("resolving {}", d.display()), e))?;
+        for a in canon.ancestors() {
+            let meta =
+                std::fs::metadata(a).map_err(|e| SpriteError::io(format!("stat {}", a.display()), e))?;
+            let mode = meta.mode();
+            let search = if uid == 0 {
+                true
+            } else if meta.uid() == uid {
+                mode & 0o100 != 0
+            } else if meta.gid() == gid {
+                mode & 0o010 != 0
+            } else {
+                mode & 0o001 != 0
+            };
+            if !search {
+                return Err(SpriteError::io(
+                    format!(
+                        "sprites cannot reach {}: {} (mode {:04o}) is not searchable by their host uid \
+                         {uid}; run `chmod o+x {}`, or choose a data dir (and run_dir) outside it",
+                        d.display(),
+                        a.display(),
+                        mode & 0o7777,
+                        a.display()
+                    ),
+                    std::io::Error::from(std::io::ErrorKind::PermissionDenied),
+                ));
+            }
+        }
+    }
+    Ok(())
+}
+
 /// Freezes a running sprite (unless it already was) and always thaws it again.
 struct FreezeGuard {
     backend: Arc<dyn Backend>,
@@ -1120,6 +1177,9 @@ where
 /// A previous run may have died with sprites up: every sprite starts cold,
 /// so remove every container, mount and network it left.
 fn recover(cfg: &ManagerConfig, backend: &dyn Backend, net: &NetManager) -> Result<()> {
+    // Before anything that could wait on a dead disk (removing a container
+    // whose tasks are blocked in its I/O).
+    disk::abort_stale_fuse(&cfg.run_dir);
     let bundles = cfg.run_dir.join("ctr").join("bundles");
     if let Ok(rd) = std::fs::read_dir(&bundles) {
         for e in rd.flatten() {

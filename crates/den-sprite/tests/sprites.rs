@@ -882,9 +882,15 @@ fn crash_child(args: &[OsString]) -> ! {
         mgr.create("crashy", CreateSprite::default())
             .await
             .expect("create");
-        sh(&mgr, "crashy", "echo synced > /home/sprite/synced && sync")
-            .await
-            .expect("write");
+        // `sync -f`: a plain `sync` reaches every filesystem on the host,
+        // and hangs on any other test's stuck disk.
+        sh(
+            &mgr,
+            "crashy",
+            "echo synced > /home/sprite/synced && sync -f /home/sprite/synced",
+        )
+        .await
+        .expect("write");
         let act = mgr.wake("crashy").await.expect("wake");
         let mut req = sh_req("sleep 1000");
         req.max_run_after_disconnect_ms = Some(0);

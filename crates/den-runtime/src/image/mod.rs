@@ -45,10 +45,14 @@
 //!   namespace carrying the sprite's mapping (made by a forked helper that
 //!   unshares a userns, gets its `uid_map`/`gid_map` written, and exits; its
 //!   `/proc/PID/ns/user` fd is what the mount keeps), then `move_mount` to
-//!   `<version>/idmapped/<map tag>`. One mount per distinct mapping, shared by
-//!   all sprites with that mapping, made once and found again through
-//!   `/proc/self/mountinfo`. It lives in the caller's mount namespace: create it
-//!   before creating a sprite's mount namespace.
+//!   `<version>/idmapped/<map tag>`, or with [`Image::lower_dir_in`] to
+//!   `<mounts dir>/<version>/<map tag>` in a directory of the caller's. One
+//!   mount per distinct mapping, shared by all sprites with that mapping, made
+//!   once and found again through `/proc/self/mountinfo`. It lives in the
+//!   caller's mount namespace: create it before creating a sprite's mount
+//!   namespace. A den server keeps its own under its run directory: the images
+//!   directory is shared by every server on the host, so a mount there would be
+//!   unmounted under the others when any one of them stops.
 //! * **Shifted copy (fallback).** A copy at `<version>/rootfs-shifted-<map tag>`
 //!   with every uid/gid mapped, setuid/setgid bits kept, file capabilities
 //!   rewritten as v3 with the mapped root id, ACL ids mapped, hard links kept.
@@ -365,6 +369,20 @@ impl Image {
     /// filesystem refuses idmapped mounts) a shifted copy. Idempotent and cheap
     /// after the first call for a map.
     pub fn lower_dir_for(&self, map: &IdMap) -> Result<Lower, ImageError> {
+        self.lower_at(map, &self.idmapped_path(map))
+    }
+
+    /// [`Image::lower_dir_for`], with the idmapped mount (if one is needed)
+    /// at `<mounts_dir>/<version>/<map tag>` instead of in the images
+    /// directory. Each den server passes a directory of its own: the images
+    /// directory is shared by every server on the host, and a mount there
+    /// would be torn down under the others when one of them stops or
+    /// restarts. Release them with [`release_idmapped_in`].
+    pub fn lower_dir_in(&self, map: &IdMap, mounts_dir: &Path) -> Result<Lower, ImageError> {
+        self.lower_at(map, &mounts_dir.join(self.version()).join(map.tag()))
+    }
+
+    fn lower_at(&self, map: &IdMap, idmapped_at: &Path) -> Result<Lower, ImageError> {
         self.check_mapped(map)?;
         if map.is_identity() {
             return Ok(Lower {
@@ -378,7 +396,7 @@ impl Image {
             );
             return self.shifted_lower(map);
         }
-        match self.idmapped_lower(map) {
+        match self.idmapped_lower_at(map, idmapped_at) {
             Err(ImageError::IdmapUnsupported(e)) => {
                 tracing::warn!(error = %e, "idmapped mounts unavailable; using a shifted copy of the image");
                 self.shifted_lower(map)
@@ -400,8 +418,14 @@ impl Image {
     /// `<version>/idmapped/<map tag>` (made once per mapping, in the caller's
     /// mount namespace).
     pub fn idmapped_lower(&self, map: &IdMap) -> Result<Lower, ImageError> {
+        self.idmapped_lower_at(map, &self.idmapped_path(map))
+    }
+
+    /// A read-only idmapped mount of the rootfs at `path` (made once; found
+    /// again through mountinfo).
+    fn idmapped_lower_at(&self, map: &IdMap, path: &Path) -> Result<Lower, ImageError> {
         self.check_mapped(map)?;
-        let path = self.idmapped_path(map);
+        let path = path.to_path_buf();
         let done = |path: PathBuf| {
             Ok(Lower {
                 path,
@@ -495,6 +519,13 @@ impl Image {
     pub fn release_idmapped(&self) -> Result<usize, ImageError> {
         fsutil::detach_mounts_under(&self.dir.join("idmapped")).map_err(|e| ImageError::io("unmount", e))
     }
+}
+
+/// Unmount every idmapped lower that [`Image::lower_dir_in`] made under
+/// `mounts_dir` (in the caller's mount namespace; overlays already mounted
+/// on them keep working). Returns how many were unmounted.
+pub fn release_idmapped_in(mounts_dir: &Path) -> Result<usize, ImageError> {
+    fsutil::detach_mounts_under(mounts_dir).map_err(|e| ImageError::io("unmount", e))
 }
 
 /// Whether the running kernel is at least `major.minor` (true if unknown).
