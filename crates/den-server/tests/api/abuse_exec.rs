@@ -100,7 +100,25 @@ pub async fn abuse_unread_exec_streams_stay_bounded() -> Result<()> {
         bystander < Duration::from_secs(5),
         "bystander exec took {bystander:?}"
     );
-    drop(streams);
+
+    // Shutdown with the streams still unread: den lets go of them (their
+    // sockets) instead of waiting for ever on clients that never read.
+    let open = open_fds()?;
+    let t2 = Instant::now();
     s.stop().await;
+    let stop = t2.elapsed();
+    let released = open.saturating_sub(open_fds()?);
+    println!("  shutdown with {STREAMS} unread streams: {stop:?}, {released} descriptors released");
+    ensure!(stop < Duration::from_secs(30), "shutdown took {stop:?}");
+    // Each unread stream held a WebSocket and an agent connection.
+    ensure!(
+        released >= 2 * STREAMS,
+        "den kept the sockets of unread streams after shutdown (released {released})"
+    );
+    drop(streams);
     Ok(())
+}
+
+fn open_fds() -> Result<usize> {
+    Ok(std::fs::read_dir("/proc/self/fd")?.count())
 }

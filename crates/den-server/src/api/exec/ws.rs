@@ -126,7 +126,7 @@ impl Bridge {
                             let mut m = exit_messages(&e, tty, timeout);
                             m.push(close(CLOSE_NORMAL, ""));
                             for msg in m {
-                                if tx.send(msg).await.is_err() {
+                                if !send(&mut tx, msg, &shutdown).await {
                                     return;
                                 }
                             }
@@ -136,8 +136,8 @@ impl Bridge {
                         None => break Some(close(CLOSE_INTERNAL, "session ended without an exit status")),
                     };
                     for msg in msgs {
-                        if tx.send(msg).await.is_err() {
-                            return; // client gone: detach
+                        if !send(&mut tx, msg, &shutdown).await {
+                            return; // client gone (or never reading at shutdown): detach
                         }
                     }
                 }
@@ -198,6 +198,20 @@ impl Bridge {
         })
         .await;
         drop(activity);
+    }
+}
+
+/// Sends one message; false if the client is gone, or if the server shuts
+/// down while the send waits on a client that does not read (it would
+/// otherwise hold this task, its socket and the sprite for ever).
+async fn send(
+    tx: &mut futures::stream::SplitSink<WebSocket, Message>,
+    msg: Message,
+    shutdown: &CancellationToken,
+) -> bool {
+    tokio::select! {
+        r = tx.send(msg) => r.is_ok(),
+        _ = shutdown.cancelled() => false,
     }
 }
 
