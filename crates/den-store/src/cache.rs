@@ -69,6 +69,12 @@ impl Cache {
         for d in ["dirty", "pending", "clean", "locks", "tmp"] {
             fs::create_dir_all(root.join(d))?;
         }
+        // Every sprite's disk content lives here in the clear; only den (the
+        // owner) ever reads it, never a sprite's container.
+        {
+            use std::os::unix::fs::PermissionsExt;
+            fs::set_permissions(root, fs::Permissions::from_mode(0o700))?;
+        }
         // Leftovers of interrupted atomic writes carry no meaning, but only a
         // dead process leaves any: other live processes share this cache (a
         // `den volume …` command next to a mount daemon) and stage their

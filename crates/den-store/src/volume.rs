@@ -491,6 +491,11 @@ impl Volume {
     }
 
     /// Make every completed write durable in the local cache.
+    ///
+    /// The flags are cleared before syncing, so a write racing the sync marks
+    /// its chunk again; if the sync fails, every flag taken is put back, so
+    /// the guest's retried fsync syncs the same files again instead of
+    /// reporting success for data that never reached the disk.
     pub fn fsync(&self) -> io::Result<()> {
         let (files, dir) = {
             let mut st = self.inner.state.lock();
@@ -507,16 +512,26 @@ impl Volume {
             let dir = std::mem::take(&mut st.dir_unsynced);
             (files, dir)
         };
-        let restore_flags = |st: &mut VolState| st.dir_unsynced |= dir;
-        if let Err(e) = sync_all_data(&files) {
-            restore_flags(&mut self.inner.state.lock());
-            return Err(e);
+        let result = sync_all_data(&files).and_then(|()| {
+            if dir {
+                sync_dir(&self.inner.shared.cache.dirty_dir(&self.inner.rec.id))
+            } else {
+                Ok(())
+            }
+        });
+        if result.is_err() {
+            let mut st = self.inner.state.lock();
+            st.dir_unsynced |= dir;
+            for f in files {
+                // Still dirty: flag it where it is. Sealed (or discarded)
+                // meanwhile: the next fsync syncs it from the sealed list.
+                match st.dirty.values_mut().find(|d| Arc::ptr_eq(&d.file, &f)) {
+                    Some(d) => d.unsynced = true,
+                    None => st.sealed_unsynced.push(f),
+                }
+            }
         }
-        if dir && let Err(e) = sync_dir(&self.inner.shared.cache.dirty_dir(&self.inner.rec.id)) {
-            restore_flags(&mut self.inner.state.lock());
-            return Err(e);
-        }
-        Ok(())
+        result
     }
 
     /// The range reads back as zeros. Whole chunks are unmapped (their space
@@ -756,6 +771,10 @@ impl Drop for VolumeInner {
 /// fsync); issued concurrently, the kernel merges the flushes.
 fn sync_all_data(files: &[Arc<File>]) -> io::Result<()> {
     const THREADS: usize = 8;
+    #[cfg(test)]
+    if let Some(r) = tests::sync_fault(files.len()) {
+        return r;
+    }
     // A guest fsync after a small write touches a handful of chunks; spawning
     // threads for those costs more than it saves.
     if files.len() < THREADS {
@@ -787,4 +806,84 @@ fn read_exact_at(f: &File, out: &mut [u8], off: u64) -> io::Result<()> {
         done += n;
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use std::cell::Cell;
+    use std::time::Duration;
+
+    use super::*;
+    use crate::{CreateOptions, ObjectBackend, Store, StoreConfig};
+
+    thread_local! {
+        /// Fail the next `sync_all_data` on this thread (an EIO from the disk).
+        static FAIL_NEXT: Cell<bool> = const { Cell::new(false) };
+        /// Files `sync_all_data` was asked to sync on this thread.
+        static SYNCED: Cell<usize> = const { Cell::new(0) };
+    }
+
+    /// The fault hook: fsync calls `sync_all_data` on its own thread.
+    pub(super) fn sync_fault(files: usize) -> Option<io::Result<()>> {
+        if FAIL_NEXT.with(|f| f.replace(false)) {
+            return Some(Err(io::Error::from_raw_os_error(libc::EIO)));
+        }
+        SYNCED.with(|n| n.set(n.get() + files));
+        None
+    }
+
+    /// A failed fsync leaves its chunks marked unsynced: the guest's retry
+    /// syncs them, instead of reporting success for data that was never
+    /// made durable.
+    #[test]
+    fn fsync_retried_after_failure_syncs_the_same_chunks() {
+        let dir = tempfile::tempdir().unwrap();
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .enable_all()
+            .build()
+            .unwrap();
+        let mut cfg = StoreConfig::local(dir.path());
+        cfg.objects = ObjectBackend::Memory;
+        cfg.dirty_limit = 64 << 20;
+        // Nothing is sealed behind the test's back.
+        cfg.writeback_delay = Duration::from_secs(3600);
+        let store = rt.block_on(Store::open(cfg)).unwrap();
+        let cs = 64 << 10;
+        let opts = CreateOptions {
+            size: Some(4 * cs),
+            chunk_size: Some(cs as u32),
+            source: None,
+        };
+        rt.block_on(store.create_volume("v", opts)).unwrap();
+        let v = rt.block_on(store.open_volume("v")).unwrap();
+        v.write_at(0, &[1u8; 4096]).unwrap();
+        v.write_at(cs, &[2u8; 4096]).unwrap();
+
+        FAIL_NEXT.with(|f| f.set(true));
+        assert!(v.fsync().is_err(), "the injected fault reaches the caller");
+        SYNCED.with(|n| n.set(0));
+        v.fsync().unwrap();
+        assert_eq!(
+            SYNCED.with(Cell::get),
+            2,
+            "the retried fsync synced both written chunks"
+        );
+        assert!(v.inner.state.lock().dirty.values().all(|d| !d.unsynced));
+        assert!(!v.inner.state.lock().dir_unsynced);
+
+        // A chunk sealed between the failed fsync and its retry is synced
+        // too (by the seal or the retry), from wherever it now lives.
+        v.write_at(2 * cs, &[3u8; 4096]).unwrap();
+        FAIL_NEXT.with(|f| f.set(true));
+        assert!(v.fsync().is_err());
+        SYNCED.with(|n| n.set(0));
+        v.seal_all().unwrap();
+        v.fsync().unwrap();
+        assert_eq!(
+            SYNCED.with(Cell::get),
+            1,
+            "the sealed chunk's file was synced once"
+        );
+    }
 }

@@ -1,0 +1,306 @@
+//! The store under hostile conditions: races with GC, failing syncs, other
+//! local users, a full disk, an object-store outage with one flooding volume,
+//! and space that must come back after deletes.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use den_store::meta::sqlite::SqliteMeta;
+use den_store::meta::{
+    CheckpointRecord, CommitOutcome, Entry, MapId, MapStats, MetaStore, PendingId, StoreStats, SyncState,
+    UploadDecision, VolumeOwner, VolumeRecord,
+};
+use den_store::{ChunkHash, CreateOptions, ObjectBackend, Result, Store, StoreConfig, Volume};
+
+const CS: u64 = 64 << 10;
+const TIMEOUT: Duration = Duration::from_secs(30);
+
+fn runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap()
+}
+
+fn block<T>(rt: &tokio::runtime::Runtime, f: impl std::future::Future<Output = Result<T>>) -> T {
+    rt.block_on(async { tokio::time::timeout(TIMEOUT, f).await })
+        .expect("store call timed out")
+        .expect("store call failed")
+}
+
+fn local_config(root: &Path) -> StoreConfig {
+    let mut c = StoreConfig::local(root.join("data"));
+    c.objects = ObjectBackend::Local {
+        dir: root.join("objects"),
+    };
+    c.dirty_limit = 64 << 20;
+    c.writeback_delay = Duration::from_millis(50);
+    c.fetch_timeout = Duration::from_secs(5);
+    c
+}
+
+fn create(rt: &tokio::runtime::Runtime, store: &Store, name: &str, size: u64) -> Volume {
+    block(
+        rt,
+        store.create_volume(
+            name,
+            CreateOptions {
+                size: Some(size),
+                chunk_size: Some(CS as u32),
+                source: None,
+            },
+        ),
+    );
+    block(rt, store.open_volume(name))
+}
+
+fn pattern(seed: u8, len: usize) -> Vec<u8> {
+    (0..len)
+        .map(|i| (i as u8).wrapping_mul(31).wrapping_add(seed) ^ (i >> 8) as u8)
+        .collect()
+}
+
+// ---- GC racing an upload -------------------------------------------------
+
+/// The real SQLite metadata, with one interleaving forced: right before the
+/// first upload commit, GC reclaims the chunk row and its object (as it does
+/// for an `uploading` row it believes abandoned) and the pending file is
+/// removed, so the commit answers `Retry` and the uploader must PUT again
+/// without its pending file.
+struct GcBeforeCommit {
+    inner: SqliteMeta,
+    db: PathBuf,
+    pending_dir: PathBuf,
+    objects: PathBuf,
+    fired: AtomicBool,
+}
+
+impl GcBeforeCommit {
+    fn race(&self, pending: PendingId, hash: &ChunkHash) {
+        std::fs::remove_file(self.pending_dir.join(format!("{pending:016x}"))).unwrap();
+        let db = rusqlite::Connection::open(&self.db).unwrap();
+        db.busy_timeout(Duration::from_secs(10)).unwrap();
+        let n = db
+            .execute("DELETE FROM chunks WHERE hash = ?1 AND refs = 0", [&hash.0[..]])
+            .unwrap();
+        assert_eq!(n, 1, "the announced chunk row is there to reclaim");
+        let key = hash.object_key("");
+        std::fs::remove_file(self.objects.join(&key)).unwrap();
+    }
+}
+
+#[async_trait]
+impl MetaStore for GcBeforeCommit {
+    async fn create_volume(
+        &self,
+        name: &str,
+        size: u64,
+        cs: u32,
+        source: Option<MapId>,
+    ) -> Result<VolumeRecord> {
+        self.inner.create_volume(name, size, cs, source).await
+    }
+    async fn get_volume(&self, name: &str) -> Result<VolumeRecord> {
+        self.inner.get_volume(name).await
+    }
+    async fn list_volumes(&self) -> Result<Vec<VolumeRecord>> {
+        self.inner.list_volumes().await
+    }
+    async fn delete_volume(&self, id: &str) -> Result<()> {
+        self.inner.delete_volume(id).await
+    }
+    async fn resize_volume(&self, id: &str, size: u64) -> Result<()> {
+        self.inner.resize_volume(id, size).await
+    }
+    async fn load_map(&self, map: MapId) -> Result<Vec<(u64, Entry)>> {
+        self.inner.load_map(map).await
+    }
+    async fn map_stats(&self, map: MapId) -> Result<MapStats> {
+        self.inner.map_stats(map).await
+    }
+    async fn pending_count(&self, map: MapId) -> Result<u64> {
+        self.inner.pending_count(map).await
+    }
+    async fn apply_seal(&self, head: MapId, seals: &[(u64, Option<PendingId>)]) -> Result<()> {
+        self.inner.apply_seal(head, seals).await
+    }
+    async fn checkpoint(
+        &self,
+        id: &str,
+        comment: &str,
+        seals: &[(u64, Option<PendingId>)],
+    ) -> Result<CheckpointRecord> {
+        self.inner.checkpoint(id, comment, seals).await
+    }
+    async fn list_checkpoints(&self, id: &str) -> Result<Vec<CheckpointRecord>> {
+        self.inner.list_checkpoints(id).await
+    }
+    async fn get_checkpoint(&self, vid: &str, id: &str) -> Result<CheckpointRecord> {
+        self.inner.get_checkpoint(vid, id).await
+    }
+    async fn delete_checkpoint(&self, vid: &str, id: &str) -> Result<()> {
+        self.inner.delete_checkpoint(vid, id).await
+    }
+    async fn restore(&self, vid: &str, id: &str) -> Result<()> {
+        self.inner.restore(vid, id).await
+    }
+    async fn list_pending(&self) -> Result<Vec<PendingId>> {
+        self.inner.list_pending().await
+    }
+    async fn pending_referenced(&self, p: PendingId) -> Result<bool> {
+        self.inner.pending_referenced(p).await
+    }
+    async fn begin_upload(&self, hash: &ChunkHash) -> Result<UploadDecision> {
+        self.inner.begin_upload(hash).await
+    }
+    async fn commit_upload(&self, p: PendingId, hash: &ChunkHash, stored_len: u64) -> Result<CommitOutcome> {
+        if !self.fired.swap(true, Ordering::SeqCst) {
+            self.race(p, hash);
+        }
+        self.inner.commit_upload(p, hash, stored_len).await
+    }
+    async fn commit_zero(&self, p: PendingId) -> Result<u64> {
+        self.inner.commit_zero(p).await
+    }
+    async fn gc_begin(&self, limit: usize) -> Result<Vec<ChunkHash>> {
+        self.inner.gc_begin(limit).await
+    }
+    async fn gc_finish(&self, hashes: &[ChunkHash]) -> Result<()> {
+        self.inner.gc_finish(hashes).await
+    }
+    async fn gc_interrupted(&self) -> Result<Vec<ChunkHash>> {
+        self.inner.gc_interrupted().await
+    }
+    async fn is_known_chunk(&self, hash: &ChunkHash) -> Result<bool> {
+        self.inner.is_known_chunk(hash).await
+    }
+    async fn stats(&self) -> Result<StoreStats> {
+        self.inner.stats().await
+    }
+    async fn verify_refcounts(&self) -> Result<Vec<(ChunkHash, i64, i64)>> {
+        self.inner.verify_refcounts().await
+    }
+    async fn volume_owner(&self, id: &str) -> Result<VolumeOwner> {
+        self.inner.volume_owner(id).await
+    }
+    async fn claim_volume(&self, id: &str, node: &str, seen: i64) -> Result<Option<i64>> {
+        self.inner.claim_volume(id, node, seen).await
+    }
+    async fn release_volume(&self, id: &str, node: &str, epoch: i64) -> Result<bool> {
+        self.inner.release_volume(id, node, epoch).await
+    }
+    async fn sync_point(&self, id: &str, seals: &[(u64, Option<PendingId>)]) -> Result<MapId> {
+        self.inner.sync_point(id, seals).await
+    }
+    async fn promote_sync_point(&self, id: &str, map: MapId) -> Result<()> {
+        self.inner.promote_sync_point(id, map).await
+    }
+    async fn rollback_to_sync_point(&self, id: &str) -> Result<Option<i64>> {
+        self.inner.rollback_to_sync_point(id).await
+    }
+    async fn sync_state(&self, id: &str) -> Result<SyncState> {
+        self.inner.sync_state(id).await
+    }
+}
+
+/// An upload whose chunk row GC reclaimed between announce and commit is
+/// PUT again from the bytes it hashed, never from a re-read of its pending
+/// file: that file may be gone, and an empty object under the real hash,
+/// marked present, would turn every later cold read of the chunk into EIO.
+#[test]
+fn upload_retried_after_gc_race_never_stores_an_empty_object() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = local_config(dir.path());
+    std::fs::create_dir_all(&cfg.data_dir).unwrap();
+    let db = cfg.data_dir.join("meta.db");
+    let meta = Arc::new(GcBeforeCommit {
+        inner: SqliteMeta::open(&db).unwrap(),
+        db,
+        pending_dir: cfg.data_dir.join("cache/pending"),
+        objects: dir.path().join("objects"),
+        fired: AtomicBool::new(false),
+    });
+    let rt = runtime();
+    let store = block(&rt, Store::open_with_meta(cfg, meta.clone()));
+    let v = create(&rt, &store, "v", 4 * CS);
+    let data = pattern(7, CS as usize);
+    v.write_at(0, &data).unwrap();
+    block(&rt, store.flush("v", |_| {}));
+    assert!(
+        meta.fired.load(Ordering::SeqCst),
+        "the upload went through the forced race"
+    );
+    assert!(rt.block_on(store.meta().verify_refcounts()).unwrap().is_empty());
+
+    // Cold read: the only copy left is the object the retry stored.
+    store.drop_read_cache();
+    let mut got = vec![0u8; CS as usize];
+    v.read_at(0, &mut got)
+        .expect("the chunk reads back from the object store after the retried upload");
+    assert!(
+        got == data,
+        "the retried upload stored other bytes than the chunk's"
+    );
+}
+
+// ---- file modes ------------------------------------------------------------
+
+fn mode(p: &Path) -> u32 {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::metadata(p)
+        .unwrap_or_else(|e| panic!("stat {}: {e}", p.display()))
+        .permissions()
+        .mode()
+        & 0o777
+}
+
+/// Other host users can read neither the metadata (which names every
+/// sprite's chunks) nor the chunk data: `meta.db` and its WAL files are
+/// 0600, including those an older den left world-readable, and the cache
+/// and local object directories are 0700.
+#[test]
+fn metadata_and_chunk_files_are_private_to_den() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = local_config(dir.path());
+    let rt = runtime();
+
+    // A fresh store, under the usual 022 umask.
+    let store = block(&rt, Store::open(cfg.clone()));
+    let v = create(&rt, &store, "v", 4 * CS);
+    v.write_at(0, &pattern(1, CS as usize)).unwrap();
+    block(&rt, store.flush("v", |_| {}));
+    let db = cfg.data_dir.join("meta.db");
+    for f in ["meta.db", "meta.db-wal", "meta.db-shm"] {
+        assert_eq!(mode(&cfg.data_dir.join(f)), 0o600, "{f} of a new store");
+    }
+    assert_eq!(mode(&cfg.data_dir.join("cache")), 0o700, "cache dir");
+    assert_eq!(mode(&dir.path().join("objects")), 0o700, "local object dir");
+    drop(v);
+    drop(store);
+    drop(rt);
+
+    // Files an older den created world-readable are narrowed at open.
+    for f in ["meta.db", "meta.db-wal", "meta.db-shm"] {
+        let p = cfg.data_dir.join(f);
+        if p.exists() {
+            std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o644)).unwrap();
+        }
+    }
+    std::fs::set_permissions(cfg.data_dir.join("cache"), std::fs::Permissions::from_mode(0o755)).unwrap();
+    let rt = runtime();
+    let store = block(&rt, Store::open(cfg.clone()));
+    assert_eq!(mode(&db), 0o600, "meta.db left 0644 by an older den");
+    for f in ["meta.db-wal", "meta.db-shm"] {
+        let p = cfg.data_dir.join(f);
+        if p.exists() {
+            assert_eq!(mode(&p), 0o600, "{f} left 0644 by an older den");
+        }
+    }
+    assert_eq!(mode(&cfg.data_dir.join("cache")), 0o700, "cache dir left 0755");
+    drop(store);
+}
