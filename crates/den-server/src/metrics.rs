@@ -93,6 +93,12 @@ pub async fn render(State(st): State<AppState>) -> Response {
     let cache = store.cache_stats();
     metrics::gauge!("den_storage_cache_bytes").set(cache.clean_bytes as f64);
     metrics::gauge!("den_storage_cache_limit_bytes").set(cache.clean_limit as f64);
+    // Totals kept by the store, exported as counters' current values.
+    let gc = store.gc_stats();
+    metrics::counter!("den_storage_gc_runs_total").absolute(gc.runs);
+    metrics::counter!("den_storage_gc_failed_runs_total").absolute(gc.failed_runs);
+    metrics::counter!("den_storage_gc_chunks_freed_total").absolute(gc.chunks_freed);
+    metrics::counter!("den_storage_gc_bytes_freed_total").absolute(gc.bytes_freed);
     metrics::gauge!("den_tokens").set(st.tokens.list().len() as f64);
     let mut resp = st.metrics.handle.render().into_response();
     resp.headers_mut().insert(

@@ -22,7 +22,7 @@ pub use meta::{CheckpointRecord, MapId, MetaStore, StoreStats, SyncState, Volume
 pub use objects::ObjectBackend;
 pub use snapshot::CheckpointReader;
 pub use store::{
-    AdoptReport, CreateOptions, DEFAULT_CHUNK_SIZE, DEFAULT_VOLUME_SIZE, Durability, GcReport, Store,
-    StoreConfig, VolumeInfo, VolumeSource,
+    AdoptReport, CreateOptions, DEFAULT_CHUNK_SIZE, DEFAULT_GC_INTERVAL, DEFAULT_VOLUME_SIZE, Durability,
+    GcReport, GcStats, Store, StoreConfig, VolumeInfo, VolumeSource,
 };
 pub use volume::Volume;

@@ -51,6 +51,19 @@ pub struct StoreConfig {
     /// single host.
     #[serde(default)]
     pub node: Option<String>,
+    /// How often [`Store::start_background_gc`] frees chunks that no map
+    /// references any more (deleted sprites, overwritten or discarded
+    /// data); `None` leaves it to `den volume gc`.
+    #[serde(default = "default_gc_interval")]
+    pub gc_interval: Option<Duration>,
+}
+
+/// Short enough that a deleted sprite's space is back within a minute; an
+/// idle run is one indexed query.
+pub const DEFAULT_GC_INTERVAL: Duration = Duration::from_secs(20);
+
+fn default_gc_interval() -> Option<Duration> {
+    Some(DEFAULT_GC_INTERVAL)
 }
 
 impl StoreConfig {
@@ -69,6 +82,7 @@ impl StoreConfig {
             upload_concurrency: 4,
             fetch_timeout: Duration::from_secs(60),
             node: None,
+            gc_interval: default_gc_interval(),
         }
     }
 }
@@ -126,7 +140,18 @@ pub struct Durability {
 #[derive(Clone, Debug, Default, Serialize)]
 pub struct GcReport {
     pub chunks_deleted: u64,
+    /// Stored (compressed) size of the deleted chunks.
+    pub bytes_deleted: u64,
     pub orphan_objects_deleted: u64,
+}
+
+/// What the background GC has done since the store opened.
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct GcStats {
+    pub runs: u64,
+    pub failed_runs: u64,
+    pub chunks_freed: u64,
+    pub bytes_freed: u64,
 }
 
 pub(crate) struct Shared {
@@ -151,6 +176,7 @@ pub(crate) struct Shared {
     pub(crate) commit_gate: tokio::sync::RwLock<()>,
     /// Volume id → the epoch this store holds it at (cluster mode).
     held: Mutex<HashMap<String, i64>>,
+    gc_stats: Mutex<GcStats>,
     /// One `Store::sync` per volume at a time, so a sync never sees its
     /// sync point replaced by a concurrent one before promoting it.
     sync_locks: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
@@ -305,6 +331,7 @@ impl Store {
             gc_lock: tokio::sync::Mutex::new(()),
             commit_gate: tokio::sync::RwLock::new(()),
             held: Mutex::new(HashMap::new()),
+            gc_stats: Mutex::new(GcStats::default()),
             sync_locks: Mutex::new(HashMap::new()),
         });
         let store = Store { shared };
@@ -783,6 +810,7 @@ impl Store {
                     break;
                 }
             }
+            report.bytes_deleted += s.meta.stored_len_of(&batch).await?;
             for h in &batch {
                 s.objects.delete(h).await?;
                 s.cache.remove_clean(h);
@@ -802,6 +830,51 @@ impl Store {
             }
         }
         Ok(report)
+    }
+
+    /// Run [`Store::gc`] every `gc_interval` (if set) for as long as the
+    /// store is open, so space comes back without an operator. Several
+    /// processes may collect at once: GC is safe against concurrent GCs.
+    pub fn start_background_gc(&self) {
+        let Some(interval) = self.shared.cfg.gc_interval else {
+            return;
+        };
+        let shared = Arc::downgrade(&self.shared);
+        // On the store's runtime, so any thread may start it.
+        self.shared.rt.spawn(async move {
+            let mut tick = tokio::time::interval(interval);
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            tick.tick().await;
+            loop {
+                tick.tick().await;
+                let Some(shared) = shared.upgrade() else { return };
+                let store = Store { shared };
+                let res = store.gc(false).await;
+                let mut st = store.shared.gc_stats.lock();
+                st.runs += 1;
+                match res {
+                    Ok(r) => {
+                        st.chunks_freed += r.chunks_deleted;
+                        st.bytes_freed += r.bytes_deleted;
+                        if r.chunks_deleted > 0 {
+                            tracing::info!(
+                                "background gc freed {} chunks ({} bytes stored)",
+                                r.chunks_deleted,
+                                r.bytes_deleted
+                            );
+                        }
+                    }
+                    Err(e) => {
+                        st.failed_runs += 1;
+                        tracing::warn!("background gc failed, retrying in {interval:?}: {e}");
+                    }
+                }
+            }
+        });
+    }
+
+    pub fn gc_stats(&self) -> GcStats {
+        self.shared.gc_stats.lock().clone()
     }
 
     // ---- cluster: ownership ---------------------------------------------

@@ -178,6 +178,9 @@ impl MetaStore for GcBeforeCommit {
     async fn is_known_chunk(&self, hash: &ChunkHash) -> Result<bool> {
         self.inner.is_known_chunk(hash).await
     }
+    async fn stored_len_of(&self, hashes: &[ChunkHash]) -> Result<u64> {
+        self.inner.stored_len_of(hashes).await
+    }
     async fn stats(&self) -> Result<StoreStats> {
         self.inner.stats().await
     }
@@ -303,4 +306,105 @@ fn metadata_and_chunk_files_are_private_to_den() {
     }
     assert_eq!(mode(&cfg.data_dir.join("cache")), 0o700, "cache dir left 0755");
     drop(store);
+}
+
+// ---- space comes back -------------------------------------------------------
+
+/// Files (chunk objects or read-cache entries) and their bytes under `dir`.
+fn usage(dir: &Path) -> (u64, u64) {
+    let mut files = 0;
+    let mut bytes = 0;
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        let Ok(rd) = std::fs::read_dir(&d) else { continue };
+        for e in rd.flatten() {
+            let md = e.metadata().unwrap();
+            if md.is_dir() {
+                stack.push(e.path());
+            } else {
+                files += 1;
+                bytes += md.len();
+            }
+        }
+    }
+    (files, bytes)
+}
+
+/// Without anyone running `den volume gc`, the store's background GC gives
+/// the space back: of data the guest discarded (`rm` with `discard`), and
+/// of a deleted volume, objects and read-cache copies alike.
+#[test]
+fn background_gc_frees_discarded_and_deleted_chunks_without_manual_gc() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut cfg = local_config(dir.path());
+    cfg.gc_interval = Some(Duration::from_millis(200));
+    let objects = dir.path().join("objects");
+    let clean = cfg.data_dir.join("cache/clean");
+    let rt = runtime();
+    let store = block(&rt, Store::open(cfg));
+    store.start_background_gc();
+
+    // 32 MiB of distinct chunks in two volumes, all uploaded.
+    let a = create(&rt, &store, "a", 256 * CS);
+    let b = create(&rt, &store, "b", 256 * CS);
+    for i in 0..256u64 {
+        let v = if i < 128 { &a } else { &b };
+        v.write_at((i % 128) * CS, &pattern(i as u8 ^ 0x5a, CS as usize))
+            .unwrap();
+        v.write_at((i % 128) * CS, &(i as u32).to_le_bytes()).unwrap();
+    }
+    block(&rt, store.flush("a", |_| {}));
+    block(&rt, store.flush("b", |_| {}));
+    let (n0, bytes0) = usage(&objects);
+    assert_eq!(n0, 256, "every chunk is an object");
+    eprintln!(
+        "stored: {n0} objects, {bytes0} bytes; read cache {:?}",
+        usage(&clean)
+    );
+
+    // The guest discards half of `a` (what ext4 `discard` sends after an rm).
+    a.discard(0, 64 * CS).unwrap();
+    let freed = |want: u64| {
+        den_testkit::wait_until(TIMEOUT, Duration::from_millis(50), || usage(&objects).0 == want).is_ok()
+    };
+    let t = std::time::Instant::now();
+    assert!(
+        freed(192),
+        "discarded chunks were not freed: {} objects left",
+        usage(&objects).0
+    );
+    eprintln!("discarded 64 chunks freed after {:?}", t.elapsed());
+
+    // Deleting volume `b` frees all of its chunks, in the read cache too.
+    drop(b);
+    block(&rt, store.delete_volume("b"));
+    let t = std::time::Instant::now();
+    assert!(
+        freed(64),
+        "the deleted volume's chunks were not freed: {} objects left",
+        usage(&objects).0
+    );
+    eprintln!("deleted volume's 128 chunks freed after {:?}", t.elapsed());
+    let (_, bytes1) = usage(&objects);
+    assert!(bytes1 * 3 < bytes0, "{bytes1} of {bytes0} object bytes remain");
+    assert!(
+        usage(&clean).0 <= 64,
+        "read-cache copies of freed chunks remain: {:?}",
+        usage(&clean)
+    );
+    let stats = store.gc_stats();
+    assert_eq!(stats.chunks_freed, 192, "{stats:?}");
+    assert!(stats.bytes_freed >= bytes0 - bytes1, "{stats:?}");
+    assert!(stats.runs >= 2 && stats.failed_runs == 0, "{stats:?}");
+    assert!(rt.block_on(store.meta().verify_refcounts()).unwrap().is_empty());
+
+    // What is left reads back intact.
+    store.drop_read_cache();
+    let mut got = vec![0u8; CS as usize];
+    for i in 64..128u64 {
+        a.read_at(i * CS, &mut got).unwrap();
+        let mut want = pattern(i as u8 ^ 0x5a, CS as usize);
+        want[..4].copy_from_slice(&(i as u32).to_le_bytes());
+        assert!(got == want, "chunk {i} of a");
+    }
 }

@@ -683,6 +683,20 @@ impl MetaStore for SqliteMeta {
         .await
     }
 
+    async fn stored_len_of(&self, hashes: &[ChunkHash]) -> Result<u64> {
+        let hashes = hashes.to_vec();
+        self.with(move |c| {
+            let mut q = c.prepare_cached("SELECT stored_len FROM chunks WHERE hash = ?1")?;
+            let mut total = 0u64;
+            for h in hashes {
+                let n: Option<i64> = q.query_row(params![&h.0[..]], |r| r.get(0)).optional()?;
+                total += n.unwrap_or(0).max(0) as u64;
+            }
+            Ok(total)
+        })
+        .await
+    }
+
     async fn is_known_chunk(&self, hash: &ChunkHash) -> Result<bool> {
         let hash = *hash;
         self.with(move |c| {
