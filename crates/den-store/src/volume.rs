@@ -15,6 +15,7 @@ use std::time::{Duration, Instant};
 use nix::fcntl::{Flock, FlockArg};
 use parking_lot::{Mutex, RwLock};
 
+use crate::budget::VolKey;
 use crate::cache::sync_dir;
 use crate::error::{Result, StoreError};
 use crate::meta::{CheckpointRecord, Entry, PendingId, VolumeRecord};
@@ -78,6 +79,8 @@ pub struct Volume {
 
 pub(crate) struct VolumeInner {
     pub(crate) shared: Arc<Shared>,
+    /// This volume in the dirty budget.
+    pub(crate) key: VolKey,
     pub(crate) rec: VolumeRecord,
     pub(crate) state: Mutex<VolState>,
     stripes: Vec<RwLock<()>>,
@@ -145,52 +148,68 @@ impl Volume {
         let dir = shared.cache.dirty_dir(&rec.id);
         fs::create_dir_all(&dir)?;
         let cs = rec.chunk_size as u64;
-        for ent in fs::read_dir(&dir)? {
-            let ent = ent?;
-            let name = ent.file_name();
-            let name = name.to_str().unwrap_or("");
-            if let Some(idx) = name
-                .strip_suffix(UNMAP_SUFFIX)
-                .and_then(|n| n.parse::<u64>().ok())
-            {
-                // A discard not yet sealed into the metadata head.
-                st.set_head(idx, None);
-                st.unmapped.insert(idx);
-                continue;
+        let key: VolKey = rec.id.as_str().into();
+        shared.budget.open(&key);
+        // Until `VolumeInner` exists (whose drop closes it), an early return
+        // must give the reserve and the dirty bytes found so far back.
+        let mut adopted = 0u64;
+        let scan = (|| -> Result<()> {
+            for ent in fs::read_dir(&dir)? {
+                let ent = ent?;
+                let name = ent.file_name();
+                let name = name.to_str().unwrap_or("");
+                if let Some(idx) = name
+                    .strip_suffix(UNMAP_SUFFIX)
+                    .and_then(|n| n.parse::<u64>().ok())
+                {
+                    // A discard not yet sealed into the metadata head.
+                    st.set_head(idx, None);
+                    st.unmapped.insert(idx);
+                    continue;
+                }
+                let Ok(idx) = name.parse::<u64>() else {
+                    let _ = fs::remove_file(ent.path());
+                    continue;
+                };
+                // A crash between a seal's metadata commit and the removal of the
+                // sealed dirty files leaves dirty files that are hard links of
+                // sealed chunks (pending files, or by now read-cache files of
+                // uploaded ones). Writing into one would change that sealed
+                // content in place: give it an inode of its own first.
+                if std::os::unix::fs::MetadataExt::nlink(&ent.metadata()?) > 1 {
+                    let tmp = shared.cache.tmp_path();
+                    fs::copy(ent.path(), &tmp)
+                        .and_then(|_| File::open(&tmp)?.sync_all())
+                        .and_then(|_| fs::rename(&tmp, ent.path()))
+                        .inspect_err(|_| {
+                            let _ = fs::remove_file(&tmp);
+                        })?;
+                }
+                let file = OpenOptions::new().read(true).write(true).open(ent.path())?;
+                shared.budget.force(&key, cs);
+                adopted += 1;
+                st.dirty.insert(
+                    idx,
+                    DirtyChunk {
+                        file: Arc::new(file),
+                        last_write: Instant::now(),
+                        unsynced: true,
+                    },
+                );
             }
-            let Ok(idx) = name.parse::<u64>() else {
-                let _ = fs::remove_file(ent.path());
-                continue;
-            };
-            // A crash between a seal's metadata commit and the removal of the
-            // sealed dirty files leaves dirty files that are hard links of
-            // sealed chunks (pending files, or by now read-cache files of
-            // uploaded ones). Writing into one would change that sealed
-            // content in place: give it an inode of its own first.
-            if std::os::unix::fs::MetadataExt::nlink(&ent.metadata()?) > 1 {
-                let tmp = shared.cache.tmp_path();
-                fs::copy(ent.path(), &tmp)
-                    .and_then(|_| File::open(&tmp)?.sync_all())
-                    .and_then(|_| fs::rename(&tmp, ent.path()))
-                    .inspect_err(|_| {
-                        let _ = fs::remove_file(&tmp);
-                    })?;
-            }
-            let file = OpenOptions::new().read(true).write(true).open(ent.path())?;
-            shared.budget.force(cs);
-            st.dirty.insert(
-                idx,
-                DirtyChunk {
-                    file: Arc::new(file),
-                    last_write: Instant::now(),
-                    unsynced: true,
-                },
-            );
+            Ok(())
+        })();
+        if let Err(e) = scan {
+            // No `VolumeInner` (whose drop would do it) owns these yet.
+            shared.budget.release(&key, adopted * cs);
+            shared.budget.close(&key);
+            return Err(e);
         }
         st.dir_unsynced = true;
         Ok(Volume {
             inner: Arc::new(VolumeInner {
                 shared,
+                key,
                 rec,
                 state: Mutex::new(st),
                 stripes: (0..STRIPES).map(|_| RwLock::new(())).collect(),
@@ -232,6 +251,12 @@ impl Volume {
     fn unmap_marker(&self, idx: u64) -> std::path::PathBuf {
         let dir = self.inner.shared.cache.dirty_dir(&self.inner.rec.id);
         dir.join(format!("{idx}{UNMAP_SUFFIX}"))
+    }
+
+    /// Bytes of this volume that exist only locally (dirty chunks and
+    /// sealed ones not yet uploaded), counted against its budget share.
+    pub fn local_only_bytes(&self) -> u64 {
+        self.inner.shared.budget.held_by(&self.inner.key)
     }
 
     /// Bytes held only locally by this volume (dirty chunks).
@@ -388,7 +413,7 @@ impl Volume {
                     f.write_all_at(data, coff)?;
                     self.mark_written(idx);
                     if reserved {
-                        inner.shared.budget.release(cs);
+                        inner.shared.budget.release(&inner.key, cs);
                     }
                     return Ok(());
                 }
@@ -398,7 +423,10 @@ impl Volume {
                 }
             }
             let shared = inner.shared.clone();
-            inner.shared.budget.acquire(cs, move || shared.nudge_writeback());
+            inner
+                .shared
+                .budget
+                .acquire(&inner.key, cs, move || shared.nudge_writeback());
             reserved = true;
         }
     }
@@ -462,7 +490,7 @@ impl Volume {
             Ok(f) => f,
             Err(e) => {
                 let _ = fs::remove_file(&tmp);
-                inner.shared.budget.release(cs);
+                inner.shared.budget.release(&inner.key, cs);
                 return Err(e);
             }
         };
@@ -471,7 +499,7 @@ impl Volume {
             .and_then(|_| fs::rename(&tmp, cache.dirty_path(&inner.rec.id, idx)))
         {
             let _ = fs::remove_file(&tmp);
-            inner.shared.budget.release(cs);
+            inner.shared.budget.release(&inner.key, cs);
             return Err(e);
         }
         let mut st = inner.state.lock();
@@ -552,7 +580,7 @@ impl Volume {
                 if let Some(d) = st.dirty.remove(&idx) {
                     drop(d);
                     let _ = fs::remove_file(self.inner.shared.cache.dirty_path(&self.inner.rec.id, idx));
-                    self.inner.shared.budget.release(cs);
+                    self.inner.shared.budget.release(&self.inner.key, cs);
                 }
                 if st.head.contains_key(&idx) {
                     st.set_head(idx, None);
@@ -648,7 +676,7 @@ impl Volume {
             }
             let _ = fs::remove_file(cache.dirty_path(&inner.rec.id, idx));
             st.set_head(idx, Some(Entry::Pending(p)));
-            inner.shared.budget.track_pending(p, cs);
+            inner.shared.budget.track_pending(&inner.key, p, cs);
         }
         drop(st);
         for &(_, p) in &linked {
@@ -744,7 +772,10 @@ impl Volume {
         st.dirty.clear();
         st.unmapped.clear();
         drop(st);
-        self.inner.shared.budget.release(n * self.chunk_size());
+        self.inner
+            .shared
+            .budget
+            .release(&self.inner.key, n * self.chunk_size());
         let dir = self.inner.shared.cache.dirty_dir(&self.inner.rec.id);
         match fs::remove_dir_all(&dir) {
             Ok(()) => Ok(()),
@@ -760,7 +791,8 @@ impl Drop for VolumeInner {
         let n = self.state.lock().dirty.len() as u64;
         // Dirty chunks stay on disk for the next open; they are no longer this
         // process's to account for.
-        self.shared.budget.release(n * cs);
+        self.shared.budget.release(&self.key, n * cs);
+        self.shared.budget.close(&self.key);
         drop(self.lock.take());
         self.shared.forget_volume(&self.rec.id);
     }

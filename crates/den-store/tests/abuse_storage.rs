@@ -408,3 +408,132 @@ fn background_gc_frees_discarded_and_deleted_chunks_without_manual_gc() {
         assert!(got == want, "chunk {i} of a");
     }
 }
+
+const MIB: u64 = 1 << 20;
+
+// ---- an object-store outage with one flooding volume -------------------------
+
+/// During an object-store outage one volume floods until it blocks on the
+/// local-only budget. Another volume's 64 KiB write + fsync still completes
+/// at once (it has a reserve the flood cannot take), and a checkpoint of
+/// the flooding volume works while its writer is blocked. When the store
+/// comes back, the flood completes and everything reads back.
+#[test]
+fn outage_flood_in_one_volume_leaves_room_for_anothers_small_fsync() {
+    use std::sync::atomic::AtomicU64;
+    let mut s3 = den_testkit::SeaweedS3::start().expect("start SeaweedFS");
+    let dir = tempfile::tempdir().unwrap();
+    let mut cfg = local_config(dir.path());
+    cfg.objects = ObjectBackend::S3 {
+        endpoint: s3.endpoint(),
+        bucket: s3.bucket().to_string(),
+        access_key: s3.access_key().to_string(),
+        secret_key: s3.secret_key().to_string(),
+        region: s3.region().to_string(),
+        prefix: "den/fair".into(),
+    };
+    cfg.dirty_limit = 64 * MIB;
+    cfg.gc_interval = None;
+    let rt = runtime();
+    let store = block(&rt, Store::open(cfg.clone()));
+    let flood = create(&rt, &store, "flood", 4096 * CS);
+    let small = create(&rt, &store, "small", 64 * CS);
+
+    s3.stop().unwrap();
+    // Twice the whole budget: the flood must block.
+    let chunks = 2 * cfg.dirty_limit / CS;
+    let written = Arc::new(AtomicU64::new(0));
+    let flooder = {
+        let (flood, written) = (flood.clone(), written.clone());
+        std::thread::spawn(move || -> std::io::Result<()> {
+            for i in 0..chunks {
+                flood.write_at(i * CS, &pattern(i as u8, CS as usize))?;
+                written.store(i + 1, Ordering::SeqCst);
+            }
+            flood.fsync()
+        })
+    };
+    // Blocked: the budget is as full as the flood may make it.
+    den_testkit::wait_until(TIMEOUT, Duration::from_millis(10), || {
+        store.local_only_bytes() + 16 * MIB + CS > cfg.dirty_limit
+    })
+    .unwrap_or_else(|_| {
+        panic!(
+            "the flood never filled the budget: {} bytes",
+            store.local_only_bytes()
+        )
+    });
+    assert!(
+        !flooder.is_finished(),
+        "the flood finished with the object store down"
+    );
+    eprintln!(
+        "flood blocked after {} chunks, {} local-only bytes",
+        written.load(Ordering::SeqCst),
+        store.local_only_bytes()
+    );
+
+    // The bystander's small write + fsync, timed from outside.
+    let t = std::time::Instant::now();
+    let bystander = {
+        let small = small.clone();
+        std::thread::spawn(move || {
+            small.write_at(5 * CS + 100, &pattern(9, 64 << 10))?;
+            small.fsync()
+        })
+    };
+    let done = den_testkit::wait_until(Duration::from_secs(10), Duration::from_millis(1), || {
+        bystander.is_finished()
+    });
+    let took = t.elapsed();
+    eprintln!("bystander's 64 KiB write + fsync during the flood: {took:?}");
+    if done.is_err() {
+        // Let it finish so the test ends, then fail.
+        s3.restart().unwrap();
+        panic!("the bystander's 64 KiB write + fsync was still blocked after {took:?}");
+    }
+    bystander.join().unwrap().unwrap();
+    assert!(
+        took < Duration::from_secs(1),
+        "64 KiB write + fsync took {took:?}"
+    );
+
+    // A checkpoint of the flooding volume needs none of the budget its
+    // blocked writer waits for.
+    let before = written.load(Ordering::SeqCst);
+    let t = std::time::Instant::now();
+    let ck = {
+        let flood = flood.clone();
+        std::thread::spawn(move || flood.checkpoint("during the flood"))
+    };
+    den_testkit::wait_until(Duration::from_secs(10), Duration::from_millis(1), || {
+        ck.is_finished()
+    })
+    .expect("checkpoint of the blocked volume did not finish");
+    let ck = ck
+        .join()
+        .unwrap()
+        .expect("checkpoint while the writer is blocked");
+    eprintln!("checkpoint {} with the writer blocked: {:?}", ck.id, t.elapsed());
+    assert!(!ck.durable);
+    assert!(!flooder.is_finished() && written.load(Ordering::SeqCst) >= before);
+
+    // The object store comes back: the flood completes, nothing is lost.
+    s3.restart().unwrap();
+    den_testkit::wait_until(Duration::from_secs(120), Duration::from_millis(20), || {
+        flooder.is_finished()
+    })
+    .expect("the flood did not complete after the object store came back");
+    flooder.join().unwrap().unwrap();
+    block(&rt, store.flush("flood", |_| {}));
+    block(&rt, store.flush("small", |_| {}));
+    store.drop_read_cache();
+    let mut got = vec![0u8; CS as usize];
+    for i in (0..chunks).step_by(17) {
+        flood.read_at(i * CS, &mut got).unwrap();
+        assert!(got == pattern(i as u8, CS as usize), "flood chunk {i}");
+    }
+    let mut got = vec![0u8; 64 << 10];
+    small.read_at(5 * CS + 100, &mut got).unwrap();
+    assert!(got == pattern(9, 64 << 10), "the bystander's write");
+}
