@@ -265,6 +265,20 @@ impl Cache {
         }
     }
 
+    /// Evict least recently used entries until about `want` bytes are
+    /// freed (or the cache is empty). Returns the bytes evicted.
+    pub fn shrink(&self, want: u64) -> u64 {
+        let mut freed = 0;
+        while freed < want {
+            let Some((h, size)) = self.lru.lock().pop_oldest() else {
+                break;
+            };
+            let _ = fs::remove_file(self.clean_path(&h));
+            freed += size;
+        }
+        freed
+    }
+
     /// Drop the whole read cache (cold-read benchmarks and tests).
     pub fn clear_clean(&self) {
         loop {

@@ -18,6 +18,7 @@ use crate::error::{Result, StoreError};
 use crate::meta::sqlite::SqliteMeta;
 use crate::meta::{CheckpointRecord, MapId, MetaStore, PendingId, StoreStats, VolumeOwner, VolumeRecord};
 use crate::objects::{ObjectBackend, Objects};
+use crate::space::{Space, SpaceStats};
 use crate::volume::Volume;
 
 pub const DEFAULT_VOLUME_SIZE: u64 = 100 << 30;
@@ -30,6 +31,9 @@ const LOCK_HANDOVER_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long a restore or fork waits for another node to upload the
 /// checkpoint it names before refusing with [`StoreError::NotDurable`].
 const FOREIGN_UPLOAD_WAIT: Duration = Duration::from_secs(10);
+/// Decoded chunks kept in memory in local-object mode (see `Shared::hot`):
+/// enough for a few sequential readers.
+const HOT_CHUNKS: usize = 16;
 
 #[derive(Clone, Debug, Serialize, serde::Deserialize)]
 pub struct StoreConfig {
@@ -56,6 +60,10 @@ pub struct StoreConfig {
     /// data); `None` leaves it to `den volume gc`.
     #[serde(default = "default_gc_interval")]
     pub gc_interval: Option<Duration>,
+    /// Free space writers leave on the data disk (see `space.rs`); `None`:
+    /// 1 GiB or 5 % of the disk, whichever is larger, at most a quarter.
+    #[serde(default)]
+    pub min_free_bytes: Option<u64>,
 }
 
 /// Short enough that a deleted sprite's space is back within a minute; an
@@ -83,6 +91,7 @@ impl StoreConfig {
             fetch_timeout: Duration::from_secs(60),
             node: None,
             gc_interval: default_gc_interval(),
+            min_free_bytes: None,
         }
     }
 }
@@ -160,6 +169,12 @@ pub(crate) struct Shared {
     pub(crate) objects: Objects,
     pub(crate) cache: Cache,
     pub(crate) budget: DirtyBudget,
+    pub(crate) space: Space,
+    /// Chunks live in a local directory: the object file is the only copy
+    /// kept (no read-cache copy next to it), and `hot` spares re-decoding
+    /// it for every small read of the same chunk.
+    local_objects: bool,
+    hot: Mutex<std::collections::VecDeque<(ChunkHash, Bytes)>>,
     rt: tokio::runtime::Handle,
     open: Mutex<HashMap<String, Weak<crate::volume::VolumeInner>>>,
     upload_tx: mpsc::UnboundedSender<PendingId>,
@@ -190,6 +205,10 @@ impl Shared {
         Ok(tokio::task::block_in_place(|| self.rt.block_on(f)))
     }
 
+    pub(crate) fn local_objects(&self) -> bool {
+        self.local_objects
+    }
+
     pub(crate) fn nudge_writeback(&self) {
         self.writeback_kick.notify_one();
     }
@@ -217,6 +236,11 @@ impl Shared {
     /// Fetch a chunk from the object store into the clean cache, retrying
     /// with backoff until `fetch_timeout`.
     pub(crate) fn fetch_chunk(&self, h: &ChunkHash) -> std::io::Result<Bytes> {
+        if self.local_objects
+            && let Some((_, data)) = self.hot.lock().iter().find(|(k, _)| k == h)
+        {
+            return Ok(data.clone());
+        }
         let deadline = std::time::Instant::now() + self.cfg.fetch_timeout;
         let mut delay = Duration::from_millis(50);
         loop {
@@ -235,8 +259,18 @@ impl Shared {
                 .and_then(|obj| chunk::decode(&obj, h));
             match res {
                 Ok(data) => {
-                    self.cache.insert_clean(h, &data)?;
-                    return Ok(Bytes::from(data));
+                    let data = Bytes::from(data);
+                    if self.local_objects {
+                        let mut hot = self.hot.lock();
+                        if hot.len() >= HOT_CHUNKS {
+                            hot.pop_back();
+                        }
+                        hot.push_front((*h, data.clone()));
+                    } else if self.space.has_room(data.len() as u64) {
+                        // The read cache never eats into the disk reserve.
+                        self.cache.insert_clean(h, &data)?;
+                    }
+                    return Ok(data);
                 }
                 Err(e @ StoreError::CorruptChunk { .. }) => return Err(e.into()),
                 Err(e) if std::time::Instant::now() + delay > deadline => {
@@ -314,10 +348,19 @@ impl Store {
         }
         let objects = Objects::open(&cfg.objects)?;
         let cache = Cache::open(&cfg.data_dir.join("cache"), cfg.cache_limit)?;
+        let space = Space::new(&cfg.data_dir, cfg.min_free_bytes)?;
+        let local_objects = matches!(cfg.objects, ObjectBackend::Local { .. });
+        if local_objects {
+            // Copies an older den kept next to the local objects.
+            cache.clear_clean();
+        }
         let (upload_tx, upload_rx) = mpsc::unbounded_channel();
         let (uploads_done, _) = watch::channel(0u64);
         let shared = Arc::new(Shared {
             budget: DirtyBudget::new(cfg.dirty_limit),
+            space,
+            local_objects,
+            hot: Mutex::new(Default::default()),
             cfg,
             meta,
             objects,
@@ -404,9 +447,16 @@ impl Store {
         self.shared.budget.used()
     }
 
+    /// The data disk: free space, the reserve, and whether writers are
+    /// blocked waiting for space (a status for every sprite on this host).
+    pub fn space_stats(&self) -> SpaceStats {
+        self.shared.space.stats()
+    }
+
     /// Drop the clean read cache, so the next reads come from the object store.
     pub fn drop_read_cache(&self) {
         self.shared.cache.clear_clean();
+        self.shared.hot.lock().clear();
     }
 
     pub async fn stats(&self) -> Result<StoreStats> {

@@ -117,7 +117,10 @@ async fn try_upload(s: &Arc<Shared>, p: PendingId) -> Result<()> {
             CommitOutcome::Retry => continue,
         }
     };
-    if let Err(e) = s.cache.link_pending_to_clean(p, &hash) {
+    // In local-object mode the object file is already the local copy.
+    if !s.local_objects()
+        && let Err(e) = s.cache.link_pending_to_clean(p, &hash)
+    {
         tracing::warn!("could not move pending chunk {p:016x} into the read cache: {e}");
     }
     s.upload_finished(p, Some(hash));

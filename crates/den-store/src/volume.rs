@@ -41,8 +41,8 @@ pub(crate) struct VolState {
     /// Slots discarded in memory but not yet cleared in the metadata head.
     unmapped: HashSet<u64>,
     dir_unsynced: bool,
-    /// Files sealed while they still had writes the guest has not fsynced:
-    /// the next fsync must sync them too, wherever they now live.
+    /// Files sealed after an fsync that failed had taken their unsynced
+    /// flag: the next fsync must sync them too, wherever they now live.
     sealed_unsynced: Vec<Arc<File>>,
 }
 
@@ -423,6 +423,12 @@ impl Volume {
                 }
             }
             let shared = inner.shared.clone();
+            // A new dirty chunk takes `cs` bytes of local disk: never from
+            // the reserve (a full disk would fail the guest's write).
+            inner
+                .shared
+                .space
+                .wait_for_room(cs, |n| shared.cache.shrink(n), || shared.nudge_writeback());
             inner
                 .shared
                 .budget
@@ -458,7 +464,7 @@ impl Volume {
                             .write(true)
                             .create_new(true)
                             .open(&tmp)?;
-                        f.set_len(cs)?;
+                        preallocate(&f, cs)?;
                         return Ok(f);
                     }
                     Source::Pending(p) => match fs::copy(cache.pending_path(p), &tmp) {
@@ -477,7 +483,11 @@ impl Volume {
                     },
                 };
                 match copied {
-                    Ok(()) => return OpenOptions::new().read(true).write(true).open(&tmp),
+                    Ok(()) => {
+                        let f = OpenOptions::new().read(true).write(true).open(&tmp)?;
+                        preallocate(&f, cs)?;
+                        return Ok(f);
+                    }
                     Err(e) if e.kind() == io::ErrorKind::NotFound => continue,
                     Err(e) => return Err(e),
                 }
@@ -649,6 +659,22 @@ impl Volume {
                 seals.push((*idx, None));
             }
         }
+        // Writes the guest has not fsynced yet are made durable now, while
+        // the chunks are write-locked. Keeping their files open for the
+        // guest's next fsync instead would pin every sealed chunk's disk
+        // space (even after upload removed it) for as long as that fsync
+        // does not come, as when a full disk holds the guest's writeback.
+        let unsynced: Vec<Arc<File>> = {
+            let st = inner.state.lock();
+            linked
+                .iter()
+                .filter_map(|(idx, _)| st.dirty.get(idx).filter(|d| d.unsynced).map(|d| d.file.clone()))
+                .collect()
+        };
+        if let Err(e) = sync_all_data(&unsynced) {
+            undo(&linked);
+            return Err(e.into());
+        }
         if !linked.is_empty()
             && let Err(e) = sync_dir(&cache.pending_dir())
         {
@@ -669,11 +695,7 @@ impl Volume {
             let _ = fs::remove_file(self.unmap_marker(*idx));
         }
         for &(idx, p) in &linked {
-            if let Some(d) = st.dirty.remove(&idx)
-                && d.unsynced
-            {
-                st.sealed_unsynced.push(d.file);
-            }
+            st.dirty.remove(&idx);
             let _ = fs::remove_file(cache.dirty_path(&inner.rec.id, idx));
             st.set_head(idx, Some(Entry::Pending(p)));
             inner.shared.budget.track_pending(&inner.key, p, cs);
@@ -823,6 +845,19 @@ fn sync_all_data(files: &[Arc<File>]) -> io::Result<()> {
                 .unwrap_or_else(|_| Err(io::Error::other("fdatasync worker panicked")))
         })
     })
+}
+
+/// Give a new dirty chunk file all its blocks now, so the guest's later
+/// writes into it never need disk space (and never meet ENOSPC): the space
+/// check happens once, when the chunk is created.
+fn preallocate(f: &File, len: u64) -> io::Result<()> {
+    use nix::fcntl::{FallocateFlags, fallocate};
+    match fallocate(f, FallocateFlags::empty(), 0, len as i64) {
+        Ok(()) => Ok(()),
+        // A filesystem without fallocate: a sparse file, as before.
+        Err(nix::errno::Errno::EOPNOTSUPP) => f.set_len(len),
+        Err(e) => Err(e.into()),
+    }
 }
 
 fn read_exact_at(f: &File, out: &mut [u8], off: u64) -> io::Result<()> {

@@ -409,7 +409,244 @@ fn background_gc_frees_discarded_and_deleted_chunks_without_manual_gc() {
     }
 }
 
+// ---- a full data disk --------------------------------------------------------
+
+fn run(program: &str, args: &[&str]) -> String {
+    let out = std::process::Command::new(program)
+        .args(args)
+        .output()
+        .unwrap_or_else(|e| panic!("spawning {program}: {e}"));
+    assert!(
+        out.status.success(),
+        "{program} {args:?} failed ({}):\nstdout: {}\nstderr: {}",
+        out.status,
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+fn is_mount_point(p: &Path) -> bool {
+    let want = p.to_str().unwrap();
+    std::fs::read_to_string("/proc/self/mounts")
+        .unwrap()
+        .lines()
+        .any(|l| l.split(' ').nth(1) == Some(want))
+}
+
+/// Unmounts on drop, so a failing test leaves no mount behind.
+struct Mounted(PathBuf);
+
+impl Drop for Mounted {
+    fn drop(&mut self) {
+        if is_mount_point(&self.0) {
+            let _ = std::process::Command::new("umount")
+                .arg("-l")
+                .arg(&self.0)
+                .status();
+        }
+    }
+}
+
+/// ext4's own verdict on a mounted filesystem: errors it recorded (a
+/// journal abort records one) and whether it is still mounted read-write.
+fn ext4_health(dev: &Path, mnt: &Path) -> (u64, bool) {
+    let name = dev.file_name().unwrap().to_str().unwrap();
+    let errors = std::fs::read_to_string(format!("/sys/fs/ext4/{name}/errors_count"))
+        .map(|s| s.trim().parse().unwrap())
+        .unwrap_or(0);
+    let want = mnt.to_str().unwrap();
+    let rw = std::fs::read_to_string("/proc/self/mounts")
+        .unwrap()
+        .lines()
+        .find(|l| l.split(' ').nth(1) == Some(want))
+        .is_some_and(|l| l.split(' ').nth(3).unwrap().split(',').any(|o| o == "rw"));
+    (errors, rw)
+}
+
+/// Incompressible bytes for block `n` of the writer's file.
+fn noise(n: u64, len: usize) -> Vec<u8> {
+    let mut x = n.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    let mut v = Vec::with_capacity(len + 8);
+    while v.len() < len {
+        x ^= x >> 12;
+        x ^= x << 25;
+        x ^= x >> 27;
+        v.extend_from_slice(&x.wrapping_mul(0x2545_F491_4F6C_DD1D).to_le_bytes());
+    }
+    v.truncate(len);
+    v
+}
+
 const MIB: u64 = 1 << 20;
+/// The writer's file: more than the data disk has room for.
+const FLOOD: u64 = 128 * MIB;
+
+/// A data disk that fills up never reaches a guest as a write error. Here
+/// the data dir sits on a 256 MiB ext4 with 128 MiB of ballast; one guest
+/// writes 160 MiB of incompressible data. The store evicts its read cache,
+/// then blocks the writer (and says so), instead of failing the block
+/// device; the other guest's filesystem is not aborted; once the ballast is
+/// deleted the writer completes, both filesystems check clean and every
+/// byte reads back. In local-object mode no chunk is kept twice.
+#[test]
+fn full_data_disk_blocks_writers_and_aborts_no_guest_filesystem() {
+    use std::io::Write;
+    use std::os::unix::fs::FileExt;
+
+    let tmp = tempfile::tempdir().unwrap();
+    let img = tmp.path().join("data.img");
+    let datafs = tmp.path().join("datafs");
+    std::fs::create_dir(&datafs).unwrap();
+    std::fs::File::create(&img).unwrap().set_len(256 * MIB).unwrap();
+    run("mkfs.ext4", &["-q", "-F", img.to_str().unwrap()]);
+    run(
+        "mount",
+        &["-o", "loop", img.to_str().unwrap(), datafs.to_str().unwrap()],
+    );
+    let _datafs = Mounted(datafs.clone());
+    let ballast = datafs.join("ballast");
+    {
+        let mut f = std::fs::File::create(&ballast).unwrap();
+        let block = vec![0xa5u8; MIB as usize];
+        for _ in 0..128 {
+            f.write_all(&block).unwrap();
+        }
+        f.sync_all().unwrap();
+    }
+
+    let mut cfg = local_config(&datafs);
+    cfg.min_free_bytes = Some(24 * MIB);
+    // As in a server: chunks rewritten (the guests' journals) leave garbage
+    // that GC frees, and write-back waits for writes to settle.
+    cfg.gc_interval = Some(Duration::from_millis(500));
+    cfg.writeback_delay = Duration::from_millis(500);
+    let rt = runtime();
+    let store = block(&rt, Store::open(cfg.clone()));
+    store.start_background_gc();
+    let mut guests = Vec::new();
+    for (name, size) in [("writer", 512 * MIB), ("bystander", 128 * MIB)] {
+        block(
+            &rt,
+            store.create_volume(
+                name,
+                CreateOptions {
+                    size: Some(size),
+                    chunk_size: Some(256 << 10),
+                    source: None,
+                },
+            ),
+        );
+        let vol = block(&rt, store.open_volume(name));
+        let export = den_block::FuseLoopFrontend::export(
+            Arc::new(den_block::VolumeDevice(vol)),
+            &tmp.path().join(format!("fuse-{name}")),
+            &den_block::ExportOptions::default(),
+        )
+        .expect("export the volume through FUSE + loop");
+        let dev = export.device_path().to_path_buf();
+        let mnt = tmp.path().join(name);
+        std::fs::create_dir(&mnt).unwrap();
+        run("mkfs.ext4", &["-q", "-E", "nodiscard", dev.to_str().unwrap()]);
+        run(
+            "mount",
+            &["-t", "ext4", dev.to_str().unwrap(), mnt.to_str().unwrap()],
+        );
+        let mounted = Mounted(mnt.clone());
+        guests.push((export, dev, mnt, mounted));
+    }
+    let (w_dev, w_mnt) = (guests[0].1.clone(), guests[0].2.clone());
+    let (b_dev, b_mnt) = (guests[1].1.clone(), guests[1].2.clone());
+    let keep = pattern(3, 4 * MIB as usize);
+    std::fs::write(b_mnt.join("keep"), &keep).unwrap();
+    run("sync", &["-f", b_mnt.to_str().unwrap()]);
+
+    // The flood: 1 MiB writes, then fsync.
+    let t0 = std::time::Instant::now();
+    let path = w_mnt.join("flood");
+    let writer = std::thread::spawn(move || -> std::io::Result<()> {
+        let f = std::fs::File::create(&path)?;
+        for n in 0..FLOOD / MIB {
+            f.write_all_at(&noise(n, MIB as usize), n * MIB)?;
+        }
+        f.sync_all()
+    });
+    den_testkit::wait_until(Duration::from_secs(90), Duration::from_millis(50), || {
+        store.space_stats().writers_blocked || writer.is_finished()
+    })
+    .unwrap_or_else(|_| panic!("the disk never filled: {:?}", store.space_stats()));
+    assert!(
+        !writer.is_finished(),
+        "the writer finished on a full disk: {:?}",
+        writer.join()
+    );
+    let full = store.space_stats();
+    eprintln!("writers blocked after {:?}: {full:?}", t0.elapsed());
+    assert!(
+        full.free_bytes >= 16 * MIB,
+        "the reserve was eaten into: {full:?}"
+    );
+    // While the writer is blocked, nothing has failed anywhere.
+    for (dev, mnt) in [(&w_dev, &w_mnt), (&b_dev, &b_mnt)] {
+        assert_eq!(
+            ext4_health(dev, mnt),
+            (0, true),
+            "{} while the disk is full",
+            mnt.display()
+        );
+    }
+    assert!(std::fs::read(b_mnt.join("keep")).unwrap() == keep);
+
+    // Space comes back: the writer completes.
+    std::fs::remove_file(&ballast).unwrap();
+    let t = std::time::Instant::now();
+    den_testkit::wait_until(Duration::from_secs(90), Duration::from_millis(50), || {
+        writer.is_finished()
+    })
+    .expect("the writer did not complete after space came back");
+    writer
+        .join()
+        .unwrap()
+        .expect("the writer's writes and fsync succeeded");
+    eprintln!("writer completed {:?} after space came back", t.elapsed());
+    let after = store.space_stats();
+    assert!(!after.writers_blocked && after.blocked_waits >= 1, "{after:?}");
+
+    for (dev, mnt) in [(&w_dev, &w_mnt), (&b_dev, &b_mnt)] {
+        assert_eq!(
+            ext4_health(dev, mnt),
+            (0, true),
+            "{} after the disk was full",
+            mnt.display()
+        );
+        run("umount", &[mnt.to_str().unwrap()]);
+        run("e2fsck", &["-fn", dev.to_str().unwrap()]);
+        run(
+            "mount",
+            &["-t", "ext4", dev.to_str().unwrap(), mnt.to_str().unwrap()],
+        );
+    }
+    {
+        let f = std::fs::File::open(w_mnt.join("flood")).unwrap();
+        let mut got = vec![0u8; MIB as usize];
+        for n in 0..FLOOD / MIB {
+            f.read_exact_at(&mut got, n * MIB).unwrap();
+            assert!(got == noise(n, MIB as usize), "flood block {n} differs");
+        }
+    }
+    assert!(std::fs::read(b_mnt.join("keep")).unwrap() == keep);
+
+    // Uploaded chunks exist once: as their local object, not also in the read cache.
+    block(&rt, store.flush("writer", |_| {}));
+    let clean = cfg.data_dir.join("cache/clean");
+    assert_eq!(usage(&clean).0, 0, "read-cache copies next to local objects");
+
+    for (export, _, mnt, mounted) in guests {
+        run("umount", &[mnt.to_str().unwrap()]);
+        drop(mounted);
+        export.shutdown().unwrap();
+    }
+}
 
 // ---- an object-store outage with one flooding volume -------------------------
 
