@@ -220,6 +220,7 @@ fn pg_pool(url: &str) -> Result<Pool, TokenError> {
 
 impl TokenStore {
     pub fn open(path: &Path) -> Result<TokenStore, TokenError> {
+        den_store::meta::sqlite::restrict_db_files(path)?;
         let conn = Connection::open(path)?;
         conn.pragma_update(None, "journal_mode", "WAL")?;
         conn.pragma_update(None, "synchronous", "FULL")?;

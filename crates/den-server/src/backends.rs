@@ -70,6 +70,7 @@ pub async fn open(cfg: &ServerConfig, mut mcfg: ManagerConfig) -> Result<Backend
     scfg.objects = cfg.object_backend()?;
     let Some(ccfg) = ccfg else {
         let store = Store::open(scfg).await?;
+        store.start_background_gc();
         let mgr = SpriteManager::start(mcfg, store.clone()).await?;
         let tokens = Arc::new(TokenStore::open(&cfg.data_dir.join("tokens.db"))?);
         return Ok(Backends {
@@ -83,6 +84,7 @@ pub async fn open(cfg: &ServerConfig, mut mcfg: ManagerConfig) -> Result<Backend
     scfg.node = Some(ccfg.node.clone());
     let meta = den_store::meta::postgres::PgMeta::connect(db, &ccfg.node).await?;
     let store = Store::open_with_meta(scfg, Arc::new(meta)).await?;
+    store.start_background_gc();
     let catalog = den_sprite::catalog_pg::PgCatalog::connect(db).await?;
     mcfg.flush_on_cold = true;
     mcfg.container_prefix = format!("{}-", ccfg.node);

@@ -93,6 +93,19 @@ pub async fn render(State(st): State<AppState>) -> Response {
     let cache = store.cache_stats();
     metrics::gauge!("den_storage_cache_bytes").set(cache.clean_bytes as f64);
     metrics::gauge!("den_storage_cache_limit_bytes").set(cache.clean_limit as f64);
+    // The data disk's reserve: writers block (never fail) while it is short.
+    let space = store.space_stats();
+    metrics::gauge!("den_storage_disk_free_bytes").set(space.free_bytes as f64);
+    metrics::gauge!("den_storage_disk_min_free_bytes").set(space.min_free_bytes as f64);
+    metrics::gauge!("den_storage_writers_blocked_on_disk").set(if space.writers_blocked { 1.0 } else { 0.0 });
+    metrics::counter!("den_storage_disk_full_waits_total").absolute(space.blocked_waits);
+    metrics::counter!("den_storage_disk_evicted_bytes_total").absolute(space.evicted_bytes);
+    // Totals kept by the store, exported as counters' current values.
+    let gc = store.gc_stats();
+    metrics::counter!("den_storage_gc_runs_total").absolute(gc.runs);
+    metrics::counter!("den_storage_gc_failed_runs_total").absolute(gc.failed_runs);
+    metrics::counter!("den_storage_gc_chunks_freed_total").absolute(gc.chunks_freed);
+    metrics::counter!("den_storage_gc_bytes_freed_total").absolute(gc.bytes_freed);
     metrics::gauge!("den_tokens").set(st.tokens.list().len() as f64);
     let mut resp = st.metrics.handle.render().into_response();
     resp.headers_mut().insert(

@@ -34,6 +34,8 @@ pub struct SqliteCatalog {
 
 impl SqliteCatalog {
     pub fn open(path: &Path) -> Result<Self> {
+        den_store::meta::sqlite::restrict_db_files(path)
+            .map_err(|e| SpriteError::io(format!("securing {}", path.display()), e))?;
         let conn = Connection::open(path)?;
         conn.pragma_update(None, "journal_mode", "WAL")?;
         conn.pragma_update(None, "synchronous", "FULL")?;

@@ -69,6 +69,12 @@ impl Cache {
         for d in ["dirty", "pending", "clean", "locks", "tmp"] {
             fs::create_dir_all(root.join(d))?;
         }
+        // Every sprite's disk content lives here in the clear; only den (the
+        // owner) ever reads it, never a sprite's container.
+        {
+            use std::os::unix::fs::PermissionsExt;
+            fs::set_permissions(root, fs::Permissions::from_mode(0o700))?;
+        }
         // Leftovers of interrupted atomic writes carry no meaning, but only a
         // dead process leaves any: other live processes share this cache (a
         // `den volume …` command next to a mount daemon) and stage their
@@ -257,6 +263,20 @@ impl Cache {
             clean_chunks: lru.by_hash.len() as u64,
             clean_limit: self.clean_limit,
         }
+    }
+
+    /// Evict least recently used entries until about `want` bytes are
+    /// freed (or the cache is empty). Returns the bytes evicted.
+    pub fn shrink(&self, want: u64) -> u64 {
+        let mut freed = 0;
+        while freed < want {
+            let Some((h, size)) = self.lru.lock().pop_oldest() else {
+                break;
+            };
+            let _ = fs::remove_file(self.clean_path(&h));
+            freed += size;
+        }
+        freed
     }
 
     /// Drop the whole read cache (cold-read benchmarks and tests).

@@ -12,6 +12,7 @@ pub mod meta;
 pub mod objects;
 pub mod pg;
 pub mod snapshot;
+pub mod space;
 mod store;
 mod uploader;
 mod volume;
@@ -21,8 +22,9 @@ pub use error::{Result, StoreError};
 pub use meta::{CheckpointRecord, MapId, MetaStore, StoreStats, SyncState, VolumeOwner, VolumeRecord};
 pub use objects::ObjectBackend;
 pub use snapshot::CheckpointReader;
+pub use space::SpaceStats;
 pub use store::{
-    AdoptReport, CreateOptions, DEFAULT_CHUNK_SIZE, DEFAULT_VOLUME_SIZE, Durability, GcReport, Store,
-    StoreConfig, VolumeInfo, VolumeSource,
+    AdoptReport, CreateOptions, DEFAULT_CHUNK_SIZE, DEFAULT_GC_INTERVAL, DEFAULT_VOLUME_SIZE, Durability,
+    GcReport, GcStats, Store, StoreConfig, VolumeInfo, VolumeSource,
 };
 pub use volume::Volume;

@@ -54,6 +54,11 @@ impl Objects {
         let (store, prefix): (Arc<dyn ObjectStore>, String) = match backend {
             ObjectBackend::Local { dir } => {
                 std::fs::create_dir_all(dir)?;
+                // Chunk objects are sprites' disk content: den's alone.
+                {
+                    use std::os::unix::fs::PermissionsExt;
+                    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))?;
+                }
                 (Arc::new(LocalFileSystem::new_with_prefix(dir)?), String::new())
             }
             ObjectBackend::Memory => (Arc::new(InMemory::new()), String::new()),
@@ -107,9 +112,9 @@ impl Objects {
         ObjPath::from(hash.object_key(&self.prefix))
     }
 
-    pub async fn put(&self, hash: &ChunkHash, data: Vec<u8>) -> Result<()> {
+    pub async fn put(&self, hash: &ChunkHash, data: impl Into<Bytes>) -> Result<()> {
         self.store
-            .put(&self.path(hash), PutPayload::from(Bytes::from(data)))
+            .put(&self.path(hash), PutPayload::from(data.into()))
             .await?;
         Ok(())
     }

@@ -18,6 +18,7 @@ use crate::error::{Result, StoreError};
 use crate::meta::sqlite::SqliteMeta;
 use crate::meta::{CheckpointRecord, MapId, MetaStore, PendingId, StoreStats, VolumeOwner, VolumeRecord};
 use crate::objects::{ObjectBackend, Objects};
+use crate::space::{Space, SpaceStats};
 use crate::volume::Volume;
 
 pub const DEFAULT_VOLUME_SIZE: u64 = 100 << 30;
@@ -30,6 +31,9 @@ const LOCK_HANDOVER_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long a restore or fork waits for another node to upload the
 /// checkpoint it names before refusing with [`StoreError::NotDurable`].
 const FOREIGN_UPLOAD_WAIT: Duration = Duration::from_secs(10);
+/// Decoded chunks kept in memory in local-object mode (see `Shared::hot`):
+/// enough for a few sequential readers.
+const HOT_CHUNKS: usize = 16;
 
 #[derive(Clone, Debug, Serialize, serde::Deserialize)]
 pub struct StoreConfig {
@@ -51,6 +55,23 @@ pub struct StoreConfig {
     /// single host.
     #[serde(default)]
     pub node: Option<String>,
+    /// How often [`Store::start_background_gc`] frees chunks that no map
+    /// references any more (deleted sprites, overwritten or discarded
+    /// data); `None` leaves it to `den volume gc`.
+    #[serde(default = "default_gc_interval")]
+    pub gc_interval: Option<Duration>,
+    /// Free space writers leave on the data disk (see `space.rs`); `None`:
+    /// 1 GiB or 5 % of the disk, whichever is larger, at most a quarter.
+    #[serde(default)]
+    pub min_free_bytes: Option<u64>,
+}
+
+/// Short enough that a deleted sprite's space is back within a minute; an
+/// idle run is one indexed query.
+pub const DEFAULT_GC_INTERVAL: Duration = Duration::from_secs(20);
+
+fn default_gc_interval() -> Option<Duration> {
+    Some(DEFAULT_GC_INTERVAL)
 }
 
 impl StoreConfig {
@@ -69,6 +90,8 @@ impl StoreConfig {
             upload_concurrency: 4,
             fetch_timeout: Duration::from_secs(60),
             node: None,
+            gc_interval: default_gc_interval(),
+            min_free_bytes: None,
         }
     }
 }
@@ -126,7 +149,18 @@ pub struct Durability {
 #[derive(Clone, Debug, Default, Serialize)]
 pub struct GcReport {
     pub chunks_deleted: u64,
+    /// Stored (compressed) size of the deleted chunks.
+    pub bytes_deleted: u64,
     pub orphan_objects_deleted: u64,
+}
+
+/// What the background GC has done since the store opened.
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct GcStats {
+    pub runs: u64,
+    pub failed_runs: u64,
+    pub chunks_freed: u64,
+    pub bytes_freed: u64,
 }
 
 pub(crate) struct Shared {
@@ -135,6 +169,12 @@ pub(crate) struct Shared {
     pub(crate) objects: Objects,
     pub(crate) cache: Cache,
     pub(crate) budget: DirtyBudget,
+    pub(crate) space: Space,
+    /// Chunks live in a local directory: the object file is the only copy
+    /// kept (no read-cache copy next to it), and `hot` spares re-decoding
+    /// it for every small read of the same chunk.
+    local_objects: bool,
+    hot: Mutex<std::collections::VecDeque<(ChunkHash, Bytes)>>,
     rt: tokio::runtime::Handle,
     open: Mutex<HashMap<String, Weak<crate::volume::VolumeInner>>>,
     upload_tx: mpsc::UnboundedSender<PendingId>,
@@ -151,6 +191,7 @@ pub(crate) struct Shared {
     pub(crate) commit_gate: tokio::sync::RwLock<()>,
     /// Volume id → the epoch this store holds it at (cluster mode).
     held: Mutex<HashMap<String, i64>>,
+    gc_stats: Mutex<GcStats>,
     /// One `Store::sync` per volume at a time, so a sync never sees its
     /// sync point replaced by a concurrent one before promoting it.
     sync_locks: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
@@ -162,6 +203,10 @@ impl Shared {
         // block_in_place lets this be called from a multi-thread runtime
         // worker too; on blocking-pool and foreign threads it is a no-op.
         Ok(tokio::task::block_in_place(|| self.rt.block_on(f)))
+    }
+
+    pub(crate) fn local_objects(&self) -> bool {
+        self.local_objects
     }
 
     pub(crate) fn nudge_writeback(&self) {
@@ -191,6 +236,11 @@ impl Shared {
     /// Fetch a chunk from the object store into the clean cache, retrying
     /// with backoff until `fetch_timeout`.
     pub(crate) fn fetch_chunk(&self, h: &ChunkHash) -> std::io::Result<Bytes> {
+        if self.local_objects
+            && let Some((_, data)) = self.hot.lock().iter().find(|(k, _)| k == h)
+        {
+            return Ok(data.clone());
+        }
         let deadline = std::time::Instant::now() + self.cfg.fetch_timeout;
         let mut delay = Duration::from_millis(50);
         loop {
@@ -209,8 +259,18 @@ impl Shared {
                 .and_then(|obj| chunk::decode(&obj, h));
             match res {
                 Ok(data) => {
-                    self.cache.insert_clean(h, &data)?;
-                    return Ok(Bytes::from(data));
+                    let data = Bytes::from(data);
+                    if self.local_objects {
+                        let mut hot = self.hot.lock();
+                        if hot.len() >= HOT_CHUNKS {
+                            hot.pop_back();
+                        }
+                        hot.push_front((*h, data.clone()));
+                    } else if self.space.has_room(data.len() as u64) {
+                        // The read cache never eats into the disk reserve.
+                        self.cache.insert_clean(h, &data)?;
+                    }
+                    return Ok(data);
                 }
                 Err(e @ StoreError::CorruptChunk { .. }) => return Err(e.into()),
                 Err(e) if std::time::Instant::now() + delay > deadline => {
@@ -288,10 +348,19 @@ impl Store {
         }
         let objects = Objects::open(&cfg.objects)?;
         let cache = Cache::open(&cfg.data_dir.join("cache"), cfg.cache_limit)?;
+        let space = Space::new(&cfg.data_dir, cfg.min_free_bytes)?;
+        let local_objects = matches!(cfg.objects, ObjectBackend::Local { .. });
+        if local_objects {
+            // Copies an older den kept next to the local objects.
+            cache.clear_clean();
+        }
         let (upload_tx, upload_rx) = mpsc::unbounded_channel();
         let (uploads_done, _) = watch::channel(0u64);
         let shared = Arc::new(Shared {
             budget: DirtyBudget::new(cfg.dirty_limit),
+            space,
+            local_objects,
+            hot: Mutex::new(Default::default()),
             cfg,
             meta,
             objects,
@@ -305,6 +374,7 @@ impl Store {
             gc_lock: tokio::sync::Mutex::new(()),
             commit_gate: tokio::sync::RwLock::new(()),
             held: Mutex::new(HashMap::new()),
+            gc_stats: Mutex::new(GcStats::default()),
             sync_locks: Mutex::new(HashMap::new()),
         });
         let store = Store { shared };
@@ -377,9 +447,16 @@ impl Store {
         self.shared.budget.used()
     }
 
+    /// The data disk: free space, the reserve, and whether writers are
+    /// blocked waiting for space (a status for every sprite on this host).
+    pub fn space_stats(&self) -> SpaceStats {
+        self.shared.space.stats()
+    }
+
     /// Drop the clean read cache, so the next reads come from the object store.
     pub fn drop_read_cache(&self) {
         self.shared.cache.clear_clean();
+        self.shared.hot.lock().clear();
     }
 
     pub async fn stats(&self) -> Result<StoreStats> {
@@ -783,6 +860,7 @@ impl Store {
                     break;
                 }
             }
+            report.bytes_deleted += s.meta.stored_len_of(&batch).await?;
             for h in &batch {
                 s.objects.delete(h).await?;
                 s.cache.remove_clean(h);
@@ -802,6 +880,51 @@ impl Store {
             }
         }
         Ok(report)
+    }
+
+    /// Run [`Store::gc`] every `gc_interval` (if set) for as long as the
+    /// store is open, so space comes back without an operator. Several
+    /// processes may collect at once: GC is safe against concurrent GCs.
+    pub fn start_background_gc(&self) {
+        let Some(interval) = self.shared.cfg.gc_interval else {
+            return;
+        };
+        let shared = Arc::downgrade(&self.shared);
+        // On the store's runtime, so any thread may start it.
+        self.shared.rt.spawn(async move {
+            let mut tick = tokio::time::interval(interval);
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            tick.tick().await;
+            loop {
+                tick.tick().await;
+                let Some(shared) = shared.upgrade() else { return };
+                let store = Store { shared };
+                let res = store.gc(false).await;
+                let mut st = store.shared.gc_stats.lock();
+                st.runs += 1;
+                match res {
+                    Ok(r) => {
+                        st.chunks_freed += r.chunks_deleted;
+                        st.bytes_freed += r.bytes_deleted;
+                        if r.chunks_deleted > 0 {
+                            tracing::info!(
+                                "background gc freed {} chunks ({} bytes stored)",
+                                r.chunks_deleted,
+                                r.bytes_deleted
+                            );
+                        }
+                    }
+                    Err(e) => {
+                        st.failed_runs += 1;
+                        tracing::warn!("background gc failed, retrying in {interval:?}: {e}");
+                    }
+                }
+            }
+        });
+    }
+
+    pub fn gc_stats(&self) -> GcStats {
+        self.shared.gc_stats.lock().clone()
     }
 
     // ---- cluster: ownership ---------------------------------------------

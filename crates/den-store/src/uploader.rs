@@ -93,7 +93,11 @@ async fn try_upload(s: &Arc<Shared>, p: PendingId) -> Result<()> {
         return Ok(());
     }
     let stored_len = encoded.len() as u64;
-    let mut encoded = Some(encoded);
+    // Kept for the whole attempt (a cheap clone per PUT): when GC takes the
+    // row between announce and commit, the object is PUT again from these
+    // very bytes. Reading the pending file again instead could find it gone
+    // or changed, and store something else under this hash.
+    let body = bytes::Bytes::from(encoded);
     let gate = loop {
         match s.meta.begin_upload(&hash).await? {
             UploadDecision::Busy => {
@@ -102,10 +106,7 @@ async fn try_upload(s: &Arc<Shared>, p: PendingId) -> Result<()> {
                 continue;
             }
             UploadDecision::MustUpload => {
-                let body = encoded
-                    .take()
-                    .unwrap_or_else(|| chunk::encode(&std::fs::read(&path).unwrap_or_default(), compression));
-                s.objects.put(&hash, body).await?;
+                s.objects.put(&hash, body.clone()).await?;
             }
             UploadDecision::AlreadyPresent => {}
         }
@@ -116,7 +117,10 @@ async fn try_upload(s: &Arc<Shared>, p: PendingId) -> Result<()> {
             CommitOutcome::Retry => continue,
         }
     };
-    if let Err(e) = s.cache.link_pending_to_clean(p, &hash) {
+    // In local-object mode the object file is already the local copy.
+    if !s.local_objects()
+        && let Err(e) = s.cache.link_pending_to_clean(p, &hash)
+    {
         tracing::warn!("could not move pending chunk {p:016x} into the read cache: {e}");
     }
     s.upload_finished(p, Some(hash));

@@ -15,6 +15,7 @@ use std::time::{Duration, Instant};
 use nix::fcntl::{Flock, FlockArg};
 use parking_lot::{Mutex, RwLock};
 
+use crate::budget::VolKey;
 use crate::cache::sync_dir;
 use crate::error::{Result, StoreError};
 use crate::meta::{CheckpointRecord, Entry, PendingId, VolumeRecord};
@@ -40,8 +41,8 @@ pub(crate) struct VolState {
     /// Slots discarded in memory but not yet cleared in the metadata head.
     unmapped: HashSet<u64>,
     dir_unsynced: bool,
-    /// Files sealed while they still had writes the guest has not fsynced:
-    /// the next fsync must sync them too, wherever they now live.
+    /// Files sealed after an fsync that failed had taken their unsynced
+    /// flag: the next fsync must sync them too, wherever they now live.
     sealed_unsynced: Vec<Arc<File>>,
 }
 
@@ -78,6 +79,8 @@ pub struct Volume {
 
 pub(crate) struct VolumeInner {
     pub(crate) shared: Arc<Shared>,
+    /// This volume in the dirty budget.
+    pub(crate) key: VolKey,
     pub(crate) rec: VolumeRecord,
     pub(crate) state: Mutex<VolState>,
     stripes: Vec<RwLock<()>>,
@@ -145,52 +148,68 @@ impl Volume {
         let dir = shared.cache.dirty_dir(&rec.id);
         fs::create_dir_all(&dir)?;
         let cs = rec.chunk_size as u64;
-        for ent in fs::read_dir(&dir)? {
-            let ent = ent?;
-            let name = ent.file_name();
-            let name = name.to_str().unwrap_or("");
-            if let Some(idx) = name
-                .strip_suffix(UNMAP_SUFFIX)
-                .and_then(|n| n.parse::<u64>().ok())
-            {
-                // A discard not yet sealed into the metadata head.
-                st.set_head(idx, None);
-                st.unmapped.insert(idx);
-                continue;
+        let key: VolKey = rec.id.as_str().into();
+        shared.budget.open(&key);
+        // Until `VolumeInner` exists (whose drop closes it), an early return
+        // must give the reserve and the dirty bytes found so far back.
+        let mut adopted = 0u64;
+        let scan = (|| -> Result<()> {
+            for ent in fs::read_dir(&dir)? {
+                let ent = ent?;
+                let name = ent.file_name();
+                let name = name.to_str().unwrap_or("");
+                if let Some(idx) = name
+                    .strip_suffix(UNMAP_SUFFIX)
+                    .and_then(|n| n.parse::<u64>().ok())
+                {
+                    // A discard not yet sealed into the metadata head.
+                    st.set_head(idx, None);
+                    st.unmapped.insert(idx);
+                    continue;
+                }
+                let Ok(idx) = name.parse::<u64>() else {
+                    let _ = fs::remove_file(ent.path());
+                    continue;
+                };
+                // A crash between a seal's metadata commit and the removal of the
+                // sealed dirty files leaves dirty files that are hard links of
+                // sealed chunks (pending files, or by now read-cache files of
+                // uploaded ones). Writing into one would change that sealed
+                // content in place: give it an inode of its own first.
+                if std::os::unix::fs::MetadataExt::nlink(&ent.metadata()?) > 1 {
+                    let tmp = shared.cache.tmp_path();
+                    fs::copy(ent.path(), &tmp)
+                        .and_then(|_| File::open(&tmp)?.sync_all())
+                        .and_then(|_| fs::rename(&tmp, ent.path()))
+                        .inspect_err(|_| {
+                            let _ = fs::remove_file(&tmp);
+                        })?;
+                }
+                let file = OpenOptions::new().read(true).write(true).open(ent.path())?;
+                shared.budget.force(&key, cs);
+                adopted += 1;
+                st.dirty.insert(
+                    idx,
+                    DirtyChunk {
+                        file: Arc::new(file),
+                        last_write: Instant::now(),
+                        unsynced: true,
+                    },
+                );
             }
-            let Ok(idx) = name.parse::<u64>() else {
-                let _ = fs::remove_file(ent.path());
-                continue;
-            };
-            // A crash between a seal's metadata commit and the removal of the
-            // sealed dirty files leaves dirty files that are hard links of
-            // sealed chunks (pending files, or by now read-cache files of
-            // uploaded ones). Writing into one would change that sealed
-            // content in place: give it an inode of its own first.
-            if std::os::unix::fs::MetadataExt::nlink(&ent.metadata()?) > 1 {
-                let tmp = shared.cache.tmp_path();
-                fs::copy(ent.path(), &tmp)
-                    .and_then(|_| File::open(&tmp)?.sync_all())
-                    .and_then(|_| fs::rename(&tmp, ent.path()))
-                    .inspect_err(|_| {
-                        let _ = fs::remove_file(&tmp);
-                    })?;
-            }
-            let file = OpenOptions::new().read(true).write(true).open(ent.path())?;
-            shared.budget.force(cs);
-            st.dirty.insert(
-                idx,
-                DirtyChunk {
-                    file: Arc::new(file),
-                    last_write: Instant::now(),
-                    unsynced: true,
-                },
-            );
+            Ok(())
+        })();
+        if let Err(e) = scan {
+            // No `VolumeInner` (whose drop would do it) owns these yet.
+            shared.budget.release(&key, adopted * cs);
+            shared.budget.close(&key);
+            return Err(e);
         }
         st.dir_unsynced = true;
         Ok(Volume {
             inner: Arc::new(VolumeInner {
                 shared,
+                key,
                 rec,
                 state: Mutex::new(st),
                 stripes: (0..STRIPES).map(|_| RwLock::new(())).collect(),
@@ -232,6 +251,12 @@ impl Volume {
     fn unmap_marker(&self, idx: u64) -> std::path::PathBuf {
         let dir = self.inner.shared.cache.dirty_dir(&self.inner.rec.id);
         dir.join(format!("{idx}{UNMAP_SUFFIX}"))
+    }
+
+    /// Bytes of this volume that exist only locally (dirty chunks and
+    /// sealed ones not yet uploaded), counted against its budget share.
+    pub fn local_only_bytes(&self) -> u64 {
+        self.inner.shared.budget.held_by(&self.inner.key)
     }
 
     /// Bytes held only locally by this volume (dirty chunks).
@@ -388,7 +413,7 @@ impl Volume {
                     f.write_all_at(data, coff)?;
                     self.mark_written(idx);
                     if reserved {
-                        inner.shared.budget.release(cs);
+                        inner.shared.budget.release(&inner.key, cs);
                     }
                     return Ok(());
                 }
@@ -398,7 +423,16 @@ impl Volume {
                 }
             }
             let shared = inner.shared.clone();
-            inner.shared.budget.acquire(cs, move || shared.nudge_writeback());
+            // A new dirty chunk takes `cs` bytes of local disk: never from
+            // the reserve (a full disk would fail the guest's write).
+            inner
+                .shared
+                .space
+                .wait_for_room(cs, |n| shared.cache.shrink(n), || shared.nudge_writeback());
+            inner
+                .shared
+                .budget
+                .acquire(&inner.key, cs, move || shared.nudge_writeback());
             reserved = true;
         }
     }
@@ -430,7 +464,7 @@ impl Volume {
                             .write(true)
                             .create_new(true)
                             .open(&tmp)?;
-                        f.set_len(cs)?;
+                        preallocate(&f, cs)?;
                         return Ok(f);
                     }
                     Source::Pending(p) => match fs::copy(cache.pending_path(p), &tmp) {
@@ -449,7 +483,11 @@ impl Volume {
                     },
                 };
                 match copied {
-                    Ok(()) => return OpenOptions::new().read(true).write(true).open(&tmp),
+                    Ok(()) => {
+                        let f = OpenOptions::new().read(true).write(true).open(&tmp)?;
+                        preallocate(&f, cs)?;
+                        return Ok(f);
+                    }
                     Err(e) if e.kind() == io::ErrorKind::NotFound => continue,
                     Err(e) => return Err(e),
                 }
@@ -462,7 +500,7 @@ impl Volume {
             Ok(f) => f,
             Err(e) => {
                 let _ = fs::remove_file(&tmp);
-                inner.shared.budget.release(cs);
+                inner.shared.budget.release(&inner.key, cs);
                 return Err(e);
             }
         };
@@ -471,7 +509,7 @@ impl Volume {
             .and_then(|_| fs::rename(&tmp, cache.dirty_path(&inner.rec.id, idx)))
         {
             let _ = fs::remove_file(&tmp);
-            inner.shared.budget.release(cs);
+            inner.shared.budget.release(&inner.key, cs);
             return Err(e);
         }
         let mut st = inner.state.lock();
@@ -491,6 +529,11 @@ impl Volume {
     }
 
     /// Make every completed write durable in the local cache.
+    ///
+    /// The flags are cleared before syncing, so a write racing the sync marks
+    /// its chunk again; if the sync fails, every flag taken is put back, so
+    /// the guest's retried fsync syncs the same files again instead of
+    /// reporting success for data that never reached the disk.
     pub fn fsync(&self) -> io::Result<()> {
         let (files, dir) = {
             let mut st = self.inner.state.lock();
@@ -507,16 +550,26 @@ impl Volume {
             let dir = std::mem::take(&mut st.dir_unsynced);
             (files, dir)
         };
-        let restore_flags = |st: &mut VolState| st.dir_unsynced |= dir;
-        if let Err(e) = sync_all_data(&files) {
-            restore_flags(&mut self.inner.state.lock());
-            return Err(e);
+        let result = sync_all_data(&files).and_then(|()| {
+            if dir {
+                sync_dir(&self.inner.shared.cache.dirty_dir(&self.inner.rec.id))
+            } else {
+                Ok(())
+            }
+        });
+        if result.is_err() {
+            let mut st = self.inner.state.lock();
+            st.dir_unsynced |= dir;
+            for f in files {
+                // Still dirty: flag it where it is. Sealed (or discarded)
+                // meanwhile: the next fsync syncs it from the sealed list.
+                match st.dirty.values_mut().find(|d| Arc::ptr_eq(&d.file, &f)) {
+                    Some(d) => d.unsynced = true,
+                    None => st.sealed_unsynced.push(f),
+                }
+            }
         }
-        if dir && let Err(e) = sync_dir(&self.inner.shared.cache.dirty_dir(&self.inner.rec.id)) {
-            restore_flags(&mut self.inner.state.lock());
-            return Err(e);
-        }
-        Ok(())
+        result
     }
 
     /// The range reads back as zeros. Whole chunks are unmapped (their space
@@ -537,7 +590,7 @@ impl Volume {
                 if let Some(d) = st.dirty.remove(&idx) {
                     drop(d);
                     let _ = fs::remove_file(self.inner.shared.cache.dirty_path(&self.inner.rec.id, idx));
-                    self.inner.shared.budget.release(cs);
+                    self.inner.shared.budget.release(&self.inner.key, cs);
                 }
                 if st.head.contains_key(&idx) {
                     st.set_head(idx, None);
@@ -606,6 +659,22 @@ impl Volume {
                 seals.push((*idx, None));
             }
         }
+        // Writes the guest has not fsynced yet are made durable now, while
+        // the chunks are write-locked. Keeping their files open for the
+        // guest's next fsync instead would pin every sealed chunk's disk
+        // space (even after upload removed it) for as long as that fsync
+        // does not come, as when a full disk holds the guest's writeback.
+        let unsynced: Vec<Arc<File>> = {
+            let st = inner.state.lock();
+            linked
+                .iter()
+                .filter_map(|(idx, _)| st.dirty.get(idx).filter(|d| d.unsynced).map(|d| d.file.clone()))
+                .collect()
+        };
+        if let Err(e) = sync_all_data(&unsynced) {
+            undo(&linked);
+            return Err(e.into());
+        }
         if !linked.is_empty()
             && let Err(e) = sync_dir(&cache.pending_dir())
         {
@@ -626,14 +695,10 @@ impl Volume {
             let _ = fs::remove_file(self.unmap_marker(*idx));
         }
         for &(idx, p) in &linked {
-            if let Some(d) = st.dirty.remove(&idx)
-                && d.unsynced
-            {
-                st.sealed_unsynced.push(d.file);
-            }
+            st.dirty.remove(&idx);
             let _ = fs::remove_file(cache.dirty_path(&inner.rec.id, idx));
             st.set_head(idx, Some(Entry::Pending(p)));
-            inner.shared.budget.track_pending(p, cs);
+            inner.shared.budget.track_pending(&inner.key, p, cs);
         }
         drop(st);
         for &(_, p) in &linked {
@@ -729,7 +794,10 @@ impl Volume {
         st.dirty.clear();
         st.unmapped.clear();
         drop(st);
-        self.inner.shared.budget.release(n * self.chunk_size());
+        self.inner
+            .shared
+            .budget
+            .release(&self.inner.key, n * self.chunk_size());
         let dir = self.inner.shared.cache.dirty_dir(&self.inner.rec.id);
         match fs::remove_dir_all(&dir) {
             Ok(()) => Ok(()),
@@ -745,7 +813,8 @@ impl Drop for VolumeInner {
         let n = self.state.lock().dirty.len() as u64;
         // Dirty chunks stay on disk for the next open; they are no longer this
         // process's to account for.
-        self.shared.budget.release(n * cs);
+        self.shared.budget.release(&self.key, n * cs);
+        self.shared.budget.close(&self.key);
         drop(self.lock.take());
         self.shared.forget_volume(&self.rec.id);
     }
@@ -756,6 +825,10 @@ impl Drop for VolumeInner {
 /// fsync); issued concurrently, the kernel merges the flushes.
 fn sync_all_data(files: &[Arc<File>]) -> io::Result<()> {
     const THREADS: usize = 8;
+    #[cfg(test)]
+    if let Some(r) = tests::sync_fault(files.len()) {
+        return r;
+    }
     // A guest fsync after a small write touches a handful of chunks; spawning
     // threads for those costs more than it saves.
     if files.len() < THREADS {
@@ -774,6 +847,19 @@ fn sync_all_data(files: &[Arc<File>]) -> io::Result<()> {
     })
 }
 
+/// Give a new dirty chunk file all its blocks now, so the guest's later
+/// writes into it never need disk space (and never meet ENOSPC): the space
+/// check happens once, when the chunk is created.
+fn preallocate(f: &File, len: u64) -> io::Result<()> {
+    use nix::fcntl::{FallocateFlags, fallocate};
+    match fallocate(f, FallocateFlags::empty(), 0, len as i64) {
+        Ok(()) => Ok(()),
+        // A filesystem without fallocate: a sparse file, as before.
+        Err(nix::errno::Errno::EOPNOTSUPP) => f.set_len(len),
+        Err(e) => Err(e.into()),
+    }
+}
+
 fn read_exact_at(f: &File, out: &mut [u8], off: u64) -> io::Result<()> {
     let mut done = 0;
     while done < out.len() {
@@ -787,4 +873,84 @@ fn read_exact_at(f: &File, out: &mut [u8], off: u64) -> io::Result<()> {
         done += n;
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use std::cell::Cell;
+    use std::time::Duration;
+
+    use super::*;
+    use crate::{CreateOptions, ObjectBackend, Store, StoreConfig};
+
+    thread_local! {
+        /// Fail the next `sync_all_data` on this thread (an EIO from the disk).
+        static FAIL_NEXT: Cell<bool> = const { Cell::new(false) };
+        /// Files `sync_all_data` was asked to sync on this thread.
+        static SYNCED: Cell<usize> = const { Cell::new(0) };
+    }
+
+    /// The fault hook: fsync calls `sync_all_data` on its own thread.
+    pub(super) fn sync_fault(files: usize) -> Option<io::Result<()>> {
+        if FAIL_NEXT.with(|f| f.replace(false)) {
+            return Some(Err(io::Error::from_raw_os_error(libc::EIO)));
+        }
+        SYNCED.with(|n| n.set(n.get() + files));
+        None
+    }
+
+    /// A failed fsync leaves its chunks marked unsynced: the guest's retry
+    /// syncs them, instead of reporting success for data that was never
+    /// made durable.
+    #[test]
+    fn fsync_retried_after_failure_syncs_the_same_chunks() {
+        let dir = tempfile::tempdir().unwrap();
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .enable_all()
+            .build()
+            .unwrap();
+        let mut cfg = StoreConfig::local(dir.path());
+        cfg.objects = ObjectBackend::Memory;
+        cfg.dirty_limit = 64 << 20;
+        // Nothing is sealed behind the test's back.
+        cfg.writeback_delay = Duration::from_secs(3600);
+        let store = rt.block_on(Store::open(cfg)).unwrap();
+        let cs = 64 << 10;
+        let opts = CreateOptions {
+            size: Some(4 * cs),
+            chunk_size: Some(cs as u32),
+            source: None,
+        };
+        rt.block_on(store.create_volume("v", opts)).unwrap();
+        let v = rt.block_on(store.open_volume("v")).unwrap();
+        v.write_at(0, &[1u8; 4096]).unwrap();
+        v.write_at(cs, &[2u8; 4096]).unwrap();
+
+        FAIL_NEXT.with(|f| f.set(true));
+        assert!(v.fsync().is_err(), "the injected fault reaches the caller");
+        SYNCED.with(|n| n.set(0));
+        v.fsync().unwrap();
+        assert_eq!(
+            SYNCED.with(Cell::get),
+            2,
+            "the retried fsync synced both written chunks"
+        );
+        assert!(v.inner.state.lock().dirty.values().all(|d| !d.unsynced));
+        assert!(!v.inner.state.lock().dir_unsynced);
+
+        // A chunk sealed between the failed fsync and its retry is synced
+        // too (by the seal or the retry), from wherever it now lives.
+        v.write_at(2 * cs, &[3u8; 4096]).unwrap();
+        FAIL_NEXT.with(|f| f.set(true));
+        assert!(v.fsync().is_err());
+        SYNCED.with(|n| n.set(0));
+        v.seal_all().unwrap();
+        v.fsync().unwrap();
+        assert_eq!(
+            SYNCED.with(Cell::get),
+            1,
+            "the sealed chunk's file was synced once"
+        );
+    }
 }

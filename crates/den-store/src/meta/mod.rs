@@ -170,6 +170,8 @@ pub trait MetaStore: Send + Sync + 'static {
     /// Chunks stuck in `deleting` from an interrupted GC.
     async fn gc_interrupted(&self) -> Result<Vec<ChunkHash>>;
     async fn is_known_chunk(&self, hash: &ChunkHash) -> Result<bool>;
+    /// Total stored (compressed) size of these chunks, for GC's report.
+    async fn stored_len_of(&self, hashes: &[ChunkHash]) -> Result<u64>;
 
     async fn stats(&self) -> Result<StoreStats>;
     /// Recount references from the maps and compare with the stored counts.

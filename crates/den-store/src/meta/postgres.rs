@@ -981,6 +981,20 @@ impl MetaStore for PgMeta {
         })
     }
 
+    async fn stored_len_of(&self, hashes: &[ChunkHash]) -> Result<u64> {
+        let hs: Vec<&[u8]> = hashes.iter().map(|h| &h.0[..]).collect();
+        read_tx!(self, |tx| {
+            let n = query_one(
+                &tx,
+                "SELECT COALESCE(SUM(stored_len), 0)::BIGINT FROM chunks WHERE hash = ANY($1)",
+                &[&hs],
+            )
+            .await?
+            .try_get::<_, i64>(0)?;
+            n.max(0) as u64
+        })
+    }
+
     async fn is_known_chunk(&self, hash: &ChunkHash) -> Result<bool> {
         let h = &hash.0[..];
         read_tx!(self, |tx| {

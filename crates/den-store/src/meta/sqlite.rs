@@ -72,8 +72,37 @@ fn now_ms() -> i64 {
         .unwrap_or(0)
 }
 
+/// Make an SQLite database readable by its owner only, before opening it.
+///
+/// den's databases hold what other host users must not read: chunk maps
+/// (which name every sprite's data), the sprite catalog, API token hashes.
+/// A new file is created 0600, and SQLite gives its `-wal` and `-shm` files
+/// the database's mode; files an older den created world-readable are
+/// narrowed here. Only the files change: the directory holding them may
+/// need to stay traversable for sprites' user-namespaced containers.
+pub fn restrict_db_files(path: &Path) -> std::io::Result<()> {
+    use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+    std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .mode(0o600)
+        .open(path)?;
+    for suffix in ["", "-wal", "-shm", "-journal"] {
+        let mut name = path.as_os_str().to_owned();
+        name.push(suffix);
+        match std::fs::set_permissions(&name, std::fs::Permissions::from_mode(0o600)) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(())
+}
+
 impl SqliteMeta {
     pub fn open(path: &Path) -> Result<Self> {
+        restrict_db_files(path)?;
         let conn = Connection::open(path)?;
         Self::init(conn)
     }
@@ -650,6 +679,20 @@ impl MetaStore for SqliteMeta {
                 .query_map([], |r| r.get(0))?
                 .collect::<rusqlite::Result<_>>()?;
             rows.iter().map(|h| ChunkHash::from_slice(h)).collect()
+        })
+        .await
+    }
+
+    async fn stored_len_of(&self, hashes: &[ChunkHash]) -> Result<u64> {
+        let hashes = hashes.to_vec();
+        self.with(move |c| {
+            let mut q = c.prepare_cached("SELECT stored_len FROM chunks WHERE hash = ?1")?;
+            let mut total = 0u64;
+            for h in hashes {
+                let n: Option<i64> = q.query_row(params![&h.0[..]], |r| r.get(0)).optional()?;
+                total += n.unwrap_or(0).max(0) as u64;
+            }
+            Ok(total)
         })
         .await
     }
