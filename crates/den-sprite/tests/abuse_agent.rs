@@ -12,13 +12,12 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail, ensure};
-use den_agent::client::ExecRequest;
-use den_runtime::Resources;
-use den_sprite::{CreateSprite, ImageSource, ManagerConfig, SpriteManager};
-use den_store::{Store, StoreConfig};
+use den_sprite::{CreateSprite, ManagerConfig, SpriteManager};
 use den_testkit::net::TestNet;
 
-const WAIT: Duration = Duration::from_secs(30);
+mod common;
+
+use common::*;
 
 struct Env {
     managers: std::sync::Mutex<Vec<SpriteManager>>,
@@ -28,10 +27,7 @@ struct Env {
 
 impl Env {
     fn new() -> Result<Env> {
-        let dir = tempfile::Builder::new().prefix("den-abuse-agent-").tempdir()?;
-        // Sprites start as an unprivileged host uid that must traverse to
-        // their bind-mount sources.
-        std::fs::set_permissions(dir.path(), std::os::unix::fs::PermissionsExt::from_mode(0o711))?;
+        let dir = traversable_tempdir("den-abuse-agent-")?;
         Ok(Env {
             managers: Default::default(),
             net: TestNet::new()?,
@@ -40,35 +36,18 @@ impl Env {
     }
 
     fn config(&self) -> ManagerConfig {
-        config_in(self.dir.path(), self.net.config.clone())
+        test_config(
+            self.dir.path(),
+            &self.dir.path().join("images"),
+            self.net.config.clone(),
+        )
     }
 
     async fn start(&self, cfg: ManagerConfig) -> Result<SpriteManager> {
-        let store = Store::open(StoreConfig::local(self.dir.path().join("data/store"))).await?;
-        let mgr = SpriteManager::start(cfg, store).await?;
+        let mgr = start_at(cfg, self.dir.path()).await?;
         self.managers.lock().unwrap().push(mgr.clone());
         Ok(mgr)
     }
-}
-
-fn config_in(dir: &Path, net: den_net::NetConfig) -> ManagerConfig {
-    let mut cfg = ManagerConfig::new(
-        dir.join("data"),
-        std::env::current_exe().expect("test binary path"),
-        net,
-    );
-    cfg.run_dir = dir.join("run");
-    cfg.images_dir = dir.join("images");
-    cfg.image = ImageSource::Busybox;
-    cfg.resources = Resources {
-        memory_bytes: Some(256 << 20),
-        pids: Some(512),
-        ..Resources::default()
-    };
-    cfg.warm_after = Duration::from_secs(3600);
-    cfg.cold_after = Duration::from_secs(7200);
-    cfg.stop_grace = Duration::from_secs(2);
-    cfg
 }
 
 impl Drop for Env {
@@ -80,49 +59,16 @@ impl Drop for Env {
         tokio::task::block_in_place(|| {
             tokio::runtime::Handle::current().block_on(async {
                 for mgr in managers {
-                    mgr.shutdown().await;
-                    mgr.remove_firewall();
+                    close(mgr).await;
                 }
             })
         });
     }
 }
 
-struct Out {
-    code: i32,
-    stdout: String,
-    stderr: String,
-}
-
-fn sh_req(script: &str, root: bool) -> ExecRequest {
-    ExecRequest {
-        argv: vec!["/bin/sh".into(), "-c".into(), script.into()],
-        user: root.then(|| "root".into()),
-        ..Default::default()
-    }
-}
-
-async fn exec(mgr: &SpriteManager, name: &str, req: ExecRequest) -> Result<Out> {
-    let act = mgr.wake(name).await?;
-    let session = act.agent().exec(req).await?;
-    let out = tokio::time::timeout(WAIT, session.collect())
-        .await
-        .context("command did not finish")?;
-    let exit = out.exit.context("no exit status")?;
-    Ok(Out {
-        code: exit.exit_code,
-        stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
-        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
-    })
-}
-
-async fn root_sh(mgr: &SpriteManager, name: &str, script: &str) -> Result<Out> {
-    exec(mgr, name, sh_req(script, true)).await
-}
-
 /// The sprite's own name, as its kernel reports it: which sprite answered.
 async fn who_answers(mgr: &SpriteManager, name: &str) -> Result<String> {
-    let out = exec(mgr, name, sh_req("cat /proc/sys/kernel/hostname", false)).await?;
+    let out = exec(mgr, name, sh_req("cat /proc/sys/kernel/hostname")).await?;
     ensure!(out.code == 0, "hostname failed: {}{}", out.stdout, out.stderr);
     Ok(out.stdout.trim().to_string())
 }
@@ -213,13 +159,11 @@ async fn abuse_agent_socket_swap_is_never_followed() -> Result<()> {
 
     // Replace the socket file with a listener of the sprite's own.
     let act = mgr.wake("sa").await?;
-    let mut fake = sh_req(
-        &format!(
-            "rm -f /.sprite/run/agent.sock; {}",
-            in_sprite_den("abuse-fake-agent /.sprite/run/agent.sock")
-        ),
-        true,
-    );
+    let mut fake = sh_req(&format!(
+        "rm -f /.sprite/run/agent.sock; {}",
+        in_sprite_den("abuse-fake-agent /.sprite/run/agent.sock")
+    ));
+    fake.user = Some("root".into());
     fake.max_run_after_disconnect_ms = Some(0);
     let mut fake = act.agent().exec(fake).await?;
     // The impostor says when it listens.
@@ -344,7 +288,7 @@ async fn abuse_long_frozen_sprite_is_not_fenced_on_thaw() -> Result<()> {
     let mgr = env.start(cfg).await?;
     mgr.create("warm", CreateSprite::default()).await?;
     let act = mgr.wake("warm").await?;
-    let mut req = sh_req("sleep 1000", false);
+    let mut req = sh_req("sleep 1000");
     req.max_run_after_disconnect_ms = Some(0);
     act.agent().exec(req).await?.detach();
     drop(act);
@@ -362,7 +306,7 @@ async fn abuse_long_frozen_sprite_is_not_fenced_on_thaw() -> Result<()> {
         host_pid1(&key)? == pid1,
         "PID 1 changed: the sprite was fenced and rebooted"
     );
-    let out = exec(&mgr, "warm", sh_req("ps | grep -c '[s]leep 1000'", false)).await?;
+    let out = exec(&mgr, "warm", sh_req("ps | grep -c '[s]leep 1000'")).await?;
     ensure!(
         out.stdout.trim() == "1",
         "the sleep did not survive: {}{}",
@@ -384,14 +328,7 @@ async fn abuse_killed_den_sprites_fence_themselves() -> Result<()> {
     let mut child = std::process::Command::new(std::env::current_exe()?)
         .arg(CRASH_CHILD)
         .arg(env.dir.path())
-        .args([
-            n.subnet.to_string(),
-            n.table.clone(),
-            n.ifprefix.clone(),
-            n.netns_prefix.clone(),
-            n.uplinks.join(","),
-            n.upstream_dns.to_string(),
-        ])
+        .args(net_args(n))
         .stdout(std::process::Stdio::piped())
         .spawn()?;
     let mut stdout = std::io::BufReader::new(child.stdout.take().context("stdout")?);
@@ -444,35 +381,19 @@ async fn abuse_killed_den_sprites_fence_themselves() -> Result<()> {
 /// The crash child: a manager with a short fence TTL and one running sprite
 /// with a detached `sleep`; prints "ready <key>" and waits to be killed.
 fn crash_child(args: &[OsString]) -> ! {
-    let a: Vec<String> = args.iter().map(|s| s.to_string_lossy().into_owned()).collect();
+    let a = strings(args);
     let dir = PathBuf::from(&a[0]);
-    let mut net = den_net::NetConfig::new(a[6].parse().expect("dns"));
-    net.subnet = a[1].parse().expect("subnet");
-    net.table = a[2].clone();
-    net.ifprefix = a[3].clone();
-    net.netns_prefix = a[4].clone();
-    net.uplinks = a[5]
-        .split(',')
-        .filter(|s| !s.is_empty())
-        .map(String::from)
-        .collect();
-    net.blocked = vec![
-        "169.254.0.0/16".parse().expect("net"),
-        "127.0.0.0/8".parse().expect("net"),
-    ];
+    let net = net_from_args(&a[1..]);
     let rt = tokio::runtime::Runtime::new().expect("runtime");
     rt.block_on(async move {
-        let mut cfg = config_in(&dir, net);
+        let mut cfg = test_config(&dir, &dir.join("images"), net);
         cfg.fence_ttl = FENCE_TTL;
-        let store = Store::open(StoreConfig::local(dir.join("data/store")))
-            .await
-            .expect("store");
-        let mgr = SpriteManager::start(cfg, store).await.expect("manager");
+        let mgr = start_at(cfg, &dir).await.expect("manager");
         mgr.create("fenced", CreateSprite::default())
             .await
             .expect("create");
         let act = mgr.wake("fenced").await.expect("wake");
-        let mut req = sh_req("sleep 1000", false);
+        let mut req = sh_req("sleep 1000");
         req.max_run_after_disconnect_ms = Some(0);
         act.agent().exec(req).await.expect("sleep").detach();
         println!("ready {}", mgr.get("fenced").expect("get").record.key);
@@ -551,8 +472,6 @@ fn fake_agent(path: &str) -> ! {
 
 // ------------------------------------------------------------------ main
 
-type TestFn = fn() -> std::pin::Pin<Box<dyn std::future::Future<Output = Result<()>>>>;
-
 fn main() {
     den_sprite::helper_cmd::dispatch();
     let args: Vec<OsString> = std::env::args_os().collect();
@@ -562,13 +481,6 @@ fn main() {
         Some("abuse-fake-agent") => fake_agent(&args[2].to_string_lossy()),
         _ => {}
     }
-    assert!(nix::unistd::geteuid().is_root(), "the sprite tests need root");
-    let _ = tracing_subscriber::fmt()
-        .with_env_filter(
-            std::env::var("RUST_LOG").unwrap_or_else(|_| "warn,libcgroups=error,fuser=error".into()),
-        )
-        .with_test_writer()
-        .try_init();
     let tests: &[(&str, TestFn)] = &[
         ("abuse_agent_socket_swap_is_never_followed", || {
             Box::pin(abuse_agent_socket_swap_is_never_followed())
@@ -586,10 +498,5 @@ fn main() {
             Box::pin(abuse_killed_den_sprites_fence_themselves())
         }),
     ];
-    let rt = tokio::runtime::Runtime::new().expect("runtime");
-    let ok = den_testkit::runner::run_named(tests, |t| rt.block_on(t()));
-    drop(rt);
-    if !ok {
-        std::process::exit(1);
-    }
+    run_tests(tests);
 }

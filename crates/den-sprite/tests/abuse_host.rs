@@ -13,13 +13,14 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail, ensure};
-use den_agent::client::ExecRequest;
-use den_runtime::Resources;
-use den_sprite::{CreateSprite, ImageSource, ManagerConfig, SpriteManager, SpriteStatus};
+use den_sprite::{CreateSprite, ManagerConfig, SpriteManager, SpriteStatus};
 use den_store::{Store, StoreConfig};
 use den_testkit::net::TestNet;
 
-const WAIT: Duration = Duration::from_secs(30);
+mod common;
+
+use common::*;
+
 const CHILD: &str = "abuse-child";
 /// Local-only budget of the child server that loses its object store.
 const DIRTY_LIMIT: u64 = 64 << 20;
@@ -64,10 +65,7 @@ impl Drop for Server {
 
 impl Server {
     fn new(images: &Path) -> Result<Server> {
-        let dir = tempfile::Builder::new().prefix("den-abuse-host-").tempdir()?;
-        // Sprites start as an unprivileged host uid that must traverse to
-        // their bind-mount sources.
-        std::fs::set_permissions(dir.path(), std::os::unix::fs::PermissionsExt::from_mode(0o711))?;
+        let dir = traversable_tempdir("den-abuse-host-")?;
         Ok(Server {
             managers: Default::default(),
             dir,
@@ -81,7 +79,7 @@ impl Server {
     }
 
     fn config(&self) -> ManagerConfig {
-        config_at(self.dir.path(), &self.images, self.net.config.clone())
+        test_config(self.dir.path(), &self.images, self.net.config.clone())
     }
 
     async fn start(&self) -> Result<SpriteManager> {
@@ -91,63 +89,8 @@ impl Server {
     }
 }
 
-fn config_at(dir: &Path, images: &Path, net: den_net::NetConfig) -> ManagerConfig {
-    let mut cfg = ManagerConfig::new(
-        dir.join("data"),
-        std::env::current_exe().expect("test binary path"),
-        net,
-    );
-    cfg.run_dir = dir.join("run");
-    cfg.images_dir = images.to_path_buf();
-    cfg.image = ImageSource::Busybox;
-    cfg.resources = Resources {
-        memory_bytes: Some(256 << 20),
-        pids: Some(512),
-        ..Resources::default()
-    };
-    cfg.warm_after = Duration::from_secs(3600);
-    cfg.cold_after = Duration::from_secs(7200);
-    cfg.stop_grace = Duration::from_secs(2);
-    cfg
-}
-
-async fn start_at(cfg: ManagerConfig, dir: &Path) -> Result<SpriteManager> {
-    let store = Store::open(StoreConfig::local(dir.join("data/store"))).await?;
-    Ok(SpriteManager::start(cfg, store).await?)
-}
-
 fn shared_images() -> Result<tempfile::TempDir> {
-    let images = tempfile::Builder::new().prefix("den-abuse-images-").tempdir()?;
-    std::fs::set_permissions(images.path(), std::os::unix::fs::PermissionsExt::from_mode(0o711))?;
-    Ok(images)
-}
-
-async fn close(mgr: SpriteManager) {
-    mgr.shutdown().await;
-    mgr.remove_firewall();
-}
-
-/// Run a shell script in the sprite; fail unless it exits 0.
-async fn sh(mgr: &SpriteManager, name: &str, script: &str) -> Result<String> {
-    let act = mgr.wake(name).await?;
-    let session = act
-        .agent()
-        .exec(ExecRequest {
-            argv: vec!["/bin/sh".into(), "-c".into(), script.into()],
-            ..Default::default()
-        })
-        .await?;
-    let out = tokio::time::timeout(WAIT, session.collect())
-        .await
-        .context("command did not finish")?;
-    let code = out.exit.context("no exit status")?.exit_code;
-    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
-    ensure!(
-        code == 0,
-        "{script:?} exited {code}: {stdout}{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    Ok(stdout)
+    traversable_tempdir("den-abuse-images-")
 }
 
 /// A bystander's view: stop its sprite, boot it again and run a command
@@ -556,14 +499,7 @@ fn spawn_child(s: &Server, mode: &str) -> Result<std::process::Child> {
         .arg(mode)
         .arg(s.dir.path())
         .arg(&s.images)
-        .args([
-            n.subnet.to_string(),
-            n.table.clone(),
-            n.ifprefix.clone(),
-            n.netns_prefix.clone(),
-            n.uplinks.join(","),
-            n.upstream_dns.to_string(),
-        ])
+        .args(net_args(n))
         .stdin(std::process::Stdio::piped())
         .stdout(std::process::Stdio::piped())
         .spawn()?)
@@ -587,25 +523,12 @@ fn expect_line(from: &mut impl std::io::BufRead, want: &str) -> Result<()> {
 /// taken the object store down), fills the local-only budget from inside the
 /// sprite, starts a checkpoint, prints "checkpointing" and waits.
 fn child_main(args: &[OsString]) -> ! {
-    let a: Vec<String> = args.iter().map(|s| s.to_string_lossy().into_owned()).collect();
+    let a = strings(args);
     let (mode, dir, images) = (a[0].as_str(), PathBuf::from(&a[1]), PathBuf::from(&a[2]));
-    let mut net = den_net::NetConfig::new(a[8].parse().expect("dns"));
-    net.subnet = a[3].parse().expect("subnet");
-    net.table = a[4].clone();
-    net.ifprefix = a[5].clone();
-    net.netns_prefix = a[6].clone();
-    net.uplinks = a[7]
-        .split(',')
-        .filter(|s| !s.is_empty())
-        .map(String::from)
-        .collect();
-    net.blocked = vec![
-        "169.254.0.0/16".parse().expect("net"),
-        "127.0.0.0/8".parse().expect("net"),
-    ];
+    let net = net_from_args(&a[3..]);
     let rt = tokio::runtime::Runtime::new().expect("runtime");
     rt.block_on(async move {
-        let cfg = config_at(&dir, &images, net);
+        let cfg = test_config(&dir, &images, net);
         let mut scfg = StoreConfig::local(dir.join("data/store"));
         scfg.dirty_limit = DIRTY_LIMIT;
         let store = Store::open(scfg).await.expect("store");
@@ -651,21 +574,12 @@ fn child_main(args: &[OsString]) -> ! {
 
 // ------------------------------------------------------------------ main
 
-type TestFn = fn() -> std::pin::Pin<Box<dyn std::future::Future<Output = Result<()>>>>;
-
 fn main() {
     den_sprite::helper_cmd::dispatch();
     let args: Vec<OsString> = std::env::args_os().collect();
     if args.get(1).is_some_and(|a| a == CHILD) {
         child_main(&args[2..]);
     }
-    assert!(nix::unistd::geteuid().is_root(), "the abuse tests need root");
-    let _ = tracing_subscriber::fmt()
-        .with_env_filter(
-            std::env::var("RUST_LOG").unwrap_or_else(|_| "warn,libcgroups=error,fuser=error".into()),
-        )
-        .with_test_writer()
-        .try_init();
     let tests: &[(&str, TestFn)] = &[
         ("stopping_one_server_keeps_the_other_booting", || {
             Box::pin(stopping_one_server_keeps_the_other_booting())
@@ -683,10 +597,5 @@ fn main() {
             Box::pin(killed_during_own_disk_io_exits_and_recovers())
         }),
     ];
-    let rt = tokio::runtime::Runtime::new().expect("runtime");
-    let ok = den_testkit::runner::run_named(tests, |t| rt.block_on(t()));
-    drop(rt);
-    if !ok {
-        std::process::exit(1);
-    }
+    run_tests(tests);
 }

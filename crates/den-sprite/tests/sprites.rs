@@ -10,7 +10,6 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail, ensure};
-use den_agent::client::ExecRequest;
 use den_agent::protocol::ServiceDef;
 use den_net::NetworkPolicy;
 use den_runtime::Resources;
@@ -18,7 +17,9 @@ use den_sprite::{CreateSprite, ImageSource, ManagerConfig, SpriteManager, Sprite
 use den_store::{Store, StoreConfig};
 use den_testkit::net::TestNet;
 
-const WAIT: Duration = Duration::from_secs(30);
+mod common;
+
+use common::*;
 
 struct Env {
     /// Every manager started here; shut down when the Env is dropped (also
@@ -37,10 +38,7 @@ impl Env {
     }
 
     fn with_image(image: ImageSource, images: Option<PathBuf>) -> Result<Env> {
-        let dir = tempfile::Builder::new().prefix("den-sprite-test-").tempdir()?;
-        // Sprites start as an unprivileged host uid that must traverse to
-        // their bind-mount sources.
-        std::fs::set_permissions(dir.path(), std::os::unix::fs::PermissionsExt::from_mode(0o711))?;
+        let dir = traversable_tempdir("den-sprite-test-")?;
         let images = images.unwrap_or_else(|| dir.path().join("images"));
         Ok(Env {
             managers: Default::default(),
@@ -52,23 +50,8 @@ impl Env {
     }
 
     fn config(&self) -> ManagerConfig {
-        let mut cfg = ManagerConfig::new(
-            self.dir.path().join("data"),
-            std::env::current_exe().expect("test binary path"),
-            self.net.config.clone(),
-        );
-        cfg.run_dir = self.dir.path().join("run");
-        cfg.images_dir = self.images.clone();
+        let mut cfg = test_config(self.dir.path(), &self.images, self.net.config.clone());
         cfg.image = self.image.clone();
-        cfg.resources = Resources {
-            memory_bytes: Some(256 << 20),
-            pids: Some(512),
-            ..Resources::default()
-        };
-        // Tests that want sleep set short timeouts themselves.
-        cfg.warm_after = Duration::from_secs(3600);
-        cfg.cold_after = Duration::from_secs(7200);
-        cfg.stop_grace = Duration::from_secs(2);
         cfg
     }
 
@@ -99,53 +82,6 @@ impl Drop for Env {
     }
 }
 
-struct Out {
-    code: i32,
-    stdout: String,
-    stderr: String,
-}
-
-async fn exec(mgr: &SpriteManager, name: &str, req: ExecRequest) -> Result<Out> {
-    let act = mgr.wake(name).await?;
-    let session = act.agent().exec(req).await?;
-    let out = tokio::time::timeout(WAIT, session.collect())
-        .await
-        .context("command did not finish")?;
-    let exit = out.exit.context("no exit status")?;
-    Ok(Out {
-        code: exit.exit_code,
-        stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
-        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
-    })
-}
-
-fn sh_req(script: &str) -> ExecRequest {
-    ExecRequest {
-        argv: vec!["/bin/sh".into(), "-c".into(), script.into()],
-        ..Default::default()
-    }
-}
-
-/// Run a shell script in the sprite as `sprite`; fail unless it exits 0.
-async fn sh(mgr: &SpriteManager, name: &str, script: &str) -> Result<String> {
-    let o = exec(mgr, name, sh_req(script)).await?;
-    ensure!(
-        o.code == 0,
-        "{script:?} exited {}: {}{}",
-        o.code,
-        o.stdout,
-        o.stderr
-    );
-    Ok(o.stdout)
-}
-
-/// Run as root in the sprite.
-async fn root_sh(mgr: &SpriteManager, name: &str, script: &str) -> Result<Out> {
-    let mut req = sh_req(script);
-    req.user = Some("root".into());
-    exec(mgr, name, req).await
-}
-
 async fn wait_status(
     mgr: &SpriteManager,
     name: &str,
@@ -165,11 +101,6 @@ async fn wait_status(
         }
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
-}
-
-async fn close(mgr: SpriteManager) {
-    mgr.shutdown().await;
-    mgr.remove_firewall();
 }
 
 // ------------------------------------------------------------------ tests
@@ -795,14 +726,7 @@ async fn host_crash_recovery() -> Result<()> {
     let mut child = std::process::Command::new(std::env::current_exe()?)
         .arg(CRASH_CHILD)
         .arg(env.dir.path())
-        .args([
-            n.subnet.to_string(),
-            n.table.clone(),
-            n.ifprefix.clone(),
-            n.netns_prefix.clone(),
-            n.uplinks.join(","),
-            n.upstream_dns.to_string(),
-        ])
+        .args(net_args(n))
         .stdout(std::process::Stdio::piped())
         .spawn()?;
     let mut stdout = std::io::BufReader::new(child.stdout.take().context("stdout")?);
@@ -851,34 +775,13 @@ async fn host_crash_recovery() -> Result<()> {
 /// The crash child: a manager with one running sprite that wrote and synced
 /// a file and runs a `sleep`; prints "ready" and waits to be killed.
 fn crash_child(args: &[OsString]) -> ! {
-    let a: Vec<String> = args.iter().map(|s| s.to_string_lossy().into_owned()).collect();
+    let a = strings(args);
     let dir = PathBuf::from(&a[0]);
-    let mut net = den_net::NetConfig::new(a[6].parse().expect("dns"));
-    net.subnet = a[1].parse().expect("subnet");
-    net.table = a[2].clone();
-    net.ifprefix = a[3].clone();
-    net.netns_prefix = a[4].clone();
-    net.uplinks = a[5]
-        .split(',')
-        .filter(|s| !s.is_empty())
-        .map(String::from)
-        .collect();
-    net.blocked = vec![
-        "169.254.0.0/16".parse().expect("net"),
-        "127.0.0.0/8".parse().expect("net"),
-    ];
+    let net = net_from_args(&a[1..]);
     let rt = tokio::runtime::Runtime::new().expect("runtime");
     rt.block_on(async move {
-        let mut cfg = ManagerConfig::new(dir.join("data"), std::env::current_exe().expect("exe"), net);
-        cfg.run_dir = dir.join("run");
-        cfg.images_dir = dir.join("images");
-        cfg.image = ImageSource::Busybox;
-        cfg.warm_after = Duration::from_secs(3600);
-        cfg.cold_after = Duration::from_secs(7200);
-        let store = Store::open(StoreConfig::local(dir.join("data/store")))
-            .await
-            .expect("store");
-        let mgr = SpriteManager::start(cfg, store).await.expect("manager");
+        let cfg = test_config(&dir, &dir.join("images"), net);
+        let mgr = start_at(cfg, &dir).await.expect("manager");
         mgr.create("crashy", CreateSprite::default())
             .await
             .expect("create");
@@ -945,21 +848,12 @@ async fn debian_userland() -> Result<()> {
 
 // ------------------------------------------------------------------ main
 
-type TestFn = fn() -> std::pin::Pin<Box<dyn std::future::Future<Output = Result<()>>>>;
-
 fn main() {
     den_sprite::helper_cmd::dispatch();
     let args: Vec<OsString> = std::env::args_os().collect();
     if args.get(1).is_some_and(|a| a == CRASH_CHILD) {
         crash_child(&args[2..]);
     }
-    assert!(nix::unistd::geteuid().is_root(), "the sprite tests need root");
-    let _ = tracing_subscriber::fmt()
-        .with_env_filter(
-            std::env::var("RUST_LOG").unwrap_or_else(|_| "warn,libcgroups=error,fuser=error".into()),
-        )
-        .with_test_writer()
-        .try_init();
     let tests: &[(&str, TestFn)] = &[
         ("lifecycle", || Box::pin(lifecycle())),
         ("sleep_and_wake", || Box::pin(sleep_and_wake())),
@@ -973,10 +867,5 @@ fn main() {
         }),
         ("debian_userland", || Box::pin(debian_userland())),
     ];
-    let rt = tokio::runtime::Runtime::new().expect("runtime");
-    let ok = den_testkit::runner::run_named(tests, |t| rt.block_on(t()));
-    drop(rt);
-    if !ok {
-        std::process::exit(1);
-    }
+    run_tests(tests);
 }
