@@ -20,7 +20,7 @@ mod common;
 use common::*;
 
 struct Env {
-    managers: std::sync::Mutex<Vec<SpriteManager>>,
+    managers: Managers,
     dir: tempfile::TempDir,
     net: TestNet,
 }
@@ -45,24 +45,8 @@ impl Env {
 
     async fn start(&self, cfg: ManagerConfig) -> Result<SpriteManager> {
         let mgr = start_at(cfg, self.dir.path()).await?;
-        self.managers.lock().unwrap().push(mgr.clone());
+        self.managers.add(&mgr);
         Ok(mgr)
-    }
-}
-
-impl Drop for Env {
-    fn drop(&mut self) {
-        let managers: Vec<SpriteManager> = self.managers.lock().unwrap().drain(..).collect();
-        if managers.is_empty() {
-            return;
-        }
-        tokio::task::block_in_place(|| {
-            tokio::runtime::Handle::current().block_on(async {
-                for mgr in managers {
-                    close(mgr).await;
-                }
-            })
-        });
     }
 }
 

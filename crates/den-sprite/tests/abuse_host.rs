@@ -27,10 +27,7 @@ const DIRTY_LIMIT: u64 = 64 << 20;
 
 /// One server's directories and network; the image cache may be shared.
 struct Server {
-    /// Every manager started here; shut down again when the Server is
-    /// dropped (also when a test fails half-way), before its directories
-    /// are removed, so no sprite outlives its test.
-    managers: std::sync::Mutex<Vec<SpriteManager>>,
+    managers: Managers,
     dir: tempfile::TempDir,
     images: PathBuf,
     net: TestNet,
@@ -38,16 +35,7 @@ struct Server {
 
 impl Drop for Server {
     fn drop(&mut self) {
-        let managers: Vec<SpriteManager> = self.managers.lock().unwrap().drain(..).collect();
-        if !managers.is_empty() {
-            tokio::task::block_in_place(|| {
-                tokio::runtime::Handle::current().block_on(async {
-                    for mgr in managers {
-                        close(mgr).await;
-                    }
-                })
-            });
-        }
+        self.managers.close_all();
         // A test that failed after killing a server child: nothing restarted
         // it, so its devices and mounts (the run dir's own bind too) are
         // still there. Devices first, while their files still have paths.
@@ -84,7 +72,7 @@ impl Server {
 
     async fn start(&self) -> Result<SpriteManager> {
         let mgr = start_at(self.config(), self.dir.path()).await?;
-        self.managers.lock().unwrap().push(mgr.clone());
+        self.managers.add(&mgr);
         Ok(mgr)
     }
 }
@@ -232,7 +220,7 @@ async fn data_dir_under_0700_parent_is_refused_with_the_fix() -> Result<()> {
 
     std::fs::set_permissions(&home, std::fs::Permissions::from_mode(0o711))?;
     let mgr = start_at(cfg, &home.join("den")).await?;
-    s.managers.lock().unwrap().push(mgr.clone());
+    s.managers.add(&mgr);
     mgr.create("x", CreateSprite::default()).await?;
     ensure!(sh(&mgr, "x", "echo ok").await? == "ok\n");
     close(mgr).await;

@@ -22,10 +22,7 @@ mod common;
 use common::*;
 
 struct Env {
-    /// Every manager started here; shut down when the Env is dropped (also
-    /// when a test fails half-way), before its directories are removed, so
-    /// no sprite outlives its test.
-    managers: std::sync::Mutex<Vec<SpriteManager>>,
+    managers: Managers,
     dir: tempfile::TempDir,
     net: TestNet,
     images: PathBuf,
@@ -61,24 +58,8 @@ impl Env {
 
     async fn start(&self, cfg: ManagerConfig) -> Result<SpriteManager> {
         let mgr = SpriteManager::start(cfg, self.store().await?).await?;
-        self.managers.lock().unwrap().push(mgr.clone());
+        self.managers.add(&mgr);
         Ok(mgr)
-    }
-}
-
-impl Drop for Env {
-    fn drop(&mut self) {
-        let managers: Vec<SpriteManager> = self.managers.lock().unwrap().drain(..).collect();
-        if managers.is_empty() {
-            return;
-        }
-        tokio::task::block_in_place(|| {
-            tokio::runtime::Handle::current().block_on(async {
-                for mgr in managers {
-                    close(mgr).await;
-                }
-            })
-        });
     }
 }
 

@@ -160,3 +160,35 @@ pub fn run_tests(tests: &[(&str, TestFn)]) {
         std::process::exit(1);
     }
 }
+
+/// Every manager a test started, shut down when this is dropped (also when
+/// the test fails half-way). Declare it before the directories it runs in,
+/// so no sprite outlives its test's files.
+#[derive(Default)]
+pub struct Managers(std::sync::Mutex<Vec<SpriteManager>>);
+
+impl Managers {
+    pub fn add(&self, mgr: &SpriteManager) {
+        self.0.lock().unwrap().push(mgr.clone());
+    }
+
+    pub fn close_all(&self) {
+        let managers: Vec<SpriteManager> = self.0.lock().unwrap().drain(..).collect();
+        if managers.is_empty() {
+            return;
+        }
+        tokio::task::block_in_place(|| {
+            tokio::runtime::Handle::current().block_on(async {
+                for mgr in managers {
+                    close(mgr).await;
+                }
+            })
+        });
+    }
+}
+
+impl Drop for Managers {
+    fn drop(&mut self) {
+        self.close_all();
+    }
+}
