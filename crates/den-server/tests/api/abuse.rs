@@ -376,3 +376,119 @@ pub async fn race_lifecycle_never_answers_500() -> Result<()> {
     s.stop().await;
     Ok(())
 }
+
+/// Bytes allocated on disk below `dir` (sparse files count what they use).
+fn allocated_below(dir: &std::path::Path) -> u64 {
+    use std::os::unix::fs::MetadataExt;
+    let mut total = 0;
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        let Ok(entries) = std::fs::read_dir(&d) else {
+            continue;
+        };
+        for e in entries.flatten() {
+            let Ok(m) = e.path().symlink_metadata() else {
+                continue;
+            };
+            if m.is_dir() {
+                stack.push(e.path());
+            } else {
+                total += m.blocks() * 512;
+            }
+        }
+    }
+    total
+}
+
+/// The value of an unlabelled gauge in the server's /metrics.
+async fn gauge(s: &TestServer, name: &str) -> Result<f64> {
+    let text = s.client().get(s.api("/metrics")).send().await?.text().await?;
+    text.lines()
+        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.trim().parse().ok())
+        .with_context(|| format!("/metrics has no {name}"))
+}
+
+/// Poll until `done`, for at most `within`; how long it took.
+async fn within(
+    within: Duration,
+    what: &str,
+    mut done: impl AsyncFnMut() -> Result<bool>,
+) -> Result<Duration> {
+    let t0 = Instant::now();
+    while !done().await? {
+        ensure!(t0.elapsed() < within, "{what}: not after {within:?}");
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    Ok(t0.elapsed())
+}
+
+/// Write incompressible data in a sprite and wait until all of it is in
+/// the object store (so that only GC can free it again).
+async fn write_uploaded(s: &TestServer, sprite: &str, file: &str, mib: u64) -> Result<()> {
+    let r = run(
+        s,
+        sprite,
+        &sh(&format!(
+            "dd if=/dev/urandom of={file} bs=1M count={mib} 2>/dev/null && sync -f {file} && echo written"
+        )),
+    )
+    .await?;
+    ensure!(
+        r.exit == Some(0) && text(&r.stdout).trim() == "written",
+        "dd: {r:?}"
+    );
+    within(Duration::from_secs(60), "upload", async || {
+        Ok(gauge(s, "den_storage_local_only_bytes").await? == 0.0)
+    })
+    .await?;
+    Ok(())
+}
+
+/// Issue 10, "space never comes back": an `rm` in a sprite freed nothing
+/// (no discard reached the volume through the overlay root), and deleting
+/// the sprite freed nothing until an operator ran `den volume gc`. Now a
+/// file removed in a sprite, and a deleted sprite, give their uploaded
+/// chunks back to the host within a minute, through the server alone
+/// (discard, then the background GC).
+pub async fn abuse_space_comes_back_after_delete() -> Result<()> {
+    const MIB: u64 = 128;
+    let s = TestServer::start().await?;
+    s.create("hog").await?;
+    let r = run(&s, "hog", &sh("true")).await?;
+    ensure!(r.exit == Some(0), "boot: {r:?}");
+    let data = s.cfg.data_dir.clone();
+    let before = allocated_below(&data);
+    let back = || {
+        let data = data.clone();
+        async move || Ok(allocated_below(&data) <= before + (MIB << 20) / 4)
+    };
+
+    // An rm in the sprite: discard unmaps the chunks, GC frees them.
+    write_uploaded(&s, "hog", "/home/sprite/a", MIB).await?;
+    let grown = allocated_below(&data).saturating_sub(before);
+    ensure!(
+        grown >= (MIB << 20) * 3 / 4,
+        "the data dir grew by only {grown} bytes"
+    );
+    let r = run(
+        &s,
+        "hog",
+        &sh("rm /home/sprite/a && sync -f /home/sprite && echo gone"),
+    )
+    .await?;
+    ensure!(r.exit == Some(0), "rm: {r:?}");
+    let t = within(Duration::from_secs(60), "space back after rm", back()).await?;
+    println!(
+        "{MIB} MiB written ({} MiB on disk), removed: back after {t:?}",
+        grown >> 20
+    );
+
+    // A deleted sprite: its volume's chunks are freed by GC.
+    write_uploaded(&s, "hog", "/home/sprite/b", MIB).await?;
+    let resp = s.client().delete(s.api("/v1/sprites/hog")).send().await?;
+    ensure!(resp.status().is_success(), "delete: {}", resp.status());
+    let t = within(Duration::from_secs(60), "space back after the delete", back()).await?;
+    println!("{MIB} MiB written, sprite deleted: back after {t:?}");
+    s.stop().await;
+    Ok(())
+}

@@ -60,6 +60,9 @@ const TESTS: &[(&str, TestFn)] = &[
     ("race_lifecycle_never_answers_500", || {
         Box::pin(abuse::race_lifecycle_never_answers_500())
     }),
+    ("abuse_space_comes_back_after_delete", || {
+        Box::pin(abuse::abuse_space_comes_back_after_delete())
+    }),
     ("abuse_unread_exec_streams_stay_bounded", || {
         Box::pin(abuse_exec::abuse_unread_exec_streams_stay_bounded())
     }),
