@@ -145,16 +145,8 @@ pub fn foreign_copies(major: u32, minor: u32) -> Vec<ForeignCopy> {
 pub fn detach_foreign_copies(major: u32, minor: u32) -> usize {
     let mut n = 0;
     for c in foreign_copies(major, minor) {
-        // nsenter: setns(CLONE_NEWNS) needs a single-threaded caller.
-        let status = std::process::Command::new("nsenter")
-            .arg(format!("--target={}", c.pid))
-            .args(["--mount", "--", "umount", "-l"])
-            .arg(&c.mount_point)
-            .stdout(std::process::Stdio::null())
-            .stderr(std::process::Stdio::null())
-            .status();
-        match status {
-            Ok(s) if s.success() => {
+        match detach_in_namespace_of(c.pid, &c.mount_point) {
+            Ok(()) => {
                 tracing::warn!(
                     pid = c.pid,
                     mount = %c.mount_point.display(),
@@ -162,15 +154,64 @@ pub fn detach_foreign_copies(major: u32, minor: u32) -> usize {
                 );
                 n += 1;
             }
-            other => tracing::warn!(
+            Err(e) => tracing::warn!(
                 pid = c.pid,
                 mount = %c.mount_point.display(),
-                result = ?other,
+                error = %e,
                 "could not detach a copy of our mount in another mount namespace"
             ),
         }
     }
     n
+}
+
+/// `umount2(mount_point, MNT_DETACH | UMOUNT_NOFOLLOW)` inside the mount
+/// namespace of `pid`, from a forked child of this process.
+///
+/// Why not `nsenter … umount`: nsenter enters the namespace and then execs
+/// `umount` as resolved *in that namespace*, so a namespace whose files a
+/// sprite controls would have den run the sprite's binary as host root.
+/// Here nothing is executed: the child only calls setns and umount2, and
+/// UMOUNT_NOFOLLOW keeps a symlink planted at the mount point from
+/// redirecting the unmount.
+fn detach_in_namespace_of(pid: i32, mount_point: &std::path::Path) -> io::Result<()> {
+    use std::os::fd::AsRawFd;
+    use std::os::unix::ffi::OsStrExt;
+    let ns = std::fs::File::open(format!("/proc/{pid}/ns/mnt"))?;
+    let path = std::ffi::CString::new(mount_point.as_os_str().as_bytes())
+        .map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))?;
+    let ns_fd = ns.as_raw_fd();
+    // SAFETY: fork in a multi-threaded process is sound as long as the child
+    // only calls async-signal-safe functions until it exits. The child only
+    // calls setns, umount2 and _exit on an fd and a C string made before the
+    // fork; it allocates nothing, takes no locks and never returns into Rust.
+    // setns(CLONE_NEWNS) needs a single-threaded caller, which the child is.
+    let child = unsafe { libc::fork() };
+    if child < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    if child == 0 {
+        // SAFETY: see above; this block never returns.
+        unsafe {
+            let code = if libc::setns(ns_fd, libc::CLONE_NEWNS) != 0 {
+                1
+            } else if libc::umount2(path.as_ptr(), libc::MNT_DETACH | libc::UMOUNT_NOFOLLOW) != 0 {
+                2
+            } else {
+                0
+            };
+            libc::_exit(code);
+        }
+    }
+    let status = nix::sys::wait::waitpid(nix::unistd::Pid::from_raw(child), None).map_err(io::Error::from)?;
+    match status {
+        nix::sys::wait::WaitStatus::Exited(_, 0) => Ok(()),
+        nix::sys::wait::WaitStatus::Exited(_, 1) => {
+            Err(io::Error::other("setns into its mount namespace failed"))
+        }
+        nix::sys::wait::WaitStatus::Exited(_, _) => Err(io::Error::other("umount2 failed")),
+        other => Err(io::Error::other(format!("detach child ended with {other:?}"))),
+    }
 }
 
 /// Mounts sitting directly on `dir`, bottom first. When several are stacked, each
