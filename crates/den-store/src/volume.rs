@@ -31,6 +31,17 @@ pub(crate) struct DirtyChunk {
     unsynced: bool,
 }
 
+impl DirtyChunk {
+    /// A chunk file just made or adopted: written now, not yet fsynced.
+    fn new(file: File) -> DirtyChunk {
+        DirtyChunk {
+            file: Arc::new(file),
+            last_write: Instant::now(),
+            unsynced: true,
+        }
+    }
+}
+
 #[derive(Default)]
 pub(crate) struct VolState {
     pub(crate) head: HashMap<u64, Entry>,
@@ -188,14 +199,7 @@ impl Volume {
                 let file = OpenOptions::new().read(true).write(true).open(ent.path())?;
                 shared.budget.force(&key, cs);
                 adopted += 1;
-                st.dirty.insert(
-                    idx,
-                    DirtyChunk {
-                        file: Arc::new(file),
-                        last_write: Instant::now(),
-                        unsynced: true,
-                    },
-                );
+                st.dirty.insert(idx, DirtyChunk::new(file));
             }
             Ok(())
         })();
@@ -517,14 +521,7 @@ impl Volume {
         // discarded content, and if this dirty chunk is discarded in turn,
         // only the unmap clears that slot at the next seal.
         st.dir_unsynced = true;
-        st.dirty.insert(
-            idx,
-            DirtyChunk {
-                file: Arc::new(file),
-                last_write: Instant::now(),
-                unsynced: true,
-            },
-        );
+        st.dirty.insert(idx, DirtyChunk::new(file));
         Ok(())
     }
 
