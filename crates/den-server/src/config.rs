@@ -207,12 +207,15 @@ impl ServerConfig {
     }
 
     /// `http://<name>.<domain>:<port>/`
-    pub fn sprite_url(&self, name: &str) -> String {
+    /// The URL of the sprite with this key: its first DNS label is
+    /// [`url_label`].
+    pub fn sprite_url(&self, key: &str) -> String {
+        let label = url_label(key);
         let port = self.public_port();
         if port == 80 {
-            format!("http://{name}.{}/", self.url_domain)
+            format!("http://{label}.{}/", self.url_domain)
         } else {
-            format!("http://{name}.{}:{port}/", self.url_domain)
+            format!("http://{label}.{}:{port}/", self.url_domain)
         }
     }
 }
@@ -401,4 +404,29 @@ impl FileConfig {
         }
         Ok(())
     }
+}
+
+/// The first DNS label of a sprite's URL, in Sprites' form `<name>-<org>`.
+/// Sprites of the default organisation keep the `<name>` they had before
+/// organisations existed (and answer to `<name>-<org>` too).
+pub fn url_label(key: &str) -> String {
+    let (org, name) = den_sprite::key_parts(key);
+    if org == den_sprite::DEFAULT_ORG {
+        name.to_string()
+    } else {
+        format!("{name}-{org}")
+    }
+}
+
+/// The key of the sprite a URL label names, given the organisations that
+/// exist: `<name>-<org>` when `<org>` is one (org slugs have no hyphen, so
+/// the split is at the last one), else `<name>` in the default organisation.
+pub fn key_of_url_label(label: &str, org_exists: impl Fn(&str) -> bool) -> String {
+    if let Some((name, org)) = label.rsplit_once('-')
+        && !name.is_empty()
+        && org_exists(org)
+    {
+        return den_sprite::sprite_key(org, name);
+    }
+    label.to_string()
 }

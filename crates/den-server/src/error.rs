@@ -46,6 +46,11 @@ impl ApiError {
     pub fn conflict(message: impl Into<String>) -> Self {
         Self::new(StatusCode::CONFLICT, "conflict", message)
     }
+    /// Visible to the caller, but not allowed to it.
+    pub fn forbidden(message: impl Into<String>) -> Self {
+        Self::new(StatusCode::FORBIDDEN, "forbidden", message)
+    }
+
     pub fn unauthorized() -> Self {
         Self::new(
             StatusCode::UNAUTHORIZED,
@@ -175,11 +180,14 @@ impl From<SpriteError> for ApiError {
         use den_store::StoreError;
         let msg = e.to_string();
         match e {
-            SpriteError::NotFound(name) => ApiError::not_found(format!("sprite not found: {name}")),
-            SpriteError::Exists(name) => ApiError::new(
+            // Messages name a sprite as its users do, never by its key.
+            SpriteError::NotFound(key) => {
+                ApiError::not_found(format!("sprite not found: {}", den_sprite::key_parts(&key).1))
+            }
+            SpriteError::Exists(key) => ApiError::new(
                 StatusCode::CONFLICT,
                 "already_exists",
-                format!("sprite {name:?} already exists"),
+                format!("sprite {:?} already exists", den_sprite::key_parts(&key).1),
             ),
             SpriteError::Invalid(m) => ApiError::bad_request(m),
             SpriteError::Conflict(m) => ApiError::conflict(m),

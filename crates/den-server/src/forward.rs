@@ -24,7 +24,7 @@ use std::sync::OnceLock;
 use std::time::Duration;
 
 use axum::body::{Body, Bytes};
-use axum::extract::{ConnectInfo, FromRequestParts, OriginalUri, RawPathParams, Request, State};
+use axum::extract::{ConnectInfo, OriginalUri, Request, State};
 use axum::http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use axum::http::request::Parts;
 use axum::http::{Method, StatusCode, Uri, Version};
@@ -166,12 +166,11 @@ pub async fn sprite_api(State(st): State<AppState>, req: Request, next: Next) ->
     let Some(router) = st.router.clone() else {
         return next.run(req).await;
     };
-    let (mut parts, body) = req.into_parts();
-    let name = match RawPathParams::from_request_parts(&mut parts, &st).await {
-        Ok(p) => p.iter().find(|(k, _)| *k == "name").map(|(_, v)| v.to_string()),
-        Err(_) => None,
-    };
-    let req = Request::from_parts(parts, body);
+    // The authorization layer resolved the sprite in the caller's organisation.
+    let name = req
+        .extensions()
+        .get::<crate::auth::SpriteRef>()
+        .map(|s| s.0.clone());
     match name {
         Some(name) => dispatch(&*router, st.shutdown.clone(), &name, "api", req, |r| next.run(r)).await,
         None => next.run(req).await,

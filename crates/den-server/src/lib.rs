@@ -1,13 +1,15 @@
 //! `den server`: the Sprites-compatible HTTP and WebSocket API.
 //!
-//! A request goes: [`auth`] (bearer token) → [`api`] (one module per
-//! resource: sprites, exec, checkpoints, services, policy, fs, proxy,
-//! tokens) → the sprite manager (`den-sprite`), which wakes the sprite and
-//! hands out its agent. Sprite URLs (`http://<name>.<domain>:<port>/`) are
-//! routed by `Host` header before the API. [`server`] starts and stops it
+//! A request goes: [`auth`] (bearer token, organisation, the route's rule;
+//! the audit log) → [`api`] (one module per resource: sprites, exec,
+//! checkpoints, services, policy, fs, proxy, tokens, orgs) → the sprite
+//! manager (`den-sprite`), which wakes the sprite and hands out its agent.
+//! Sprite URLs (`http://<name>-<org>.<domain>:<port>/`) are routed by
+//! `Host` header before the API. [`server`] starts and stops it
 //! all; [`config`] reads defaults, a TOML file and `DEN_*` variables.
 
 pub mod api;
+pub mod audit;
 pub mod auth;
 mod backends;
 pub mod cluster_api;

@@ -141,6 +141,7 @@ pub async fn start(cfg: ServerConfig, den_exe: std::path::PathBuf) -> Result<Run
     let state = AppState {
         mgr,
         tokens,
+        audit: Arc::new(crate::audit::AuditLog::default()),
         cfg: Arc::new(cfg),
         shutdown: shutdown.clone(),
         create_limiter,

@@ -6,9 +6,6 @@ use serde_json::{Value, json};
 
 use crate::config::ServerConfig;
 
-/// Organisation slug reported for every sprite (den has one tenant per server).
-pub const ORG: &str = "den";
-
 pub fn rfc3339_ms(ms: i64) -> String {
     let t = std::time::UNIX_EPOCH + std::time::Duration::from_millis(ms.max(0) as u64);
     humantime::format_rfc3339_seconds(t).to_string()
@@ -25,8 +22,8 @@ pub fn sprite_json(cfg: &ServerConfig, info: &SpriteInfo) -> Value {
     let get = |k: &str, default: Value| attrs.get(k).cloned().unwrap_or(default);
     let mut v = json!({
         "id": r.id,
-        "name": r.name,
-        "organization": ORG,
+        "name": r.short_name(),
+        "organization": r.org(),
         "status": info.status.as_str(),
         "url": cfg.sprite_url(&r.name),
         "url_settings": get("url_settings", default_url_settings()),

@@ -11,7 +11,9 @@ use crate::config::ServerConfig;
 #[derive(Clone)]
 pub struct AppState {
     pub mgr: SpriteManager,
+    /// Tokens and organisations.
     pub tokens: Arc<TokenStore>,
+    pub audit: Arc<crate::audit::AuditLog>,
     pub cfg: Arc<ServerConfig>,
     /// Cancelled when the server starts shutting down: long-lived streams
     /// (exec sessions, proxies, log follows) end and tell their clients.

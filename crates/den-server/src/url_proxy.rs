@@ -41,9 +41,10 @@ pub async fn route_by_host(State(st): State<AppState>, req: Request, next: Next)
     let Some(host) = request_host(&req) else {
         return next.run(req).await;
     };
-    let Some(name) = sprite_name(&host, &st.cfg.url_domain) else {
+    let Some(label) = sprite_name(&host, &st.cfg.url_domain) else {
         return next.run(req).await;
     };
+    let name = crate::config::key_of_url_label(&label, |org| st.tokens.org(org).is_some());
     match st.router.clone() {
         None => forward(st, name, host, req)
             .await
@@ -143,14 +144,22 @@ fn http_port(st: &AppState, name: &str) -> ApiResult<u16> {
 async fn forward(st: AppState, name: String, host: String, mut req: Request) -> ApiResult<Response> {
     let host = HeaderValue::from_str(&host).map_err(|_| ApiError::bad_request("invalid Host"))?;
     let info = st.mgr.get(&name)?;
-    let token_ok = crate::auth::bearer(&req).is_some_and(|t| st.tokens.verify(&t).is_some());
-    if url_auth(&info) != "public" && !token_ok {
-        // Exactly the hosted service's body: browsers and scripts match on it.
-        return Ok((
-            StatusCode::UNAUTHORIZED,
-            axum::Json(serde_json::json!({"error": "unauthorized"})),
-        )
-            .into_response());
+    let caller = crate::auth::principal(&st, req.headers());
+    let token_ok = caller.is_ok();
+    if url_auth(&info) != "public" {
+        let Ok(caller) = caller else {
+            // Exactly the hosted service's body: browsers and scripts match on it.
+            return Ok((
+                StatusCode::UNAUTHORIZED,
+                axum::Json(serde_json::json!({"error": "unauthorized"})),
+            )
+                .into_response());
+        };
+        // A token that can't reach the sprite sees no sprite at all.
+        if !caller.sees(&name) {
+            return Err(crate::auth::hidden_sprite(info.record.short_name()));
+        }
+        caller.check(crate::auth::Need::Exec)?;
     }
     let port = http_port(&st, &name)?;
     let cold = upstream::is_cold(&st.mgr, &name);

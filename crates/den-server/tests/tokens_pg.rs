@@ -23,7 +23,7 @@ async fn a_token_minted_on_one_node_works_on_another_and_revocation_spreads() ->
     let a = TokenStore::open_postgres(&pg.url()).await?;
     let b = TokenStore::open_postgres(&pg.url()).await?;
 
-    let (info, secret) = a.create("ci").await?;
+    let (info, secret) = a.create(&den_server::auth::TokenSpec::named("ci")).await?;
     // The minting node accepts it at once; it is not waiting for a refresh.
     assert_eq!(a.verify(&secret).map(|t| t.id), Some(info.id.clone()));
     eventually("token minted on A verifies on B", || {
@@ -34,7 +34,7 @@ async fn a_token_minted_on_one_node_works_on_another_and_revocation_spreads() ->
     assert!(b.verify("den_not-a-token").is_none());
 
     // A token minted on B, revoked on A.
-    let (info_b, secret_b) = b.create("other").await?;
+    let (info_b, secret_b) = b.create(&den_server::auth::TokenSpec::named("other")).await?;
     eventually("token minted on B verifies on A", || {
         a.verify(&secret_b).is_some()
     });
@@ -65,16 +65,20 @@ async fn tokens_keep_working_through_a_database_restart() -> anyhow::Result<()> 
     let mut pg = TestPostgres::start()?;
     let a = TokenStore::open_postgres(&pg.url()).await?;
     let b = TokenStore::open_postgres(&pg.url()).await?;
-    let (_, secret) = a.create("before").await?;
+    let (_, secret) = a.create(&den_server::auth::TokenSpec::named("before")).await?;
     eventually("B sees the token", || b.verify(&secret).is_some());
 
     tokio::task::block_in_place(|| pg.stop())?;
     // The database is down: the last loaded tokens stay valid, creating fails cleanly.
     assert!(b.verify(&secret).is_some());
-    assert!(a.create("while-down").await.is_err());
+    assert!(
+        a.create(&den_server::auth::TokenSpec::named("while-down"))
+            .await
+            .is_err()
+    );
     tokio::task::block_in_place(|| pg.restart())?;
 
-    let (info, fresh) = a.create("after").await?;
+    let (info, fresh) = a.create(&den_server::auth::TokenSpec::named("after")).await?;
     eventually("B sees a token minted after the restart", || {
         b.verify(&fresh).is_some()
     });

@@ -29,4 +29,7 @@ pub use agent_bundle::{AGENT_SOCKET, SPRITE_BIN};
 pub use config::{HostCapacity, ImageSource, ManagerConfig, host_upstream_dns};
 pub use error::{Result, SpriteError};
 pub use manager::{Activity, CreateSprite, SpriteManager};
-pub use record::{SpriteInfo, SpriteRecord, SpriteStatus, validate_name};
+pub use record::{
+    DEFAULT_ORG, SpriteInfo, SpriteRecord, SpriteStatus, key_parts, sprite_key, validate_key, validate_name,
+    validate_org,
+};

@@ -174,7 +174,7 @@ async fn boot_rest(ctx: &BootContext<'_>, rec: &SpriteRecord, live: &mut Live) -
     let netns_path = net.netns_path.clone();
     let dns = *net.dns.ip();
     live.net = Some(net);
-    write_etc(&live.paths, &rec.name, dns, rec.policy.as_ref())?;
+    write_etc(&live.paths, rec.short_name(), dns, rec.policy.as_ref())?;
 
     let disk = live.disk.as_ref().expect("boot mounts the disk first");
     let etc = live.paths.etc();
@@ -188,7 +188,7 @@ async fn boot_rest(ctx: &BootContext<'_>, rec: &SpriteRecord, live: &mut Live) -
         rootfs_lower: ctx.lower.clone(),
         upper_dir: disk.upper(),
         work_dir: disk.work(),
-        hostname: rec.name.clone(),
+        hostname: rec.short_name().to_string(),
         idmap: ctx.idmap.clone(),
         netns_path: Some(netns_path),
         init: ctx

@@ -36,7 +36,7 @@ use crate::config::ManagerConfig;
 use crate::disk;
 use crate::error::{Result, SpriteError};
 use crate::live::{self, BootContext, Live, SpritePaths, blocking};
-use crate::record::{SpriteInfo, SpriteRecord, SpriteStatus, now_ms, validate_name};
+use crate::record::{SpriteInfo, SpriteRecord, SpriteStatus, now_ms, validate_key};
 
 /// How long a node waits for another node's fresh template to be uploaded.
 const TEMPLATE_DURABLE: Duration = Duration::from_secs(120);
@@ -268,9 +268,10 @@ impl SpriteManager {
 
     /// Create a sprite (cold). Its disk is a fork of the pre-formatted
     /// template: nothing is formatted or copied.
+    /// `name` is the sprite's key ([`crate::sprite_key`]).
     pub async fn create(&self, name: &str, opts: CreateSprite) -> Result<SpriteInfo> {
         self.check_running()?;
-        validate_name(name)?;
+        validate_key(name)?;
         if self.inner.slots.lock().contains_key(name) {
             return Err(SpriteError::Exists(name.to_string()));
         }
@@ -710,7 +711,7 @@ impl SpriteManager {
         attrs: Option<serde_json::Value>,
     ) -> Result<SpriteInfo> {
         self.check_running()?;
-        validate_name(new_name)?;
+        validate_key(new_name)?;
         if self.inner.slots.lock().contains_key(new_name) {
             return Err(SpriteError::Exists(new_name.to_string()));
         }

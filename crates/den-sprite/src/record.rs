@@ -11,7 +11,8 @@ use crate::error::{Result, SpriteError};
 pub struct SpriteRecord {
     /// Stable public id (UUID).
     pub id: String,
-    /// User-chosen name, unique on the host; a DNS label so it can head the sprite's URL.
+    /// The sprite's key in the manager and the catalog: its name, qualified
+    /// by its organisation unless that is the default one (see [`sprite_key`]).
     pub name: String,
     /// Short host-side key: names the volume, cgroup, netns and run directory, so a
     /// sprite recreated under an old name never meets the old one's leftovers.
@@ -71,6 +72,74 @@ pub struct SpriteInfo {
     pub status: SpriteStatus,
 }
 
+/// The organisation every sprite of a data dir written before organisations
+/// belongs to; its sprites keep their unqualified keys, so nothing migrates.
+pub const DEFAULT_ORG: &str = "den";
+
+/// Separates a sprite's name from its organisation in a key: a character
+/// neither may contain, and one that needs no escaping in a URL path.
+const ORG_SEPARATOR: char = '@';
+
+/// A sprite's key (the manager's and the catalog's identity) from its
+/// organisation and its name: `name` in the default organisation,
+/// `name@org` elsewhere. Names are unique within an organisation only.
+pub fn sprite_key(org: &str, name: &str) -> String {
+    if org == DEFAULT_ORG {
+        name.to_string()
+    } else {
+        format!("{name}{ORG_SEPARATOR}{org}")
+    }
+}
+
+/// The organisation and the name of a key made by [`sprite_key`].
+pub fn key_parts(key: &str) -> (&str, &str) {
+    match key.split_once(ORG_SEPARATOR) {
+        Some((name, org)) => (org, name),
+        None => (DEFAULT_ORG, key),
+    }
+}
+
+impl SpriteRecord {
+    /// The organisation the sprite belongs to.
+    pub fn org(&self) -> &str {
+        key_parts(&self.name).0
+    }
+
+    /// The name its users gave it (unique within its organisation).
+    pub fn short_name(&self) -> &str {
+        key_parts(&self.name).1
+    }
+}
+
+/// Organisation slugs are short DNS-label fragments without hyphens, so that
+/// `<name>-<org>`, the first label of a sprite's URL, splits one way only.
+pub fn validate_org(org: &str) -> Result<()> {
+    let ok = !org.is_empty()
+        && org.len() <= 32
+        && org.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit());
+    if ok {
+        Ok(())
+    } else {
+        Err(SpriteError::Invalid(format!(
+            "organisation {org:?} must be 1-32 characters of a-z and 0-9"
+        )))
+    }
+}
+
+/// A key is a valid name, in a valid organisation.
+pub fn validate_key(key: &str) -> Result<()> {
+    let (org, name) = key_parts(key);
+    validate_name(name)?;
+    validate_org(org)?;
+    if key.contains(ORG_SEPARATOR) && org == DEFAULT_ORG {
+        // One spelling per sprite: the default organisation's keys are bare.
+        return Err(SpriteError::Invalid(format!(
+            "sprite key {key:?} is not canonical"
+        )));
+    }
+    Ok(())
+}
+
 /// Sprite names are DNS labels: `[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?`.
 pub fn validate_name(name: &str) -> Result<()> {
     let ok = !name.is_empty()
@@ -107,6 +176,23 @@ mod tests {
         }
         for bad in ["", "-a", "a-", "A", "a_b", "a.b", "../x", &"a".repeat(64), "a b"] {
             assert!(validate_name(bad).is_err(), "{bad:?} accepted");
+        }
+    }
+
+    #[test]
+    fn keys_qualify_names_outside_the_default_org() {
+        assert_eq!(sprite_key(DEFAULT_ORG, "web"), "web");
+        assert_eq!(sprite_key("acme", "web"), "web@acme");
+        assert_eq!(key_parts("web@acme"), ("acme", "web"));
+        assert_eq!(key_parts("web"), (DEFAULT_ORG, "web"));
+        for good in ["web", "web@acme", "a-b@x1"] {
+            validate_key(good).unwrap();
+        }
+        for bad in ["web@den", "web@", "@acme", "web@ac-me", "web@acme@x", "Web@acme"] {
+            assert!(validate_key(bad).is_err(), "{bad:?} accepted");
+        }
+        for bad in ["", "a-b", "A", &"a".repeat(33)] {
+            assert!(validate_org(bad).is_err(), "{bad:?} accepted");
         }
     }
 }

@@ -12,6 +12,7 @@ use serde::Deserialize;
 use serde_json::{Value, json};
 
 use crate::api::checkpoint_id;
+use crate::auth::SpriteRef;
 use crate::error::ApiResult;
 use crate::extract::JsonBody;
 use crate::sprite_json::rfc3339_ms;
@@ -63,7 +64,7 @@ pub struct CreateCheckpointRequest {
     responses((status = 200, content_type = "application/x-ndjson"), (status = 404)))]
 pub async fn create(
     State(st): State<AppState>,
-    Path(name): Path<String>,
+    SpriteRef(name): SpriteRef,
     JsonBody(req): JsonBody<CreateCheckpointRequest>,
 ) -> ApiResult<Response> {
     st.mgr.get(&name)?;
@@ -127,7 +128,7 @@ where
 
 /// Checkpoints, newest first.
 #[utoipa::path(get, path = "/v1/sprites/{name}/checkpoints", responses((status = 200), (status = 404)))]
-pub async fn list(State(st): State<AppState>, Path(name): Path<String>) -> ApiResult<Json<Value>> {
+pub async fn list(State(st): State<AppState>, SpriteRef(name): SpriteRef) -> ApiResult<Json<Value>> {
     let cks = st.mgr.list_checkpoints(&name).await?;
     Ok(Json(Value::Array(cks.iter().map(checkpoint_json).collect())))
 }
@@ -135,7 +136,8 @@ pub async fn list(State(st): State<AppState>, Path(name): Path<String>) -> ApiRe
 #[utoipa::path(get, path = "/v1/sprites/{name}/checkpoints/{id}", responses((status = 200), (status = 404)))]
 pub async fn get(
     State(st): State<AppState>,
-    Path((name, id)): Path<(String, String)>,
+    Path((_sprite, id)): Path<(String, String)>,
+    SpriteRef(name): SpriteRef,
 ) -> ApiResult<Json<Value>> {
     let ck = st.mgr.get_checkpoint(&name, &checkpoint_id(&id)).await?;
     Ok(Json(checkpoint_json(&ck)))
@@ -146,7 +148,8 @@ pub async fn get(
     responses((status = 204), (status = 404), (status = 409)))]
 pub async fn delete(
     State(st): State<AppState>,
-    Path((name, id)): Path<(String, String)>,
+    Path((_sprite, id)): Path<(String, String)>,
+    SpriteRef(name): SpriteRef,
 ) -> ApiResult<StatusCode> {
     st.mgr.delete_checkpoint(&name, &checkpoint_id(&id)).await?;
     Ok(StatusCode::NO_CONTENT)
@@ -157,7 +160,8 @@ pub async fn delete(
     responses((status = 200, content_type = "application/x-ndjson"), (status = 404)))]
 pub async fn restore(
     State(st): State<AppState>,
-    Path((name, id)): Path<(String, String)>,
+    Path((_sprite, id)): Path<(String, String)>,
+    SpriteRef(name): SpriteRef,
 ) -> ApiResult<Response> {
     st.mgr.get(&name)?;
     let id = checkpoint_id(&id);

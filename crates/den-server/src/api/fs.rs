@@ -10,7 +10,7 @@ use std::path::{Component, PathBuf};
 
 use axum::Json;
 use axum::body::{Body, Bytes};
-use axum::extract::{Path, Query, State};
+use axum::extract::{Query, State};
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use den_agent::client::FsWriteOptions;
@@ -18,6 +18,7 @@ use serde::Deserialize;
 use serde_json::{Value, json};
 
 use crate::api::checkpoints::async_stream;
+use crate::auth::SpriteRef;
 use crate::error::ApiError;
 use crate::extract::JsonBody;
 use crate::state::AppState;
@@ -247,7 +248,7 @@ fn parse_range(headers: &HeaderMap) -> Option<ByteRange> {
     responses((status = 200, content_type = "application/octet-stream"), (status = 206), (status = 404), (status = 416)))]
 pub async fn read(
     State(st): State<AppState>,
-    Path(name): Path<String>,
+    SpriteRef(name): SpriteRef,
     Query(q): Query<ReadQuery>,
     headers: HeaderMap,
 ) -> FsResult<Response> {
@@ -343,7 +344,7 @@ pub struct WriteQuery {
     responses((status = 200), (status = 400), (status = 404)))]
 pub async fn write(
     State(st): State<AppState>,
-    Path(name): Path<String>,
+    SpriteRef(name): SpriteRef,
     Query(q): Query<WriteQuery>,
     body: Body,
 ) -> FsResult<Json<Value>> {
@@ -387,7 +388,7 @@ pub async fn write(
     responses((status = 200), (status = 404)))]
 pub async fn list(
     State(st): State<AppState>,
-    Path(name): Path<String>,
+    SpriteRef(name): SpriteRef,
     Query(q): Query<PathQuery>,
 ) -> FsResult<Json<Value>> {
     let path = resolve(q.path.as_deref(), q.working_dir.as_deref())?;
@@ -417,7 +418,7 @@ pub struct DeleteRequest {
     responses((status = 200), (status = 400), (status = 404)))]
 pub async fn delete(
     State(st): State<AppState>,
-    Path(name): Path<String>,
+    SpriteRef(name): SpriteRef,
     Query(q): Query<PathQuery>,
     JsonBody(b): JsonBody<DeleteRequest>,
 ) -> FsResult<Json<Value>> {
@@ -450,7 +451,7 @@ pub struct RenameRequest {
     responses((status = 200), (status = 400), (status = 404)))]
 pub async fn rename(
     State(st): State<AppState>,
-    Path(name): Path<String>,
+    SpriteRef(name): SpriteRef,
     JsonBody(b): JsonBody<RenameRequest>,
 ) -> FsResult<Json<Value>> {
     let (source, dest) = source_and_dest(&b.source, &b.dest, &b.working_dir)?;
@@ -481,7 +482,7 @@ pub struct CopyRequest {
     responses((status = 200), (status = 400), (status = 404)))]
 pub async fn copy(
     State(st): State<AppState>,
-    Path(name): Path<String>,
+    SpriteRef(name): SpriteRef,
     JsonBody(b): JsonBody<CopyRequest>,
 ) -> FsResult<Json<Value>> {
     let (source, dest) = source_and_dest(&b.source, &b.dest, &b.working_dir)?;
@@ -510,7 +511,7 @@ pub struct ChmodRequest {
     responses((status = 200), (status = 400), (status = 404)))]
 pub async fn chmod(
     State(st): State<AppState>,
-    Path(name): Path<String>,
+    SpriteRef(name): SpriteRef,
     JsonBody(b): JsonBody<ChmodRequest>,
 ) -> FsResult<Json<Value>> {
     let path = resolve(b.path.as_deref(), b.working_dir.as_deref())?;

@@ -1,9 +1,11 @@
 //! The `/v1` API: one module per resource. Every route but the health check
-//! sits behind the bearer-token check ([`crate::auth::require_token`]).
+//! sits behind [`crate::auth::authorize`], which authenticates the caller and
+//! applies the route's rule from [`crate::auth::rules`].
 
 pub mod checkpoints;
 pub mod exec;
 pub mod fs;
+pub mod orgs;
 pub mod policy;
 pub mod proxy;
 pub mod services;
@@ -60,6 +62,13 @@ pub fn checkpoint_id(raw: &str) -> String {
         tokens::create,
         tokens::list,
         tokens::revoke,
+        orgs::current,
+        orgs::create,
+        orgs::list,
+        orgs::get,
+        orgs::update,
+        orgs::delete,
+        orgs::audit,
         services::list,
         services::get,
         services::put,
@@ -136,7 +145,7 @@ pub fn router(state: AppState) -> Router {
         .route("/exec/{session_id}", get(exec::attach))
         .route("/exec/{session_id}/kill", post(exec::kill));
     // Cluster mode only, so a single node pays nothing for it. Inside the
-    // token check: a node forwards only requests it would accept itself.
+    // authorization: a node forwards only requests it would accept itself.
     let sprite = if state.router.is_some() {
         sprite.route_layer(middleware::from_fn_with_state(
             state.clone(),
@@ -152,11 +161,18 @@ pub fn router(state: AppState) -> Router {
         .route("/v1/nodes", get(crate::cluster_api::list_nodes))
         .route("/v1/nodes/{node}/drain", post(crate::cluster_api::drain_node))
         .route("/v1/tokens/{id}", axum::routing::delete(tokens::revoke))
+        .route("/v1/organization", get(orgs::current))
+        .route("/v1/orgs", get(orgs::list).post(orgs::create))
+        .route(
+            "/v1/orgs/{org}",
+            get(orgs::get).put(orgs::update).delete(orgs::delete),
+        )
+        .route("/v1/orgs/{org}/audit", get(orgs::audit))
         .route("/v1/openapi.json", get(openapi))
         .route("/metrics", get(crate::metrics::render))
         .route_layer(middleware::from_fn_with_state(
             state.clone(),
-            crate::auth::require_token,
+            crate::auth::authorize,
         ));
     Router::new()
         .route("/v1/health", get(health))

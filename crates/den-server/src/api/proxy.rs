@@ -19,7 +19,7 @@ use std::net::Ipv4Addr;
 use std::time::Duration;
 
 use axum::extract::ws::{CloseFrame, Message, WebSocket, WebSocketUpgrade, close_code};
-use axum::extract::{Path, Query, State};
+use axum::extract::{Query, State};
 use axum::response::Response;
 use den_sprite::Activity;
 use futures::{SinkExt, StreamExt};
@@ -28,6 +28,7 @@ use serde_json::{Value, json};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
+use crate::auth::SpriteRef;
 use crate::error::{ApiError, ApiResult};
 use crate::state::AppState;
 use crate::upstream;
@@ -94,7 +95,7 @@ fn resolve(host: &str, act: &Activity) -> Option<Route> {
         (status = 400), (status = 401), (status = 404), (status = 503)))]
 pub async fn proxy(
     State(st): State<AppState>,
-    Path(name): Path<String>,
+    SpriteRef(name): SpriteRef,
     Query(q): Query<ProxyQuery>,
     ws: Result<WebSocketUpgrade, axum::extract::ws::rejection::WebSocketUpgradeRejection>,
 ) -> ApiResult<Response> {

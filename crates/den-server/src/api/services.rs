@@ -19,6 +19,7 @@ use serde::Deserialize;
 use serde_json::{Map, Value, json};
 
 use crate::api::checkpoints::{async_stream, ndjson};
+use crate::auth::SpriteRef;
 use crate::error::{ApiError, ApiResult};
 use crate::extract::JsonBody;
 use crate::sprite_json::rfc3339_ms;
@@ -150,7 +151,7 @@ async fn statuses(st: &AppState, name: &str) -> ApiResult<HashMap<String, Servic
 
 /// Every service with its state.
 #[utoipa::path(get, path = "/v1/sprites/{name}/services", responses((status = 200), (status = 404)))]
-pub async fn list(State(st): State<AppState>, Path(name): Path<String>) -> ApiResult<Json<Value>> {
+pub async fn list(State(st): State<AppState>, SpriteRef(name): SpriteRef) -> ApiResult<Json<Value>> {
     let defs = st.mgr.services(&name)?;
     let states = statuses(&st, &name).await?;
     Ok(Json(Value::Array(
@@ -163,7 +164,8 @@ pub async fn list(State(st): State<AppState>, Path(name): Path<String>) -> ApiRe
 #[utoipa::path(get, path = "/v1/sprites/{name}/services/{service}", responses((status = 200), (status = 404)))]
 pub async fn get(
     State(st): State<AppState>,
-    Path((name, service)): Path<(String, String)>,
+    Path((_sprite, service)): Path<(String, String)>,
+    SpriteRef(name): SpriteRef,
 ) -> ApiResult<Json<Value>> {
     let defs = st.mgr.services(&name)?;
     let def = find(&defs, &name, &service)?;
@@ -411,7 +413,8 @@ fn monitor_stream(
     responses((status = 200, content_type = "application/x-ndjson"), (status = 400), (status = 404), (status = 409)))]
 pub async fn put(
     State(st): State<AppState>,
-    Path((name, service)): Path<(String, String)>,
+    Path((_sprite, service)): Path<(String, String)>,
+    SpriteRef(name): SpriteRef,
     Query(q): Query<MonitorQuery>,
     JsonBody(req): JsonBody<ServiceRequest>,
 ) -> ApiResult<Response> {
@@ -442,7 +445,8 @@ pub async fn put(
     responses((status = 204), (status = 404), (status = 409)))]
 pub async fn delete(
     State(st): State<AppState>,
-    Path((name, service)): Path<(String, String)>,
+    Path((_sprite, service)): Path<(String, String)>,
+    SpriteRef(name): SpriteRef,
 ) -> ApiResult<StatusCode> {
     find(&st.mgr.services(&name)?, &name, &service)?;
     st.mgr
@@ -466,7 +470,8 @@ pub async fn delete(
     responses((status = 200, content_type = "application/x-ndjson"), (status = 404)))]
 pub async fn start(
     State(st): State<AppState>,
-    Path((name, service)): Path<(String, String)>,
+    Path((_sprite, service)): Path<(String, String)>,
+    SpriteRef(name): SpriteRef,
     Query(q): Query<MonitorQuery>,
 ) -> ApiResult<Response> {
     let monitor = wait_param(q.duration.as_deref(), "duration", DEFAULT_MONITOR)?;
@@ -494,7 +499,8 @@ pub async fn start(
     responses((status = 200, content_type = "application/x-ndjson"), (status = 404), (status = 409)))]
 pub async fn stop(
     State(st): State<AppState>,
-    Path((name, service)): Path<(String, String)>,
+    Path((_sprite, service)): Path<(String, String)>,
+    SpriteRef(name): SpriteRef,
     Query(q): Query<StopQuery>,
 ) -> ApiResult<Response> {
     let timeout = wait_param(q.timeout.as_deref(), "timeout", DEFAULT_STOP_TIMEOUT)?;
@@ -548,7 +554,8 @@ pub struct SignalRequest {
     responses((status = 204), (status = 400), (status = 404), (status = 409)))]
 pub async fn signal(
     State(st): State<AppState>,
-    Path((name, endpoint)): Path<(String, String)>,
+    Path((_sprite, endpoint)): Path<(String, String)>,
+    SpriteRef(name): SpriteRef,
     JsonBody(req): JsonBody<SignalRequest>,
 ) -> ApiResult<StatusCode> {
     if endpoint != "signal" {
@@ -586,7 +593,8 @@ pub struct LogsQuery {
     responses((status = 200, content_type = "text/plain"), (status = 404)))]
 pub async fn logs(
     State(st): State<AppState>,
-    Path((name, service)): Path<(String, String)>,
+    Path((_sprite, service)): Path<(String, String)>,
+    SpriteRef(name): SpriteRef,
     Query(q): Query<LogsQuery>,
 ) -> ApiResult<Response> {
     check_service_name(&service)?;

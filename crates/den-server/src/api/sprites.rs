@@ -1,7 +1,7 @@
 //! Sprites CRUD (§2.3) and fork (den extension).
 
 use axum::Json;
-use axum::extract::{Path, Query, State};
+use axum::extract::{Query, State};
 use axum::http::{HeaderMap, StatusCode, Uri};
 use axum::response::{IntoResponse, Response};
 use den_runtime::{CpuLimit, Resources};
@@ -9,10 +9,11 @@ use den_sprite::{CreateSprite, HostCapacity, SpriteStatus};
 use serde::Deserialize;
 use serde_json::{Map, Value, json};
 
+use crate::auth::{Principal, SpriteRef};
 use crate::error::{ApiError, ApiResult};
 use crate::extract::JsonBody;
 use crate::forward::Route;
-use crate::sprite_json::{ORG, default_url_settings, sprite_json};
+use crate::sprite_json::{default_url_settings, sprite_json};
 use crate::state::AppState;
 
 #[derive(Debug, Deserialize, utoipa::ToSchema)]
@@ -96,6 +97,7 @@ fn resources_from(config: &Value, default: Resources, host: &HostCapacity) -> Ap
     responses((status = 201, description = "The new sprite"), (status = 400), (status = 409)))]
 pub async fn create(
     State(st): State<AppState>,
+    caller: Principal,
     uri: Uri,
     headers: HeaderMap,
     JsonBody(raw): JsonBody<Value>,
@@ -105,7 +107,7 @@ pub async fn create(
     let name = req
         .name
         .ok_or_else(|| ApiError::bad_request("name is required"))?;
-    den_sprite::validate_name(&name)?;
+    let name = new_sprite_key(&caller, &name)?;
     let router = st
         .router
         .clone()
@@ -160,6 +162,25 @@ pub async fn create(
         )
         .await?;
     Ok((StatusCode::CREATED, Json(sprite_json(&st.cfg, &info))).into_response())
+}
+
+/// The key of a sprite the caller wants to make under `name`: a valid name,
+/// one its token may reach, whose URL label fits in a DNS label.
+fn new_sprite_key(caller: &Principal, name: &str) -> ApiResult<String> {
+    den_sprite::validate_name(name)?;
+    if !caller.reaches(name) {
+        return Err(ApiError::forbidden(format!(
+            "this token reaches only the sprites it lists, and {name:?} is not one of them"
+        )));
+    }
+    let key = caller.key(name);
+    if crate::config::url_label(&key).len() > 63 {
+        return Err(ApiError::bad_request(format!(
+            "sprite name {name:?} is too long for organisation {:?}: <name>-<org> must fit in 63 characters",
+            caller.org
+        )));
+    }
+    Ok(key)
 }
 
 fn check_limits(st: &AppState) -> ApiResult<()> {
@@ -221,7 +242,11 @@ pub struct ListQuery {
 
 /// List sprites, by name, a page at a time.
 #[utoipa::path(get, path = "/v1/sprites", params(ListQuery), responses((status = 200)))]
-pub async fn list(State(st): State<AppState>, Query(q): Query<ListQuery>) -> ApiResult<Json<Value>> {
+pub async fn list(
+    State(st): State<AppState>,
+    caller: Principal,
+    Query(q): Query<ListQuery>,
+) -> ApiResult<Json<Value>> {
     let max = match q.max_results.as_deref() {
         None | Some("") => 50,
         Some(s) => s
@@ -236,6 +261,7 @@ pub async fn list(State(st): State<AppState>, Query(q): Query<ListQuery>) -> Api
         st.mgr.refresh_all().await?;
     }
     let mut all = st.mgr.list();
+    all.retain(|s| caller.sees(&s.record.name));
     let placements = match &st.cluster {
         Some(c) => Some(crate::cluster_api::placements(c, &all).await?),
         None => None,
@@ -260,15 +286,17 @@ pub async fn list(State(st): State<AppState>, Query(q): Query<ListQuery>) -> Api
     let mut page: Vec<Value> = Vec::new();
     let mut has_more = false;
     let mut last = None;
+    // Pages go by the names the caller knows, in their order.
+    all.sort_by(|a, b| a.record.short_name().cmp(b.record.short_name()));
     for s in all
         .iter()
-        .filter(|s| s.record.name.starts_with(&prefix) && s.record.name.as_str() > after.as_str())
+        .filter(|s| s.record.short_name().starts_with(&prefix) && s.record.short_name() > after.as_str())
     {
         if page.len() == max {
             has_more = true;
             break;
         }
-        last = Some(s.record.name.clone());
+        last = Some(s.record.short_name().to_string());
         let mut v = sprite_json(&st.cfg, s);
         if let Some(p) = placements.as_ref().and_then(|p| p.get(&s.record.name)) {
             p.apply(&mut v, st.cfg.durability_window);
@@ -283,7 +311,7 @@ pub async fn list(State(st): State<AppState>, Query(q): Query<ListQuery>) -> Api
         "warm": warm,
         "cold": cold,
         "org": {
-            "name": ORG,
+            "name": caller.org,
             "running": running,
             "warm": warm,
             "cold": cold,
@@ -294,7 +322,7 @@ pub async fn list(State(st): State<AppState>, Query(q): Query<ListQuery>) -> Api
 }
 
 #[utoipa::path(get, path = "/v1/sprites/{name}", responses((status = 200), (status = 404)))]
-pub async fn get(State(st): State<AppState>, Path(name): Path<String>) -> ApiResult<Json<Value>> {
+pub async fn get(State(st): State<AppState>, SpriteRef(name): SpriteRef) -> ApiResult<Json<Value>> {
     let info = st.mgr.get(&name)?;
     let mut v = sprite_json(&st.cfg, &info);
     // In a cluster this runs on the sprite's owner (the request was routed here).
@@ -319,7 +347,7 @@ pub struct UpdateSpriteRequest {
     responses((status = 200), (status = 400), (status = 404)))]
 pub async fn update(
     State(st): State<AppState>,
-    Path(name): Path<String>,
+    SpriteRef(name): SpriteRef,
     JsonBody(req): JsonBody<UpdateSpriteRequest>,
 ) -> ApiResult<Json<Value>> {
     let url = req.url_settings.as_ref().map(check_url_settings).transpose()?;
@@ -358,14 +386,14 @@ pub async fn update(
 
 /// Destroy a sprite with its disk and checkpoints.
 #[utoipa::path(delete, path = "/v1/sprites/{name}", responses((status = 204), (status = 404)))]
-pub async fn delete(State(st): State<AppState>, Path(name): Path<String>) -> ApiResult<StatusCode> {
+pub async fn delete(State(st): State<AppState>, SpriteRef(name): SpriteRef) -> ApiResult<StatusCode> {
     st.mgr.delete(&name).await?;
     Ok(StatusCode::NO_CONTENT)
 }
 
 /// Accepted for compatibility: a sprite keeps the image it was created on.
 #[utoipa::path(post, path = "/v1/sprites/{name}/upgrade", responses((status = 204), (status = 404)))]
-pub async fn upgrade(State(st): State<AppState>, Path(name): Path<String>) -> ApiResult<StatusCode> {
+pub async fn upgrade(State(st): State<AppState>, SpriteRef(name): SpriteRef) -> ApiResult<StatusCode> {
     st.mgr.get(&name)?;
     Ok(StatusCode::NO_CONTENT)
 }
@@ -385,10 +413,12 @@ pub struct ForkRequest {
     responses((status = 201), (status = 400), (status = 404), (status = 409)))]
 pub async fn fork(
     State(st): State<AppState>,
-    Path(name): Path<String>,
+    caller: Principal,
+    SpriteRef(name): SpriteRef,
     JsonBody(req): JsonBody<ForkRequest>,
 ) -> ApiResult<Response> {
     let ck = req.checkpoint.as_deref().map(crate::api::checkpoint_id);
-    let info = st.mgr.fork(&name, &req.name, ck.as_deref(), None).await?;
+    let new_key = new_sprite_key(&caller, &req.name)?;
+    let info = st.mgr.fork(&name, &new_key, ck.as_deref(), None).await?;
     Ok((StatusCode::CREATED, Json(sprite_json(&st.cfg, &info))).into_response())
 }

@@ -16,6 +16,7 @@ use super::params::{ExecParams, parse_go_duration};
 use super::ws::wire_exit_code;
 use super::{QueryPairs, query_pairs, sprite_env, wake_and_exec};
 use crate::api::checkpoints::{async_stream, ndjson};
+use crate::auth::SpriteRef;
 use crate::error::{ApiError, ApiResult};
 use crate::state::AppState;
 
@@ -49,7 +50,7 @@ fn framed(kind: u8, data: &[u8]) -> Bytes {
         (status = 404)))]
 pub async fn exec_http(
     State(st): State<AppState>,
-    Path(name): Path<String>,
+    SpriteRef(name): SpriteRef,
     query: QueryPairs,
     body: Body,
 ) -> ApiResult<Response> {
@@ -165,7 +166,8 @@ fn gone(id: &str) -> ApiError {
         (status = 404, description = "no such sprite"), (status = 410, description = "session already exited")))]
 pub async fn kill(
     State(st): State<AppState>,
-    Path((name, id)): Path<(String, String)>,
+    Path((_sprite, id)): Path<(String, String)>,
+    SpriteRef(name): SpriteRef,
     query: QueryPairs,
 ) -> ApiResult<Response> {
     st.mgr.get(&name)?;

@@ -26,6 +26,7 @@ pub use http::{__path_exec_http, __path_kill, exec_http, kill};
 pub use params::{ExecParams, parse_go_duration};
 pub use sessions::{__path_head, head};
 
+use crate::auth::SpriteRef;
 use crate::error::{ApiError, ApiResult};
 use crate::state::AppState;
 use ws::Bridge;
@@ -145,7 +146,7 @@ async fn attach_bridge(st: &AppState, name: &str, id: &str, ws: WebSocketUpgrade
         (status = 404, description = "no such sprite")))]
 pub async fn exec_get(
     State(st): State<AppState>,
-    Path(name): Path<String>,
+    SpriteRef(name): SpriteRef,
     headers: HeaderMap,
     query: QueryPairs,
     ws: Upgrade,
@@ -185,7 +186,8 @@ pub async fn exec_get(
         (status = 404, description = "no such sprite or session")))]
 pub async fn attach(
     State(st): State<AppState>,
-    Path((name, id)): Path<(String, String)>,
+    Path((_sprite, id)): Path<(String, String)>,
+    SpriteRef(name): SpriteRef,
     ws: Upgrade,
 ) -> ApiResult<Response> {
     st.mgr.get(&name)?;

@@ -3,12 +3,13 @@
 use std::time::{Duration, UNIX_EPOCH};
 
 use axum::Json;
-use axum::extract::{Path, State};
+use axum::extract::State;
 use axum::http::StatusCode;
 use den_agent::protocol::SessionSummary;
 use den_sprite::{SpriteInfo, SpriteStatus};
 use serde_json::{Value, json};
 
+use crate::auth::SpriteRef;
 use crate::error::ApiResult;
 use crate::state::AppState;
 
@@ -51,7 +52,7 @@ pub(super) async fn list(st: &AppState, name: &str, info: &SpriteInfo) -> ApiRes
 /// to pick the attach URL form).
 #[utoipa::path(head, path = "/v1/sprites/{name}/exec", params(("name" = String, Path)),
     responses((status = 200), (status = 404)))]
-pub async fn head(State(st): State<AppState>, Path(name): Path<String>) -> ApiResult<StatusCode> {
+pub async fn head(State(st): State<AppState>, SpriteRef(name): SpriteRef) -> ApiResult<StatusCode> {
     st.mgr.get(&name)?;
     Ok(StatusCode::OK)
 }
