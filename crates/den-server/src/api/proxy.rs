@@ -290,6 +290,10 @@ async fn relay(st: AppState, socket: WebSocket, tcp: TcpStream, hold_until: toki
 /// The multiplexed control channel is optional; every SDK falls back to
 /// the direct endpoints when it answers 404.
 #[utoipa::path(get, path = "/v1/sprites/{name}/control", responses((status = 404)))]
-pub async fn control() -> ApiError {
+pub async fn control(State(st): State<AppState>, SpriteRef(name): SpriteRef) -> ApiError {
+    // A missing sprite answers first, as on every sprite route.
+    if let Err(e) = st.mgr.get(&name) {
+        return e.into();
+    }
     ApiError::not_found("the control channel is not supported; use the direct endpoints")
 }

@@ -558,6 +558,8 @@ pub async fn signal(
     SpriteRef(name): SpriteRef,
     JsonBody(req): JsonBody<SignalRequest>,
 ) -> ApiResult<StatusCode> {
+    // A missing sprite answers first, as on every sprite route.
+    st.mgr.get(&name)?;
     if endpoint != "signal" {
         return Err(ApiError::new(
             StatusCode::METHOD_NOT_ALLOWED,

@@ -417,6 +417,8 @@ pub async fn fork(
     SpriteRef(name): SpriteRef,
     JsonBody(req): JsonBody<ForkRequest>,
 ) -> ApiResult<Response> {
+    // The source answers first: a missing one is 404 whatever the new name.
+    st.mgr.get(&name)?;
     let ck = req.checkpoint.as_deref().map(crate::api::checkpoint_id);
     let new_key = new_sprite_key(&caller, &req.name)?;
     let info = st.mgr.fork(&name, &new_key, ck.as_deref(), None).await?;

@@ -15,6 +15,7 @@ mod sdk_rust;
 mod services;
 mod sprites;
 mod svcfs_python;
+mod tenancy;
 
 use std::future::Future;
 use std::pin::Pin;
@@ -65,6 +66,12 @@ const TESTS: &[(&str, TestFn)] = &[
     }),
     ("abuse_unread_exec_streams_stay_bounded", || {
         Box::pin(abuse_exec::abuse_unread_exec_streams_stay_bounded())
+    }),
+    ("tenancy_authorization_matrix", || {
+        Box::pin(tenancy::authorization_matrix())
+    }),
+    ("tenancy_lists_keep_to_the_tokens_reach", || {
+        Box::pin(tenancy::lists_keep_to_the_tokens_reach())
     }),
 ];
 
