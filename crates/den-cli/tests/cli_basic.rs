@@ -341,6 +341,86 @@ fn login_and_config_precedence() {
     assert!(plain.trim().starts_with("den_"), "{plain}");
 }
 
+#[test]
+fn organisations_and_scoped_tokens() {
+    let s = Server::start();
+    let admin = logged_in(&s);
+    let out = ok(admin.cmd(&[
+        "org",
+        "create",
+        "acme",
+        "--name",
+        "Acme Inc",
+        "--max-sprites",
+        "5",
+    ]));
+    assert!(
+        out.starts_with("acme (Acme Inc)") && out.contains("max_sprites: 5"),
+        "{out}"
+    );
+    assert!(
+        fails(admin.cmd(&["org", "create", "Bad-Slug"])).contains("1-32 characters of a-z and 0-9"),
+        "a bad slug is refused clearly"
+    );
+    let minted = json(&ok(admin.cmd(&[
+        "token",
+        "create",
+        "agent",
+        "--org",
+        "acme",
+        "--role",
+        "member",
+        "--sprites",
+        "web",
+        "--expires-in",
+        "1h",
+        "--json",
+    ])));
+    assert_eq!(minted["org"], "acme");
+    assert_eq!(minted["role"], "member");
+    assert_eq!(minted["sprites"], serde_json::json!(["web"]));
+    assert!(minted["expires_at"].is_string());
+    let agent = minted["token"].as_str().unwrap().to_string();
+
+    // The agent's token makes and reaches its one sprite, in its organisation.
+    let u = User::new();
+    ok(u.cmd(&["login", &s.url, "--token", &agent]));
+    let web = json(&ok(u.cmd(&["create", "web", "--skip-console", "--json"])));
+    assert_eq!(web["organization"], "acme");
+    assert!(
+        web["url"].as_str().unwrap().starts_with("http://web-acme."),
+        "{web}"
+    );
+    let e = fails(u.cmd(&["create", "other", "--skip-console"]));
+    assert!(e.contains("reaches only the sprites it lists"), "{e}");
+    let shown = ok(u.cmd(&["org", "show"]));
+    assert!(
+        shown.starts_with("acme (Acme Inc)") && shown.contains("sprites: 1"),
+        "{shown}"
+    );
+    // A member manages no tokens and no organisations.
+    assert!(fails(u.cmd(&["token", "ls"])).contains("admin"));
+    assert!(fails(u.cmd(&["org", "ls"])).contains("administrator"));
+    // The server's own organisation does not see acme's sprite.
+    let mine = json(&ok(admin.cmd(&["ls", "--json"])));
+    assert!(names(&mine).is_empty(), "{mine}");
+    let orgs = ok(admin.cmd(&["org", "ls"]));
+    assert!(orgs.contains("acme") && orgs.contains("den"), "{orgs}");
+    // The audit log says who made the sprite.
+    let audit = ok(admin.cmd(&["org", "audit", "acme"]));
+    assert!(
+        audit.contains("POST /v1/sprites") && audit.contains("agent"),
+        "{audit}"
+    );
+    // An organisation with sprites stays; limits can be changed.
+    assert!(fails(admin.cmd(&["org", "rm", "acme"])).contains("still has 1 sprites"));
+    let set = ok(admin.cmd(&["org", "set", "acme", "--max-awake", "2"]));
+    assert!(
+        set.contains("max_awake: 2") && !set.contains("max_sprites"),
+        "{set}"
+    );
+}
+
 /// Logged-in user of `s`.
 fn logged_in(s: &Server) -> User {
     let u = User::new();

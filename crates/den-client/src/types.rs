@@ -71,16 +71,67 @@ pub struct Token {
     pub name: String,
     #[serde(default)]
     pub created_at: String,
+    /// The organisation it acts in.
+    #[serde(default)]
+    pub org: String,
+    /// `admin`, `member` or `viewer`.
+    #[serde(default)]
+    pub role: String,
+    /// The only sprites it reaches, if restricted.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sprites: Option<Vec<String>>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub expires_at: Option<String>,
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub server_admin: bool,
 }
 
 /// A freshly minted token; `token` is the secret, shown this once.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct NewToken {
-    pub id: String,
+    #[serde(flatten)]
+    pub info: Token,
+    pub token: String,
+}
+
+/// What a new token may do; unset fields default to the minting token's own.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct TokenRequest {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub org: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub role: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub sprites: Option<Vec<String>>,
+    /// A duration such as `24h`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub expires_in: Option<String>,
+}
+
+/// An organisation, with its sprites counted.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Org {
+    pub slug: String,
     pub name: String,
     #[serde(default)]
     pub created_at: String,
-    pub token: String,
+    #[serde(default)]
+    pub limits: serde_json::Value,
+    #[serde(default)]
+    pub sprites: u64,
+    #[serde(default)]
+    pub running: u64,
+    #[serde(default)]
+    pub warm: u64,
+    #[serde(default)]
+    pub cold: u64,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+pub(crate) struct OrgList {
+    pub orgs: Vec<Org>,
 }
 
 #[derive(Debug, Clone, Deserialize)]

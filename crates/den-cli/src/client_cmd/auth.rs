@@ -2,7 +2,7 @@
 
 use anyhow::{Result, bail};
 use clap::{Args, Subcommand};
-use den_client::Client;
+use den_client::{Client, TokenRequest};
 
 use super::errors::Hint;
 use super::output::{print_json, print_table, table};
@@ -58,10 +58,24 @@ pub fn logout() -> Result<()> {
 
 #[derive(Subcommand, Debug)]
 pub enum TokenCmd {
-    /// Mint a token; its secret is printed once, on stdout.
+    /// Mint a token; its secret is printed once, on stdout. It is never wider
+    /// than the token that mints it.
     Create {
         /// What the token is for.
         name: Option<String>,
+        /// Organisation [default: the minting token's; others: server administrators only].
+        #[arg(long)]
+        org: Option<String>,
+        /// admin (everything in the org), member (create and use sprites) or viewer (read only)
+        /// [default: the minting token's role].
+        #[arg(long, value_parser = ["admin", "member", "viewer"])]
+        role: Option<String>,
+        /// Restrict the token to these sprites (comma-separated names).
+        #[arg(long, value_delimiter = ',', value_name = "NAMES")]
+        sprites: Option<Vec<String>>,
+        /// Expire after this long, e.g. 1h, 30d.
+        #[arg(long, value_name = "DURATION")]
+        expires_in: Option<String>,
         #[arg(long)]
         json: bool,
     },
@@ -78,12 +92,30 @@ pub enum TokenCmd {
 pub async fn token(ctx: &Ctx, cmd: TokenCmd) -> Result<()> {
     let c = ctx.client()?;
     match cmd {
-        TokenCmd::Create { name, json } => {
-            let t = c.create_token(name.as_deref()).await.hint()?;
+        TokenCmd::Create {
+            name,
+            org,
+            role,
+            sprites,
+            expires_in,
+            json,
+        } => {
+            let req = TokenRequest {
+                name,
+                org,
+                role,
+                sprites,
+                expires_in,
+            };
+            let t = c.create_token(&req).await.hint()?;
             if json {
                 return print_json(&t);
             }
-            eprintln!("created token '{}' (id {}); it is shown only now:", t.name, t.id);
+            let i = &t.info;
+            eprintln!(
+                "created {} token '{}' (id {}) in organisation {}; it is shown only now:",
+                i.role, i.name, i.id, i.org
+            );
             println!("{}", t.token);
         }
         TokenCmd::Ls { json } => {
@@ -91,9 +123,22 @@ pub async fn token(ctx: &Ctx, cmd: TokenCmd) -> Result<()> {
             if json {
                 return print_json(&ts);
             }
-            let mut t = table(&["id", "name", "created"]);
+            let mut t = table(&["id", "name", "org", "role", "sprites", "expires", "created"]);
             for tok in ts {
-                t.add_row(vec![tok.id, tok.name, tok.created_at]);
+                let role = if tok.server_admin {
+                    format!("{} (server admin)", tok.role)
+                } else {
+                    tok.role
+                };
+                t.add_row(vec![
+                    tok.id,
+                    tok.name,
+                    tok.org,
+                    role,
+                    tok.sprites.map(|s| s.join(",")).unwrap_or_else(|| "all".into()),
+                    tok.expires_at.unwrap_or_else(|| "never".into()),
+                    tok.created_at,
+                ]);
             }
             print_table(&t);
         }

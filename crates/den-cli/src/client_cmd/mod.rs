@@ -13,6 +13,7 @@ mod errors;
 mod exec;
 mod names;
 mod nodes;
+mod orgs;
 mod output;
 mod policy;
 mod prompt;
@@ -71,6 +72,13 @@ pub enum ClientCommand {
         after_help = "Examples:\n  den token create ci          prints the secret once\n  den token ls --json\n  den token revoke 1f2e3d4c5b6a7980"
     )]
     Token(auth::TokenCmd),
+    /// Organisations: create and manage them (server administrators), show yours, read the audit log.
+    #[command(
+        subcommand,
+        visible_alias = "orgs",
+        after_help = "Examples:\n  den org create acme --max-sprites 20 --max-awake 5\n  den token create agent --org acme --role member --sprites web --expires-in 24h\n  den org show                 the token's own organisation\n  den org audit acme"
+    )]
+    Org(orgs::OrgCmd),
     /// Create a sprite.
     #[command(
         after_help = "Examples:\n  den create                      a random name\n  den create web --label team=a --skip-console"
@@ -208,6 +216,7 @@ pub fn run(cmd: ClientCommand, global: GlobalArgs, cli: fn() -> clap::Command) -
             ClientCommand::Login(a) => auth::login(&ctx, a).await,
             ClientCommand::Logout => auth::logout(),
             ClientCommand::Token(c) => auth::token(&ctx, c).await,
+            ClientCommand::Org(c) => orgs::org(&ctx, c).await,
             ClientCommand::Create(a) => sprites::create(&ctx, a).await,
             ClientCommand::Ls(a) => sprites::ls(&ctx, a).await,
             ClientCommand::Info(a) => sprites::info(&ctx, a).await,
