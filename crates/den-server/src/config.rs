@@ -421,12 +421,40 @@ pub fn url_label(key: &str) -> String {
 /// The key of the sprite a URL label names, given the organisations that
 /// exist: `<name>-<org>` when `<org>` is one (org slugs have no hyphen, so
 /// the split is at the last one), else `<name>` in the default organisation.
-pub fn key_of_url_label(label: &str, org_exists: impl Fn(&str) -> bool) -> String {
+/// `None` when the label names no sprite at all.
+pub fn key_of_url_label(label: &str, org_exists: impl Fn(&str) -> bool) -> Option<String> {
+    den_sprite::validate_name(label).ok()?;
     if let Some((name, org)) = label.rsplit_once('-')
-        && !name.is_empty()
+        && den_sprite::validate_name(name).is_ok()
         && org_exists(org)
     {
-        return den_sprite::sprite_key(org, name);
+        return Some(den_sprite::sprite_key(org, name));
     }
-    label.to_string()
+    Some(label.to_string())
+}
+
+#[cfg(test)]
+mod url_label_tests {
+    use super::*;
+
+    #[test]
+    fn labels_name_sprites_in_their_organisation() {
+        let orgs = |o: &str| ["acme", "den"].contains(&o);
+        assert_eq!(key_of_url_label("web-acme", orgs).as_deref(), Some("web@acme"));
+        assert_eq!(
+            key_of_url_label("my-web-acme", orgs).as_deref(),
+            Some("my-web@acme")
+        );
+        assert_eq!(key_of_url_label("web-den", orgs).as_deref(), Some("web"));
+        // No such organisation: a default-organisation name with a hyphen.
+        assert_eq!(key_of_url_label("web-beta", orgs).as_deref(), Some("web-beta"));
+        assert_eq!(key_of_url_label("web", orgs).as_deref(), Some("web"));
+        // A key spelled in a label reaches nothing.
+        for bad in ["web@acme", "web.x", "", "-acme", "Web"] {
+            assert_eq!(key_of_url_label(bad, orgs), None, "{bad:?}");
+        }
+        for key in ["web@acme", "my-web@acme", "web"] {
+            assert_eq!(key_of_url_label(&url_label(key), orgs).as_deref(), Some(key));
+        }
+    }
 }

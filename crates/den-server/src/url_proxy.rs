@@ -44,7 +44,9 @@ pub async fn route_by_host(State(st): State<AppState>, req: Request, next: Next)
     let Some(label) = sprite_name(&host, &st.cfg.url_domain) else {
         return next.run(req).await;
     };
-    let name = crate::config::key_of_url_label(&label, |org| st.tokens.org(org).is_some());
+    let Some(name) = crate::config::key_of_url_label(&label, |org| st.tokens.org(org).is_some()) else {
+        return crate::auth::hidden_sprite(&label).into_response();
+    };
     match st.router.clone() {
         None => forward(st, name, host, req)
             .await

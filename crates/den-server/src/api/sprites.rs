@@ -173,7 +173,7 @@ fn new_sprite_key(caller: &Principal, name: &str) -> ApiResult<String> {
             "this token reaches only the sprites it lists, and {name:?} is not one of them"
         )));
     }
-    let key = caller.key(name);
+    let key = caller.key(name).expect("a valid name makes a key");
     if crate::config::url_label(&key).len() > 63 {
         return Err(ApiError::bad_request(format!(
             "sprite name {name:?} is too long for organisation {:?}: <name>-<org> must fit in 63 characters",

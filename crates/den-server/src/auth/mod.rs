@@ -105,9 +105,12 @@ impl Principal {
             .is_none_or(|list| list.iter().any(|n| n == name))
     }
 
-    /// The key of sprite `name` in the request's organisation.
-    pub fn key(&self, name: &str) -> String {
-        den_sprite::sprite_key(&self.org, name)
+    /// The key of sprite `name` in the request's organisation; `None` for
+    /// what is not a sprite name. Never build a key from an unchecked name:
+    /// `web@acme` in the default organisation would be acme's `web`.
+    pub fn key(&self, name: &str) -> Option<String> {
+        den_sprite::validate_name(name).ok()?;
+        Some(den_sprite::sprite_key(&self.org, name))
     }
 
     /// Whether the sprite with this key is within the token's reach.
@@ -283,11 +286,11 @@ fn decide<'a>(
         Rule::Sprites(need) => p.check(need)?,
         Rule::Sprite(need) => {
             let name = param("name");
-            if !p.reaches(name) {
+            let Some(key) = p.key(name).filter(|_| p.reaches(name)) else {
                 return Err(hidden_sprite(name));
-            }
+            };
             p.check(need)?;
-            return Ok(Some(SpriteRef(p.key(name))));
+            return Ok(Some(SpriteRef(key)));
         }
         Rule::OrgAdmin => {
             if p.token.role < Role::Admin {

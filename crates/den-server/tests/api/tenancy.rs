@@ -252,10 +252,10 @@ fn rows(ck: &str) -> Vec<Row> {
         row("GET", "/v1/nodes", Server, &[404]),
         row("POST", "/v1/nodes/{node}/drain", Server, &[404]).path("/v1/nodes/n1/drain"),
         row("GET", "/metrics", Server, &[200]),
-        // Last: these take the fixture apart; it is rebuilt after each allowed call.
+        // Late: a restore rolls the fixture back to its own checkpoint.
         row("POST", "/v1/sprites/{name}/checkpoints/{id}/restore", Use, &[200])
-            .path(format!("{w}/checkpoints/{ck}/restore"))
-            .destructive(),
+            .path(format!("{w}/checkpoints/{ck}/restore")),
+        // Last: this takes the fixture apart; it is rebuilt after each allowed call.
         row("DELETE", "/v1/sprites/{name}", Use, &[204])
             .path(w)
             .destructive(),
@@ -628,6 +628,25 @@ pub async fn lists_keep_to_the_tokens_reach() -> Result<()> {
     ensure!(v["url"] == format!("http://a-beta.localhost:{port}/"), "{v}");
     let v = get(&s.token, "/v1/sprites/a").await?;
     ensure!(v["url"] == format!("http://a.localhost:{port}/"), "{v}");
+    // A sprite's internal key is no name: spelled in a path or a URL it
+    // reaches nothing, from the default organisation either.
+    for path in [
+        "/v1/sprites/a@acme",
+        "/v1/sprites/a%40acme",
+        "/v1/sprites/b@acme/exec?cmd=true",
+    ] {
+        for tok in [&s.token, &beta] {
+            let r = http.get(s.api(path)).bearer_auth(tok).send().await?;
+            ensure!(r.status() == 404, "{path}: {}", r.status());
+        }
+    }
+    let r = http
+        .get(s.api("/"))
+        .header("host", format!("a@acme.localhost:{port}"))
+        .bearer_auth(&s.token)
+        .send()
+        .await?;
+    ensure!(r.status() == 404, "a key as a URL label: {}", r.status());
     // `/v1/organization` is the token's own.
     let v = get(&acme, "/v1/organization").await?;
     ensure!(v["slug"] == "acme" && v["sprites"] == 2, "{v}");
