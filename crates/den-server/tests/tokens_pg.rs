@@ -137,3 +137,59 @@ async fn two_nodes_starting_together_mint_one_admin_token() -> anyhow::Result<()
     assert_eq!(pg.psql("SELECT count(*) FROM tokens")?.trim(), "1");
     Ok(())
 }
+
+/// Organisations live next to the tokens: made, changed and deleted on one
+/// node, seen on the other within the refresh; a deleted organisation's
+/// tokens die with it on both.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn organisations_spread_between_nodes_and_take_their_tokens_along() -> anyhow::Result<()> {
+    use den_server::auth::{Org, OrgLimits, Role, TokenSpec};
+    let pg = TestPostgres::start()?;
+    let a = TokenStore::open_postgres(&pg.url()).await?;
+    let b = TokenStore::open_postgres(&pg.url()).await?;
+    assert!(
+        a.org(den_sprite::DEFAULT_ORG).is_some(),
+        "the default organisation exists"
+    );
+    let mut org = Org {
+        slug: "acme".into(),
+        name: "Acme".into(),
+        created_at: "2026-12-07T00:00:00Z".into(),
+        limits: OrgLimits {
+            max_sprites: Some(3),
+            ..OrgLimits::default()
+        },
+    };
+    assert!(a.create_org(&org).await?);
+    assert!(
+        !b.create_org(&org).await?,
+        "the slug is taken, whichever node asks"
+    );
+    eventually("the organisation reaches B", || {
+        b.org("acme") == Some(org.clone())
+    });
+    org.limits.max_awake = Some(1);
+    org.name = "Acme Inc".into();
+    assert!(b.update_org(&org).await?);
+    eventually("the change reaches A", || a.org("acme") == Some(org.clone()));
+
+    let spec = TokenSpec {
+        org: "acme".into(),
+        role: Role::Viewer,
+        sprites: Some(vec!["web".into()]),
+        ..TokenSpec::named("agent")
+    };
+    let (info, secret) = a.create(&spec).await?;
+    eventually("the scoped token verifies on B", || {
+        b.verify(&secret) == Some(info.clone())
+    });
+    assert!(b.delete_org("acme").await?);
+    assert!(
+        b.verify(&secret).is_none(),
+        "the deleting node refuses it at once"
+    );
+    eventually("the token dies on A too", || {
+        a.verify(&secret).is_none() && a.org("acme").is_none()
+    });
+    Ok(())
+}

@@ -633,18 +633,7 @@ impl TokenStore {
 
     /// Revoke by id; false if there is no such token.
     pub async fn revoke(&self, id: &str) -> Result<bool, TokenError> {
-        let n = match &self.backend {
-            Backend::Sqlite(conn) => {
-                conn.lock()
-                    .execute("DELETE FROM tokens WHERE id = ?1", params![id])? as u64
-            }
-            Backend::Postgres { pool, .. } => {
-                pool.get()
-                    .await?
-                    .execute("DELETE FROM tokens WHERE id = $1", &[&id])
-                    .await?
-            }
-        };
+        let n = self.exec_text("DELETE FROM tokens WHERE id = $1", &[id]).await?;
         self.shared.apply(|m| m.retain(|_, t| t.id != id));
         Ok(n > 0)
     }
@@ -683,52 +672,50 @@ impl TokenStore {
         self.shared.orgs.read().get(slug).cloned()
     }
 
+    /// Run one statement whose parameters are all text, on whichever
+    /// database holds the tokens; `sql` numbers them `$1…` (PostgreSQL's
+    /// form, which SQLite reads as `?1…`). Returns the rows changed.
+    async fn exec_text(&self, sql: &str, args: &[&str]) -> Result<u64, TokenError> {
+        match &self.backend {
+            Backend::Sqlite(conn) => {
+                let sql = sql.replace('$', "?");
+                Ok(conn
+                    .lock()
+                    .execute(&sql, rusqlite::params_from_iter(args.iter()))? as u64)
+            }
+            Backend::Postgres { pool, .. } => {
+                let args: Vec<&(dyn tokio_postgres::types::ToSql + Sync)> = args
+                    .iter()
+                    .map(|a| a as &(dyn tokio_postgres::types::ToSql + Sync))
+                    .collect();
+                Ok(pool.get().await?.execute(sql, &args).await?)
+            }
+        }
+    }
+
     /// Create an organisation; false if the slug is taken.
     pub async fn create_org(&self, org: &Org) -> Result<bool, TokenError> {
-        let limits = serde_json::to_string(&org.limits).expect("limits encode");
-        let n = match &self.backend {
-            Backend::Sqlite(conn) => conn.lock().execute(
-                "INSERT INTO orgs (slug, name, created_at, limits) VALUES (?1, ?2, ?3, ?4) ON CONFLICT DO NOTHING",
-                params![org.slug, org.name, org.created_at, limits],
-            )? as u64,
-            Backend::Postgres { pool, .. } => {
-                pool.get()
-                    .await?
-                    .execute(
-                        "INSERT INTO orgs (slug, name, created_at, limits) VALUES ($1, $2, $3, $4) ON CONFLICT DO NOTHING",
-                        &[&org.slug, &org.name, &org.created_at, &limits],
-                    )
-                    .await?
-            }
-        };
-        if n == 0 {
-            return Ok(false);
-        }
-        self.shared.apply_orgs(|orgs, _| {
-            orgs.insert(org.slug.clone(), org.clone());
-        });
-        Ok(true)
+        self.put_org(
+            "INSERT INTO orgs (slug, name, limits, created_at) VALUES ($1, $2, $3, $4) ON CONFLICT DO NOTHING",
+            org,
+        )
+        .await
     }
 
     /// Replace an organisation's name and limits; false if there is none.
     pub async fn update_org(&self, org: &Org) -> Result<bool, TokenError> {
+        self.put_org("UPDATE orgs SET name = $2, limits = $3 WHERE slug = $1", org)
+            .await
+    }
+
+    /// `sql` takes slug, name, limits and (if it wants it) created_at.
+    async fn put_org(&self, sql: &str, org: &Org) -> Result<bool, TokenError> {
         let limits = serde_json::to_string(&org.limits).expect("limits encode");
-        let n = match &self.backend {
-            Backend::Sqlite(conn) => conn.lock().execute(
-                "UPDATE orgs SET name = ?2, limits = ?3 WHERE slug = ?1",
-                params![org.slug, org.name, limits],
-            )? as u64,
-            Backend::Postgres { pool, .. } => {
-                pool.get()
-                    .await?
-                    .execute(
-                        "UPDATE orgs SET name = $2, limits = $3 WHERE slug = $1",
-                        &[&org.slug, &org.name, &limits],
-                    )
-                    .await?
-            }
-        };
-        if n == 0 {
+        let mut args = vec![org.slug.as_str(), org.name.as_str(), limits.as_str()];
+        if sql.contains("$4") {
+            args.push(&org.created_at);
+        }
+        if self.exec_text(sql, &args).await? == 0 {
             return Ok(false);
         }
         self.shared.apply_orgs(|orgs, _| {
