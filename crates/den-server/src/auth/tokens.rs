@@ -421,24 +421,20 @@ fn pg_pool(url: &str) -> Result<Pool, TokenError> {
     den_store::pg::pool(url, 4, "den-tokens").map_err(|e| TokenError::Postgres(e.to_string()))
 }
 
-/// The schema of both databases; `{flag}` is the type of a boolean column.
-fn schema(flag: &str) -> String {
-    format!(
-        "CREATE TABLE IF NOT EXISTS tokens (
-            id TEXT PRIMARY KEY,
-            name TEXT NOT NULL,
-            hash TEXT NOT NULL UNIQUE,
-            created_at TEXT NOT NULL
-        );
-        CREATE TABLE IF NOT EXISTS orgs (
-            slug TEXT PRIMARY KEY,
-            name TEXT NOT NULL,
-            created_at TEXT NOT NULL,
-            limits TEXT NOT NULL
-        )"
-    )
-    .replace("{flag}", flag)
-}
+/// The schema of both databases before organisations; [`tenancy_columns`]
+/// completes `tokens`.
+const SCHEMA: &str = "CREATE TABLE IF NOT EXISTS tokens (
+        id TEXT PRIMARY KEY,
+        name TEXT NOT NULL,
+        hash TEXT NOT NULL UNIQUE,
+        created_at TEXT NOT NULL
+    );
+    CREATE TABLE IF NOT EXISTS orgs (
+        slug TEXT PRIMARY KEY,
+        name TEXT NOT NULL,
+        created_at TEXT NOT NULL,
+        limits TEXT NOT NULL
+    )";
 
 /// Columns added by organisations. Every token of an older data dir was an
 /// administrator of the only tenant, so it lands in the default organisation
@@ -467,7 +463,7 @@ impl TokenStore {
         conn.pragma_update(None, "synchronous", "FULL")?;
         {
             let tx = conn.transaction()?;
-            tx.execute_batch(&schema("INTEGER"))?;
+            tx.execute_batch(SCHEMA)?;
             let migrated: bool = tx.query_row(
                 "SELECT count(*) FROM pragma_table_info('tokens') WHERE name = 'server_admin'",
                 [],
@@ -544,7 +540,7 @@ impl TokenStore {
                     value TEXT NOT NULL,
                     created_at TIMESTAMPTZ NOT NULL DEFAULT now()
                 )",
-                schema("BOOLEAN")
+                SCHEMA
             ))
             .await?;
             let migrated = tx
