@@ -195,6 +195,11 @@ impl From<SpriteError> for ApiError {
             SpriteError::AwakeLimit { awake, limit } => {
                 ApiError::limited(crate::limits::Limited::awake(awake, limit))
             }
+            SpriteError::Quota {
+                message,
+                limit,
+                current,
+            } => ApiError::limited(crate::limits::Limited::quota(message, limit, current)),
             SpriteError::NotOwner(_) | SpriteError::Store(StoreError::Fenced(_)) => {
                 ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "sprite_moved", msg)
             }

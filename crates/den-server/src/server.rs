@@ -138,6 +138,10 @@ pub async fn start(cfg: ServerConfig, den_exe: std::path::PathBuf) -> Result<Run
     }
     let shutdown = CancellationToken::new();
     let create_limiter = Arc::new(crate::limits::CreateLimiter::new(cfg.create_rate));
+    mgr.set_admission(Arc::new(crate::limits::OrgAdmission {
+        tokens: tokens.clone(),
+        host: mgr.config().host,
+    }));
     let state = AppState {
         mgr,
         tokens,
@@ -145,6 +149,7 @@ pub async fn start(cfg: ServerConfig, den_exe: std::path::PathBuf) -> Result<Run
         cfg: Arc::new(cfg),
         shutdown: shutdown.clone(),
         create_limiter,
+        quotas: Arc::default(),
         metrics: Arc::new(crate::metrics::Metrics::new()),
         router: cluster
             .clone()

@@ -19,6 +19,8 @@ pub struct AppState {
     /// (exec sessions, proxies, log follows) end and tell their clients.
     pub shutdown: CancellationToken,
     pub create_limiter: Arc<crate::limits::CreateLimiter>,
+    /// The organisations' own quotas on creates, forks and checkpoints.
+    pub quotas: Arc<crate::limits::OrgQuotas>,
     pub metrics: Arc<crate::metrics::Metrics>,
     /// Cluster mode: where each sprite is served. `None` on a single node,
     /// where every request is served here.

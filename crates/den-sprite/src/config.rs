@@ -178,6 +178,23 @@ impl HostCapacity {
     }
 }
 
+/// Decides whether one more sprite may wake, beyond the manager's own
+/// `max_awake` (den-server: the organisations' quotas). Called with the
+/// manager's admission lock held, so the sprites it is shown (awake or
+/// already admitted and booting) are exactly the ones that count: two
+/// racing wakes can't both take the last place.
+pub trait Admission: Send + Sync {
+    /// `key` wants to wake with `resources`; `awake` holds every other
+    /// sprite awake or booting, with its resources. A refusal is returned
+    /// to the waker as is (e.g. [`crate::SpriteError::Quota`]).
+    fn admit(
+        &self,
+        key: &str,
+        resources: &Resources,
+        awake: &[(String, Resources)],
+    ) -> Result<(), crate::SpriteError>;
+}
+
 /// The first `nameserver` of the host's resolv.conf, for the DNS forwarder's upstream.
 pub fn host_upstream_dns() -> Option<std::net::SocketAddr> {
     let text = std::fs::read_to_string("/etc/resolv.conf").ok()?;

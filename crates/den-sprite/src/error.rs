@@ -27,6 +27,14 @@ pub enum SpriteError {
     /// Waking one more sprite would exceed the configured limit.
     #[error("{awake} sprites are awake, the limit is {limit}")]
     AwakeLimit { awake: usize, limit: usize },
+    /// The admission hook refused a wake (a quota of the sprite's
+    /// organisation); `limit` and `current` are in the quota's unit.
+    #[error("{message}")]
+    Quota {
+        message: String,
+        limit: u64,
+        current: u64,
+    },
     #[error("the sprite manager is shutting down")]
     ShuttingDown,
     /// Cluster mode: this node does not hold the sprite's lease (another

@@ -26,7 +26,7 @@ pub mod manager;
 mod record;
 
 pub use agent_bundle::{AGENT_SOCKET, SPRITE_BIN};
-pub use config::{HostCapacity, ImageSource, ManagerConfig, host_upstream_dns};
+pub use config::{Admission, HostCapacity, ImageSource, ManagerConfig, host_upstream_dns};
 pub use error::{Result, SpriteError};
 pub use manager::{Activity, CreateSprite, SpriteManager};
 pub use record::{

@@ -32,7 +32,7 @@ use tokio::sync::Mutex as AsyncMutex;
 
 use crate::agent_bundle::AgentBundle;
 use crate::catalog::{Catalog, SqliteCatalog};
-use crate::config::ManagerConfig;
+use crate::config::{Admission, ManagerConfig};
 use crate::disk;
 use crate::error::{Result, SpriteError};
 use crate::live::{self, BootContext, Live, SpritePaths, blocking};
@@ -158,6 +158,22 @@ pub(crate) struct Inner {
     templates: AsyncMutex<HashMap<String, (String, String)>>,
     slots: Mutex<HashMap<String, Arc<Slot>>>,
     shutting_down: AtomicBool,
+    /// Sprites admitted to wake whose status is not awake yet (see
+    /// [`SpriteManager::admit`]); its lock is the admission lock.
+    booting: Mutex<HashMap<String, den_runtime::Resources>>,
+    admission: Mutex<Option<Arc<dyn Admission>>>,
+}
+
+/// A sprite's place among the awake ones while it boots.
+struct Admitted {
+    inner: Arc<Inner>,
+    name: String,
+}
+
+impl Drop for Admitted {
+    fn drop(&mut self) {
+        self.inner.booting.lock().remove(&self.name);
+    }
 }
 
 /// The sprites of this host. Cheap to clone.
@@ -228,6 +244,8 @@ impl SpriteManager {
             templates: AsyncMutex::new(HashMap::new()),
             slots: Mutex::new(slots),
             shutting_down: AtomicBool::new(false),
+            booting: Mutex::new(HashMap::new()),
+            admission: Mutex::new(None),
         });
         tokio::spawn(crate::idle::run(Arc::downgrade(&inner)));
         Ok(SpriteManager { inner })
@@ -484,6 +502,9 @@ impl SpriteManager {
             );
             self.sleep_locked(&slot, &mut phase, SpriteStatus::Cold).await?;
         }
+        // Holds this sprite's place among the awake ones until its status
+        // says so (or the wake fails).
+        let mut admitted = None;
         if matches!(*phase, Phase::Cold) {
             // Cluster mode: boot only a sprite whose lease this node holds
             // (checked under the phase lock, which hand-off also takes).
@@ -491,13 +512,8 @@ impl SpriteManager {
             if self.inner.store.config().node.is_some() && self.inner.store.held_epoch(&volume).is_none() {
                 return Err(SpriteError::NotOwner(name.to_string()));
             }
-            if let Some(limit) = self.inner.cfg.max_awake {
-                let awake = self.awake_count();
-                if awake >= limit {
-                    return Err(SpriteError::AwakeLimit { awake, limit });
-                }
-            }
             let rec = slot.record.lock().clone();
+            admitted = Some(self.admit(&rec)?);
             let live = live::boot(&self.boot_context(&rec.image)?, &rec).await?;
             *phase = Phase::Awake(Box::new(live));
             self.update_record(&slot, |r| r.last_running_at_ms = Some(now_ms()))
@@ -513,6 +529,7 @@ impl SpriteManager {
             live.frozen = false;
         }
         slot.set_status(SpriteStatus::Running);
+        drop(admitted);
         slot.holds.fetch_add(1, Ordering::AcqRel);
         slot.touch();
         Ok(Activity {
@@ -521,6 +538,45 @@ impl SpriteManager {
             netns: live.net.as_ref().map(|n| n.netns.clone()),
             slot: slot.clone(),
         })
+    }
+
+    /// Let a cold sprite boot, or refuse: the server-wide `max_awake`, then
+    /// the admission hook. The check and the reservation happen under one
+    /// lock, and the reservation lasts until the sprite's status is awake,
+    /// so two wakes racing for the last place can't both pass (each sees
+    /// the other either booting or awake).
+    fn admit(&self, rec: &SpriteRecord) -> Result<Admitted> {
+        let mut booting = self.inner.booting.lock();
+        let mut awake: HashMap<String, den_runtime::Resources> = booting.clone();
+        for s in self.inner.slots.lock().values() {
+            if s.status() != SpriteStatus::Cold {
+                awake.insert(s.name.clone(), s.record.lock().resources);
+            }
+        }
+        awake.remove(&rec.name);
+        if let Some(limit) = self.inner.cfg.max_awake
+            && awake.len() >= limit
+        {
+            return Err(SpriteError::AwakeLimit {
+                awake: awake.len(),
+                limit,
+            });
+        }
+        if let Some(hook) = self.inner.admission.lock().clone() {
+            let awake: Vec<(String, den_runtime::Resources)> = awake.into_iter().collect();
+            hook.admit(&rec.name, &rec.resources, &awake)?;
+        }
+        booting.insert(rec.name.clone(), rec.resources);
+        Ok(Admitted {
+            inner: self.inner.clone(),
+            name: rec.name.clone(),
+        })
+    }
+
+    /// Install the hook that decides, with `max_awake`, whether a sprite may
+    /// wake (den-server: the organisations' quotas).
+    pub fn set_admission(&self, hook: Arc<dyn Admission>) {
+        *self.inner.admission.lock() = Some(hook);
     }
 
     /// Sprites that are running or warm.

@@ -67,17 +67,22 @@ pub async fn create(
     SpriteRef(name): SpriteRef,
     JsonBody(req): JsonBody<CreateCheckpointRequest>,
 ) -> ApiResult<Response> {
-    st.mgr.get(&name)?;
+    let info = st.mgr.get(&name)?;
     let comment = req.comment.unwrap_or_default();
     if comment.len() > 4096 {
         return Err(crate::error::ApiError::bad_request("comment too long"));
     }
+    let org = info.record.org().to_string();
+    let limit = st.tokens.org(&org).and_then(|o| o.limits.max_disk_bytes);
+    st.quotas.check_disk(&st.mgr, &org, limit).await?;
     let stream = async_stream(move |tx| async move {
         let _ = tx
             .send(stream_line("info", "data", "Creating checkpoint..."))
             .await;
         let t0 = std::time::Instant::now();
-        match st.mgr.checkpoint(&name, &comment).await {
+        let done = st.mgr.checkpoint(&name, &comment).await;
+        st.quotas.forget_disk(&org);
+        match done {
             Ok(ck) => {
                 // "  ID: vN" exactly: some SDKs (Rust `sprites`) take the id
                 // from this line rather than from `complete`.

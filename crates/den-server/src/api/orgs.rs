@@ -52,16 +52,26 @@ fn check_limits(l: &OrgLimits) -> ApiResult<()> {
     Ok(())
 }
 
-/// An organisation as the API shows it: with its sprites counted.
-pub fn org_json(st: &AppState, org: &Org) -> Value {
+/// An organisation as the API shows it: with its sprites counted, and its
+/// usage of the quotas next to its limits (`usage`; `disk_bytes` is at most
+/// [`crate::limits::DISK_USAGE_TTL`] old, `null` if it can't be counted).
+pub async fn org_json(st: &AppState, org: &Org) -> Value {
     let (mut running, mut warm, mut cold) = (0, 0, 0);
+    let (mut memory, mut cpus) = (0u64, 0f64);
+    let host = st.mgr.config().host;
     for s in st.mgr.list().iter().filter(|s| s.record.org() == org.slug) {
         match s.status {
             SpriteStatus::Running => running += 1,
             SpriteStatus::Warm => warm += 1,
             SpriteStatus::Cold => cold += 1,
         }
+        if s.status != SpriteStatus::Cold {
+            let (m, c) = crate::limits::footprint(&s.record.resources, &host);
+            memory = memory.saturating_add(m);
+            cpus += c;
+        }
     }
+    let disk_bytes = st.quotas.disk_bytes(&st.mgr, &org.slug).await.ok();
     json!({
         "id": org.slug,
         "slug": org.slug,
@@ -72,6 +82,13 @@ pub fn org_json(st: &AppState, org: &Org) -> Value {
         "running": running,
         "warm": warm,
         "cold": cold,
+        "usage": {
+            "sprites": running + warm + cold,
+            "awake": running + warm,
+            "memory_mb": memory >> 20,
+            "cpus": cpus,
+            "disk_bytes": disk_bytes,
+        },
     })
 }
 
@@ -88,7 +105,7 @@ fn internal(e: crate::auth::TokenError) -> ApiError {
 /// The caller's organisation: counts and limits.
 #[utoipa::path(get, path = "/v1/organization", responses((status = 200)))]
 pub async fn current(State(st): State<AppState>, caller: Principal) -> ApiResult<Json<Value>> {
-    Ok(Json(org_json(&st, &org_of(&st, &caller.org)?)))
+    Ok(Json(org_json(&st, &org_of(&st, &caller.org)?).await))
 }
 
 #[utoipa::path(post, path = "/v1/orgs", request_body = CreateOrgRequest,
@@ -114,18 +131,21 @@ pub async fn create(
             format!("organisation {:?} already exists", org.slug),
         ));
     }
-    Ok((StatusCode::CREATED, Json(org_json(&st, &org))).into_response())
+    Ok((StatusCode::CREATED, Json(org_json(&st, &org).await)).into_response())
 }
 
 #[utoipa::path(get, path = "/v1/orgs", responses((status = 200)))]
 pub async fn list(State(st): State<AppState>) -> Json<Value> {
-    let orgs: Vec<Value> = st.tokens.orgs().iter().map(|o| org_json(&st, o)).collect();
+    let mut orgs: Vec<Value> = Vec::new();
+    for o in st.tokens.orgs() {
+        orgs.push(org_json(&st, &o).await);
+    }
     Json(json!({"orgs": orgs, "count": orgs.len()}))
 }
 
 #[utoipa::path(get, path = "/v1/orgs/{org}", responses((status = 200), (status = 404)))]
 pub async fn get(State(st): State<AppState>, Path(slug): Path<String>) -> ApiResult<Json<Value>> {
-    Ok(Json(org_json(&st, &org_of(&st, &slug)?)))
+    Ok(Json(org_json(&st, &org_of(&st, &slug)?).await))
 }
 
 #[utoipa::path(put, path = "/v1/orgs/{org}", request_body = UpdateOrgRequest,
@@ -147,7 +167,7 @@ pub async fn update(
     if !st.tokens.update_org(&org).await.map_err(internal)? {
         return Err(ApiError::not_found(format!("organisation not found: {slug}")));
     }
-    Ok(Json(org_json(&st, &org)))
+    Ok(Json(org_json(&st, &org).await))
 }
 
 /// Delete an organisation that has no sprites left, with all its tokens.

@@ -129,14 +129,11 @@ pub async fn create(
                 }
                 Err(e) => return Ok(e.into_response()),
             }
-            check_limits(&st)?;
             checked
         }
-        None => {
-            check_limits(&st)?;
-            check_create(&st, req.url_settings, req.labels, req.config, req.environment)?
-        }
+        None => check_create(&st, req.url_settings, req.labels, req.config, req.environment)?,
     };
+    let _creating = check_limits(&st, &caller.org).await?;
     let CheckedCreate {
         url_settings,
         labels,
@@ -161,6 +158,7 @@ pub async fn create(
             },
         )
         .await?;
+    st.quotas.forget_disk(&caller.org);
     Ok((StatusCode::CREATED, Json(sprite_json(&st.cfg, &info))).into_response())
 }
 
@@ -183,14 +181,35 @@ fn new_sprite_key(caller: &Principal, name: &str) -> ApiResult<String> {
     Ok(key)
 }
 
-fn check_limits(st: &AppState) -> ApiResult<()> {
-    if let Some(limit) = st.cfg.max_sprites {
-        let count = st.mgr.list().len();
+/// Whether `org` may have one more sprite: the server's `max_sprites` and
+/// `create_rate`, then the organisation's own limits. While a sprite count
+/// applies, the returned guard must be held until the new sprite exists.
+async fn check_limits<'a>(st: &'a AppState, org: &str) -> ApiResult<Option<tokio::sync::MutexGuard<'a, ()>>> {
+    use crate::limits::Limited;
+    let limits = st.tokens.org(org).map(|o| o.limits).unwrap_or_default();
+    let counted = st.cfg.max_sprites.is_some() || limits.max_sprites.is_some();
+    let guard = match counted {
+        true => Some(st.quotas.creating.lock().await),
+        false => None,
+    };
+    let sprites = st.mgr.list();
+    if let Some(limit) = st.cfg.max_sprites
+        && sprites.len() >= limit
+    {
+        return Err(ApiError::limited(Limited::total(sprites.len(), limit)));
+    }
+    if let Some(limit) = limits.max_sprites {
+        let count = sprites.iter().filter(|s| s.record.org() == org).count();
         if count >= limit {
-            return Err(ApiError::limited(crate::limits::Limited::total(count, limit)));
+            return Err(ApiError::limited(Limited::org_total(org, count, limit)));
         }
     }
-    st.create_limiter.admit().map_err(ApiError::limited)
+    st.quotas.check_disk(&st.mgr, org, limits.max_disk_bytes).await?;
+    st.quotas
+        .admit_create(org, limits.create_rate.as_deref())
+        .map_err(ApiError::limited)?;
+    st.create_limiter.admit().map_err(ApiError::limited)?;
+    Ok(guard)
 }
 
 /// A create request's settings, checked.
@@ -421,6 +440,8 @@ pub async fn fork(
     st.mgr.get(&name)?;
     let ck = req.checkpoint.as_deref().map(crate::api::checkpoint_id);
     let new_key = new_sprite_key(&caller, &req.name)?;
+    let _creating = check_limits(&st, &caller.org).await?;
     let info = st.mgr.fork(&name, &new_key, ck.as_deref(), None).await?;
+    st.quotas.forget_disk(&caller.org);
     Ok((StatusCode::CREATED, Json(sprite_json(&st.cfg, &info))).into_response())
 }

@@ -10,6 +10,7 @@ mod forward;
 mod fs;
 mod fuzz;
 mod proxy;
+mod quotas_org;
 mod sdk;
 mod sdk_rust;
 mod services;
@@ -72,6 +73,15 @@ const TESTS: &[(&str, TestFn)] = &[
     }),
     ("tenancy_lists_keep_to_the_tokens_reach", || {
         Box::pin(tenancy::lists_keep_to_the_tokens_reach())
+    }),
+    ("quotas_org_sprite_count_and_create_rate", || {
+        Box::pin(quotas_org::sprite_count_and_create_rate())
+    }),
+    ("quotas_org_awake_memory_cpu_on_wake", || {
+        Box::pin(quotas_org::awake_memory_cpu_on_wake())
+    }),
+    ("quotas_org_disk_bytes_on_create_fork_checkpoint", || {
+        Box::pin(quotas_org::disk_bytes_on_create_fork_checkpoint())
     }),
 ];
 
