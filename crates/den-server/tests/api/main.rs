@@ -16,6 +16,7 @@ mod services;
 mod sprites;
 mod svcfs_python;
 mod tenancy;
+mod tls;
 
 use std::future::Future;
 use std::pin::Pin;
@@ -72,6 +73,19 @@ const TESTS: &[(&str, TestFn)] = &[
     }),
     ("tenancy_lists_keep_to_the_tokens_reach", || {
         Box::pin(tenancy::lists_keep_to_the_tokens_reach())
+    }),
+    ("tls_sdks_over_https", || Box::pin(tls::sdks_over_https())),
+    ("tls_sprite_url_over_https", || {
+        Box::pin(tls::sprite_url_over_https())
+    }),
+    ("tls_sighup_reload_under_traffic", || {
+        Box::pin(tls::sighup_reload_under_traffic())
+    }),
+    ("tls_silent_client_is_closed_by_the_deadline", || {
+        Box::pin(tls::silent_tls_client_is_closed_by_the_deadline())
+    }),
+    ("tls_mismatched_key_stops_the_start", || {
+        Box::pin(tls::mismatched_key_stops_the_start())
     }),
 ];
 
