@@ -33,7 +33,7 @@ pub async fn login(ctx: &Ctx, a: LoginArgs) -> Result<()> {
     if token.is_empty() {
         bail!("no token given — pass --token, or type it at the prompt");
     }
-    let client = Client::new(&url, Some(token.clone())).hint()?;
+    let client = Client::with_ca_cert(&url, Some(token.clone()), ctx.global.ca_cert.as_deref()).hint()?;
     client.list_sprites_page(None, None).await.hint()?;
     let path = config::save(&config::FileConfig {
         api_url: Some(client.api_url()),
