@@ -136,7 +136,7 @@ async fn echo(ws: &mut Ws, data: &[u8]) -> Result<Vec<u8>> {
     Ok(got)
 }
 
-fn pattern(n: usize) -> Vec<u8> {
+pub(crate) fn pattern(n: usize) -> Vec<u8> {
     (0..n).map(|i| (i * 7 + i / 251) as u8).collect()
 }
 
@@ -320,7 +320,7 @@ const STREAM_CGI: &str = "#!/bin/sh\necho Content-Type: text/plain\necho\necho f
     while [ ! -e /tmp/go ]; do sleep 0.1; done\necho second\n";
 const ECHO_CGI: &str = "#!/bin/sh\necho Content-Type: application/octet-stream\necho\nexec cat\n";
 /// Answers any request with 101 and then echoes bytes.
-const UPGRADE_ECHO: &str = r#"#!/bin/sh
+pub(crate) const UPGRADE_ECHO: &str = r#"#!/bin/sh
 cr=$(printf '\r')
 while IFS= read -r line; do
   [ "$line" = "$cr" ] && break
@@ -527,7 +527,7 @@ pub async fn urls() -> Result<()> {
 }
 
 /// Read an HTTP/1.1 response head from a raw stream.
-async fn read_head(tcp: &mut TcpStream) -> Result<String> {
+pub(crate) async fn read_head(tcp: &mut (impl tokio::io::AsyncRead + Unpin)) -> Result<String> {
     let mut head = Vec::new();
     let mut b = [0u8; 1];
     while !head.ends_with(b"\r\n\r\n") {

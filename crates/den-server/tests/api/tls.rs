@@ -18,7 +18,7 @@ use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, Issuer, KeyPair, 
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, ServerName};
 use serde_json::{Value, json};
-use tokio::io::AsyncReadExt;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::time::Instant;
 use tokio_rustls::TlsConnector;
@@ -232,6 +232,36 @@ pub async fn sprite_url_over_https() -> Result<()> {
     ensure!(var("HTTP_X_FORWARDED_PROTO").as_deref() == Some("https"), "{env}");
     ensure!(var("HTTP_HOST") == Some(format!("{host}:{port}")), "{env}");
     ensure!(var("HTTP_AUTHORIZATION").is_none(), "token leaked: {env}");
+
+    // An upgrade (WebSocket-style) through a sprite URL over TLS: bytes
+    // flow both ways through den's TLS and the splice to the sprite.
+    let r = pki
+        .reqwest(Some(&s.token))?
+        .post(s.api("/v1/sprites"))
+        .json(&json!({"name": "up"}))
+        .send()
+        .await?;
+    ensure!(r.status() == 201, "create: {}", r.status());
+    crate::proxy::put_file(&s, "up", "/srv/upgrade.sh", crate::proxy::UPGRADE_ECHO).await?;
+    crate::proxy::serve(&s, "up", "busybox nc -ll -p 8080 -e /srv/upgrade.sh", 8080).await?;
+    let mut tls = tls_connect(&pki, s.cfg.listen, &format!("up.{DOMAIN}")).await?;
+    let req = format!(
+        "GET /chat HTTP/1.1\r\nHost: up.{DOMAIN}:{port}\r\nConnection: Upgrade\r\nUpgrade: echo\r\n\
+         Authorization: Bearer {}\r\n\r\n",
+        s.token
+    );
+    tls.write_all(req.as_bytes()).await?;
+    let head = crate::proxy::read_head(&mut tls).await?;
+    ensure!(head.starts_with("HTTP/1.1 101"), "{head}");
+    let data = crate::proxy::pattern(256 << 10);
+    let (mut rd, mut wr) = tokio::io::split(tls);
+    let mut back = vec![0u8; data.len()];
+    let (w, r) = tokio::join!(wr.write_all(&data), async {
+        tokio::time::timeout(WAIT, rd.read_exact(&mut back)).await
+    });
+    w?;
+    r??;
+    ensure!(back == data, "256 KiB through the upgraded TLS connection differ");
 
     // A client that does not trust the CA gets no answer at all.
     let untrusting = reqwest::Client::builder()
