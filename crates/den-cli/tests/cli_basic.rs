@@ -1287,6 +1287,18 @@ fn https_server_with_a_private_ca() {
     c.env_remove("DEN_CA_CERT");
     assert_eq!(ok(c), "flag\n");
 
+    // `den login --ca-cert` saves the CA with the URL and token.
+    let fresh = User::new();
+    ok(fresh.cmd(&[
+        "login",
+        &s.url,
+        "--token",
+        &s.token,
+        "--ca-cert",
+        ca.to_str().unwrap(),
+    ]));
+    assert!(ok(fresh.cmd(&["ls"])).contains("tls1"));
+
     // SIGHUP reloads the certificate; the server stays up.
     hangup_and_check(&mut s, &u, "TLS certificate reloaded");
 }

@@ -193,7 +193,11 @@ pub struct Ctx {
 
 impl Ctx {
     pub fn settings(&self) -> Result<config::Settings> {
-        config::resolve(self.global.api_url.as_deref(), self.global.token.as_deref())
+        config::resolve(
+            self.global.api_url.as_deref(),
+            self.global.token.as_deref(),
+            self.global.ca_cert.as_deref(),
+        )
     }
 
     /// A client with a token; without one, say how to get one.
@@ -202,7 +206,7 @@ impl Ctx {
         if s.token.is_none() {
             bail!("no token — run `den login` (or pass --token, or set DEN_TOKEN)");
         }
-        Client::with_ca_cert(&s.api_url, s.token, self.global.ca_cert.as_deref()).map_err(errors::explain)
+        Client::with_ca_cert(&s.api_url, s.token, s.ca_cert.as_deref()).map_err(errors::explain)
     }
 
     /// The sprite a command is about: `arg`, else `-s`, else `.den`.
