@@ -29,7 +29,7 @@ pub struct ServerArgs {
     /// TOML file with any of: listen, url_domain, url_port, warm_after, cold_after, image,
     /// images_dir, run_dir, subnet, net_table, upstream_dns, uplinks, blocked, default_exec_timeout,
     /// max_awake, max_sprites, create_rate ("10/60s"), max_connections, max_connections_per_ip,
-    /// header_read_timeout. Logs: DEN_LOG (filter), DEN_LOG_FORMAT=json.
+    /// header_read_timeout, tls_cert, tls_key. Logs: DEN_LOG (filter), DEN_LOG_FORMAT=json.
     #[arg(long, env = "DEN_CONFIG")]
     pub config: Option<PathBuf>,
     /// Address to listen on [default: 127.0.0.1:8080].
@@ -73,6 +73,13 @@ pub struct ServerArgs {
     /// Cluster: a node silent this long is dead and its sprites move [default: 10s].
     #[arg(long, value_parser = humantime::parse_duration)]
     pub node_ttl: Option<Duration>,
+    /// Serve HTTPS: certificate chain (PEM, leaf first). A wildcard certificate for
+    /// *.URL_DOMAIN also covers sprite URLs. Reloaded on SIGHUP. Needs --tls-key.
+    #[arg(long, requires = "tls_key")]
+    pub tls_cert: Option<PathBuf>,
+    /// The certificate's private key (PEM). Needs --tls-cert.
+    #[arg(long, requires = "tls_cert")]
+    pub tls_key: Option<PathBuf>,
 }
 
 pub fn run(args: ServerArgs) -> Result<()> {
@@ -127,6 +134,10 @@ pub fn run(args: ServerArgs) -> Result<()> {
     if let Some(v) = args.node_ttl {
         cfg.node_ttl = v;
     }
+    if args.tls_cert.is_some() {
+        cfg.tls_cert = args.tls_cert;
+        cfg.tls_key = args.tls_key;
+    }
     anyhow::ensure!(
         cfg.cold_after >= cfg.warm_after,
         "--cold-after must not be shorter than --warm-after"
@@ -141,7 +152,8 @@ pub fn run(args: ServerArgs) -> Result<()> {
         if let Some(f) = &running.admin_token_file {
             eprintln!("admin token written to {} (mode 0600)", f.display());
         }
-        eprintln!("den server listening on http://{}", running.addr);
+        let scheme = if running.tls.is_some() { "https" } else { "http" };
+        eprintln!("den server listening on {scheme}://{}", running.addr);
         println!(
             "{}",
             serde_json::json!({"ready": true, "listen": running.addr.to_string()})

@@ -28,6 +28,11 @@ struct Server {
 
 impl Server {
     fn start() -> Server {
+        Self::start_with(&[])
+    }
+
+    /// Started with more `den server` flags (`--tls-cert` makes it https).
+    fn start_with(extra: &[&std::ffi::OsStr]) -> Server {
         den_testkit::require_root();
         let dir = tempfile::Builder::new()
             .prefix("den-cli-test-")
@@ -66,7 +71,10 @@ impl Server {
             .arg(&data)
             .arg("--config")
             .arg(&cfg_path)
+            .args(extra)
             .env_remove("DEN_CONFIG")
+            // Info from the server module: what a signal did.
+            .env("DEN_LOG", "warn,den_server::server=info")
             .stdout(Stdio::piped())
             .stderr(log)
             .spawn()
@@ -95,7 +103,12 @@ impl Server {
             std::fs::read_dir(server.dir.path().join("images")).is_ok_and(|mut d| d.next().is_some()),
             "the base image was not built in the configured images_dir"
         );
-        server.url = format!("http://{}", ready["listen"].as_str().unwrap());
+        let scheme = if extra.iter().any(|a| *a == "--tls-cert") {
+            "https"
+        } else {
+            "http"
+        };
+        server.url = format!("{scheme}://{}", ready["listen"].as_str().unwrap());
         server.token = std::fs::read_to_string(data.join("admin-token"))
             .unwrap()
             .trim()
@@ -139,6 +152,7 @@ impl User {
             .env_remove("XDG_CONFIG_HOME")
             .env_remove("DEN_API_URL")
             .env_remove("DEN_TOKEN")
+            .env_remove("DEN_CA_CERT")
             .env_remove("DEN_LOG")
             .stdin(Stdio::null());
         c
@@ -1169,4 +1183,129 @@ fn exec_forward_follows_opened_ports() {
     let _ = std::io::Read::read_to_string(&mut conn, &mut got);
     assert_eq!(got, "fwd-hello\n");
     assert!(wait_child(child).success());
+}
+
+/// A test CA and a server certificate from it for `localhost` and
+/// `127.0.0.1`, written to `dir` as ca.crt, server.crt and server.key.
+fn test_pki(dir: &std::path::Path) -> (PathBuf, PathBuf, PathBuf) {
+    use rcgen::{BasicConstraints, CertificateParams, IsCa, Issuer, KeyPair};
+    let mut ca = CertificateParams::new(Vec::<String>::new()).unwrap();
+    ca.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    let ca_key = KeyPair::generate().unwrap();
+    let ca_cert = ca.self_signed(&ca_key).unwrap();
+    let issuer = Issuer::new(ca, ca_key);
+    let key = KeyPair::generate().unwrap();
+    let cert = CertificateParams::new(vec!["localhost".to_string(), "127.0.0.1".to_string()])
+        .unwrap()
+        .signed_by(&key, &issuer)
+        .unwrap();
+    let paths = (dir.join("ca.crt"), dir.join("server.crt"), dir.join("server.key"));
+    std::fs::write(&paths.0, ca_cert.pem()).unwrap();
+    std::fs::write(&paths.1, cert.pem()).unwrap();
+    std::fs::write(&paths.2, key.serialize_pem()).unwrap();
+    paths
+}
+
+/// Send SIGHUP to the server, wait until its log shows `handled` (the
+/// signal reached den's handler), and check the server still runs and
+/// answers.
+fn hangup_and_check(s: &mut Server, u: &User, handled: &str) {
+    // SAFETY: kill(2) on our own child's pid.
+    unsafe { libc::kill(s.child.id() as i32, libc::SIGHUP) };
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while !s.log().contains(handled) {
+        assert!(
+            s.child.try_wait().unwrap().is_none(),
+            "den server died of SIGHUP; log:\n{}",
+            s.log()
+        );
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no {handled:?} in the log:\n{}",
+            s.log()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let mut c = u.cmd(&["ls", "--api-url", &s.url, "--token", &s.token]);
+    let ca = s.dir.path().join("ca.crt");
+    if ca.exists() {
+        c.env("DEN_CA_CERT", ca);
+    }
+    ok(c);
+    assert!(s.child.try_wait().unwrap().is_none(), "den server exited");
+}
+
+#[test]
+fn https_server_with_a_private_ca() {
+    let pki = tempfile::tempdir().unwrap();
+    let (ca, cert, key) = test_pki(pki.path());
+    let mut s = Server::start_with(&[
+        "--tls-cert".as_ref(),
+        cert.as_os_str(),
+        "--tls-key".as_ref(),
+        key.as_os_str(),
+    ]);
+    std::fs::copy(&ca, s.dir.path().join("ca.crt")).unwrap();
+    assert!(s.url.starts_with("https://"), "{}", s.url);
+    let u = User::new();
+    let conn = ["--api-url", s.url.as_str(), "--token", s.token.as_str()];
+
+    // Without the CA: the error says what is wrong and what to do.
+    let err = fails(u.cmd(&[&["ls"], &conn[..]].concat()));
+    assert!(
+        err.contains("TLS with den at") && err.contains("DEN_CA_CERT"),
+        "{err}"
+    );
+
+    // With DEN_CA_CERT: HTTP requests and the exec WebSocket (wss://).
+    let with_env = |args: &[&str]| {
+        // Connection flags first: after `--` they would be the command's.
+        let mut c = u.cmd(&[&conn[..], args].concat());
+        c.env("DEN_CA_CERT", &ca);
+        c
+    };
+    ok(with_env(&["create", "tls1", "--skip-console"]));
+    assert_eq!(
+        ok(with_env(&["exec", "-s", "tls1", "--", "echo", "over tls"])),
+        "over tls\n"
+    );
+    let list = json(&ok(with_env(&["ls", "--json"])));
+    let port = s.url.rsplit(':').next().unwrap();
+    let sprite = &list.as_array().unwrap()[0];
+    assert_eq!(sprite["name"], "tls1");
+    assert_eq!(sprite["url"], format!("https://tls1.localhost:{port}/"));
+    // --ca-cert does the same.
+    let mut c = u.cmd(
+        &[
+            &conn[..],
+            &["exec", "-s", "tls1", "--ca-cert"],
+            &[ca.to_str().unwrap()][..],
+            &["--", "echo", "flag"],
+        ]
+        .concat(),
+    );
+    c.env_remove("DEN_CA_CERT");
+    assert_eq!(ok(c), "flag\n");
+
+    // `den login --ca-cert` saves the CA with the URL and token.
+    let fresh = User::new();
+    ok(fresh.cmd(&[
+        "login",
+        &s.url,
+        "--token",
+        &s.token,
+        "--ca-cert",
+        ca.to_str().unwrap(),
+    ]));
+    assert!(ok(fresh.cmd(&["ls"])).contains("tls1"));
+
+    // SIGHUP reloads the certificate; the server stays up.
+    hangup_and_check(&mut s, &u, "TLS certificate reloaded");
+}
+
+#[test]
+fn sighup_does_not_stop_a_plain_server() {
+    let mut s = Server::start();
+    let u = User::new();
+    hangup_and_check(&mut s, &u, "no TLS certificate to reload");
 }

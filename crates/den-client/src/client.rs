@@ -1,10 +1,14 @@
 //! The HTTP plumbing: URL building, the bearer header, and turning answers
 //! into [`Error`]s the same way for every endpoint.
 
+use std::path::Path;
+use std::sync::Arc;
 use std::time::Duration;
 
 use reqwest::header::{AUTHORIZATION, HeaderValue};
 use reqwest::{Method, RequestBuilder, Response, Url};
+use rustls::pki_types::CertificateDer;
+use rustls::pki_types::pem::PemObject;
 use serde::de::DeserializeOwned;
 
 use crate::{Error, Result};
@@ -18,11 +22,52 @@ pub struct Client {
     base: Url,
     token: Option<String>,
     http: reqwest::Client,
+    /// The rustls setup for `wss://` when a CA was added; `None`: the
+    /// system's roots (tokio-tungstenite's own setup).
+    ws_tls: Option<Arc<rustls::ClientConfig>>,
+}
+
+/// The system's trusted roots plus every certificate in `ca_file` (PEM),
+/// for a den whose certificate comes from a private CA. One rustls setup
+/// serves both HTTP and WebSockets, so both trust exactly the same.
+fn tls_with_ca(ca_file: &Path) -> Result<rustls::ClientConfig> {
+    let bad = |reason: String| Error::BadCaCert {
+        path: ca_file.to_path_buf(),
+        reason,
+    };
+    let extra = CertificateDer::pem_file_iter(ca_file)
+        .map_err(|e| bad(e.to_string()))?
+        .collect::<std::result::Result<Vec<_>, _>>()
+        .map_err(|e| bad(e.to_string()))?;
+    if extra.is_empty() {
+        return Err(bad("no CERTIFICATE block in the file".into()));
+    }
+    let mut roots = rustls::RootCertStore::empty();
+    // Unreadable system roots are not fatal: the given CA may be all the
+    // caller needs (a den on a private network).
+    roots.add_parsable_certificates(rustls_native_certs::load_native_certs().certs);
+    for c in extra {
+        roots.add(c).map_err(|e| bad(e.to_string()))?;
+    }
+    // Named, not the process default: this workspace compiles in two
+    // providers (aws-lc-rs and ring), and rustls cannot choose by itself.
+    let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
+    Ok(rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .map_err(|e| bad(e.to_string()))?
+        .with_root_certificates(roots)
+        .with_no_client_auth())
 }
 
 impl Client {
     /// `api_url` like `http://127.0.0.1:8080` (a trailing path is kept as a prefix).
     pub fn new(api_url: &str, token: Option<String>) -> Result<Client> {
+        Self::with_ca_cert(api_url, token, None)
+    }
+
+    /// [`Client::new`] that also trusts the CA certificates in `ca_file`
+    /// (PEM) for an `https://` den, besides the system's roots.
+    pub fn with_ca_cert(api_url: &str, token: Option<String>, ca_file: Option<&Path>) -> Result<Client> {
         let bad = |reason: &str| Error::BadUrl {
             url: api_url.to_string(),
             reason: reason.to_string(),
@@ -37,13 +82,25 @@ impl Client {
         }
         // TCP_NODELAY: requests and stdin are small writes; Nagle's
         // algorithm would hold one behind an unacknowledged other.
-        let http = reqwest::Client::builder()
+        let mut http = reqwest::Client::builder()
             .tcp_nodelay(true)
             .connect_timeout(CONNECT_TIMEOUT)
-            .user_agent(concat!("den-cli/", env!("CARGO_PKG_VERSION")))
-            .build()
-            .map_err(Error::Http)?;
-        Ok(Client { base, token, http })
+            .user_agent(concat!("den-cli/", env!("CARGO_PKG_VERSION")));
+        let ws_tls = match ca_file {
+            None => None,
+            Some(f) => {
+                let tls = tls_with_ca(f)?;
+                http = http.tls_backend_preconfigured(tls.clone());
+                Some(Arc::new(tls))
+            }
+        };
+        let http = http.build().map_err(Error::Http)?;
+        Ok(Client {
+            base,
+            token,
+            http,
+            ws_tls,
+        })
     }
 
     /// The API URL as given (without the trailing slash added for joining).
@@ -53,6 +110,11 @@ impl Client {
 
     pub fn token(&self) -> Option<&str> {
         self.token.as_deref()
+    }
+
+    /// The TLS setup for WebSockets (see the field).
+    pub(crate) fn ws_connector(&self) -> Option<tokio_tungstenite::Connector> {
+        self.ws_tls.clone().map(tokio_tungstenite::Connector::Rustls)
     }
 
     /// Absolute URL of an API path such as `/v1/sprites`.
@@ -116,6 +178,12 @@ impl Client {
 
     /// A transport failure as this client's error (unreachable server, timeout, …).
     pub fn transport(&self, e: reqwest::Error) -> Error {
+        if let Some(tls) = tls_failure(&e) {
+            return Error::Tls {
+                url: self.api_url(),
+                reason: tls.to_string(),
+            };
+        }
         if e.is_connect() || (e.is_timeout() && !e.is_body()) {
             Error::Unreachable {
                 url: self.api_url(),
@@ -125,6 +193,24 @@ impl Client {
             Error::Http(e)
         }
     }
+}
+
+/// The rustls error under a transport failure (an untrusted certificate,
+/// a name mismatch), if that is what it was. `io::Error` hides its inner
+/// error from `source()` (and hyper wraps one `io::Error` in another), so
+/// those are opened by hand.
+fn tls_failure<'a>(e: &'a (dyn std::error::Error + 'static)) -> Option<&'a rustls::Error> {
+    let mut next: Option<&(dyn std::error::Error + 'static)> = Some(e);
+    while let Some(err) = next {
+        if let Some(t) = err.downcast_ref::<rustls::Error>() {
+            return Some(t);
+        }
+        next = match err.downcast_ref::<std::io::Error>().and_then(|io| io.get_ref()) {
+            Some(inner) => Some(inner),
+            None => err.source(),
+        };
+    }
+    None
 }
 
 /// The API's error body is `{"error": code, "message": text}`; some

@@ -30,6 +30,16 @@ pub enum Error {
     Stream(String),
     #[error("invalid API URL {url:?}: {reason}")]
     BadUrl { url: String, reason: String },
+    /// The TLS handshake with den failed: most often a certificate from a
+    /// CA this client does not trust.
+    #[error("TLS with den at {url} failed: {reason}")]
+    Tls { url: String, reason: String },
+    /// The CA certificate file (`--ca-cert`, `DEN_CA_CERT`) is unusable.
+    #[error("CA certificate {path}: {reason}")]
+    BadCaCert {
+        path: std::path::PathBuf,
+        reason: String,
+    },
     /// The answer was not what the API promises.
     #[error("unexpected answer from the server: {0}")]
     Decode(String),

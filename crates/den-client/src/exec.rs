@@ -130,7 +130,7 @@ impl Client {
             req.headers_mut().insert("authorization", v);
         }
         // disable_nagle: stdin and resize frames are small writes.
-        match tokio_tungstenite::connect_async_with_config(req, None, true).await {
+        match tokio_tungstenite::connect_async_tls_with_config(req, None, true, self.ws_connector()).await {
             Ok((ws, _)) => Ok(ws),
             Err(tungstenite::Error::Http(resp)) => {
                 let body = resp

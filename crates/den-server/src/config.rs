@@ -77,6 +77,10 @@ pub struct ServerConfig {
     /// [`crate::listener`]. Behind a reverse proxy every client shares the
     /// proxy's address: raise `max_connections_per_ip` there.
     pub connections: crate::listener::ConnLimits,
+    /// HTTPS on the listen port: the certificate chain and key (PEM), both
+    /// or neither; see [`crate::tls`]. Reloaded on SIGHUP.
+    pub tls_cert: Option<PathBuf>,
+    pub tls_key: Option<PathBuf>,
 }
 
 /// `count` events per `window` (TOML/env form `"10/60s"`).
@@ -132,6 +136,8 @@ impl ServerConfig {
             durability_window: Duration::from_secs(30),
             node_ttl: Duration::from_secs(10),
             connections: crate::listener::ConnLimits::default(),
+            tls_cert: None,
+            tls_key: None,
         }
     }
 
@@ -198,6 +204,8 @@ impl ServerConfig {
         f.advertise_url = var("advertise_url");
         f.durability_window = var("durability_window");
         f.node_ttl = var("node_ttl");
+        f.tls_cert = var("tls_cert").map(PathBuf::from);
+        f.tls_key = var("tls_key").map(PathBuf::from);
         f.apply(self)
     }
 
@@ -206,16 +214,22 @@ impl ServerConfig {
         self.url_port.unwrap_or(self.listen.port())
     }
 
-    /// `http://<name>.<domain>:<port>/`
+    /// Whether den serves HTTPS itself.
+    pub fn tls(&self) -> bool {
+        self.tls_cert.is_some()
+    }
+
     /// The URL of the sprite with this key: its first DNS label is
-    /// [`url_label`].
+    /// [`url_label`]; `http://`, or `https://` with TLS, and the scheme's
+    /// default port left out.
     pub fn sprite_url(&self, key: &str) -> String {
         let label = url_label(key);
         let port = self.public_port();
-        if port == 80 {
-            format!("http://{label}.{}/", self.url_domain)
+        let (scheme, default_port) = if self.tls() { ("https", 443) } else { ("http", 80) };
+        if port == default_port {
+            format!("{scheme}://{label}.{}/", self.url_domain)
         } else {
-            format!("http://{label}.{}:{port}/", self.url_domain)
+            format!("{scheme}://{label}.{}:{port}/", self.url_domain)
         }
     }
 }
@@ -254,6 +268,8 @@ struct FileConfig {
     max_connections: Option<usize>,
     max_connections_per_ip: Option<usize>,
     header_read_timeout: Option<String>,
+    tls_cert: Option<PathBuf>,
+    tls_key: Option<PathBuf>,
 }
 
 /// `s3://bucket[/prefix]?endpoint=URL&region=R`.
@@ -386,6 +402,12 @@ impl FileConfig {
         }
         if let Some(v) = self.header_read_timeout {
             c.connections.header_read_timeout = duration("header_read_timeout", &v)?;
+        }
+        if self.tls_cert.is_some() {
+            c.tls_cert = self.tls_cert;
+        }
+        if self.tls_key.is_some() {
+            c.tls_key = self.tls_key;
         }
         let conns = &c.connections;
         if conns.max_connections == 0

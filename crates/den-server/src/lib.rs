@@ -23,6 +23,7 @@ pub mod metrics;
 pub mod server;
 pub mod sprite_json;
 pub mod state;
+pub mod tls;
 mod upstream;
 pub mod url_proxy;
 

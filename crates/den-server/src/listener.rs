@@ -17,9 +17,17 @@
 //!   its slot is held for the connection's whole life, upgrades included.
 //! - Accept errors back off instead of spinning: with no file handles left
 //!   (`EMFILE`), `accept` fails at once until one is freed.
+//! - With TLS ([`crate::tls`]) the handshake runs in the connection's own
+//!   task, never in the accept loop (a slow handshake must not delay the
+//!   next accept), under the same deadline as a request head: a client that
+//!   opens a socket and sends nothing is closed after
+//!   [`ConnLimits::header_read_timeout`]. The handshake holds the
+//!   connection's slot, so the caps count TLS connections from their first
+//!   byte. A connection over a cap is closed without the 503 (a TLS client
+//!   could not read it).
 
 use std::collections::HashMap;
-use std::net::IpAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -39,6 +47,8 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 use tower::ServiceExt;
+
+use crate::tls::{Tls, ViaTls};
 
 /// How long accepting pauses after an error such as `EMFILE`: long enough
 /// not to spin on a condition that only a closing connection clears.
@@ -190,9 +200,16 @@ impl Throttled {
     }
 }
 
-/// Serve `app` on `listener` until `stop`, then let open connections finish
-/// their current exchange and return once all have closed.
-pub async fn serve(listener: TcpListener, app: Router, counter: Arc<ConnCounter>, stop: CancellationToken) {
+/// Serve `app` on `listener` (over TLS when `tls` is given) until `stop`,
+/// then let open connections finish their current exchange and return once
+/// all have closed.
+pub async fn serve(
+    listener: TcpListener,
+    app: Router,
+    counter: Arc<ConnCounter>,
+    tls: Option<Tls>,
+    stop: CancellationToken,
+) {
     let limits = counter.limits;
     // Every connection task holds a receiver; `closed()` tells when the last went.
     let (open_tx, open_rx) = watch::channel(());
@@ -230,44 +247,83 @@ pub async fn serve(listener: TcpListener, app: Router, counter: Arc<ConnCounter>
                     "connection cap reached; refusing connections"
                 );
             }
-            // Best effort, never waits: the socket's empty send buffer takes it.
-            let _ = tcp.try_write(OVER_CAP);
+            if tls.is_none() {
+                // Best effort, never waits: the socket's empty send buffer takes it.
+                let _ = tcp.try_write(OVER_CAP);
+            }
             continue;
         };
         if let Err(e) = tcp.set_nodelay(true) {
             tracing::debug!(error = %e, "TCP_NODELAY");
         }
-        let io = TokioIo::new(Counted { tcp, _slot: slot });
+        let io = Counted { tcp, _slot: slot };
+        let via_tls = tls.is_some();
         let svc = app.clone().map_request(move |req: Request<Incoming>| {
             let mut req = req.map(Body::new);
             req.extensions_mut().insert(ConnectInfo(peer));
+            if via_tls {
+                req.extensions_mut().insert(ViaTls);
+            }
             req
         });
         let svc = TowerToHyperService::new(svc);
         let stop = stop.clone();
         let open = open_rx.clone();
+        let acceptor = tls.as_ref().map(|t| t.acceptor().clone());
         tokio::spawn(async move {
             let _open = open;
-            let conn = hyper::server::conn::http1::Builder::new()
-                .timer(TokioTimer::new())
-                .header_read_timeout(limits.header_read_timeout)
-                .serve_connection(io, svc)
-                .with_upgrades();
-            let mut conn = std::pin::pin!(conn);
-            tokio::select! {
-                r = conn.as_mut() => {
-                    if let Err(e) = r {
-                        tracing::trace!(error = %e, %peer, "connection ended");
-                    }
-                    return;
+            let Some(acceptor) = acceptor else {
+                return serve_conn(io, svc, limits, peer, stop).await;
+            };
+            let handshake = tokio::select! {
+                r = tokio::time::timeout(limits.header_read_timeout, acceptor.accept(io)) => r,
+                _ = stop.cancelled() => return,
+            };
+            match handshake {
+                Ok(Ok(io)) => serve_conn(io, svc, limits, peer, stop).await,
+                Ok(Err(e)) => {
+                    metrics::counter!("den_tls_handshake_failures_total").increment(1);
+                    tracing::debug!(error = %e, %peer, "TLS handshake failed");
                 }
-                _ = stop.cancelled() => conn.as_mut().graceful_shutdown(),
+                Err(_) => {
+                    metrics::counter!("den_tls_handshake_failures_total").increment(1);
+                    tracing::debug!(%peer, "TLS handshake timed out");
+                }
             }
-            let _ = conn.await;
         });
     }
     drop(open_rx);
     open_tx.closed().await;
+}
+
+/// One connection's HTTP/1.1 exchanges (upgrades included) on `io`, until
+/// it closes, or `stop` lets the current exchange finish.
+async fn serve_conn<I, S>(io: I, svc: S, limits: ConnLimits, peer: SocketAddr, stop: CancellationToken)
+where
+    I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    S: hyper::service::HttpService<Incoming> + Send,
+    S::Future: Send + 'static,
+    S::ResBody: Send + 'static,
+    <S::ResBody as hyper::body::Body>::Data: Send,
+    <S::ResBody as hyper::body::Body>::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+    S::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
+    let conn = hyper::server::conn::http1::Builder::new()
+        .timer(TokioTimer::new())
+        .header_read_timeout(limits.header_read_timeout)
+        .serve_connection(TokioIo::new(io), svc)
+        .with_upgrades();
+    let mut conn = std::pin::pin!(conn);
+    tokio::select! {
+        r = conn.as_mut() => {
+            if let Err(e) = r {
+                tracing::trace!(error = %e, %peer, "connection ended");
+            }
+            return;
+        }
+        _ = stop.cancelled() => conn.as_mut().graceful_shutdown(),
+    }
+    let _ = conn.await;
 }
 
 #[cfg(test)]

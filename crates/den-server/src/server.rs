@@ -7,11 +7,13 @@ use den_net::{Ipv4Net, NetConfig};
 use den_sprite::{ImageSource, ManagerConfig};
 use den_store::Store;
 use tokio::net::TcpListener;
+use tokio::signal::unix::{Signal, SignalKind, signal};
 use tokio_util::sync::CancellationToken;
 
 use crate::auth::ensure_admin_token;
 use crate::config::ServerConfig;
 use crate::state::AppState;
+use crate::tls::Tls;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ServerError {
@@ -25,6 +27,8 @@ pub enum ServerError {
     Tokens(#[from] crate::auth::TokenError),
     #[error("cluster: {0}")]
     Cluster(#[from] den_cluster::ClusterError),
+    #[error("{0}")]
+    Tls(#[from] crate::tls::TlsError),
     #[error("{context}: {source}")]
     Io {
         context: String,
@@ -42,6 +46,8 @@ pub struct Running {
     pub addr: std::net::SocketAddr,
     pub admin_token_file: Option<std::path::PathBuf>,
     pub state: AppState,
+    /// The certificate in service, when den serves HTTPS.
+    pub tls: Option<Tls>,
     task: tokio::task::JoinHandle<()>,
     store: Store,
 }
@@ -97,6 +103,25 @@ pub fn raise_nofile_limit() -> std::io::Result<u64> {
 
 /// Open everything under `cfg.data_dir`, bind, and serve in the background.
 pub async fn start(cfg: ServerConfig, den_exe: std::path::PathBuf) -> Result<Running, ServerError> {
+    // First: SIGHUP's default action ends the process, and preparing (the
+    // first image build) takes a while.
+    let hangup = signal(SignalKind::hangup()).map_err(|e| ServerError::Io {
+        context: "watching SIGHUP".into(),
+        source: e,
+    })?;
+    // Before anything slow: a certificate that cannot serve stops the start.
+    let tls = match crate::tls::files(cfg.tls_cert.as_deref(), cfg.tls_key.as_deref())? {
+        None => None,
+        Some(_) if cfg.cluster_db.is_some() => {
+            return Err(crate::error::ConfigError(
+                "TLS in cluster mode is not supported yet: nodes call each other over plain HTTP \
+                 on the same port; terminate TLS in a reverse proxy in front of the nodes"
+                    .into(),
+            )
+            .into());
+        }
+        Some(files) => Some(Tls::new(files)?),
+    };
     std::fs::create_dir_all(&cfg.data_dir).map_err(|e| ServerError::Io {
         context: format!("creating {}", cfg.data_dir.display()),
         source: e,
@@ -158,14 +183,46 @@ pub async fn start(cfg: ServerConfig, den_exe: std::path::PathBuf) -> Result<Run
     };
     let app = crate::api::router(state.clone());
     let counter = crate::listener::ConnCounter::new(state.cfg.connections);
-    let task = tokio::spawn(crate::listener::serve(listener, app, counter, shutdown.clone()));
+    let task = tokio::spawn(crate::listener::serve(
+        listener,
+        app,
+        counter,
+        tls.clone(),
+        shutdown.clone(),
+    ));
+    tokio::spawn(reload_on_hangup(hangup, tls.clone(), shutdown.clone()));
     Ok(Running {
         addr,
         admin_token_file,
         state,
+        tls,
         task,
         store,
     })
+}
+
+/// SIGHUP reloads the certificate (see [`crate::tls`]); without TLS it is
+/// logged and otherwise ignored, never fatal.
+async fn reload_on_hangup(mut hangup: Signal, tls: Option<Tls>, stop: CancellationToken) {
+    loop {
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            s = hangup.recv() => if s.is_none() { return },
+        }
+        match &tls {
+            None => tracing::info!("SIGHUP: no TLS certificate to reload; ignored"),
+            Some(t) => match t.reload() {
+                Ok(()) => {
+                    metrics::counter!("den_tls_reloads_total", "result" => "ok").increment(1);
+                    tracing::info!(cert = %t.files().cert.display(), "SIGHUP: TLS certificate reloaded");
+                }
+                Err(e) => {
+                    metrics::counter!("den_tls_reloads_total", "result" => "error").increment(1);
+                    tracing::error!(error = %e, "SIGHUP: TLS reload failed; the previous certificate stays in service");
+                }
+            },
+        }
+    }
 }
 
 impl Running {

@@ -227,6 +227,7 @@ fn rewrite_request(parts: &mut Parts, host: HeaderValue, upgrade: Option<HeaderV
         .extensions
         .get::<ConnectInfo<SocketAddr>>()
         .map(|c| c.0.ip());
+    let via_tls = parts.extensions.get::<crate::tls::ViaTls>().is_some();
     let h = &mut parts.headers;
     strip_hop_by_hop(h);
     if den_token {
@@ -238,7 +239,7 @@ fn rewrite_request(parts: &mut Parts, host: HeaderValue, upgrade: Option<HeaderV
     // Between den nodes only: the sprite's program has no use for it.
     h.remove(crate::forward::FORWARDED_BY);
     h.insert(header::HOST, host.clone());
-    add_forwarded(h, peer, host);
+    add_forwarded(h, peer, host, via_tls);
     if let Some(u) = upgrade {
         h.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
         h.insert(header::UPGRADE, u);
@@ -252,8 +253,11 @@ fn rewrite_request(parts: &mut Parts, host: HeaderValue, upgrade: Option<HeaderV
 }
 
 /// `X-Forwarded-For` gets the client appended; `-Host` and `-Proto` are
-/// set unless a fronting proxy (TLS termination) already did.
-fn add_forwarded(h: &mut HeaderMap, peer: Option<std::net::IpAddr>, host: HeaderValue) {
+/// set unless a fronting proxy (TLS termination) already did. When den
+/// terminated TLS itself, `-Proto` is always `https`: the client reached den
+/// over TLS whatever it claims, and a program that marks cookies `Secure`
+/// by this header must not be talked down to `http`.
+fn add_forwarded(h: &mut HeaderMap, peer: Option<std::net::IpAddr>, host: HeaderValue, via_tls: bool) {
     if let Some(ip) = peer {
         let xff = HeaderName::from_static("x-forwarded-for");
         let value = match h.get(&xff).and_then(|v| v.to_str().ok()) {
@@ -269,7 +273,9 @@ fn add_forwarded(h: &mut HeaderMap, peer: Option<std::net::IpAddr>, host: Header
         h.insert(xfh, host);
     }
     let xfp = HeaderName::from_static("x-forwarded-proto");
-    if !h.contains_key(&xfp) {
+    if via_tls {
+        h.insert(xfp, HeaderValue::from_static("https"));
+    } else if !h.contains_key(&xfp) {
         h.insert(xfp, HeaderValue::from_static("http"));
     }
 }

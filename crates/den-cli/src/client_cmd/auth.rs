@@ -33,11 +33,19 @@ pub async fn login(ctx: &Ctx, a: LoginArgs) -> Result<()> {
     if token.is_empty() {
         bail!("no token given — pass --token, or type it at the prompt");
     }
-    let client = Client::new(&url, Some(token.clone())).hint()?;
+    // Saved as an absolute path: later commands run in other directories.
+    // A new login to the same server keeps the CA saved for it.
+    let ca_cert = match &ctx.global.ca_cert {
+        Some(p) => Some(std::fs::canonicalize(p).map_err(|e| anyhow::anyhow!("{}: {e}", p.display()))?),
+        None if saved.api_url.as_deref() == Some(url.trim_end_matches('/')) => saved.ca_cert.clone(),
+        None => None,
+    };
+    let client = Client::with_ca_cert(&url, Some(token.clone()), ca_cert.as_deref()).hint()?;
     client.list_sprites_page(None, None).await.hint()?;
     let path = config::save(&config::FileConfig {
         api_url: Some(client.api_url()),
         token: Some(token),
+        ca_cert,
     })?;
     println!("logged in to {} (saved in {})", client.api_url(), path.display());
     Ok(())

@@ -19,6 +19,9 @@ pub struct FileConfig {
     pub api_url: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub token: Option<String>,
+    /// A private CA for an https:// den, saved by `den login --ca-cert`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub ca_cert: Option<PathBuf>,
 }
 
 /// `$XDG_CONFIG_HOME/den/config.toml`, else `~/.config/den/config.toml`.
@@ -77,9 +80,11 @@ fn env(key: &str) -> Option<String> {
 pub struct Settings {
     pub api_url: String,
     pub token: Option<String>,
+    pub ca_cert: Option<PathBuf>,
 }
 
-pub fn resolve(flag_url: Option<&str>, flag_token: Option<&str>) -> Result<Settings> {
+/// `flag_ca` is `--ca-cert` or `DEN_CA_CERT` (clap reads the variable).
+pub fn resolve(flag_url: Option<&str>, flag_token: Option<&str>, flag_ca: Option<&Path>) -> Result<Settings> {
     let file = load()?;
     let api_url = flag_url
         .map(str::to_string)
@@ -90,7 +95,12 @@ pub fn resolve(flag_url: Option<&str>, flag_token: Option<&str>) -> Result<Setti
         .map(str::to_string)
         .or_else(|| env("DEN_TOKEN"))
         .or(file.token);
-    Ok(Settings { api_url, token })
+    let ca_cert = flag_ca.map(Path::to_path_buf).or(file.ca_cert);
+    Ok(Settings {
+        api_url,
+        token,
+        ca_cert,
+    })
 }
 
 #[derive(Debug, Serialize, Deserialize)]

@@ -8,6 +8,10 @@ pub fn explain(e: Error) -> anyhow::Error {
         Error::Unreachable { url, .. } | Error::WsUnreachable { url, .. } => {
             anyhow!("cannot reach den at {url} — is `den server` running?")
         }
+        Error::Tls { url, reason } => anyhow!(
+            "TLS with den at {url} failed: {reason} — if its certificate comes from a private CA, \
+             pass --ca-cert FILE or set DEN_CA_CERT"
+        ),
         Error::Unauthorized => anyhow!("the server rejected the token — run `den login`"),
         Error::SpriteNotFound(name) => anyhow!("sprite '{name}' not found — run `den ls`"),
         other => anyhow!(other),

@@ -43,6 +43,16 @@ pub struct GlobalArgs {
         help_heading = "Connection"
     )]
     pub sprite: Option<String>,
+    /// Also trust the CA certificates in FILE (PEM) for an https:// den, besides the
+    /// system's roots.
+    #[arg(
+        long,
+        global = true,
+        env = "DEN_CA_CERT",
+        value_name = "FILE",
+        help_heading = "Connection"
+    )]
+    pub ca_cert: Option<std::path::PathBuf>,
 }
 
 pub const EXAMPLES: &str = "\
@@ -183,7 +193,11 @@ pub struct Ctx {
 
 impl Ctx {
     pub fn settings(&self) -> Result<config::Settings> {
-        config::resolve(self.global.api_url.as_deref(), self.global.token.as_deref())
+        config::resolve(
+            self.global.api_url.as_deref(),
+            self.global.token.as_deref(),
+            self.global.ca_cert.as_deref(),
+        )
     }
 
     /// A client with a token; without one, say how to get one.
@@ -192,7 +206,7 @@ impl Ctx {
         if s.token.is_none() {
             bail!("no token — run `den login` (or pass --token, or set DEN_TOKEN)");
         }
-        Client::new(&s.api_url, s.token).map_err(errors::explain)
+        Client::with_ca_cert(&s.api_url, s.token, s.ca_cert.as_deref()).map_err(errors::explain)
     }
 
     /// The sprite a command is about: `arg`, else `-s`, else `.den`.

@@ -22,7 +22,7 @@ pub fn dispatch_subcommands() {
 
 pub struct TestServer {
     pub running: Option<Running>,
-    /// `http://127.0.0.1:PORT`
+    /// `http://127.0.0.1:PORT` (`https://` with TLS)
     pub url: String,
     pub token: String,
     pub net: TestNet,
@@ -72,7 +72,8 @@ impl TestServer {
     async fn boot(&mut self) -> Result<()> {
         let exe = std::env::current_exe()?;
         let running = den_server::start(self.cfg.clone(), exe).await?;
-        self.url = format!("http://{}", running.addr);
+        let scheme = if self.cfg.tls() { "https" } else { "http" };
+        self.url = format!("{scheme}://{}", running.addr);
         // Later starts keep the port, so URLs in earlier answers stay valid.
         self.cfg.listen = running.addr;
         self.token = std::fs::read_to_string(self.cfg.data_dir.join("admin-token"))
@@ -120,9 +121,9 @@ impl TestServer {
         format!("{}{path}", self.url)
     }
 
-    /// `ws://…` form of an API path.
+    /// `ws://…` (`wss://…` with TLS) form of an API path.
     pub fn ws(&self, path: &str) -> String {
-        format!("{}{path}", self.url.replacen("http://", "ws://", 1))
+        format!("ws{}{path}", self.url.trim_start_matches("http"))
     }
 
     /// Create a sprite; panics with the server's answer if that fails.

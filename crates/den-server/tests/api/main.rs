@@ -17,6 +17,7 @@ mod services;
 mod sprites;
 mod svcfs_python;
 mod tenancy;
+mod tls;
 
 use std::future::Future;
 use std::pin::Pin;
@@ -74,6 +75,7 @@ const TESTS: &[(&str, TestFn)] = &[
     ("tenancy_lists_keep_to_the_tokens_reach", || {
         Box::pin(tenancy::lists_keep_to_the_tokens_reach())
     }),
+<<<<<<< HEAD
     ("quotas_org_sprite_count_and_create_rate", || {
         Box::pin(quotas_org::sprite_count_and_create_rate())
     }),
@@ -82,6 +84,20 @@ const TESTS: &[(&str, TestFn)] = &[
     }),
     ("quotas_org_disk_bytes_on_create_fork_checkpoint", || {
         Box::pin(quotas_org::disk_bytes_on_create_fork_checkpoint())
+=======
+    ("tls_sdks_over_https", || Box::pin(tls::sdks_over_https())),
+    ("tls_sprite_url_over_https", || {
+        Box::pin(tls::sprite_url_over_https())
+    }),
+    ("tls_sighup_reload_under_traffic", || {
+        Box::pin(tls::sighup_reload_under_traffic())
+    }),
+    ("tls_silent_client_is_closed_by_the_deadline", || {
+        Box::pin(tls::silent_tls_client_is_closed_by_the_deadline())
+    }),
+    ("tls_mismatched_key_stops_the_start", || {
+        Box::pin(tls::mismatched_key_stops_the_start())
+>>>>>>> h11-tls
     }),
 ];
 

