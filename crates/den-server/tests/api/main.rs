@@ -75,7 +75,6 @@ const TESTS: &[(&str, TestFn)] = &[
     ("tenancy_lists_keep_to_the_tokens_reach", || {
         Box::pin(tenancy::lists_keep_to_the_tokens_reach())
     }),
-<<<<<<< HEAD
     ("quotas_org_sprite_count_and_create_rate", || {
         Box::pin(quotas_org::sprite_count_and_create_rate())
     }),
@@ -84,7 +83,7 @@ const TESTS: &[(&str, TestFn)] = &[
     }),
     ("quotas_org_disk_bytes_on_create_fork_checkpoint", || {
         Box::pin(quotas_org::disk_bytes_on_create_fork_checkpoint())
-=======
+    }),
     ("tls_sdks_over_https", || Box::pin(tls::sdks_over_https())),
     ("tls_sprite_url_over_https", || {
         Box::pin(tls::sprite_url_over_https())
@@ -97,7 +96,6 @@ const TESTS: &[(&str, TestFn)] = &[
     }),
     ("tls_mismatched_key_stops_the_start", || {
         Box::pin(tls::mismatched_key_stops_the_start())
->>>>>>> h11-tls
     }),
 ];
 
