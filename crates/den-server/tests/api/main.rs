@@ -9,6 +9,7 @@ mod exec;
 mod forward;
 mod fs;
 mod fuzz;
+mod org_tokens;
 mod proxy;
 mod quotas_org;
 mod sdk;
@@ -96,6 +97,12 @@ const TESTS: &[(&str, TestFn)] = &[
     }),
     ("tls_mismatched_key_stops_the_start", || {
         Box::pin(tls::mismatched_key_stops_the_start())
+    }),
+    ("tenancy_token_minting_escalation", || {
+        Box::pin(org_tokens::token_minting_escalation())
+    }),
+    ("tenancy_migration_from_pre_org_data_dir", || {
+        Box::pin(org_tokens::migration_from_pre_org_data_dir())
     }),
 ];
 
