@@ -13,6 +13,7 @@ mod org_tokens;
 mod proxy;
 mod quotas_org;
 mod sdk;
+mod sdk_isolation;
 mod sdk_rust;
 mod services;
 mod sprites;
@@ -39,6 +40,7 @@ const TESTS: &[(&str, TestFn)] = &[
     ("api_fuzz", || Box::pin(fuzz::api_fuzz())),
     ("sdk_python", || Box::pin(sdk::python_sdk())),
     ("sdk_js", || Box::pin(sdk::js_sdk())),
+    ("sdk_isolation", || Box::pin(sdk_isolation::sdk_isolation())),
     ("sdk_rust", || Box::pin(sdk_rust::rust_sdk())),
     ("services_lifecycle", || Box::pin(services::lifecycle())),
     ("fs_operations", || Box::pin(fs::operations())),
