@@ -45,7 +45,7 @@ pub async fn route_by_host(State(st): State<AppState>, req: Request, next: Next)
         return next.run(req).await;
     };
     let Some(name) = crate::config::key_of_url_label(&label, |org| st.tokens.org(org).is_some()) else {
-        return crate::auth::hidden_sprite(&label).into_response();
+        return no_sprite(&st, &req, &label).into_response();
     };
     match st.router.clone() {
         None => forward(st, name, host, req)
@@ -63,6 +63,27 @@ pub async fn route_by_host(State(st): State<AppState>, req: Request, next: Next)
             };
             crate::forward::dispatch(&*router, stop, &name, "url", req, local).await
         }
+    }
+}
+
+/// What a URL without a valid token answers unless its sprite is public:
+/// exactly the hosted service's body (browsers and scripts match on it).
+fn unauthorized() -> Response {
+    (
+        StatusCode::UNAUTHORIZED,
+        axum::Json(serde_json::json!({"error": "unauthorized"})),
+    )
+        .into_response()
+}
+
+/// A URL that names no sprite: 404 for a valid token, but the same 401 as
+/// a private sprite's without one, so that nobody can list sprites by
+/// trying names.
+fn no_sprite(st: &AppState, req: &Request, label: &str) -> Response {
+    if crate::auth::principal(st, req.headers()).is_ok() {
+        crate::auth::hidden_sprite(label).into_response()
+    } else {
+        unauthorized()
     }
 }
 
@@ -145,17 +166,14 @@ fn http_port(st: &AppState, name: &str) -> ApiResult<u16> {
 
 async fn forward(st: AppState, name: String, host: String, mut req: Request) -> ApiResult<Response> {
     let host = HeaderValue::from_str(&host).map_err(|_| ApiError::bad_request("invalid Host"))?;
-    let info = st.mgr.get(&name)?;
+    let Ok(info) = st.mgr.get(&name) else {
+        return Ok(no_sprite(&st, &req, den_sprite::key_parts(&name).1));
+    };
     let caller = crate::auth::principal(&st, req.headers());
     let token_ok = caller.is_ok();
     if url_auth(&info) != "public" {
         let Ok(caller) = caller else {
-            // Exactly the hosted service's body: browsers and scripts match on it.
-            return Ok((
-                StatusCode::UNAUTHORIZED,
-                axum::Json(serde_json::json!({"error": "unauthorized"})),
-            )
-                .into_response());
+            return Ok(unauthorized());
         };
         // A token that can't reach the sprite sees no sprite at all. The
         // host names the organisation, so a server administrator needs no

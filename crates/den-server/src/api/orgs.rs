@@ -115,6 +115,23 @@ pub async fn create(
     JsonBody(req): JsonBody<CreateOrgRequest>,
 ) -> ApiResult<Response> {
     den_sprite::validate_org(&req.slug)?;
+    // A default-organisation sprite named `<x>-<slug>` owns the URL label the
+    // new organisation's sprite `<x>` would get.
+    if st.cluster.is_some() {
+        st.mgr.refresh_all().await?;
+    }
+    let suffix = format!("-{}", req.slug);
+    if let Some(s) = st
+        .mgr
+        .list()
+        .iter()
+        .find(|s| s.record.org() == den_sprite::DEFAULT_ORG && s.record.short_name().ends_with(&suffix))
+    {
+        return Err(ApiError::conflict(format!(
+            "sprite {:?} of the default organisation ends in {suffix}, the URL form of the new organisation's sprites; choose another slug",
+            s.record.short_name()
+        )));
+    }
     let name = req.name.unwrap_or_else(|| req.slug.clone());
     check_name(&name)?;
     check_limits(&req.limits)?;

@@ -107,7 +107,7 @@ pub async fn create(
     let name = req
         .name
         .ok_or_else(|| ApiError::bad_request("name is required"))?;
-    let name = new_sprite_key(&caller, &name)?;
+    let name = new_sprite_key(&st, &caller, &name)?;
     let router = st
         .router
         .clone()
@@ -164,7 +164,7 @@ pub async fn create(
 
 /// The key of a sprite the caller wants to make under `name`: a valid name,
 /// one its token may reach, whose URL label fits in a DNS label.
-fn new_sprite_key(caller: &Principal, name: &str) -> ApiResult<String> {
+fn new_sprite_key(st: &AppState, caller: &Principal, name: &str) -> ApiResult<String> {
     den_sprite::validate_name(name)?;
     if !caller.reaches(name) {
         return Err(ApiError::forbidden(format!(
@@ -176,6 +176,16 @@ fn new_sprite_key(caller: &Principal, name: &str) -> ApiResult<String> {
         return Err(ApiError::bad_request(format!(
             "sprite name {name:?} is too long for organisation {:?}: <name>-<org> must fit in 63 characters",
             caller.org
+        )));
+    }
+    // `<name>-<org>` is another organisation's URL form: in the default
+    // organisation, `web-acme` would be answered by acme's `web`.
+    if let Some((_, suffix)) = name.rsplit_once('-')
+        && caller.org == den_sprite::DEFAULT_ORG
+        && st.tokens.org(suffix).is_some()
+    {
+        return Err(ApiError::conflict(format!(
+            "sprite name {name:?} ends in -{suffix}, the URL form of organisation {suffix:?}'s sprites; choose another name"
         )));
     }
     Ok(key)
@@ -439,7 +449,7 @@ pub async fn fork(
     // The source answers first: a missing one is 404 whatever the new name.
     st.mgr.get(&name)?;
     let ck = req.checkpoint.as_deref().map(crate::api::checkpoint_id);
-    let new_key = new_sprite_key(&caller, &req.name)?;
+    let new_key = new_sprite_key(&st, &caller, &req.name)?;
     let _creating = check_limits(&st, &caller.org).await?;
     let info = st.mgr.fork(&name, &new_key, ck.as_deref(), None).await?;
     st.quotas.forget_disk(&caller.org);

@@ -501,8 +501,16 @@ pub async fn urls() -> Result<()> {
     let r = anon.get(url(&s, "/")).header("host", &web).send().await?;
     ensure!(r.text().await? == "page of the service\n");
 
-    // Unknown sprites and silent ports.
+    // Unknown sprites and silent ports. Without a token an unknown sprite
+    // answers like a private one, so names can't be probed.
     let r = anon
+        .get(url(&s, "/"))
+        .header("host", host(&s, "nope"))
+        .send()
+        .await?;
+    ensure!(r.status() == 401, "{}", r.status());
+    ensure!(r.json::<Value>().await? == json!({"error": "unauthorized"}));
+    let r = c
         .get(url(&s, "/"))
         .header("host", host(&s, "nope"))
         .send()

@@ -647,6 +647,43 @@ pub async fn lists_keep_to_the_tokens_reach() -> Result<()> {
         .send()
         .await?;
     ensure!(r.status() == 404, "a key as a URL label: {}", r.status());
+    // URL labels never collide: a default-organisation name in another
+    // organisation's URL form is refused, and so is an organisation whose
+    // URL form a default-organisation sprite already has.
+    let r = http
+        .post(s.api("/v1/sprites"))
+        .bearer_auth(&s.token)
+        .json(&json!({"name": "a-acme"}))
+        .send()
+        .await?;
+    ensure!(r.status() == 409, "a-acme in den: {}", r.status());
+    let r = http
+        .post(s.api("/v1/sprites"))
+        .bearer_auth(&s.token)
+        .json(&json!({"name": "shop-gamma"}))
+        .send()
+        .await?;
+    ensure!(r.status() == 201, "{}", r.status());
+    let r = s
+        .client()
+        .post(s.api("/v1/orgs"))
+        .json(&json!({"slug": "gamma"}))
+        .send()
+        .await?;
+    ensure!(
+        r.status() == 409,
+        "org gamma over den's shop-gamma: {}",
+        r.status()
+    );
+    // Without a token, a missing sprite's URL answers like a private one's.
+    for label in ["a-acme", "nosuch-acme", "a"] {
+        let r = http
+            .get(s.api("/"))
+            .header("host", format!("{label}.localhost:{port}"))
+            .send()
+            .await?;
+        ensure!(r.status() == 401, "{label}: {}", r.status());
+    }
     // `/v1/organization` is the token's own.
     let v = get(&acme, "/v1/organization").await?;
     ensure!(v["slug"] == "acme" && v["sprites"] == 2, "{v}");
