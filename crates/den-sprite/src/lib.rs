@@ -29,4 +29,4 @@ pub use agent_bundle::{AGENT_SOCKET, SPRITE_BIN};
 pub use config::{HostCapacity, ImageSource, ManagerConfig, host_upstream_dns};
 pub use error::{Result, SpriteError};
 pub use manager::{Activity, CreateSprite, SpriteManager};
-pub use record::{SpriteInfo, SpriteRecord, SpriteStatus, validate_name};
+pub use record::{SpriteInfo, SpriteRecord, SpriteStatus, StorageStatus, validate_name};
