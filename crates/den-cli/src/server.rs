@@ -13,7 +13,7 @@ use clap::Args;
 use den_server::ServerConfig;
 use tokio::signal::unix::{SignalKind, signal};
 
-/// Longest a graceful stop may take: sprites going cold (their grace and
+/// Default of the longest a graceful stop may take: sprites going cold (their grace and
 /// unmount) plus the bounded flush to the object store.
 const SHUTDOWN_LIMIT: Duration = Duration::from_secs(120);
 
@@ -80,9 +80,14 @@ pub struct ServerArgs {
     /// The certificate's private key (PEM). Needs --tls-cert.
     #[arg(long, requires = "tls_cert")]
     pub tls_key: Option<PathBuf>,
+    /// Longest a graceful stop (SIGTERM) may take before den exits anyway
+    /// with status 1; the next start recovers what is left [default: 120s].
+    #[arg(long, value_parser = humantime::parse_duration)]
+    pub shutdown_limit: Option<Duration>,
 }
 
 pub fn run(args: ServerArgs) -> Result<()> {
+    let shutdown_limit = args.shutdown_limit.unwrap_or(SHUTDOWN_LIMIT);
     let mut cfg = ServerConfig::new(&args.data_dir);
     if let Some(f) = &args.config {
         cfg.apply_file(f)?;
@@ -169,8 +174,8 @@ pub fn run(args: ServerArgs) -> Result<()> {
         // the wait at once.
         tokio::select! {
             _ = running.stop() => {}
-            _ = tokio::time::sleep(SHUTDOWN_LIMIT) => {
-                eprintln!("den server: shutdown did not finish within {SHUTDOWN_LIMIT:?}; exiting (the next start cleans up)");
+            _ = tokio::time::sleep(shutdown_limit) => {
+                eprintln!("den server: shutdown did not finish within {shutdown_limit:?}; exiting (the next start cleans up)");
                 std::process::exit(1);
             }
             _ = term.recv() => {

@@ -34,6 +34,7 @@ pub fn sprite_json(cfg: &ServerConfig, info: &SpriteInfo) -> Value {
         "updated_at": rfc3339_ms(r.updated_at_ms),
         "version": env!("CARGO_PKG_VERSION"),
         "environment_version": r.image,
+        "storage_status": info.storage.as_str(),
     });
     if let Some(ms) = r.last_running_at_ms {
         v["last_running_at"] = rfc3339_ms(ms).into();

@@ -30,6 +30,6 @@ pub use config::{Admission, HostCapacity, ImageSource, ManagerConfig, host_upstr
 pub use error::{Result, SpriteError};
 pub use manager::{Activity, CreateSprite, SpriteManager};
 pub use record::{
-    DEFAULT_ORG, SpriteInfo, SpriteRecord, SpriteStatus, key_parts, sprite_key, validate_key, validate_name,
-    validate_org,
+    DEFAULT_ORG, SpriteInfo, SpriteRecord, SpriteStatus, StorageStatus, key_parts, sprite_key, validate_key,
+    validate_name, validate_org,
 };

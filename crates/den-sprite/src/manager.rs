@@ -36,7 +36,7 @@ use crate::config::{Admission, ManagerConfig};
 use crate::disk;
 use crate::error::{Result, SpriteError};
 use crate::live::{self, BootContext, Live, SpritePaths, blocking};
-use crate::record::{SpriteInfo, SpriteRecord, SpriteStatus, now_ms, validate_key};
+use crate::record::{SpriteInfo, SpriteRecord, SpriteStatus, StorageStatus, now_ms, validate_key};
 
 /// How long a node waits for another node's fresh template to be uploaded.
 const TEMPLATE_DURABLE: Duration = Duration::from_secs(120);
@@ -104,6 +104,7 @@ impl Slot {
         SpriteInfo {
             record: self.record.lock().clone(),
             status: self.status(),
+            storage: StorageStatus::Ok,
         }
     }
 }
@@ -274,14 +275,22 @@ impl SpriteManager {
     }
 
     pub fn get(&self, name: &str) -> Result<SpriteInfo> {
-        Ok(self.slot(name)?.info())
+        Ok(self.with_storage(self.slot(name)?.info()))
     }
 
     /// Every sprite, ordered by name.
     pub fn list(&self) -> Vec<SpriteInfo> {
         let mut v: Vec<SpriteInfo> = self.inner.slots.lock().values().map(|s| s.info()).collect();
         v.sort_by(|a, b| a.record.name.cmp(&b.record.name));
-        v
+        v.into_iter().map(|i| self.with_storage(i)).collect()
+    }
+
+    /// Fill in whether the sprite's writes wait for space on the data disk.
+    fn with_storage(&self, mut info: SpriteInfo) -> SpriteInfo {
+        if self.inner.store.volume_blocked_on_disk(&info.record.volume) {
+            info.storage = StorageStatus::DiskFull;
+        }
+        info
     }
 
     /// Create a sprite (cold). Its disk is a fork of the pre-formatted

@@ -70,6 +70,29 @@ pub struct SpriteInfo {
     #[serde(flatten)]
     pub record: SpriteRecord,
     pub status: SpriteStatus,
+    /// Whether the sprite's writes are waiting for space on the host's data
+    /// disk (a den extension: otherwise the user only sees a hang).
+    pub storage: StorageStatus,
+}
+
+/// The state of a sprite's storage on this host.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum StorageStatus {
+    #[default]
+    Ok,
+    /// The data disk is down to its free-space reserve and this sprite's
+    /// writes block until space comes back (nothing fails, nothing is lost).
+    DiskFull,
+}
+
+impl StorageStatus {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            StorageStatus::Ok => "ok",
+            StorageStatus::DiskFull => "disk_full",
+        }
+    }
 }
 
 /// The organisation every sprite of a data dir written before organisations

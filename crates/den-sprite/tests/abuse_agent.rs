@@ -211,9 +211,56 @@ async fn abuse_sprite_cannot_read_loop_backing_files() -> Result<()> {
         "s2's key in s1's mountinfo:\n{}",
         out.stdout
     );
-    let host = env.dir.path().to_string_lossy().into_owned();
-    let own: Vec<&str> = out.stdout.lines().filter(|l| l.contains(&host)).collect();
-    println!("  host paths left in the sprite's mountinfo (its own bind mounts): {own:#?}");
+    Ok(())
+}
+
+/// A sprite's mount table names no host path: its bind mounts (the agent
+/// bundle at /.sprite/bin, /etc/resolv.conf, hosts, hostname, the policy
+/// file) showed the data dir and run dir as their roots in mountinfo. Now
+/// they come from read-only overlays named by descriptor; the binds still
+/// work, and /sys/block stays masked.
+async fn abuse_sprite_mountinfo_names_no_host_path() -> Result<()> {
+    let env = Env::new()?;
+    let cfg = env.config();
+    let host_paths = [
+        env.dir.path().to_path_buf(),
+        cfg.data_dir.clone(),
+        cfg.run_dir.clone(),
+        cfg.images_dir.clone(),
+    ];
+    let mgr = env.start(cfg).await?;
+    mgr.create("m1", CreateSprite::default()).await?;
+    let out = root_sh(
+        &mgr,
+        "m1",
+        "cat /proc/self/mountinfo; echo =====; cat /proc/mounts; echo =====; \
+         cat /etc/hostname; test -x /.sprite/bin/den && echo BIN; grep -c nameserver /etc/resolv.conf; \
+         ls -A /sys/block | wc -l",
+    )
+    .await?;
+    ensure!(out.code == 0, "{}{}", out.stdout, out.stderr);
+    let parts: Vec<&str> = out.stdout.split("=====\n").collect();
+    ensure!(parts.len() == 3, "{}", out.stdout);
+    let (mountinfo, mounts, rest) = (parts[0], parts[1], parts[2]);
+    for p in &host_paths {
+        let p = p.to_string_lossy();
+        for (what, table) in [("mountinfo", mountinfo), ("/proc/mounts", mounts)] {
+            let leaked: Vec<&str> = table.lines().filter(|l| l.contains(p.as_ref())).collect();
+            ensure!(
+                leaked.is_empty(),
+                "the sprite's {what} names the host path {p}:\n{}",
+                leaked.join("\n")
+            );
+        }
+    }
+    // The key names the sprite's host directories (`<run>/s/<key>`).
+    let key = mgr.get("m1")?.record.key;
+    ensure!(!mountinfo.contains(&key), "its key in mountinfo:\n{mountinfo}");
+    let rest: Vec<&str> = rest.lines().collect();
+    ensure!(
+        rest == ["m1", "BIN", "1", "0"],
+        "hostname, agent bundle, resolv.conf, /sys/block entries: {rest:?}"
+    );
     Ok(())
 }
 
@@ -471,6 +518,9 @@ fn main() {
         }),
         ("abuse_sprite_cannot_read_loop_backing_files", || {
             Box::pin(abuse_sprite_cannot_read_loop_backing_files())
+        }),
+        ("abuse_sprite_mountinfo_names_no_host_path", || {
+            Box::pin(abuse_sprite_mountinfo_names_no_host_path())
         }),
         ("abuse_pid1_refuses_ptrace_and_pidfd_getfd", || {
             Box::pin(abuse_pid1_refuses_ptrace_and_pidfd_getfd())

@@ -13,7 +13,7 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail, ensure};
-use den_sprite::{CreateSprite, ManagerConfig, SpriteManager, SpriteStatus};
+use den_sprite::{CreateSprite, ManagerConfig, SpriteManager, SpriteStatus, StorageStatus};
 use den_store::{Store, StoreConfig};
 use den_testkit::net::TestNet;
 
@@ -412,6 +412,154 @@ async fn killed_during_own_disk_io_exits_and_recovers() -> Result<()> {
 
 /// Whether a task of process `pid`, or of one of its children, is in
 /// uninterruptible sleep.
+/// Poll `cond` every 50 ms without blocking the runtime, up to `limit`.
+async fn poll(limit: Duration, what: &str, mut cond: impl FnMut() -> bool) -> Result<()> {
+    let t0 = Instant::now();
+    while !cond() {
+        ensure!(
+            t0.elapsed() < limit,
+            "timed out after {limit:?} waiting for {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    Ok(())
+}
+
+/// A loop-mounted ext4 of its own, unmounted (lazily, so a failed test
+/// never leaves it behind) when dropped.
+struct LoopFs(PathBuf);
+
+impl LoopFs {
+    fn new(dir: &Path, mib: u64) -> Result<LoopFs> {
+        let img = dir.join("fs.img");
+        let mnt = dir.join("mnt");
+        std::fs::File::create(&img)?.set_len(mib << 20)?;
+        std::fs::create_dir(&mnt)?;
+        for (prog, args) in [
+            ("mkfs.ext4", vec!["-q", "-F", img.to_str().unwrap()]),
+            (
+                "mount",
+                vec!["-o", "loop", img.to_str().unwrap(), mnt.to_str().unwrap()],
+            ),
+        ] {
+            let st = std::process::Command::new(prog).args(&args).status()?;
+            ensure!(st.success(), "{prog} {args:?}: {st}");
+        }
+        Ok(LoopFs(mnt))
+    }
+
+    fn free(&self) -> Result<u64> {
+        let st = nix::sys::statvfs::statvfs(&self.0)?;
+        Ok(st.blocks_available() as u64 * st.fragment_size() as u64)
+    }
+}
+
+impl Drop for LoopFs {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("umount")
+            .arg("-l")
+            .arg(&self.0)
+            .status();
+    }
+}
+
+struct RemoveOnDrop(PathBuf);
+
+impl Drop for RemoveOnDrop {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.0);
+    }
+}
+
+/// Issue 10, "a full data disk": writers block instead of failing, but the
+/// user saw only a hang. Now the sprite whose writes wait for space says
+/// `disk_full` (`storage_status` in the API), the others `ok`, and it goes
+/// back to `ok` and the writer completes once space is freed.
+async fn full_data_disk_shows_on_the_writing_sprite() -> Result<()> {
+    const MIB: u64 = 1 << 20;
+    const MIN_FREE: u64 = 48 * MIB;
+    // Dropped after the server (whose managers close first).
+    let disk_dir = traversable_tempdir("den-abuse-fulldisk-")?;
+    let disk = LoopFs::new(disk_dir.path(), 512)?;
+    let images = shared_images()?;
+    let s = Server::new(images.path())?;
+    let mut store_cfg = StoreConfig::local(disk.0.join("store"));
+    store_cfg.min_free_bytes = Some(MIN_FREE);
+    let mgr = SpriteManager::start(s.config(), Store::open(store_cfg).await?).await?;
+    s.managers.add(&mgr);
+    mgr.create("writer", CreateSprite::default()).await?;
+    mgr.create("idle", CreateSprite::default()).await?;
+    ensure!(sh(&mgr, "writer", "echo up").await? == "up\n");
+    ensure!(sh(&mgr, "idle", "echo up").await? == "up\n");
+    ensure!(mgr.get("writer")?.storage == StorageStatus::Ok);
+
+    // Leave the writer about 24 MiB above the reserve, then write 96 MiB.
+    // Removed on every way out: a writer still blocked would hold up the
+    // managers' shutdown.
+    let ballast = RemoveOnDrop(disk.0.join("ballast"));
+    let fill = disk.free()?.saturating_sub(MIN_FREE + 24 * MIB);
+    let st = std::process::Command::new("fallocate")
+        .args(["-l", &fill.to_string()])
+        .arg(&ballast.0)
+        .status()?;
+    ensure!(st.success(), "fallocate: {st}");
+    let writer = tokio::spawn({
+        let mgr = mgr.clone();
+        async move {
+            sh(
+                &mgr,
+                "writer",
+                "dd if=/dev/urandom of=/home/sprite/big bs=1M count=96 conv=fsync 2>/dev/null && echo written",
+            )
+            .await
+        }
+    });
+    let t0 = Instant::now();
+    poll(
+        Duration::from_secs(30),
+        "the writer's status to become disk_full",
+        || {
+            writer.is_finished()
+                || mgr
+                    .get("writer")
+                    .is_ok_and(|i| i.storage == StorageStatus::DiskFull)
+        },
+    )
+    .await?;
+    ensure!(
+        !writer.is_finished(),
+        "the writer finished on a full disk: {:?}",
+        writer.await
+    );
+    println!("  writer's status disk_full after {:?}", t0.elapsed());
+    ensure!(
+        mgr.get("idle")?.storage == StorageStatus::Ok,
+        "the idle sprite's status on the full disk"
+    );
+    ensure!(
+        mgr.list()
+            .iter()
+            .find(|i| i.record.name == "writer")
+            .is_some_and(|i| i.storage == StorageStatus::DiskFull),
+        "list() disagrees with get()"
+    );
+
+    drop(ballast);
+    let t0 = Instant::now();
+    poll(
+        Duration::from_secs(60),
+        "the writer's status to be ok again",
+        || mgr.get("writer").is_ok_and(|i| i.storage == StorageStatus::Ok),
+    )
+    .await?;
+    println!("  back to ok {:?} after space came back", t0.elapsed());
+    let out = tokio::time::timeout(Duration::from_secs(60), writer)
+        .await
+        .context("the writer never completed after space came back")???;
+    ensure!(out == "written\n", "dd: {out:?}");
+    Ok(())
+}
+
 fn tasks_in_d(pid: i32) -> bool {
     let in_d = |p: &str| {
         std::fs::read_dir(format!("/proc/{p}/task")).is_ok_and(|rd| {
@@ -583,6 +731,9 @@ fn main() {
         }),
         ("killed_during_own_disk_io_exits_and_recovers", || {
             Box::pin(killed_during_own_disk_io_exits_and_recovers())
+        }),
+        ("full_data_disk_shows_on_the_writing_sprite", || {
+            Box::pin(full_data_disk_shows_on_the_writing_sprite())
         }),
     ];
     run_tests(tests);

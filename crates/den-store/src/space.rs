@@ -14,10 +14,12 @@
 //! The reserve also leaves room for what must not block: metadata commits,
 //! uploads (which free space in local mode) and the guests' own journals.
 
+use std::collections::HashMap;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
+use parking_lot::Mutex;
 use serde::Serialize;
 
 /// The default reserve: 1 GiB or 5 % of the disk, whichever is larger, but
@@ -44,7 +46,9 @@ pub struct SpaceStats {
 pub(crate) struct Space {
     dir: PathBuf,
     min_free: u64,
-    blocked: AtomicBool,
+    /// Writers waiting for space right now, by volume name: a sprite's
+    /// status says whether *its* writes hang on the disk.
+    waiting: Mutex<HashMap<String, usize>>,
     waits: AtomicU64,
     evicted: AtomicU64,
 }
@@ -67,7 +71,7 @@ impl Space {
         Ok(Space {
             dir: dir.to_path_buf(),
             min_free,
-            blocked: AtomicBool::new(false),
+            waiting: Mutex::new(HashMap::new()),
             waits: AtomicU64::new(0),
             evicted: AtomicU64::new(0),
         })
@@ -79,11 +83,18 @@ impl Space {
         statvfs(&self.dir).map_or(true, |(free, _)| free >= self.min_free + need)
     }
 
-    /// Wait until `need` bytes can be written above the reserve. `evict`
-    /// frees up to the given number of read-cache bytes and returns how many
-    /// it freed; `nudge` wakes write-back and uploads, which free space too.
-    pub(crate) fn wait_for_room(&self, need: u64, evict: impl Fn(u64) -> u64, nudge: impl Fn()) {
-        let mut counted = false;
+    /// Wait until `need` bytes can be written above the reserve, for a
+    /// writer of `volume`. `evict` frees up to the given number of
+    /// read-cache bytes and returns how many it freed; `nudge` wakes
+    /// write-back and uploads, which free space too.
+    pub(crate) fn wait_for_room(
+        &self,
+        volume: &str,
+        need: u64,
+        evict: impl Fn(u64) -> u64,
+        nudge: impl Fn(),
+    ) {
+        let mut waiting: Option<Waiting<'_>> = None;
         loop {
             let free = match statvfs(&self.dir) {
                 Ok((free, _)) => free,
@@ -91,7 +102,9 @@ impl Space {
             };
             let want = self.min_free + need;
             if free >= want {
-                if counted && self.blocked.swap(false, Ordering::SeqCst) {
+                if let Some(w) = waiting.take()
+                    && w.leave()
+                {
                     tracing::warn!(
                         "data disk {}: {free} bytes free again, above the {} byte reserve: writers continue",
                         self.dir.display(),
@@ -105,10 +118,11 @@ impl Space {
                 self.evicted.fetch_add(freed, Ordering::Relaxed);
                 continue;
             }
-            if !counted {
-                counted = true;
+            if waiting.is_none() {
                 self.waits.fetch_add(1, Ordering::Relaxed);
-                if !self.blocked.swap(true, Ordering::SeqCst) {
+                let (w, first) = Waiting::enter(self, volume);
+                waiting = Some(w);
+                if first {
                     tracing::error!(
                         "data disk {} is full: {free} bytes free, below the {} byte reserve; \
                          writes block until space is freed (the read cache is already empty)",
@@ -124,13 +138,56 @@ impl Space {
         }
     }
 
+    /// Whether a writer of `volume` is waiting for space right now.
+    pub(crate) fn volume_blocked(&self, volume: &str) -> bool {
+        self.waiting.lock().contains_key(volume)
+    }
+
     pub(crate) fn stats(&self) -> SpaceStats {
         SpaceStats {
             free_bytes: statvfs(&self.dir).map_or(0, |(free, _)| free),
             min_free_bytes: self.min_free,
-            writers_blocked: self.blocked.load(Ordering::SeqCst),
+            writers_blocked: !self.waiting.lock().is_empty(),
             blocked_waits: self.waits.load(Ordering::Relaxed),
             evicted_bytes: self.evicted.load(Ordering::Relaxed),
+        }
+    }
+}
+
+/// One writer counted in [`Space::waiting`] while it waits; uncounted when
+/// dropped, so a writer that leaves the wait by any path never stays listed.
+struct Waiting<'a> {
+    space: &'a Space,
+    volume: String,
+}
+
+impl<'a> Waiting<'a> {
+    /// Count a writer of `volume`; also says whether it is the first writer
+    /// waiting at all (the disk just became full).
+    fn enter(space: &'a Space, volume: &str) -> (Waiting<'a>, bool) {
+        let mut w = space.waiting.lock();
+        let first = w.is_empty();
+        *w.entry(volume.to_string()).or_default() += 1;
+        let volume = volume.to_string();
+        (Waiting { space, volume }, first)
+    }
+
+    /// Stop waiting; says whether no writer waits any more.
+    fn leave(self) -> bool {
+        let space = self.space;
+        drop(self);
+        space.waiting.lock().is_empty()
+    }
+}
+
+impl Drop for Waiting<'_> {
+    fn drop(&mut self) {
+        let mut w = self.space.waiting.lock();
+        if let Some(n) = w.get_mut(&self.volume) {
+            *n -= 1;
+            if *n == 0 {
+                w.remove(&self.volume);
+            }
         }
     }
 }

@@ -453,6 +453,13 @@ impl Store {
         self.shared.space.stats()
     }
 
+    /// Whether writes to `volume` are waiting for space on the data disk
+    /// right now (below the reserve, read cache already evicted): the
+    /// "disk full" status of the sprite that owns it.
+    pub fn volume_blocked_on_disk(&self, volume: &str) -> bool {
+        self.shared.space.volume_blocked(volume)
+    }
+
     /// Drop the clean read cache, so the next reads come from the object store.
     pub fn drop_read_cache(&self) {
         self.shared.cache.clear_clean();

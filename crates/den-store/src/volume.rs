@@ -429,10 +429,12 @@ impl Volume {
             let shared = inner.shared.clone();
             // A new dirty chunk takes `cs` bytes of local disk: never from
             // the reserve (a full disk would fail the guest's write).
-            inner
-                .shared
-                .space
-                .wait_for_room(cs, |n| shared.cache.shrink(n), || shared.nudge_writeback());
+            inner.shared.space.wait_for_room(
+                &inner.rec.name,
+                cs,
+                |n| shared.cache.shrink(n),
+                || shared.nudge_writeback(),
+            );
             inner
                 .shared
                 .budget

@@ -582,6 +582,13 @@ fn full_data_disk_blocks_writers_and_aborts_no_guest_filesystem() {
     );
     let full = store.space_stats();
     eprintln!("writers blocked after {:?}: {full:?}", t0.elapsed());
+    // The status says whose writes hang: the writer's, not the idle bystander's.
+    assert!(
+        store.volume_blocked_on_disk("writer") && !store.volume_blocked_on_disk("bystander"),
+        "per-volume disk status while the writer waits: writer {}, bystander {}",
+        store.volume_blocked_on_disk("writer"),
+        store.volume_blocked_on_disk("bystander")
+    );
     assert!(
         full.free_bytes >= 16 * MIB,
         "the reserve was eaten into: {full:?}"
@@ -611,6 +618,10 @@ fn full_data_disk_blocks_writers_and_aborts_no_guest_filesystem() {
     eprintln!("writer completed {:?} after space came back", t.elapsed());
     let after = store.space_stats();
     assert!(!after.writers_blocked && after.blocked_waits >= 1, "{after:?}");
+    assert!(
+        !store.volume_blocked_on_disk("writer"),
+        "the writer's disk status stayed full after space came back"
+    );
 
     for (dev, mnt) in [(&w_dev, &w_mnt), (&b_dev, &b_mnt)] {
         assert_eq!(

@@ -32,6 +32,9 @@
 //!                                          in the sprite's mount namespace)
 //! <state_root>/bundles/<id>/sys/           sysfs mount point, same (only for
 //!                                          sprites that join a netns)
+//! <state_root>/bundles/<id>/stage/N/       read-only overlays the sprite's
+//!                                          read-only bind mounts come from,
+//!                                          same (see `spec::Staged`)
 //! <state_root>/engine/<id>/                libcontainer's state
 //! ```
 //!
@@ -76,6 +79,7 @@ const SPRITE_JSON: &str = "sprite.json";
 const CONFIG_JSON: &str = "config.json";
 const ROOTFS_DIR: &str = "rootfs";
 const SYSFS_DIR: &str = "sys";
+const STAGE_DIR: &str = "stage";
 
 /// How long a shim `create` may take before it is killed (normally 20–50 ms).
 const SHIM_TIMEOUT: Duration = Duration::from_secs(60);
@@ -267,7 +271,7 @@ impl Backend for ContainerBackend {
         if sprite.netns_path.is_some() {
             mkdir_traversable(&sysfs)?;
         }
-        let oci = spec::build(sprite, &rootfs, &sysfs)?;
+        let oci = spec::build(sprite, &rootfs, &sysfs, &bundle.join(STAGE_DIR))?;
         let write = |name: &str, bytes: Vec<u8>| {
             let p = bundle.join(name);
             fs::write(&p, bytes).map_err(|e| RuntimeError::io(format!("write {}", p.display()), e))

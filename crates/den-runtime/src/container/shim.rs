@@ -29,7 +29,7 @@ use libcontainer::syscall::syscall::SyscallType;
 use nix::mount::{MsFlags, mount};
 use nix::sched::{CloneFlags, setns, unshare};
 
-use super::Layout;
+use super::{Layout, spec};
 use crate::backend::{AGENT_LISTEN_FD, RuntimeError, SpriteSpec};
 
 /// Entry point of `den runtime-shim ARGS…`. Returns the process exit code;
@@ -97,6 +97,7 @@ fn create(layout: &Layout, id: &str) -> Result<i32, RuntimeError> {
     let merged = bundle.join(super::ROOTFS_DIR);
     prepare_upper(&sprite)?;
     mount_overlay(&sprite, &merged)?;
+    stage_mounts(&sprite, &bundle.join(super::STAGE_DIR))?;
 
     let console = match &sprite.console_log {
         Some(p) => OpenOptions::new()
@@ -214,24 +215,16 @@ fn mount_overlay(sprite: &SpriteSpec, merged: &Path) -> Result<(), RuntimeError>
     // still guards the paths' other users): overlayfs shows its options in
     // the sprite's /proc/self/mountinfo verbatim, and host paths there would
     // tell the sprite where den keeps its data and its disk.
-    let open = |p: &Path| {
-        OpenOptions::new()
-            .read(true)
-            .custom_flags(libc::O_PATH | libc::O_DIRECTORY)
-            .open(p)
-            .map_err(|e| RuntimeError::io(format!("open {}", p.display()), e))
-    };
     let (lower, upper, work) = (
-        open(&sprite.rootfs_lower)?,
-        open(&sprite.upper_dir)?,
-        open(&sprite.work_dir)?,
+        open_dir(&sprite.rootfs_lower)?,
+        open_dir(&sprite.upper_dir)?,
+        open_dir(&sprite.work_dir)?,
     );
-    let fd = |f: &File| format!("/proc/self/fd/{}", f.as_raw_fd());
     let data = format!(
         "lowerdir={},upperdir={},workdir={},userxattr",
-        fd(&lower),
-        fd(&upper),
-        fd(&work)
+        fd_path(&lower),
+        fd_path(&upper),
+        fd_path(&work)
     );
     mount(
         Some("overlay"),
@@ -252,6 +245,77 @@ fn mount_overlay(sprite: &SpriteSpec, merged: &Path) -> Result<(), RuntimeError>
             e.into(),
         )
     })
+}
+
+/// Mount the read-only overlays the sprite's read-only bind mounts are bound
+/// from, so its mountinfo names no host path (see [`spec::Staged`]).
+fn stage_mounts(sprite: &SpriteSpec, stage: &Path) -> Result<(), RuntimeError> {
+    let mut empty: Option<File> = None;
+    for (i, m) in sprite.mounts.iter().enumerate() {
+        let Some(s) = spec::staged(m, i, stage) else {
+            continue;
+        };
+        let empty = match &empty {
+            Some(f) => f,
+            None => {
+                // Its own (empty, read-only) tmpfs, not a directory: overlayfs
+                // refuses layers nested in one another (ELOOP), and a source
+                // directory could contain the state root.
+                let dir = stage.join(spec::STAGE_EMPTY);
+                fs::create_dir_all(&dir)
+                    .map_err(|e| RuntimeError::io(format!("mkdir {}", dir.display()), e))?;
+                let flags = MsFlags::MS_RDONLY | MsFlags::MS_NOSUID | MsFlags::MS_NODEV | MsFlags::MS_NOEXEC;
+                mount(
+                    Some("tmpfs"),
+                    &dir,
+                    Some("tmpfs"),
+                    flags,
+                    Some("size=4k,mode=0755"),
+                )
+                .map_err(|e| {
+                    RuntimeError::io(format!("mount an empty tmpfs on {}", dir.display()), e.into())
+                })?;
+                empty.insert(open_dir(&dir)?)
+            }
+        };
+        fs::create_dir_all(&s.at).map_err(|e| RuntimeError::io(format!("mkdir {}", s.at.display()), e))?;
+        let lower = open_dir(&s.lower)?;
+        let data = format!("lowerdir={}:{}", fd_path(&lower), fd_path(empty));
+        let flags = MsFlags::MS_RDONLY | MsFlags::MS_NOSUID | MsFlags::MS_NODEV;
+        mount(
+            Some("overlay"),
+            &s.at,
+            Some("overlay"),
+            flags,
+            Some(data.as_str()),
+        )
+        .map_err(|e| {
+            RuntimeError::io(
+                format!(
+                    "mount a read-only overlay of {} on {}",
+                    s.lower.display(),
+                    s.at.display()
+                ),
+                e.into(),
+            )
+        })?;
+    }
+    Ok(())
+}
+
+/// A directory opened only to be named by descriptor in mount options.
+fn open_dir(p: &Path) -> Result<File, RuntimeError> {
+    OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_PATH | libc::O_DIRECTORY)
+        .open(p)
+        .map_err(|e| RuntimeError::io(format!("open {}", p.display()), e))
+}
+
+/// `/proc/self/fd/N`: the kernel resolves it at mount time, and mountinfo
+/// shows it verbatim, not the host path behind it.
+fn fd_path(f: &File) -> String {
+    format!("/proc/self/fd/{}", f.as_raw_fd())
 }
 
 /// `e` and all its sources: libcontainer's top-level messages alone ("failed

@@ -4,13 +4,13 @@
 //! field is checked against the spec's types before libcontainer sees it, and
 //! the document reads like the `config.json` it becomes.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use oci_spec::runtime::Spec;
 use serde_json::{Value, json};
 
 use super::seccomp;
-use crate::backend::{RuntimeError, SpriteSpec};
+use crate::backend::{BindMount, RuntimeError, SpriteSpec};
 use crate::cgroup;
 
 /// Docker's default capability set: enough for a root shell, `apt`, `sudo`,
@@ -62,14 +62,72 @@ pub const READONLY_PATHS: &[&str] = &[
     "/proc/sysrq-trigger",
 ];
 
+/// The empty tmpfs under the staging directory: the second layer of every
+/// staging overlay (overlayfs wants two lower layers when it has no upper
+/// one).
+pub(crate) const STAGE_EMPTY: &str = "empty";
+
+/// Where a read-only bind mount is bound from.
+///
+/// A bind mount's root field in `/proc/self/mountinfo` is the source's path
+/// inside its filesystem, so binding `<run>/s/<key>/etc/resolv.conf` or the
+/// agent bundle would show the sprite where den keeps its run dir, its data
+/// and its binaries. Instead the shim mounts a read-only overlay of the
+/// source's directory, its layers named by descriptor, at `at`, and the
+/// sprite's bind comes from `source` inside it: mountinfo shows `/` or
+/// `/<file name>` of an `overlay` named `/proc/self/fd/N`. The lower layer
+/// is the host's directory itself, so files den rewrites in place (the
+/// policy file) still change in the sprite. The staging mounts exist only
+/// in the sprite's mount namespace and go with the old root at pivot_root.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct Staged {
+    /// The host directory: the overlay's lower layer.
+    pub lower: PathBuf,
+    /// The overlay's mount point, `<stage>/<index>`.
+    pub at: PathBuf,
+    /// What the sprite's bind mount is bound from.
+    pub source: PathBuf,
+}
+
+/// The staging of mount number `i` under `stage`, or `None` for a bind
+/// from the host path itself: writable mounts (an overlay without an upper
+/// layer is read-only) and sources that cannot be examined (the bind then
+/// fails with the host's error).
+pub(crate) fn staged(m: &BindMount, i: usize, stage: &Path) -> Option<Staged> {
+    if !m.readonly {
+        return None;
+    }
+    let md = std::fs::metadata(&m.source).ok()?;
+    let at = stage.join(i.to_string());
+    if md.is_dir() {
+        return Some(Staged {
+            lower: m.source.clone(),
+            source: at.clone(),
+            at,
+        });
+    }
+    let (parent, name) = (m.source.parent()?, m.source.file_name()?);
+    Some(Staged {
+        lower: parent.to_path_buf(),
+        source: at.join(name),
+        at,
+    })
+}
+
 /// Build the spec for `sprite`, with `rootfs` (the merged overlay) as root.
-/// `sysfs_dir` is where the shim mounts a sysfs for sprites that join a netns.
-pub fn build(sprite: &SpriteSpec, rootfs: &Path, sysfs_dir: &Path) -> Result<Spec, RuntimeError> {
-    let value = build_json(sprite, rootfs, sysfs_dir);
+/// `sysfs_dir` is where the shim mounts a sysfs for sprites that join a
+/// netns, `stage_dir` where it stages the read-only bind mounts ([`Staged`]).
+pub fn build(
+    sprite: &SpriteSpec,
+    rootfs: &Path,
+    sysfs_dir: &Path,
+    stage_dir: &Path,
+) -> Result<Spec, RuntimeError> {
+    let value = build_json(sprite, rootfs, sysfs_dir, stage_dir);
     serde_json::from_value(value).map_err(|e| RuntimeError::InvalidSpec(format!("OCI spec: {e}")))
 }
 
-fn build_json(sprite: &SpriteSpec, rootfs: &Path, sysfs_dir: &Path) -> Value {
+fn build_json(sprite: &SpriteSpec, rootfs: &Path, sysfs_dir: &Path, stage_dir: &Path) -> Value {
     let uid = sprite.idmap.uids[0];
     let gid = sprite.idmap.gids[0];
 
@@ -113,13 +171,14 @@ fn build_json(sprite: &SpriteSpec, rootfs: &Path, sysfs_dir: &Path) -> Value {
         Some(_) => json!({"destination": "/sys", "type": "bind", "source": sysfs_dir,
                           "options": ["rbind", "nosuid", "noexec", "nodev", "ro"]}),
     });
-    for m in &sprite.mounts {
+    for (i, m) in sprite.mounts.iter().enumerate() {
         let mut options = vec!["rbind", "nosuid", "nodev"];
         if m.readonly {
             options.push("ro");
         }
+        let source = staged(m, i, stage_dir).map_or_else(|| m.source.clone(), |s| s.source);
         mounts.push(
-            json!({"destination": m.destination, "type": "bind", "source": m.source, "options": options}),
+            json!({"destination": m.destination, "type": "bind", "source": source, "options": options}),
         );
     }
 
@@ -215,13 +274,25 @@ mod tests {
 
     #[test]
     fn spec_parses_and_has_the_profile() {
-        let spec = build(&sprite(), &PathBuf::from("/r"), &PathBuf::from("/s")).unwrap();
+        let spec = build(
+            &sprite(),
+            &PathBuf::from("/r"),
+            &PathBuf::from("/s"),
+            &PathBuf::from("/m"),
+        )
+        .unwrap();
         let linux = spec.linux().as_ref().unwrap();
         assert_eq!(linux.uid_mappings().as_ref().unwrap()[0].host_id(), 100_000);
         assert_eq!(linux.namespaces().as_ref().unwrap().len(), 7);
         let mut joined = sprite();
         joined.netns_path = Some("/run/netns/x".into());
-        let spec = build(&joined, &PathBuf::from("/r"), &PathBuf::from("/s")).unwrap();
+        let spec = build(
+            &joined,
+            &PathBuf::from("/r"),
+            &PathBuf::from("/s"),
+            &PathBuf::from("/m"),
+        )
+        .unwrap();
         assert_eq!(
             spec.linux()
                 .as_ref()

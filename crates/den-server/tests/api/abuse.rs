@@ -451,11 +451,21 @@ async fn write_uploaded(s: &TestServer, sprite: &str, file: &str, mib: u64) -> R
 /// chunks back to the host within a minute, through the server alone
 /// (discard, then the background GC).
 pub async fn abuse_space_comes_back_after_delete() -> Result<()> {
-    const MIB: u64 = 128;
+    // 1 GiB in all, as the issue asks: half removed by rm, half by the delete.
+    const MIB: u64 = 512;
     let s = TestServer::start().await?;
     s.create("hog").await?;
     let r = run(&s, "hog", &sh("true")).await?;
     ensure!(r.exit == Some(0), "boot: {r:?}");
+    // The den extension that says when a sprite's writes wait for disk space.
+    let got: Value = s
+        .client()
+        .get(s.api("/v1/sprites/hog"))
+        .send()
+        .await?
+        .json()
+        .await?;
+    ensure!(got["storage_status"] == "ok", "{got}");
     let data = s.cfg.data_dir.clone();
     let before = allocated_below(&data);
     let back = || {
@@ -464,7 +474,9 @@ pub async fn abuse_space_comes_back_after_delete() -> Result<()> {
     };
 
     // An rm in the sprite: discard unmaps the chunks, GC frees them.
+    let t = Instant::now();
     write_uploaded(&s, "hog", "/home/sprite/a", MIB).await?;
+    println!("{MIB} MiB written and uploaded in {:?}", t.elapsed());
     let grown = allocated_below(&data).saturating_sub(before);
     ensure!(
         grown >= (MIB << 20) * 3 / 4,
@@ -484,7 +496,9 @@ pub async fn abuse_space_comes_back_after_delete() -> Result<()> {
     );
 
     // A deleted sprite: its volume's chunks are freed by GC.
+    let t = Instant::now();
     write_uploaded(&s, "hog", "/home/sprite/b", MIB).await?;
+    println!("{MIB} MiB written and uploaded in {:?}", t.elapsed());
     let resp = s.client().delete(s.api("/v1/sprites/hog")).send().await?;
     ensure!(resp.status().is_success(), "delete: {}", resp.status());
     let t = within(Duration::from_secs(60), "space back after the delete", back()).await?;
