@@ -73,6 +73,10 @@ pub struct ServerArgs {
     /// Cluster: a node silent this long is dead and its sprites move [default: 10s].
     #[arg(long, value_parser = humantime::parse_duration)]
     pub node_ttl: Option<Duration>,
+    /// Cluster: the secret nodes authenticate each other with, one per line (the first
+    /// signs, all verify) [default: made by the first node, kept in the cluster database].
+    #[arg(long)]
+    pub cluster_secret_file: Option<PathBuf>,
 }
 
 pub fn run(args: ServerArgs) -> Result<()> {
@@ -126,6 +130,9 @@ pub fn run(args: ServerArgs) -> Result<()> {
     }
     if let Some(v) = args.node_ttl {
         cfg.node_ttl = v;
+    }
+    if args.cluster_secret_file.is_some() {
+        cfg.cluster_secret_file = args.cluster_secret_file;
     }
     anyhow::ensure!(
         cfg.cold_after >= cfg.warm_after,

@@ -72,6 +72,10 @@ pub struct ServerConfig {
     pub durability_window: Duration,
     /// A node silent for this long is dead and its sprites may move.
     pub node_ttl: Duration,
+    /// The cluster secret(s) nodes prove their requests to each other with,
+    /// one per line, the first signing; without it the first node makes
+    /// one and stores it in the cluster database.
+    pub cluster_secret_file: Option<PathBuf>,
     /// API connections: caps in total and per client address, and the
     /// deadline for a request head (also the keep-alive idle timeout); see
     /// [`crate::listener`]. Behind a reverse proxy every client shares the
@@ -131,6 +135,7 @@ impl ServerConfig {
             advertise_url: None,
             durability_window: Duration::from_secs(30),
             node_ttl: Duration::from_secs(10),
+            cluster_secret_file: None,
             connections: crate::listener::ConnLimits::default(),
         }
     }
@@ -198,6 +203,7 @@ impl ServerConfig {
         f.advertise_url = var("advertise_url");
         f.durability_window = var("durability_window");
         f.node_ttl = var("node_ttl");
+        f.cluster_secret_file = var("cluster_secret_file").map(PathBuf::from);
         f.apply(self)
     }
 
@@ -248,6 +254,7 @@ struct FileConfig {
     advertise_url: Option<String>,
     durability_window: Option<String>,
     node_ttl: Option<String>,
+    cluster_secret_file: Option<PathBuf>,
     max_connections: Option<usize>,
     max_connections_per_ip: Option<usize>,
     header_read_timeout: Option<String>,
@@ -374,6 +381,9 @@ impl FileConfig {
         }
         if let Some(v) = self.node_ttl {
             c.node_ttl = duration("node_ttl", &v)?;
+        }
+        if self.cluster_secret_file.is_some() {
+            c.cluster_secret_file = self.cluster_secret_file;
         }
         if let Some(v) = self.max_connections {
             c.connections.max_connections = v;

@@ -95,6 +95,17 @@ pub fn raise_nofile_limit() -> std::io::Result<u64> {
     Ok(hard.max(soft))
 }
 
+/// The whole app over `state`: the API and sprite URLs, behind the check
+/// that strips peer-only headers a peer did not prove
+/// ([`crate::forward::authenticate_peer`]); outermost, so no route sees
+/// an unproven claim.
+pub fn app(state: AppState) -> axum::Router {
+    crate::api::router(state.clone()).layer(axum::middleware::from_fn_with_state(
+        state,
+        crate::forward::authenticate_peer,
+    ))
+}
+
 /// Open everything under `cfg.data_dir`, bind, and serve in the background.
 pub async fn start(cfg: ServerConfig, den_exe: std::path::PathBuf) -> Result<Running, ServerError> {
     std::fs::create_dir_all(&cfg.data_dir).map_err(|e| ServerError::Io {
@@ -150,7 +161,7 @@ pub async fn start(cfg: ServerConfig, den_exe: std::path::PathBuf) -> Result<Run
             .map(|c| Arc::new(crate::cluster_api::ClusterRouter(c)) as Arc<dyn crate::forward::Router>),
         cluster,
     };
-    let app = crate::api::router(state.clone());
+    let app = app(state.clone());
     let counter = crate::listener::ConnCounter::new(state.cfg.connections);
     let task = tokio::spawn(crate::listener::serve(listener, app, counter, shutdown.clone()));
     Ok(Running {
