@@ -258,11 +258,11 @@ impl std::fmt::Display for Refused {
 /// as many as it likes); the rest are counted, and the next warning says
 /// how many. Nothing of the proof is logged.
 fn refused(req: &Request, why: &Refused) {
-    static LAST: OnceLock<parking_lot::Mutex<Option<Instant>>> = OnceLock::new();
+    static LAST: parking_lot::Mutex<Option<Instant>> = parking_lot::Mutex::new(None);
     static QUIET: AtomicU64 = AtomicU64::new(0);
     metrics::counter!("den_peer_claims_refused_total").increment(1);
     {
-        let mut last = LAST.get_or_init(Default::default).lock();
+        let mut last = LAST.lock();
         if last.is_some_and(|t| t.elapsed() < Duration::from_secs(1)) {
             QUIET.fetch_add(1, Ordering::Relaxed);
             return;
