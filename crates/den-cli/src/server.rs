@@ -84,6 +84,10 @@ pub struct ServerArgs {
     /// with status 1; the next start recovers what is left [default: 120s].
     #[arg(long, value_parser = humantime::parse_duration)]
     pub shutdown_limit: Option<Duration>,
+    /// Cluster: the secret nodes authenticate each other with, one per line (the first
+    /// signs, all verify) [default: made by the first node, kept in the cluster database].
+    #[arg(long)]
+    pub cluster_secret_file: Option<PathBuf>,
 }
 
 pub fn run(args: ServerArgs) -> Result<()> {
@@ -142,6 +146,9 @@ pub fn run(args: ServerArgs) -> Result<()> {
     if args.tls_cert.is_some() {
         cfg.tls_cert = args.tls_cert;
         cfg.tls_key = args.tls_key;
+    }
+    if args.cluster_secret_file.is_some() {
+        cfg.cluster_secret_file = args.cluster_secret_file;
     }
     anyhow::ensure!(
         cfg.cold_after >= cfg.warm_after,

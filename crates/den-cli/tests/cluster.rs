@@ -4,7 +4,9 @@
 //!
 //! One test walks through the scenarios in order, since setting the cluster
 //! up is the expensive part:
-//! 1. create through node a (placed by region), exec through b;
+//! 1. create through node a (placed by region), exec through b; a request
+//!    that only claims to be forwarded by a node is served as a client's,
+//!    one with a proof made with the secret the nodes stored is a node's;
 //! 2. checkpoint on a, `kill -9` a, exec through c claims the sprite with
 //!    every synced byte, restoring the checkpoint on c is byte-identical;
 //! 3. concurrent requests through all three nodes never run the sprite on
@@ -20,8 +22,9 @@ use std::os::unix::fs::PermissionsExt;
 use std::process::{Command, Output};
 use std::time::{Duration, Instant};
 
+use den_cluster::PeerKey;
 use den_testkit::SeaweedS3;
-use den_testkit::cluster::{DenNode, Hosts, NodeOptions};
+use den_testkit::cluster::{DenNode, Hosts, NodeOptions, http_with};
 use den_testkit::postgres::TestPostgres;
 use serde_json::{Value, json};
 
@@ -271,6 +274,42 @@ fn cluster_end_to_end() {
     assert!(
         ls.contains("a (eu)") && ls.contains(&format!("{us_node} (us)")),
         "{ls}"
+    );
+
+    // A claimed forward (no proof) to b, which does not own s1: forwarded
+    // to a like any client request, not answered `sprite_moved`; a drain
+    // of an unknown node is looked up, not answered `node_moved`.
+    let b_url = c.nodes[c.node("b")].url();
+    let claim = [("x-den-forwarded-by", "a")];
+    let s1 = format!("{b_url}/v1/sprites/s1");
+    let r = http_with(None, "GET", &s1, &claim, Some(&c.token), None).unwrap();
+    assert_eq!(r.status, 200, "a claimed forward was not forwarded: {}", r.body);
+    let drain = format!("{b_url}/v1/nodes/nope/drain");
+    let r = http_with(None, "POST", &drain, &claim, Some(&c.token), None).unwrap();
+    assert_eq!(r.status, 404, "a claimed forward of a drain: {}", r.body);
+    assert!(
+        c.nodes[c.node("b")].log_tail().contains("does not prove it"),
+        "the refused claim is not logged:\n{}",
+        c.logs()
+    );
+    // With the secret the first node stored, the same request is a node's:
+    // never forwarded a second time.
+    let hex =
+        c.pg.psql("SELECT encode(secret, 'hex') FROM cluster_secret")
+            .unwrap();
+    let secret: Vec<u8> = (0..hex.len())
+        .step_by(2)
+        .map(|i| u8::from_str_radix(&hex[i..i + 2], 16).unwrap())
+        .collect();
+    assert_eq!(secret.len(), 32, "{hex}");
+    let proof = PeerKey::from_secret(&secret).prove("a", "GET", "/v1/sprites/s1", None);
+    let proven = [("x-den-forwarded-by", "a"), ("x-den-peer", proof.as_str())];
+    let r = http_with(None, "GET", &s1, &proven, Some(&c.token), None).unwrap();
+    assert!(
+        r.status == 503 && r.body.contains("sprite_moved"),
+        "{} {}",
+        r.status,
+        r.body
     );
 
     // -- 2. checkpoint on a, kill -9 a, claim on c ----------------------

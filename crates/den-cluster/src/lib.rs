@@ -20,6 +20,9 @@
 //! * Durability window: every `sync_interval` each running sprite gets a sync
 //!   point (freeze, syncfs, snapshot, thaw, upload), so a host's death loses
 //!   at most that window of writes. Cold sprites are flushed completely.
+//! * [`peer`]: nodes prove to each other that a request comes from a node
+//!   (a keyed MAC over the request with the cluster secret), so a client
+//!   that claims to be a peer gains nothing.
 //! * [`Cluster::drain`], placement by region ([`Cluster::place`]), and chunk
 //!   GC run by one node at a time (a PostgreSQL advisory lock).
 
@@ -28,6 +31,7 @@ mod error;
 mod gc;
 mod locate;
 mod nodes;
+pub mod peer;
 mod pg;
 mod watchdog;
 
@@ -43,6 +47,7 @@ pub use drain::DrainReport;
 pub use error::{ClusterError, Result};
 pub use locate::Location;
 pub use nodes::{NodeInfo, NodeState, SpritePlacement};
+pub use peer::PeerKey;
 
 /// How this node joins the cluster.
 #[derive(Clone, Debug)]
@@ -61,6 +66,9 @@ pub struct ClusterConfig {
     pub sync_interval: Duration,
     /// How often some node collects unreferenced chunks.
     pub gc_interval: Duration,
+    /// The cluster secret(s) from this file (see [`PeerKey::from_file`])
+    /// instead of the one the first node stored in PostgreSQL.
+    pub secret_file: Option<std::path::PathBuf>,
 }
 
 impl ClusterConfig {
@@ -74,6 +82,7 @@ impl ClusterConfig {
             node_ttl: Duration::from_secs(10),
             sync_interval: Duration::from_secs(30),
             gc_interval: Duration::from_secs(600),
+            secret_file: None,
         }
     }
 }
@@ -83,6 +92,7 @@ pub(crate) struct Inner {
     pub(crate) db: deadpool_postgres::Pool,
     pub(crate) mgr: SpriteManager,
     pub(crate) store: Store,
+    pub(crate) peer_key: PeerKey,
     /// Set while this node cannot prove its heartbeat is fresh: its sprites
     /// are frozen and it claims nothing.
     pub(crate) fenced: AtomicBool,
@@ -105,8 +115,14 @@ impl Cluster {
     /// Register this node, then start the heartbeat, the fencing watchdog,
     /// the sync-point loop and the GC loop.
     pub async fn join(cfg: ClusterConfig, mgr: SpriteManager) -> Result<Cluster> {
+        // A bad secret file stops the start before this node registers.
+        let file_key = cfg.secret_file.as_deref().map(PeerKey::from_file).transpose()?;
         let db = pg::pool(&cfg.db_url, &cfg.node)?;
         nodes::init_schema(&db).await?;
+        let peer_key = match file_key {
+            Some(k) => k,
+            None => PeerKey::from_secret(&peer::stored_secret(&db).await?),
+        };
         nodes::register(&db, &cfg).await?;
         let store = mgr.store().clone();
         let inner = Arc::new(Inner {
@@ -114,6 +130,7 @@ impl Cluster {
             db,
             mgr,
             store,
+            peer_key,
             fenced: AtomicBool::new(false),
             draining: AtomicBool::new(false),
             routes: Default::default(),
@@ -134,6 +151,11 @@ impl Cluster {
 
     pub fn region(&self) -> &str {
         &self.inner.cfg.region
+    }
+
+    /// Signs this node's requests to peers and checks theirs.
+    pub fn peer_key(&self) -> &PeerKey {
+        &self.inner.peer_key
     }
 
     pub fn store(&self) -> &Store {

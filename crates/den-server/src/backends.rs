@@ -60,6 +60,7 @@ pub fn cluster_config(cfg: &ServerConfig) -> Result<Option<ClusterConfig>, Confi
     let mut c = ClusterConfig::new(db, &node, &cfg.region, &advertise);
     c.sync_interval = cfg.durability_window;
     c.node_ttl = cfg.node_ttl;
+    c.secret_file = cfg.cluster_secret_file.clone();
     c.heartbeat_interval = (cfg.node_ttl / 5).max(std::time::Duration::from_millis(100));
     Ok(Some(c))
 }

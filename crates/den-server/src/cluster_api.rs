@@ -40,6 +40,10 @@ impl Router for ClusterRouter {
         self.0.node()
     }
 
+    fn peer_key(&self) -> &den_cluster::PeerKey {
+        self.0.peer_key()
+    }
+
     async fn route_sprite(&self, name: &str) -> Result<Route, RouteError> {
         self.0.locate(name).await.map(route).map_err(route_error)
     }
@@ -100,8 +104,11 @@ pub async fn drain_node(
             format!("node {name} is not alive; its sprites move on their next request"),
         ));
     }
+    let Some(router) = state.router.as_deref() else {
+        return Err(ApiError::internal("cluster mode without a router"));
+    };
     // Sent on like any other forwarded request (same token).
-    Ok(crate::forward::to_node(c.node(), state.shutdown.clone(), &node.url, req).await)
+    Ok(crate::forward::to_node(router, state.shutdown.clone(), &node.url, req).await)
 }
 
 /// Where a sprite runs and how much of it is durable (den extension fields

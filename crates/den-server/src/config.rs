@@ -72,6 +72,10 @@ pub struct ServerConfig {
     pub durability_window: Duration,
     /// A node silent for this long is dead and its sprites may move.
     pub node_ttl: Duration,
+    /// The cluster secret(s) nodes prove their requests to each other with,
+    /// one per line, the first signing; without it the first node makes
+    /// one and stores it in the cluster database.
+    pub cluster_secret_file: Option<PathBuf>,
     /// API connections: caps in total and per client address, and the
     /// deadline for a request head (also the keep-alive idle timeout); see
     /// [`crate::listener`]. Behind a reverse proxy every client shares the
@@ -135,6 +139,7 @@ impl ServerConfig {
             advertise_url: None,
             durability_window: Duration::from_secs(30),
             node_ttl: Duration::from_secs(10),
+            cluster_secret_file: None,
             connections: crate::listener::ConnLimits::default(),
             tls_cert: None,
             tls_key: None,
@@ -206,6 +211,7 @@ impl ServerConfig {
         f.node_ttl = var("node_ttl");
         f.tls_cert = var("tls_cert").map(PathBuf::from);
         f.tls_key = var("tls_key").map(PathBuf::from);
+        f.cluster_secret_file = var("cluster_secret_file").map(PathBuf::from);
         f.apply(self)
     }
 
@@ -265,6 +271,7 @@ struct FileConfig {
     advertise_url: Option<String>,
     durability_window: Option<String>,
     node_ttl: Option<String>,
+    cluster_secret_file: Option<PathBuf>,
     max_connections: Option<usize>,
     max_connections_per_ip: Option<usize>,
     header_read_timeout: Option<String>,
@@ -393,6 +400,9 @@ impl FileConfig {
         }
         if let Some(v) = self.node_ttl {
             c.node_ttl = duration("node_ttl", &v)?;
+        }
+        if self.cluster_secret_file.is_some() {
+            c.cluster_secret_file = self.cluster_secret_file;
         }
         if let Some(v) = self.max_connections {
             c.connections.max_connections = v;

@@ -17,11 +17,22 @@
 //! forwards it again: if it does not own the sprite either (ownership moved
 //! meanwhile), it answers 503 `sprite_moved` and the forwarding node routes
 //! once more before giving up, so a stale view can't make requests loop.
+//!
+//! Peers prove who they are: every request a node sends another carries a
+//! [`PEER`] proof (a MAC with the cluster secret over node, time, method,
+//! target and client address; see `den_cluster::peer`) and the client's
+//! address in [`CLIENT`]. [`authenticate_peer`], outermost on every
+//! request, keeps [`FORWARDED_BY`] and [`CLIENT`] only under a proof that
+//! verifies and strips them otherwise, so a client that claims to be a
+//! peer is served exactly as if it had not: its token is checked, its
+//! request is routed to the owner, and its own address is the one that
+//! counts.
 
 use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::OnceLock;
-use std::time::Duration;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
 
 use axum::body::{Body, Bytes};
 use axum::extract::{ConnectInfo, OriginalUri, Request, State};
@@ -39,12 +50,19 @@ use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::TokioExecutor;
 use tokio_util::sync::CancellationToken;
 
+use den_cluster::PeerKey;
+use den_cluster::peer::ProofError;
+
 use crate::error::ApiError;
 use crate::state::AppState;
 use crate::url_proxy::{splice, strip_hop_by_hop, upgrade_of};
 
 /// Set on requests one node forwards to another: the forwarding node's name.
 pub const FORWARDED_BY: HeaderName = HeaderName::from_static("x-den-forwarded-by");
+/// The forwarding node's proof (see [`authenticate_peer`]).
+pub const PEER: HeaderName = HeaderName::from_static(den_cluster::peer::PEER);
+/// The address of the client the forwarding node served.
+pub const CLIENT: HeaderName = HeaderName::from_static(den_cluster::peer::CLIENT);
 
 /// The error code of the 503 a node answers for a forwarded request it
 /// does not own either.
@@ -87,6 +105,9 @@ impl IntoResponse for RouteError {
 #[async_trait::async_trait]
 pub trait Router: Send + Sync + 'static {
     fn node_name(&self) -> &str;
+    /// The cluster secret's key: signs this node's requests to peers and
+    /// checks theirs.
+    fn peer_key(&self) -> &PeerKey;
     /// Where requests for this sprite must be served. `Local` means this
     /// node owns it (or has just claimed it); an unknown sprite is `Local`
     /// too, so the local handler answers its 404.
@@ -156,9 +177,106 @@ fn count(kind: &'static str) {
     metrics::counter!("den_forwarded_requests_total", "kind" => kind).increment(1);
 }
 
-/// Whether this request was forwarded by another node.
+/// Whether this request was forwarded by another node. Only true behind
+/// [`authenticate_peer`], which strips the header unless a peer proved it
+/// sent the request.
 pub fn is_forwarded(h: &HeaderMap) -> bool {
     h.contains_key(FORWARDED_BY)
+}
+
+/// The node that forwarded a request, as proven by its [`PEER`] proof
+/// (a request extension set by [`authenticate_peer`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct VerifiedPeer(pub String);
+
+/// Outermost layer of the whole app (API and sprite URLs): the peer-only
+/// headers ([`FORWARDED_BY`], [`CLIENT`]) count only under a [`PEER`]
+/// proof that verifies; without one they are removed, so the request is
+/// served as the plain client request it is. A verified peer's client
+/// address replaces the connection's (the peer's own), so the owner sees
+/// the client as if it had connected directly. The proof itself never
+/// reaches a handler or a sprite.
+pub async fn authenticate_peer(State(st): State<AppState>, mut req: Request, next: Next) -> Response {
+    check_peer(st.router.as_deref(), &mut req);
+    next.run(req).await
+}
+
+fn check_peer(router: Option<&dyn Router>, req: &mut Request) {
+    let h = req.headers_mut();
+    let proof = h.remove(PEER);
+    let client = h.remove(CLIENT);
+    let claimed = h.remove(FORWARDED_BY);
+    if proof.is_none() && client.is_none() && claimed.is_none() {
+        return;
+    }
+    let client = client
+        .as_ref()
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<SocketAddr>().ok());
+    let verdict = match (proof, router) {
+        (None, _) => Err(Refused::NoProof),
+        (Some(_), None) => Err(Refused::NotClustered),
+        (Some(p), Some(r)) => {
+            let target = req.uri().path_and_query().map_or("/", |p| p.as_str());
+            p.to_str()
+                .map_err(|_| ProofError::Malformed)
+                .and_then(|p| r.peer_key().verify(p, req.method().as_str(), target, client))
+                .map_err(Refused::Proof)
+        }
+    };
+    match verdict {
+        Ok(node) => {
+            if let Ok(v) = HeaderValue::from_str(&node) {
+                req.headers_mut().insert(FORWARDED_BY, v);
+            }
+            if let Some(c) = client {
+                req.extensions_mut().insert(ConnectInfo(c));
+            }
+            req.extensions_mut().insert(VerifiedPeer(node));
+        }
+        Err(why) => refused(req, &why),
+    }
+}
+
+enum Refused {
+    NoProof,
+    NotClustered,
+    Proof(ProofError),
+}
+
+impl std::fmt::Display for Refused {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Refused::NoProof => f.write_str("peer-only headers without a peer proof"),
+            Refused::NotClustered => f.write_str("a peer proof sent to a node outside any cluster"),
+            Refused::Proof(e) => e.fmt(f),
+        }
+    }
+}
+
+/// One warning per refused claim, at most one a second (a client can send
+/// as many as it likes); the rest are counted, and the next warning says
+/// how many. Nothing of the proof is logged.
+fn refused(req: &Request, why: &Refused) {
+    static LAST: parking_lot::Mutex<Option<Instant>> = parking_lot::Mutex::new(None);
+    static QUIET: AtomicU64 = AtomicU64::new(0);
+    metrics::counter!("den_peer_claims_refused_total").increment(1);
+    {
+        let mut last = LAST.lock();
+        if last.is_some_and(|t| t.elapsed() < Duration::from_secs(1)) {
+            QUIET.fetch_add(1, Ordering::Relaxed);
+            return;
+        }
+        *last = Some(Instant::now());
+    }
+    let from = req.extensions().get::<ConnectInfo<SocketAddr>>().map(|c| c.0);
+    tracing::warn!(
+        from = ?from,
+        method = %req.method(),
+        path = req.uri().path(),
+        not_logged_since = QUIET.swap(0, Ordering::Relaxed),
+        "request claims to come from a den node but does not prove it ({why}); served as a client request"
+    );
 }
 
 /// Middleware on `/v1/sprites/{name}/…` (installed only with a router).
@@ -199,7 +317,7 @@ where
     if is_forwarded(req.headers()) {
         return sprite_moved(name, &node.0);
     }
-    let mut out = match Outgoing::new(req, router.node_name(), stop).await {
+    let mut out = match Outgoing::new(req, router, stop).await {
         Ok(o) => o,
         Err(r) => return *r,
     };
@@ -226,8 +344,8 @@ where
 
 /// Send `req` unchanged to the node at `base_url` (node-scoped requests
 /// such as a drain asked of another node).
-pub async fn to_node(this_node: &str, stop: CancellationToken, base_url: &str, req: Request) -> Response {
-    let mut out = match Outgoing::new(req, this_node, stop).await {
+pub async fn to_node(router: &dyn Router, stop: CancellationToken, base_url: &str, req: Request) -> Response {
+    let mut out = match Outgoing::new(req, router, stop).await {
         Ok(o) => o,
         Err(r) => return *r,
     };
@@ -251,7 +369,7 @@ pub async fn create(
     parts.method = Method::POST;
     parts.uri = uri;
     parts.headers = headers;
-    let mut out = Outgoing::from_parts(parts, OutBody::Bytes(body), router.node_name());
+    let mut out = Outgoing::from_parts(parts, OutBody::Bytes(body), router);
     count("create");
     match out.send(base_url).await {
         // A node that vanished: perhaps the router knows better now.
@@ -305,8 +423,13 @@ struct Outgoing {
     body: OutBody,
     /// Path and query as the client sent them (nested routers see less).
     path: String,
-    /// The headers as the peer gets them.
+    /// The headers as the peer gets them (but the proof, made per send).
     headers: HeaderMap,
+    /// This node, and the key its proofs are made with.
+    me: String,
+    key: PeerKey,
+    /// The client this node serves (sent on, under the proof).
+    client: Option<SocketAddr>,
     client_upgrade: Option<OnUpgrade>,
     upgrade: Option<HeaderValue>,
     /// Ends spliced upgrades when this server stops.
@@ -314,7 +437,7 @@ struct Outgoing {
 }
 
 impl Outgoing {
-    async fn new(req: Request, me: &str, stop: CancellationToken) -> Result<Outgoing, Box<Response>> {
+    async fn new(req: Request, me: &dyn Router, stop: CancellationToken) -> Result<Outgoing, Box<Response>> {
         let (mut parts, body) = req.into_parts();
         let upgrade = upgrade_of(&parts.headers);
         let hint = body.size_hint();
@@ -338,30 +461,25 @@ impl Outgoing {
         Ok(out)
     }
 
-    fn from_parts(parts: Parts, body: OutBody, me: &str) -> Outgoing {
+    fn from_parts(parts: Parts, body: OutBody, me: &dyn Router) -> Outgoing {
         let upgrade = upgrade_of(&parts.headers);
         let mut h = parts.headers.clone();
         strip_hop_by_hop(&mut h);
         // This node has answered any expectation already (hyper sends 100
         // when the body is first read).
         h.remove(header::EXPECT);
-        if let Ok(v) = HeaderValue::from_str(me) {
+        if let Ok(v) = HeaderValue::from_str(me.node_name()) {
             h.insert(FORWARDED_BY, v);
         }
-        if let Some(ip) = parts
-            .extensions
-            .get::<ConnectInfo<SocketAddr>>()
-            .map(|c| c.0.ip())
-        {
-            let xff = HeaderName::from_static("x-forwarded-for");
-            let value = match h.get(&xff).and_then(|v| v.to_str().ok()) {
-                Some(prev) => format!("{prev}, {ip}"),
-                None => ip.to_string(),
-            };
-            if let Ok(v) = HeaderValue::from_str(&value) {
-                h.insert(xff, v);
-            }
-        }
+        // The owner takes the client's address from here (under the
+        // proof), not from the connection, which is this node's; so it
+        // adds it to `X-Forwarded-For` itself where it would for a client
+        // that connected directly, and this node leaves that header alone.
+        let client = parts.extensions.get::<ConnectInfo<SocketAddr>>().map(|c| c.0);
+        match client.and_then(|c| HeaderValue::from_str(&c.to_string()).ok()) {
+            Some(v) => h.insert(CLIENT, v),
+            None => h.remove(CLIENT),
+        };
         if let OutBody::Bytes(b) = &body {
             // The body may be re-encoded (a create's), and an empty one
             // needs no length.
@@ -385,6 +503,9 @@ impl Outgoing {
             body,
             path,
             headers: h,
+            me: me.node_name().to_string(),
+            key: me.peer_key().clone(),
+            client,
             client_upgrade: None,
             upgrade,
             stop: CancellationToken::new(),
@@ -411,6 +532,14 @@ impl Outgoing {
         *req.uri_mut() = uri;
         *req.version_mut() = Version::HTTP_11;
         *req.headers_mut() = self.headers.clone();
+        // Made per send: a request sent again after `sprite_moved` gets a
+        // fresh time.
+        let proof = self
+            .key
+            .prove(&self.me, self.parts.method.as_str(), &self.path, self.client);
+        if let Ok(v) = HeaderValue::from_str(&proof) {
+            req.headers_mut().insert(PEER, v);
+        }
         let resp = match client().request(req).await {
             Ok(r) => r,
             Err(e) => {

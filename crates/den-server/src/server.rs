@@ -101,6 +101,17 @@ pub fn raise_nofile_limit() -> std::io::Result<u64> {
     Ok(hard.max(soft))
 }
 
+/// The whole app over `state`: the API and sprite URLs, behind the check
+/// that strips peer-only headers a peer did not prove
+/// ([`crate::forward::authenticate_peer`]); outermost, so no route sees
+/// an unproven claim.
+pub fn app(state: AppState) -> axum::Router {
+    crate::api::router(state.clone()).layer(axum::middleware::from_fn_with_state(
+        state,
+        crate::forward::authenticate_peer,
+    ))
+}
+
 /// Open everything under `cfg.data_dir`, bind, and serve in the background.
 pub async fn start(cfg: ServerConfig, den_exe: std::path::PathBuf) -> Result<Running, ServerError> {
     // First: SIGHUP's default action ends the process, and preparing (the
@@ -181,7 +192,7 @@ pub async fn start(cfg: ServerConfig, den_exe: std::path::PathBuf) -> Result<Run
             .map(|c| Arc::new(crate::cluster_api::ClusterRouter(c)) as Arc<dyn crate::forward::Router>),
         cluster,
     };
-    let app = crate::api::router(state.clone());
+    let app = app(state.clone());
     let counter = crate::listener::ConnCounter::new(state.cfg.connections);
     let task = tokio::spawn(crate::listener::serve(
         listener,

@@ -854,6 +854,18 @@ pub fn http(
     token: Option<&str>,
     body: Option<&str>,
 ) -> Result<HttpResponse> {
+    http_with(netns, method, url, &[], token, body)
+}
+
+/// [`http`] with extra request `headers`.
+pub fn http_with(
+    netns: Option<&str>,
+    method: &str,
+    url: &str,
+    headers: &[(&str, &str)],
+    token: Option<&str>,
+    body: Option<&str>,
+) -> Result<HttpResponse> {
     let rest = url
         .strip_prefix("http://")
         .ok_or_else(|| anyhow!("{url}: only http:// URLs"))?;
@@ -867,6 +879,9 @@ pub fn http(
     let mut req = format!("{method} {path} HTTP/1.0\r\nHost: {authority}\r\n");
     if let Some(t) = token {
         req.push_str(&format!("Authorization: Bearer {t}\r\n"));
+    }
+    for (k, v) in headers {
+        req.push_str(&format!("{k}: {v}\r\n"));
     }
     let body = body.unwrap_or("");
     if !body.is_empty() {

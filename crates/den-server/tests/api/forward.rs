@@ -16,6 +16,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail, ensure};
 use den_agent::protocol::ExecRequest;
+use den_cluster::PeerKey;
 use den_server::forward::{Route, RouteError, Router};
 use futures::{SinkExt, StreamExt};
 use serde_json::{Value, json};
@@ -41,12 +42,21 @@ struct StaticRouter {
     dead: Vec<&'static str>,
     creates_remote: bool,
     peer: (String, String),
+    key: PeerKey,
+}
+
+/// The secret both test nodes share, as a cluster's nodes do.
+fn cluster_key() -> PeerKey {
+    PeerKey::from_secret(b"the forwarding tests' cluster secret")
 }
 
 #[async_trait::async_trait]
 impl Router for StaticRouter {
     fn node_name(&self) -> &str {
         &self.me
+    }
+    fn peer_key(&self) -> &PeerKey {
+        &self.key
     }
     async fn route_sprite(&self, name: &str) -> Result<Route, RouteError> {
         if self.dead.iter().any(|p| name.starts_with(p)) {
@@ -101,7 +111,7 @@ fn serve_routed(
         state.tokens = t;
     }
     let stop = state.shutdown.clone();
-    let app = den_server::api::router(state);
+    let app = den_server::server::app(state);
     tokio::spawn(async move {
         axum::serve(listener, app.into_make_service_with_connect_info::<SocketAddr>())
             .with_graceful_shutdown(stop.cancelled_owned())
@@ -235,6 +245,7 @@ pub async fn cluster_forwarding() -> Result<()> {
             dead: vec!["z-"],
             creates_remote: true,
             peer: ("node-b".into(), ub.clone()),
+            key: cluster_key(),
         },
         Some(Arc::new(shared)),
     );
@@ -249,6 +260,7 @@ pub async fn cluster_forwarding() -> Result<()> {
             dead: vec![],
             creates_remote: false,
             peer: ("node-a".into(), ua.clone()),
+            key: cluster_key(),
         },
         None,
     );
@@ -721,4 +733,197 @@ fn la_port(base: &str) -> u16 {
         .next()
         .and_then(|p| p.parse().ok())
         .expect("port")
+}
+
+/// Answers one HTTP request with the request's head as its body.
+const ECHO_HEAD: &str = r#"#!/bin/sh
+cr=$(printf '\r')
+head=""
+while IFS= read -r line; do
+  [ "$line" = "$cr" ] && break
+  [ -z "$line" ] && break
+  head="$head$line
+"
+done
+printf 'HTTP/1.1 200 OK\r\nContent-Length: %d\r\nConnection: close\r\n\r\n%s' "${#head}" "$head"
+"#;
+
+/// The headers a sprite's program received, lowercased names.
+fn head_lines(body: &str) -> Vec<(String, String)> {
+    body.lines()
+        .skip(1)
+        .filter_map(|l| l.trim_end().split_once(':'))
+        .map(|(k, v)| (k.trim().to_ascii_lowercase(), v.trim().to_string()))
+        .collect()
+}
+
+/// A request that only claims to come from a node (`x-den-forwarded-by`,
+/// `x-den-client`, with no proof, a malformed one, one made with another
+/// secret, one too old, or one made for another request) is served as a
+/// plain client request: forwarded to the owner instead of answered with
+/// `sprite_moved`, placed instead of created where it landed, and the
+/// address that counts is the connection's. A genuine proof does what it
+/// should, and the sprite's program sees no peer header and the client's
+/// real address, once.
+pub async fn forged_peer_claims_gain_nothing() -> Result<()> {
+    let b = TestServer::start().await?;
+    let a = TestServer::start().await?;
+    let (la, lb) = (
+        TcpListener::bind("127.0.0.1:0").await?,
+        TcpListener::bind("127.0.0.1:0").await?,
+    );
+    let (ua, ub) = (
+        format!("http://{}", la.local_addr()?),
+        format!("http://{}", lb.local_addr()?),
+    );
+    let shared = den_server::auth::TokenStore::open(&b.cfg.data_dir.join("tokens.db"))?;
+    let router =
+        |me: &str, remote: Vec<&'static str>, creates_remote: bool, peer: (&str, &str)| StaticRouter {
+            me: me.into(),
+            remote,
+            flip: vec![],
+            flips: AtomicUsize::new(0),
+            dead: vec![],
+            creates_remote,
+            peer: (peer.0.into(), peer.1.into()),
+            key: cluster_key(),
+        };
+    serve_routed(
+        &a,
+        la,
+        router("node-a", vec!["b-"], true, ("node-b", &ub)),
+        Some(Arc::new(shared)),
+    );
+    serve_routed(&b, lb, router("node-b", vec![], false, ("node-a", &ua)), None);
+    // The client connects from 127.0.0.2, the nodes from 127.0.0.1, so the
+    // address a sprite is told about says which one it came from.
+    let client_ip: std::net::IpAddr = "127.0.0.2".parse()?;
+    let mut h = reqwest::header::HeaderMap::new();
+    h.insert("authorization", format!("Bearer {}", b.token).parse()?);
+    let c = reqwest::Client::builder()
+        .default_headers(h)
+        .local_address(client_ip)
+        .timeout(WAIT)
+        .build()?;
+
+    let r = c
+        .post(format!("{ua}/v1/sprites"))
+        .json(&json!({"name": "b-one"}))
+        .send()
+        .await?;
+    ensure!(r.status() == 201, "create: {} {}", r.status(), r.text().await?);
+    ensure!(mgr(&b).get("b-one").is_ok(), "b-one is not on B");
+
+    let path = "/v1/sprites/b-one";
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)?
+        .as_millis() as i64;
+    let other = PeerKey::from_secret(b"a secret this cluster does not have");
+    let forged: Vec<(&str, Option<String>)> = vec![
+        ("no proof", None),
+        ("malformed proof", Some("node-b:1:00".into())),
+        ("another secret", Some(other.prove("node-b", "GET", path, None))),
+        (
+            "too old",
+            Some(cluster_key().prove_at("node-b", now - 120_000, "GET", path, None)),
+        ),
+        (
+            "made for another request",
+            Some(cluster_key().prove("node-b", "GET", "/v1/sprites/b-two", None)),
+        ),
+        (
+            "made for another client",
+            Some(cluster_key().prove("node-b", "GET", path, Some("203.0.113.9:1".parse()?))),
+        ),
+    ];
+    for (what, proof) in &forged {
+        let mut req = c
+            .get(format!("{ua}{path}"))
+            .header("x-den-forwarded-by", "node-b");
+        if let Some(p) = proof {
+            req = req.header("x-den-peer", p);
+        }
+        let r = req.send().await?;
+        let status = r.status();
+        let v: Value = r.json().await?;
+        ensure!(
+            status == 200 && v["name"] == "b-one",
+            "{what}: a claimed forward is answered {status} {v} instead of being forwarded"
+        );
+    }
+    // The same request with a genuine proof is one a node forwarded: the
+    // receiver does not own the sprite and must not forward it again.
+    let r = c
+        .get(format!("{ua}{path}"))
+        .header("x-den-forwarded-by", "node-b")
+        .header("x-den-peer", cluster_key().prove("node-b", "GET", path, None))
+        .send()
+        .await?;
+    ensure!(r.status() == 503, "genuine proof: {}", r.status());
+    ensure!(r.json::<Value>().await?["error"] == "sprite_moved");
+    // A claim carries no token either.
+    let r = reqwest::Client::new()
+        .get(format!("{ub}{path}"))
+        .header("x-den-forwarded-by", "node-a")
+        .header("x-den-peer", "node-a:1:00")
+        .send()
+        .await?;
+    ensure!(r.status() == 401, "no token, claimed forward: {}", r.status());
+
+    // A create that claims to be forwarded is placed like any other
+    // (before: created on the node it reached).
+    let r = c
+        .post(format!("{ua}/v1/sprites"))
+        .header("x-den-forwarded-by", "node-b")
+        .json(&json!({"name": "b-forged"}))
+        .send()
+        .await?;
+    ensure!(r.status() == 201, "{}", r.status());
+    ensure!(mgr(&b).get("b-forged").is_ok(), "the forged create is not on B");
+    ensure!(mgr(&a).get("b-forged").is_err(), "the forged create stayed on A");
+
+    // Sprite URL traffic: the program sees the client's address once, and
+    // no peer header, through A (forwarded) and straight at B; a claimed
+    // client address counts nowhere.
+    let r = c
+        .put(format!(
+            "{ua}/v1/sprites/b-one/fs/write?path=/srv/head.sh&mkdirParents=true&mode=0755"
+        ))
+        .body(ECHO_HEAD)
+        .send()
+        .await?;
+    ensure!(r.status() == 200, "{} {}", r.status(), r.text().await?);
+    serve_in(&b, "b-one", "busybox nc -ll -p 8080 -e /srv/head.sh", 8080).await?;
+    for (base, claim) in [(&ua, false), (&ua, true), (&ub, false), (&ub, true)] {
+        let mut req = c
+            .get(format!("{base}/"))
+            .header("host", format!("b-one.localhost:{}", la_port(base)));
+        if claim {
+            req = req
+                .header("x-den-forwarded-by", "node-a")
+                .header("x-den-client", "203.0.113.9:1")
+                .header("x-den-peer", "node-a:1:00");
+        }
+        let r = req.send().await?;
+        ensure!(r.status() == 200, "{base} claim={claim}: {}", r.status());
+        let lines = head_lines(&r.text().await?);
+        let xff: Vec<&str> = lines
+            .iter()
+            .filter(|(k, _)| k == "x-forwarded-for")
+            .map(|(_, v)| v.as_str())
+            .collect();
+        ensure!(
+            xff == ["127.0.0.2"],
+            "{base} claim={claim}: the sprite was told X-Forwarded-For {xff:?}"
+        );
+        let leaked: Vec<_> = lines.iter().filter(|(k, _)| k.starts_with("x-den-")).collect();
+        ensure!(
+            leaked.is_empty(),
+            "{base} claim={claim}: peer headers reached the sprite: {leaked:?}"
+        );
+    }
+
+    a.stop().await;
+    b.stop().await;
+    Ok(())
 }

@@ -54,6 +54,9 @@ const TESTS: &[(&str, TestFn)] = &[
     ("exec_tty_attach_http", || Box::pin(exec::tty_attach_http())),
     ("exec_default_timeout", || Box::pin(exec::default_timeout())),
     ("cluster_forwarding", || Box::pin(forward::cluster_forwarding())),
+    ("forged_peer_claims_gain_nothing", || {
+        Box::pin(forward::forged_peer_claims_gain_nothing())
+    }),
     ("wire_pooled_stream_has_no_fixed_delay", || {
         Box::pin(abuse::wire_pooled_stream_has_no_fixed_delay())
     }),
