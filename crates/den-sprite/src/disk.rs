@@ -215,20 +215,22 @@ pub fn format_template(
             .args(["-t", "ext4", "-o", MOUNT_OPTIONS])
             .arg(export.device_path())
             .arg(mountpoint))?;
-        let res = (|| {
-            for d in [UPPER, WORK] {
-                let p = mountpoint.join(d);
-                std::fs::create_dir(&p)
-                    .map_err(|e| SpriteError::io(format!("creating {}", p.display()), e))?;
-                std::os::unix::fs::chown(&p, Some(root_uid), Some(root_gid))
-                    .map_err(|e| SpriteError::io(format!("chown {}", p.display()), e))?;
-            }
-            // The root of the merged filesystem shows the upper dir's mode.
-            use std::os::unix::fs::PermissionsExt;
-            std::fs::set_permissions(mountpoint.join(UPPER), std::fs::Permissions::from_mode(0o755))
-                .map_err(|e| SpriteError::io("chmod upper", e))?;
-            syncfs(mountpoint)
-        })();
+        // In a child process, like every I/O through a filesystem on our own
+        // FUSE file (see `syncfs`). The root of the merged filesystem shows
+        // the upper dir's mode.
+        let res = run(Command::new("install")
+            .args([
+                "-d",
+                "-m",
+                "0755",
+                "-o",
+                &root_uid.to_string(),
+                "-g",
+                &root_gid.to_string(),
+            ])
+            .arg(mountpoint.join(UPPER))
+            .arg(mountpoint.join(WORK)))
+        .and_then(|_| syncfs(mountpoint));
         let umount = run(Command::new("umount").arg(mountpoint)).map(|_| ());
         if umount.is_ok() {
             // A mount namespace cloned meanwhile (any container starting on

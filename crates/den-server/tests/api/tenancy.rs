@@ -11,6 +11,7 @@ use reqwest::{Method, StatusCode};
 use serde_json::{Value, json};
 
 use crate::common::TestServer;
+use crate::org_tokens::make_org;
 
 /// The kinds of caller, all acting on organisation `acme` (whose sprite `web` is the target).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -415,22 +416,6 @@ async fn mint(s: &TestServer, body: Value) -> Result<String> {
     Ok(v["token"].as_str().context("token secret")?.to_string())
 }
 
-async fn make_org(s: &TestServer, slug: &str) -> Result<()> {
-    let r = s
-        .client()
-        .post(s.api("/v1/orgs"))
-        .json(&json!({"slug": slug}))
-        .send()
-        .await?;
-    ensure!(
-        r.status() == 201,
-        "org {slug}: {} {}",
-        r.status(),
-        r.text().await?
-    );
-    Ok(())
-}
-
 /// The answer of a sprite that does not exist.
 fn hidden_body(name: &str) -> Value {
     json!({"error": "not_found", "message": format!("sprite not found: {name}")})
@@ -650,19 +635,15 @@ pub async fn lists_keep_to_the_tokens_reach() -> Result<()> {
     // URL labels never collide: a default-organisation name in another
     // organisation's URL form is refused, and so is an organisation whose
     // URL form a default-organisation sprite already has.
-    let r = http
-        .post(s.api("/v1/sprites"))
-        .bearer_auth(&s.token)
-        .json(&json!({"name": "a-acme"}))
-        .send()
-        .await?;
+    let create = |name: &str| {
+        http.post(s.api("/v1/sprites"))
+            .bearer_auth(&s.token)
+            .json(&json!({"name": name}))
+            .send()
+    };
+    let r = create("a-acme").await?;
     ensure!(r.status() == 409, "a-acme in den: {}", r.status());
-    let r = http
-        .post(s.api("/v1/sprites"))
-        .bearer_auth(&s.token)
-        .json(&json!({"name": "shop-gamma"}))
-        .send()
-        .await?;
+    let r = create("shop-gamma").await?;
     ensure!(r.status() == 201, "{}", r.status());
     let r = s
         .client()
