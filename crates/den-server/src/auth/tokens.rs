@@ -691,33 +691,37 @@ impl TokenStore {
 
     /// Create an organisation; false if the slug is taken.
     pub async fn create_org(&self, org: &Org) -> Result<bool, TokenError> {
-        self.put_org(
-            "INSERT INTO orgs (slug, name, limits, created_at) VALUES ($1, $2, $3, $4) ON CONFLICT DO NOTHING",
-            org,
-        )
-        .await
+        let limits = serde_json::to_string(&org.limits).expect("limits encode");
+        let n = self
+            .exec_text(
+                "INSERT INTO orgs (slug, name, limits, created_at) VALUES ($1, $2, $3, $4) ON CONFLICT DO NOTHING",
+                &[&org.slug, &org.name, &limits, &org.created_at],
+            )
+            .await?;
+        Ok(self.remember_org(n, org))
     }
 
     /// Replace an organisation's name and limits; false if there is none.
     pub async fn update_org(&self, org: &Org) -> Result<bool, TokenError> {
-        self.put_org("UPDATE orgs SET name = $2, limits = $3 WHERE slug = $1", org)
-            .await
+        let limits = serde_json::to_string(&org.limits).expect("limits encode");
+        let n = self
+            .exec_text(
+                "UPDATE orgs SET name = $2, limits = $3 WHERE slug = $1",
+                &[&org.slug, &org.name, &limits],
+            )
+            .await?;
+        Ok(self.remember_org(n, org))
     }
 
-    /// `sql` takes slug, name, limits and (if it wants it) created_at.
-    async fn put_org(&self, sql: &str, org: &Org) -> Result<bool, TokenError> {
-        let limits = serde_json::to_string(&org.limits).expect("limits encode");
-        let mut args = vec![org.slug.as_str(), org.name.as_str(), limits.as_str()];
-        if sql.contains("$4") {
-            args.push(&org.created_at);
+    /// After a write of `org` that changed `n` rows: this node's view, and
+    /// whether there was anything to change.
+    fn remember_org(&self, n: u64, org: &Org) -> bool {
+        if n > 0 {
+            self.shared.apply_orgs(|orgs, _| {
+                orgs.insert(org.slug.clone(), org.clone());
+            });
         }
-        if self.exec_text(sql, &args).await? == 0 {
-            return Ok(false);
-        }
-        self.shared.apply_orgs(|orgs, _| {
-            orgs.insert(org.slug.clone(), org.clone());
-        });
-        Ok(true)
+        n > 0
     }
 
     /// Delete an organisation and every token of it, in one transaction;
