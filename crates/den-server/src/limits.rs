@@ -8,7 +8,7 @@
 //! forks and checkpoints; [`OrgAdmission`] for wakes, which the sprite
 //! manager consults under its admission lock).
 
-use std::collections::{HashMap, HashSet, VecDeque};
+use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
@@ -17,7 +17,6 @@ use axum::http::{HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use den_runtime::Resources;
 use den_sprite::{Admission, HostCapacity, SpriteError, SpriteManager};
-use den_store::meta::Entry;
 use parking_lot::Mutex;
 use serde_json::json;
 
@@ -202,7 +201,7 @@ impl OrgQuotas {
         }
         let mut total = 0u64;
         for s in mgr.list().iter().filter(|s| s.record.org() == org) {
-            match volume_bytes(mgr.store(), &s.record.volume).await {
+            match mgr.store().stored_bytes(&s.record.volume).await {
                 Ok(b) => total = total.saturating_add(b),
                 // Deleted meanwhile: it stores nothing any more.
                 Err(den_store::StoreError::VolumeNotFound(_)) => {}
@@ -235,34 +234,6 @@ impl OrgQuotas {
         }
         Ok(())
     }
-}
-
-/// What one volume keeps stored: each distinct chunk its head and its
-/// checkpoints name, once (uploaded chunks at their stored, compressed
-/// size; chunks still waiting for upload at the chunk size). A chunk shared
-/// with another volume (the template every disk starts from, a fork's
-/// source) counts in each, so an organisation's figure is what it holds,
-/// not what deleting it would free.
-async fn volume_bytes(store: &den_store::Store, volume: &str) -> Result<u64, den_store::StoreError> {
-    let rec = store.volume(volume).await?;
-    let mut maps = vec![rec.head_map];
-    maps.extend(store.list_checkpoints(volume).await?.iter().map(|c| c.map_id));
-    let (mut chunks, mut pending) = (HashSet::new(), HashSet::new());
-    for map in maps {
-        for (_, e) in store.meta().load_map(map).await? {
-            match e {
-                Entry::Chunk(h) => {
-                    chunks.insert(h);
-                }
-                Entry::Pending(p) => {
-                    pending.insert(p);
-                }
-            }
-        }
-    }
-    let chunks: Vec<_> = chunks.into_iter().collect();
-    let stored = store.meta().stored_len_of(&chunks).await?;
-    Ok(stored.saturating_add(pending.len() as u64 * rec.chunk_size as u64))
 }
 
 /// What a sprite's limits take of an organisation's memory and CPU quotas:

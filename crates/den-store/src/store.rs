@@ -700,6 +700,34 @@ impl Store {
         self.shared.meta.list_checkpoints(&rec.id).await
     }
 
+    /// What one volume keeps stored: each distinct chunk its head and its
+    /// checkpoints name, once (uploaded chunks at their stored, compressed
+    /// size; chunks still waiting for upload at the chunk size). A chunk
+    /// shared with another volume (a template, a fork's source) counts in
+    /// each: this is what the volume holds, not what deleting it would free.
+    pub async fn stored_bytes(&self, name: &str) -> Result<u64> {
+        let s = &self.shared;
+        let rec = s.meta.get_volume(name).await?;
+        let mut maps = vec![rec.head_map];
+        maps.extend(s.meta.list_checkpoints(&rec.id).await?.iter().map(|c| c.map_id));
+        let (mut chunks, mut pending) = (std::collections::HashSet::new(), std::collections::HashSet::new());
+        for map in maps {
+            for (_, e) in s.meta.load_map(map).await? {
+                match e {
+                    crate::meta::Entry::Chunk(h) => {
+                        chunks.insert(h);
+                    }
+                    crate::meta::Entry::Pending(p) => {
+                        pending.insert(p);
+                    }
+                }
+            }
+        }
+        let chunks: Vec<_> = chunks.into_iter().collect();
+        let stored = s.meta.stored_len_of(&chunks).await?;
+        Ok(stored.saturating_add(pending.len() as u64 * rec.chunk_size as u64))
+    }
+
     pub async fn get_checkpoint(&self, name: &str, id: &str) -> Result<CheckpointRecord> {
         let rec = self.shared.meta.get_volume(name).await?;
         self.shared
