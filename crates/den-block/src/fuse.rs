@@ -8,25 +8,20 @@
 //! errnos, because a FUSE request that never gets an answer hangs the loop
 //! device and every filesystem on top of it.
 
-use std::cell::{Cell, RefCell};
-use std::ffi::{OsStr, OsString};
+use std::ffi::OsString;
 use std::io;
 use std::panic::{self, AssertUnwindSafe};
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock};
-use std::time::{Duration, SystemTime};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use fuser::{
-    Errno, FileAttr, FileHandle, FileType, Filesystem, FopenFlags, Generation, INodeNo, InitFlags,
-    KernelConfig, LockOwner, OpenAccMode, OpenFlags, ReplyAttr, ReplyData, ReplyDirectory, ReplyEmpty,
-    ReplyEntry, ReplyOpen, ReplyStatfs, ReplyWrite, Request, TimeOrNow, WriteFlags,
-};
 use parking_lot::Mutex;
 
 use crate::BlockDevice;
+use crate::fuse_abi::{self as abi, Attr, Cursor, InHeader, Malformed, ROOT_INO, opcode};
 
-/// Inode of the disk file (the root directory is `INodeNo::ROOT`, 1).
-pub(crate) const FILE_INO: INodeNo = INodeNo(2);
+/// Inode of the disk file (the root directory is inode 1).
+pub(crate) const FILE_INO: u64 = 2;
 
 /// Attributes only change through our own `setattr`, which returns the new
 /// values, so the kernel may cache them for as long as it likes.
@@ -68,13 +63,24 @@ pub fn set_io_flusher() -> io::Result<()> {
 /// Warn once per process, not once per worker thread.
 static IO_FLUSHER_WARNED: AtomicBool = AtomicBool::new(false);
 
-thread_local! {
-    /// fuser spawns the worker threads itself, so per-thread setup happens on
-    /// the first request each thread serves.
-    static WORKER_READY: Cell<bool> = const { Cell::new(false) };
-    /// Reused read buffer: avoids a large allocation per request in the
-    /// middle of writeback.
-    static READ_BUF: RefCell<Vec<u8>> = const { RefCell::new(Vec::new()) };
+/// Make the calling pool worker an I/O flusher; whether it worked.
+pub(crate) fn enter_worker() -> bool {
+    match set_io_flusher() {
+        Ok(()) => true,
+        Err(e) if matches!(e.raw_os_error(), Some(libc::EPERM | libc::EINVAL)) => {
+            if !IO_FLUSHER_WARNED.swap(true, Ordering::Relaxed) {
+                tracing::warn!(
+                    error = %e,
+                    "PR_SET_IO_FLUSHER unavailable; FUSE workers may deadlock under memory pressure"
+                );
+            }
+            false
+        }
+        Err(e) => {
+            tracing::warn!(error = %e, "PR_SET_IO_FLUSHER failed");
+            false
+        }
+    }
 }
 
 /// Counters of requests served; see [`FuseStats`].
@@ -89,6 +95,9 @@ pub(crate) struct Counters {
     largest_write: AtomicU32,
     worker_threads: AtomicU32,
     io_flusher_threads: AtomicU32,
+    /// Bit i set: pool worker i has served this volume (workers past 63
+    /// are not told apart).
+    workers_seen: AtomicU64,
 }
 
 /// What the FUSE server has done so far.
@@ -109,7 +118,8 @@ pub struct FuseStats {
     /// Largest single WRITE, in bytes: the effective `max_write`, once the
     /// kernel has sent a big enough write.
     pub largest_write: u32,
-    /// Worker threads that have served at least one request.
+    /// Pool worker threads that have served at least one request of this
+    /// file (the pool is shared by every file of the process).
     pub worker_threads: u32,
     /// Of those, how many run with `PR_SET_IO_FLUSHER`.
     pub io_flusher_threads: u32,
@@ -166,13 +176,16 @@ fn max_pages_limit() -> Option<u32> {
         .ok()
 }
 
+/// A positive errno, as answered to the kernel (negated on the wire).
+pub(crate) type Errno = i32;
+
 /// Map an I/O error from the device to the errno the kernel passes on.
 pub(crate) fn to_errno(err: &io::Error) -> Errno {
     if let Some(code) = err.raw_os_error().filter(|c| *c > 0) {
-        return Errno::from_i32(code);
+        return code;
     }
     use io::ErrorKind as K;
-    Errno::from_i32(match err.kind() {
+    match err.kind() {
         K::NotFound => libc::ENOENT,
         K::PermissionDenied => libc::EACCES,
         K::InvalidInput => libc::EINVAL,
@@ -184,7 +197,31 @@ pub(crate) fn to_errno(err: &io::Error) -> Errno {
         K::StorageFull => libc::ENOSPC,
         K::ReadOnlyFilesystem => libc::EROFS,
         _ => libc::EIO,
-    })
+    }
+}
+
+/// Seconds and nanoseconds since the epoch, as `struct fuse_attr` has them.
+fn wire_time(t: SystemTime) -> (i64, u32) {
+    match t.duration_since(UNIX_EPOCH) {
+        Ok(d) => (d.as_secs() as i64, d.subsec_nanos()),
+        Err(e) => {
+            let d = e.duration();
+            if d.subsec_nanos() == 0 {
+                (-(d.as_secs() as i64), 0)
+            } else {
+                (-(d.as_secs() as i64) - 1, 1_000_000_000 - d.subsec_nanos())
+            }
+        }
+    }
+}
+
+fn from_wire_time((secs, nanos): (i64, u32)) -> SystemTime {
+    let nanos = Duration::from_nanos(u64::from(nanos.min(999_999_999)));
+    if secs >= 0 {
+        UNIX_EPOCH + Duration::from_secs(secs as u64) + nanos
+    } else {
+        UNIX_EPOCH - Duration::from_secs(secs.unsigned_abs()) + nanos
+    }
 }
 
 /// Mutable metadata of the disk file. Size is not here: it never changes.
@@ -198,16 +235,6 @@ struct FileMeta {
     ctime: SystemTime,
 }
 
-/// The parts of a SETATTR request we act on.
-struct AttrChange {
-    mode: Option<u32>,
-    uid: Option<u32>,
-    gid: Option<u32>,
-    size: Option<u64>,
-    atime: Option<TimeOrNow>,
-    mtime: Option<TimeOrNow>,
-}
-
 /// Settings [`DiskFs`] needs from the caller.
 #[derive(Debug, Clone)]
 pub(crate) struct DiskFsConfig {
@@ -217,7 +244,26 @@ pub(crate) struct DiskFsConfig {
     pub(crate) read_only: bool,
 }
 
-/// The `fuser` filesystem.
+/// How a request is answered; see [`DiskFs::serve`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Answer {
+    /// FORGET and INTERRUPT: the kernel expects no reply.
+    Nothing,
+    Error(Errno),
+    /// The payload is in the `out` buffer given to `serve`.
+    Payload,
+    /// The payload is the first n bytes of the request buffer (READ).
+    Data(usize),
+}
+
+/// The pool worker serving a request.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Worker {
+    pub(crate) index: usize,
+    pub(crate) io_flusher: bool,
+}
+
+/// The filesystem of one volume: one directory, one file.
 pub(crate) struct DiskFs {
     device: Arc<dyn BlockDevice>,
     size: u64,
@@ -229,6 +275,11 @@ pub(crate) struct DiskFs {
     counters: Arc<Counters>,
     negotiated: Arc<OnceLock<Negotiated>>,
 }
+
+const S_IFDIR: u32 = libc::S_IFDIR;
+const S_IFREG: u32 = libc::S_IFREG;
+const DT_DIR: u32 = 4;
+const DT_REG: u32 = 8;
 
 impl DiskFs {
     pub(crate) fn new(
@@ -263,75 +314,58 @@ impl DiskFs {
         }
     }
 
-    fn enter_worker(&self) {
-        WORKER_READY.with(|ready| {
-            if ready.get() {
-                return;
-            }
-            ready.set(true);
-            self.counters.worker_threads.fetch_add(1, Ordering::Relaxed);
-            match set_io_flusher() {
-                Ok(()) => {
-                    self.counters.io_flusher_threads.fetch_add(1, Ordering::Relaxed);
-                }
-                Err(e) if matches!(e.raw_os_error(), Some(libc::EPERM | libc::EINVAL)) => {
-                    if !IO_FLUSHER_WARNED.swap(true, Ordering::Relaxed) {
-                        tracing::warn!(
-                            error = %e,
-                            "PR_SET_IO_FLUSHER unavailable; FUSE workers may deadlock under memory pressure"
-                        );
-                    }
-                }
-                Err(e) => {
-                    tracing::warn!(error = %e, "PR_SET_IO_FLUSHER failed");
-                }
-            }
-        });
+    /// The largest request the kernel may send us (a WRITE of `max_write`
+    /// bytes with its headers), rounded up to a page.
+    pub(crate) fn request_buffer_len(&self) -> usize {
+        self.config.max_write as usize + 4096
     }
 
-    fn root_attr(&self) -> FileAttr {
-        FileAttr {
-            ino: INodeNo::ROOT,
+    fn note_worker(&self, worker: Worker) {
+        let bit = 1u64 << worker.index.min(63);
+        if self.counters.workers_seen.fetch_or(bit, Ordering::Relaxed) & bit == 0 {
+            self.counters.worker_threads.fetch_add(1, Ordering::Relaxed);
+            if worker.io_flusher {
+                self.counters.io_flusher_threads.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+    }
+
+    fn root_attr(&self) -> Attr {
+        let t = wire_time(self.created);
+        Attr {
+            ino: ROOT_INO,
             size: 0,
             blocks: 0,
-            atime: self.created,
-            mtime: self.created,
-            ctime: self.created,
-            crtime: self.created,
-            kind: FileType::Directory,
-            perm: 0o755,
+            atime: t,
+            mtime: t,
+            ctime: t,
+            mode: S_IFDIR | 0o755,
             nlink: 2,
             uid: self.uid,
             gid: self.gid,
-            rdev: 0,
             blksize: BLOCK_SIZE,
-            flags: 0,
         }
     }
 
-    fn file_attr(&self) -> FileAttr {
+    fn file_attr(&self) -> Attr {
         let meta = *self.meta.lock();
-        FileAttr {
+        Attr {
             ino: FILE_INO,
             size: self.size,
             blocks: self.size.div_ceil(512),
-            atime: meta.atime,
-            mtime: meta.mtime,
-            ctime: meta.ctime,
-            crtime: self.created,
-            kind: FileType::RegularFile,
-            perm: meta.perm,
+            atime: wire_time(meta.atime),
+            mtime: wire_time(meta.mtime),
+            ctime: wire_time(meta.ctime),
+            mode: S_IFREG | u32::from(meta.perm),
             nlink: 1,
             uid: meta.uid,
             gid: meta.gid,
-            rdev: 0,
             blksize: BLOCK_SIZE,
-            flags: 0,
         }
     }
 
-    fn attr_of(&self, ino: INodeNo) -> Option<FileAttr> {
-        if ino == INodeNo::ROOT {
+    fn attr_of(&self, ino: u64) -> Option<Attr> {
+        if ino == ROOT_INO {
             Some(self.root_attr())
         } else if ino == FILE_INO {
             Some(self.file_attr())
@@ -350,7 +384,7 @@ impl DiskFs {
             }
             Err(_) => {
                 tracing::error!(op = what, "block device panicked; answering EIO");
-                Errno::EIO
+                libc::EIO
             }
         };
         self.counters.errors.fetch_add(1, Ordering::Relaxed);
@@ -362,85 +396,269 @@ impl DiskFs {
         errno
     }
 
-    fn do_read(&self, ino: INodeNo, offset: u64, size: u32, reply: ReplyData) {
+    /// Serve one request: `buf[..n]` is what the kernel wrote. Small replies
+    /// are encoded into `out`; READ data goes into `buf` itself (grown if a
+    /// read is larger than it), so no request needs a buffer of its own.
+    /// Returns the request's `unique` (None if even that is unreadable).
+    pub(crate) fn serve(
+        &self,
+        worker: Worker,
+        buf: &mut Vec<u8>,
+        n: usize,
+        out: &mut Vec<u8>,
+    ) -> Option<(u64, Answer)> {
+        self.note_worker(worker);
+        let req = buf.get(..n)?;
+        let (header, arg) = match InHeader::parse(req) {
+            Ok(parsed) => parsed,
+            Err(Malformed) => {
+                // The unique id is the third field; answer EIO if we can.
+                let unique = req.get(8..16)?;
+                let mut u = [0u8; 8];
+                u.copy_from_slice(unique);
+                tracing::warn!(len = n, "malformed FUSE request header");
+                return Some((u64::from_ne_bytes(u), Answer::Error(self.fail(libc::EIO))));
+            }
+        };
+        let unique = header.unique;
+        if header.opcode == opcode::READ {
+            let answer = match abi::ReadIn::parse(arg) {
+                Ok(r) => self.do_read(header.nodeid, r.offset, r.size, buf),
+                Err(Malformed) => Answer::Error(self.fail(libc::EINVAL)),
+            };
+            return Some((unique, answer));
+        }
+        out.clear();
+        let answer = match self.dispatch(header, arg, out) {
+            Ok(answer) => answer,
+            Err(Malformed) => {
+                tracing::warn!(opcode = header.opcode, len = header.len, "malformed FUSE request");
+                Answer::Error(self.fail(libc::EINVAL))
+            }
+        };
+        Some((unique, answer))
+    }
+
+    fn dispatch(&self, h: InHeader, arg: &[u8], out: &mut Vec<u8>) -> Result<Answer, Malformed> {
+        let ino = h.nodeid;
+        let result: Result<(), Errno> = match h.opcode {
+            opcode::INIT => {
+                let init = abi::InitIn::parse(arg)?;
+                self.init(init).map(|o| o.encode(out))
+            }
+            opcode::LOOKUP => {
+                let name = Cursor::new(arg).c_str()?;
+                if ino == ROOT_INO && name == self.config.file_name.as_encoded_bytes() {
+                    abi::encode_entry(out, &self.file_attr(), ATTR_TTL);
+                    Ok(())
+                } else {
+                    Err(libc::ENOENT)
+                }
+            }
+            opcode::FORGET | opcode::BATCH_FORGET | opcode::INTERRUPT => return Ok(Answer::Nothing),
+            opcode::GETATTR | opcode::SETATTR if self.attr_of(ino).is_none() => Err(libc::ENOENT),
+            opcode::GETATTR => {
+                abi::encode_attr(out, &self.attr_of(ino).unwrap_or_default(), ATTR_TTL);
+                Ok(())
+            }
+            opcode::SETATTR => {
+                let change = abi::SetattrIn::parse(arg)?;
+                self.do_setattr(ino, change)
+                    .map(|attr| abi::encode_attr(out, &attr, ATTR_TTL))
+            }
+            opcode::OPEN => self
+                .do_open(ino, abi::parse_open_flags(arg)?)
+                .map(|flags| abi::encode_open(out, 0, flags)),
+            opcode::WRITE => {
+                let w = abi::WriteIn::parse(arg)?;
+                self.do_write(ino, w.offset, w.data)
+                    .map(|written| abi::encode_written(out, written))
+            }
+            opcode::STATFS => {
+                // The disk file occupies the whole filesystem; nothing else fits.
+                let blocks = self.size.div_ceil(u64::from(BLOCK_SIZE));
+                abi::encode_statfs(out, blocks, 2, BLOCK_SIZE, 255);
+                Ok(())
+            }
+            // FLUSH is sent on every close(); close carries no durability
+            // promise, and treating it as one would turn every `cat` into a
+            // device flush.
+            opcode::FLUSH | opcode::RELEASE | opcode::RELEASEDIR | opcode::FSYNCDIR | opcode::DESTROY => {
+                Ok(())
+            }
+            // The loop driver turns REQ_PREFLUSH/REQ_FUA into `vfs_fsync` on
+            // the backing file, so this is where ext4's journal barriers arrive.
+            opcode::FSYNC if ino != FILE_INO => Ok(()),
+            opcode::FSYNC => {
+                self.counters.fsyncs.fetch_add(1, Ordering::Relaxed);
+                self.device_call("flush", || self.device.flush())
+            }
+            opcode::FALLOCATE => {
+                let f = abi::FallocateIn::parse(arg)?;
+                self.do_fallocate(ino, f.offset, f.length, f.mode)
+            }
+            opcode::OPENDIR if ino == ROOT_INO => {
+                abi::encode_open(out, 0, 0);
+                Ok(())
+            }
+            opcode::OPENDIR => Err(libc::ENOTDIR),
+            opcode::READDIR => {
+                let r = abi::ReadIn::parse(arg)?;
+                self.do_readdir(ino, r.offset, r.size, out)
+            }
+            opcode::ACCESS => self.attr_of(ino).map(|_| ()).ok_or(libc::ENOENT),
+            // The namespace is fixed: one directory, one file.
+            opcode::MKNOD
+            | opcode::MKDIR
+            | opcode::UNLINK
+            | opcode::RMDIR
+            | opcode::RENAME
+            | opcode::RENAME2
+            | opcode::LINK
+            | opcode::SYMLINK
+            | opcode::CREATE => Err(libc::EPERM),
+            // xattrs, locks, ioctl, lseek, ...: the kernel falls back to its
+            // defaults (and stops asking) on ENOSYS.
+            _ => Err(libc::ENOSYS),
+        };
+        Ok(match result {
+            Ok(()) => Answer::Payload,
+            Err(errno) => Answer::Error(errno),
+        })
+    }
+
+    fn init(&self, init: abi::InitIn) -> Result<abi::InitOut, Errno> {
+        use abi::init_flags as f;
+        if init.major != abi::KERNEL_VERSION || init.minor < 23 {
+            tracing::error!(
+                major = init.major,
+                minor = init.minor,
+                "unsupported FUSE kernel ABI"
+            );
+            return Err(libc::EPROTO);
+        }
+        let max_write = self.config.max_write;
+        // With direct I/O there is no readahead, but the kernel still sizes
+        // max_pages from max(max_write, max_readahead); take what it offers.
+        let max_readahead = init.max_readahead;
+        // The loop driver in direct-I/O mode submits async kiocbs; with
+        // ASYNC_DIO the kernel keeps several of our requests in flight for them.
+        let wanted = f::ASYNC_READ | f::BIG_WRITES | f::MAX_PAGES | f::ASYNC_DIO;
+        let flags = wanted & init.flags;
+        let async_dio = flags & f::ASYNC_DIO != 0;
+        let max_pages =
+            ((max_write.max(max_readahead).max(1) - 1) / 4096 + 1).min(u32::from(u16::MAX)) as u16;
+        let negotiated = Negotiated {
+            kernel_abi: (init.major, init.minor),
+            max_write,
+            max_readahead,
+            max_pages_limit: max_pages_limit(),
+            async_dio,
+        };
+        tracing::debug!(?negotiated, "FUSE connection initialised");
+        let _ = self.negotiated.set(negotiated);
+        let max_background = self.config.max_background;
+        Ok(abi::InitOut {
+            major: abi::KERNEL_VERSION,
+            minor: abi::KERNEL_MINOR_VERSION.min(init.minor),
+            max_readahead,
+            flags,
+            max_background,
+            congestion_threshold: (u32::from(max_background) * 3 / 4) as u16,
+            max_write,
+            time_gran: 1,
+            max_pages,
+        })
+    }
+
+    fn do_open(&self, ino: u64, flags: u32) -> Result<u32, Errno> {
+        if ino == ROOT_INO {
+            return Err(libc::EISDIR);
+        }
         if ino != FILE_INO {
-            return reply.error(self.fail(Errno::EISDIR));
+            return Err(libc::ENOENT);
+        }
+        if self.config.read_only && flags as i32 & libc::O_ACCMODE != libc::O_RDONLY {
+            return Err(libc::EROFS);
+        }
+        // DIRECT_IO: the loop device already has a page cache; caching the
+        // same blocks again in the FUSE file's cache would double memory use
+        // and add a copy. PARALLEL_DIRECT_WRITES: the file never grows, so the
+        // kernel need not serialise writes on the inode lock.
+        Ok(abi::FOPEN_DIRECT_IO | abi::FOPEN_PARALLEL_DIRECT_WRITES)
+    }
+
+    fn do_read(&self, ino: u64, offset: u64, size: u32, buf: &mut Vec<u8>) -> Answer {
+        if ino != FILE_INO {
+            return Answer::Error(self.fail(libc::EISDIR));
         }
         self.counters.reads.fetch_add(1, Ordering::Relaxed);
         self.counters.largest_read.fetch_max(size, Ordering::Relaxed);
         // Direct I/O means the kernel does not clip reads at EOF for us.
         if offset >= self.size {
-            return reply.data(&[]);
+            return Answer::Data(0);
         }
         let len = (self.size - offset).min(u64::from(size)) as usize;
-        READ_BUF.with(|cell| {
-            let Ok(mut buf) = cell.try_borrow_mut() else {
-                // Cannot happen (handlers do not nest), but never panic here.
-                return reply.error(self.fail(Errno::EIO));
-            };
-            if buf.len() < len {
-                buf.resize(len, 0);
-            }
-            match self.device_call("read", || self.device.read_at(offset, &mut buf[..len])) {
-                Ok(()) => reply.data(&buf[..len]),
-                Err(errno) => reply.error(errno),
-            }
-        });
+        if buf.len() < len {
+            buf.resize(len, 0);
+        }
+        match self.device_call("read", || self.device.read_at(offset, &mut buf[..len])) {
+            Ok(()) => Answer::Data(len),
+            Err(errno) => Answer::Error(errno),
+        }
     }
 
-    fn do_write(&self, ino: INodeNo, offset: u64, data: &[u8], reply: ReplyWrite) {
+    fn do_write(&self, ino: u64, offset: u64, data: &[u8]) -> Result<u32, Errno> {
         if ino != FILE_INO {
-            return reply.error(self.fail(Errno::EISDIR));
+            return Err(self.fail(libc::EISDIR));
         }
         if self.config.read_only {
-            return reply.error(self.fail(Errno::from_i32(libc::EROFS)));
+            return Err(self.fail(libc::EROFS));
         }
         self.counters.writes.fetch_add(1, Ordering::Relaxed);
         self.counters
             .largest_write
             .fetch_max(data.len() as u32, Ordering::Relaxed);
         if data.is_empty() {
-            return reply.written(0);
+            return Ok(0);
         }
         // A block device cannot grow: writing at or past the end is ENOSPC,
         // a write straddling the end is cut short, as on a real disk.
         if offset >= self.size {
-            return reply.error(self.fail(Errno::from_i32(libc::ENOSPC)));
+            return Err(self.fail(libc::ENOSPC));
         }
         let len = (self.size - offset).min(data.len() as u64) as usize;
-        match self.device_call("write", || self.device.write_at(offset, &data[..len])) {
-            Ok(()) => reply.written(len as u32),
-            Err(errno) => reply.error(errno),
-        }
+        self.device_call("write", || self.device.write_at(offset, &data[..len]))?;
+        Ok(len as u32)
     }
 
-    fn do_fallocate(&self, ino: INodeNo, offset: u64, length: u64, mode: i32) -> Result<(), Errno> {
+    fn do_fallocate(&self, ino: u64, offset: u64, length: u64, mode: i32) -> Result<(), Errno> {
         if ino != FILE_INO {
-            return Err(self.fail(Errno::EISDIR));
+            return Err(self.fail(libc::EISDIR));
         }
         let punch = mode & libc::FALLOC_FL_PUNCH_HOLE != 0;
         let zero = mode & libc::FALLOC_FL_ZERO_RANGE != 0;
         let keep_size = mode & libc::FALLOC_FL_KEEP_SIZE != 0;
         let known = libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_ZERO_RANGE | libc::FALLOC_FL_KEEP_SIZE;
         if mode & !known != 0 {
-            return Err(self.fail(Errno::from_i32(libc::EOPNOTSUPP)));
+            return Err(self.fail(libc::EOPNOTSUPP));
         }
         let end = offset
             .checked_add(length)
-            .ok_or_else(|| self.fail(Errno::EINVAL))?;
+            .ok_or_else(|| self.fail(libc::EINVAL))?;
         if !punch && !zero {
             // Plain preallocation: every byte of a block device already
             // exists, so only a request to grow the file is a problem.
             if end > self.size && !keep_size {
-                return Err(self.fail(Errno::EPERM));
+                return Err(self.fail(libc::EPERM));
             }
             return Ok(());
         }
         if self.config.read_only {
-            return Err(self.fail(Errno::from_i32(libc::EROFS)));
+            return Err(self.fail(libc::EROFS));
         }
         if zero && end > self.size && !keep_size {
-            return Err(self.fail(Errno::EPERM));
+            return Err(self.fail(libc::EPERM));
         }
         // PUNCH_HOLE (the loop driver's DISCARD) and ZERO_RANGE (its
         // WRITE_ZEROES) both mean "reads return zeros afterwards", which is
@@ -453,342 +671,81 @@ impl DiskFs {
         self.device_call("discard", || self.device.discard(offset, len))
     }
 
-    fn do_setattr(&self, ino: INodeNo, change: AttrChange) -> Result<FileAttr, Errno> {
-        if ino == INodeNo::ROOT {
+    fn do_setattr(&self, ino: u64, change: abi::SetattrIn) -> Result<Attr, Errno> {
+        use abi::fattr;
+        if ino == ROOT_INO {
             return Ok(self.root_attr());
         }
         if ino != FILE_INO {
-            return Err(self.fail(Errno::ENOENT));
+            return Err(self.fail(libc::ENOENT));
         }
-        let AttrChange {
-            mode,
-            uid,
-            gid,
-            size,
-            atime,
-            mtime,
-        } = change;
-        if size.is_some_and(|s| s != self.size) {
+        let valid = change.valid;
+        if valid & fattr::SIZE != 0 && change.size != self.size {
             // truncate/ftruncate/O_TRUNC would resize the disk under the loop
             // device (or wipe it); refuse.
-            return Err(self.fail(Errno::EPERM));
+            return Err(self.fail(libc::EPERM));
         }
         let now = SystemTime::now();
-        let resolve = |t: TimeOrNow| match t {
-            TimeOrNow::SpecificTime(t) => t,
-            TimeOrNow::Now => now,
-        };
         let mut meta = self.meta.lock();
-        if let Some(mode) = mode {
-            meta.perm = (mode & 0o7777) as u16;
+        if valid & fattr::MODE != 0 {
+            meta.perm = (change.mode & 0o7777) as u16;
         }
-        if let Some(uid) = uid {
-            meta.uid = uid;
+        if valid & fattr::UID != 0 {
+            meta.uid = change.uid;
         }
-        if let Some(gid) = gid {
-            meta.gid = gid;
+        if valid & fattr::GID != 0 {
+            meta.gid = change.gid;
         }
-        if let Some(t) = atime {
-            meta.atime = resolve(t);
+        if valid & fattr::ATIME != 0 {
+            meta.atime = if valid & fattr::ATIME_NOW != 0 {
+                now
+            } else {
+                from_wire_time(change.atime)
+            };
         }
-        if let Some(t) = mtime {
-            meta.mtime = resolve(t);
+        if valid & fattr::MTIME != 0 {
+            meta.mtime = if valid & fattr::MTIME_NOW != 0 {
+                now
+            } else {
+                from_wire_time(change.mtime)
+            };
         }
         meta.ctime = now;
         drop(meta);
         Ok(self.file_attr())
     }
-}
 
-impl Filesystem for DiskFs {
-    fn init(&mut self, _req: &Request, config: &mut KernelConfig) -> io::Result<()> {
-        let max_write = match config.set_max_write(self.config.max_write) {
-            Ok(_) => self.config.max_write,
-            Err(nearest) => {
-                let _ = config.set_max_write(nearest);
-                nearest
-            }
-        };
-        // With direct I/O there is no readahead, but the kernel still sizes
-        // max_pages from max(max_write, max_readahead); take what it offers.
-        let max_readahead = match config.set_max_readahead(u32::MAX) {
-            Ok(_) => u32::MAX,
-            Err(max) => {
-                let _ = config.set_max_readahead(max);
-                max
-            }
-        };
-        // The loop driver in direct-I/O mode submits async kiocbs; with
-        // ASYNC_DIO the kernel keeps several of our requests in flight for them.
-        let async_dio = config.capabilities().contains(InitFlags::FUSE_ASYNC_DIO)
-            && config.add_capabilities(InitFlags::FUSE_ASYNC_DIO).is_ok();
-        let _ = config.set_max_background(self.config.max_background);
-        let abi = config.kernel_abi();
-        let negotiated = Negotiated {
-            kernel_abi: (abi.0, abi.1),
-            max_write,
-            max_readahead,
-            max_pages_limit: max_pages_limit(),
-            async_dio,
-        };
-        tracing::debug!(?negotiated, "FUSE connection initialised");
-        let _ = self.negotiated.set(negotiated);
-        Ok(())
-    }
-
-    fn lookup(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
-        self.enter_worker();
-        if parent == INodeNo::ROOT && name == self.config.file_name.as_os_str() {
-            reply.entry(&ATTR_TTL, &self.file_attr(), Generation(0));
-        } else {
-            reply.error(Errno::ENOENT);
+    fn do_readdir(&self, ino: u64, offset: u64, size: u32, out: &mut Vec<u8>) -> Result<(), Errno> {
+        if ino != ROOT_INO {
+            return Err(libc::ENOTDIR);
         }
-    }
-
-    fn getattr(&self, _req: &Request, ino: INodeNo, _fh: Option<FileHandle>, reply: ReplyAttr) {
-        self.enter_worker();
-        match self.attr_of(ino) {
-            Some(attr) => reply.attr(&ATTR_TTL, &attr),
-            None => reply.error(Errno::ENOENT),
-        }
-    }
-
-    fn setattr(
-        &self,
-        _req: &Request,
-        ino: INodeNo,
-        mode: Option<u32>,
-        uid: Option<u32>,
-        gid: Option<u32>,
-        size: Option<u64>,
-        atime: Option<TimeOrNow>,
-        mtime: Option<TimeOrNow>,
-        _ctime: Option<SystemTime>,
-        _fh: Option<FileHandle>,
-        _crtime: Option<SystemTime>,
-        _chgtime: Option<SystemTime>,
-        _bkuptime: Option<SystemTime>,
-        _flags: Option<fuser::BsdFileFlags>,
-        reply: ReplyAttr,
-    ) {
-        self.enter_worker();
-        let change = AttrChange {
-            mode,
-            uid,
-            gid,
-            size,
-            atime,
-            mtime,
-        };
-        match self.do_setattr(ino, change) {
-            Ok(attr) => reply.attr(&ATTR_TTL, &attr),
-            Err(errno) => reply.error(errno),
-        }
-    }
-
-    fn open(&self, _req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
-        self.enter_worker();
-        if ino == INodeNo::ROOT {
-            return reply.error(Errno::EISDIR);
-        }
-        if ino != FILE_INO {
-            return reply.error(Errno::ENOENT);
-        }
-        if self.config.read_only && flags.acc_mode() != OpenAccMode::O_RDONLY {
-            return reply.error(Errno::from_i32(libc::EROFS));
-        }
-        // DIRECT_IO: the loop device already has a page cache; caching the
-        // same blocks again in the FUSE file's cache would double memory use
-        // and add a copy. PARALLEL_DIRECT_WRITES: the file never grows, so the
-        // kernel need not serialise writes on the inode lock.
-        reply.opened(
-            FileHandle(0),
-            FopenFlags::FOPEN_DIRECT_IO | FopenFlags::FOPEN_PARALLEL_DIRECT_WRITES,
-        );
-    }
-
-    fn read(
-        &self,
-        _req: &Request,
-        ino: INodeNo,
-        _fh: FileHandle,
-        offset: u64,
-        size: u32,
-        _flags: OpenFlags,
-        _lock_owner: Option<LockOwner>,
-        reply: ReplyData,
-    ) {
-        self.enter_worker();
-        self.do_read(ino, offset, size, reply);
-    }
-
-    fn write(
-        &self,
-        _req: &Request,
-        ino: INodeNo,
-        _fh: FileHandle,
-        offset: u64,
-        data: &[u8],
-        _write_flags: WriteFlags,
-        _flags: OpenFlags,
-        _lock_owner: Option<LockOwner>,
-        reply: ReplyWrite,
-    ) {
-        self.enter_worker();
-        self.do_write(ino, offset, data, reply);
-    }
-
-    /// FLUSH is sent on every close(); close carries no durability promise,
-    /// and treating it as one would turn every `cat` into a device flush.
-    fn flush(
-        &self,
-        _req: &Request,
-        _ino: INodeNo,
-        _fh: FileHandle,
-        _lock_owner: LockOwner,
-        reply: ReplyEmpty,
-    ) {
-        self.enter_worker();
-        reply.ok();
-    }
-
-    /// The loop driver turns REQ_PREFLUSH/REQ_FUA into `vfs_fsync` on the
-    /// backing file, so this is where ext4's journal barriers arrive.
-    fn fsync(&self, _req: &Request, ino: INodeNo, _fh: FileHandle, _datasync: bool, reply: ReplyEmpty) {
-        self.enter_worker();
-        if ino != FILE_INO {
-            return reply.ok();
-        }
-        self.counters.fsyncs.fetch_add(1, Ordering::Relaxed);
-        match self.device_call("flush", || self.device.flush()) {
-            Ok(()) => reply.ok(),
-            Err(errno) => reply.error(errno),
-        }
-    }
-
-    fn fallocate(
-        &self,
-        _req: &Request,
-        ino: INodeNo,
-        _fh: FileHandle,
-        offset: u64,
-        length: u64,
-        mode: i32,
-        reply: ReplyEmpty,
-    ) {
-        self.enter_worker();
-        match self.do_fallocate(ino, offset, length, mode) {
-            Ok(()) => reply.ok(),
-            Err(errno) => reply.error(errno),
-        }
-    }
-
-    fn opendir(&self, _req: &Request, ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
-        self.enter_worker();
-        if ino == INodeNo::ROOT {
-            reply.opened(FileHandle(0), FopenFlags::empty());
-        } else {
-            reply.error(Errno::ENOTDIR);
-        }
-    }
-
-    fn readdir(&self, _req: &Request, ino: INodeNo, _fh: FileHandle, offset: u64, mut reply: ReplyDirectory) {
-        self.enter_worker();
-        if ino != INodeNo::ROOT {
-            return reply.error(Errno::ENOTDIR);
-        }
-        let entries: [(INodeNo, FileType, &OsStr); 3] = [
-            (INodeNo::ROOT, FileType::Directory, OsStr::new(".")),
-            (INodeNo::ROOT, FileType::Directory, OsStr::new("..")),
-            (FILE_INO, FileType::RegularFile, self.config.file_name.as_os_str()),
+        let entries: [(u64, u32, &[u8]); 3] = [
+            (ROOT_INO, DT_DIR, b"."),
+            (ROOT_INO, DT_DIR, b".."),
+            (FILE_INO, DT_REG, self.config.file_name.as_encoded_bytes()),
         ];
-        for (i, (ino, kind, name)) in entries.iter().enumerate().skip(offset as usize) {
+        for (i, (ino, kind, name)) in entries.iter().enumerate().skip(offset.min(3) as usize) {
             // The offset handed back is "where to resume", i.e. the next index.
-            if reply.add(*ino, i as u64 + 1, *kind, name) {
+            if !abi::push_dirent(out, size as usize, *ino, i as u64 + 1, *kind, name) {
                 break;
             }
         }
-        reply.ok();
+        Ok(())
     }
+}
 
-    fn fsyncdir(&self, _req: &Request, _ino: INodeNo, _fh: FileHandle, _datasync: bool, reply: ReplyEmpty) {
-        self.enter_worker();
-        reply.ok();
-    }
+#[cfg(test)]
+mod tests {
+    use super::*;
 
-    fn statfs(&self, _req: &Request, _ino: INodeNo, reply: ReplyStatfs) {
-        self.enter_worker();
-        // The disk file occupies the whole filesystem; nothing else fits.
-        let blocks = self.size.div_ceil(u64::from(BLOCK_SIZE));
-        reply.statfs(blocks, 0, 0, 2, 0, BLOCK_SIZE, 255, BLOCK_SIZE);
-    }
-
-    fn access(&self, _req: &Request, ino: INodeNo, _mask: fuser::AccessFlags, reply: ReplyEmpty) {
-        self.enter_worker();
-        match self.attr_of(ino) {
-            Some(_) => reply.ok(),
-            None => reply.error(Errno::ENOENT),
+    #[test]
+    fn wire_time_round_trips_before_and_after_the_epoch() {
+        for t in [
+            UNIX_EPOCH + Duration::new(1_700_000_000, 123),
+            UNIX_EPOCH - Duration::new(5, 250),
+            UNIX_EPOCH - Duration::from_secs(7),
+        ] {
+            assert_eq!(from_wire_time(wire_time(t)), t);
         }
-    }
-
-    // The namespace is fixed: one directory, one file.
-
-    fn mknod(
-        &self,
-        _req: &Request,
-        _parent: INodeNo,
-        _name: &OsStr,
-        _mode: u32,
-        _umask: u32,
-        _rdev: u32,
-        reply: ReplyEntry,
-    ) {
-        reply.error(Errno::EPERM);
-    }
-
-    fn mkdir(
-        &self,
-        _req: &Request,
-        _parent: INodeNo,
-        _name: &OsStr,
-        _mode: u32,
-        _umask: u32,
-        reply: ReplyEntry,
-    ) {
-        reply.error(Errno::EPERM);
-    }
-
-    fn unlink(&self, _req: &Request, _parent: INodeNo, _name: &OsStr, reply: ReplyEmpty) {
-        reply.error(Errno::EPERM);
-    }
-
-    fn rmdir(&self, _req: &Request, _parent: INodeNo, _name: &OsStr, reply: ReplyEmpty) {
-        reply.error(Errno::EPERM);
-    }
-
-    fn rename(
-        &self,
-        _req: &Request,
-        _parent: INodeNo,
-        _name: &OsStr,
-        _newparent: INodeNo,
-        _newname: &OsStr,
-        _flags: fuser::RenameFlags,
-        reply: ReplyEmpty,
-    ) {
-        reply.error(Errno::EPERM);
-    }
-
-    fn create(
-        &self,
-        _req: &Request,
-        _parent: INodeNo,
-        _name: &OsStr,
-        _mode: u32,
-        _umask: u32,
-        _flags: i32,
-        reply: fuser::ReplyCreate,
-    ) {
-        reply.error(Errno::EPERM);
     }
 }

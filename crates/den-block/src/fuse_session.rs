@@ -1,11 +1,11 @@
 //! Mounting, serving and unmounting the FUSE disk file.
 //!
 //! We mount with `mount(2)` ourselves and hand the `/dev/fuse` descriptor to
-//! `fuser::Session::from_fd` instead of letting fuser mount: that way nothing
-//! unmounts behind our back on drop, we choose the fstype (our own
-//! `fuse.den-block`, which is how stale mounts from a crashed run are
-//! recognised), and we can identify our mount by its mount id when tearing it
-//! down even if other mounts got stacked on the same directory.
+//! the process's shared worker pool ([`crate::fuse_pool`]): nothing unmounts
+//! behind our back on drop, we choose the fstype (our own `fuse.den-block`,
+//! which is how stale mounts from a crashed run are recognised), and we can
+//! identify our mount by its mount id when tearing it down even if other
+//! mounts got stacked on the same directory.
 
 use std::ffi::OsString;
 use std::fs::OpenOptions;
@@ -14,7 +14,7 @@ use std::os::fd::{AsRawFd, OwnedFd};
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, OnceLock, mpsc};
-use std::thread::{self, JoinHandle};
+use std::thread;
 use std::time::{Duration, Instant};
 
 use nix::mount::{MntFlags, MsFlags};
@@ -43,8 +43,10 @@ const FOREIGN_COPY_CHECK: Duration = Duration::from_millis(250);
 pub struct FuseOptions {
     /// Name of the disk file inside the mount directory.
     pub file_name: String,
-    /// FUSE worker threads. Each has its own `/dev/fuse` clone, so requests
-    /// from the loop driver are served in parallel.
+    /// How many requests of this file the shared FUSE worker pool serves at
+    /// once (capped below the pool size, so that one file whose device hangs
+    /// cannot take every worker). The pool's size is set process-wide with
+    /// [`crate::set_fuse_workers`].
     pub threads: usize,
     /// Largest WRITE we ask the kernel for. The kernel caps it at
     /// `fs.fuse.max_pages_limit` pages (1 MiB by default).
@@ -96,13 +98,6 @@ impl FuseOptions {
     }
 }
 
-struct SessionThread {
-    handle: JoinHandle<io::Result<()>>,
-    /// Signalled when the session returns, so waiting for it can be bounded
-    /// (`JoinHandle::join` cannot time out).
-    done: mpsc::Receiver<()>,
-}
-
 /// A mounted FUSE filesystem serving one [`BlockDevice`] as a regular file.
 ///
 /// Dropping it shuts it down (best effort); call [`FuseExport::shutdown`] to
@@ -111,9 +106,10 @@ pub struct FuseExport {
     mount_dir: PathBuf,
     file_path: PathBuf,
     mount: MountEntry,
-    /// In a mutex only so that `FuseExport` is `Sync` (the receiver is not);
-    /// it is only ever touched through `&mut self`.
-    session: Mutex<Option<SessionThread>>,
+    /// Fires when the pool is done with the connection. In a mutex only so
+    /// that `FuseExport` is `Sync` (the receiver is not); it is only ever
+    /// touched through `&mut self`.
+    session: Mutex<Option<mpsc::Receiver<io::Result<()>>>>,
     counters: Arc<Counters>,
     negotiated: Arc<OnceLock<Negotiated>>,
     shutdown_timeout: Duration,
@@ -285,10 +281,12 @@ impl FuseExport {
             path: dir.clone(),
             source,
         };
+        // Non-blocking: the pool's workers read whatever request is there
+        // and go back to the pool's epoll loop when there is none.
         let fuse_dev = OpenOptions::new()
             .read(true)
             .write(true)
-            .custom_flags(libc::O_CLOEXEC)
+            .custom_flags(libc::O_CLOEXEC | libc::O_NONBLOCK)
             .open("/dev/fuse")
             .map_err(mount_err)?;
         let data = format!(
@@ -334,35 +332,20 @@ impl FuseExport {
             counters.clone(),
             negotiated.clone(),
         );
-        let mut config = fuser::Config::default();
-        config.n_threads = Some(opts.threads);
-        config.clone_fd = true;
         let session_err = |source: io::Error| BlockError::Session {
             path: dir.clone(),
             source,
         };
-        // The kernel queued FUSE_INIT during mount(2); from_fd answers it.
-        let session = fuser::Session::from_fd(fs, OwnedFd::from(fuse_dev), fuser::SessionACL::Owner, config)
-            .map_err(|e| abandon(session_err(e)))?;
-
-        let (done_tx, done_rx) = mpsc::sync_channel(1);
-        let handle = thread::Builder::new()
-            .name("den-fuse-session".into())
-            .spawn(move || {
-                let result = session.run();
-                let _ = done_tx.send(());
-                result
-            })
+        // The kernel queued FUSE_INIT during mount(2); the pool answers it.
+        let registration = crate::fuse_pool::pool()
+            .and_then(|pool| pool.register(OwnedFd::from(fuse_dev), fs, opts.threads))
             .map_err(|e| abandon(session_err(e)))?;
 
         let export = FuseExport {
             mount_dir: dir.clone(),
             file_path,
             mount,
-            session: Mutex::new(Some(SessionThread {
-                handle,
-                done: done_rx,
-            })),
+            session: Mutex::new(Some(registration.done)),
             counters,
             negotiated,
             shutdown_timeout: opts.shutdown_timeout,
@@ -384,7 +367,7 @@ impl FuseExport {
         tracing::info!(
             file = %export.file_path.display(),
             size = device.size(),
-            threads = opts.threads,
+            concurrency = opts.threads,
             "FUSE disk file served"
         );
         Ok(export)
@@ -557,7 +540,7 @@ impl FuseExport {
         // detach those (they are ours by device number) while we wait.
         let waited = loop {
             let left = deadline.saturating_duration_since(Instant::now());
-            match session.done.recv_timeout(left.min(FOREIGN_COPY_CHECK)) {
+            match session.recv_timeout(left.min(FOREIGN_COPY_CHECK)) {
                 Err(mpsc::RecvTimeoutError::Timeout) if !left.is_zero() => {
                     if unmounted == Unmounted::Clean {
                         mountinfo::detach_foreign_copies(self.mount.major, self.mount.minor);
@@ -566,25 +549,22 @@ impl FuseExport {
                 other => break other,
             }
         };
-        match waited {
-            Ok(()) | Err(mpsc::RecvTimeoutError::Disconnected) => {}
+        let result = match waited {
+            Ok(result) => result,
+            Err(mpsc::RecvTimeoutError::Disconnected) => {
+                Err(io::Error::other("FUSE pool dropped the connection"))
+            }
             Err(mpsc::RecvTimeoutError::Timeout) => {
-                // Dropping the handle detaches the thread; it exits on its own
-                // once the connection ends.
-                drop(session);
+                // The pool keeps serving the connection until it ends.
                 return Err(match unmounted {
                     Unmounted::Lazy => BlockError::Busy {
                         path: self.file_path.clone(),
                     },
                     Unmounted::Clean => BlockError::Timeout {
-                        what: format!("FUSE workers of {} to exit", self.file_path.display()),
+                        what: format!("FUSE requests of {} to finish", self.file_path.display()),
                     },
                 });
             }
-        }
-        let result = match session.handle.join() {
-            Ok(result) => result,
-            Err(_) => Err(io::Error::other("FUSE session thread panicked")),
         };
         tracing::info!(file = %self.file_path.display(), "FUSE disk file unmounted");
         result.map_err(|source| BlockError::Session {

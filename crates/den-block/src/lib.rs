@@ -17,9 +17,10 @@
 //! ```
 //!
 //! Layout: `fuse` is the FUSE filesystem (one directory, one file),
-//! `fuse_session` mounts and serves it, [`loopdev`] binds a loop device to the
-//! file, `frontend` ties both together behind [`Frontend`]; [`mem::MemDevice`]
-//! is a sparse RAM disk for tests.
+//! `fuse_abi` the kernel protocol it speaks, `fuse_pool` the worker threads
+//! shared by every mount, `fuse_session` mounts it, [`loopdev`] binds a loop
+//! device to the file, `frontend` ties both together behind [`Frontend`];
+//! [`mem::MemDevice`] is a sparse RAM disk for tests.
 
 use std::io;
 
@@ -27,6 +28,8 @@ mod error;
 pub mod freeze;
 mod frontend;
 mod fuse;
+mod fuse_abi;
+mod fuse_pool;
 mod fuse_session;
 pub mod loopdev;
 pub mod mem;
@@ -38,6 +41,10 @@ mod volume_device;
 pub use error::BlockError;
 pub use frontend::{Export, ExportHandle, ExportOptions, Frontend, FuseLoopFrontend};
 pub use fuse::{FuseStats, Negotiated, set_io_flusher};
+pub use fuse_pool::{
+    EXTRA_IDLE, FusePoolStats, default_fuse_workers, default_max_fuse_workers, fuse_pool_stats,
+    set_fuse_workers,
+};
 pub use fuse_session::{FUSE_FSTYPE, FuseExport, FuseOptions, abort_stale_connections};
 pub use loopdev::{LoopDevice, LoopMode, LoopOptions};
 #[cfg(feature = "store")]
