@@ -1,8 +1,8 @@
-//! Running `ip`, `nft` and `conntrack`.
+//! Running `nft` and `conntrack`.
 //!
-//! We shell out instead of speaking netlink directly: `ip`/`nft` are required on every host
-//! anyway (iproute2/nftables packages), `nft -f -` gives us an atomic whole-table replace for
-//! free, and the error text they print is what an operator would see when debugging by hand.
+//! Links, addresses and routes are set over netlink ([`crate::rtnl`]); the firewall still
+//! goes through `nft -f -`, which gives us an atomic whole-table replace for free, and the
+//! error text it prints is what an operator would see when debugging by hand.
 
 use std::io::Write;
 use std::process::{Command, Stdio};
@@ -46,37 +46,7 @@ pub(crate) fn run(prog: &str, args: &[&str], stdin: Option<&str>) -> Result<Stri
     Ok(String::from_utf8_lossy(&out.stdout).into_owned())
 }
 
-/// `ip args…`.
-pub(crate) fn ip(args: &[&str]) -> Result<String, NetError> {
-    run("ip", args, None)
-}
-
-/// `ip -batch -` (one process for many changes; stops at the first failing line).
-pub(crate) fn ip_batch(netns: Option<&str>, script: &str) -> Result<(), NetError> {
-    match netns {
-        Some(ns) => run("ip", &["-n", ns, "-batch", "-"], Some(script)),
-        None => run("ip", &["-batch", "-"], Some(script)),
-    }
-    .map(|_| ())
-}
-
 /// Apply an nft script in one transaction (all or nothing).
 pub(crate) fn nft(script: &str) -> Result<(), NetError> {
     run("nft", &["-f", "-"], Some(script)).map(|_| ())
-}
-
-/// Treat "does not exist" answers as success: teardown must be idempotent.
-pub(crate) fn ignore_missing(r: Result<String, NetError>) -> Result<(), NetError> {
-    match r {
-        Ok(_) => Ok(()),
-        Err(NetError::Command { ref stderr, .. })
-            if stderr.contains("Cannot find device")
-                || stderr.contains("No such file")
-                || stderr.contains("does not exist")
-                || stderr.contains("No such process") =>
-        {
-            Ok(())
-        }
-        Err(e) => Err(e),
-    }
 }

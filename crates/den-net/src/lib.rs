@@ -13,7 +13,8 @@
 //!
 //! # Firewall
 //!
-//! One `inet <table>` (default `den`), owned by us and replaced atomically ([`nft`]): sprites
+//! One `inet <table>` (default `den`), owned by us, installed whole when the manager starts
+//! and then changed one sprite at a time, each change one atomic transaction ([`nft`]): sprites
 //! may reach the host only for DNS on the gateway; never each other, the blocked ranges
 //! (link-local/metadata, loopback, private ranges by default), the networks attached to the
 //! host's interfaces and the host's own addresses (unless the operator allows them, read at
@@ -46,8 +47,9 @@ pub mod netns;
 mod nft;
 mod nftq;
 pub mod policy;
+mod rtnl;
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::HashMap;
 use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -77,6 +79,13 @@ pub enum NetError {
     },
     #[error("network namespace {name}: {reason}")]
     Netns { name: String, reason: String },
+    /// A netlink request (what `ip` would have done) failed; `op` is the `ip` equivalent.
+    #[error("netlink `{op}` failed: {source}")]
+    Netlink {
+        op: String,
+        #[source]
+        source: std::io::Error,
+    },
     #[error("invalid sprite id {0:?}: use 1-63 characters of a-z, 0-9 and '-'")]
     BadId(String),
     #[error("address {addr} is not a usable sprite address in {subnet}")]
@@ -308,8 +317,6 @@ struct State {
     sprites: HashMap<String, Sprite>,
     /// Sprite id by address, for the DNS forwarder's per-query lookup.
     by_addr: HashMap<Ipv4Addr, String>,
-    /// Allow sets the rendered rulesets declared (so a re-render can delete the stale ones).
-    sets: BTreeSet<String>,
 }
 
 impl State {
@@ -342,7 +349,7 @@ pub(crate) enum Learn {
 /// Locks: `state` is held only for in-memory work (never while a command runs), since
 /// every DNS query takes it; firewall changes are queued in state order under it and
 /// waited for after ([`nftq`]). `setup` serialises sprite setups and teardowns, whose
-/// `ip` commands run without `state`.
+/// netlink requests run without `state`.
 pub struct NetManager {
     cfg: NetConfig,
     state: Mutex<State>,
@@ -358,15 +365,15 @@ impl NetManager {
         cfg.validate()?;
         let mut uplinks = cfg.uplinks.clone();
         if uplinks.is_empty() {
-            let out = cmd::ip(&["-o", "route", "show", "default"])?;
-            let mut words = out.split_whitespace();
-            while let Some(w) = words.next() {
-                if w == "dev"
-                    && let Some(dev) = words.next()
-                {
-                    uplinks.push(dev.to_string());
-                }
-            }
+            let mut nl = host_rtnl()?;
+            let oifs = nl.default_route_oifs().map_err(nl_err("ip route show default"))?;
+            let links = nl.links().map_err(nl_err("ip link show"))?;
+            uplinks.extend(
+                links
+                    .into_iter()
+                    .filter(|(i, _)| oifs.contains(i))
+                    .map(|(_, name)| name),
+            );
         }
         for up in &uplinks {
             set_forwarding(up)?;
@@ -390,7 +397,7 @@ impl NetManager {
         // Create-then-delete makes the delete valid whether or not the table existed.
         let script = format!(
             "table inet {t} {{}}\ndelete table inet {t}\n{}",
-            mgr.render(&mut mgr.lock(), &host)
+            nft::table_script(&mgr.cfg, &host)
         );
         mgr.nft.submit(script).wait()?;
         Ok(Arc::new(mgr))
@@ -470,7 +477,7 @@ impl NetManager {
             }
             None => self.allocate(&st)?,
         };
-        // Other setups wait on `setup`, so the address stays ours while `ip` runs; DNS
+        // Other setups wait on `setup`, so the address stays ours while netlink runs; DNS
         // answers don't wait at all.
         drop(st);
 
@@ -481,6 +488,16 @@ impl NetManager {
             let mut st = self.lock();
             let previous = st.remove(id);
             let learned = previous.as_ref().map(|s| s.learned.clone()).unwrap_or_default();
+            let script = nft::sprite_script(
+                &self.cfg,
+                &nft::SpriteRules {
+                    ifname: ifname.clone(),
+                    addr,
+                    unrestricted: compiled.is_unrestricted(),
+                },
+                previous.as_ref().map(|p| p.addr),
+                &host,
+            );
             st.insert(
                 id,
                 Sprite {
@@ -491,15 +508,15 @@ impl NetManager {
                     learned,
                 },
             );
-            (self.nft.submit(self.render(&mut st, &host)), previous)
+            (self.nft.submit(script), previous)
         };
         if let Err(e) = pending.wait() {
+            // The transaction applied nothing: the kernel still has the previous state.
             let mut st = self.lock();
             st.remove(id);
             if let Some(p) = previous {
                 st.insert(id, p);
             }
-            let _ = self.nft.submit(self.render(&mut st, &host));
             return Err(e);
         }
         Ok(SpriteNet {
@@ -523,59 +540,92 @@ impl NetManager {
             .ok_or(NetError::Exhausted(self.cfg.subnet))
     }
 
-    /// The `ip` part of setup. Keeps a correctly configured veth (so a re-setup after a
-    /// daemon restart does not break the sprite's connections) and rebuilds anything else.
+    /// The `ip` part of setup, spoken over netlink. Keeps a correctly configured veth (so a
+    /// re-setup after a daemon restart does not break the sprite's connections) and
+    /// rebuilds anything else.
     fn plumb(&self, netns: &str, ifname: &str, addr: Ipv4Addr) -> Result<(), NetError> {
         let gw = self.cfg.gateway();
-        let path = netns::netns_path(netns);
-        if !path.exists() {
-            cmd::ip(&["netns", "add", netns])?;
-        } else if std::fs::File::open(&path).is_err() {
-            // A stale file from a crash between `ip netns add`'s create and bind mount.
-            cmd::ignore_missing(cmd::ip(&["netns", "del", netns]))?;
-            cmd::ip(&["netns", "add", netns])?;
-        }
-        let host_ok = cmd::ip(&["-o", "-4", "addr", "show", "dev", ifname])
-            .map(|o| o.contains(&format!("inet {gw}/32")))
-            .unwrap_or(false);
-        let ns_ok = cmd::ip(&["-n", netns, "-o", "-4", "addr", "show", "dev", "eth0"])
-            .map(|o| o.contains(&format!("inet {addr}/32")))
-            .unwrap_or(false);
-        if !(host_ok && ns_ok) {
-            cmd::ignore_missing(cmd::ip(&["link", "del", ifname]))?;
-            cmd::ignore_missing(cmd::ip(&["-n", netns, "link", "del", "eth0"]))?;
-            cmd::ip_batch(
-                None,
-                &format!(
-                    "link add {ifname} type veth peer name eth0 netns {netns}\n\
-                     addr add {gw}/32 dev {ifname}\n"
-                ),
-            )?;
-        }
+        let mut ns = match netns::state(netns) {
+            netns::NsState::Mounted => netns::rtnl_in(netns)?,
+            netns::NsState::Missing => netns::add(netns)?,
+            netns::NsState::Stale => {
+                // A stale file from a crash between the file's creation and the bind mount.
+                netns::del(netns)?;
+                netns::add(netns)?
+            }
+        };
+        let mut host = host_rtnl()?;
+        let has = |nl: &mut rtnl::Rtnl, index: Option<u32>, want: Ipv4Addr| match index {
+            Some(i) => nl
+                .addrs(Some(i))
+                .map(|a| a.iter().any(|a| a.addr == want && a.prefix == 32)),
+            None => Ok(false),
+        };
+        let host_idx = host
+            .link_index(ifname)
+            .map_err(nl_err(format!("ip link show {ifname}")))?;
+        let host_ok = has(&mut host, host_idx, gw).map_err(nl_err(format!("ip addr show {ifname}")))?;
+        let eth0 = ns
+            .link_index("eth0")
+            .map_err(nl_err(format!("ip -n {netns} link show eth0")))?;
+        let ns_ok = has(&mut ns, eth0, addr).map_err(nl_err(format!("ip -n {netns} addr show eth0")))?;
+        let (host_idx, eth0) = match (host_idx, eth0) {
+            (Some(h), Some(e)) if host_ok && ns_ok => (h, e),
+            _ => {
+                if let Some(i) = host_idx {
+                    host.del_link(i)
+                        .map_err(nl_err(format!("ip link del {ifname}")))?;
+                }
+                if let Some(i) = eth0 {
+                    ns.del_link(i)
+                        .map_err(nl_err(format!("ip -n {netns} link del eth0")))?;
+                }
+                let ns_file = std::fs::File::open(netns::netns_path(netns)).map_err(|e| NetError::Netns {
+                    name: netns.to_string(),
+                    reason: format!("open: {e}"),
+                })?;
+                use std::os::fd::AsFd;
+                host.add_veth(ifname, "eth0", ns_file.as_fd())
+                    .map_err(nl_err(format!(
+                        "ip link add {ifname} type veth peer name eth0 netns {netns}"
+                    )))?;
+                let missing = || NetError::Netlink {
+                    op: format!("ip link add {ifname} type veth peer name eth0 netns {netns}"),
+                    source: std::io::Error::other("the new veth is not there"),
+                };
+                let h = host
+                    .link_index(ifname)
+                    .map_err(nl_err(format!("ip link show {ifname}")))?
+                    .ok_or_else(missing)?;
+                let e = ns
+                    .link_index("eth0")
+                    .map_err(nl_err(format!("ip -n {netns} link show eth0")))?
+                    .ok_or_else(missing)?;
+                host.add_addr(h, gw, 32)
+                    .map_err(nl_err(format!("ip addr add {gw}/32 dev {ifname}")))?;
+                (h, e)
+            }
+        };
         // Idempotent steps, run every time to repair partial state.
         set_forwarding(ifname)?;
-        cmd::ip_batch(
-            None,
-            &format!(
-                "link set {ifname} up\n\
-                 route replace {addr}/32 dev {ifname} src {gw}\n"
-            ),
-        )?;
-        let ns_script = if ns_ok {
-            String::new()
-        } else {
-            format!("addr add {addr}/32 dev eth0\n")
-        };
-        cmd::ip_batch(
-            Some(netns),
-            &format!(
-                "link set lo up\n\
-                 {ns_script}\
-                 link set eth0 up\n\
-                 route replace {gw} dev eth0 scope link\n\
-                 route replace default via {gw} dev eth0\n"
-            ),
-        )?;
+        host.set_up(host_idx)
+            .map_err(nl_err(format!("ip link set {ifname} up")))?;
+        host.replace_route(addr, 32, host_idx, None, Some(gw))
+            .map_err(nl_err(format!(
+                "ip route replace {addr}/32 dev {ifname} src {gw}"
+            )))?;
+        let in_ns = |op: &str| nl_err(format!("ip -n {netns} {op}"));
+        ns.set_up(netns::LOOPBACK_INDEX)
+            .map_err(in_ns("link set lo up"))?;
+        if !ns_ok {
+            ns.add_addr(eth0, addr, 32)
+                .map_err(in_ns(&format!("addr add {addr}/32 dev eth0")))?;
+        }
+        ns.set_up(eth0).map_err(in_ns("link set eth0 up"))?;
+        ns.replace_route(gw, 32, eth0, None, None)
+            .map_err(in_ns(&format!("route replace {gw} dev eth0 scope link")))?;
+        ns.replace_route(Ipv4Addr::UNSPECIFIED, 0, eth0, Some(gw), None)
+            .map_err(in_ns(&format!("route replace default via {gw} dev eth0")))?;
         Ok(())
     }
 
@@ -585,21 +635,33 @@ impl NetManager {
         validate_id(id)?;
         let _setup = self.setup_lock();
         let host = self.host_blocked()?;
+        let ifname = self.host_ifname(id);
         let (pending, removed) = {
             let mut st = self.lock();
             let removed = st.remove(id);
-            (self.nft.submit(self.render(&mut st, &host)), removed)
+            let addr = removed.as_ref().map(|s| s.addr);
+            let script = nft::remove_sprite_script(&self.cfg, &ifname, addr, &host);
+            (self.nft.submit(script), removed)
         };
-        pending.wait()?;
+        if let Err(e) = pending.wait() {
+            // Nothing was removed: keep the sprite, so a retry knows its address.
+            if let Some(sp) = removed {
+                self.lock().insert(id, sp);
+            }
+            return Err(e);
+        }
         if let (Some(sp), true) = (&removed, self.conntrack) {
             kill_conntrack(&sp.addr.to_string(), None);
         }
-        cmd::ignore_missing(cmd::ip(&["link", "del", &self.host_ifname(id)]))?;
-        let ns = self.netns_name(id);
-        if netns::netns_path(&ns).exists() {
-            cmd::ignore_missing(cmd::ip(&["netns", "del", &ns]))?;
+        let mut host = host_rtnl()?;
+        if let Some(i) = host
+            .link_index(&ifname)
+            .map_err(nl_err(format!("ip link show {ifname}")))?
+        {
+            host.del_link(i)
+                .map_err(nl_err(format!("ip link del {ifname}")))?;
         }
-        Ok(())
+        netns::del(&self.netns_name(id))
     }
 
     /// Delete netns and veths with our prefixes that don't belong to a sprite in `keep`
@@ -608,25 +670,23 @@ impl NetManager {
         let keep_ns: Vec<String> = keep.iter().map(|id| self.netns_name(id)).collect();
         let keep_if: Vec<String> = keep.iter().map(|id| self.host_ifname(id)).collect();
         let mut removed = Vec::new();
+        // Veths first: a netns that goes away takes its veth with it, but later (the
+        // kernel frees namespaces in the background), so the list would miss some.
+        let mut host = host_rtnl()?;
+        for (index, name) in host.links().map_err(nl_err("ip link show"))? {
+            if self.is_our_veth(&name) && !keep_if.contains(&name) {
+                host.del_link(index)
+                    .map_err(nl_err(format!("ip link del {name}")))?;
+                removed.push(name);
+            }
+        }
         if let Ok(rd) = std::fs::read_dir(netns::NETNS_DIR) {
             for e in rd.flatten() {
                 let name = e.file_name().to_string_lossy().into_owned();
                 if name.starts_with(&self.cfg.netns_prefix) && !keep_ns.contains(&name) {
-                    cmd::ignore_missing(cmd::ip(&["netns", "del", &name]))?;
+                    netns::del(&name)?;
                     removed.push(name);
                 }
-            }
-        }
-        let out = cmd::ip(&["-o", "link", "show"])?;
-        for line in out.lines() {
-            // "12: dn1234abcd@if11: <...>"
-            let Some(name) = line.split(": ").nth(1) else {
-                continue;
-            };
-            let name = name.split('@').next().unwrap_or(name);
-            if self.is_our_veth(name) && !keep_if.iter().any(|k| k == name) {
-                cmd::ignore_missing(cmd::ip(&["link", "del", name]))?;
-                removed.push(name.to_string());
             }
         }
         Ok(removed)
@@ -654,7 +714,16 @@ impl NetManager {
                     .retain_names(|name| compiled.decide(name) == Action::Allow),
             );
             let (addr, set) = (sp.addr, nft::allow_set(&sp.ifname));
-            let mut script = self.render(&mut st, &host);
+            let mut script = nft::sprite_script(
+                &self.cfg,
+                &nft::SpriteRules {
+                    ifname: sp.ifname.clone(),
+                    addr,
+                    unrestricted: compiled.is_unrestricted(),
+                },
+                None,
+                &host,
+            );
             let ch = Changes {
                 add: Vec::new(),
                 remove: dropped.clone(),
@@ -663,11 +732,11 @@ impl NetManager {
             (self.nft.submit(script), old, addr, dropped, was_unrestricted)
         };
         if let Err(e) = pending.wait() {
+            // The transaction applied nothing: the kernel still has the old policy.
             let mut st = self.lock();
             if let Some(sp) = st.sprites.get_mut(id) {
                 (sp.policy, sp.compiled, sp.learned) = old;
             }
-            let _ = self.nft.submit(self.render(&mut st, &host));
             return Err(e);
         }
         let now_restricted = !compiled.is_unrestricted();
@@ -704,43 +773,30 @@ impl NetManager {
     /// [`NetManager::teardown_sprite`] / [`NetManager::cleanup_leftovers`].
     pub fn remove_firewall(&self) -> Result<(), NetError> {
         let t = &self.cfg.table;
+        // Queued under the state lock, like every change, so it is ordered after them.
         let pending = {
-            let mut st = self.lock();
-            st.sets.clear();
+            let _st = self.lock();
             self.nft
                 .submit(format!("table inet {t} {{}}\ndelete table inet {t}\n"))
         };
         pending.wait()
     }
 
-    /// The ruleset script for the current state (call with the state lock held, and
-    /// submit before releasing it, so the kernel gets changes in state order).
-    fn render(&self, st: &mut State, host: &[Ipv4Net]) -> String {
-        let mut rules: Vec<nft::SpriteRules> = st
-            .sprites
-            .values()
-            .map(|sp| nft::SpriteRules {
-                ifname: sp.ifname.clone(),
-                addr: sp.addr,
-                unrestricted: sp.compiled.is_unrestricted(),
-            })
-            .collect();
-        rules.sort_by(|a, b| a.ifname.cmp(&b.ifname));
-        let sets: BTreeSet<String> = rules.iter().map(|r| nft::allow_set(&r.ifname)).collect();
-        let gone: Vec<String> = st.sets.difference(&sets).cloned().collect();
-        st.sets = sets;
-        nft::render(&self.cfg, &rules, &gone, host)
-    }
-
     /// The host's networks and addresses that sprites must not reach (see
-    /// [`NetConfig::allowed_host_networks`]). Read before taking the state lock: it runs `ip`.
+    /// [`NetConfig::allowed_host_networks`]). Read before taking the state lock: it asks
+    /// the kernel.
     fn host_blocked(&self) -> Result<Vec<Ipv4Net>, NetError> {
-        let out = cmd::ip(&["-j", "-4", "addr", "show"])?;
-        host_networks(
-            &out,
+        let mut nl = host_rtnl()?;
+        let names: HashMap<u32, String> = nl.links().map_err(nl_err("ip link show"))?.into_iter().collect();
+        let addrs = nl.addrs(None).map_err(nl_err("ip -4 addr show"))?;
+        Ok(host_networks(
+            addrs.iter().map(|a| {
+                let name = names.get(&a.index).map(String::as_str).unwrap_or("");
+                (name, a.addr, a.prefix)
+            }),
             |name| self.is_our_veth(name),
             &self.cfg.allowed_host_networks,
-        )
+        ))
     }
 
     /// Whether `name` is the host end of one of our sprites' veths (`<ifprefix><8 hex>`).
@@ -801,51 +857,36 @@ impl NetManager {
     }
 }
 
-/// From `ip -j -4 addr show`: every network attached to an interface and every address of
-/// the host, except on interfaces `skip` names and those inside an `allowed` network.
-fn host_networks(
-    ip_json: &str,
+/// From the host's IPv4 addresses (interface name, address, prefix length): every network
+/// attached to an interface and every address of the host, except on interfaces `skip`
+/// names and those inside an `allowed` network.
+fn host_networks<'a>(
+    addrs: impl IntoIterator<Item = (&'a str, Ipv4Addr, u8)>,
     skip: impl Fn(&str) -> bool,
     allowed: &[Ipv4Net],
-) -> Result<Vec<Ipv4Net>, NetError> {
-    #[derive(serde::Deserialize)]
-    struct Link {
-        #[serde(default)]
-        ifname: String,
-        #[serde(default)]
-        addr_info: Vec<AddrInfo>,
-    }
-    #[derive(serde::Deserialize)]
-    struct AddrInfo {
-        #[serde(default)]
-        family: String,
-        #[serde(default)]
-        local: String,
-        #[serde(default)]
-        prefixlen: u8,
-    }
-    let links: Vec<Link> = serde_json::from_str(ip_json).map_err(|e| NetError::Io {
-        context: "parse `ip -j addr`".into(),
-        source: std::io::Error::other(e),
-    })?;
+) -> Vec<Ipv4Net> {
     let mut nets = Vec::new();
-    for link in links.iter().filter(|l| !skip(&l.ifname)) {
-        for a in link.addr_info.iter().filter(|a| a.family == "inet") {
-            let Ok(local) = a.local.parse::<Ipv4Addr>() else {
-                continue;
-            };
-            // A /0 would block the whole internet: only an operator's `blocked` may do that.
-            let net = (a.prefixlen > 0)
-                .then(|| Ipv4Net::new(local, a.prefixlen))
-                .flatten();
-            for n in net.into_iter().chain(Ipv4Net::new(local, 32)) {
-                if !allowed.iter().any(|ok| ok.contains_net(&n)) && !nets.contains(&n) {
-                    nets.push(n);
-                }
+    for (_, local, prefixlen) in addrs.into_iter().filter(|(name, _, _)| !skip(name)) {
+        // A /0 would block the whole internet: only an operator's `blocked` may do that.
+        let net = (prefixlen > 0).then(|| Ipv4Net::new(local, prefixlen)).flatten();
+        for n in net.into_iter().chain(Ipv4Net::new(local, 32)) {
+            if !allowed.iter().any(|ok| ok.contains_net(&n)) && !nets.contains(&n) {
+                nets.push(n);
             }
         }
     }
-    Ok(nets)
+    nets
+}
+
+/// A route netlink socket in den's own network namespace.
+fn host_rtnl() -> Result<rtnl::Rtnl, NetError> {
+    rtnl::Rtnl::open().map_err(nl_err("open a netlink socket"))
+}
+
+/// Wrap a netlink error with the `ip` command it stands for.
+fn nl_err(op: impl Into<String>) -> impl FnOnce(std::io::Error) -> NetError {
+    let op = op.into();
+    move |source| NetError::Netlink { op, source }
 }
 
 fn set_forwarding(ifname: &str) -> Result<(), NetError> {
@@ -920,17 +961,16 @@ mod tests {
 
     #[test]
     fn host_networks_skip_our_veths_and_allowed_ones() {
-        let json = r#"[
-            {"ifname":"lo","addr_info":[{"family":"inet","local":"127.0.0.1","prefixlen":8}]},
-            {"ifname":"eth0","addr_info":[{"family":"inet","local":"192.168.1.5","prefixlen":24},
-                                          {"family":"inet6","local":"fe80::1","prefixlen":64}]},
-            {"ifname":"dn0123abcd","addr_info":[{"family":"inet","local":"10.200.0.1","prefixlen":32}]},
-            {"ifname":"ti1","addr_info":[{"family":"inet","local":"10.99.3.1","prefixlen":24}]},
-            {"ifname":"wg0","addr_info":[{"family":"inet","local":"1.2.3.4","prefixlen":0}]},
-            {"ifname":"down"}
-        ]"#;
+        let ip = |s: &str| s.parse::<Ipv4Addr>().unwrap();
+        let addrs = [
+            ("lo", ip("127.0.0.1"), 8),
+            ("eth0", ip("192.168.1.5"), 24),
+            ("dn0123abcd", ip("10.200.0.1"), 32),
+            ("ti1", ip("10.99.3.1"), 24),
+            ("wg0", ip("1.2.3.4"), 0),
+        ];
         let allowed = ["10.99.3.0/24".parse().unwrap()];
-        let nets = host_networks(json, |n| n.starts_with("dn"), &allowed).unwrap();
+        let nets = host_networks(addrs, |n| n.starts_with("dn"), &allowed);
         let want: Vec<Ipv4Net> = [
             "127.0.0.0/8",
             "127.0.0.1/32",
@@ -945,28 +985,47 @@ mod tests {
     }
 
     #[test]
-    fn render_is_deterministic_and_mentions_everything() {
+    fn scripts_touch_only_their_sprite_and_mention_everything() {
         let cfg = NetConfig::new("127.0.0.1:53".parse().unwrap());
-        let render = || {
-            nft::render(
-                &cfg,
-                &[nft::SpriteRules {
-                    ifname: "dn00000001".into(),
-                    addr: "10.200.0.2".parse().unwrap(),
-                    unrestricted: false,
-                }],
-                &["allow_dn00000002".to_string()],
-                &["192.168.1.0/24".parse().unwrap()],
-            )
+        let host: [Ipv4Net; 1] = ["192.168.1.0/24".parse().unwrap()];
+        let t = nft::table_script(&cfg, &host);
+        assert_eq!(t, nft::table_script(&cfg, &host));
+        assert!(t.contains("169.254.0.0/16") && t.contains("192.168.1.0/24"));
+        assert!(t.contains("iifname vmap @out_to") && t.contains("oifname vmap @back_to"));
+        assert!(t.contains("masquerade"));
+        assert!(!t.contains("dn0"), "the table itself has no sprite in it");
+
+        let restricted = nft::SpriteRules {
+            ifname: "dn00000001".into(),
+            addr: "10.200.0.2".parse().unwrap(),
+            unrestricted: false,
         };
-        let s = render();
-        assert_eq!(s, render());
-        assert!(s.contains("iifname \"dn00000001\" ip daddr @allow_dn00000001 accept"));
-        assert!(s.contains("169.254.0.0/16"));
-        assert!(s.contains("192.168.1.0/24"));
-        assert!(s.contains("delete set inet den allow_dn00000002"));
-        // Re-rendering never touches the learned addresses.
-        assert!(!s.contains("delete table") && !s.contains("flush set inet den allow_"));
+        let s = nft::sprite_script(&cfg, &restricted, Some("10.200.0.9".parse().unwrap()), &host);
+        assert!(s.contains("add rule inet den out_dn00000001 ip daddr @allow_dn00000001 accept"));
+        assert!(s.contains("add rule inet den back_dn00000001 ip saddr @allow_dn00000001 accept"));
+        assert!(s.contains("out_to { \"dn00000001\" : jump out_dn00000001 }"));
+        assert!(s.contains("delete element inet den sprites { \"dn00000001\" . 10.200.0.9 }"));
+        assert!(s.ends_with("add element inet den blocked { 0.0.0.0/8, 10.0.0.0/8, 100.64.0.0/10, 127.0.0.0/8, 169.254.0.0/16, 172.16.0.0/12, 192.168.0.0/16, 224.0.0.0/4, 240.0.0.0/4, 10.200.0.0/16, 192.168.1.0/24 }\n"), "{s}");
+        // A sprite's change never rewrites the shared chains nor its learned addresses.
+        for shared in ["sprite_out", "sprite_back", "forward", "input"] {
+            assert!(!s.contains(&format!("chain inet den {shared}")), "{s}");
+        }
+        assert!(!s.contains("flush set inet den allow_") && !s.contains("delete set"));
+        let open = nft::SpriteRules {
+            unrestricted: true,
+            ..restricted
+        };
+        let s = nft::sprite_script(&cfg, &open, None, &host);
+        assert!(s.contains("add rule inet den out_dn00000001 accept\n"), "{s}");
+        assert!(!s.contains("delete element"), "{s}");
+
+        let r = nft::remove_sprite_script(&cfg, "dn00000001", Some(open.addr), &host);
+        assert!(r.contains("delete element inet den out_to { \"dn00000001\" }"));
+        assert!(r.contains("delete chain inet den out_dn00000001"));
+        assert!(r.contains("delete set inet den allow_dn00000001"));
+        assert!(r.contains("delete element inet den sprites { \"dn00000001\" . 10.200.0.2 }"));
+        // The map entry goes before the chain it jumps to.
+        assert!(r.find("delete element inet den out_to") < r.find("delete chain inet den out_"));
         let ch = Changes {
             add: vec![("1.2.3.4".parse().unwrap(), Duration::from_secs(30))],
             remove: vec!["5.6.7.8".parse().unwrap()],
@@ -980,6 +1039,5 @@ mod tests {
             e.ends_with("add element inet den allow_dn00000001 { 1.2.3.4 timeout 30s }\n"),
             "{e}"
         );
-        assert!(s.contains("masquerade"));
     }
 }

@@ -1,10 +1,10 @@
 //! The one thread that talks to nft.
 //!
-//! Every change to the firewall (a structural re-render, learned addresses added or evicted)
-//! is an nft script handed to [`NftQueue::submit`] while the manager's state lock is held,
-//! so the kernel sees the changes in the order the state made them; the caller then waits
-//! for its result *without* the lock. The thread applies whatever queued up meanwhile as one
-//! `nft -f` transaction (group commit): a thousand DNS answers learned while one transaction
+//! Every change to the firewall (a sprite added, changed or removed, learned addresses added
+//! or evicted) is an nft script handed to [`NftQueue::submit`] while the manager's state
+//! lock is held, so the kernel sees the changes in the order the state made them; the caller
+//! then waits for its result *without* the lock. The thread applies whatever queued up
+//! meanwhile as one `nft -f` transaction (group commit): a thousand DNS answers learned while one transaction
 //! ran cost one more transaction, not a thousand, and no DNS answer or sprite boot waits on
 //! the state lock while nft runs. A batch that fails is retried job by job, so one bad
 //! script only fails its own caller.

@@ -327,9 +327,47 @@ pub struct TestNet {
     /// Unique per test and run; part of every name created here.
     pub tag: String,
     _trap: TableGuard,
+    /// This test's claim on its address slot, held until it is dropped.
+    _slot: SlotClaim,
 }
 
 static NEXT: AtomicU8 = AtomicU8::new(0);
+
+/// Address slots: slot `k` is the fake internet `10.99.k.0/24` and den's
+/// subnet `10.(100 + k % 100).(16 * (k / 100)).0/20`, distinct for every k.
+const SLOTS: u32 = 250;
+/// Where concurrently running tests (of every process, every checkout)
+/// claim their slots.
+const SLOT_DIR: &str = "/run/den-testkit";
+
+/// An exclusive `flock` on a slot's file: two tests running at once, in any
+/// process, never share addresses (random picks did, now and then: "bind
+/// DNS forwarder …: Address already in use"). The kernel drops the lock when
+/// the holder exits, however it exits.
+struct SlotClaim {
+    slot: u8,
+    _lock: nix::fcntl::Flock<std::fs::File>,
+}
+
+impl SlotClaim {
+    fn take(start: u32) -> Result<SlotClaim> {
+        std::fs::create_dir_all(SLOT_DIR)?;
+        for k in (0..SLOTS).map(|j| (start + j) % SLOTS) {
+            let file = std::fs::OpenOptions::new()
+                .create(true)
+                .truncate(false)
+                .write(true)
+                .open(format!("{SLOT_DIR}/slot-{k}.lock"))?;
+            if let Ok(lock) = nix::fcntl::Flock::lock(file, nix::fcntl::FlockArg::LockExclusiveNonblock) {
+                return Ok(SlotClaim {
+                    slot: k as u8,
+                    _lock: lock,
+                });
+            }
+        }
+        anyhow::bail!("all {SLOTS} test network slots are taken by running tests")
+    }
+}
 
 impl TestNet {
     pub fn new() -> Result<TestNet> {
@@ -337,12 +375,13 @@ impl TestNet {
         let r = rand_u32();
         // Unique per test (i) and per run (r), within the 15-byte interface name limit.
         let tag = format!("{:04x}{i}", r & 0xffff);
-        let n = (r % 200) as u8 + i;
+        let slot = SlotClaim::take(r)?;
+        let n = slot.slot;
         let inet = FakeInternet::new(n, &tag)?;
 
         let prefix = format!("t{:03x}{i}", (r >> 16) & 0xfff);
         let mut cfg = NetConfig::new(inet.dns);
-        cfg.subnet = Ipv4Net::new(Ipv4Addr::new(10, 100 + (n % 100), 16 * (i % 16), 0), 20).expect("valid");
+        cfg.subnet = Ipv4Net::new(Ipv4Addr::new(10, 100 + n % 100, 16 * (n / 100), 0), 20).expect("valid");
         cfg.table = format!("dent{tag}");
         cfg.ifprefix = prefix.clone();
         cfg.netns_prefix = format!("dent{tag}-");
@@ -368,6 +407,7 @@ impl TestNet {
             config: cfg,
             tag,
             _trap: trap_guard,
+            _slot: slot,
         })
     }
 }
