@@ -247,4 +247,11 @@ pub trait Backend: Send + Sync {
     fn delete(&self, handle: &Handle) -> Result<(), RuntimeError>;
     /// Find a sprite created earlier (e.g. before den restarted).
     fn open(&self, id: &str) -> Result<Option<Handle>, RuntimeError>;
+    /// Change the limits of a live sprite to `resources`, as if it had been
+    /// created with them. A limit can be changed but not removed: `None`
+    /// leaves that limit as it is.
+    fn update_resources(&self, handle: &Handle, resources: &Resources) -> Result<(), RuntimeError>;
+    /// Rename a live sprite's host (`uname -n`), as if it had been created
+    /// with `hostname` (checked like [`SpriteSpec::hostname`]).
+    fn set_hostname(&self, handle: &Handle, hostname: &str) -> Result<(), RuntimeError>;
 }

@@ -411,6 +411,36 @@ fn memory_limit(env: &Env) -> TestResult {
     Ok(())
 }
 
+/// A live sprite's limits change in place (what a claimed pre-booted sprite
+/// needs): the cgroup files say the new values. (That the kernel enforces
+/// a memory limit is `memory_limit`'s test.)
+fn update_limits(env: &Env) -> TestResult {
+    let mut spec = env.spec("upd", STAY);
+    spec.resources.memory_bytes = Some(1 << 30);
+    spec.resources.pids = Some(512);
+    let sprite = env.run(&spec)?;
+    let mut limits = spec.resources;
+    limits.memory_bytes = Some(64 << 20);
+    limits.pids = Some(100);
+    sprite
+        .backend()
+        .update_resources(&sprite.handle, &limits)
+        .map_err(e2s)?;
+    let cg = sprite.backend().cgroup(&spec.id);
+    let limit = match cg.mode() {
+        CgroupMode::V2 => cg.read("memory", "memory.max").map_err(e2s)?,
+        _ => cg.read("memory", "memory.limit_in_bytes").map_err(e2s)?,
+    };
+    check!(
+        limit == (64u64 << 20).to_string(),
+        "memory limit after the update: {limit}"
+    );
+    let pids = cg.read("pids", "pids.max").map_err(e2s)?;
+    check!(pids == "100", "pids.max after the update: {pids}");
+    check!(sprite.pid().is_ok(), "PID 1 lives on under the new limits");
+    Ok(())
+}
+
 fn pids_limit(env: &Env) -> TestResult {
     let mut spec = env.spec("pids", &format!("f() {{ f | f & }}; f; {STAY}"));
     spec.resources.pids = Some(32);
@@ -923,6 +953,7 @@ fn main() {
         ("mounts_and_netns", mounts_and_netns),
         ("memory_limit", memory_limit),
         ("pids_limit", pids_limit),
+        ("update_limits", update_limits),
         ("freeze_thaw", freeze_thaw),
         ("graceful_stop", graceful_stop),
         ("cleanup_paths", cleanup_paths),

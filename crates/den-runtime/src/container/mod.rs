@@ -72,7 +72,7 @@ use nix::unistd::Pid;
 pub use seccomp::DENIED as SECCOMP_DENIED;
 pub use shim::shim_main;
 
-use crate::backend::{Backend, Handle, RuntimeError, SpriteSpec, SpriteState};
+use crate::backend::{Backend, Handle, Resources, RuntimeError, SpriteSpec, SpriteState};
 use crate::cgroup::{self, CgroupMode, SpriteCgroup, poll_until};
 
 const SPRITE_JSON: &str = "sprite.json";
@@ -364,6 +364,53 @@ impl Backend for ContainerBackend {
                 op: "freeze",
             }),
         }
+    }
+
+    fn update_resources(&self, handle: &Handle, resources: &Resources) -> Result<(), RuntimeError> {
+        let mut v = serde_json::json!({});
+        spec::merge_limits(&mut v, resources);
+        let linux: oci_spec::runtime::LinuxResources =
+            serde_json::from_value(v).map_err(|e| RuntimeError::InvalidSpec(e.to_string()))?;
+        // libcgroups' own controllers, as at create: the same files and the
+        // same conversions (shares to cpu.weight on v2, memsw on v1).
+        let manager = libcgroups::common::create_cgroup_manager(libcgroups::common::CgroupConfig {
+            cgroup_path: cgroup::sprite_cgroup_path(&handle.id).into(),
+            systemd_cgroup: false,
+            container_name: handle.id.clone(),
+        })
+        .map_err(|e| RuntimeError::Cgroup(e.to_string()))?;
+        libcgroups::common::CgroupManager::apply(
+            &manager,
+            &libcgroups::common::ControllerOpt {
+                resources: &linux,
+                disable_oom_killer: false,
+                oom_score_adj: None,
+                freezer_state: None,
+            },
+        )
+        .map_err(|e| RuntimeError::Cgroup(e.to_string()))
+    }
+
+    fn set_hostname(&self, handle: &Handle, hostname: &str) -> Result<(), RuntimeError> {
+        if hostname.is_empty() || hostname.len() > 64 {
+            return Err(RuntimeError::InvalidSpec("hostname must be 1..=64 bytes".into()));
+        }
+        let pid = self
+            .pid(handle)?
+            .ok_or_else(|| RuntimeError::NotFound(handle.id.clone()))?;
+        let path = format!("/proc/{pid}/ns/uts");
+        let ns = fs::File::open(&path).map_err(|e| RuntimeError::io(format!("open {path}"), e))?;
+        let name = hostname.to_string();
+        // setns moves only the calling thread: a thread of its own, which
+        // ends right after, so no other work ever runs in the sprite's UTS
+        // namespace. The sprite's root can't do this itself (no SYS_ADMIN).
+        std::thread::spawn(move || {
+            nix::sched::setns(&ns, nix::sched::CloneFlags::CLONE_NEWUTS)?;
+            nix::unistd::sethostname(&name)
+        })
+        .join()
+        .map_err(|_| RuntimeError::Engine("the hostname thread panicked".into()))?
+        .map_err(|e| RuntimeError::io("sethostname in the sprite", e.into()))
     }
 
     fn thaw(&self, handle: &Handle) -> Result<(), RuntimeError> {

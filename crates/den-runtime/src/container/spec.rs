@@ -10,7 +10,7 @@ use oci_spec::runtime::Spec;
 use serde_json::{Value, json};
 
 use super::seccomp;
-use crate::backend::{BindMount, RuntimeError, SpriteSpec};
+use crate::backend::{BindMount, Resources, RuntimeError, SpriteSpec};
 use crate::cgroup;
 
 /// Docker's default capability set: enough for a root shell, `apt`, `sudo`,
@@ -65,6 +65,28 @@ pub const READONLY_PATHS: &[&str] = &[
 /// The empty tmpfs under the staging directory: the second layer of every
 /// staging overlay (overlayfs wants two lower layers when it has no upper
 /// one).
+/// The OCI `linux.resources` limits (cpu, memory, pids) of `r`, into
+/// `resources`: one mapping for a new container and for a live update.
+pub(crate) fn merge_limits(resources: &mut Value, r: &Resources) {
+    let mut cpu = serde_json::Map::new();
+    if let Some(s) = r.cpu.shares {
+        cpu.insert("shares".into(), json!(s));
+    }
+    if let Some(q) = r.cpu.quota_us {
+        cpu.insert("quota".into(), json!(q));
+        cpu.insert("period".into(), json!(r.cpu.period_us.unwrap_or(100_000)));
+    }
+    if !cpu.is_empty() {
+        resources["cpu"] = Value::Object(cpu);
+    }
+    if let Some(m) = r.memory_bytes {
+        resources["memory"] = json!({"limit": m});
+    }
+    if let Some(p) = r.pids {
+        resources["pids"] = json!({"limit": p});
+    }
+}
+
 pub(crate) const STAGE_EMPTY: &str = "empty";
 
 /// Where a read-only bind mount is bound from.
@@ -182,30 +204,13 @@ fn build_json(sprite: &SpriteSpec, rootfs: &Path, sysfs_dir: &Path, stage_dir: &
         );
     }
 
-    let r = &sprite.resources;
     let mut resources = json!({
         // No host devices: deny all; libcgroups adds the standard allow list
         // (null, zero, full, random, urandom, tty, ptmx, pts), the same set
         // libcontainer bind-mounts into /dev.
         "devices": [{"allow": false, "access": "rwm"}],
     });
-    let mut cpu = serde_json::Map::new();
-    if let Some(s) = r.cpu.shares {
-        cpu.insert("shares".into(), json!(s));
-    }
-    if let Some(q) = r.cpu.quota_us {
-        cpu.insert("quota".into(), json!(q));
-        cpu.insert("period".into(), json!(r.cpu.period_us.unwrap_or(100_000)));
-    }
-    if !cpu.is_empty() {
-        resources["cpu"] = Value::Object(cpu);
-    }
-    if let Some(m) = r.memory_bytes {
-        resources["memory"] = json!({"limit": m});
-    }
-    if let Some(p) = r.pids {
-        resources["pids"] = json!({"limit": p});
-    }
+    merge_limits(&mut resources, &sprite.resources);
 
     json!({
         "ociVersion": "1.0.2",
