@@ -14,6 +14,7 @@ pub mod pg;
 pub mod snapshot;
 pub mod space;
 mod store;
+mod units;
 mod uploader;
 mod volume;
 
@@ -27,4 +28,5 @@ pub use store::{
     AdoptReport, CreateOptions, DEFAULT_CHUNK_SIZE, DEFAULT_GC_INTERVAL, DEFAULT_VOLUME_SIZE, Durability,
     GcReport, GcStats, Store, StoreConfig, VolumeInfo, VolumeSource,
 };
+pub use units::parse_size;
 pub use volume::Volume;
