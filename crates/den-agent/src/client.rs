@@ -203,6 +203,78 @@ impl Client {
             task,
         })
     }
+
+    /// The listeners open now (a `port_list` message), then
+    /// `port_opened`/`port_closed` messages, as JSON control messages.
+    pub async fn watch_ports(&self) -> Result<JsonStream, Error> {
+        let (rd, wr) = request(&self.socket, &Request::WatchPorts).await?;
+        Ok(json_stream(rd, wr))
+    }
+
+    /// inotify watches on `paths` (relative ones against `working_dir`):
+    /// returns the absolute paths watched and the stream of Sprites
+    /// `fs/watch` messages (`{"type":"event",…}`, `{"type":"error",…}`).
+    pub async fn fs_watch(
+        &self,
+        paths: &[String],
+        working_dir: Option<&str>,
+        recursive: bool,
+    ) -> Result<(Vec<String>, JsonStream), Error> {
+        let req = Request::FsWatch {
+            paths: paths.to_vec(),
+            working_dir: working_dir.map(str::to_owned),
+            recursive,
+        };
+        let (resp, rd, wr) = request_full(&self.socket, &req).await?;
+        let watched = resp
+            .fs
+            .as_ref()
+            .and_then(|v| v.get("paths"))
+            .and_then(|p| serde_json::from_value(p.clone()).ok())
+            .unwrap_or_default();
+        Ok((watched, json_stream(rd, wr)))
+    }
+}
+
+/// The JSON control messages of a subscription; dropping it closes the
+/// connection (and so the subscription).
+pub struct JsonStream {
+    rx: mpsc::Receiver<serde_json::Value>,
+    _wr: OwnedWriteHalf,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl JsonStream {
+    /// Next message; `None` once the agent ended the subscription.
+    pub async fn recv(&mut self) -> Option<serde_json::Value> {
+        self.rx.recv().await
+    }
+}
+
+impl Drop for JsonStream {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+fn json_stream(mut rd: BufReader<OwnedReadHalf>, wr: OwnedWriteHalf) -> JsonStream {
+    // Small: a slow reader pushes back on the socket, and the agent then
+    // drops (and reports) what does not fit in its own bounded queue.
+    let (tx, rx) = mpsc::channel(STREAM_QUEUE);
+    let task = tokio::spawn(async move {
+        while let Ok(Some((kind, payload))) = read_frame(&mut rd).await {
+            if kind != FRAME_CONTROL {
+                continue;
+            }
+            let Ok(v) = serde_json::from_slice::<serde_json::Value>(&payload) else {
+                continue;
+            };
+            if tx.send(v).await.is_err() {
+                return;
+            }
+        }
+    });
+    JsonStream { rx, _wr: wr, task }
 }
 
 impl Client {
@@ -476,6 +548,26 @@ impl Client {
             source: source.into(),
             dest: dest.into(),
             working_dir: working_dir.map(str::to_owned),
+            recursive,
+        })
+        .await
+    }
+
+    /// `{"affected":[{"path","uid","gid"}],"count"}`; `uid`/`gid` are
+    /// numbers or names of the sprite's users and groups.
+    pub async fn fs_chown(
+        &self,
+        path: &str,
+        working_dir: Option<&str>,
+        uid: Option<&str>,
+        gid: Option<&str>,
+        recursive: bool,
+    ) -> Result<serde_json::Value, Error> {
+        self.fs_request(Request::FsChown {
+            path: path.into(),
+            working_dir: working_dir.map(str::to_owned),
+            uid: uid.map(str::to_owned),
+            gid: gid.map(str::to_owned),
             recursive,
         })
         .await

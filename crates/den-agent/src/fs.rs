@@ -29,14 +29,14 @@ pub(crate) struct FsError {
 }
 
 impl FsError {
-    fn bad(message: impl Into<String>) -> Self {
+    pub(crate) fn bad(message: impl Into<String>) -> Self {
         FsError {
             code: "bad_request",
             message: format!("EINVAL: {}", message.into()),
         }
     }
 
-    fn io(path: &Path, e: io::Error) -> Self {
+    pub(crate) fn io(path: &Path, e: io::Error) -> Self {
         let errno = e.raw_os_error().map(nix::errno::Errno::from_raw);
         use nix::errno::Errno::*;
         let code = match errno {
@@ -62,11 +62,11 @@ impl FsError {
         }
     }
 
-    fn errno(path: &Path, errno: nix::errno::Errno) -> Self {
+    pub(crate) fn errno(path: &Path, errno: nix::errno::Errno) -> Self {
         FsError::io(path, io::Error::from_raw_os_error(errno as i32))
     }
 
-    fn response(&self) -> Response {
+    pub(crate) fn response(&self) -> Response {
         Response::err(self.code, self.message.clone())
     }
 }
@@ -152,6 +152,17 @@ fn chown(path: &Path, owner: Option<(u32, u32)>) -> FsResult<()> {
 
 /// Depth-first walk below `dir` (not following symlinks); parents come
 /// before their children.
+/// `path` (not followed if a link), and with `recursive` everything below it.
+fn path_and_below(path: &Path, recursive: bool) -> FsResult<Vec<(PathBuf, std::fs::Metadata)>> {
+    let meta = lstat(path)?;
+    let dir = meta.is_dir();
+    let mut targets = vec![(path.to_owned(), meta)];
+    if recursive && dir {
+        walk(path, &mut targets)?;
+    }
+    Ok(targets)
+}
+
 fn walk(dir: &Path, out: &mut Vec<(PathBuf, std::fs::Metadata)>) -> FsResult<()> {
     let mut names: Vec<_> = std::fs::read_dir(dir)
         .map_err(|e| FsError::io(dir, e))?
@@ -284,11 +295,7 @@ fn chmod(path: &Path, mode: u32, recursive: bool) -> FsResult<Value> {
     if mode > 0o7777 {
         return Err(FsError::bad(format!("mode {mode:o} out of range")));
     }
-    let meta = lstat(path)?;
-    let mut targets = vec![(path.to_owned(), meta)];
-    if recursive && targets[0].1.is_dir() {
-        walk(path, &mut targets)?;
-    }
+    let targets = path_and_below(path, recursive)?;
     let mut affected = Vec::new();
     for (p, m) in targets {
         // chmod follows symlinks and link modes mean nothing on Linux.
@@ -302,8 +309,56 @@ fn chmod(path: &Path, mode: u32, recursive: bool) -> FsResult<Value> {
     Ok(json!({"affected": affected, "count": affected.len()}))
 }
 
+/// A uid from a number or a user name of the sprite's passwd file.
+fn uid_of(cfg: &AgentConfig, user: &str) -> FsResult<u32> {
+    if let Ok(n) = user.trim().parse::<u32>() {
+        return Ok(n);
+    }
+    crate::user::lookup(user, &cfg.passwd_path, &cfg.group_path)
+        .map(|u| u.uid)
+        .map_err(|_| FsError::bad(format!("unknown user {user:?}")))
+}
+
+/// A gid from a number or a group name of the sprite's group file.
+fn gid_of(cfg: &AgentConfig, group: &str) -> FsResult<u32> {
+    if let Ok(n) = group.trim().parse::<u32>() {
+        return Ok(n);
+    }
+    let text = std::fs::read_to_string(&cfg.group_path).unwrap_or_default();
+    text.lines()
+        .map(|l| l.split(':').collect::<Vec<_>>())
+        .find(|f| f.len() >= 3 && f[0] == group)
+        .and_then(|f| f[2].parse().ok())
+        .ok_or_else(|| FsError::bad(format!("unknown group {group:?}")))
+}
+
+fn chown_tree(
+    cfg: &AgentConfig,
+    path: &Path,
+    uid: Option<&str>,
+    gid: Option<&str>,
+    recursive: bool,
+) -> FsResult<Value> {
+    if uid.is_none() && gid.is_none() {
+        return Err(FsError::bad("uid or gid is required"));
+    }
+    let uid = uid.map(|u| uid_of(cfg, u)).transpose()?;
+    let gid = gid.map(|g| gid_of(cfg, g)).transpose()?;
+    let targets = path_and_below(path, recursive)?;
+    let mut affected = Vec::new();
+    for (p, m) in targets {
+        std::os::unix::fs::lchown(&p, uid, gid).map_err(|e| FsError::io(&p, e))?;
+        affected.push(json!({
+            "path": p.display().to_string(),
+            "uid": uid.unwrap_or(m.uid()),
+            "gid": gid.unwrap_or(m.gid()),
+        }));
+    }
+    Ok(json!({"affected": affected, "count": affected.len()}))
+}
+
 /// Runs one of the single-answer requests (list, delete, rename, copy,
-/// chmod) on the blocking pool.
+/// chmod, chown) on the blocking pool.
 pub(crate) async fn run(cfg: AgentConfig, req: Request) -> Response {
     let result = tokio::task::spawn_blocking(move || -> FsResult<Value> {
         match req {
@@ -342,6 +397,19 @@ pub(crate) async fn run(cfg: AgentConfig, req: Request) -> Response {
                 mode,
                 recursive,
             } => chmod(&resolve(&path, working_dir.as_deref())?, mode, recursive),
+            Request::FsChown {
+                path,
+                working_dir,
+                uid,
+                gid,
+                recursive,
+            } => chown_tree(
+                &cfg,
+                &resolve(&path, working_dir.as_deref())?,
+                uid.as_deref(),
+                gid.as_deref(),
+                recursive,
+            ),
             other => Err(FsError::bad(format!("not a filesystem request: {other:?}"))),
         }
     })

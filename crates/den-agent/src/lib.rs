@@ -19,7 +19,12 @@
 //!   (see [Filesystem](#filesystem) below).
 //! * **Port watcher**: LISTEN sockets appearing/disappearing in
 //!   `/proc/net/tcp{,6}` are reported to the owning session's clients and to
-//!   `subscribe_ports` connections.
+//!   `subscribe_ports` connections; `watch_ports` first sends
+//!   `{"type":"port_list","ports":[…]}` of the listeners open now.
+//! * **Filesystem watches**: `{"type":"fs_watch","paths":[…],"working_dir":…,
+//!   "recursive":bool}` answers `fs: {"paths":[absolute…]}`, then control
+//!   frames with the Sprites `fs/watch` messages (`event`, `error`), from
+//!   inotify, bounded (see the `fswatch` module).
 //!
 //! # Protocol
 //!
@@ -152,6 +157,8 @@
 //!   → fs: {"copied":[{"source":"/a","dest":"/b"},…],"count":N,"totalBytes":N}
 //! {"type":"fs_chmod","path":"/x","mode":493,"recursive":true}
 //!   → fs: {"affected":[{"path":"/x","mode":"0755"}],"count":N}
+//! {"type":"fs_chown","path":"/x","uid":"sprite","gid":"1000","recursive":true}
+//!   → fs: {"affected":[{"path":"/x","uid":1000,"gid":1000}],"count":N}
 //! {"type":"fs_read","path":"/x","start":0,"end":100}
 //!   → {"ok":true,"fs":{"path":"/x","size":FILE_SIZE,"start":0,"end":100}},
 //!     stdout frames, EOF frame (0x04)
@@ -191,10 +198,12 @@
 
 pub mod client;
 mod fs;
+mod fswatch;
 mod ports;
 pub mod protocol;
 mod reaper;
 mod server;
+pub mod service_def;
 mod services;
 mod session;
 mod sys;

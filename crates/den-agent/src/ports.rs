@@ -179,18 +179,31 @@ fn session_of(agent: &AgentInner, pid: i32) -> Option<String> {
     None
 }
 
-fn emit(agent: &AgentInner, msg: Control, session: Option<&str>) {
-    if let Some(id) = session
+/// Applies one change to the agent's list of listeners and tells the
+/// owning session and the subscribers, under the subscribers' lock (see
+/// [`AgentInner::port_subscribers`]).
+fn emit(agent: &AgentInner, inode: u64, msg: Control) {
+    let (ev, opened) = match &msg {
+        Control::PortOpened(ev) => (ev, true),
+        Control::PortClosed(ev) => (ev, false),
+        _ => return,
+    };
+    if let Some(id) = ev.session.as_deref()
         && let Some(s) = agent.session(id)
     {
         s.broadcast_control(&msg);
     }
     let frame = Bytes::from(encode_control(&msg));
-    agent
-        .port_subscribers
-        .lock()
-        .unwrap_or_else(|p| p.into_inner())
-        .retain(|tx| offer(tx, &frame));
+    let mut subs = agent.port_subscribers.lock().unwrap_or_else(|p| p.into_inner());
+    {
+        let mut known = agent.ports_known.lock().unwrap_or_else(|p| p.into_inner());
+        if opened {
+            known.insert(inode, ev.clone());
+        } else {
+            known.remove(&inode);
+        }
+    }
+    subs.retain(|tx| offer(tx, &frame));
 }
 
 pub(crate) async fn watch(agent: Weak<AgentInner>) {
@@ -207,7 +220,7 @@ pub(crate) async fn watch(agent: Weak<AgentInner>) {
             .filter(|i| !known.contains_key(i))
             .copied()
             .collect();
-        let pids = if new.is_empty() || first {
+        let pids = if new.is_empty() {
             HashMap::new()
         } else {
             owners(&new)
@@ -222,8 +235,14 @@ pub(crate) async fn watch(agent: Weak<AgentInner>) {
                 pid,
                 session,
             };
-            if !first {
-                emit(&a, Control::PortOpened(ev.clone()), ev.session.clone().as_deref());
+            if first {
+                // Not news, but part of what `watch_ports` lists.
+                a.ports_known
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .insert(inode, ev.clone());
+            } else {
+                emit(&a, inode, Control::PortOpened(ev.clone()));
             }
             known.insert(inode, ev);
         }
@@ -234,7 +253,7 @@ pub(crate) async fn watch(agent: Weak<AgentInner>) {
             .collect();
         for inode in gone {
             if let Some(ev) = known.remove(&inode) {
-                emit(&a, Control::PortClosed(ev.clone()), ev.session.as_deref());
+                emit(&a, inode, Control::PortClosed(ev));
             }
         }
         first = false;

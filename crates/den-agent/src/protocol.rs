@@ -39,6 +39,19 @@ pub enum Request {
         signal: String,
     },
     SubscribePorts,
+    /// Like `subscribe_ports`, but the first control frame is a
+    /// [`Control::PortList`] of the listeners open now.
+    WatchPorts,
+    /// inotify watches on `paths` (see [`crate`]'s Filesystem section):
+    /// after the ok, control frames carrying the Sprites `fs/watch` JSON
+    /// messages (`event`, `error`) until the client closes.
+    FsWatch {
+        paths: Vec<String>,
+        #[serde(default)]
+        working_dir: Option<String>,
+        #[serde(default)]
+        recursive: bool,
+    },
     Ping,
     /// den's heartbeat: after the answer, any byte the host sends proves it
     /// is alive (see [`crate::AgentConfig::fence_ttl`]).
@@ -128,28 +141,23 @@ pub enum Request {
         #[serde(default)]
         recursive: bool,
     },
+    /// Changes the owner and/or group; each is a number or a name from the
+    /// sprite's passwd/group files. Symlinks themselves are changed, never
+    /// followed.
+    FsChown {
+        path: String,
+        #[serde(default)]
+        working_dir: Option<String>,
+        #[serde(default)]
+        uid: Option<String>,
+        #[serde(default)]
+        gid: Option<String>,
+        #[serde(default)]
+        recursive: bool,
+    },
 }
 
-/// One declared service (Sprites §2.6 plus the sticky `stopped` flag, which
-/// the host persists alongside the definition).
-#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, Eq)]
-#[serde(default)]
-pub struct ServiceDef {
-    /// `[A-Za-z0-9_.-]{1,64}`; also the log file name.
-    pub name: String,
-    /// Looked up in the base environment's `PATH`; no shell is involved.
-    pub cmd: String,
-    pub args: Vec<String>,
-    /// Added on top of the base environment (PATH, HOME, USER, ...).
-    pub env: BTreeMap<String, String>,
-    /// Working directory; default the user's home.
-    pub dir: Option<String>,
-    /// Services that must be running before this one is started.
-    pub needs: Vec<String>,
-    pub http_port: Option<u16>,
-    /// Sticky stop: not started, not restarted after crashes.
-    pub stopped: bool,
-}
+pub use crate::service_def::{InvalidService, ServiceDef};
 
 #[derive(Debug, Clone, Copy, Default, Serialize, Deserialize, PartialEq, Eq)]
 #[serde(rename_all = "snake_case")]
@@ -342,6 +350,10 @@ pub enum Control {
     Exit(ExitInfo),
     PortOpened(PortEvent),
     PortClosed(PortEvent),
+    /// The listeners open when a `watch_ports` subscription started.
+    PortList {
+        ports: Vec<PortEvent>,
+    },
     /// A struct variant because the event has its own `type` field.
     Service {
         event: ServiceEvent,
@@ -476,5 +488,36 @@ mod tests {
         assert_eq!((services[0].stopped, services[0].http_port), (false, None));
         let r: Request = serde_json::from_str(r#"{"type":"attach","session":"12"}"#).unwrap();
         assert_eq!(r, Request::Attach { session: "12".into() });
+        let s = serde_json::to_string(&Control::PortList {
+            ports: vec![PortEvent {
+                port: 80,
+                address: "0.0.0.0".into(),
+                pid: 7,
+                session: None,
+            }],
+        })
+        .unwrap();
+        assert_eq!(
+            s,
+            r#"{"type":"port_list","ports":[{"port":80,"address":"0.0.0.0","pid":7}]}"#
+        );
+        let r: Request = serde_json::from_str(r#"{"type":"fs_watch","paths":["a"]}"#).unwrap();
+        assert_eq!(
+            r,
+            Request::FsWatch {
+                paths: vec!["a".into()],
+                working_dir: None,
+                recursive: false
+            }
+        );
+        let r: Request = serde_json::from_str(r#"{"type":"fs_chown","path":"/x","uid":"sprite"}"#).unwrap();
+        assert!(matches!(
+            r,
+            Request::FsChown {
+                gid: None,
+                recursive: false,
+                ..
+            }
+        ));
     }
 }

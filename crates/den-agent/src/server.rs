@@ -21,7 +21,14 @@ use crate::{AgentConfig, Error};
 pub(crate) struct AgentInner {
     pub config: AgentConfig,
     sessions: Mutex<HashMap<String, Arc<Session>>>,
+    /// Port subscribers; the poller changes `ports_known` and notifies
+    /// them under this lock, so a new subscriber's snapshot and its events
+    /// neither overlap nor leave a gap.
     pub port_subscribers: Mutex<Vec<ClientTx>>,
+    /// The listeners the port poller knows of, by socket inode.
+    pub ports_known: Mutex<HashMap<u64, crate::protocol::PortEvent>>,
+    /// `fs_watch` subscriptions being served.
+    pub fs_watches: std::sync::atomic::AtomicUsize,
     sessions_changed: Notify,
     /// Exec/attach connections still being served; shutdown waits for them
     /// so exit frames are flushed before the process ends.
@@ -101,6 +108,8 @@ impl AgentHandle {
             services,
             sessions: Mutex::new(HashMap::new()),
             port_subscribers: Mutex::new(Vec::new()),
+            ports_known: Mutex::new(HashMap::new()),
+            fs_watches: 0.into(),
             sessions_changed: Notify::new(),
             streaming: 0.into(),
             streaming_done: Notify::new(),
@@ -311,7 +320,8 @@ async fn handle_connection(inner: Arc<AgentInner>, stream: UnixStream) -> Result
         | Request::FsDelete { .. }
         | Request::FsRename { .. }
         | Request::FsCopy { .. }
-        | Request::FsChmod { .. }) => {
+        | Request::FsChmod { .. }
+        | Request::FsChown { .. }) => {
             let resp = crate::fs::run(inner.config.clone(), req).await;
             write_response(&mut wr, &resp).await
         }
@@ -343,15 +353,22 @@ async fn handle_connection(inner: Arc<AgentInner>, stream: UnixStream) -> Result
                 None => write_response(&mut wr, &Response::err("not_found", "no such session")).await,
             }
         }
-        Request::SubscribePorts => {
+        req @ (Request::SubscribePorts | Request::WatchPorts) => {
             let (tx, mut rx) = mpsc::channel(crate::session::CLIENT_QUEUE);
-            inner
-                .port_subscribers
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .push(tx);
+            let snapshot = {
+                let mut subs = inner.port_subscribers.lock().unwrap_or_else(|p| p.into_inner());
+                subs.push(tx);
+                let known = inner.ports_known.lock().unwrap_or_else(|p| p.into_inner());
+                let mut ports: Vec<_> = known.values().cloned().collect();
+                ports.sort_by(|a, b| (a.port, &a.address).cmp(&(b.port, &b.address)));
+                ports
+            };
             write_response(&mut wr, &Response::ok()).await?;
             drop(inner);
+            if matches!(req, Request::WatchPorts) {
+                wr.write_all(&encode_control(&Control::PortList { ports: snapshot }))
+                    .await?;
+            }
             // Watch for the peer hanging up so a quiet subscription does not
             // linger until the next port event.
             let mut probe = [0u8; 1];
@@ -367,6 +384,11 @@ async fn handle_connection(inner: Arc<AgentInner>, stream: UnixStream) -> Result
                 }
             }
         }
+        Request::FsWatch {
+            paths,
+            working_dir,
+            recursive,
+        } => crate::fswatch::serve(inner, paths, working_dir, recursive, rd, wr).await,
         Request::ServicesSet { services } => {
             let resp = match crate::services::set_detached(inner.services.clone(), services).await {
                 Ok(()) => Response::ok(),

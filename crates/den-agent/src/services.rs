@@ -91,16 +91,6 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
-fn valid_name(name: &str) -> bool {
-    (1..=64).contains(&name.len())
-        && name
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'.' | b'-'))
-        // `.` and `..` are valid per the pattern but would escape the log dir.
-        && name != "."
-        && name != ".."
-}
-
 /// Whether every need is running; `Err(())` when some need settled without
 /// running, i.e. the dependent is blocked for now.
 fn needs_state(entries: &HashMap<String, Entry>, def: &ServiceDef) -> Result<bool, ()> {
@@ -116,55 +106,6 @@ fn needs_state(entries: &HashMap<String, Entry>, def: &ServiceDef) -> Result<boo
         }
     }
     Ok(all)
-}
-
-/// Checks names, commands, `needs` references and cycles of a desired set.
-pub(crate) fn validate(defs: &[ServiceDef]) -> Result<(), String> {
-    let mut by_name = HashMap::new();
-    for d in defs {
-        if !valid_name(&d.name) {
-            return Err(format!("invalid service name {:?}", d.name));
-        }
-        if d.cmd.is_empty() {
-            return Err(format!("service {:?}: cmd field is required", d.name));
-        }
-        if d.cmd.contains('\0') || d.args.iter().any(|a| a.contains('\0')) {
-            return Err(format!("service {:?}: NUL byte in command", d.name));
-        }
-        if by_name.insert(d.name.as_str(), d).is_some() {
-            return Err(format!("duplicate service {:?}", d.name));
-        }
-    }
-    for d in defs {
-        if let Some(n) = d.needs.iter().find(|n| !by_name.contains_key(n.as_str())) {
-            return Err(format!("service {:?} needs unknown service {n:?}", d.name));
-        }
-    }
-    // Depth-first search; a node met again while still on the stack closes a cycle.
-    fn visit<'a>(
-        name: &'a str,
-        by_name: &HashMap<&'a str, &'a ServiceDef>,
-        on_stack: &mut HashSet<&'a str>,
-        done: &mut HashSet<&'a str>,
-    ) -> Result<(), String> {
-        if done.contains(name) {
-            return Ok(());
-        }
-        if !on_stack.insert(name) {
-            return Err(format!("services needs form a cycle through {name:?}"));
-        }
-        for n in &by_name[name].needs {
-            visit(n, by_name, on_stack, done)?;
-        }
-        on_stack.remove(name);
-        done.insert(name);
-        Ok(())
-    }
-    let (mut on_stack, mut done) = (HashSet::new(), HashSet::new());
-    for d in defs {
-        visit(&d.name, &by_name, &mut on_stack, &mut done)?;
-    }
-    Ok(())
 }
 
 impl Services {
@@ -237,7 +178,7 @@ impl Services {
     /// Reconciles to `defs`; returns once changed services have settled and
     /// removed ones have stopped.
     pub(crate) async fn set(self: &Arc<Self>, defs: Vec<ServiceDef>) -> Result<(), String> {
-        validate(&defs)?;
+        crate::service_def::validate_set(&defs).map_err(|e| e.to_string())?;
         let _serial = self.set_lock.lock().await;
         let mut removed = Vec::new();
         let mut changed = Vec::new();
@@ -647,7 +588,7 @@ impl Services {
     ) -> Result<(), Error> {
         let path = self.log_path(&name, ".log");
         let known = lock(&self.entries).contains_key(&name);
-        if !valid_name(&name) || (!known && !path.exists()) {
+        if !crate::service_def::valid_service_name(&name) || (!known && !path.exists()) {
             return write_response(
                 &mut wr,
                 &Response::err("not_found", format!("no service {name:?}")),
@@ -886,34 +827,6 @@ pub(crate) async fn set_detached(svc: Arc<Services>, defs: Vec<ServiceDef>) -> R
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn def(name: &str, needs: &[&str]) -> ServiceDef {
-        ServiceDef {
-            name: name.into(),
-            cmd: "true".into(),
-            needs: needs.iter().map(|s| s.to_string()).collect(),
-            ..Default::default()
-        }
-    }
-
-    #[test]
-    fn validation() {
-        assert!(validate(&[def("a", &[]), def("b", &["a"]), def("c", &["a", "b"])]).is_ok());
-        assert!(validate(&[def("a", &["b"]), def("b", &["a"])]).is_err());
-        assert!(validate(&[def("a", &["a"])]).is_err());
-        assert!(validate(&[def("a", &["zz"])]).is_err());
-        assert!(validate(&[def("a/b", &[])]).is_err());
-        assert!(validate(&[def("..", &[])]).is_err());
-        assert!(validate(&[def(&"x".repeat(65), &[])]).is_err());
-        assert!(validate(&[def("a", &[]), def("a", &[])]).is_err());
-        assert!(
-            validate(&[ServiceDef {
-                cmd: String::new(),
-                ..def("a", &[])
-            }])
-            .is_err()
-        );
-    }
 
     #[test]
     fn tail() {

@@ -444,3 +444,60 @@ async fn new_files_belong_to_the_default_user() {
     assert_eq!(uid(&p(&a, "copied")), nobody.uid);
     a.shutdown().await;
 }
+
+#[tokio::test]
+async fn chown_by_number_and_name_recursively_without_following_links() {
+    if !nix::unistd::geteuid().is_root() {
+        eprintln!("skipping: chown needs root");
+        return;
+    }
+    let a = agent().await;
+    let c = &a.client;
+    let dir = p(&a, "own");
+    std::fs::create_dir_all(format!("{dir}/sub")).unwrap();
+    std::fs::write(format!("{dir}/sub/f"), b"x").unwrap();
+    let outside = p(&a, "outside");
+    std::fs::write(&outside, b"y").unwrap();
+    std::os::unix::fs::symlink(&outside, format!("{dir}/link")).unwrap();
+
+    let v = c.fs_chown(&dir, None, Some("65534"), None, true).await.unwrap();
+    assert_eq!(v["count"], 4, "{v}");
+    for f in ["", "/sub", "/sub/f", "/link"] {
+        let m = std::fs::symlink_metadata(format!("{dir}{f}")).unwrap();
+        assert_eq!((m.uid(), m.gid()), (65534, 0), "{f}");
+    }
+    // The link was changed itself; its target was not.
+    assert_eq!(std::fs::metadata(&outside).unwrap().uid(), 0);
+
+    // Names come from the sprite's passwd and group files.
+    let v = c
+        .fs_chown(
+            &format!("{dir}/sub/f"),
+            None,
+            Some("root"),
+            Some("nogroup"),
+            false,
+        )
+        .await
+        .unwrap();
+    assert_eq!(v["affected"][0]["uid"], 0, "{v}");
+    let m = std::fs::metadata(format!("{dir}/sub/f")).unwrap();
+    assert_eq!((m.uid(), m.gid()), (0, 65534));
+
+    assert_err(
+        c.fs_chown(&dir, None, Some("no-such-user"), None, false).await,
+        "bad_request",
+        "EINVAL",
+    );
+    assert_err(
+        c.fs_chown(&dir, None, None, None, false).await,
+        "bad_request",
+        "EINVAL",
+    );
+    assert_err(
+        c.fs_chown(&p(&a, "missing"), None, Some("0"), None, false).await,
+        "not_found",
+        "ENOENT",
+    );
+    a.shutdown().await;
+}
