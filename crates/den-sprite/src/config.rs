@@ -63,6 +63,9 @@ pub struct ManagerConfig {
     /// killed den (or one whose node lost its cluster lease) leaves nothing
     /// running. Use the cluster's node TTL or less; den beats every quarter.
     pub fence_ttl: Duration,
+    /// Blank sprites kept booted so a create is only a rename (see the
+    /// manager's `pool` module). 0 turns the pool off.
+    pub pool_size: usize,
 }
 
 impl ManagerConfig {
@@ -89,6 +92,7 @@ impl ManagerConfig {
             container_prefix: String::new(),
             host: HostCapacity::detect(),
             fence_ttl: Duration::from_secs(10),
+            pool_size: 2,
         }
     }
 

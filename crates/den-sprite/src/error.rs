@@ -16,6 +16,8 @@ pub enum SpriteError {
     Conflict(String),
     #[error("checkpoint not found: {sprite}/{checkpoint}")]
     CheckpointNotFound { sprite: String, checkpoint: String },
+    #[error("service {service:?} not found in sprite {sprite}")]
+    ServiceNotFound { sprite: String, service: String },
     #[error("sprite {sprite} did not become ready within {after:?}: {detail}")]
     BootTimeout {
         sprite: String,

@@ -14,6 +14,7 @@
 //! monitor).
 
 mod agent_bundle;
+mod boot_stats;
 pub mod catalog;
 pub mod catalog_pg;
 pub mod config;
@@ -26,9 +27,10 @@ pub mod manager;
 mod record;
 
 pub use agent_bundle::{AGENT_SOCKET, SPRITE_BIN};
+pub use boot_stats::{BootPhases, BootTotals};
 pub use config::{Admission, HostCapacity, ImageSource, ManagerConfig, host_upstream_dns};
 pub use error::{Result, SpriteError};
-pub use manager::{Activity, CreateSprite, SpriteManager};
+pub use manager::{Activity, CreateSprite, ServiceWatch, SpriteEvent, SpriteManager};
 pub use record::{
     DEFAULT_ORG, SpriteInfo, SpriteRecord, SpriteStatus, StorageStatus, key_parts, sprite_key, validate_key,
     validate_name, validate_org,

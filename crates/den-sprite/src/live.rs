@@ -17,6 +17,7 @@ use den_net::{NetManager, NetworkPolicy, SpriteNet};
 use den_runtime::{Backend, BindMount, ExitWatch, Handle, SpriteSpec};
 
 use crate::agent_bundle::SPRITE_BIN;
+use crate::boot_stats::BootPhases;
 use crate::disk::Disk;
 use crate::error::{Result, SpriteError};
 use crate::record::SpriteRecord;
@@ -71,7 +72,16 @@ pub(crate) struct Live {
     pub init: Option<ExitWatch>,
     /// den's heartbeat to the agent; stops when the sprite is dropped.
     pub heartbeat: Option<Heartbeat>,
+    /// How long each phase of this boot took.
+    pub phases: BootPhases,
+    /// Unique to this boot in this process: whatever was tied to an earlier
+    /// boot of the sprite (a connection into its old network namespace) is
+    /// recognisably stale.
+    pub boot_id: u64,
 }
+
+/// Source of [`Live::boot_id`].
+static BOOTS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
 
 /// The task beating the agent's fence timer (see [`den_agent::AgentConfig::fence_ttl`]).
 pub(crate) struct Heartbeat(tokio::task::JoinHandle<()>);
@@ -135,7 +145,6 @@ pub(crate) async fn boot(ctx: &BootContext<'_>, rec: &SpriteRecord) -> Result<Li
     let volume = ctx.store.open_volume(&rec.volume).await?;
     let (fuse, mp) = (paths.fuse(), paths.disk());
     let disk = blocking(move || Disk::mount(volume, &fuse, &mp)).await?;
-    let t_disk = t0.elapsed();
     let mut live = Live {
         key: rec.key.clone(),
         paths: paths.clone(),
@@ -146,13 +155,24 @@ pub(crate) async fn boot(ctx: &BootContext<'_>, rec: &SpriteRecord) -> Result<Li
         frozen: false,
         init: None,
         heartbeat: None,
+        phases: BootPhases {
+            disk: t0.elapsed(),
+            ..Default::default()
+        },
+        boot_id: BOOTS.fetch_add(1, std::sync::atomic::Ordering::Relaxed),
     };
     match boot_rest(ctx, rec, &mut live).await {
         Ok(()) => {
+            let ms = |d: Duration| d.as_secs_f64() * 1e3;
+            let p = &live.phases;
             tracing::info!(
                 sprite = %rec.name,
-                disk_ms = t_disk.as_secs_f64() * 1e3,
-                total_ms = t0.elapsed().as_secs_f64() * 1e3,
+                disk_ms = ms(p.disk),
+                network_ms = ms(p.network),
+                container_ms = ms(p.container),
+                agent_ms = ms(p.agent),
+                services_ms = ms(p.services),
+                total_ms = ms(t0.elapsed()),
                 "sprite booted"
             );
             Ok(live)
@@ -168,6 +188,11 @@ pub(crate) async fn boot(ctx: &BootContext<'_>, rec: &SpriteRecord) -> Result<Li
 }
 
 async fn boot_rest(ctx: &BootContext<'_>, rec: &SpriteRecord, live: &mut Live) -> Result<()> {
+    let mut t = Instant::now();
+    let mut lap = || {
+        let now = Instant::now();
+        std::mem::replace(&mut t, now).elapsed()
+    };
     let policy = rec.policy.clone().unwrap_or_else(NetworkPolicy::unrestricted);
     let (netm, key) = (ctx.net.clone(), rec.key.clone());
     let net = blocking(move || Ok(netm.setup_sprite(&key, None, &policy)?)).await?;
@@ -175,6 +200,7 @@ async fn boot_rest(ctx: &BootContext<'_>, rec: &SpriteRecord, live: &mut Live) -
     let dns = *net.dns.ip();
     live.net = Some(net);
     write_etc(&live.paths, rec.short_name(), dns, rec.policy.as_ref())?;
+    live.phases.network = lap();
 
     let disk = live.disk.as_ref().expect("boot mounts the disk first");
     let etc = live.paths.etc();
@@ -242,12 +268,15 @@ async fn boot_rest(ctx: &BootContext<'_>, rec: &SpriteRecord, live: &mut Live) -
                 ),
             })
         })?;
+    live.phases.container = lap();
     wait_for_agent(ctx, rec, &live.agent, &init, &live.paths).await?;
+    live.phases.agent = lap();
     live.init = Some(init);
     live.heartbeat = Some(Heartbeat::start(live.agent.clone(), ctx.fence_ttl));
     if !rec.services.is_empty() {
         live.agent.services_set(&rec.services).await?;
     }
+    live.phases.services = lap();
     Ok(())
 }
 
@@ -308,7 +337,7 @@ fn prepare_dirs(paths: &SpritePaths) -> Result<()> {
     Ok(())
 }
 
-fn write_etc(
+pub(crate) fn write_etc(
     paths: &SpritePaths,
     name: &str,
     dns: std::net::Ipv4Addr,

@@ -28,6 +28,15 @@ pub struct SpriteRecord {
     pub last_running_at_ms: Option<i64>,
     #[serde(default)]
     pub last_warming_at_ms: Option<i64>,
+    /// When the sprite's container last booted (wake from cold, restore,
+    /// restart).
+    #[serde(default)]
+    pub last_started_at_ms: Option<i64>,
+    /// When the sprite was last in use (a request, stream or session), as
+    /// of its last sleep; [`crate::SpriteManager`] reports a live value for
+    /// an awake sprite.
+    #[serde(default)]
+    pub last_active_at_ms: Option<i64>,
     /// Egress policy; `None` means unrestricted.
     #[serde(default)]
     pub policy: Option<NetworkPolicy>,

@@ -412,25 +412,20 @@ async fn abuse_killed_den_sprites_fence_themselves() -> Result<()> {
 /// The crash child: a manager with a short fence TTL and one running sprite
 /// with a detached `sleep`; prints "ready <key>" and waits to be killed.
 fn crash_child(args: &[OsString]) -> ! {
-    let a = strings(args);
-    let dir = PathBuf::from(&a[0]);
-    let net = net_from_args(&a[1..]);
-    let rt = tokio::runtime::Runtime::new().expect("runtime");
-    rt.block_on(async move {
-        let mut cfg = test_config(&dir, &dir.join("images"), net);
-        cfg.fence_ttl = FENCE_TTL;
-        let mgr = start_at(cfg, &dir).await.expect("manager");
-        mgr.create("fenced", CreateSprite::default())
-            .await
-            .expect("create");
-        let act = mgr.wake("fenced").await.expect("wake");
-        let mut req = sh_req("sleep 1000");
-        req.max_run_after_disconnect_ms = Some(0);
-        act.agent().exec(req).await.expect("sleep").detach();
-        println!("ready {}", mgr.get("fenced").expect("get").record.key);
-        std::future::pending::<()>().await;
-    });
-    unreachable!()
+    crash_child_main(
+        args,
+        |cfg| cfg.fence_ttl = FENCE_TTL,
+        async |mgr| {
+            mgr.create("fenced", CreateSprite::default())
+                .await
+                .expect("create");
+            let act = mgr.wake("fenced").await.expect("wake");
+            let mut req = sh_req("sleep 1000");
+            req.max_run_after_disconnect_ms = Some(0);
+            act.agent().exec(req).await.expect("sleep").detach();
+            println!("ready {}", mgr.get("fenced").expect("get").record.key);
+        },
+    )
 }
 
 // ------------------------------------------------- attackers, in the sprite

@@ -311,10 +311,13 @@ async fn cloned_mount_namespaces_do_not_pin_sprite_disks() -> Result<()> {
         let pinned: Vec<String> = den_block::mountinfo::parse(&text)
             .into_iter()
             // Disks and their FUSE files; views of the host's own disk (the
-            // run dir's bind, the image's idmapped view) pin nothing.
+            // run dir's bind, the image's idmapped view) pin nothing. Only
+            // below our run dir: a freed loop device may already carry
+            // another server's disk, which reaches the holder by propagation.
             .filter(|m| {
-                (m.mount_point.starts_with(&run) && m.fstype == den_block::FUSE_FSTYPE)
-                    || disks.iter().any(|(dev, _)| Path::new(&m.source) == dev)
+                m.mount_point.starts_with(&run)
+                    && (m.fstype == den_block::FUSE_FSTYPE
+                        || disks.iter().any(|(dev, _)| Path::new(&m.source) == dev))
             })
             .map(|m| format!("{} {} {}", m.mount_point.display(), m.fstype, m.source))
             .collect();

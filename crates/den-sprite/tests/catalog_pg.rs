@@ -19,6 +19,8 @@ fn record(name: &str, id: &str) -> SpriteRecord {
         updated_at_ms: 1_700_000_000_000,
         last_running_at_ms: None,
         last_warming_at_ms: Some(1_700_000_000_123),
+        last_started_at_ms: Some(1_700_000_000_100),
+        last_active_at_ms: None,
         policy: None,
         services: Vec::new(),
         active_checkpoint: Some("v1".into()),

@@ -13,7 +13,7 @@ use anyhow::{Context, Result, bail, ensure};
 use den_agent::protocol::ServiceDef;
 use den_net::NetworkPolicy;
 use den_runtime::Resources;
-use den_sprite::{CreateSprite, ImageSource, ManagerConfig, SpriteManager, SpriteStatus};
+use den_sprite::{CreateSprite, ImageSource, ManagerConfig, SpriteError, SpriteManager, SpriteStatus};
 use den_store::{Store, StoreConfig};
 use den_testkit::net::TestNet;
 
@@ -191,11 +191,12 @@ async fn sleep_and_wake() -> Result<()> {
     cfg.cold_after = Duration::from_millis(2500);
     let mgr = env.start(cfg).await?;
     mgr.create("sleepy", CreateSprite::default()).await?;
-    // A background process that outlives its session and counts.
+    // A background process that outlives its session and counts. Each value
+    // is renamed into place: a reader never meets the file half written.
     sh(
         &mgr,
         "sleepy",
-        "echo data > /home/sprite/keep; (i=0; while :; do i=$((i+1)); echo $i > /tmp/count; sleep 0.02; done) >/dev/null 2>&1 &",
+        "echo data > /home/sprite/keep; (i=0; while :; do i=$((i+1)); echo $i > /tmp/count.new; mv /tmp/count.new /tmp/count; sleep 0.02; done) >/dev/null 2>&1 &",
     )
     .await?;
     let warm_in = wait_status(&mgr, "sleepy", SpriteStatus::Warm, WAIT).await?;
@@ -239,6 +240,99 @@ async fn sleep_and_wake() -> Result<()> {
         out == "data\n0\n",
         "after a cold wake: {out:?} (the counter must be gone, the data kept)"
     );
+    close(mgr).await;
+    Ok(())
+}
+
+/// The next status change of `name` from a `subscribe` receiver.
+async fn next_change(
+    rx: &mut tokio::sync::broadcast::Receiver<den_sprite::SpriteEvent>,
+    name: &str,
+) -> Result<den_sprite::SpriteEvent> {
+    loop {
+        let ev = tokio::time::timeout(WAIT, rx.recv())
+            .await
+            .context("no sprite event")??;
+        let (den_sprite::SpriteEvent::Changed(i) | den_sprite::SpriteEvent::Deleted(i)) = &ev;
+        if i.record.name == name {
+            return Ok(ev);
+        }
+    }
+}
+
+fn changed_to(ev: &den_sprite::SpriteEvent) -> Option<SpriteStatus> {
+    match ev {
+        den_sprite::SpriteEvent::Changed(i) => Some(i.status),
+        den_sprite::SpriteEvent::Deleted(_) => None,
+    }
+}
+
+/// `subscribe` reports a sprite's creation, every status change (idle
+/// sleeps and a restart included) and its deletion, in order; restart
+/// restarts the processes and keeps the disk; the activity times follow.
+async fn events_restart_and_times() -> Result<()> {
+    let env = Env::new()?;
+    let mut cfg = env.config();
+    cfg.warm_after = Duration::from_millis(300);
+    cfg.cold_after = Duration::from_millis(1500);
+    let mgr = env.start(cfg).await?;
+    let mut rx = mgr.subscribe();
+    mgr.create("ev", CreateSprite::default()).await?;
+    ensure!(changed_to(&next_change(&mut rx, "ev").await?) == Some(SpriteStatus::Cold));
+    ensure!(mgr.get("ev")?.record.last_active_at_ms.is_none());
+
+    sh(
+        &mgr,
+        "ev",
+        "echo kept > /home/sprite/kept; sleep 1000 </dev/null >/dev/null 2>&1 &",
+    )
+    .await?;
+    ensure!(changed_to(&next_change(&mut rx, "ev").await?) == Some(SpriteStatus::Running));
+    let rec = mgr.get("ev")?.record;
+    let started = rec.last_started_at_ms.context("last_started_at after a boot")?;
+    ensure!(
+        rec.last_active_at_ms.is_some(),
+        "an awake sprite reports its last use"
+    );
+
+    ensure!(changed_to(&next_change(&mut rx, "ev").await?) == Some(SpriteStatus::Warm));
+    let warm = mgr.get("ev")?.record;
+    let idle_since = warm.last_active_at_ms.context("last_active_at once warm")?;
+    ensure!(
+        warm.last_warming_at_ms.is_some_and(|w| w - idle_since >= 250),
+        "went warm about warm_after past the last use: {warm:?}"
+    );
+    ensure!(changed_to(&next_change(&mut rx, "ev").await?) == Some(SpriteStatus::Cold));
+    let cold = mgr
+        .get("ev")?
+        .record
+        .last_active_at_ms
+        .context("last_active_at once cold")?;
+    // The same instant, taken again on the way down (millisecond jitter).
+    ensure!((cold - idle_since).abs() <= 5, "{idle_since} then {cold}");
+
+    mgr.restart("ev").await?;
+    ensure!(changed_to(&next_change(&mut rx, "ev").await?) == Some(SpriteStatus::Running));
+    ensure!(mgr.get("ev")?.record.last_started_at_ms > Some(started));
+    // Awake and running: restart again, now from running.
+    sh(&mgr, "ev", "sleep 1000 </dev/null >/dev/null 2>&1 &").await?;
+    mgr.restart("ev").await?;
+    let out = sh(
+        &mgr,
+        "ev",
+        "cat /home/sprite/kept; ps -o comm | grep -c sleep || true",
+    )
+    .await?;
+    ensure!(out == "kept\n0\n", "after a restart: {out:?}");
+    ensure!(mgr.running_agent("ev").await?.is_some());
+
+    mgr.delete("ev").await?;
+    loop {
+        match next_change(&mut rx, "ev").await? {
+            den_sprite::SpriteEvent::Deleted(_) => break,
+            den_sprite::SpriteEvent::Changed(_) => {}
+        }
+    }
     close(mgr).await;
     Ok(())
 }
@@ -626,21 +720,29 @@ async fn services() -> Result<()> {
         ..Default::default()
     };
     let _wake = mgr.wake("svc").await?;
-    mgr.update_services("svc", |s| {
-        s.push(def(
+    // `web` needs `db`, which doesn't exist yet: refused, nothing stored.
+    let web = def(
+        "web",
+        "test -e /tmp/db.started && echo ordered > /tmp/web.order; echo web up; exec sleep 1000",
+        &["db"],
+    );
+    ensure!(matches!(
+        mgr.put_service("svc", web.clone()).await,
+        Err(SpriteError::Invalid(_))
+    ));
+    ensure!(mgr.services("svc")?.is_empty());
+    mgr.put_service(
+        "svc",
+        def(
             "db",
             "date +%s%N > /tmp/db.started; echo db up; exec sleep 1000",
             &[],
-        ));
-        s.push(def(
-            "web",
-            "test -e /tmp/db.started && echo ordered > /tmp/web.order; echo web up; exec sleep 1000",
-            &["db"],
-        ));
-        s.push(def("crashy", "echo crash >&2; exit 3", &[]));
-        Ok(())
-    })
+        ),
+    )
     .await?;
+    mgr.put_service("svc", web).await?;
+    mgr.put_service("svc", def("crashy", "echo crash >&2; exit 3", &[]))
+        .await?;
     let act = mgr.wake("svc").await?;
     let agent = act.agent().clone();
     use den_agent::protocol::{ServiceState, ServiceStatus};
@@ -656,12 +758,13 @@ async fn services() -> Result<()> {
     let log = sh(&mgr, "svc", "cat /.sprite/logs/services/crashy.log").await?;
     ensure!(log.contains("[stderr] crash"), "{log:?}");
     // Sticky stop.
-    mgr.update_services("svc", |s| {
-        s.iter_mut().find(|d| d.name == "web").expect("web").stopped = true;
-        Ok(())
-    })
-    .await?;
+    drop(mgr.stop_service("svc", "web").await?);
     wait_services(&agent, "web stopped", is("web", ServiceState::Stopped)).await?;
+    // `db` can't go while `web` needs it.
+    ensure!(matches!(
+        mgr.delete_service("svc", "db").await,
+        Err(SpriteError::Conflict(_))
+    ));
     drop(act);
     drop(_wake);
     // A cold boot restarts db but not the stopped web.
@@ -674,6 +777,16 @@ async fn services() -> Result<()> {
     )
     .await?;
     drop(act);
+    // A bad definition is refused before anything wakes: a cycle keeps the
+    // cold sprite cold.
+    mgr.sleep("svc", SpriteStatus::Cold).await?;
+    let cycle = def("db", "exec sleep 1000", &["web"]);
+    ensure!(matches!(
+        mgr.put_service("svc", cycle).await,
+        Err(SpriteError::Invalid(m)) if m.contains("cycle")
+    ));
+    ensure!(mgr.get("svc")?.status == SpriteStatus::Cold);
+    ensure!(mgr.service("svc", "db")?.needs.is_empty());
     close(mgr).await;
     Ok(())
 }
@@ -695,6 +808,7 @@ async fn wait_services(
 }
 
 const CRASH_CHILD: &str = "crash-child";
+const POOL_CHILD: &str = "pool-child";
 
 /// The manager's process is killed with SIGKILL while a sprite runs (its
 /// FUSE server dies with it, leaving a dead disk under a live container).
@@ -753,36 +867,242 @@ async fn host_crash_recovery() -> Result<()> {
     Ok(())
 }
 
+/// 20 creates at once against a pool of 3: the first take pre-booted
+/// sprites, the rest boot cold. Every sprite has exactly its own name,
+/// hostname, limits, attributes and a fresh disk, whichever path it took,
+/// and no pooled sprite is ever listed.
+async fn pool_concurrent_creates() -> Result<()> {
+    let env = Env::new()?;
+    let mut cfg = env.config();
+    cfg.pool_size = 3;
+    let mgr = env.start(cfg).await?;
+    mgr.pool_filled(WAIT).await?;
+    ensure!(
+        mgr.list().is_empty(),
+        "pooled sprites are listed: {:?}",
+        mgr.list()
+    );
+    let names: Vec<String> = (0..20).map(|i| format!("p{i:02}")).collect();
+    let limits = |i: usize| Resources {
+        memory_bytes: Some((200 + i as u64) << 20),
+        pids: Some(300 + i as i64),
+        ..Resources::default()
+    };
+    let creates: Vec<_> = names
+        .iter()
+        .enumerate()
+        .map(|(i, n)| {
+            let (mgr, n) = (mgr.clone(), n.clone());
+            tokio::spawn(async move {
+                let t0 = Instant::now();
+                let info = mgr
+                    .create(
+                        &n,
+                        CreateSprite {
+                            attrs: serde_json::json!({ "i": i }),
+                            resources: Some(limits(i)),
+                            policy: None,
+                        },
+                    )
+                    .await?;
+                // A pool hit is running at once; then everyone marks its disk.
+                let hit = info.status == SpriteStatus::Running;
+                sh(&mgr, &n, &format!("echo {n} > /home/sprite/owner-{n}")).await?;
+                anyhow::Ok((hit, t0.elapsed()))
+            })
+        })
+        .collect();
+    let mut hits = 0;
+    for c in creates {
+        let (hit, took) = c.await??;
+        hits += usize::from(hit);
+        if hit {
+            println!("  pool hit: create + first output {took:?}");
+        }
+    }
+    let stats = mgr.pool_stats();
+    ensure!(
+        stats.hits as usize == hits && (3..20).contains(&hits) && stats.hits + stats.misses == 20,
+        "{stats:?}, {hits} created running"
+    );
+    let mode = den_runtime::cgroup::detect()?;
+    for (i, n) in names.iter().enumerate() {
+        let out = sh(
+            &mgr,
+            n,
+            "hostname; cat /etc/hostname; grep -c \"$(hostname)\" /etc/hosts; ls /home/sprite",
+        )
+        .await?;
+        ensure!(out == format!("{n}\n{n}\n1\nowner-{n}\n"), "{n} sees {out:?}");
+        let rec = mgr.get(n)?.record;
+        ensure!(
+            rec.attrs == serde_json::json!({ "i": i }) && rec.resources == limits(i),
+            "{rec:?}"
+        );
+        let cg = den_runtime::cgroup::SpriteCgroup::new(mode, &rec.key);
+        let mem = match mode {
+            den_runtime::cgroup::CgroupMode::V2 => cg.read("memory", "memory.max")?,
+            _ => cg.read("memory", "memory.limit_in_bytes")?,
+        };
+        ensure!(
+            mem == ((200 + i as u64) << 20).to_string()
+                && cg.read("pids", "pids.max")? == (300 + i).to_string(),
+            "{n}: memory {mem}"
+        );
+    }
+    // Refilled in the background, and still not listed.
+    mgr.pool_filled(WAIT).await?;
+    ensure!(mgr.list().len() == 20);
+    close(mgr).await;
+    Ok(())
+}
+
+/// What a sprite pool holds on the host, found from its ledger: the keys,
+/// and for each whether a volume, a cgroup task, a netns, a mount or a loop
+/// device is left.
+fn pool_leftovers(env: &Env, keys: &[String], volumes: &[String]) -> Result<Vec<String>> {
+    let mut left = Vec::new();
+    let run_dir = env.dir.path().join("run");
+    for m in den_block::mountinfo::read()? {
+        // The run dir's own (shared) bind mount is the running manager's.
+        if m.mount_point.starts_with(&run_dir) && m.mount_point != run_dir {
+            left.push(format!("mount {}", m.mount_point.display()));
+            let file = m.mount_point.join(den_block::FuseOptions::default().file_name);
+            for d in den_block::loopdev::devices_backed_by(&file) {
+                left.push(format!("loop device {}", d.display()));
+            }
+        }
+    }
+    let prefix = &env.config().net.netns_prefix;
+    for e in std::fs::read_dir("/run/netns").into_iter().flatten().flatten() {
+        let name = e.file_name().to_string_lossy().into_owned();
+        if name.starts_with(prefix.as_str()) {
+            left.push(format!("netns {name}"));
+        }
+    }
+    let mode = den_runtime::cgroup::detect()?;
+    for k in keys {
+        let cg = den_runtime::cgroup::SpriteCgroup::new(mode, k);
+        if cg.exists() {
+            left.push(format!("cgroup of {k} ({} tasks)", cg.procs()?.len()));
+        }
+        if volumes.contains(&format!("sprite-{k}")) {
+            left.push(format!("volume sprite-{k}"));
+        }
+    }
+    let ledger = env.dir.path().join("data/pool");
+    for e in std::fs::read_dir(&ledger).into_iter().flatten().flatten() {
+        left.push(format!("ledger entry {}", e.file_name().to_string_lossy()));
+    }
+    Ok(left)
+}
+
+fn pool_keys(env: &Env) -> Vec<String> {
+    std::fs::read_dir(env.dir.path().join("data/pool"))
+        .into_iter()
+        .flatten()
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .collect()
+}
+
+async fn volume_names(env: &Env) -> Result<Vec<String>> {
+    Ok(env
+        .store()
+        .await?
+        .list_volumes()
+        .await?
+        .into_iter()
+        .map(|v| v.name)
+        .collect())
+}
+
+/// A full pool stopped cleanly, and a full pool whose server is killed with
+/// SIGKILL, leave no loop device, mount, network namespace, cgroup or
+/// volume behind (the second after the next start).
+async fn pool_stop_and_kill_leak_nothing() -> Result<()> {
+    let env = Env::new()?;
+    let mut cfg = env.config();
+    cfg.pool_size = 2;
+    let mgr = env.start(cfg.clone()).await?;
+    mgr.pool_filled(WAIT).await?;
+    let keys = pool_keys(&env);
+    ensure!(keys.len() == 2, "ledger: {keys:?}");
+    for k in &keys {
+        ensure!(count_sprite_tasks(k)? >= 1, "pooled sprite {k} is not running");
+        ensure!(volume_names(&env).await?.contains(&format!("sprite-{k}")));
+    }
+    close(mgr).await;
+    let left = pool_leftovers(&env, &keys, &volume_names(&env).await?)?;
+    ensure!(left.is_empty(), "after a clean stop: {left:?}");
+
+    let mut child = std::process::Command::new(std::env::current_exe()?)
+        .arg(POOL_CHILD)
+        .arg(env.dir.path())
+        .args(net_args(&cfg.net))
+        .stdout(std::process::Stdio::piped())
+        .spawn()?;
+    let mut stdout = std::io::BufReader::new(child.stdout.take().context("stdout")?);
+    let mut line = String::new();
+    tokio::task::block_in_place(|| std::io::BufRead::read_line(&mut stdout, &mut line))?;
+    ensure!(line.trim() == "ready", "child said {line:?}");
+    let keys = pool_keys(&env);
+    ensure!(keys.len() == 2, "ledger of the killed server: {keys:?}");
+    child.kill()?;
+    child.wait()?;
+    ensure!(
+        !pool_leftovers(&env, &keys, &volume_names(&env).await?)?.is_empty(),
+        "the killed server left nothing to clean up: the check below proves nothing"
+    );
+    cfg.pool_size = 0;
+    let mgr = env.start(cfg).await?;
+    let left = pool_leftovers(&env, &keys, &volume_names(&env).await?)?;
+    ensure!(left.is_empty(), "after the restart: {left:?}");
+    close(mgr).await;
+    let left = pool_leftovers(&env, &keys, &volume_names(&env).await?)?;
+    ensure!(left.is_empty(), "after the restart and a stop: {left:?}");
+    Ok(())
+}
+
+/// The pool child: a manager with a full pool of 2; prints "ready" and
+/// waits to be killed.
+fn pool_child(args: &[OsString]) -> ! {
+    crash_child_main(
+        args,
+        |cfg| cfg.pool_size = 2,
+        async |mgr| {
+            mgr.pool_filled(WAIT).await.expect("pool");
+            println!("ready");
+        },
+    )
+}
+
 /// The crash child: a manager with one running sprite that wrote and synced
 /// a file and runs a `sleep`; prints "ready" and waits to be killed.
 fn crash_child(args: &[OsString]) -> ! {
-    let a = strings(args);
-    let dir = PathBuf::from(&a[0]);
-    let net = net_from_args(&a[1..]);
-    let rt = tokio::runtime::Runtime::new().expect("runtime");
-    rt.block_on(async move {
-        let cfg = test_config(&dir, &dir.join("images"), net);
-        let mgr = start_at(cfg, &dir).await.expect("manager");
-        mgr.create("crashy", CreateSprite::default())
+    crash_child_main(
+        args,
+        |_| {},
+        async |mgr| {
+            mgr.create("crashy", CreateSprite::default())
+                .await
+                .expect("create");
+            // `sync -f`: a plain `sync` reaches every filesystem on the host,
+            // and hangs on any other test's stuck disk.
+            sh(
+                &mgr,
+                "crashy",
+                "echo synced > /home/sprite/synced && sync -f /home/sprite/synced",
+            )
             .await
-            .expect("create");
-        // `sync -f`: a plain `sync` reaches every filesystem on the host,
-        // and hangs on any other test's stuck disk.
-        sh(
-            &mgr,
-            "crashy",
-            "echo synced > /home/sprite/synced && sync -f /home/sprite/synced",
-        )
-        .await
-        .expect("write");
-        let act = mgr.wake("crashy").await.expect("wake");
-        let mut req = sh_req("sleep 1000");
-        req.max_run_after_disconnect_ms = Some(0);
-        act.agent().exec(req).await.expect("sleep").detach();
-        println!("ready");
-        std::future::pending::<()>().await;
-    });
-    unreachable!()
+            .expect("write");
+            let act = mgr.wake("crashy").await.expect("wake");
+            let mut req = sh_req("sleep 1000");
+            req.max_run_after_disconnect_ms = Some(0);
+            act.agent().exec(req).await.expect("sleep").detach();
+            println!("ready");
+        },
+    )
 }
 
 /// The real Debian userland: `sprite` with passwordless sudo, home, apt.
@@ -835,9 +1155,16 @@ fn main() {
     if args.get(1).is_some_and(|a| a == CRASH_CHILD) {
         crash_child(&args[2..]);
     }
+    if args.get(1).is_some_and(|a| a == POOL_CHILD) {
+        pool_child(&args[2..]);
+    }
     let tests: &[(&str, TestFn)] = &[
         ("lifecycle", || Box::pin(lifecycle())),
         ("sleep_and_wake", || Box::pin(sleep_and_wake())),
+        (
+            "events_restart_and_times",
+            || Box::pin(events_restart_and_times()),
+        ),
         ("security", || Box::pin(security())),
         ("egress_policy", || Box::pin(egress_policy())),
         ("services", || Box::pin(services())),
@@ -847,6 +1174,10 @@ fn main() {
             Box::pin(template_vs_cloned_mount_namespace())
         }),
         ("debian_userland", || Box::pin(debian_userland())),
+        ("pool_concurrent_creates", || Box::pin(pool_concurrent_creates())),
+        ("pool_stop_and_kill_leak_nothing", || {
+            Box::pin(pool_stop_and_kill_leak_nothing())
+        }),
     ];
     run_tests(tests);
 }

@@ -46,6 +46,8 @@ pub fn test_config(dir: &Path, images: &Path, net: den_net::NetConfig) -> Manage
     cfg.warm_after = Duration::from_secs(3600);
     cfg.cold_after = Duration::from_secs(7200);
     cfg.stop_grace = Duration::from_secs(2);
+    // Tests of the pool turn it on; the others pin the cold-create path.
+    cfg.pool_size = 0;
     cfg
 }
 
@@ -141,6 +143,28 @@ pub fn net_from_args(a: &[String]) -> den_net::NetConfig {
 
 pub fn strings(args: &[OsString]) -> Vec<String> {
     args.iter().map(|s| s.to_string_lossy().into_owned()).collect()
+}
+
+/// A child process of a crash test: a manager below the directory in
+/// `args` (then the network's [`net_args`]), configured by `tweak` and
+/// brought to the state to crash in by `setup`, which prints what the
+/// parent waits for. Then it waits to be killed.
+pub fn crash_child_main<F>(args: &[OsString], tweak: impl FnOnce(&mut ManagerConfig), setup: F) -> !
+where
+    F: AsyncFnOnce(SpriteManager),
+{
+    let a = strings(args);
+    let dir = std::path::PathBuf::from(&a[0]);
+    let net = net_from_args(&a[1..]);
+    let rt = tokio::runtime::Runtime::new().expect("runtime");
+    rt.block_on(async move {
+        let mut cfg = test_config(&dir, &dir.join("images"), net);
+        tweak(&mut cfg);
+        let mgr = start_at(cfg, &dir).await.expect("manager");
+        setup(mgr).await;
+        std::future::pending::<()>().await;
+    });
+    unreachable!()
 }
 
 /// The rest of every binary's `main`, after its own subcommands: run the

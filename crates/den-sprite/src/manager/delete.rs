@@ -1,0 +1,27 @@
+//! Deleting a sprite: processes, disk and checkpoints.
+
+use super::*;
+
+impl SpriteManager {
+    /// Destroy a sprite: its processes, disk and checkpoints.
+    pub async fn delete(&self, name: &str) -> Result<()> {
+        let slot = self.slot(name)?;
+        let mut phase = slot.phase.lock().await;
+        if slot.deleted.load(Ordering::Acquire) {
+            return Err(SpriteError::NotFound(name.to_string()));
+        }
+        self.sleep_locked(&slot, &mut phase, SpriteStatus::Cold).await?;
+        let volume = slot.record.lock().volume.clone();
+        match when_released(|| self.inner.store.delete_volume(&volume)).await {
+            Ok(()) | Err(StoreError::VolumeNotFound(_)) => {}
+            Err(e) => return Err(e.into()),
+        }
+        self.inner.catalog.delete(name).await?;
+        slot.deleted.store(true, Ordering::Release);
+        self.inner.slots.lock().remove(name);
+        let _ = self.inner.events.send(SpriteEvent::Deleted(slot.info()));
+        let _ =
+            std::fs::remove_dir_all(SpritePaths::new(&self.inner.cfg.run_dir, &slot.record.lock().key).root);
+        Ok(())
+    }
+}

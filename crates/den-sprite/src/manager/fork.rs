@@ -1,0 +1,77 @@
+//! A new sprite from another one's checkpoint or live state.
+
+use super::checkpoint::FreezeGuard;
+use super::create::{new_key, new_record};
+use super::*;
+
+impl SpriteManager {
+    /// A new sprite from a checkpoint of `source`, or from its live state
+    /// (frozen and synced for the instant the fork takes). Settings (policy,
+    /// services, limits, attributes) are copied; `attrs` replaces the latter.
+    pub async fn fork(
+        &self,
+        source: &str,
+        new_name: &str,
+        checkpoint: Option<&str>,
+        attrs: Option<serde_json::Value>,
+    ) -> Result<SpriteInfo> {
+        self.check_running()?;
+        validate_key(new_name)?;
+        if self.inner.slots.lock().contains_key(new_name) {
+            return Err(SpriteError::Exists(new_name.to_string()));
+        }
+        let src = self.slot(source)?;
+        let src_rec = src.record.lock().clone();
+        let key = new_key();
+        let volume = format!("sprite-{key}");
+        let store = &self.inner.store;
+        match checkpoint {
+            Some(id) => {
+                let ck = self.get_checkpoint(source, id).await?;
+                store
+                    .fork(
+                        &volume,
+                        VolumeSource::Checkpoint {
+                            volume: src_rec.volume.clone(),
+                            checkpoint: ck.id,
+                        },
+                    )
+                    .await?;
+            }
+            None => {
+                let phase = src.phase.lock().await;
+                let live_src = VolumeSource::Volume(src_rec.volume.clone());
+                match &*phase {
+                    Phase::Cold => {
+                        store.fork(&volume, live_src).await?;
+                    }
+                    Phase::Awake(live) => {
+                        let (backend, handle, frozen) =
+                            (self.inner.backend.clone(), live.handle.clone(), live.frozen);
+                        let mp = live.disk.as_ref().expect("awake").mountpoint().to_path_buf();
+                        let guard = blocking(move || {
+                            let g = FreezeGuard::new(backend, handle, frozen)?;
+                            disk::syncfs(&mp)?;
+                            Ok(g)
+                        })
+                        .await?;
+                        let res = store.fork(&volume, live_src).await;
+                        drop(guard);
+                        res?;
+                    }
+                }
+            }
+        }
+        let mut rec = new_record(
+            new_name,
+            key,
+            volume,
+            src_rec.image,
+            src_rec.resources,
+            attrs.unwrap_or(src_rec.attrs),
+        );
+        rec.policy = src_rec.policy;
+        rec.services = src_rec.services;
+        self.insert(rec).await
+    }
+}
