@@ -52,6 +52,9 @@ pub struct ServerConfig {
     pub default_exec_timeout: Option<Duration>,
     /// Quota: most sprites awake (running or warm) at once.
     pub max_awake: Option<usize>,
+    /// Blank sprites kept booted, so that a create is served at once
+    /// (0: none). Never counted by quotas, never listed.
+    pub pool_size: usize,
     /// Quota: most sprites in total.
     pub max_sprites: Option<usize>,
     /// Rate limit on creates: at most `count` per `window`.
@@ -130,6 +133,7 @@ impl ServerConfig {
             allowed_host_networks: Vec::new(),
             default_exec_timeout: None,
             max_awake: None,
+            pool_size: 2,
             max_sprites: None,
             create_rate: None,
             object_store: None,
@@ -193,6 +197,7 @@ impl ServerConfig {
                 .transpose()
         };
         f.max_awake = num("max_awake")?;
+        f.pool_size = num("pool_size")?;
         f.max_sprites = num("max_sprites")?;
         f.max_connections = num("max_connections")?;
         f.max_connections_per_ip = num("max_connections_per_ip")?;
@@ -262,6 +267,7 @@ struct FileConfig {
     allowed_host_networks: Option<Vec<String>>,
     default_exec_timeout: Option<String>,
     max_awake: Option<usize>,
+    pool_size: Option<usize>,
     max_sprites: Option<usize>,
     create_rate: Option<String>,
     object_store: Option<String>,
@@ -373,6 +379,9 @@ impl FileConfig {
         }
         if self.max_awake.is_some() {
             c.max_awake = self.max_awake;
+        }
+        if let Some(n) = self.pool_size {
+            c.pool_size = n;
         }
         if self.max_sprites.is_some() {
             c.max_sprites = self.max_sprites;

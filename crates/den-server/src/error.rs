@@ -24,6 +24,9 @@ pub struct ApiError {
     /// `Retry-After` (seconds) of a retryable 503: the request lost a race
     /// with a lifecycle change (a restore, a stop) and will work once it is over.
     pub retry_after: Option<u32>,
+    /// Also carries the message in the list form `"errors": [message]`,
+    /// which the Sprites reference shows for validation errors.
+    pub listed: bool,
 }
 
 impl ApiError {
@@ -35,7 +38,15 @@ impl ApiError {
             plain: false,
             limited: None,
             retry_after: None,
+            listed: false,
         }
+    }
+    /// A 400 whose body also has the list form:
+    /// `{"error":"bad_request","message":m,"errors":[m]}`.
+    pub fn validation(message: impl Into<String>) -> Self {
+        let mut e = Self::bad_request(message);
+        e.listed = true;
+        e
     }
     pub fn bad_request(message: impl Into<String>) -> Self {
         Self::new(StatusCode::BAD_REQUEST, "bad_request", message)
@@ -70,6 +81,7 @@ impl ApiError {
             plain: false,
             limited: Some(Box::new(l)),
             retry_after: None,
+            listed: false,
         }
     }
     pub fn plain(mut self) -> Self {
@@ -155,6 +167,9 @@ impl IntoResponse for ApiError {
         }
         let mut resp = if self.plain {
             (self.status, message).into_response()
+        } else if self.listed {
+            let body = json!({"error": self.code, "message": message, "errors": [message]});
+            (self.status, Json(body)).into_response()
         } else {
             (self.status, Json(json!({"error": self.code, "message": message}))).into_response()
         };
@@ -191,7 +206,9 @@ impl From<SpriteError> for ApiError {
             ),
             SpriteError::Invalid(m) => ApiError::bad_request(m),
             SpriteError::Conflict(m) => ApiError::conflict(m),
-            SpriteError::CheckpointNotFound { .. } => ApiError::not_found(msg),
+            SpriteError::CheckpointNotFound { .. } | SpriteError::ServiceNotFound { .. } => {
+                ApiError::not_found(msg)
+            }
             SpriteError::AwakeLimit { awake, limit } => {
                 ApiError::limited(crate::limits::Limited::awake(awake, limit))
             }

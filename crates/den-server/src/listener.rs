@@ -28,6 +28,7 @@
 
 use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
+use std::os::fd::AsRawFd;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -48,6 +49,7 @@ use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 use tower::ServiceExt;
 
+use crate::conn_socket::ConnSocket;
 use crate::tls::{Tls, ViaTls};
 
 /// How long accepting pauses after an error such as `EMFILE`: long enough
@@ -149,10 +151,19 @@ impl Drop for Slot {
 }
 
 /// A connection with its slot: the slot goes when the socket does, also
-/// after an upgrade hands the socket on to a WebSocket.
+/// after an upgrade hands the socket on to a WebSocket. `socket` is what
+/// the connection's requests learn about it ([`ConnSocket`]).
 struct Counted {
     tcp: TcpStream,
+    socket: ConnSocket,
     _slot: Slot,
+}
+
+impl Drop for Counted {
+    fn drop(&mut self) {
+        // Before `tcp` closes the descriptor (fields drop after this).
+        self.socket.close();
+    }
 }
 
 impl AsyncRead for Counted {
@@ -180,11 +191,36 @@ impl AsyncWrite for Counted {
         self.tcp.is_write_vectored()
     }
     fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-        Pin::new(&mut self.get_mut().tcp).poll_flush(cx)
+        let this = self.get_mut();
+        let r = Pin::new(&mut this.tcp).poll_flush(cx);
+        if matches!(r, Poll::Ready(Ok(()))) {
+            this.socket.note_flush();
+        }
+        r
     }
     fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
         Pin::new(&mut self.get_mut().tcp).poll_shutdown(cx)
     }
+}
+
+/// A plain TCP client connection handed over by an upgrade, with its slot
+/// (kept for as long as the connection is).
+pub(crate) struct UpgradedTcp(Counted);
+
+impl UpgradedTcp {
+    pub(crate) fn tcp(&self) -> &TcpStream {
+        &self.0.tcp
+    }
+}
+
+/// The client socket of an upgraded connection that came over plain TCP,
+/// and the bytes hyper read from it beyond the request; `Err` gives a TLS
+/// (or any other) connection back.
+pub(crate) fn upgraded_tcp(
+    up: hyper::upgrade::Upgraded,
+) -> Result<(UpgradedTcp, bytes::Bytes), hyper::upgrade::Upgraded> {
+    let parts = up.downcast::<TokioIo<Counted>>()?;
+    Ok((UpgradedTcp(parts.io.into_inner()), parts.read_buf))
 }
 
 /// Rate-limits one kind of warning.
@@ -256,11 +292,17 @@ pub async fn serve(
         if let Err(e) = tcp.set_nodelay(true) {
             tracing::debug!(error = %e, "TCP_NODELAY");
         }
-        let io = Counted { tcp, _slot: slot };
+        let socket = ConnSocket::new(tcp.as_raw_fd());
+        let io = Counted {
+            tcp,
+            socket: socket.clone(),
+            _slot: slot,
+        };
         let via_tls = tls.is_some();
         let svc = app.clone().map_request(move |req: Request<Incoming>| {
             let mut req = req.map(Body::new);
             req.extensions_mut().insert(ConnectInfo(peer));
+            req.extensions_mut().insert(socket.clone());
             if via_tls {
                 req.extensions_mut().insert(ViaTls);
             }

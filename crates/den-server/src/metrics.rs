@@ -107,6 +107,18 @@ pub async fn render(State(st): State<AppState>) -> Response {
     metrics::counter!("den_storage_gc_chunks_freed_total").absolute(gc.chunks_freed);
     metrics::counter!("den_storage_gc_bytes_freed_total").absolute(gc.bytes_freed);
     metrics::gauge!("den_tokens").set(st.tokens.list().len() as f64);
+    // Where boot time goes: a phase's total over the boot count is its mean.
+    let boots = st.mgr.boot_totals();
+    metrics::counter!("den_sprite_boots_total").absolute(boots.count);
+    for (phase, sum) in den_sprite::BootPhases::NAMES.iter().zip(boots.sum) {
+        metrics::counter!("den_sprite_boot_phase_microseconds_total", "phase" => *phase)
+            .absolute(sum.as_micros() as u64);
+    }
+    // The pre-booted pool: a miss is a create that booted cold.
+    let pool = st.mgr.pool_stats();
+    metrics::counter!("den_sprite_pool_hits_total").absolute(pool.hits);
+    metrics::counter!("den_sprite_pool_misses_total").absolute(pool.misses);
+    metrics::gauge!("den_sprite_pool_ready").set(pool.ready as f64);
     let mut resp = st.metrics.handle.render().into_response();
     resp.headers_mut().insert(
         header::CONTENT_TYPE,

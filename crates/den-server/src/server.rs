@@ -153,6 +153,7 @@ pub async fn start(cfg: ServerConfig, den_exe: std::path::PathBuf) -> Result<Run
     mcfg.warm_after = cfg.warm_after;
     mcfg.cold_after = cfg.cold_after;
     mcfg.max_awake = cfg.max_awake;
+    mcfg.pool_size = cfg.pool_size;
     let crate::backends::Backends {
         store,
         mgr,
@@ -191,7 +192,9 @@ pub async fn start(cfg: ServerConfig, den_exe: std::path::PathBuf) -> Result<Run
             .clone()
             .map(|c| Arc::new(crate::cluster_api::ClusterRouter(c)) as Arc<dyn crate::forward::Router>),
         cluster,
+        upstreams: Arc::default(),
     };
+    tokio::spawn(state.upstreams.clone().run_sweeper(shutdown.clone()));
     let app = app(state.clone());
     let counter = crate::listener::ConnCounter::new(state.cfg.connections);
     let task = tokio::spawn(crate::listener::serve(

@@ -42,6 +42,9 @@ pub fn sprite_json(cfg: &ServerConfig, info: &SpriteInfo) -> Value {
     if let Some(ms) = r.last_warming_at_ms {
         v["last_warming_at"] = rfc3339_ms(ms).into();
     }
+    // The reference: ISO 8601, null when not tracked.
+    v["last_started_at"] = r.last_started_at_ms.map(rfc3339_ms).into();
+    v["last_active_at"] = r.last_active_at_ms.map(rfc3339_ms).into();
     if let Some(region) = attrs.get("config").and_then(|c| c.get("region")) {
         v["primary_region"] = region.clone();
     }

@@ -27,4 +27,6 @@ pub struct AppState {
     pub router: Option<Arc<dyn crate::forward::Router>>,
     /// Cluster mode: this node's membership (nodes, drain, placement info).
     pub cluster: Option<den_cluster::Cluster>,
+    /// Idle connections to sprites' URL ports.
+    pub upstreams: Arc<crate::upstream_pool::UpstreamPool>,
 }

@@ -6,9 +6,8 @@
 //! The request wakes the sprite and keeps it awake until the exchange (or
 //! the upgraded connection) ends. `url_settings.auth` `sprite` requires a
 //! den bearer token; `public` lets anyone in. A den token is never passed
-//! on to the sprite's program. Each request gets its own upstream
-//! connection: sprites sleep and come back, and a pooled connection to a
-//! sprite that slept would fail the next request.
+//! on to the sprite's program. Upstream connections are kept for the next
+//! request to the same boot of the sprite ([`crate::upstream_pool`]).
 //!
 //! URL traffic is dialed at the sprite's address, not its loopback (as in
 //! Sprites): a program bound to `127.0.0.1` stays private even when the
@@ -31,6 +30,7 @@ use crate::error::{ApiError, ApiResult};
 use crate::sprite_json::url_auth;
 use crate::state::AppState;
 use crate::upstream;
+use crate::upstream_pool::PoolKey;
 
 /// URL traffic goes here unless a service says otherwise.
 pub const DEFAULT_HTTP_PORT: u16 = 8080;
@@ -186,40 +186,39 @@ async fn forward(st: AppState, name: String, host: String, mut req: Request) -> 
     let port = http_port(&st, &name)?;
     let cold = upstream::is_cold(&st.mgr, &name);
     let activity = Arc::new(st.mgr.wake(&name).await?);
-    let addr = activity.addr();
-    let tcp = upstream::dial(addr, port, cold).await.map_err(|e| {
-        bad_gateway(format!(
-            "nothing answers on port {port} of sprite {name} ({e}); \
-             URL traffic goes to port {DEFAULT_HTTP_PORT} or the service with http_port, \
-             which must listen on 0.0.0.0"
-        ))
-    })?;
-    let (mut sender, conn) = hyper::client::conn::http1::Builder::new()
-        .handshake::<_, Body>(TokioIo::new(tcp))
-        .await
-        .map_err(|e| bad_gateway(format!("sprite {name}: {e}")))?;
-    {
-        // The connection lives until the exchange (body streams included)
-        // is over, so it is what keeps the sprite awake.
-        let hold = activity.clone();
-        let stop = st.shutdown.clone();
-        tokio::spawn(async move {
-            tokio::select! {
-                _ = conn.with_upgrades() => {}
-                _ = stop.cancelled() => {}
-            }
-            drop(hold);
-        });
-    }
+    let key = PoolKey {
+        sprite: name.clone(),
+        boot: activity.boot_id(),
+        port,
+    };
 
     let client_upgrade = req.extensions_mut().remove::<OnUpgrade>();
     let upgrade = upgrade_of(req.headers());
     let (mut parts, body) = req.into_parts();
     rewrite_request(&mut parts, host, upgrade.clone(), token_ok);
-    let mut resp = sender
-        .send_request(Request::from_parts(parts, body))
-        .await
-        .map_err(|e| bad_gateway(format!("sprite {name} did not answer: {e}")))?;
+    let req = Request::from_parts(parts, body);
+    // An upgraded connection is spliced, never pooled: it gets its own.
+    let pooled = match upgrade {
+        None => st.upstreams.checkout(&key),
+        Some(_) => None,
+    };
+    let reused = pooled.is_some();
+    let mut sender = match pooled {
+        Some(s) => s,
+        None => connect(&st, &name, activity.addr(), port, cold).await?,
+    };
+    let did_not_answer = |e: hyper::Error| bad_gateway(format!("sprite {name} did not answer: {e}"));
+    let mut resp = match sender.try_send_request(req).await {
+        Ok(resp) => resp,
+        // The kept connection closed before the request went out: hyper
+        // hands it back unsent, and it goes out on a new connection.
+        Err(mut e) if reused && e.message().is_some() => {
+            let req = e.take_message().expect("checked above");
+            sender = connect(&st, &name, activity.addr(), port, false).await?;
+            sender.send_request(req).await.map_err(did_not_answer)?
+        }
+        Err(e) => return Err(did_not_answer(e.into_error())),
+    };
 
     if resp.status() == StatusCode::SWITCHING_PROTOCOLS {
         let (Some(client), Some(_)) = (client_upgrade, &upgrade) else {
@@ -233,9 +232,77 @@ async fn forward(st: AppState, name: String, host: String, mut req: Request) -> 
         let (parts, _) = resp.into_parts();
         return Ok(Response::from_parts(parts, Body::empty()));
     }
+    if upgrade.is_none() {
+        // Back into the pool once the body has been read to the end.
+        st.upstreams.give_back(key, sender);
+    }
     let (mut parts, body) = resp.into_parts();
     strip_hop_by_hop(&mut parts.headers);
-    Ok(Response::from_parts(parts, Body::new(body)))
+    // The body, not the connection, keeps the sprite awake: a connection
+    // idle in the pool must not.
+    Ok(Response::from_parts(
+        parts,
+        Body::new(Held {
+            body,
+            _hold: activity,
+        }),
+    ))
+}
+
+/// A new HTTP/1.1 connection to the sprite's port; `just_booted` gives a
+/// program that is still starting time to listen.
+async fn connect(
+    st: &AppState,
+    name: &str,
+    addr: std::net::Ipv4Addr,
+    port: u16,
+    just_booted: bool,
+) -> ApiResult<hyper::client::conn::http1::SendRequest<Body>> {
+    let tcp = upstream::dial(addr, port, just_booted).await.map_err(|e| {
+        bad_gateway(format!(
+            "nothing answers on port {port} of sprite {name} ({e}); \
+             URL traffic goes to port {DEFAULT_HTTP_PORT} or the service with http_port, \
+             which must listen on 0.0.0.0"
+        ))
+    })?;
+    let (sender, conn) = hyper::client::conn::http1::Builder::new()
+        .handshake::<_, Body>(TokioIo::new(tcp))
+        .await
+        .map_err(|e| bad_gateway(format!("sprite {name}: {e}")))?;
+    let stop = st.shutdown.clone();
+    tokio::spawn(async move {
+        tokio::select! {
+            _ = conn.with_upgrades() => {}
+            _ = stop.cancelled() => {}
+        }
+    });
+    Ok(sender)
+}
+
+/// A response body that keeps its sprite awake until it ends or is dropped.
+struct Held<B> {
+    body: B,
+    _hold: Arc<den_sprite::Activity>,
+}
+
+impl<B: hyper::body::Body + Unpin> hyper::body::Body for Held<B> {
+    type Data = B::Data;
+    type Error = B::Error;
+
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<hyper::body::Frame<B::Data>, B::Error>>> {
+        std::pin::Pin::new(&mut self.body).poll_frame(cx)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.body.is_end_stream()
+    }
+
+    fn size_hint(&self) -> hyper::body::SizeHint {
+        self.body.size_hint()
+    }
 }
 
 /// The client's request as the sprite gets it: this hop's headers and a
@@ -299,7 +366,9 @@ fn add_forwarded(h: &mut HeaderMap, peer: Option<std::net::IpAddr>, host: Header
 }
 
 /// Both sides switched protocols: copy bytes until either ends or the
-/// server stops, keeping `hold` (the sprite awake) meanwhile.
+/// server stops, keeping `hold` (the sprite awake) meanwhile. Two plain TCP
+/// sockets are spliced ([`crate::splice`]); anything else (TLS on either
+/// side) is copied through buffers.
 pub(crate) async fn splice(
     client: OnUpgrade,
     upstream: OnUpgrade,
@@ -313,10 +382,41 @@ pub(crate) async fn splice(
             return;
         }
     };
-    let (mut client, mut upstream) = (TokioIo::new(client), TokioIo::new(upstream));
+    let moved = async {
+        // den's own upstream connections are plain TCP; the client's is
+        // unless den terminates TLS.
+        let (upstream, u_early) = match upstream.downcast::<TokioIo<tokio::net::TcpStream>>() {
+            Ok(p) => (p.io.into_inner(), p.read_buf),
+            Err(u) => return copied(TokioIo::new(client), b"", TokioIo::new(u)).await,
+        };
+        match crate::listener::upgraded_tcp(client) {
+            Ok((client, c_early)) => {
+                metrics::counter!("den_upgraded_connections_total", "copy" => "splice").increment(1);
+                let r = crate::splice::bidirectional(client.tcp(), &c_early, &upstream, &u_early).await;
+                if let Err(e) = r {
+                    tracing::debug!(error = %e, "spliced upgraded connection ended");
+                }
+            }
+            Err(client) => copied(TokioIo::new(client), &u_early, upstream).await,
+        }
+    };
     tokio::select! {
-        _ = tokio::io::copy_bidirectional(&mut client, &mut upstream) => {}
+        _ = moved => {}
         _ = stop.cancelled() => {}
     }
     drop(hold);
+}
+
+/// The copy through buffers, for connections that can't be spliced:
+/// `b_early` (already read from `b`) goes to `a` first.
+async fn copied<A, B>(mut a: A, b_early: &[u8], mut b: B)
+where
+    A: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+    B: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+{
+    use tokio::io::AsyncWriteExt;
+    metrics::counter!("den_upgraded_connections_total", "copy" => "buffer").increment(1);
+    if a.write_all(b_early).await.is_ok() {
+        let _ = tokio::io::copy_bidirectional(&mut a, &mut b).await;
+    }
 }

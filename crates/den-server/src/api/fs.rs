@@ -75,7 +75,20 @@ impl IntoResponse for FsFail {
     }
 }
 
-fn invalid(message: impl Into<String>, path: &str) -> FsFail {
+impl FsFail {
+    /// The error as a JSON body, for transports without an HTTP status
+    /// (the control channel): `{"error","code","path"}`.
+    pub(crate) fn to_json(&self) -> Value {
+        match self {
+            FsFail::Api(e) => json!({"error": e.message, "code": e.code}),
+            FsFail::Errno {
+                code, message, path, ..
+            } => json!({"error": message, "code": code, "path": path}),
+        }
+    }
+}
+
+pub(crate) fn invalid(message: impl Into<String>, path: &str) -> FsFail {
     FsFail::Errno {
         status: StatusCode::BAD_REQUEST,
         code: "EINVAL",
@@ -323,6 +336,27 @@ pub async fn read(
     Ok(resp)
 }
 
+/// A read by `start`/`end` offsets, as the control channel's `fs.read` does
+/// it: the agent's `{"path","size","start","end"}` (`size` is the whole
+/// file's), and the bytes. The [`den_sprite::Activity`] keeps the sprite
+/// awake while they are read.
+pub(crate) async fn read_in(
+    st: &AppState,
+    name: &str,
+    q: &ReadQuery,
+) -> FsResult<(Value, den_agent::client::ByteStream, den_sprite::Activity)> {
+    let path = resolve(q.path.as_deref(), q.working_dir.as_deref())?;
+    let start = offset(q.start.as_deref(), &path)?;
+    let end = offset(q.end.as_deref(), &path)?;
+    let act = st.mgr.wake(name).await?;
+    let (info, content) = act
+        .agent()
+        .fs_read(&path, None, start, end)
+        .await
+        .map_err(|e| agent_fail(e, &path))?;
+    Ok((info, content, act))
+}
+
 #[derive(Debug, Default, Deserialize, utoipa::IntoParams)]
 #[serde(rename_all = "camelCase")]
 pub struct WriteQuery {
@@ -348,6 +382,53 @@ pub async fn write(
     Query(q): Query<WriteQuery>,
     body: Body,
 ) -> FsResult<Json<Value>> {
+    let mut w = open_write(&st, &name, &q).await?;
+    use futures::StreamExt;
+    let mut data = body.into_data_stream();
+    while let Some(chunk) = data.next().await {
+        // A client gone mid-upload: dropping the writer abandons the write.
+        let chunk: Bytes = chunk.map_err(|e| invalid(format!("reading the body: {e}"), &w.path))?;
+        w.write(&chunk).await?;
+    }
+    w.finish().await.map(Json)
+}
+
+/// An upload in progress: data is gathered into agent frames of up to
+/// [`WRITE_CHUNK`]; dropping it abandons the write (the file is replaced
+/// atomically, so nothing changes).
+pub(crate) struct Upload {
+    path: String,
+    writer: den_agent::client::FsWriter,
+    buf: Vec<u8>,
+    _act: den_sprite::Activity,
+}
+
+impl Upload {
+    pub(crate) async fn write(&mut self, chunk: &[u8]) -> FsResult<()> {
+        self.buf.extend_from_slice(chunk);
+        if self.buf.len() >= WRITE_CHUNK {
+            let path = &self.path;
+            self.writer
+                .write(&self.buf)
+                .await
+                .map_err(|e| agent_fail(e, path))?;
+            self.buf.clear();
+        }
+        Ok(())
+    }
+
+    pub(crate) async fn finish(mut self) -> FsResult<Value> {
+        let path = self.path;
+        self.writer
+            .write(&self.buf)
+            .await
+            .map_err(|e| agent_fail(e, &path))?;
+        self.writer.finish().await.map_err(|e| agent_fail(e, &path))
+    }
+}
+
+/// Checks a write's parameters, wakes the sprite and opens the file.
+pub(crate) async fn open_write(st: &AppState, name: &str, q: &WriteQuery) -> FsResult<Upload> {
     let path = resolve(q.path.as_deref(), q.working_dir.as_deref())?;
     let mode = match q.mode.as_deref().map(str::trim) {
         None | Some("") => None,
@@ -359,27 +440,18 @@ pub async fn write(
             || flag(q.mkdir.as_deref(), "mkdir")?,
         as_root: flag(q.as_root.as_deref(), "asRoot")?,
     };
-    let act = st.mgr.wake(&name).await?;
-    let mut writer = act
+    let act = st.mgr.wake(name).await?;
+    let writer = act
         .agent()
         .fs_write_stream(&path, None, &opts)
         .await
         .map_err(|e| agent_fail(e, &path))?;
-    use futures::StreamExt;
-    let mut data = body.into_data_stream();
-    let mut buf = Vec::with_capacity(WRITE_CHUNK);
-    while let Some(chunk) = data.next().await {
-        // A client gone mid-upload: dropping the writer abandons the write.
-        let chunk: Bytes = chunk.map_err(|e| invalid(format!("reading the body: {e}"), &path))?;
-        buf.extend_from_slice(&chunk);
-        if buf.len() >= WRITE_CHUNK {
-            writer.write(&buf).await.map_err(|e| agent_fail(e, &path))?;
-            buf.clear();
-        }
-    }
-    writer.write(&buf).await.map_err(|e| agent_fail(e, &path))?;
-    let out = writer.finish().await.map_err(|e| agent_fail(e, &path))?;
-    Ok(Json(out))
+    Ok(Upload {
+        path,
+        writer,
+        buf: Vec::with_capacity(WRITE_CHUNK),
+        _act: act,
+    })
 }
 
 /// A directory's entries (recursively with `recursive=true`); a file lists
@@ -391,15 +463,17 @@ pub async fn list(
     SpriteRef(name): SpriteRef,
     Query(q): Query<PathQuery>,
 ) -> FsResult<Json<Value>> {
+    list_in(&st, &name, q).await.map(Json)
+}
+
+pub(crate) async fn list_in(st: &AppState, name: &str, q: PathQuery) -> FsResult<Value> {
     let path = resolve(q.path.as_deref(), q.working_dir.as_deref())?;
     let recursive = flag(q.recursive.as_deref(), "recursive")?;
-    let act = st.mgr.wake(&name).await?;
-    let out = act
-        .agent()
+    let act = st.mgr.wake(name).await?;
+    act.agent()
         .fs_list(&path, None, recursive)
         .await
-        .map_err(|e| agent_fail(e, &path))?;
-    Ok(Json(out))
+        .map_err(|e| agent_fail(e, &path))
 }
 
 /// The JSON body form of delete (the docs'); the SDKs use the query.
@@ -422,19 +496,21 @@ pub async fn delete(
     Query(q): Query<PathQuery>,
     JsonBody(b): JsonBody<DeleteRequest>,
 ) -> FsResult<Json<Value>> {
+    delete_in(&st, &name, q, b).await.map(Json)
+}
+
+pub(crate) async fn delete_in(st: &AppState, name: &str, q: PathQuery, b: DeleteRequest) -> FsResult<Value> {
     let (path, wd) = match q.path {
         Some(p) => (Some(p), q.working_dir),
         None => (b.path, b.working_dir.or(q.working_dir)),
     };
     let path = resolve(path.as_deref(), wd.as_deref())?;
     let recursive = flag(q.recursive.as_deref(), "recursive")? || b.recursive.unwrap_or(false);
-    let act = st.mgr.wake(&name).await?;
-    let out = act
-        .agent()
+    let act = st.mgr.wake(name).await?;
+    act.agent()
         .fs_delete(&path, None, recursive)
         .await
-        .map_err(|e| agent_fail(e, &path))?;
-    Ok(Json(out))
+        .map_err(|e| agent_fail(e, &path))
 }
 
 #[derive(Debug, Default, Deserialize, utoipa::ToSchema)]
@@ -454,14 +530,16 @@ pub async fn rename(
     SpriteRef(name): SpriteRef,
     JsonBody(b): JsonBody<RenameRequest>,
 ) -> FsResult<Json<Value>> {
+    rename_in(&st, &name, b).await.map(Json)
+}
+
+pub(crate) async fn rename_in(st: &AppState, name: &str, b: RenameRequest) -> FsResult<Value> {
     let (source, dest) = source_and_dest(&b.source, &b.dest, &b.working_dir)?;
-    let act = st.mgr.wake(&name).await?;
-    let out = act
-        .agent()
+    let act = st.mgr.wake(name).await?;
+    act.agent()
         .fs_rename(&source, &dest, None)
         .await
-        .map_err(|e| agent_fail(e, &source))?;
-    Ok(Json(out))
+        .map_err(|e| agent_fail(e, &source))
 }
 
 #[derive(Debug, Default, Deserialize, utoipa::ToSchema)]
@@ -485,14 +563,16 @@ pub async fn copy(
     SpriteRef(name): SpriteRef,
     JsonBody(b): JsonBody<CopyRequest>,
 ) -> FsResult<Json<Value>> {
+    copy_in(&st, &name, b).await.map(Json)
+}
+
+pub(crate) async fn copy_in(st: &AppState, name: &str, b: CopyRequest) -> FsResult<Value> {
     let (source, dest) = source_and_dest(&b.source, &b.dest, &b.working_dir)?;
-    let act = st.mgr.wake(&name).await?;
-    let out = act
-        .agent()
+    let act = st.mgr.wake(name).await?;
+    act.agent()
         .fs_copy(&source, &dest, None, b.recursive.unwrap_or(false))
         .await
-        .map_err(|e| agent_fail(e, &source))?;
-    Ok(Json(out))
+        .map_err(|e| agent_fail(e, &source))
 }
 
 #[derive(Debug, Default, Deserialize, utoipa::ToSchema)]
@@ -514,6 +594,10 @@ pub async fn chmod(
     SpriteRef(name): SpriteRef,
     JsonBody(b): JsonBody<ChmodRequest>,
 ) -> FsResult<Json<Value>> {
+    chmod_in(&st, &name, b).await.map(Json)
+}
+
+pub(crate) async fn chmod_in(st: &AppState, name: &str, b: ChmodRequest) -> FsResult<Value> {
     let path = resolve(b.path.as_deref(), b.working_dir.as_deref())?;
     let mode = parse_mode(
         b.mode
@@ -521,10 +605,79 @@ pub async fn chmod(
             .ok_or_else(|| invalid("mode is required", &path))?,
         &path,
     )?;
+    let act = st.mgr.wake(name).await?;
+    act.agent()
+        .fs_chmod(&path, None, mode, b.recursive.unwrap_or(false))
+        .await
+        .map_err(|e| agent_fail(e, &path))
+}
+
+#[derive(Debug, Default, Deserialize, utoipa::ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct ChownRequest {
+    pub path: Option<String>,
+    pub working_dir: Option<String>,
+    /// User id or user name of the sprite.
+    #[schema(value_type = Option<String>)]
+    pub uid: Option<Value>,
+    /// Group id or group name of the sprite.
+    #[schema(value_type = Option<String>)]
+    pub gid: Option<Value>,
+    pub recursive: Option<bool>,
+    /// Accepted; the agent changes owners as root anyway.
+    pub as_root: Option<bool>,
+}
+
+/// A uid/gid as the SDKs send it: a non-negative number or a name.
+fn owner_id(v: Option<&Value>, what: &str, path: &str) -> FsResult<Option<String>> {
+    match v {
+        None | Some(Value::Null) => Ok(None),
+        Some(Value::Number(n)) => n
+            .as_u64()
+            .filter(|n| *n <= u32::MAX as u64)
+            .map(|n| Some(n.to_string()))
+            .ok_or_else(|| invalid(format!("invalid {what} {n}"), path)),
+        Some(Value::String(s))
+            if !s.is_empty()
+                && s.len() <= 64
+                && s.bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b"_.-".contains(&b)) =>
+        {
+            Ok(Some(s.clone()))
+        }
+        Some(other) => Err(invalid(
+            format!("invalid {what} {other}: expected a number or a name"),
+            path,
+        )),
+    }
+}
+
+/// Change the owner and/or group (numbers or the sprite's user and group
+/// names); symlinks are changed themselves, never followed.
+#[utoipa::path(post, path = "/v1/sprites/{name}/fs/chown", request_body = ChownRequest,
+    responses((status = 200, description = "`{\"affected\":[{\"path\",\"uid\",\"gid\"}],\"count\"}`"),
+        (status = 400), (status = 404)))]
+pub async fn chown(
+    State(st): State<AppState>,
+    SpriteRef(name): SpriteRef,
+    JsonBody(b): JsonBody<ChownRequest>,
+) -> FsResult<Json<Value>> {
+    let path = resolve(b.path.as_deref(), b.working_dir.as_deref())?;
+    let uid = owner_id(b.uid.as_ref(), "uid", &path)?;
+    let gid = owner_id(b.gid.as_ref(), "gid", &path)?;
+    if uid.is_none() && gid.is_none() {
+        return Err(invalid("uid or gid is required", &path));
+    }
     let act = st.mgr.wake(&name).await?;
     let out = act
         .agent()
-        .fs_chmod(&path, None, mode, b.recursive.unwrap_or(false))
+        .fs_chown(
+            &path,
+            None,
+            uid.as_deref(),
+            gid.as_deref(),
+            b.recursive.unwrap_or(false),
+        )
         .await
         .map_err(|e| agent_fail(e, &path))?;
     Ok(Json(out))
@@ -546,6 +699,24 @@ mod tests {
         assert_eq!(r("f", None).as_deref(), Some("/f"));
         assert!(resolve(Some(""), None).is_err());
         assert!(resolve(None, None).is_err());
+    }
+
+    #[test]
+    fn owner_ids() {
+        let ok = |v: Value| owner_id(Some(&v), "uid", "").ok().flatten();
+        assert_eq!(ok(json!(1000)).as_deref(), Some("1000"));
+        assert_eq!(ok(json!("sprite")).as_deref(), Some("sprite"));
+        assert_eq!(owner_id(None, "uid", "").ok(), Some(None));
+        for bad in [
+            json!(-1),
+            json!(1.5),
+            json!("a b"),
+            json!("../x"),
+            json!(""),
+            json!([1]),
+        ] {
+            assert!(owner_id(Some(&bad), "uid", "").is_err(), "{bad}");
+        }
     }
 
     #[test]

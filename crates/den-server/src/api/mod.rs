@@ -1,16 +1,21 @@
-//! The `/v1` API: one module per resource. Every route but the health check
+//! The `/v1` API: one module per resource. Every route but the public ones
+//! (the health check and the console's assets, `auth::rules::PUBLIC`)
 //! sits behind [`crate::auth::authorize`], which authenticates the caller and
 //! applies the route's rule from [`crate::auth::rules`].
 
 pub mod checkpoints;
+pub mod control;
 pub mod exec;
 pub mod fs;
 pub mod orgs;
 pub mod policy;
 pub mod proxy;
 pub mod services;
+pub mod sprite_ops;
+pub mod sprite_watch;
 pub mod sprites;
 pub mod tokens;
+pub mod watch;
 
 use axum::Router;
 use axum::http::HeaderValue;
@@ -50,6 +55,8 @@ pub fn checkpoint_id(raw: &str) -> String {
         sprites::delete,
         sprites::upgrade,
         sprites::fork,
+        sprite_ops::restart,
+        sprite_ops::check,
         checkpoints::create,
         checkpoints::list,
         checkpoints::get,
@@ -58,7 +65,7 @@ pub fn checkpoint_id(raw: &str) -> String {
         policy::get,
         policy::set,
         proxy::proxy,
-        proxy::control,
+        control::control,
         tokens::create,
         tokens::list,
         tokens::revoke,
@@ -84,6 +91,9 @@ pub fn checkpoint_id(raw: &str) -> String {
         fs::rename,
         fs::copy,
         fs::chmod,
+        fs::chown,
+        watch::ports,
+        watch::fs,
         exec::exec_get,
         exec::attach,
         exec::head,
@@ -109,6 +119,8 @@ pub fn router(state: AppState) -> Router {
         )
         .route("/upgrade", post(sprites::upgrade))
         .route("/fork", post(sprites::fork))
+        .route("/restart", post(sprite_ops::restart))
+        .route("/check", get(sprite_ops::check))
         .route("/checkpoint", post(checkpoints::create))
         .route("/checkpoints", get(checkpoints::list))
         .route(
@@ -134,10 +146,13 @@ pub fn router(state: AppState) -> Router {
         .route("/fs/delete", axum::routing::delete(fs::delete))
         .route("/fs/rename", post(fs::rename))
         .route("/fs/copy", post(fs::copy))
-        .route("/fs/chmod", post(fs::chmod));
+        .route("/fs/chmod", post(fs::chmod))
+        .route("/fs/chown", post(fs::chown))
+        .route("/fs/watch", get(watch::fs))
+        .route("/ports/watch", get(watch::ports));
     let sprite = sprite
         .route("/proxy", get(proxy::proxy))
-        .route("/control", axum::routing::any(proxy::control))
+        .route("/control", axum::routing::any(control::control))
         .route(
             "/exec",
             get(exec::exec_get).head(exec::head).post(exec::exec_http),
@@ -154,7 +169,7 @@ pub fn router(state: AppState) -> Router {
     } else {
         sprite
     };
-    let authed = Router::new()
+    let v1 = Router::new()
         .route("/v1/sprites", get(sprites::list).post(sprites::create))
         .nest("/v1/sprites/{name}", sprite)
         .route("/v1/tokens", get(tokens::list).post(tokens::create))
@@ -169,14 +184,22 @@ pub fn router(state: AppState) -> Router {
         )
         .route("/v1/orgs/{org}/audit", get(orgs::audit))
         .route("/v1/openapi.json", get(openapi))
-        .route("/metrics", get(crate::metrics::render))
-        .route_layer(middleware::from_fn_with_state(
+        .route("/metrics", get(crate::metrics::render));
+    let authorized = |r: Router<AppState>| {
+        r.route_layer(middleware::from_fn_with_state(
             state.clone(),
             crate::auth::authorize,
-        ));
+        ))
+    };
+    // What the MCP tools call, in process, with their caller's token.
+    let mcp_api = authorized(v1.clone())
+        .layer(catch_panics())
+        .with_state(state.clone());
+    let authed = authorized(v1.merge(crate::mcp::router(&state, mcp_api)));
     Router::new()
         .route("/v1/health", get(health))
         .route("/healthz", get(health))
+        .merge(crate::console::router())
         .merge(authed)
         // After routing, so requests are counted by route template.
         .route_layer(middleware::from_fn(crate::metrics::track))

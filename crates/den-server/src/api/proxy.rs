@@ -1,5 +1,5 @@
-//! TCP over WebSocket (§2.11): `GET /v1/sprites/{name}/proxy`, and the
-//! `/control` channel, which den does not offer (§2.12).
+//! TCP over WebSocket (§2.11): `GET /v1/sprites/{name}/proxy`; the control
+//! channel's `proxy` operation runs the same tunnel.
 //!
 //! After the upgrade the client names a target with a text frame
 //! `{"host":"localhost","port":8080}` (or `?host=&port=` on the URL); den
@@ -22,7 +22,7 @@ use axum::extract::ws::{CloseFrame, Message, WebSocket, WebSocketUpgrade, close_
 use axum::extract::{Query, State};
 use axum::response::Response;
 use den_sprite::Activity;
-use futures::{SinkExt, StreamExt};
+use futures::{Sink, SinkExt, Stream, StreamExt};
 use serde::Deserialize;
 use serde_json::{Value, json};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -46,7 +46,7 @@ pub struct ProxyQuery {
 }
 
 /// Where the tunnel goes, as the client asked.
-struct Target {
+pub(crate) struct Target {
     host: String,
     port: u16,
 }
@@ -100,58 +100,54 @@ pub async fn proxy(
     ws: Result<WebSocketUpgrade, axum::extract::ws::rejection::WebSocketUpgradeRejection>,
 ) -> ApiResult<Response> {
     st.mgr.get(&name)?;
-    let preset = match (&q.host, q.port.as_deref()) {
-        (_, Some(p)) => {
-            let port = p
-                .parse::<u16>()
-                .ok()
-                .filter(|p| *p != 0)
-                .ok_or_else(|| ApiError::bad_request(BAD_PORT))?;
-            Some(Target {
-                host: q.host.clone().unwrap_or_default(),
-                port,
-            })
-        }
-        (Some(_), None) => return Err(ApiError::bad_request("host given without port")),
-        (None, None) => None,
-    };
+    let preset = preset_target(q.host, q.port.as_deref())?;
     let ws = ws.map_err(|e| ApiError::bad_request(format!("expected a WebSocket upgrade: {e}")))?;
     // Wake before the upgrade, so the client's handshake (not its init
     // timeout) waits for a booting sprite, and failures are HTTP statuses.
-    let cold = upstream::is_cold(&st.mgr, &name);
-    let activity = st.mgr.wake(&name).await?;
+    let (activity, cold) = wake(&st, &name).await?;
     Ok(ws.on_upgrade(move |socket| async move {
         tunnel(st, socket, activity, preset, cold).await;
     }))
 }
 
+/// The target given as parameters (`host`, `port`) rather than by an init
+/// frame; `None` if there is no `port`.
+pub(crate) fn preset_target(host: Option<String>, port: Option<&str>) -> ApiResult<Option<Target>> {
+    match (host, port) {
+        (host, Some(p)) => {
+            let port = p
+                .parse::<u16>()
+                .ok()
+                .filter(|p| *p != 0)
+                .ok_or_else(|| ApiError::bad_request(BAD_PORT))?;
+            Ok(Some(Target {
+                host: host.unwrap_or_default(),
+                port,
+            }))
+        }
+        (Some(_), None) => Err(ApiError::bad_request("host given without port")),
+        (None, None) => Ok(None),
+    }
+}
+
+/// Wakes the sprite for a tunnel; whether it was cold (dials then wait for
+/// its listeners to come up).
+pub(crate) async fn wake(st: &AppState, name: &str) -> ApiResult<(Activity, bool)> {
+    let cold = upstream::is_cold(&st.mgr, name);
+    Ok((st.mgr.wake(name).await?, cold))
+}
+
 /// A close frame's reason may not exceed 123 bytes (RFC 6455 §5.5).
 const MAX_REASON: usize = 123;
 
-async fn close(socket: &mut WebSocket, code: u16, reason: impl Into<String>) {
-    let mut reason: String = reason.into();
-    if reason.len() > MAX_REASON {
-        let mut end = MAX_REASON;
-        while !reason.is_char_boundary(end) {
-            end -= 1;
-        }
-        reason.truncate(end);
-    }
-    let frame = CloseFrame {
-        code,
-        reason: reason.into(),
-    };
-    let _ = socket.send(Message::Close(Some(frame))).await;
-}
-
 /// The first text frame; `Err` is the 1003 reason, `Ok(None)` a client
 /// that left.
-async fn read_init(socket: &mut WebSocket) -> Result<Option<Target>, &'static str> {
+async fn read_init<R: Stream<Item = Message> + Unpin>(rx: &mut R) -> Result<Option<Target>, &'static str> {
     loop {
-        let msg = match tokio::time::timeout(INIT_TIMEOUT, socket.recv()).await {
+        let msg = match tokio::time::timeout(INIT_TIMEOUT, rx.next()).await {
             Err(_) => return Err(NOT_JSON),
-            Ok(None) | Ok(Some(Err(_))) | Ok(Some(Ok(Message::Close(_)))) => return Ok(None),
-            Ok(Some(Ok(m))) => m,
+            Ok(None) | Ok(Some(Message::Close(_))) => return Ok(None),
+            Ok(Some(m)) => m,
         };
         match msg {
             Message::Text(t) => return parse_init(t.as_str()).map(Some),
@@ -161,29 +157,74 @@ async fn read_init(socket: &mut WebSocket) -> Result<Option<Target>, &'static st
     }
 }
 
-async fn tunnel(st: AppState, mut socket: WebSocket, activity: Activity, preset: Option<Target>, cold: bool) {
+async fn tunnel(st: AppState, socket: WebSocket, activity: Activity, preset: Option<Target>, cold: bool) {
+    let (mut tx, rx) = socket.split();
+    let mut rx = crate::api::exec::client_messages(rx);
+    let end = run_tunnel(&st, &mut tx, &mut rx, &activity, preset, cold).await;
+    drop(activity);
+    let Some((code, reason)) = end else {
+        // The client went (a close from it is answered by the WebSocket layer).
+        let _ = tx.close().await;
+        return;
+    };
+    let frame = CloseFrame {
+        code,
+        reason: truncate_reason(reason).into(),
+    };
+    let _ = tx.send(Message::Close(Some(frame))).await;
+    let _ = tx.close().await;
+}
+
+/// A close frame's reason may not exceed 123 bytes (RFC 6455 §5.5).
+fn truncate_reason(mut reason: String) -> String {
+    if reason.len() > MAX_REASON {
+        let mut end = MAX_REASON;
+        while !reason.is_char_boundary(end) {
+            end -= 1;
+        }
+        reason.truncate(end);
+    }
+    reason
+}
+
+/// One tunnel over any client transport: the proxy WebSocket, or one
+/// operation of the control channel. Reads the init frame unless `preset`
+/// names the target, dials, answers `connected`, then relays. The answer is
+/// the close code and reason that end the tunnel, `None` if the client left.
+pub(crate) async fn run_tunnel<T, R>(
+    st: &AppState,
+    tx: &mut T,
+    rx: &mut R,
+    activity: &Activity,
+    preset: Option<Target>,
+    cold: bool,
+) -> Option<(u16, String)>
+where
+    T: Sink<Message> + Unpin,
+    R: Stream<Item = Message> + Unpin,
+{
     let target = match preset {
         Some(t) => t,
         None => {
             let init = tokio::select! {
-                r = read_init(&mut socket) => r,
+                r = read_init(rx) => r,
                 _ = st.shutdown.cancelled() => {
-                    return close(&mut socket, close_code::AWAY, "server shutting down").await;
+                    return Some((close_code::AWAY, "server shutting down".into()));
                 }
             };
             match init {
                 Ok(Some(t)) => t,
-                Ok(None) => return,
-                Err(reason) => return close(&mut socket, close_code::UNSUPPORTED, reason).await,
+                Ok(None) => return None,
+                Err(reason) => return Some((close_code::UNSUPPORTED, reason.into())),
             }
         }
     };
-    let Some(route) = resolve(&target.host, &activity) else {
+    let Some(route) = resolve(&target.host, activity) else {
         let reason = format!(
             "Failed to connect to target: {}:{}: den only reaches the sprite itself",
             target.host, target.port
         );
-        return close(&mut socket, close_code::ERROR, reason).await;
+        return Some((close_code::ERROR, reason));
     };
     let (dialed, tcp) = match &route {
         Route::Loopback(ns) => (
@@ -196,20 +237,23 @@ async fn tunnel(st: AppState, mut socket: WebSocket, activity: Activity, preset:
     let tcp = match tcp {
         Ok(t) => t,
         Err(e) => {
-            let reason = format!("Failed to connect to target: {target}: {e}");
-            return close(&mut socket, close_code::ERROR, reason).await;
+            return Some((
+                close_code::ERROR,
+                format!("Failed to connect to target: {target}: {e}"),
+            ));
         }
     };
     let hello = json!({"status": "connected", "target": target});
-    if socket
-        .send(Message::Text(hello.to_string().into()))
-        .await
-        .is_err()
-    {
-        return;
+    if tx.send(Message::Text(hello.to_string().into())).await.is_err() {
+        return None;
     }
-    relay(st, socket, tcp, tokio::time::Instant::now() + FIRST_DATA_GAP).await;
-    drop(activity);
+    let end = relay(st, tx, rx, tcp, tokio::time::Instant::now() + FIRST_DATA_GAP).await;
+    match end {
+        End::Client => None,
+        End::UpstreamEof => Some((close_code::NORMAL, String::new())),
+        End::UpstreamError => Some((close_code::AWAY, "upstream closed".into())),
+        End::Shutdown => Some((close_code::AWAY, "server shutting down".into())),
+    }
 }
 
 /// Why a tunnel ended.
@@ -230,11 +274,20 @@ const FIRST_DATA_GAP: std::time::Duration = std::time::Duration::from_millis(10)
 /// Raw bytes both ways until either side ends. The two directions run
 /// concurrently so a peer that only reads after writing cannot deadlock
 /// the tunnel. Upstream bytes go to the client no earlier than `hold_until`.
-async fn relay(st: AppState, socket: WebSocket, tcp: TcpStream, hold_until: tokio::time::Instant) {
-    let (mut ws_tx, mut ws_rx) = socket.split();
+async fn relay<T, R>(
+    st: &AppState,
+    tx: &mut T,
+    rx: &mut R,
+    tcp: TcpStream,
+    hold_until: tokio::time::Instant,
+) -> End
+where
+    T: Sink<Message> + Unpin,
+    R: Stream<Item = Message> + Unpin,
+{
     let (mut up_rd, mut up_wr) = tcp.into_split();
     let to_upstream = async {
-        while let Some(Ok(msg)) = ws_rx.next().await {
+        while let Some(msg) = rx.next().await {
             let data = match msg {
                 Message::Binary(b) => b,
                 Message::Close(_) => break,
@@ -255,7 +308,7 @@ async fn relay(st: AppState, socket: WebSocket, tcp: TcpStream, hold_until: toki
                 Ok(n) => {
                     let data = bytes::Bytes::copy_from_slice(&buf[..n]);
                     tokio::time::sleep_until(hold_until).await;
-                    if ws_tx.send(Message::Binary(data)).await.is_err() {
+                    if tx.send(Message::Binary(data)).await.is_err() {
                         return End::Client;
                     }
                 }
@@ -263,37 +316,9 @@ async fn relay(st: AppState, socket: WebSocket, tcp: TcpStream, hold_until: toki
             }
         }
     };
-    let end = tokio::select! {
+    tokio::select! {
         e = to_upstream => e,
         e = to_client => e,
         _ = st.shutdown.cancelled() => End::Shutdown,
-    };
-    let frame = |code: u16, reason: &str| {
-        Message::Close(Some(CloseFrame {
-            code,
-            reason: reason.into(),
-        }))
-    };
-    let close = match end {
-        // A close from the client is answered by the WebSocket layer.
-        End::Client => None,
-        End::UpstreamEof => Some(frame(close_code::NORMAL, "")),
-        End::UpstreamError => Some(frame(close_code::AWAY, "upstream closed")),
-        End::Shutdown => Some(frame(close_code::AWAY, "server shutting down")),
-    };
-    if let Some(c) = close {
-        let _ = ws_tx.send(c).await;
     }
-    let _ = ws_tx.close().await;
-}
-
-/// The multiplexed control channel is optional; every SDK falls back to
-/// the direct endpoints when it answers 404.
-#[utoipa::path(get, path = "/v1/sprites/{name}/control", responses((status = 404)))]
-pub async fn control(State(st): State<AppState>, SpriteRef(name): SpriteRef) -> ApiError {
-    // A missing sprite answers first, as on every sprite route.
-    if let Err(e) = st.mgr.get(&name) {
-        return e.into();
-    }
-    ApiError::not_found("the control channel is not supported; use the direct endpoints")
 }

@@ -1,10 +1,8 @@
-//! Services (§2.6): definitions persisted by the manager, run by the agent.
-//!
-//! Definitions live in the sprite record, so a cold sprite's services are
-//! listed without waking it (all `stopped`). Create, start and stop wake the
-//! sprite for the duration of the request only: services don't keep it awake.
+//! Services (§2.6): the HTTP side. Handlers parse and render; the sprite
+//! manager's services module acts (and `den_agent::service_def` holds the
+//! rules a definition must meet, shared with the agent).
 
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::BTreeMap;
 use std::time::Duration;
 
 use axum::Json;
@@ -12,9 +10,9 @@ use axum::body::{Body, Bytes};
 use axum::extract::{Path, Query, State};
 use axum::http::{HeaderValue, StatusCode, header};
 use axum::response::Response;
-use den_agent::client::{ServiceEvent, ServiceEventStream, ServiceState, ServiceStatus};
+use den_agent::client::{ServiceEvent, ServiceState, ServiceStatus};
 use den_agent::protocol::ServiceDef;
-use den_sprite::{Activity, SpriteError, SpriteStatus};
+use den_sprite::ServiceWatch;
 use serde::Deserialize;
 use serde_json::{Map, Value, json};
 
@@ -79,23 +77,6 @@ fn wait_param(raw: Option<&str>, what: &str, default: Duration) -> ApiResult<Dur
     Ok(d)
 }
 
-/// The agent's service name rule: it doubles as a log file name.
-fn check_service_name(name: &str) -> ApiResult<()> {
-    let ok = (1..=64).contains(&name.len())
-        && name
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'.' | b'-'))
-        && name != "."
-        && name != "..";
-    if ok {
-        Ok(())
-    } else {
-        Err(ApiError::bad_request(format!(
-            "invalid service name {name:?}: 1-64 characters of A-Z, a-z, 0-9, '_', '.', '-'"
-        )))
-    }
-}
-
 fn now_ms() -> u64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
@@ -132,28 +113,11 @@ fn service_json(def: &ServiceDef, st: Option<&ServiceStatus>) -> Value {
     })
 }
 
-fn find<'a>(defs: &'a [ServiceDef], sprite: &str, service: &str) -> ApiResult<&'a ServiceDef> {
-    defs.iter()
-        .find(|d| d.name == service)
-        .ok_or_else(|| ApiError::not_found(format!("service {service:?} not found in sprite {sprite}")))
-}
-
-/// Runtime states, if the sprite is up. A cold sprite is not woken: all its
-/// services are stopped.
-async fn statuses(st: &AppState, name: &str) -> ApiResult<HashMap<String, ServiceStatus>> {
-    if st.mgr.get(name)?.status == SpriteStatus::Cold {
-        return Ok(HashMap::new());
-    }
-    let act = st.mgr.wake(name).await?;
-    let list = act.agent().services_status().await?;
-    Ok(list.into_iter().map(|s| (s.name.clone(), s)).collect())
-}
-
 /// Every service with its state.
 #[utoipa::path(get, path = "/v1/sprites/{name}/services", responses((status = 200), (status = 404)))]
 pub async fn list(State(st): State<AppState>, SpriteRef(name): SpriteRef) -> ApiResult<Json<Value>> {
     let defs = st.mgr.services(&name)?;
-    let states = statuses(&st, &name).await?;
+    let states = st.mgr.service_states(&name).await?;
     Ok(Json(Value::Array(
         defs.iter()
             .map(|d| service_json(d, states.get(&d.name)))
@@ -167,10 +131,9 @@ pub async fn get(
     Path((_sprite, service)): Path<(String, String)>,
     SpriteRef(name): SpriteRef,
 ) -> ApiResult<Json<Value>> {
-    let defs = st.mgr.services(&name)?;
-    let def = find(&defs, &name, &service)?;
-    let states = statuses(&st, &name).await?;
-    Ok(Json(service_json(def, states.get(&service))))
+    let def = st.mgr.service(&name, &service)?;
+    let states = st.mgr.service_states(&name).await?;
+    Ok(Json(service_json(&def, states.get(&service))))
 }
 
 /// Body of `PUT /services/{service}`.
@@ -194,9 +157,6 @@ pub struct ServiceRequest {
 fn parse_env(v: Option<Value>) -> ApiResult<BTreeMap<String, String>> {
     let mut out = BTreeMap::new();
     let mut put = |k: &str, v: String| -> ApiResult<()> {
-        if k.is_empty() || k.contains(['=', '\0']) || v.contains('\0') {
-            return Err(ApiError::bad_request(format!("invalid env variable {k:?}")));
-        }
         out.insert(k.to_string(), v);
         Ok(())
     };
@@ -228,15 +188,9 @@ fn parse_env(v: Option<Value>) -> ApiResult<BTreeMap<String, String>> {
     Ok(out)
 }
 
+/// The request as a definition; the manager checks it against the rules
+/// (and the rest of the sprite's services).
 fn definition(service: &str, req: ServiceRequest) -> ApiResult<ServiceDef> {
-    let cmd = req.cmd.unwrap_or_default();
-    if cmd.trim().is_empty() {
-        return Err(ApiError::bad_request("cmd field is required"));
-    }
-    let args = req.args.unwrap_or_default();
-    if cmd.contains('\0') || args.iter().any(|a| a.contains('\0')) {
-        return Err(ApiError::bad_request("NUL byte in cmd or args"));
-    }
     let http_port = match req.http_port {
         None => None,
         Some(p) => Some(
@@ -246,74 +200,16 @@ fn definition(service: &str, req: ServiceRequest) -> ApiResult<ServiceDef> {
                 .ok_or_else(|| ApiError::bad_request("http_port must be 1-65535"))?,
         ),
     };
-    let dir = req.dir.filter(|d| !d.is_empty());
-    if dir.as_deref().is_some_and(|d| d.contains('\0')) {
-        return Err(ApiError::bad_request("NUL byte in dir"));
-    }
-    let needs = req.needs.unwrap_or_default();
-    if needs.iter().any(|n| n == service) {
-        return Err(ApiError::bad_request(format!(
-            "service {service:?} cannot need itself"
-        )));
-    }
     Ok(ServiceDef {
         name: service.to_string(),
-        cmd,
-        args,
+        cmd: req.cmd.unwrap_or_default(),
+        args: req.args.unwrap_or_default(),
         env: parse_env(req.env)?,
-        dir,
-        needs,
+        dir: req.dir.filter(|d| !d.is_empty()),
+        needs: req.needs.unwrap_or_default(),
         http_port,
         stopped: false,
     })
-}
-
-/// Checks a whole desired set: `needs` name defined services without a
-/// cycle (400), and at most one service has an `http_port` (409).
-fn check_set(defs: &[ServiceDef]) -> Result<(), SpriteError> {
-    let names: HashSet<&str> = defs.iter().map(|d| d.name.as_str()).collect();
-    for d in defs {
-        if let Some(n) = d.needs.iter().find(|n| !names.contains(n.as_str())) {
-            return Err(SpriteError::Invalid(format!(
-                "service {:?} needs unknown service {n:?}",
-                d.name
-            )));
-        }
-    }
-    let with_port: Vec<&str> = defs
-        .iter()
-        .filter(|d| d.http_port.is_some())
-        .map(|d| d.name.as_str())
-        .collect();
-    if with_port.len() > 1 {
-        return Err(SpriteError::Conflict(format!(
-            "another service already has an HTTP port configured ({})",
-            with_port.join(", ")
-        )));
-    }
-    // Kahn's algorithm: whatever can't be ordered sits on a cycle.
-    let mut pending: Vec<&ServiceDef> = defs.iter().collect();
-    let mut done: HashSet<&str> = HashSet::new();
-    loop {
-        let before = pending.len();
-        pending.retain(|d| {
-            if d.needs.iter().all(|n| done.contains(n.as_str())) {
-                done.insert(&d.name);
-                false
-            } else {
-                true
-            }
-        });
-        if pending.is_empty() {
-            return Ok(());
-        }
-        if pending.len() == before {
-            return Err(SpriteError::Invalid(format!(
-                "service needs form a cycle through {:?}",
-                pending[0].name
-            )));
-        }
-    }
 }
 
 #[derive(Debug, Default, Deserialize, utoipa::IntoParams)]
@@ -369,15 +265,15 @@ fn error_line(message: &str) -> Bytes {
 /// while the stream runs and goes with it.
 fn monitor_stream(
     st: &AppState,
-    act: Activity,
-    mut events: ServiceEventStream,
+    watch: ServiceWatch,
     service: String,
     monitor: Duration,
     until_stopped: bool,
 ) -> Response {
     let shutdown = st.shutdown.clone();
+    let ServiceWatch { activity, mut events } = watch;
     let stream = async_stream(move |tx| async move {
-        let _act = act;
+        let _act = activity;
         let deadline = tokio::time::Instant::now() + monitor;
         loop {
             tokio::select! {
@@ -418,26 +314,10 @@ pub async fn put(
     Query(q): Query<MonitorQuery>,
     JsonBody(req): JsonBody<ServiceRequest>,
 ) -> ApiResult<Response> {
-    check_service_name(&service)?;
     let monitor = wait_param(q.duration.as_deref(), "duration", DEFAULT_MONITOR)?;
     let def = definition(&service, req)?;
-    let replace = |defs: &mut Vec<ServiceDef>| -> Result<(), SpriteError> {
-        let mut next = defs.clone();
-        match next.iter_mut().find(|d| d.name == def.name) {
-            Some(d) => *d = def.clone(),
-            None => next.push(def.clone()),
-        }
-        check_set(&next)?;
-        *defs = next;
-        Ok(())
-    };
-    // Refuse a bad definition before waking anything; the update re-checks
-    // under the sprite's lock.
-    replace(&mut st.mgr.services(&name)?)?;
-    let act = st.mgr.wake(&name).await?;
-    let events = act.agent().service_events(Some(&service)).await?;
-    st.mgr.update_services(&name, replace).await?;
-    Ok(monitor_stream(&st, act, events, service, monitor, false))
+    let watch = st.mgr.put_service(&name, def).await?;
+    Ok(monitor_stream(&st, watch, service, monitor, false))
 }
 
 /// Remove a service (it is stopped; its logs stay).
@@ -448,20 +328,7 @@ pub async fn delete(
     Path((_sprite, service)): Path<(String, String)>,
     SpriteRef(name): SpriteRef,
 ) -> ApiResult<StatusCode> {
-    find(&st.mgr.services(&name)?, &name, &service)?;
-    st.mgr
-        .update_services(&name, |defs| {
-            if let Some(d) = defs.iter().find(|d| d.needs.contains(&service)) {
-                return Err(SpriteError::Conflict(format!(
-                    "service {:?} needs {service:?}",
-                    d.name
-                )));
-            }
-            // Gone already if a concurrent delete won: same outcome.
-            defs.retain(|d| d.name != service);
-            Ok(())
-        })
-        .await?;
+    st.mgr.delete_service(&name, &service).await?;
     Ok(StatusCode::NO_CONTENT)
 }
 
@@ -475,23 +342,8 @@ pub async fn start(
     Query(q): Query<MonitorQuery>,
 ) -> ApiResult<Response> {
     let monitor = wait_param(q.duration.as_deref(), "duration", DEFAULT_MONITOR)?;
-    find(&st.mgr.services(&name)?, &name, &service)?;
-    let act = st.mgr.wake(&name).await?;
-    let events = act.agent().service_events(Some(&service)).await?;
-    st.mgr
-        .update_services(&name, |defs| {
-            match defs.iter_mut().find(|d| d.name == service) {
-                Some(d) => d.stopped = false,
-                None => {
-                    return Err(SpriteError::Conflict(format!(
-                        "service {service:?} was deleted meanwhile"
-                    )));
-                }
-            }
-            Ok(())
-        })
-        .await?;
-    Ok(monitor_stream(&st, act, events, service, monitor, false))
+    let watch = st.mgr.start_service(&name, &service).await?;
+    Ok(monitor_stream(&st, watch, service, monitor, false))
 }
 
 /// Stop a service and keep it stopped (across wakes) until started again.
@@ -504,39 +356,8 @@ pub async fn stop(
     Query(q): Query<StopQuery>,
 ) -> ApiResult<Response> {
     let timeout = wait_param(q.timeout.as_deref(), "timeout", DEFAULT_STOP_TIMEOUT)?;
-    let def = find(&st.mgr.services(&name)?, &name, &service)?.clone();
-    let not_running = || ApiError::conflict(format!("service {service:?} is not running"));
-    if def.stopped || st.mgr.get(&name)?.status == SpriteStatus::Cold {
-        return Err(not_running());
-    }
-    let act = st.mgr.wake(&name).await?;
-    let running = act
-        .agent()
-        .services_status()
-        .await?
-        .into_iter()
-        .any(|s| s.name == service && s.status != ServiceState::Stopped);
-    if !running {
-        return Err(not_running());
-    }
-    let events = act.agent().service_events(Some(&service)).await?;
-    // The agent answers the update once the process is gone, so run it next
-    // to the stream: the client sees `stopping` right away.
-    let (mgr, sprite, svc) = (st.mgr.clone(), name.clone(), service.clone());
-    tokio::spawn(async move {
-        let res = mgr
-            .update_services(&sprite, |defs| {
-                if let Some(d) = defs.iter_mut().find(|d| d.name == svc) {
-                    d.stopped = true;
-                }
-                Ok(())
-            })
-            .await;
-        if let Err(e) = res {
-            tracing::warn!(sprite = %sprite, service = %svc, error = %e, "stopping a service");
-        }
-    });
-    Ok(monitor_stream(&st, act, events, service, timeout, true))
+    let watch = st.mgr.stop_service(&name, &service).await?;
+    Ok(monitor_stream(&st, watch, service, timeout, true))
 }
 
 /// Body of `POST /services/signal`.
@@ -572,15 +393,7 @@ pub async fn signal(
         .filter(|n| !n.is_empty())
         .ok_or_else(|| ApiError::bad_request("name field is required"))?;
     let signal = req.signal.unwrap_or_default();
-    if den_agent::protocol::parse_signal(&signal).is_none() {
-        return Err(ApiError::bad_request(format!("invalid signal {signal:?}")));
-    }
-    let def = find(&st.mgr.services(&name)?, &name, &service)?.clone();
-    if def.stopped || st.mgr.get(&name)?.status == SpriteStatus::Cold {
-        return Err(ApiError::conflict(format!("service {service:?} is not running")));
-    }
-    let act = st.mgr.wake(&name).await?;
-    act.agent().service_signal(&service, &signal).await?;
+    st.mgr.signal_service(&name, &service, &signal).await?;
     Ok(StatusCode::NO_CONTENT)
 }
 
@@ -599,7 +412,6 @@ pub async fn logs(
     SpriteRef(name): SpriteRef,
     Query(q): Query<LogsQuery>,
 ) -> ApiResult<Response> {
-    check_service_name(&service)?;
     let lines = match q.lines.as_deref() {
         None | Some("") => 100,
         Some(raw) => raw
@@ -608,8 +420,7 @@ pub async fn logs(
             .filter(|n| (1..=MAX_LOG_LINES).contains(n))
             .ok_or_else(|| ApiError::bad_request(format!("lines must be 1-{MAX_LOG_LINES}")))?,
     };
-    let act = st.mgr.wake(&name).await?;
-    let mut tail = act.agent().service_logs(&service, Some(lines), false).await?;
+    let (act, mut tail) = st.mgr.service_logs(&name, &service, lines).await?;
     let stream = async_stream(move |tx| async move {
         let _act = act;
         while let Some(chunk) = tail.recv().await {
@@ -654,29 +465,5 @@ mod tests {
         assert_eq!(m["N"], "2");
         assert!(parse_env(Some(json!("novalue"))).is_err());
         assert!(parse_env(Some(json!([1]))).is_err());
-    }
-
-    #[test]
-    fn set_checks() {
-        let d = |n: &str, needs: &[&str], port: Option<u16>| ServiceDef {
-            name: n.into(),
-            cmd: "x".into(),
-            needs: needs.iter().map(|s| s.to_string()).collect(),
-            http_port: port,
-            ..Default::default()
-        };
-        check_set(&[d("a", &[], Some(80)), d("b", &["a"], None)]).unwrap();
-        assert!(matches!(
-            check_set(&[d("a", &["zz"], None)]),
-            Err(SpriteError::Invalid(_))
-        ));
-        assert!(matches!(
-            check_set(&[d("a", &[], Some(1)), d("b", &[], Some(2))]),
-            Err(SpriteError::Conflict(_))
-        ));
-        assert!(matches!(
-            check_set(&[d("a", &["b"], None), d("b", &["a"], None)]),
-            Err(SpriteError::Invalid(_))
-        ));
     }
 }

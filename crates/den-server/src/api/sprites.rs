@@ -102,6 +102,13 @@ pub async fn create(
     headers: HeaderMap,
     JsonBody(raw): JsonBody<Value>,
 ) -> ApiResult<Response> {
+    if raw
+        .get("wait_for_capacity")
+        .is_some_and(|w| !w.is_boolean() && !w.is_null())
+    {
+        // The reference's own example of the list form.
+        return Err(ApiError::validation("invalid wait_for_capacity parameter"));
+    }
     let req = CreateSpriteRequest::deserialize(&raw)
         .map_err(|e| ApiError::bad_request(format!("invalid JSON body: {e}")))?;
     let name = req
@@ -269,13 +276,21 @@ pub struct ListQuery {
     pub continuation_token: Option<String>,
 }
 
-/// List sprites, by name, a page at a time.
-#[utoipa::path(get, path = "/v1/sprites", params(ListQuery), responses((status = 200)))]
+/// List sprites, by name, a page at a time. With `Accept:
+/// application/x-ndjson`, a live stream of their states instead (see
+/// [`crate::api::sprite_watch`]).
+#[utoipa::path(get, path = "/v1/sprites", params(ListQuery), responses((status = 200),
+    (status = 200, content_type = "application/x-ndjson",
+        description = "With `Accept: application/x-ndjson`: a `sprite` line per sprite, then one per change, and `heartbeat` lines")))]
 pub async fn list(
     State(st): State<AppState>,
     caller: Principal,
     Query(q): Query<ListQuery>,
-) -> ApiResult<Json<Value>> {
+    headers: HeaderMap,
+) -> ApiResult<Response> {
+    if crate::api::sprite_watch::wanted(&headers) {
+        return Ok(crate::api::sprite_watch::stream(st, caller, q.prefix));
+    }
     let max = match q.max_results.as_deref() {
         None | Some("") => 50,
         Some(s) => s
@@ -347,7 +362,8 @@ pub async fn list(
             "running_limit": Value::Null,
             "warm_limit": Value::Null,
         },
-    })))
+    }))
+    .into_response())
 }
 
 #[utoipa::path(get, path = "/v1/sprites/{name}", responses((status = 200), (status = 404)))]

@@ -181,6 +181,37 @@ pub fn bearer(headers: &HeaderMap) -> Option<String> {
         .then(|| rest.trim().to_string())
 }
 
+/// The WebSocket subprotocol a browser offers next to its token (see
+/// [`WS_TOKEN_PREFIX`]); the server selects this one, so the token is never
+/// echoed back in the handshake.
+pub const WS_PROTOCOL: &str = "den.v1";
+
+/// A browser can't set `Authorization` on a WebSocket, only
+/// `Sec-WebSocket-Protocol`: `den.bearer.<token>` there carries the same
+/// bearer token (den tokens are `den_<hex>`, valid protocol names). It is
+/// read only on upgrade requests, and fetch() can't set `Sec-` headers, so a
+/// page can't replay it cross-site; with no cookies there is nothing for
+/// another origin's page to ride on either.
+pub const WS_TOKEN_PREFIX: &str = "den.bearer.";
+
+/// The token of a WebSocket upgrade that carries it as a subprotocol.
+pub fn ws_protocol_token(headers: &HeaderMap) -> Option<String> {
+    let upgrade = headers
+        .get(axum::http::header::UPGRADE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.eq_ignore_ascii_case("websocket"));
+    if !upgrade {
+        return None;
+    }
+    headers
+        .get_all(axum::http::header::SEC_WEBSOCKET_PROTOCOL)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .find_map(|p| p.trim().strip_prefix(WS_TOKEN_PREFIX))
+        .map(str::to_string)
+}
+
 /// What answers a sprite outside the caller's reach: the very answer of a
 /// sprite that does not exist.
 pub fn hidden_sprite(name: &str) -> ApiError {
@@ -191,6 +222,7 @@ pub fn hidden_sprite(name: &str) -> ApiError {
 /// for [`ORG_HEADER`], allowed to pick that organisation).
 pub fn principal(st: &AppState, headers: &HeaderMap) -> Result<Principal, ApiError> {
     let token = bearer(headers)
+        .or_else(|| ws_protocol_token(headers))
         .and_then(|t| st.tokens.verify(&t))
         .ok_or_else(ApiError::unauthorized)?;
     let org = match headers.get(ORG_HEADER).map(|v| v.to_str().unwrap_or("")) {
@@ -319,4 +351,34 @@ fn decide<'a>(
         }
     }
     Ok(None)
+}
+
+#[cfg(test)]
+mod ws_token_tests {
+    use super::*;
+
+    fn headers(pairs: &[(&str, &str)]) -> HeaderMap {
+        let mut h = HeaderMap::new();
+        for (k, v) in pairs {
+            h.append(HeaderName::from_bytes(k.as_bytes()).unwrap(), v.parse().unwrap());
+        }
+        h
+    }
+
+    #[test]
+    fn the_subprotocol_token_is_read_only_on_websocket_upgrades() {
+        let proto = ("sec-websocket-protocol", "den.v1, den.bearer.den_abc");
+        assert_eq!(
+            ws_protocol_token(&headers(&[("upgrade", "websocket"), proto])).as_deref(),
+            Some("den_abc")
+        );
+        assert_eq!(ws_protocol_token(&headers(&[proto])), None);
+        assert_eq!(
+            ws_protocol_token(&headers(&[
+                ("upgrade", "websocket"),
+                ("sec-websocket-protocol", "den.v1")
+            ])),
+            None
+        );
+    }
 }

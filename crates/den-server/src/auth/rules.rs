@@ -75,6 +75,8 @@ pub const RULES: &[(&str, &str, Rule)] = &[
     ("POST", "/v1/sprites/{name}/upgrade", Sprite(Write)),
     // The new sprite's name is checked against the token's list by the handler.
     ("POST", "/v1/sprites/{name}/fork", Sprite(Create)),
+    ("POST", "/v1/sprites/{name}/restart", Sprite(Write)),
+    ("GET", "/v1/sprites/{name}/check", Sprite(Read)),
     ("POST", "/v1/sprites/{name}/checkpoint", Sprite(Write)),
     ("GET", "/v1/sprites/{name}/checkpoints", Sprite(Read)),
     ("GET", "/v1/sprites/{name}/checkpoints/{id}", Sprite(Read)),
@@ -109,6 +111,9 @@ pub const RULES: &[(&str, &str, Rule)] = &[
     ("POST", "/v1/sprites/{name}/fs/rename", Sprite(Write)),
     ("POST", "/v1/sprites/{name}/fs/copy", Sprite(Write)),
     ("POST", "/v1/sprites/{name}/fs/chmod", Sprite(Write)),
+    ("POST", "/v1/sprites/{name}/fs/chown", Sprite(Write)),
+    ("GET", "/v1/sprites/{name}/fs/watch", Sprite(Read)),
+    ("GET", "/v1/sprites/{name}/ports/watch", Sprite(Read)),
     ("GET", "/v1/sprites/{name}/proxy", Sprite(Exec)),
     ("*", "/v1/sprites/{name}/control", Sprite(Exec)),
     // Without an upgrade, GET lists the exec sessions: still the exec surface.
@@ -131,6 +136,19 @@ pub const RULES: &[(&str, &str, Rule)] = &[
     ("GET", "/v1/nodes", ServerAdmin),
     ("POST", "/v1/nodes/{node}/drain", ServerAdmin),
     ("GET", "/metrics", ServerAdmin),
+    // Each tool is a request to one of the routes above, with the caller's token.
+    ("*", "/mcp", Authenticated),
+];
+
+/// `(method, route template)` of the routes served without a token, outside
+/// [`super::authorize`]: the health check and the web console's static
+/// assets. None of them carries data; everything the console shows comes
+/// from the routes above, with the user's token.
+pub const PUBLIC: &[(&str, &str)] = &[
+    ("GET", "/v1/health"),
+    ("GET", "/healthz"),
+    ("GET", crate::console::INDEX_ROUTE),
+    ("GET", crate::console::ASSET_ROUTE),
 ];
 
 /// The rule of a route; HEAD falls back to GET's, as the router does.

@@ -10,7 +10,7 @@ use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 use crate::common::{TestServer, WAIT};
 
 /// This process's resident memory (the server runs in it).
-fn rss_bytes() -> Result<u64> {
+pub(crate) fn rss_bytes() -> Result<u64> {
     let status = std::fs::read_to_string("/proc/self/status")?;
     let kb: u64 = status
         .lines()

@@ -720,3 +720,109 @@ pub async fn default_timeout() -> Result<()> {
     s.stop().await;
     Ok(())
 }
+
+/// HTTP/1.1 chunked decoding that keeps the socket's read boundaries: the
+/// body bytes each `feed` (one socket read) yields, as a client that takes
+/// a read of the body for a frame (the JS SDK's `execFileHTTP`) sees them.
+#[derive(Default)]
+struct Chunked {
+    /// The chunk-size line read so far, or the data left in this chunk.
+    line: Vec<u8>,
+    data_left: usize,
+    /// CR LF still to skip after a chunk's data.
+    crlf_left: usize,
+    done: bool,
+}
+
+impl Chunked {
+    fn feed(&mut self, mut buf: &[u8]) -> Result<Vec<u8>> {
+        let mut body = Vec::new();
+        while !buf.is_empty() && !self.done {
+            if self.data_left > 0 {
+                let n = self.data_left.min(buf.len());
+                body.extend_from_slice(&buf[..n]);
+                self.data_left -= n;
+                buf = &buf[n..];
+                if self.data_left == 0 {
+                    self.crlf_left = 2;
+                }
+            } else if self.crlf_left > 0 {
+                self.crlf_left -= 1;
+                buf = &buf[1..];
+            } else {
+                self.line.push(buf[0]);
+                buf = &buf[1..];
+                if self.line.ends_with(b"\r\n") {
+                    let hex = std::str::from_utf8(&self.line[..self.line.len() - 2])?;
+                    let size = usize::from_str_radix(hex.split(';').next().unwrap_or(""), 16)
+                        .with_context(|| format!("chunk size {hex:?}"))?;
+                    self.line.clear();
+                    self.data_left = size;
+                    self.done = size == 0;
+                }
+            }
+        }
+        Ok(body)
+    }
+}
+
+/// The HTTP exec exit frame reaches a slow client in a read of its own,
+/// also when the output is still queued (the client reads slower than the
+/// command writes) when the command exits. It used to follow the output
+/// 10 ms after the last output frame was handed to hyper, which then still
+/// held or queued output: the exit frame left with it, and a client that
+/// takes a read for a frame (the JS SDK) lost the exit code.
+pub async fn http_exit_frame_apart_from_queued_output() -> Result<()> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    let s = TestServer::start().await?;
+    s.create("slow").await?;
+    const OUTPUT: usize = 8_000_000;
+    for _ in 0..3 {
+        let sock = tokio::net::TcpSocket::new_v4()?;
+        // A small window: what the client has not read stays queued in den.
+        sock.set_recv_buffer_size(32 << 10)?;
+        let mut tcp = sock.connect(s.cfg.listen).await?;
+        let req = format!(
+            "POST /v1/sprites/slow/exec?{} HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {}\r\n\
+             Content-Length: 0\r\n\r\n",
+            cmd(&["head", "-c", &OUTPUT.to_string(), "/dev/zero"]),
+            s.token
+        );
+        tcp.write_all(req.as_bytes()).await?;
+        let head = crate::proxy::read_head(&mut tcp).await?;
+        ensure!(head.starts_with("HTTP/1.1 200"), "{head}");
+        ensure!(
+            head.to_ascii_lowercase().contains("transfer-encoding: chunked"),
+            "{head}"
+        );
+        let mut chunked = Chunked::default();
+        let mut buf = vec![0u8; 64 << 10];
+        let (mut output, mut last) = (0usize, Vec::new());
+        let deadline = Instant::now() + WAIT;
+        while !chunked.done {
+            ensure!(Instant::now() < deadline, "the exec did not end in time");
+            let n = tokio::time::timeout(WAIT, tcp.read(&mut buf)).await??;
+            ensure!(n > 0, "closed before the end of the body");
+            let body = chunked.feed(&buf[..n])?;
+            if !body.is_empty() {
+                output += body.len();
+                last = body;
+            }
+            // A slow reader: at most 64 KiB a millisecond (the load that
+            // queues the output is this pace, not a wait for anything).
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+        // Every output frame is 0x01 + zeros; what ends it must be the exit
+        // frame alone.
+        ensure!(output > OUTPUT, "{output} body bytes");
+        ensure!(
+            last == [0x03, 0x00],
+            "the last read held {} body bytes, not only the exit frame (ends {:?})",
+            last.len(),
+            &last[last.len().saturating_sub(4)..]
+        );
+    }
+    s.stop().await;
+    Ok(())
+}

@@ -4,12 +4,17 @@
 
 mod abuse;
 mod abuse_exec;
+mod apirest;
 mod common;
+mod console;
+mod control;
 mod exec;
 mod forward;
 mod fs;
 mod fuzz;
+mod mcp;
 mod org_tokens;
+mod pool;
 mod proxy;
 mod quotas_org;
 mod sdk;
@@ -28,7 +33,26 @@ type TestFn = fn() -> Pin<Box<dyn Future<Output = anyhow::Result<()>>>>;
 
 /// Every test, by name. Areas add their tests here.
 const TESTS: &[(&str, TestFn)] = &[
+    ("apirest_restart_check_and_timestamps", || {
+        Box::pin(apirest::restart_check_and_timestamps())
+    }),
+    ("apirest_watch_sprites_keeps_to_the_tokens_reach", || {
+        Box::pin(apirest::watch_sprites_keeps_to_the_tokens_reach())
+    }),
+    ("apirest_ports_and_fs_watch", || {
+        Box::pin(apirest::ports_and_fs_watch())
+    }),
+    ("apirest_chown_route", || Box::pin(apirest::chown_route())),
+    ("apirest_watch_sprites_lagging_client_is_resynced", || {
+        Box::pin(apirest::watch_sprites_lagging_client_is_resynced())
+    }),
+    ("apirest_validation_errors_list_form", || {
+        Box::pin(apirest::validation_errors_list_form())
+    }),
     ("sprites_crud_and_auth", || Box::pin(sprites::crud_and_auth())),
+    ("pool_create_claims_a_hidden_sprite", || {
+        Box::pin(pool::pool_create_claims_a_hidden_sprite())
+    }),
     ("sprites_tokens_and_restart", || {
         Box::pin(sprites::tokens_and_restart())
     }),
@@ -49,10 +73,19 @@ const TESTS: &[(&str, TestFn)] = &[
     ("proxy_tunnel", || Box::pin(proxy::tunnel())),
     ("url_proxy", || Box::pin(proxy::urls())),
     ("url_upgrade", || Box::pin(proxy::url_upgrade())),
+    ("url_bulk_upload_and_download_intact", || {
+        Box::pin(proxy::url_bulk_upload_and_download_intact())
+    }),
     ("url_wakes_cold", || Box::pin(proxy::url_wakes_cold())),
+    ("url_reuses_upstream_connections", || {
+        Box::pin(proxy::url_reuses_upstream_connections())
+    }),
     ("exec_ws_protocol", || Box::pin(exec::ws_protocol())),
     ("exec_tty_attach_http", || Box::pin(exec::tty_attach_http())),
     ("exec_default_timeout", || Box::pin(exec::default_timeout())),
+    ("exec_http_exit_frame_apart_from_queued_output", || {
+        Box::pin(exec::http_exit_frame_apart_from_queued_output())
+    }),
     ("cluster_forwarding", || Box::pin(forward::cluster_forwarding())),
     ("forged_peer_claims_gain_nothing", || {
         Box::pin(forward::forged_peer_claims_gain_nothing())
@@ -103,11 +136,33 @@ const TESTS: &[(&str, TestFn)] = &[
     ("tls_mismatched_key_stops_the_start", || {
         Box::pin(tls::mismatched_key_stops_the_start())
     }),
+    ("control_js_sdk", || Box::pin(control::js_sdk())),
+    ("control_python_sdk", || Box::pin(control::python_sdk())),
+    ("control_frames_and_access", || {
+        Box::pin(control::frames_and_access())
+    }),
+    ("control_limits_and_detach", || {
+        Box::pin(control::limits_and_detach())
+    }),
     ("tenancy_token_minting_escalation", || {
         Box::pin(org_tokens::token_minting_escalation())
     }),
     ("tenancy_migration_from_pre_org_data_dir", || {
         Box::pin(org_tokens::migration_from_pre_org_data_dir())
+    }),
+    ("console_ws_token_subprotocol", || {
+        Box::pin(console::ws_token_subprotocol())
+    }),
+    ("console_browser_flow", || Box::pin(console::browser_flow())),
+    ("console_browser_settings_and_access", || {
+        Box::pin(console::browser_settings_and_access())
+    }),
+    ("mcp_python_sdk", || Box::pin(mcp::python_sdk())),
+    ("mcp_refuses_what_rest_refuses", || {
+        Box::pin(mcp::refuses_what_rest_refuses())
+    }),
+    ("mcp_sessions_at_the_handshake_revisions", || {
+        Box::pin(mcp::sessions_at_the_handshake_revisions())
     }),
 ];
 

@@ -1,5 +1,5 @@
 //! TCP over WebSocket (`/v1/sprites/{name}/proxy`), sprite URLs (Host
-//! routing to the sprite's HTTP port) and the absent `/control` channel.
+//! routing to the sprite's HTTP port).
 //! Servers inside the sprites are busybox `nc`, `httpd` and CGI scripts.
 
 use std::net::{Ipv4Addr, SocketAddr};
@@ -288,11 +288,6 @@ pub async fn tunnel() -> Result<()> {
     ensure!(r.status() == 400, "plain GET: {}", r.status());
     ensure!(r.json::<Value>().await?["error"] == "bad_request");
 
-    // The optional control channel is absent, so SDKs fall back.
-    let r = s.client().get(s.api("/v1/sprites/tun/control")).send().await?;
-    ensure!(r.status() == 404, "control: {}", r.status());
-    ensure!(ws_refused(&s, "/v1/sprites/tun/control", Some(&s.token)).await? == 404);
-
     // Server shutdown ends an open tunnel with 1001.
     let mut ws = ws_connect(&s, path, Some(&s.token)).await?;
     ws.send(Message::Text(json!({"port": 7000}).to_string().into()))
@@ -484,8 +479,9 @@ pub async fn urls() -> Result<()> {
     // A service with http_port takes the URL traffic from 8080.
     put_file(&s, "web", "/srv/www2/index.html", "page of the service\n").await?;
     mgr(&s)
-        .update_services("web", |v| {
-            v.push(ServiceDef {
+        .put_service(
+            "web",
+            ServiceDef {
                 name: "site".into(),
                 cmd: "busybox".into(),
                 args: ["httpd", "-f", "-p", "8081", "-h", "/srv/www2"]
@@ -493,9 +489,8 @@ pub async fn urls() -> Result<()> {
                     .to_vec(),
                 http_port: Some(8081),
                 ..Default::default()
-            });
-            Ok(())
-        })
+            },
+        )
         .await?;
     wait_listening(mgr(&s).wake("web").await?.addr(), 8081).await?;
     let r = anon.get(url(&s, "/")).header("host", &web).send().await?;
@@ -563,7 +558,8 @@ pub async fn url_upgrade() -> Result<()> {
     let head = read_head(&mut tcp).await?;
     ensure!(head.starts_with("HTTP/1.1 101"), "{head}");
     ensure!(head.to_ascii_lowercase().contains("upgrade: echo"), "{head}");
-    let data = pattern(1 << 20);
+    // Bulk both ways at once, more than every buffer on the way holds.
+    let data = pattern(32 << 20);
     let (mut rd, mut wr) = tcp.split();
     let mut back = vec![0u8; data.len()];
     let (w, r) = tokio::join!(wr.write_all(&data), async {
@@ -571,7 +567,18 @@ pub async fn url_upgrade() -> Result<()> {
     });
     w?;
     r??;
-    ensure!(back == data, "1 MiB through the upgraded connection differs");
+    ensure!(
+        blake3::hash(&back) == blake3::hash(&data),
+        "32 MiB through the upgraded connection differ"
+    );
+    // Two plain TCP sockets: spliced, not copied through den's buffers.
+    let metrics = s.client().get(s.api("/metrics")).send().await?.text().await?;
+    ensure!(
+        metrics
+            .lines()
+            .any(|l| l.starts_with("den_upgraded_connections_total{copy=\"splice\"}")),
+        "no spliced upgrade in /metrics:\n{metrics}"
+    );
     // Server shutdown ends the upgraded connection.
     s.running.as_ref().expect("running").state.shutdown.cancel();
     let mut rest = Vec::new();
@@ -582,14 +589,73 @@ pub async fn url_upgrade() -> Result<()> {
     Ok(())
 }
 
+/// A keep-alive HTTP/1.1 responder (one per connection, under `nc -ll -e`):
+/// every answer names the connection it came over.
+const KEEPALIVE: &str = r#"#!/bin/sh
+cr=$(printf '\r')
+id="conn $(cat /proc/sys/kernel/random/uuid)"
+while IFS= read -r request; do
+  while IFS= read -r line; do
+    [ "$line" = "$cr" ] && break
+    [ -z "$line" ] && break
+  done
+  printf 'HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nContent-Length: %s\r\n\r\n%s' "${#id}" "$id"
+done
+"#;
+
+/// Sprite URLs reuse upstream connections within one boot of the sprite,
+/// and never carry one over to the next boot.
+pub async fn url_reuses_upstream_connections() -> Result<()> {
+    let s = TestServer::start().await?;
+    s.create("ka").await?;
+    put_file(&s, "ka", "/srv/keepalive.sh", KEEPALIVE).await?;
+    sh(&s, "ka", "chmod 755 /srv/keepalive.sh").await?;
+    let nc = ServiceDef {
+        name: "ka".into(),
+        cmd: "busybox".into(),
+        args: ["nc", "-ll", "-p", "8080", "-e", "/srv/keepalive.sh"]
+            .map(String::from)
+            .to_vec(),
+        ..Default::default()
+    };
+    drop(mgr(&s).put_service("ka", nc).await?);
+    wait_listening(mgr(&s).wake("ka").await?.addr(), 8080).await?;
+    let get = || async {
+        let r = s
+            .client()
+            .get(url(&s, "/"))
+            .header("host", host(&s, "ka"))
+            .send()
+            .await?;
+        ensure!(r.status() == 200, "{}", r.status());
+        anyhow::Ok(r.text().await?)
+    };
+    let first = get().await?;
+    ensure!(first.starts_with("conn "), "{first:?}");
+    for _ in 0..5 {
+        ensure!(get().await? == first, "a new upstream connection per request");
+    }
+    // A cold sleep and a boot: a new network namespace, new connections.
+    mgr(&s).sleep("ka", SpriteStatus::Cold).await?;
+    let after = get().await?;
+    ensure!(
+        after.starts_with("conn ") && after != first,
+        "{after:?} after a cold boot"
+    );
+    ensure!(get().await? == after);
+    s.stop().await;
+    Ok(())
+}
+
 /// A request to a cold sprite boots it and waits for its service to listen.
 pub async fn url_wakes_cold() -> Result<()> {
     let s = TestServer::start().await?;
     s.create("sleepy").await?;
     put_file(&s, "sleepy", "/srv/www/index.html", "awake\n").await?;
     mgr(&s)
-        .update_services("sleepy", |v| {
-            v.push(ServiceDef {
+        .put_service(
+            "sleepy",
+            ServiceDef {
                 name: "site".into(),
                 // Slow to start, like real apps: the request waits for it.
                 cmd: "sh".into(),
@@ -598,9 +664,8 @@ pub async fn url_wakes_cold() -> Result<()> {
                     .to_vec(),
                 http_port: Some(8090),
                 ..Default::default()
-            });
-            Ok(())
-        })
+            },
+        )
         .await?;
     mgr(&s).sleep("sleepy", SpriteStatus::Cold).await?;
     ensure!(mgr(&s).get("sleepy")?.status == SpriteStatus::Cold);
@@ -613,6 +678,48 @@ pub async fn url_wakes_cold() -> Result<()> {
     ensure!(r.status() == 200, "{}", r.status());
     ensure!(r.text().await? == "awake\n");
     ensure!(mgr(&s).get("sleepy")?.status == SpriteStatus::Running);
+    s.stop().await;
+    Ok(())
+}
+
+/// Bulk bodies both ways through a sprite URL arrive intact: a large upload
+/// (written to a file by a CGI) and its download (a static file).
+pub async fn url_bulk_upload_and_download_intact() -> Result<()> {
+    const UPLOAD_CGI: &str = "#!/bin/sh\ncat > /srv/www/big\necho Content-Type: text/plain\necho\n\
+        wc -c < /srv/www/big\n";
+    let s = TestServer::start().await?;
+    let c = s.client();
+    s.create("bulk").await?;
+    put_file(&s, "bulk", "/srv/www/cgi-bin/upload", UPLOAD_CGI).await?;
+    serve(&s, "bulk", "busybox httpd -f -p 8080 -h /srv/www", 8080).await?;
+    let web = host(&s, "bulk");
+    let data = pattern(24 << 20);
+    let r = c
+        .post(url(&s, "/cgi-bin/upload"))
+        .header("host", &web)
+        .header("content-type", "application/octet-stream")
+        .body(data.clone())
+        .send()
+        .await?;
+    ensure!(r.status() == 200, "{}", r.status());
+    let stored = r.text().await?;
+    ensure!(
+        stored.trim() == data.len().to_string(),
+        "the sprite stored {stored:?} bytes"
+    );
+    let mut r = c.get(url(&s, "/big")).header("host", &web).send().await?;
+    ensure!(r.status() == 200, "{}", r.status());
+    let mut hasher = blake3::Hasher::new();
+    let mut n = 0usize;
+    while let Some(chunk) = tokio::time::timeout(WAIT, r.chunk()).await?? {
+        n += chunk.len();
+        hasher.update(&chunk);
+    }
+    ensure!(n == data.len(), "downloaded {n} bytes");
+    ensure!(
+        hasher.finalize() == blake3::hash(&data),
+        "the download differs from the upload"
+    );
     s.stop().await;
     Ok(())
 }

@@ -396,6 +396,17 @@ pub async fn limits_metrics_request_ids() -> Result<()> {
     ] {
         ensure!(text.contains(want), "/metrics lacks {want}:\n{text}");
     }
+    // The running sprite booted once at least, and its agent took time to answer.
+    let value = |name: &str| {
+        text.lines()
+            .find_map(|l| l.strip_prefix(name)?.trim().parse::<f64>().ok())
+            .unwrap_or(0.0)
+    };
+    ensure!(value("den_sprite_boots_total") >= 1.0, "{text}");
+    ensure!(
+        value("den_sprite_boot_phase_microseconds_total{phase=\"agent\"}") > 0.0,
+        "{text}"
+    );
     s.stop().await;
     Ok(())
 }

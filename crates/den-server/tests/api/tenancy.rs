@@ -221,11 +221,23 @@ fn rows(ck: &str) -> Vec<Row> {
         row("POST", "/v1/sprites/{name}/fs/chmod", Use, &[404])
             .path(format!("{w}/fs/chmod"))
             .json(json!({"path": "/tmp/none", "mode": "644"})),
+        row("POST", "/v1/sprites/{name}/fs/chown", Use, &[404])
+            .path(format!("{w}/fs/chown"))
+            .json(json!({"path": "/tmp/none", "uid": 0})),
+        row("GET", "/v1/sprites/{name}/fs/watch", Read, &[101])
+            .path(format!("{w}/fs/watch"))
+            .websocket(),
+        row("GET", "/v1/sprites/{name}/ports/watch", Read, &[101])
+            .path(format!("{w}/ports/watch"))
+            .websocket(),
+        row("GET", "/v1/sprites/{name}/check", Read, &[200]).path(format!("{w}/check")),
+        row("POST", "/v1/sprites/{name}/restart", Use, &[200]).path(format!("{w}/restart")),
         row("GET", "/v1/sprites/{name}/proxy", Use, &[101])
             .path(format!("{w}/proxy"))
             .websocket(),
-        // The optional control channel answers 404 to every SDK that may use it.
-        row("*", "/v1/sprites/{name}/control", Use, &[404]).path(format!("{w}/control")),
+        row("*", "/v1/sprites/{name}/control", Use, &[101])
+            .path(format!("{w}/control"))
+            .websocket(),
         row("GET", "/v1/sprites/{name}/exec", Use, &[101])
             .path(format!("{w}/exec?cmd=true"))
             .websocket(),
@@ -238,6 +250,8 @@ fn rows(ck: &str) -> Vec<Row> {
             .path(format!("{w}/exec/999999/kill")),
         row("GET", "/v1/organization", AnyToken, &[200]),
         row("GET", "/v1/openapi.json", AnyToken, &[200]),
+        // A GET without a session or an SSE Accept: refused by MCP, after the decision.
+        row("*", "/mcp", AnyToken, &[406]),
         row("GET", "/v1/tokens", Tokens, &[200]),
         row("POST", "/v1/tokens", Tokens, &[201]).json(json!({"name": "minted", "role": "viewer"})),
         row("DELETE", "/v1/tokens/{id}", Tokens, &[404]).path("/v1/tokens/nosuchtoken"),

@@ -304,3 +304,123 @@ test('a wrong token is refused', async () => {
   const bad = new SpritesClient('den_wrong', { baseURL: URL_ });
   await assert.rejects(bad.listSprites(), (e) => (e instanceof APIError ? e.statusCode === 401 : /401/.test(String(e))));
 });
+
+// The next message of an SDK stream (watchers, watchSprites) that
+// satisfies `pred`, within a deadline.
+async function nextMatching(stream, pred, what, timeoutMs = 30000) {
+  const deadline = Date.now() + timeoutMs;
+  const seen = [];
+  for (;;) {
+    const left = deadline - Date.now();
+    let timer;
+    const timeout = new Promise((_, reject) => {
+      timer = setTimeout(() => reject(new Error(`timed out waiting for ${what}; saw ${JSON.stringify(seen)}`)), Math.max(left, 0));
+    });
+    const ev = await Promise.race([stream.next(), timeout]).finally(() => clearTimeout(timer));
+    if (ev === null) throw new Error(`the stream ended before ${what}; saw ${JSON.stringify(seen)}`);
+    if (pred(ev)) return ev;
+    seen.push(ev);
+  }
+}
+
+test('restartSprite and checkSprite; last_started_at and last_active_at', async () => {
+  const s = await client.createSprite('js-life');
+  try {
+    const cold = await client.checkSprite('js-life');
+    assert.equal(cold.spriteName, 'js-life');
+    assert.equal(cold.status, 'cold');
+    assert.ok(cold.reason);
+    assert.ok(cold.checkedAt instanceof Date && !Number.isNaN(cold.checkedAt.getTime()));
+    await s.execFile('sh', ['-c', 'sleep 1000 </dev/null >/dev/null 2>&1 &']);
+    const ok = await s.check();
+    assert.equal(ok.status, 'healthy');
+    assert.equal(typeof ok.elapsed, 'number');
+    assert.ok(ok.spriteId);
+    const r = await s.restart();
+    assert.equal(r.spriteName, 'js-life');
+    assert.ok(r.machineId && r.message, JSON.stringify(r));
+    const ps = await s.execFile('sh', ['-c', "ps | grep -c '[s]leep 1000' || true"]);
+    assert.equal(ps.stdout.trim(), '0');
+    const raw = await (await fetch(`${URL_}/v1/sprites/js-life`, { headers: { authorization: `Bearer ${TOKEN}` } })).json();
+    assert.ok(!Number.isNaN(Date.parse(raw.last_started_at)), JSON.stringify(raw));
+    assert.ok(!Number.isNaN(Date.parse(raw.last_active_at)), JSON.stringify(raw));
+  } finally {
+    await client.deleteSprite('js-life');
+  }
+});
+
+test('watchSprites: a new sprite and its state changes', async () => {
+  const stream = await client.watchSprites({ prefix: 'js-watched' });
+  try {
+    await client.createSprite('js-watched');
+    const made = await nextMatching(stream, (e) => e.name === 'js-watched', 'the new sprite');
+    assert.equal(made.status, 'cold');
+    assert.ok(made.timestamp instanceof Date);
+    assert.equal(typeof made.organization.name, 'string');
+    await client.sprite('js-watched').execFile('true');
+    const running = await nextMatching(stream, (e) => e.name === 'js-watched' && e.status === 'running', 'running');
+    assert.ok(running.lastRunningAt instanceof Date);
+    assert.ok(running.organization.running >= 1);
+  } finally {
+    stream.close();
+    await client.deleteSprite('js-watched');
+  }
+});
+
+test('watchPorts: port_list, then a listener opening and closing', async () => {
+  const watcher = await sprite.watchPorts();
+  try {
+    const first = await nextMatching(watcher, () => true, 'port_list');
+    assert.equal(first.type, 'port_list');
+    assert.ok(Array.isArray(first.ports));
+    // busybox's httpd: the test image has no python3.
+    await sprite.execFile('sh', ['-c', 'httpd -p 8123 -h /tmp']);
+    const opened = await nextMatching(watcher, (e) => e.type === 'port_opened' && e.port === 8123, 'port_opened 8123');
+    assert.ok(opened.pid > 0);
+    // The IP address it is bound to (the SDK's type; the docs show a URL).
+    assert.ok(['0.0.0.0', '::'].includes(opened.address), JSON.stringify(opened));
+    await sprite.execFile('kill', [String(opened.pid)]);
+    const closed = await nextMatching(watcher, (e) => e.type === 'port_closed' && e.port === 8123, 'port_closed 8123');
+    assert.equal(closed.pid, opened.pid);
+  } finally {
+    watcher.close();
+  }
+});
+
+test('filesystem().watch: create, write, chmod, remove', async () => {
+  const fs = sprite.filesystem('/home/sprite');
+  await fs.mkdir('watched', { recursive: true });
+  const watcher = await fs.watch('watched', { recursive: true });
+  try {
+    const sub = await nextMatching(watcher, (e) => e.type === 'subscribed', 'subscribed');
+    assert.deepEqual(sub.paths, ['/home/sprite/watched']);
+    const p = '/home/sprite/watched/a.txt';
+    await fs.writeFile('watched/a.txt', 'hello');
+    const made = await nextMatching(watcher, (e) => e.type === 'event' && e.event === 'create' && e.path === p, 'create');
+    assert.equal(made.isDir, false);
+    assert.ok(!Number.isNaN(Date.parse(made.timestamp)));
+    await sprite.execFile('sh', ['-c', `echo more >> ${p}`]);
+    await nextMatching(watcher, (e) => e.event === 'write' && e.path === p, 'write');
+    await fs.chmod('watched/a.txt', 0o600);
+    await nextMatching(watcher, (e) => e.event === 'chmod' && e.path === p, 'chmod');
+    await fs.rm('watched/a.txt');
+    await nextMatching(watcher, (e) => e.event === 'remove' && e.path === p, 'remove');
+  } finally {
+    watcher.close();
+    await fs.rm('watched', { recursive: true });
+  }
+});
+
+test('filesystem chown by number and by name', async () => {
+  const fs = sprite.filesystem('/home/sprite');
+  await fs.writeFile('owned.txt', 'x');
+  await fs.chown('owned.txt', { uid: 0, gid: 'root' });
+  let r = await sprite.execFile('stat', ['-c', '%u:%g', '/home/sprite/owned.txt']);
+  assert.equal(r.stdout.trim(), '0:0');
+  await fs.chown('owned.txt', { uid: 'sprite' });
+  r = await sprite.execFile('stat', ['-c', '%U', '/home/sprite/owned.txt']);
+  assert.equal(r.stdout.trim(), 'sprite');
+  await assert.rejects(fs.chown('nope.txt', { uid: 0 }), (e) => e instanceof FilesystemError && e.code === 'ENOENT');
+  await assert.rejects(fs.chown('owned.txt', {}), TypeError);
+  await fs.rm('owned.txt');
+});

@@ -4,6 +4,7 @@
 
 use std::time::Duration;
 
+use axum::Extension;
 use axum::body::{Body, Bytes};
 use axum::extract::{Path, State};
 use axum::http::{HeaderValue, StatusCode, header};
@@ -17,6 +18,7 @@ use super::ws::wire_exit_code;
 use super::{QueryPairs, query_pairs, sprite_env, wake_and_exec};
 use crate::api::checkpoints::{async_stream, ndjson};
 use crate::auth::SpriteRef;
+use crate::conn_socket::ConnSocket;
 use crate::error::{ApiError, ApiResult};
 use crate::state::AppState;
 
@@ -24,12 +26,19 @@ use crate::state::AppState;
 const AFTER_SIGKILL: Duration = Duration::from_secs(5);
 /// The framing has no lengths, and clients such as the official JS SDK take
 /// each read of the body as one frame. An exit frame sent right behind the
-/// output would reach them in the same read and be taken for output, so it
-/// goes this long after the last output frame left for the socket (not
-/// after it was queued: under load the queue may lag). The socket has
-/// `TCP_NODELAY` ([`crate::listener`]), so the output is on the wire at once
-/// instead of waiting for the client's delayed ACK and the exit frame.
+/// output would reach them in the same read and be taken for output. So it
+/// goes only once the output is on the wire (out of hyper's buffer and out
+/// of the kernel's send queue: [`output_on_the_wire`]), and then this long
+/// after, for the client to read the output first. Timing alone (this gap
+/// after the output was handed to hyper) failed under load: the output could
+/// still be queued when the gap was over, and both went out together.
 const EXIT_FRAME_GAP: Duration = Duration::from_millis(10);
+/// The longest the exit frame waits for the output to leave: a client that
+/// stopped reading gets it behind the output after all.
+const ON_THE_WIRE_MAX: Duration = Duration::from_secs(5);
+/// How often the send queue is asked while it drains (the kernel tells no
+/// one when it empties).
+const SEND_QUEUE_POLL: Duration = Duration::from_millis(1);
 
 fn framed(kind: u8, data: &[u8]) -> Bytes {
     let mut v = Vec::with_capacity(data.len() + 1);
@@ -52,6 +61,7 @@ pub async fn exec_http(
     State(st): State<AppState>,
     SpriteRef(name): SpriteRef,
     query: QueryPairs,
+    socket: Option<Extension<ConnSocket>>,
     body: Body,
 ) -> ApiResult<Response> {
     let info = st.mgr.get(&name)?;
@@ -109,7 +119,7 @@ pub async fn exec_http(
         }
     });
     let mut resp = Response::new(Body::from_stream(
-        exit_frame_apart(stream).map(Ok::<_, std::convert::Infallible>),
+        exit_frame_apart(stream, socket.map(|Extension(s)| s)).map(Ok::<_, std::convert::Infallible>),
     ));
     resp.headers_mut().insert(
         header::CONTENT_TYPE,
@@ -118,25 +128,58 @@ pub async fn exec_http(
     Ok(resp)
 }
 
-/// `frames` with the exit frame (`0x03`, always last) held back until
-/// [`EXIT_FRAME_GAP`] after the frame before it was taken by the server.
+/// `frames` with the exit frame (`0x03`, always last) held back until the
+/// frames before it are on the wire to `socket`, and then [`EXIT_FRAME_GAP`]
+/// longer. Without a socket to ask (a request that did not come through the
+/// listener), the gap counts from when the frame before was taken by hyper.
 /// While it waits, the body is pending, and hyper writes out what it holds.
 fn exit_frame_apart(
     frames: impl futures::Stream<Item = Bytes> + Send + 'static,
+    socket: Option<ConnSocket>,
 ) -> impl futures::Stream<Item = Bytes> + Send + 'static {
     let frames = Box::pin(frames);
+    // The last frame handed to hyper: when, and how many flushes had been
+    // seen then.
+    let handed: Option<(tokio::time::Instant, u64)> = None;
     futures::stream::unfold(
-        (frames, None::<tokio::time::Instant>),
-        |(mut frames, last)| async move {
+        (frames, handed, socket),
+        |(mut frames, handed, socket)| async move {
             let frame = frames.next().await?;
             if frame.first() == Some(&0x03)
-                && let Some(t) = last
+                && let Some((at, flushes)) = handed
             {
-                tokio::time::sleep_until(t + EXIT_FRAME_GAP).await;
+                let waited = match &socket {
+                    Some(s) => output_on_the_wire(s, flushes).await,
+                    None => false,
+                };
+                let from = if waited { tokio::time::Instant::now() } else { at };
+                tokio::time::sleep_until(from + EXIT_FRAME_GAP).await;
             }
-            Some((frame, (frames, Some(tokio::time::Instant::now()))))
+            let flushes = socket.as_ref().map_or(0, ConnSocket::flushes);
+            Some((
+                frame,
+                (frames, Some((tokio::time::Instant::now(), flushes)), socket),
+            ))
         },
     )
+}
+
+/// Returns once what was handed to hyper while `socket` had seen `flushes`
+/// flushes is out of hyper's buffer and out of the kernel's send queue (or
+/// after [`ON_THE_WIRE_MAX`]). `true` if that took waiting; `false` if it
+/// had left already, so that its time of leaving is not known.
+async fn output_on_the_wire(socket: &ConnSocket, flushes: u64) -> bool {
+    let deadline = tokio::time::Instant::now() + ON_THE_WIRE_MAX;
+    let mut waited = socket.flushes() <= flushes;
+    if waited {
+        let flushed = std::future::poll_fn(|cx| socket.poll_flushed_since(flushes, cx));
+        let _ = tokio::time::timeout_at(deadline, flushed).await;
+    }
+    while socket.unsent().is_some_and(|n| n > 0) && tokio::time::Instant::now() < deadline {
+        waited = true;
+        tokio::time::sleep(SEND_QUEUE_POLL).await;
+    }
+    waited
 }
 
 fn line(v: serde_json::Value) -> Bytes {

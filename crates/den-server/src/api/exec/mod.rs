@@ -29,7 +29,7 @@ pub use sessions::{__path_head, head};
 use crate::auth::SpriteRef;
 use crate::error::{ApiError, ApiResult};
 use crate::state::AppState;
-use ws::Bridge;
+pub(crate) use ws::{Bridge, Ended, client_messages};
 
 type QueryPairs = Result<Query<Vec<(String, String)>>, QueryRejection>;
 type Upgrade = Result<WebSocketUpgrade, WebSocketUpgradeRejection>;
@@ -103,6 +103,7 @@ async fn wake_and_exec(
 /// Answer the upgrade and hand the socket to the bridge.
 fn upgrade(ws: WebSocketUpgrade, bridge: Bridge) -> Response {
     let mut resp = ws
+        .protocols([crate::auth::WS_PROTOCOL])
         .on_failed_upgrade(|e| tracing::debug!(error = %e, "exec websocket upgrade failed"))
         .on_upgrade(move |socket| bridge.run(socket));
     resp.headers_mut()
@@ -110,7 +111,8 @@ fn upgrade(ws: WebSocketUpgrade, bridge: Bridge) -> Response {
     resp
 }
 
-async fn attach_bridge(st: &AppState, name: &str, id: &str, ws: WebSocketUpgrade) -> ApiResult<Response> {
+/// A bridge to the running session `id`.
+async fn attach_session(st: &AppState, name: &str, id: &str) -> ApiResult<Bridge> {
     let activity = st.mgr.wake(name).await?;
     let session = activity.agent().attach(id).await.map_err(|e| match e {
         den_agent::Error::Agent { code, .. } if code == "not_found" => {
@@ -118,15 +120,38 @@ async fn attach_bridge(st: &AppState, name: &str, id: &str, ws: WebSocketUpgrade
         }
         e => e.into(),
     })?;
-    Ok(upgrade(
-        ws,
-        Bridge {
-            session,
-            activity,
-            shutdown: st.shutdown.clone(),
-            timeout: None,
-        },
-    ))
+    Ok(Bridge {
+        session,
+        activity,
+        shutdown: st.shutdown.clone(),
+        timeout: None,
+    })
+}
+
+/// The session an exec request's parameters (§3.1) name: a new command, or
+/// (`id` without `cmd`) an attach. The exec WebSocket and the control
+/// channel's `exec` operation both start theirs here.
+pub(crate) async fn open_session(
+    st: &AppState,
+    name: &str,
+    info: &SpriteInfo,
+    pairs: &[(String, String)],
+) -> ApiResult<Bridge> {
+    let p = ExecParams::parse(pairs)?;
+    if let Some(id) = &p.id
+        && p.cmd.is_empty()
+    {
+        return attach_session(st, name, id).await;
+    }
+    let req = p.to_exec_request(sprite_env(info), st.cfg.default_exec_timeout)?;
+    let timeout = req.timeout_ms.map(std::time::Duration::from_millis);
+    let (activity, session) = wake_and_exec(st, name, req).await?;
+    Ok(Bridge {
+        session,
+        activity,
+        shutdown: st.shutdown.clone(),
+        timeout,
+    })
 }
 
 /// Run a command over a WebSocket (§3) or, without an upgrade, list the
@@ -158,24 +183,8 @@ pub async fn exec_get(
             .map(IntoResponse::into_response);
     }
     let ws = ws.map_err(|e| ApiError::bad_request(format!("websocket upgrade: {}", e.body_text())))?;
-    let p = ExecParams::parse(&query_pairs(query)?)?;
-    if let Some(id) = &p.id
-        && p.cmd.is_empty()
-    {
-        return attach_bridge(&st, &name, id, ws).await;
-    }
-    let req = p.to_exec_request(sprite_env(&info), st.cfg.default_exec_timeout)?;
-    let timeout = req.timeout_ms.map(std::time::Duration::from_millis);
-    let (activity, session) = wake_and_exec(&st, &name, req).await?;
-    Ok(upgrade(
-        ws,
-        Bridge {
-            session,
-            activity,
-            shutdown: st.shutdown.clone(),
-            timeout,
-        },
-    ))
+    let bridge = open_session(&st, &name, &info, &query_pairs(query)?).await?;
+    Ok(upgrade(ws, bridge))
 }
 
 /// Attach to a running exec session (WebSocket): `session_info` with
@@ -193,5 +202,5 @@ pub async fn attach(
     st.mgr.get(&name)?;
     let ws = ws
         .map_err(|e| ApiError::bad_request(format!("attach needs a WebSocket upgrade: {}", e.body_text())))?;
-    attach_bridge(&st, &name, &id, ws).await
+    Ok(upgrade(ws, attach_session(&st, &name, &id).await?))
 }

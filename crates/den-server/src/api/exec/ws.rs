@@ -18,7 +18,7 @@ use axum::extract::ws::{CloseFrame, Message, WebSocket};
 use den_agent::client::{Event, Session};
 use den_agent::protocol::{ExitInfo, PortEvent, SessionInfo};
 use den_sprite::Activity;
-use futures::{SinkExt, StreamExt};
+use futures::{Sink, SinkExt, Stream, StreamExt};
 use serde::Deserialize;
 use serde_json::json;
 use tokio_util::sync::CancellationToken;
@@ -93,24 +93,83 @@ fn close(code: u16, reason: &str) -> Message {
     }))
 }
 
+/// How a bridged session ended on the client's side of the bridge.
+pub enum Ended {
+    /// The command exited; its exit frames were sent. The wire exit code.
+    Exited(u8),
+    /// The client sent a close frame: it detaches.
+    ClientClosed,
+    /// The client went away (or stopped reading at shutdown): it detaches.
+    ClientGone,
+    /// The agent went away (sprite stopped or crashed).
+    AgentGone,
+    Shutdown,
+}
+
 impl Bridge {
     pub async fn run(self, socket: WebSocket) {
+        let (mut tx, rx) = socket.split();
+        let mut rx = client_messages(rx);
+        let shutdown = self.shutdown.clone();
+        let _live = crate::metrics::ExecStreamGauge::start();
+        let (ended, activity) = self.pump(&mut tx, &mut rx).await;
+        let closing = match ended {
+            Ended::Exited(_) => {
+                if !send(&mut tx, close(CLOSE_NORMAL, ""), &shutdown).await {
+                    return;
+                }
+                None
+            }
+            Ended::Shutdown => Some(close(CLOSE_GOING_AWAY, "server shutting down")),
+            Ended::AgentGone => Some(close(CLOSE_INTERNAL, "session ended without an exit status")),
+            Ended::ClientClosed => {
+                // Sends the close reply tungstenite has queued.
+                let _ = tx.flush().await;
+                return;
+            }
+            Ended::ClientGone => return,
+        };
+        if let Some(msg) = closing
+            && tx.send(msg).await.is_err()
+        {
+            return;
+        }
+        // Let the client's close reply arrive, briefly; it has all it needs.
+        let _ = tokio::time::timeout(CLOSE_LINGER, async {
+            while let Some(m) = rx.next().await {
+                if matches!(m, Message::Close(_)) {
+                    break;
+                }
+            }
+        })
+        .await;
+        drop(activity);
+    }
+
+    /// Bridges the session to any client transport: the exec WebSocket, or
+    /// one operation of the control channel. Sends `session_info`, output
+    /// and the exit frames, and never a close frame; that is the caller's.
+    /// The [`Activity`] comes back so the caller decides when the sprite
+    /// may sleep.
+    pub async fn pump<T, R>(self, tx: &mut T, rx: &mut R) -> (Ended, Activity)
+    where
+        T: Sink<Message> + Unpin,
+        R: Stream<Item = Message> + Unpin,
+    {
         let Bridge {
             mut session,
             activity,
             shutdown,
             timeout,
         } = self;
-        let _live = crate::metrics::ExecStreamGauge::start();
         let tty = session.info.tty;
-        let (mut tx, mut rx) = socket.split();
         let info = session_info_json(&session.info).to_string();
         if tx.send(Message::Text(info.into())).await.is_err() {
-            return;
+            return (Ended::ClientGone, activity);
         }
-        let closing = loop {
+        let ended = loop {
             tokio::select! {
-                _ = shutdown.cancelled() => break Some(close(CLOSE_GOING_AWAY, "server shutting down")),
+                _ = shutdown.cancelled() => break Ended::Shutdown,
                 ev = session.recv() => {
                     let msgs = match ev {
                         Some(Event::Stdout(b)) if tty => vec![Message::Binary(b)],
@@ -123,26 +182,24 @@ impl Bridge {
                             vec![Message::Text(port_json("port_closed", &p, activity.addr()).to_string().into())]
                         }
                         Some(Event::Exit(e)) => {
-                            let mut m = exit_messages(&e, tty, timeout);
-                            m.push(close(CLOSE_NORMAL, ""));
-                            for msg in m {
-                                if !send(&mut tx, msg, &shutdown).await {
-                                    return;
+                            for msg in exit_messages(&e, tty, timeout) {
+                                if !send(tx, msg, &shutdown).await {
+                                    return (Ended::ClientGone, activity);
                                 }
                             }
-                            break None;
+                            break Ended::Exited(wire_exit_code(e.exit_code));
                         }
-                        // The agent went away (sprite stopped or crashed).
-                        None => break Some(close(CLOSE_INTERNAL, "session ended without an exit status")),
+                        None => break Ended::AgentGone,
                     };
                     for msg in msgs {
-                        if !send(&mut tx, msg, &shutdown).await {
-                            return; // client gone (or never reading at shutdown): detach
+                        if !send(tx, msg, &shutdown).await {
+                            // Client gone (or never reading at shutdown): detach.
+                            return (Ended::ClientGone, activity);
                         }
                     }
                 }
                 msg = rx.next() => {
-                    let Some(Ok(msg)) = msg else { return };
+                    let Some(msg) = msg else { break Ended::ClientGone };
                     match msg {
                         Message::Binary(b) => {
                             let r = if tty {
@@ -172,43 +229,30 @@ impl Bridge {
                             // Other text (control:… on plain exec, malformed) is ignored.
                             _ => {}
                         },
-                        Message::Close(_) => {
-                            // Sends the close reply tungstenite has queued.
-                            let _ = tx.flush().await;
-                            return;
-                        }
+                        Message::Close(_) => break Ended::ClientClosed,
                         // tungstenite answers pings itself.
                         Message::Ping(_) | Message::Pong(_) => {}
                     }
                 }
             }
         };
-        if let Some(msg) = closing
-            && tx.send(msg).await.is_err()
-        {
-            return;
-        }
-        // Let the client's close reply arrive, briefly; it has all it needs.
-        let _ = tokio::time::timeout(CLOSE_LINGER, async {
-            while let Some(Ok(m)) = rx.next().await {
-                if matches!(m, Message::Close(_)) {
-                    break;
-                }
-            }
-        })
-        .await;
-        drop(activity);
+        (ended, activity)
     }
+}
+
+/// A WebSocket's incoming messages, ending at its first error.
+pub(crate) fn client_messages<S>(rx: S) -> impl Stream<Item = Message> + Unpin
+where
+    S: Stream<Item = Result<Message, axum::Error>> + Unpin,
+{
+    rx.take_while(|r| std::future::ready(r.is_ok()))
+        .filter_map(|r| std::future::ready(r.ok()))
 }
 
 /// Sends one message; false if the client is gone, or if the server shuts
 /// down while the send waits on a client that does not read (it would
 /// otherwise hold this task, its socket and the sprite for ever).
-async fn send(
-    tx: &mut futures::stream::SplitSink<WebSocket, Message>,
-    msg: Message,
-    shutdown: &CancellationToken,
-) -> bool {
+async fn send<T: Sink<Message> + Unpin>(tx: &mut T, msg: Message, shutdown: &CancellationToken) -> bool {
     tokio::select! {
         r = tx.send(msg) => r.is_ok(),
         _ = shutdown.cancelled() => false,
