@@ -1,4 +1,4 @@
-//! `den bench api`: the Sprites-compatible API of `den server`, measured
+//! `den-bench api`: the Sprites-compatible API of `den server`, measured
 //! from its clients — a server started in this process (its own data dir,
 //! run dir and sprite network), driven over HTTP and WebSocket on 127.0.0.1.
 //!
@@ -262,7 +262,7 @@ async fn drain(ws: &mut Ws) -> Result<Vec<u8>> {
 }
 
 /// A sprite network that cannot collide with a den server, the tests or
-/// `den bench sprites`.
+/// `den-bench sprites`.
 fn server_config(opts: &ApiBenchOptions) -> ServerConfig {
     let mut cfg = ServerConfig::new(opts.work.join("data"));
     cfg.listen = SocketAddr::from(([127, 0, 0, 1], 0));
@@ -592,7 +592,14 @@ async fn proxy(
         .await
         .context("writing the files")?;
     let server = match opts.image {
-        BenchImage::Debian => "exec python3 -m http.server 8080 --directory /home/sprite/www",
+        // HTTP/1.1 with keep-alive, as real servers speak (http.server's
+        // default is 1.0, a connection per request).
+        BenchImage::Debian => {
+            "exec python3 -c \"import functools, http.server as h; \
+             h.SimpleHTTPRequestHandler.protocol_version = 'HTTP/1.1'; \
+             h.ThreadingHTTPServer(('', 8080), functools.partial(h.SimpleHTTPRequestHandler, \
+             directory='/home/sprite/www')).serve_forever()\""
+        }
         BenchImage::Busybox => "exec busybox httpd -f -p 8080 -h /home/sprite/www",
     };
     let act = running.state.mgr.wake(web).await?;

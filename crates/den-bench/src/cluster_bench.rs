@@ -1,4 +1,4 @@
-//! `den bench cluster`: cluster mode measured from its clients — PostgreSQL,
+//! `den-bench cluster`: cluster mode measured from its clients — PostgreSQL,
 //! SeaweedFS S3 and `den server` nodes, each node in its own network
 //! namespace as a separate host (`den_testkit::cluster`), all started by this
 //! process and driven over HTTP and WebSocket from the root namespace.

@@ -1,4 +1,4 @@
-//! Filesystem benchmarks for `den bench storage`.
+//! Filesystem benchmarks for `den-bench storage`.
 //!
 //! The workloads ([`workloads`]) run against any mounted directory; the
 //! baselines ([`baselines`]) provide comparison targets that live on the same
@@ -7,11 +7,11 @@
 //! terminal table and a Markdown table for `docs/benchmarks.md`.
 //! [`den_target`] is the den volume itself as a target (FUSE + loop + ext4),
 //! [`latency_bench`] times checkpoint, fork, restore, write-back and cold
-//! reads on a raw volume, and [`suite`] runs it all for `den bench storage`
-//! and `den bench chunk-size`, stopping cleanly on Ctrl-C ([`cancel`]).
-//! [`sprite_bench`] is `den bench sprites`: the sprite runtime (create, exec,
+//! reads on a raw volume, and [`suite`] runs it all for `den-bench storage`
+//! and `den-bench chunk-size`, stopping cleanly on Ctrl-C ([`cancel`]).
+//! [`sprite_bench`] is `den-bench sprites`: the sprite runtime (create, exec,
 //! wakes, checkpoint, restore, fork, density) against `runc` ([`runc`]);
-//! [`api_bench`] is `den bench api`: exec, load and the sprite URL proxy
+//! [`api_bench`] is `den-bench api`: exec, load and the sprite URL proxy
 //! through a `den server` started in-process; [`cluster_bench`] is `den
 //! bench cluster`: create throughput, cold wake across nodes and request
 //! forwarding on PostgreSQL + S3 + `den server` nodes in network namespaces.

@@ -1,4 +1,4 @@
-//! `den bench sprites`: the sprite runtime, end to end, through
+//! `den-bench sprites`: the sprite runtime, end to end, through
 //! [`SpriteManager`] — create, exec, warm and cold wake, checkpoint, restore,
 //! fork and density — with `runc` on the same image rootfs as the baseline
 //! ([`crate::runc`]), measured in the same run.
@@ -17,7 +17,7 @@ use den_agent::client::{Event, ExecRequest};
 use den_net::{Ipv4Net, NetConfig};
 use den_runtime::Resources;
 use den_runtime::image::{BaseImage, LogProgress};
-use den_sprite::{CreateSprite, ImageSource, ManagerConfig, SpriteManager, SpriteStatus};
+use den_sprite::{BootPhases, CreateSprite, ImageSource, ManagerConfig, SpriteManager, SpriteStatus};
 use den_store::{Store, StoreConfig};
 use rand::Rng;
 
@@ -75,6 +75,10 @@ pub struct SpriteBenchOptions {
     pub density: usize,
     /// Measure the runc baseline.
     pub runc: bool,
+    /// Pre-booted sprites kept for creates (0: no pool, no pool-hit row).
+    pub pool: usize,
+    /// The sprites' network: by default one no den server or test uses.
+    pub net: NetConfig,
 }
 
 impl SpriteBenchOptions {
@@ -88,6 +92,8 @@ impl SpriteBenchOptions {
             exec_samples: if quick { 20 } else { 200 },
             density: if quick { 10 } else { 100 },
             runc: true,
+            pool: 2,
+            net: net_config(),
         }
     }
 
@@ -105,7 +111,13 @@ impl SpriteBenchOptions {
 #[derive(Debug, Default)]
 pub struct SpriteBenchResults {
     pub image_version: String,
+    /// Creates served by a pre-booted sprite (the pool full before each).
+    pub create_hit_to_output: Vec<Duration>,
+    /// Creates with the pool off: the cold path a pool miss takes.
     pub create_to_output: Vec<Duration>,
+    /// Pool hits and misses the manager counted over the create samples.
+    pub pool_hits: u64,
+    pub pool_misses: u64,
     pub exec_true: Vec<Duration>,
     pub freeze: Vec<Duration>,
     pub thaw: Vec<Duration>,
@@ -114,6 +126,8 @@ pub struct SpriteBenchResults {
     pub checkpoint: Vec<Duration>,
     pub restore_to_output: Vec<Duration>,
     pub fork_to_output: Vec<Duration>,
+    /// The boots inside each measured operation, phase by phase.
+    pub boots: Vec<(&'static str, Vec<BootPhases>)>,
     pub runc: Option<RuncResults>,
     /// Why the runc baseline is missing, if it is.
     pub runc_error: Option<String>,
@@ -144,6 +158,16 @@ pub struct DensityResults {
     pub cached_growth: i64,
     /// Sum of the sprites' cgroup `memory.current`, in bytes (`None` if unreadable).
     pub cgroup_memory: Option<u64>,
+    /// Within `rss_growth`: anonymous memory (heap, thread stacks, FUSE
+    /// request buffers), from /proc/self/smaps_rollup.
+    pub anon_growth: i64,
+    /// Threads this process gained (FUSE workers, per-sprite tasks).
+    pub threads_growth: i64,
+    /// The process's FUSE worker pool at the end.
+    pub fuse_pool: den_block::FusePoolStats,
+    /// Kernel memory outside any page cache: slab, kernel stacks and page
+    /// tables (/proc/meminfo), growth.
+    pub kernel_growth: i64,
     /// Warm wake → output of one random sprite with all of them present.
     pub warm_to_output: Option<Duration>,
     /// How many were `Warm` at the end.
@@ -234,6 +258,22 @@ fn proc_kib(file: &str, key: &str) -> Result<i64> {
         .with_context(|| format!("no {key} in {file}"))
 }
 
+/// A `Key:  123` line of a /proc file (a plain count).
+fn proc_count(file: &str, key: &str) -> Result<i64> {
+    let text = std::fs::read_to_string(file)?;
+    text.lines()
+        .find_map(|l| l.strip_prefix(key)?.strip_prefix(':')?.trim().parse().ok())
+        .with_context(|| format!("no {key} in {file}"))
+}
+
+/// Slab, kernel stacks and page tables: what sprites cost the kernel
+/// besides page cache.
+fn kernel_memory() -> Result<i64> {
+    Ok(proc_kib("/proc/meminfo", "Slab")?
+        + proc_kib("/proc/meminfo", "KernelStack")?
+        + proc_kib("/proc/meminfo", "PageTables")?)
+}
+
 fn mem_available() -> Result<i64> {
     proc_kib("/proc/meminfo", "MemAvailable")
 }
@@ -311,7 +351,7 @@ pub async fn run(opts: &SpriteBenchOptions, progress: &mut dyn FnMut(&str)) -> R
         cancel::check()?;
     }
 
-    let mut cfg = ManagerConfig::new(opts.work.join("data"), &opts.den_exe, net_config());
+    let mut cfg = ManagerConfig::new(opts.work.join("data"), &opts.den_exe, opts.net.clone());
     cfg.run_dir = opts.run_dir.clone();
     cfg.images_dir = images_dir;
     cfg.image = opts.image.source();
@@ -319,6 +359,7 @@ pub async fn run(opts: &SpriteBenchOptions, progress: &mut dyn FnMut(&str)) -> R
     // The bench decides when sprites sleep.
     cfg.warm_after = Duration::from_secs(24 * 3600);
     cfg.cold_after = Duration::from_secs(48 * 3600);
+    cfg.pool_size = opts.pool;
     let store = Store::open(StoreConfig::local(opts.work.join("data/store")))
         .await
         .context("opening the bench's store")?;
@@ -357,7 +398,37 @@ async fn measure(
     wake_to_output(mgr, "b-warmup", Instant::now()).await?;
     mgr.delete("b-warmup").await?;
 
-    progress(&format!("create → first output ×{n}"));
+    if opts.pool > 0 {
+        progress(&format!("create → first output, pool hit ×{n}"));
+        let before = mgr.pool_stats();
+        for i in 0..n {
+            cancel::check()?;
+            // A full pool, and no refill boot running beside the sample.
+            mgr.pool_filled(Duration::from_secs(120)).await?;
+            let name = format!("b-h{i}");
+            let t0 = Instant::now();
+            mgr.create(&name, CreateSprite::default()).await?;
+            res.create_hit_to_output
+                .push(wake_to_output(mgr, &name, t0).await?);
+            mgr.delete(&name).await?;
+        }
+        let after = mgr.pool_stats();
+        res.pool_hits = after.hits - before.hits;
+        res.pool_misses = after.misses - before.misses;
+        // With the pool full before each create, a miss is a bug, not noise.
+        anyhow::ensure!(
+            res.pool_hits == n as u64 && res.pool_misses == 0,
+            "the pool served {} of {n} creates ({} misses) although it was full before each",
+            res.pool_hits,
+            res.pool_misses
+        );
+    }
+    // The rest runs without the pool: its refills would boot beside the
+    // measurements, and the cold create is the path of a pool miss.
+    mgr.set_pool_size(0).await;
+
+    progress(&format!("create → first output, pool miss (cold create) ×{n}"));
+    let boots = mgr.boot_cursor();
     for i in 0..n {
         cancel::check()?;
         let name = format!("b-c{i}");
@@ -366,6 +437,7 @@ async fn measure(
         res.create_to_output.push(wake_to_output(mgr, &name, t0).await?);
         mgr.delete(&name).await?;
     }
+    res.boots.push(("create → first output", mgr.boots_since(boots)));
 
     let main = "b-main";
     mgr.create(main, CreateSprite::default()).await?;
@@ -398,12 +470,14 @@ async fn measure(
     }
 
     progress(&format!("cold wake → output ×{n}"));
+    let boots = mgr.boot_cursor();
     for _ in 0..n {
         cancel::check()?;
         mgr.sleep(main, SpriteStatus::Cold).await?;
         let t0 = Instant::now();
         res.cold_to_output.push(wake_to_output(mgr, main, t0).await?);
     }
+    res.boots.push(("cold wake → output", mgr.boots_since(boots)));
 
     progress(&format!("checkpoint of a running sprite ×{n}"));
     let mut checkpoints = Vec::new();
@@ -417,6 +491,7 @@ async fn measure(
     }
 
     progress(&format!("restore of a running sprite → output ×{n}"));
+    let boots = mgr.boot_cursor();
     for i in 0..n {
         cancel::check()?;
         exec_true(mgr, main).await?;
@@ -425,8 +500,10 @@ async fn measure(
         mgr.restore(main, ck).await?;
         res.restore_to_output.push(wake_to_output(mgr, main, t0).await?);
     }
+    res.boots.push(("restore → output", mgr.boots_since(boots)));
 
     progress(&format!("live fork → output in the fork ×{n}"));
+    let boots = mgr.boot_cursor();
     for i in 0..n {
         cancel::check()?;
         exec_true(mgr, main).await?;
@@ -436,6 +513,7 @@ async fn measure(
         res.fork_to_output.push(wake_to_output(mgr, &name, t0).await?);
         mgr.delete(&name).await?;
     }
+    res.boots.push(("live fork → output", mgr.boots_since(boots)));
     mgr.delete(main).await?;
 
     if opts.density > 0 {
@@ -462,6 +540,9 @@ async fn density(
     let before = mem_available()?;
     let rss_before = proc_kib("/proc/self/status", "VmRSS")?;
     let cached_before = proc_kib("/proc/meminfo", "Cached")?;
+    let anon_before = proc_kib("/proc/self/smaps_rollup", "Anonymous")?;
+    let threads_before = proc_count("/proc/self/status", "Threads")?;
+    let kernel_before = kernel_memory()?;
     let t0 = Instant::now();
     let mut names = Vec::new();
     for i in 0..count {
@@ -498,6 +579,10 @@ async fn density(
     d.mem_available_drop = before - mem_available()?;
     d.rss_growth = proc_kib("/proc/self/status", "VmRSS")? - rss_before;
     d.cached_growth = proc_kib("/proc/meminfo", "Cached")? - cached_before;
+    d.anon_growth = proc_kib("/proc/self/smaps_rollup", "Anonymous")? - anon_before;
+    d.threads_growth = proc_count("/proc/self/status", "Threads")? - threads_before;
+    d.kernel_growth = kernel_memory()? - kernel_before;
+    d.fuse_pool = den_block::fuse_pool_stats();
     let keys: Vec<String> = names
         .iter()
         .filter_map(|n| mgr.get(n).ok().map(|i| i.record.key))
@@ -576,9 +661,16 @@ pub fn latency_table(r: &SpriteBenchResults) -> TextTable {
     let runc = r.runc.as_ref();
     let rows: Vec<Row> = vec![
         (
-            "create → first output (create + boot + exec echo)",
+            "create → first output, pool hit (claim + exec echo)",
+            &r.create_hit_to_output,
+            Some(25.0),
+            "runc run echo → output",
+            runc.map(|x| x.run_to_output.as_slice()),
+        ),
+        (
+            "create → first output, pool miss (create + boot + exec echo)",
             &r.create_to_output,
-            Some(150.0),
+            Some(80.0),
             "runc run echo → output",
             runc.map(|x| x.run_to_output.as_slice()),
         ),
@@ -599,21 +691,21 @@ pub fn latency_table(r: &SpriteBenchResults) -> TextTable {
         (
             "cold wake → output (boot + exec echo)",
             &r.cold_to_output,
-            Some(300.0),
+            Some(50.0),
             "runc run echo → output",
             runc.map(|x| x.run_to_output.as_slice()),
         ),
         (
             "restore of a running sprite → output",
             &r.restore_to_output,
-            Some(300.0),
+            Some(80.0),
             "",
             None,
         ),
         (
             "live fork → output in the fork",
             &r.fork_to_output,
-            Some(200.0),
+            Some(60.0),
             "",
             None,
         ),
@@ -685,6 +777,34 @@ fn fmt_bytes(b: f64) -> String {
     }
 }
 
+/// The boots inside each operation, p50 per phase: what a faster boot has
+/// to remove.
+pub fn boot_phase_table(r: &SpriteBenchResults) -> TextTable {
+    let mut head = vec!["Boots inside", "n"];
+    head.extend(BootPhases::NAMES.iter().map(|p| match *p {
+        "disk" => "disk p50 ms",
+        "network" => "network p50 ms",
+        "container" => "container p50 ms",
+        "agent" => "agent p50 ms",
+        _ => "services p50 ms",
+    }));
+    head.push("boot total p50 ms");
+    let mut t = TextTable::new(&head, 1);
+    for (op, boots) in &r.boots {
+        let p50 = |f: &dyn Fn(&BootPhases) -> Duration| {
+            let v: Vec<Duration> = boots.iter().map(f).collect();
+            crate::cluster_bench::percentile(&v, 50.0).map_or("—".into(), fmt_ms)
+        };
+        let mut row = vec![op.to_string(), boots.len().to_string()];
+        for i in 0..BootPhases::NAMES.len() {
+            row.push(p50(&|b| b.each()[i]));
+        }
+        row.push(p50(&|b| b.total()));
+        t.push(row);
+    }
+    t
+}
+
 pub fn density_table(d: &DensityResults) -> TextTable {
     let mut t = TextTable::new(&["Density", "Value"], 1);
     let reached = if d.reached == d.requested {
@@ -726,8 +846,27 @@ pub fn density_table(d: &DensityResults) -> TextTable {
         per(d.rss_growth),
     ]);
     t.push(vec![
+        "  of which anonymous (heap, stacks, FUSE buffers)".into(),
+        per(d.anon_growth),
+    ]);
+    let pool = &d.fuse_pool;
+    t.push(vec![
+        "  threads added (FUSE pool: workers, request buffers)".into(),
+        format!(
+            "{} ({:.2} per sprite; pool: {} workers, {} buffers)",
+            d.threads_growth,
+            d.threads_growth as f64 / d.reached.max(1) as f64,
+            pool.workers,
+            pool.buffers
+        ),
+    ]);
+    t.push(vec![
         "page cache growth (meminfo Cached)".into(),
         per(d.cached_growth),
+    ]);
+    t.push(vec![
+        "kernel growth (meminfo Slab + KernelStack + PageTables)".into(),
+        per(d.kernel_growth),
     ]);
     t.push(vec![
         "sum of the sprites' cgroup memory (v2 memory.current / v1 memory.usage_in_bytes)".into(),

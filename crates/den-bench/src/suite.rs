@@ -1,5 +1,5 @@
-//! The two benchmark suites behind `den bench storage` and
-//! `den bench chunk-size`, and the tables they print.
+//! The two benchmark suites behind `den-bench storage` and
+//! `den-bench chunk-size`, and the tables they print.
 //!
 //! Both run the workloads rep by rep across targets (so a slow patch on a
 //! noisy machine hits every target), check for Ctrl-C between steps, and let
@@ -335,7 +335,7 @@ pub fn goals_table(report: Option<&Report>, den_name: &str, lat: Option<&Latency
 }
 
 // ---------------------------------------------------------------------------
-// den bench storage
+// den-bench storage
 // ---------------------------------------------------------------------------
 
 #[derive(Debug, Clone)]
@@ -455,7 +455,7 @@ pub fn run_storage(opts: &StorageOptions, progress: &mut dyn FnMut(&str)) -> Res
 }
 
 // ---------------------------------------------------------------------------
-// den bench chunk-size
+// den-bench chunk-size
 // ---------------------------------------------------------------------------
 
 #[derive(Debug, Clone)]

@@ -1,7 +1,6 @@
 //! `den`: the one binary. Subcommands are thin edges over the library crates.
 
 mod agent;
-mod bench;
 mod client_cmd;
 mod server;
 mod store_args;
@@ -25,9 +24,6 @@ enum Command {
     /// Operate on den volumes: sparse chunked disks with instant checkpoint, restore and fork.
     #[command(subcommand)]
     Volume(Box<volume::VolumeCmd>),
-    /// Benchmarks that print tables and ratios against baselines measured in the same run.
-    #[command(subcommand)]
-    Bench(bench::BenchCmd),
     /// The in-sprite agent (PID 1 of every sprite). Started by den, not by hand.
     #[command(hide = true)]
     Agent(agent::AgentArgs),
@@ -58,7 +54,6 @@ fn main() {
     let result = match cli.command {
         Command::Server(args) => server::run(*args),
         Command::Volume(cmd) => volume::run(*cmd),
-        Command::Bench(cmd) => bench::run(cmd),
         Command::Agent(args) => agent::run(args),
         Command::RuntimeShim { args } => std::process::exit(den_runtime::container::shim_main(&args)),
         Command::Client(cmd) => client_cmd::run(cmd, cli.global, Cli::command),

@@ -11,6 +11,7 @@ mod config;
 mod cp;
 mod errors;
 mod exec;
+mod mcp;
 mod names;
 mod nodes;
 mod orgs;
@@ -179,6 +180,11 @@ pub enum ClientCommand {
         after_help = "Examples:\n  den api /v1/sprites\n  den api -X POST /v1/sprites/web/checkpoint -d '{\"comment\":\"x\"}'\n  den api -X PUT /v1/sprites/web -d @update.json"
     )]
     Api(api::ApiArgs),
+    /// Print the configuration that points an agent's MCP client (Claude Code, Claude Desktop, Cursor, VS Code) at this server.
+    #[command(
+        after_help = "Examples:\n  den mcp                           every client's snippet\n  den mcp --client claude-code\n  den mcp --client cursor --show-token   with the saved token inline (a secret)"
+    )]
+    Mcp(mcp::McpArgs),
     /// Print a shell completion script.
     #[command(
         after_help = "Examples:\n  den completions bash > /etc/bash_completion.d/den\n  den completions zsh > \"${fpath[1]}/_den\"\n  den completions fish > ~/.config/fish/completions/den.fish"
@@ -249,6 +255,7 @@ pub fn run(cmd: ClientCommand, global: GlobalArgs, cli: fn() -> clap::Command) -
             ClientCommand::Policy(c) => policy::policy(&ctx, c).await,
             ClientCommand::Node(c) => nodes::node(&ctx, c).await,
             ClientCommand::Api(a) => api::api(&ctx, a).await,
+            ClientCommand::Mcp(a) => mcp::mcp(&ctx, a).await,
             ClientCommand::Completions { .. } => Ok(()),
         }
     });

@@ -16,7 +16,9 @@ use den_store::{CreateOptions, Store, StoreError, VolumeSource};
 use indicatif::{ProgressBar, ProgressStyle};
 use serde_json::json;
 
-use crate::store_args::{StoreArgs, parse_size};
+use den_store::parse_size;
+
+use crate::store_args::StoreArgs;
 
 #[derive(Subcommand, Debug)]
 pub enum VolumeCmd {

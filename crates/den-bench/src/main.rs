@@ -1,14 +1,17 @@
-//! `den bench …`: storage benchmarks whose baselines are measured in the
-//! same run, on the same disk.
+//! `den-bench …`: den's benchmarks, with their baselines measured in the
+//! same run, on the same disk. A binary of its own, so that the product
+//! binary `den` carries no benchmark or test-harness code; the sprite, API
+//! and cluster benchmarks run the `den` binary next to this one (or
+//! `--den PATH`) as agent, runtime shim and server.
 //!
 //! Everything is mounted in a private mount namespace (see
 //! [`suite::private_mount_namespace`]): the mounts are invisible from other
-//! shells while the benchmark runs, and vanish with the process. `den bench
-//! sprites` and `den bench api` are the exceptions: they run a sprite manager
-//! (`den bench api`: a whole `den server`) in the host's mount namespace, as
+//! shells while the benchmark runs, and vanish with the process. `den-bench
+//! sprites` and `den-bench api` are the exceptions: they run a sprite manager
+//! (`den-bench api`: a whole `den server`) in the host's mount namespace, as
 //! `den server` does, and shut it down (every sprite deleted,
 //! firewall removed) on success, error and the first Ctrl-C; after a forced
-//! exit the next run's manager start cleans up what was left. `den bench
+//! exit the next run's manager start cleans up what was left. `den-bench
 //! cluster` also stays in the host's mount namespace: its nodes are `den
 //! server` processes, each in a network namespace of its own.
 //!
@@ -22,7 +25,7 @@ use std::path::{Path, PathBuf};
 use std::time::{Instant, SystemTime};
 
 use anyhow::{Context, Result, bail};
-use clap::{Args, Subcommand};
+use clap::{Args, Parser, Subcommand};
 use den_bench::api_bench::{self, ApiBenchOptions};
 use den_bench::cancel::{self, Interrupted};
 use den_bench::cluster_bench::{self, ClusterBenchOptions};
@@ -36,7 +39,7 @@ use den_bench::{LatencyConfig, WorkloadConfig};
 use den_store::DEFAULT_VOLUME_SIZE;
 use tokio::signal::unix::{SignalKind, signal};
 
-use crate::store_args::parse_size;
+use den_store::parse_size;
 
 const DEFAULT_WORK: &str = "/var/tmp/den-bench";
 const DEFAULT_SPRITES_WORK: &str = "/var/tmp/den-bench-sprites";
@@ -46,8 +49,23 @@ const DEFAULT_CLUSTER_WORK: &str = "/var/tmp/den-bench-cluster";
 /// tables writes ~2 % of the device, which is 2 GiB for 100 GiB.
 const QUICK_VOLUME_SIZE: u64 = 4 << 30;
 
+#[derive(Parser, Debug)]
+#[command(
+    name = "den-bench",
+    version,
+    about = "den's benchmarks: tables and ratios against baselines measured in the same run"
+)]
+struct Cli {
+    /// The `den` binary the sprite, API and cluster benchmarks run (default:
+    /// `den` next to this binary, then on PATH).
+    #[arg(long, env = "DEN_BIN", global = true)]
+    den: Option<PathBuf>,
+    #[command(subcommand)]
+    cmd: BenchCmd,
+}
+
 #[derive(Subcommand, Debug)]
-pub enum BenchCmd {
+enum BenchCmd {
     /// Den volume vs native ext4 vs JuiceFS throughput, checkpoint/fork/restore latency,
     /// write-back and cold reads, with the spec's goals next to them. Needs root.
     Storage(StorageArgs),
@@ -66,7 +84,7 @@ pub enum BenchCmd {
 }
 
 #[derive(Clone, Copy, Debug, clap::ValueEnum)]
-pub enum ImageArg {
+enum ImageArg {
     /// Debian bookworm, the product image (built on the first run, then cached).
     Debian,
     /// busybox: small and quick to build.
@@ -83,7 +101,7 @@ impl From<ImageArg> for BenchImage {
 }
 
 #[derive(Args, Debug)]
-pub struct SpritesArgs {
+struct SpritesArgs {
     /// Work directory: the manager's data dir (store, catalog) and the cached images.
     #[arg(long, default_value = DEFAULT_SPRITES_WORK)]
     pub work: PathBuf,
@@ -105,6 +123,9 @@ pub struct SpritesArgs {
     /// Sprites in the density test; 0 skips it [default: 100, 10 with --quick].
     #[arg(long)]
     pub density: Option<usize>,
+    /// Pre-booted sprites the manager keeps for creates; 0: no pool-hit row.
+    #[arg(long, default_value_t = 2)]
+    pub pool: usize,
     /// Leave the runc baseline out.
     #[arg(long)]
     pub skip_runc: bool,
@@ -114,7 +135,7 @@ pub struct SpritesArgs {
 }
 
 #[derive(Args, Debug)]
-pub struct ApiArgs {
+struct ApiArgs {
     /// Work directory: the server's data dir (`<work>/data`: store, catalog, images, tokens).
     #[arg(long, default_value = DEFAULT_API_WORK)]
     pub work: PathBuf,
@@ -155,7 +176,7 @@ pub struct ApiArgs {
 }
 
 #[derive(Args, Debug)]
-pub struct ClusterArgs {
+struct ClusterArgs {
     /// Work directory: the nodes' data dirs (`<work>/nodes/NAME`; their built images are kept).
     #[arg(long, default_value = DEFAULT_CLUSTER_WORK)]
     pub work: PathBuf,
@@ -183,7 +204,7 @@ pub struct ClusterArgs {
 }
 
 #[derive(Args, Debug)]
-pub struct StorageArgs {
+struct StorageArgs {
     /// Work directory; every target (image, den store, JuiceFS bucket) lives here, on one disk.
     #[arg(long, default_value = DEFAULT_WORK)]
     pub work: PathBuf,
@@ -211,7 +232,7 @@ pub struct StorageArgs {
 }
 
 #[derive(Args, Debug)]
-pub struct ChunkSizeArgs {
+struct ChunkSizeArgs {
     /// Work directory for the den stores.
     #[arg(long, default_value = DEFAULT_WORK)]
     pub work: PathBuf,
@@ -235,10 +256,42 @@ pub struct ChunkSizeArgs {
     pub markdown: Option<PathBuf>,
 }
 
-pub fn run(cmd: BenchCmd) -> Result<()> {
+fn main() -> Result<()> {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("DEN_LOG")
+        .unwrap_or_else(|_| "warn,fuser=error,libcgroups=error".into());
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .init();
+    let cli = Cli::parse();
+    run(cli.cmd, cli.den)
+}
+
+/// `den` next to this binary (a cargo target dir, an install prefix), then
+/// on PATH.
+fn den_binary(explicit: Option<PathBuf>) -> Result<PathBuf> {
+    if let Some(p) = explicit {
+        return Ok(p);
+    }
+    let exe = std::env::current_exe().context("locating den-bench")?;
+    let sibling = exe.with_file_name("den");
+    if sibling.is_file() {
+        return Ok(sibling);
+    }
+    let on_path = std::env::var_os("PATH")
+        .into_iter()
+        .flat_map(|p| std::env::split_paths(&p).collect::<Vec<_>>())
+        .map(|d| d.join("den"))
+        .find(|p| p.is_file());
+    on_path.context(
+        "no den binary next to den-bench or on PATH: build it (cargo build --release -p den) or pass --den PATH",
+    )
+}
+
+fn run(cmd: BenchCmd, den: Option<PathBuf>) -> Result<()> {
     // SAFETY: geteuid has no preconditions.
     if unsafe { libc::geteuid() } != 0 {
-        bail!("den bench needs root (loop devices, mount, FUSE, dropping the page cache)");
+        bail!("den-bench needs root (loop devices, mount, FUSE, dropping the page cache)");
     }
     // Before any thread exists: unshare(CLONE_NEWNS) needs a single thread.
     // Sprites run in the host's mount namespace, as under `den server`.
@@ -253,9 +306,9 @@ pub fn run(cmd: BenchCmd) -> Result<()> {
     let result = match cmd {
         BenchCmd::Storage(a) => storage(a),
         BenchCmd::ChunkSize(a) => chunk_size(a),
-        BenchCmd::Sprites(a) => sprites(a),
-        BenchCmd::Api(a) => api(a),
-        BenchCmd::Cluster(a) => cluster(a),
+        BenchCmd::Sprites(a) => sprites(a, den_binary(den)?),
+        BenchCmd::Api(a) => api(a, den_binary(den)?),
+        BenchCmd::Cluster(a) => cluster(a, den_binary(den)?),
     };
     if let Err(e) = &result
         && e.chain().any(|c| c.is::<Interrupted>())
@@ -388,7 +441,7 @@ fn storage(a: StorageArgs) -> Result<()> {
     finish(
         started,
         &date,
-        "den bench storage",
+        "den-bench storage",
         &a.work,
         a.markdown.as_deref(),
         &sections,
@@ -436,7 +489,7 @@ fn chunk_size(a: ChunkSizeArgs) -> Result<()> {
     finish(
         started,
         &date,
-        "den bench chunk-size",
+        "den-bench chunk-size",
         &a.work,
         a.markdown.as_deref(),
         &sections,
@@ -444,10 +497,9 @@ fn chunk_size(a: ChunkSizeArgs) -> Result<()> {
     )
 }
 
-fn sprites(a: SpritesArgs) -> Result<()> {
+fn sprites(a: SpritesArgs, exe: PathBuf) -> Result<()> {
     let started = Instant::now();
     let date = now();
-    let exe = std::env::current_exe().context("locating the den binary")?;
     let mut opts = SpriteBenchOptions::new(a.work.clone(), exe, a.quick);
     opts.run_dir = a.run_dir.clone();
     opts.image = a.image.into();
@@ -461,6 +513,7 @@ fn sprites(a: SpritesArgs) -> Result<()> {
         opts.density = d;
     }
     opts.runc = !a.skip_runc;
+    opts.pool = a.pool;
     let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
     let r = rt.block_on(sprite_bench::run(&opts, &mut progress))?;
     drop(rt);
@@ -469,9 +522,15 @@ fn sprites(a: SpritesArgs) -> Result<()> {
     let mut lat_note = format!(
         "{} (version {}). \"→ output\": until the first stdout byte of `echo hi` is back at the host \
          through the agent socket. Exec round trip: `true` until its exit status is back. \
-         Create samples start after a warm-up create (the disk template is made once per image).",
+         Create samples start after a warm-up create (the disk template is made once per image). \
+         Pool hit: a create claims one of {} pre-booted sprites (the pool refilled before each sample; \
+         {} hits, {} misses counted by the manager). Pool miss: the same create with the pool off, \
+         which boots the sprite on its first exec. Everything after the creates runs with the pool off.",
         opts.describe(),
-        r.image_version
+        r.image_version,
+        opts.pool,
+        r.pool_hits,
+        r.pool_misses
     );
     match &r.runc_error {
         Some(e) => {
@@ -483,11 +542,24 @@ fn sprites(a: SpritesArgs) -> Result<()> {
         ),
     }
     let density = r.density.as_ref().map(sprite_bench::density_table);
-    let mut sections: Vec<(&str, String, Section)> = vec![(
-        "Sprite latency (p50/p99) vs goals and runc",
-        lat_note,
-        Section::Table(&lat),
-    )];
+    let boots = sprite_bench::boot_phase_table(&r);
+    let mut sections: Vec<(&str, String, Section)> = vec![
+        (
+            "Sprite latency (p50/p99) vs goals and runc",
+            lat_note,
+            Section::Table(&lat),
+        ),
+        (
+            "Boot phases",
+            "Each boot of the operations above, phase by phase, as the sprite manager timed it: \
+             disk (open the volume, FUSE, loop device, mount ext4), network (namespace, veth, firewall, /etc files), \
+             container (create and start, PID 1 = the agent), agent (until it answers), services (hand them over). \
+             The rest of an operation's time is outside the boot (create: the disk fork; restore: stop and rewind; \
+             all: the exec of `echo hi`)."
+                .into(),
+            Section::Table(&boots),
+        ),
+    ];
     if let (Some(t), Some(d)) = (&density, &r.density) {
         sections.push((
             "Density",
@@ -502,7 +574,7 @@ fn sprites(a: SpritesArgs) -> Result<()> {
     finish(
         started,
         &date,
-        "den bench sprites",
+        "den-bench sprites",
         &a.work,
         a.markdown.as_deref(),
         &sections,
@@ -510,10 +582,9 @@ fn sprites(a: SpritesArgs) -> Result<()> {
     )
 }
 
-fn api(a: ApiArgs) -> Result<()> {
+fn api(a: ApiArgs, exe: PathBuf) -> Result<()> {
     let started = Instant::now();
     let date = now();
-    let exe = std::env::current_exe().context("locating the den binary")?;
     let mut opts = ApiBenchOptions::new(a.work.clone(), exe, a.quick);
     opts.run_dir = a.run_dir.clone();
     opts.image = a.image.into();
@@ -574,12 +645,12 @@ fn api(a: ApiArgs) -> Result<()> {
             format!(
                 "A {} MiB file from /dev/urandom and a 6-byte file in /home/sprite/www, served by {} \
                  on port 8080 in the sprite. Via sprite URL: `http://<name>.localhost:<port>/…` to the \
-                 server on 127.0.0.1 with the admin token (the server dials the sprite for each request). \
+                 server on 127.0.0.1 with the admin token (the server keeps its upstream connections). \
                  Direct: `http://<sprite ip>:8080/…` from the host. One client each, downloads interleaved \
                  after one untimed download per path. MB/s = 10^6 bytes/s.",
                 opts.file_mib,
                 match opts.image {
-                    BenchImage::Debian => "`python3 -m http.server`",
+                    BenchImage::Debian => "Python's `http.server` (HTTP/1.1, keep-alive)",
                     BenchImage::Busybox => "busybox httpd",
                 }
             ),
@@ -589,7 +660,7 @@ fn api(a: ApiArgs) -> Result<()> {
     finish(
         started,
         &date,
-        "den bench api",
+        "den-bench api",
         &a.work,
         a.markdown.as_deref(),
         &sections,
@@ -597,10 +668,9 @@ fn api(a: ApiArgs) -> Result<()> {
     )
 }
 
-fn cluster(a: ClusterArgs) -> Result<()> {
+fn cluster(a: ClusterArgs, exe: PathBuf) -> Result<()> {
     let started = Instant::now();
     let date = now();
-    let exe = std::env::current_exe().context("locating the den binary")?;
     let mut opts = ClusterBenchOptions::new(a.work.clone(), exe, a.quick);
     if let Some(n) = a.creates {
         opts.creates = n;
@@ -679,7 +749,7 @@ fn cluster(a: ClusterArgs) -> Result<()> {
     finish(
         started,
         &date,
-        "den bench cluster",
+        "den-bench cluster",
         &a.work,
         a.markdown.as_deref(),
         &sections,
@@ -772,7 +842,7 @@ fn command_line() -> String {
             format!("'{}'", s.replace('\'', r"'\''"))
         }
     };
-    std::iter::once("den".to_owned())
+    std::iter::once("den-bench".to_owned())
         .chain(std::env::args().skip(1).map(quote))
         .collect::<Vec<_>>()
         .join(" ")

@@ -1,0 +1,60 @@
+//! `den-bench sprites` in its quick mode, as CI runs it: every phase runs
+//! end to end (pool hits, cold creates, wakes, restore, fork, density) on
+//! the busybox image, and the figures the report is built from are there.
+//!
+//! The test binary doubles as the `den` binary inside the sprites (runtime
+//! shim and agent), as den-sprite's tests do.
+
+use anyhow::{Result, ensure};
+use den_bench::sprite_bench::{self, BenchImage, SpriteBenchOptions};
+
+fn main() -> Result<()> {
+    den_sprite::helper_cmd::dispatch();
+    let net = den_testkit::net::TestNet::new()?;
+    let dir = tempfile::Builder::new().prefix("den-bench-quick-").tempdir()?;
+    std::fs::set_permissions(dir.path(), std::os::unix::fs::PermissionsExt::from_mode(0o711))?;
+    let mut opts = SpriteBenchOptions::new(dir.path().join("work"), std::env::current_exe()?, true);
+    opts.run_dir = dir.path().join("run");
+    opts.image = BenchImage::Busybox;
+    opts.runc = false;
+    opts.density = 5;
+    opts.net = net.config.clone();
+    let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+    let r = rt.block_on(sprite_bench::run(&opts, &mut |p| println!("  {p}")))?;
+
+    let n = opts.samples;
+    ensure!(
+        r.create_hit_to_output.len() == n && r.pool_hits == n as u64 && r.pool_misses == 0,
+        "pool: {r:?}"
+    );
+    for (what, v) in [
+        ("cold create", &r.create_to_output),
+        ("warm wake", &r.warm_to_output),
+        ("cold wake", &r.cold_to_output),
+        ("restore", &r.restore_to_output),
+        ("fork", &r.fork_to_output),
+    ] {
+        ensure!(v.len() == n, "{what}: {} samples of {n}", v.len());
+    }
+    ensure!(
+        !r.boots.is_empty() && r.boots.iter().all(|(_, b)| !b.is_empty()),
+        "boot phases: {:?}",
+        r.boots
+    );
+    let d = r
+        .density
+        .as_ref()
+        .ok_or_else(|| anyhow::anyhow!("no density result"))?;
+    ensure!(
+        d.failure.is_none() && d.reached == 5 && d.warm_count == 5,
+        "density: {d:?}"
+    );
+    ensure!(
+        d.rss_growth > 0 && d.cgroup_memory.is_some_and(|m| m > 0),
+        "density breakdown: {d:?}"
+    );
+    println!("{}", sprite_bench::latency_table(&r).table());
+    println!("{}", sprite_bench::boot_phase_table(&r).table());
+    println!("{}", sprite_bench::density_table(d).table());
+    Ok(())
+}
