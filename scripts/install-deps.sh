@@ -19,6 +19,8 @@ APT_PACKAGES=(
     fuse3 e2fsprogs util-linux libseccomp-dev pkg-config nftables iproute2
     mmdebstrap busybox-static runc xfsprogs postgresql-15 fio hyperfine curl
     ca-certificates python3 python3-venv python3-pip conntrack
+    # The web console's tests: headless Chromium driven by Selenium.
+    chromium chromium-driver
 )
 
 VENV=/opt/den-venv
@@ -30,6 +32,11 @@ PIP_PACKAGES=(
     # The official Python SDK and its test runner, for the API compatibility tests.
     sprites-py==0.7.2
     pytest==9.2.0
+    # Drives the system chromium-driver in the web console's browser tests.
+    # 4.52.0 needs certifi>=2026.10.23, which PyPI does not carry yet.
+    selenium==4.51.0
+    # The official MCP SDK, a real client of den's /mcp in the API tests.
+    mcp==2.3.0
 )
 
 # ---------------------------------------------------------------- apt
