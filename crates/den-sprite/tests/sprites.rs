@@ -828,18 +828,30 @@ async fn host_crash_recovery() -> Result<()> {
     let mut line = String::new();
     tokio::task::block_in_place(|| std::io::BufRead::read_line(&mut stdout, &mut line))?;
     ensure!(line.trim() == "ready", "child said {line:?}");
-    // The dead process's loop device must not outlive the recovery.
-    let run_dir = env.dir.path().join("run");
-    let fuse_files: Vec<PathBuf> = den_block::mountinfo::read()?
+    // The dead process's loop devices must not outlive the recovery. They
+    // are found by what is mounted on them, not by the backing-file path the
+    // kernel reports: that path is rendered from the reader's root and, once
+    // a mount namespace holding the FUSE mount goes away, reads as `/disk`.
+    let run_dir = std::fs::canonicalize(env.dir.path())?.join("run");
+    let ours: Vec<den_block::mountinfo::MountEntry> = den_block::mountinfo::read()?
         .into_iter()
         .filter(|m| m.mount_point.starts_with(&run_dir))
+        .collect();
+    let fuse_files: Vec<PathBuf> = ours
+        .iter()
+        .filter(|m| m.fstype.starts_with("fuse"))
         .map(|m| m.mount_point.join(den_block::FuseOptions::default().file_name))
         .collect();
-    let old_loops: Vec<PathBuf> = fuse_files
+    let old_loops: Vec<PathBuf> = ours
         .iter()
-        .flat_map(|f| den_block::loopdev::devices_backed_by(f))
+        .filter(|m| m.source.starts_with("/dev/loop"))
+        .map(|m| PathBuf::from(&m.source))
         .collect();
-    ensure!(!old_loops.is_empty(), "the crashed sprite had no loop device");
+    ensure!(
+        !old_loops.is_empty() && !fuse_files.is_empty(),
+        "the crashed sprite had no loop device on a FUSE file; mounts under {}: {ours:?}",
+        run_dir.display()
+    );
     child.kill()?;
     child.wait()?;
 
@@ -857,9 +869,10 @@ async fn host_crash_recovery() -> Result<()> {
     );
     close(mgr).await;
     for dev in &old_loops {
-        // Unbound, or reused by someone else since; not still on the dead FUSE file.
+        // Unbound, or reused by someone else since; not still on a dead FUSE file.
         ensure!(
-            den_block::loopdev::backing_file(dev).is_none_or(|b| b != Path::new("/disk")),
+            den_block::loopdev::backing_file(dev)
+                .is_none_or(|b| b != Path::new("/disk") && !fuse_files.contains(&b)),
             "{} is still bound to the crashed process's FUSE file",
             dev.display()
         );
