@@ -48,6 +48,8 @@ pub enum RuntimeError {
     Shim { status: String, stderr: String },
     #[error("libcontainer: {0}")]
     Engine(String),
+    #[error("runsc: {0}")]
+    Runsc(String),
     #[error("cgroup: {0}")]
     Cgroup(String),
     #[error("timed out after {after:?} waiting for {what}")]
