@@ -830,16 +830,26 @@ fn cleanup_paths(env: &Env) -> TestResult {
     let leftovers = |id: &str| -> Vec<PathBuf> {
         let cg = env.cgroup(id);
         let state = env.dir.path().join("state");
-        [
+        let mut left: Vec<PathBuf> = [
             cg.dir("freezer"),
             cg.dir("memory"),
             cg.dir("pids"),
+            cg.dir("cpu"),
             state.join("engine").join(id),
             state.join("bundles").join(id),
         ]
         .into_iter()
         .filter(|p| p.exists())
-        .collect()
+        .collect();
+        // runsc's state files (`<id>_sandbox:<id>.state`, and its lock).
+        if let Ok(rd) = fs::read_dir(state.join("runsc")) {
+            left.extend(
+                rd.filter_map(Result::ok)
+                    .filter(|e| e.file_name().to_string_lossy().contains(id))
+                    .map(|e| e.path()),
+            );
+        }
+        left
     };
     let spec = env.spec("created", STAY);
     let handle = env.backend().create(&spec).map_err(e2s)?;

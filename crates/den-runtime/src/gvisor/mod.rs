@@ -184,9 +184,10 @@ impl GvisorBackend {
 
     /// The sandbox's state, `None` if runsc does not know `id`.
     fn runsc_state(&self, id: &str) -> Result<Option<RunscState>, RuntimeError> {
-        // runsc keeps one `<id>_sandbox:<id>.state` file per container; no
-        // file, no container (cheaper and less ambiguous than parsing
-        // runsc's "does not exist" message).
+        // runsc keeps one `<sandbox>_sandbox:<id>.state` file per container
+        // (den's sandboxes have one container, of the same id); no file, no
+        // container (cheaper and less ambiguous than parsing runsc's "does
+        // not exist" message).
         if !self.has_state_file(id)? {
             return Ok(None);
         }
@@ -207,17 +208,9 @@ impl GvisorBackend {
     }
 
     fn has_state_file(&self, id: &str) -> Result<bool, RuntimeError> {
-        let dir = self.runsc_root();
-        let suffix = format!("_sandbox:{id}.state");
-        let entries =
-            fs::read_dir(&dir).map_err(|e| RuntimeError::io(format!("read {}", dir.display()), e))?;
-        for e in entries {
-            let e = e.map_err(|e| RuntimeError::io(format!("read {}", dir.display()), e))?;
-            if e.file_name().to_string_lossy().ends_with(&suffix) {
-                return Ok(true);
-            }
-        }
-        Ok(false)
+        let p = self.runsc_root().join(format!("{id}_sandbox:{id}.state"));
+        p.try_exists()
+            .map_err(|e| RuntimeError::io(format!("stat {}", p.display()), e))
     }
 
     fn existing_state(&self, id: &str) -> Result<RunscState, RuntimeError> {
@@ -265,23 +258,54 @@ impl GvisorBackend {
         })
     }
 
-    /// Remove runsc's state (and with it the cgroups) and the bundle, after
-    /// the processes are gone.
+    /// Remove runsc's state, the cgroup and the bundle, after the processes
+    /// are gone.
     fn forget(&self, id: &str) -> Result<(), RuntimeError> {
-        if self.has_state_file(id)? {
-            self.runsc_ok(&["delete".as_ref(), "-force".as_ref(), id.as_ref()])?;
-        }
-        // runsc removes the cgroup it made; one left by a half-made create
-        // (already empty, the processes were killed) goes here.
-        let cg = self.cgroup(id);
-        if cg.exists() {
-            cg.kill_all(KILL_TIMEOUT)?;
-            cg.remove()?;
-        }
+        self.forget_sandbox(id)?;
         let bundle = self.bundle(id);
         if bundle.exists() {
             fs::remove_dir_all(&bundle)
                 .map_err(|e| RuntimeError::io(format!("remove {}", bundle.display()), e))?;
+        }
+        Ok(())
+    }
+
+    /// Remove runsc's state of `id` and its cgroup (not the bundle).
+    ///
+    /// When the sandbox is dead, this is what `runsc delete -force` does,
+    /// without its wait: this runsc polls a sandbox that is already gone for
+    /// a fixed ~1.7 s before it cleans up, which would make every delete and
+    /// restore that slow. den's sandboxes are single-container, so their
+    /// state is exactly `<id>_sandbox:<id>.{state,lock}` and the control
+    /// socket `runsc-<id>.sock` under runsc's root. A live sandbox (only if
+    /// the caller did not stop it) still goes through `runsc delete`.
+    fn forget_sandbox(&self, id: &str) -> Result<(), RuntimeError> {
+        if let Some(st) = self.runsc_state(id)?
+            && st.pid > 0
+            && alive(st.pid)
+        {
+            self.runsc_ok(&["delete".as_ref(), "-force".as_ref(), id.as_ref()])?;
+        }
+        // Whatever is left: the gofer and systrap stubs of a sandbox killed
+        // from outside, or a half-made create.
+        let cg = self.cgroup(id);
+        if cg.exists() {
+            cg.kill_all(KILL_TIMEOUT)?;
+        }
+        cg.remove()?;
+        let root = self.runsc_root();
+        for name in [
+            format!("{id}_sandbox:{id}.state"),
+            format!("{id}_sandbox:{id}.lock"),
+            format!("runsc-{id}.sock"),
+        ] {
+            let p = root.join(name);
+            match fs::remove_file(&p) {
+                Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+                    return Err(RuntimeError::io(format!("remove {}", p.display()), e));
+                }
+                _ => {}
+            }
         }
         Ok(())
     }
@@ -340,7 +364,7 @@ impl GvisorBackend {
                 });
             }
             // The old container's state; the bundle stays.
-            self.runsc_ok(&["delete".as_ref(), "-force".as_ref(), id.as_ref()])?;
+            self.forget_sandbox(id)?;
         }
         let mut image = OsString::from("--image-path=");
         image.push(image_dir);
@@ -359,7 +383,7 @@ impl GvisorBackend {
         );
         if let Err(e) = res {
             let _ = self.cgroup(id).kill_all(KILL_TIMEOUT);
-            let _ = self.runsc(&["delete".as_ref(), "-force".as_ref(), id.as_ref()]);
+            let _ = self.forget_sandbox(id);
             return Err(e);
         }
         let st = self.existing_state(id)?;
