@@ -1,4 +1,8 @@
-//! Native container backend tests (root only; they never skip).
+//! The backend tests (root only; they never skip), one suite run against
+//! both backends: every test runs as `native::NAME` (libcontainer) and
+//! `gvisor::NAME` (runsc, which must be installed: `scripts/install-deps.sh
+//! runsc`). Where gVisor behaves differently by design, the test says why
+//! and asserts gVisor's behaviour instead.
 //!
 //! `harness = false`: `main` runs each test in turn and, when started with
 //! [`SHIM_ARG`] as argv[1], acts as the runtime shim instead, so the backend
@@ -9,17 +13,20 @@
 //! upper directory (scripts write `x.tmp` then `mv` it, so a file that exists
 //! is complete). Every sprite is deleted by a guard's `Drop`, also on failure.
 //!
-//! `cargo test -p den-runtime --test container -- NAME…` runs only the named
-//! tests; `bench` prints latency numbers (also against `runc run`).
+//! `cargo test -p den-runtime --test container -- NAME…` runs only the tests
+//! whose names contain one of the NAMEs (`gvisor::`, `::isolation`,
+//! `native::bench`); `bench` prints latency numbers (also against `runc run`).
 
 use std::ffi::OsString;
 use std::fs::{self, File, OpenOptions};
 use std::io::Read;
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
+use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
+use den_runtime::RuntimeError;
 use den_runtime::backend::{Backend, BindMount, CpuLimit, Handle, Resources, SpriteSpec, SpriteState};
 use den_runtime::cgroup::SpriteCgroup;
 use den_runtime::cgroup::{self, CgroupMode};
@@ -938,6 +945,104 @@ fn set_hostname(env: &Env) -> TestResult {
     Ok(())
 }
 
+/// A static program for the sprite (busybox has no unix-socket tool):
+/// `listen fd` accepts one connection on descriptor 3, `listen PATH` binds
+/// and listens at PATH first; either answers "ok\n".
+fn listener_program(env: &Env) -> Result<PathBuf, String> {
+    let dir = env.dir.path().join("listen-prog");
+    let bin = dir.join("listen");
+    if bin.exists() {
+        return Ok(bin);
+    }
+    fs::create_dir_all(&dir).map_err(e2s)?;
+    let src = dir.join("listen.c");
+    fs::write(
+        &src,
+        r#"#include <string.h>
+#include <sys/socket.h>
+#include <sys/un.h>
+#include <unistd.h>
+int main(int argc, char **argv) {
+    int s = 3;
+    if (argc != 2) return 2;
+    if (strcmp(argv[1], "fd") != 0) {
+        struct sockaddr_un a = {.sun_family = AF_UNIX};
+        strncpy(a.sun_path, argv[1], sizeof a.sun_path - 1);
+        s = socket(AF_UNIX, SOCK_STREAM, 0);
+        unlink(argv[1]);
+        if (s < 0 || bind(s, (struct sockaddr *)&a, sizeof a) || listen(s, 4)) return 3;
+    }
+    int c = accept(s, 0, 0);
+    if (c < 0) return 4;
+    return write(c, "ok\n", 3) == 3 ? 0 : 5;
+}
+"#,
+    )
+    .map_err(e2s)?;
+    // Rust's own linker driver, so present wherever this test was built.
+    let out = Command::new("cc")
+        .args(["-static", "-O2", "-o"])
+        .arg(&bin)
+        .arg(&src)
+        .output()
+        .map_err(|e| format!("cc: {e}"))?;
+    check!(
+        out.status.success(),
+        "cc: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    Ok(bin)
+}
+
+/// The agent's socket, as the host reaches it. Native: the shim binds it on
+/// the host and PID 1 accepts on descriptor 3 ([`SpriteSpec::agent_listener`]).
+/// gVisor can't hand a listener over (`accept` on a donated socket fails
+/// with EINVAL in this runsc), so that backend refuses `agent_listener`, and
+/// the sprite binds the socket in a bind-mounted directory instead:
+/// `--host-uds=create` makes it a real host socket the host connects to.
+fn agent_socket(env: &Env) -> TestResult {
+    let prog = listener_program(env)?;
+    let host_dir = env.dir.path().join(format!("agent-{}", env.seq.get()));
+    fs::create_dir_all(&host_dir).map_err(e2s)?;
+    std::os::unix::fs::chown(&host_dir, Some(HOST_BASE), Some(HOST_BASE)).map_err(e2s)?;
+    let sock = host_dir.join("agent.sock");
+    let mut spec = env.spec("agent", "");
+    spec.mounts = vec![BindMount {
+        source: prog,
+        destination: "/.sprite/bin/listen".into(),
+        readonly: true,
+    }];
+    match env.kind() {
+        Kind::Native => {
+            spec.agent_listener = Some(sock.clone());
+            spec.init = vec!["/.sprite/bin/listen".into(), "fd".into()];
+        }
+        Kind::Gvisor => {
+            let mut refused = spec.clone();
+            refused.agent_listener = Some(sock.clone());
+            check!(
+                matches!(env.backend().create(&refused), Err(RuntimeError::InvalidSpec(_))),
+                "gVisor refuses agent_listener"
+            );
+            spec.mounts.push(BindMount {
+                source: host_dir.clone(),
+                destination: "/.sprite/run".into(),
+                readonly: false,
+            });
+            spec.init = vec!["/.sprite/bin/listen".into(), "/.sprite/run/agent.sock".into()];
+        }
+    }
+    let _sprite = env.run(&spec)?;
+    let mut conn = poll(LONG, "the agent socket to accept", || {
+        UnixStream::connect(&sock).ok()
+    })?;
+    conn.set_read_timeout(Some(LONG)).map_err(e2s)?;
+    let mut got = String::new();
+    conn.read_to_string(&mut got).map_err(e2s)?;
+    check!(got == "ok\n", "answer through the agent socket: {got:?}");
+    Ok(())
+}
+
 /// gVisor only (see `main`): memory checkpoint and restore. The counter
 /// loop goes on from where it was (not from 1), so the processes' memory
 /// came back.
@@ -1057,12 +1162,14 @@ fn bench(env: &Env) -> TestResult {
     drop(sprite);
 
     // fork+exec inside the sprite (what every command the agent runs pays):
-    // EXECS runs of /bin/true, timed by the sprite's own clock, per round.
+    // EXECS runs of /bin/true, timed by the sprite's own clock, per round
+    // (few rounds: under gVisor one round takes seconds).
     const EXECS: usize = 200;
+    const ROUNDS: usize = 5;
     let spec = env.spec(
         "bexec",
         &format!(
-            "r=0; while [ $r -lt {N} ]; do t0=$(cat /proc/uptime); i=0; \
+            "r=0; while [ $r -lt {ROUNDS} ]; do t0=$(cat /proc/uptime); i=0; \
              while [ $i -lt {EXECS} ]; do /bin/true; i=$((i+1)); done; \
              echo \"$t0 $(cat /proc/uptime)\" >> /exec.tmp; r=$((r+1)); done; mv /exec.tmp /exec; {STAY}"
         ),
@@ -1078,7 +1185,7 @@ fn bench(env: &Env) -> TestResult {
             (v.len() == 4).then(|| Duration::from_secs_f64((v[2] - v[0]).max(0.0) / EXECS as f64))
         })
         .collect();
-    check!(per_exec.len() == N, "exec rounds: {text:?}");
+    check!(per_exec.len() == ROUNDS, "exec rounds: {text:?}");
 
     // The runc baseline is the same for both backends: measured once.
     let runc = match env.kind() {
@@ -1098,7 +1205,7 @@ fn bench(env: &Env) -> TestResult {
     println!("      freeze                          : {}", ms(median(&mut fr)));
     println!("      thaw                            : {}", ms(median(&mut th)));
     println!(
-        "      fork+exec of /bin/true inside    : {:.2} ms (of {EXECS}, /proc/uptime clock)",
+        "      fork+exec of /bin/true inside   : {:.2} ms (median of {ROUNDS} rounds of {EXECS})",
         median(&mut per_exec).as_secs_f64() * 1000.0
     );
     match runc {
@@ -1223,6 +1330,7 @@ fn main() {
         ("pids_limit", pids_limit),
         ("update_limits", update_limits),
         ("set_hostname", set_hostname),
+        ("agent_socket", agent_socket),
         ("freeze_thaw", freeze_thaw),
         ("graceful_stop", graceful_stop),
         ("cleanup_paths", cleanup_paths),

@@ -369,4 +369,56 @@ mod tests {
         assert_eq!(res.pids().as_ref().unwrap().limit(), 4096);
         assert_eq!(res.memory().as_ref().unwrap().limit(), Some(2 << 30));
     }
+
+    #[test]
+    fn gvisor_spec_differs_where_gvisor_needs() {
+        let mut joined = sprite();
+        joined.netns_path = Some("/run/netns/x".into());
+        joined.mounts.push(BindMount {
+            source: "/opt/den/agent".into(),
+            destination: "/.sprite/bin/den".into(),
+            readonly: true,
+        });
+        let v = serde_json::to_value(build_gvisor(&joined, &PathBuf::from("/r")).unwrap()).unwrap();
+        // The netns is named (runsc starts the sandbox in it).
+        let ns = v["linux"]["namespaces"].as_array().unwrap();
+        assert!(ns.contains(&json!({"type": "network", "path": "/run/netns/x"})));
+        assert_eq!(ns.len(), 7);
+        let mounts = v["mounts"].as_array().unwrap();
+        let sys = mounts.iter().find(|m| m["destination"] == "/sys").unwrap();
+        assert_eq!(sys["type"], "sysfs", "the sentry's own sysfs, never the host's");
+        // Read-only binds come straight from the host path (no staging).
+        let agent = mounts
+            .iter()
+            .find(|m| m["destination"] == "/.sprite/bin/den")
+            .unwrap();
+        assert_eq!(agent["source"], "/opt/den/agent");
+        // CAP_SYSLOG and syslog(2) for the sentry's kernel log; native has neither.
+        let caps = v["process"]["capabilities"]["bounding"].as_array().unwrap();
+        assert!(caps.contains(&json!("CAP_SYSLOG")));
+        let denied = &v["linux"]["seccomp"]["syscalls"][0]["names"];
+        assert!(!denied.as_array().unwrap().contains(&json!("syslog")));
+        let native = serde_json::to_value(
+            build(
+                &joined,
+                &PathBuf::from("/r"),
+                &PathBuf::from("/s"),
+                &PathBuf::from("/m"),
+            )
+            .unwrap(),
+        )
+        .unwrap();
+        assert!(
+            !native["process"]["capabilities"]["bounding"]
+                .as_array()
+                .unwrap()
+                .contains(&json!("CAP_SYSLOG"))
+        );
+        assert!(
+            native["linux"]["seccomp"]["syscalls"][0]["names"]
+                .as_array()
+                .unwrap()
+                .contains(&json!("syslog"))
+        );
+    }
 }
