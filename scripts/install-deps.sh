@@ -39,6 +39,46 @@ PIP_PACKAGES=(
     mcp==2.3.0
 )
 
+# ---------------------------------------------------------------- runsc
+# gVisor's runsc for den-runtime's gVisor backend. bookworm's own runsc
+# (0.0~20221219) lacks the systrap platform, and the kvm platform hangs on
+# PVM hosts, so it comes from bookworm-backports, through a private sources
+# list and package-list directory: the system's apt configuration (and what a
+# plain `apt-get upgrade` would pull in) stays as it is.
+RUNSC_VERSION=0.0~20240729.0-4~bpo12+2
+RUNSC_APT=/var/lib/den/apt-bpo
+install_runsc() {
+    local have
+    have=$(dpkg-query -W -f='${Version}' runsc 2>/dev/null || true)
+    if [[ $have == "$RUNSC_VERSION" ]]; then
+        log "runsc: $have already installed"
+    else
+        log "runsc: have '${have:-none}', want $RUNSC_VERSION from bookworm-backports"
+        mkdir -p "$RUNSC_APT/lists/partial"
+        printf '%s\n' \
+            'deb [signed-by=/usr/share/keyrings/debian-archive-keyring.gpg] http://deb.debian.org/debian bookworm-backports main' \
+            'deb [signed-by=/usr/share/keyrings/debian-archive-keyring.gpg] http://deb.debian.org/debian bookworm main' \
+            >"$RUNSC_APT/sources.list"
+        local opts=(
+            -o "Dir::Etc::SourceList=$RUNSC_APT/sources.list"
+            -o Dir::Etc::SourceParts=/dev/null
+            -o "Dir::State::Lists=$RUNSC_APT/lists"
+            -o DPkg::Lock::Timeout=300
+        )
+        apt-get "${opts[@]}" update -q
+        apt-get "${opts[@]}" install -y -q --no-install-recommends \
+            -o Dpkg::Options::=--force-confdef -o Dpkg::Options::=--force-confold \
+            "runsc=$RUNSC_VERSION" </dev/null
+    fi
+    log "runsc: $(runsc --version 2>&1 | head -n1)"
+}
+
+# `install-deps.sh runsc` installs only runsc.
+if [[ ${1:-} == runsc ]]; then
+    install_runsc
+    exit 0
+fi
+
 # ---------------------------------------------------------------- apt
 missing=()
 for p in "${APT_PACKAGES[@]}"; do
@@ -144,6 +184,8 @@ for bin in weed juicefs; do
         ln -sfn "$src" "$dst"
     fi
 done
+
+install_runsc
 
 log "versions:"
 log "  weed:    $(/usr/local/bin/weed version 2>&1 | head -n1)"

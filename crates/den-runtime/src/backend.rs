@@ -11,9 +11,10 @@
 //! ```
 //!
 //! The native container backend ([`crate::container::ContainerBackend`]) is
-//! the first implementation; gVisor (`runsc`) and a microVM backend can follow
-//! behind the same trait, because everything above it talks to the den agent
-//! (PID 1 of the sprite) over the bind-mounted socket, not to the engine.
+//! the first implementation, gVisor ([`crate::gvisor::GvisorBackend`]) the
+//! second; a microVM backend can follow behind the same trait, because
+//! everything above it talks to the den agent (PID 1 of the sprite) over the
+//! bind-mounted socket, not to the engine.
 //!
 //! All methods block (they fork helpers and poll cgroup files for bounded
 //! times); async callers should use `spawn_blocking`.
@@ -48,6 +49,8 @@ pub enum RuntimeError {
     Shim { status: String, stderr: String },
     #[error("libcontainer: {0}")]
     Engine(String),
+    #[error("runsc: {0}")]
+    Runsc(String),
     #[error("cgroup: {0}")]
     Cgroup(String),
     #[error("timed out after {after:?} waiting for {what}")]
@@ -147,7 +150,8 @@ pub struct SpriteSpec {
     /// only ever connects to a socket it created, in a directory the sprite
     /// can neither see nor write: a path inside the sprite (which its root
     /// could turn into a symlink to another sprite's socket) is never
-    /// followed. `None`: no descriptor is passed.
+    /// followed. `None`: no descriptor is passed. (The gVisor backend refuses
+    /// it: see [`crate::gvisor`].)
     #[serde(default)]
     pub agent_listener: Option<PathBuf>,
 }

@@ -173,6 +173,33 @@ impl SpriteCgroup {
         })
     }
 
+    /// Remove the (empty) cgroup from every hierarchy that has it. For an
+    /// engine that left it behind (libcontainer and runsc remove their own).
+    pub fn remove(&self) -> Result<(), RuntimeError> {
+        let dirs: Vec<PathBuf> = match self.mode {
+            CgroupMode::V2 => vec![self.dir("")],
+            CgroupMode::V1 | CgroupMode::Hybrid => {
+                let root = Path::new(CGROUP_ROOT);
+                let entries = fs::read_dir(root)
+                    .map_err(|e| RuntimeError::io(format!("read {}", root.display()), e))?;
+                entries
+                    .filter_map(Result::ok)
+                    .map(|e| e.path().join(&self.rel))
+                    .collect()
+            }
+        };
+        for d in dirs {
+            match fs::remove_dir(&d) {
+                // Also the second name of a co-mounted hierarchy (cpu, cpuacct).
+                Err(e) if e.kind() != io::ErrorKind::NotFound && e.raw_os_error() != Some(libc::ENOTDIR) => {
+                    return Err(RuntimeError::io(format!("rmdir {}", d.display()), e));
+                }
+                _ => {}
+            }
+        }
+        Ok(())
+    }
+
     /// SIGKILL every task and wait until the cgroup is empty. Tasks are frozen
     /// while being killed so that a fork bomb can't refill the cgroup between
     /// reading `cgroup.procs` and the kills (v2 has `cgroup.kill` for this).

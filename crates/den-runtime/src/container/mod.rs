@@ -54,7 +54,7 @@
 //! Liveness is read from `/proc`, so either works.
 
 mod seccomp;
-mod shim;
+pub(crate) mod shim;
 pub mod spec;
 
 use std::ffi::OsString;
@@ -213,10 +213,37 @@ impl ContainerBackend {
     }
 }
 
+/// Write `resources` into the sprite's cgroup `den/<id>` with libcgroups'
+/// own controllers, as at create: the same files and the same conversions
+/// (shares to cpu.weight on v2, memsw on v1). Engine-independent: runsc puts
+/// its sandbox in the same cgroup path.
+pub(crate) fn apply_limits(id: &str, resources: &Resources) -> Result<(), RuntimeError> {
+    let mut v = serde_json::json!({});
+    spec::merge_limits(&mut v, resources);
+    let linux: oci_spec::runtime::LinuxResources =
+        serde_json::from_value(v).map_err(|e| RuntimeError::InvalidSpec(e.to_string()))?;
+    let manager = libcgroups::common::create_cgroup_manager(libcgroups::common::CgroupConfig {
+        cgroup_path: cgroup::sprite_cgroup_path(id).into(),
+        systemd_cgroup: false,
+        container_name: id.to_string(),
+    })
+    .map_err(|e| RuntimeError::Cgroup(e.to_string()))?;
+    libcgroups::common::CgroupManager::apply(
+        &manager,
+        &libcgroups::common::ControllerOpt {
+            resources: &linux,
+            disable_oom_killer: false,
+            oom_score_adj: None,
+            freezer_state: None,
+        },
+    )
+    .map_err(|e| RuntimeError::Cgroup(e.to_string()))
+}
+
 /// Create `dir` as 0711 (and fix the mode if it exists): PID 1 starts as root
 /// of the sprite's user namespace, which is "other" for host-root-owned
 /// directories, and must be able to walk to the bundle's rootfs.
-fn mkdir_traversable(dir: &Path) -> Result<(), RuntimeError> {
+pub(crate) fn mkdir_traversable(dir: &Path) -> Result<(), RuntimeError> {
     fs::DirBuilder::new()
         .recursive(true)
         .mode(0o711)
@@ -227,7 +254,7 @@ fn mkdir_traversable(dir: &Path) -> Result<(), RuntimeError> {
 }
 
 /// Whether `pid` exists and is not a zombie.
-fn alive(pid: i32) -> bool {
+pub(crate) fn alive(pid: i32) -> bool {
     match fs::read_to_string(format!("/proc/{pid}/stat")) {
         // The state follows the last ')' (the command name may contain any byte).
         Ok(s) => s
@@ -367,28 +394,7 @@ impl Backend for ContainerBackend {
     }
 
     fn update_resources(&self, handle: &Handle, resources: &Resources) -> Result<(), RuntimeError> {
-        let mut v = serde_json::json!({});
-        spec::merge_limits(&mut v, resources);
-        let linux: oci_spec::runtime::LinuxResources =
-            serde_json::from_value(v).map_err(|e| RuntimeError::InvalidSpec(e.to_string()))?;
-        // libcgroups' own controllers, as at create: the same files and the
-        // same conversions (shares to cpu.weight on v2, memsw on v1).
-        let manager = libcgroups::common::create_cgroup_manager(libcgroups::common::CgroupConfig {
-            cgroup_path: cgroup::sprite_cgroup_path(&handle.id).into(),
-            systemd_cgroup: false,
-            container_name: handle.id.clone(),
-        })
-        .map_err(|e| RuntimeError::Cgroup(e.to_string()))?;
-        libcgroups::common::CgroupManager::apply(
-            &manager,
-            &libcgroups::common::ControllerOpt {
-                resources: &linux,
-                disable_oom_killer: false,
-                oom_score_adj: None,
-                freezer_state: None,
-            },
-        )
-        .map_err(|e| RuntimeError::Cgroup(e.to_string()))
+        apply_limits(&handle.id, resources)
     }
 
     fn set_hostname(&self, handle: &Handle, hostname: &str) -> Result<(), RuntimeError> {

@@ -39,8 +39,15 @@ pub fn shim_main(args: &[OsString]) -> i32 {
     let args: Vec<String> = args.iter().map(|a| a.to_string_lossy().into_owned()).collect();
     let res = match args.iter().map(String::as_str).collect::<Vec<_>>().as_slice() {
         ["create", root, id] => create(&Layout::new(Path::new(root)), id),
+        // Returns only on failure: on success the process is runsc.
+        [
+            verb @ ("gvisor-create" | "gvisor-start" | "gvisor-restore"),
+            root,
+            id,
+            runsc @ ..,
+        ] if !runsc.is_empty() => Err(crate::gvisor::shim_exec(verb, Path::new(root), id, runsc)),
         _ => Err(RuntimeError::InvalidSpec(format!(
-            "usage: runtime-shim create STATE_ROOT ID (got {args:?})"
+            "usage: runtime-shim create STATE_ROOT ID | gvisor-{{create,start,restore}} STATE_ROOT ID RUNSC ARGS… (got {args:?})"
         ))),
     };
     match res {
@@ -179,7 +186,7 @@ fn move_to_fd(fd: OwnedFd, target: RawFd) -> std::io::Result<OwnedFd> {
 /// (as seen through the idmapped lower), unless it already has them.
 /// overlayfs shows the upper root's attributes for `/`, so a root-owned upper
 /// on the host would make `/` in the sprite owned by `nobody` and unwritable.
-fn prepare_upper(sprite: &SpriteSpec) -> Result<(), RuntimeError> {
+pub(crate) fn prepare_upper(sprite: &SpriteSpec) -> Result<(), RuntimeError> {
     let lower = fs::metadata(&sprite.rootfs_lower)
         .map_err(|e| RuntimeError::io(format!("stat {}", sprite.rootfs_lower.display()), e))?;
     for dir in [&sprite.upper_dir, &sprite.work_dir] {
@@ -202,7 +209,7 @@ fn prepare_upper(sprite: &SpriteSpec) -> Result<(), RuntimeError> {
 /// metadata (opaque dirs) uses `user.overlay.*` xattrs: the same format an
 /// overlay mounted by the sprite's user-namespace root would use, so the
 /// upper stays portable between mounting styles and backends.
-fn mount_overlay(sprite: &SpriteSpec, merged: &Path) -> Result<(), RuntimeError> {
+pub(crate) fn mount_overlay(sprite: &SpriteSpec, merged: &Path) -> Result<(), RuntimeError> {
     for p in [&sprite.rootfs_lower, &sprite.upper_dir, &sprite.work_dir] {
         if p.to_string_lossy().contains([',', ':']) {
             return Err(RuntimeError::InvalidSpec(format!(
@@ -320,7 +327,7 @@ fn fd_path(f: &File) -> String {
 
 /// `e` and all its sources: libcontainer's top-level messages alone ("failed
 /// to load seccomp context") hide the errno that explains them.
-fn error_chain(e: &dyn std::error::Error) -> String {
+pub(crate) fn error_chain(e: &dyn std::error::Error) -> String {
     let mut s = e.to_string();
     let mut src = e.source();
     while let Some(x) = src {

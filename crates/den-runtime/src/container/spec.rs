@@ -145,11 +145,41 @@ pub fn build(
     sysfs_dir: &Path,
     stage_dir: &Path,
 ) -> Result<Spec, RuntimeError> {
-    let value = build_json(sprite, rootfs, sysfs_dir, stage_dir);
+    parse(build_json(
+        sprite,
+        rootfs,
+        Engine::Native { sysfs_dir, stage_dir },
+    ))
+}
+
+/// The spec of `sprite` for gVisor's `runsc` (see [`crate::gvisor`]): the
+/// same process, namespaces, limits and security profile as a native
+/// container, with the differences gVisor needs: the prepared netns is named
+/// in the spec (the sandbox starts in it and builds its own network stack
+/// from its interfaces), `/sys` is the sentry's own sysfs, and bind mounts come
+/// straight from their host paths (the sentry synthesises its mountinfo, so
+/// host paths never show and nothing needs staging).
+pub(crate) fn build_gvisor(sprite: &SpriteSpec, rootfs: &Path) -> Result<Spec, RuntimeError> {
+    parse(build_json(sprite, rootfs, Engine::Gvisor))
+}
+
+fn parse(value: Value) -> Result<Spec, RuntimeError> {
     serde_json::from_value(value).map_err(|e| RuntimeError::InvalidSpec(format!("OCI spec: {e}")))
 }
 
-fn build_json(sprite: &SpriteSpec, rootfs: &Path, sysfs_dir: &Path, stage_dir: &Path) -> Value {
+/// Which engine the spec is for.
+#[derive(Clone, Copy)]
+enum Engine<'a> {
+    /// libcontainer through den's shim, which mounts a sysfs at `sysfs_dir`
+    /// and stages read-only bind mounts under `stage_dir`.
+    Native {
+        sysfs_dir: &'a Path,
+        stage_dir: &'a Path,
+    },
+    Gvisor,
+}
+
+fn build_json(sprite: &SpriteSpec, rootfs: &Path, engine: Engine<'_>) -> Value {
     let uid = sprite.idmap.uids[0];
     let gid = sprite.idmap.gids[0];
 
@@ -165,8 +195,13 @@ fn build_json(sprite: &SpriteSpec, rootfs: &Path, sysfs_dir: &Path, stage_dir: &
     // container inherits it (no "network" entry). libcontainer would setns()
     // after entering the new user namespace, which has no CAP_SYS_ADMIN over
     // a netns owned by the host's user namespace: EPERM.
-    if sprite.netns_path.is_none() {
-        namespaces.push(json!({"type": "network"}));
+    match (engine, &sprite.netns_path) {
+        (_, None) => namespaces.push(json!({"type": "network"})),
+        // runsc starts the sandbox in it itself, from the host side before
+        // the user namespace, so the EPERM above does not arise. (Without a
+        // path it would start the sandbox in a new netns, not its own.)
+        (Engine::Gvisor, Some(path)) => namespaces.push(json!({"type": "network", "path": path})),
+        (Engine::Native { .. }, Some(_)) => {}
     }
 
     let mut mounts = vec![
@@ -187,21 +222,39 @@ fn build_json(sprite: &SpriteSpec, rootfs: &Path, sysfs_dir: &Path, stage_dir: &
     // refuses, so the shim mounts a sysfs (as host root, after joining the
     // netns, so /sys/class/net shows the sprite's interfaces) at
     // `sysfs_dir` and it is bind-mounted read-only from there.
-    mounts.push(match sprite.netns_path {
-        None => json!({"destination": "/sys", "type": "sysfs", "source": "sysfs",
-                       "options": ["nosuid", "noexec", "nodev", "ro"]}),
-        Some(_) => json!({"destination": "/sys", "type": "bind", "source": sysfs_dir,
-                          "options": ["rbind", "nosuid", "noexec", "nodev", "ro"]}),
+    // gVisor's sysfs is the sentry's own, so it never needs the host's.
+    mounts.push(match (engine, &sprite.netns_path) {
+        (Engine::Native { sysfs_dir, .. }, Some(_)) => {
+            json!({"destination": "/sys", "type": "bind", "source": sysfs_dir,
+                   "options": ["rbind", "nosuid", "noexec", "nodev", "ro"]})
+        }
+        _ => json!({"destination": "/sys", "type": "sysfs", "source": "sysfs",
+                    "options": ["nosuid", "noexec", "nodev", "ro"]}),
     });
     for (i, m) in sprite.mounts.iter().enumerate() {
         let mut options = vec!["rbind", "nosuid", "nodev"];
         if m.readonly {
             options.push("ro");
         }
-        let source = staged(m, i, stage_dir).map_or_else(|| m.source.clone(), |s| s.source);
+        let source = match engine {
+            Engine::Native { stage_dir, .. } => {
+                staged(m, i, stage_dir).map_or_else(|| m.source.clone(), |s| s.source)
+            }
+            Engine::Gvisor => m.source.clone(),
+        };
         mounts.push(
             json!({"destination": m.destination, "type": "bind", "source": source, "options": options}),
         );
+    }
+
+    let mut caps = CAPABILITIES.to_vec();
+    let mut seccomp = seccomp::profile();
+    if matches!(engine, Engine::Gvisor) {
+        // The kernel log a sprite reads under gVisor is the sentry's own
+        // (its boot messages), so `dmesg` may work there as on a VM; on the
+        // host kernel it would reveal the host's log (and kernel addresses).
+        caps.push("CAP_SYSLOG");
+        seccomp = seccomp::profile_allowing(&["syslog"]);
     }
 
     let mut resources = json!({
@@ -223,9 +276,9 @@ fn build_json(sprite: &SpriteSpec, rootfs: &Path, sysfs_dir: &Path, stage_dir: &
             "env": sprite.env,
             "cwd": "/",
             "capabilities": {
-                "bounding": CAPABILITIES,
-                "effective": CAPABILITIES,
-                "permitted": CAPABILITIES,
+                "bounding": caps,
+                "effective": caps,
+                "permitted": caps,
             },
             // noNewPrivileges stays unset (= false, as in Docker): `sudo`
             // (setuid) must work for the sprite user. It must be *absent*,
@@ -242,7 +295,7 @@ fn build_json(sprite: &SpriteSpec, rootfs: &Path, sysfs_dir: &Path, stage_dir: &
             "resources": resources,
             "maskedPaths": MASKED_PATHS,
             "readonlyPaths": READONLY_PATHS,
-            "seccomp": seccomp::profile(),
+            "seccomp": seccomp,
         },
     })
 }
@@ -315,5 +368,57 @@ mod tests {
         let res = linux.resources().as_ref().unwrap();
         assert_eq!(res.pids().as_ref().unwrap().limit(), 4096);
         assert_eq!(res.memory().as_ref().unwrap().limit(), Some(2 << 30));
+    }
+
+    #[test]
+    fn gvisor_spec_differs_where_gvisor_needs() {
+        let mut joined = sprite();
+        joined.netns_path = Some("/run/netns/x".into());
+        joined.mounts.push(BindMount {
+            source: "/opt/den/agent".into(),
+            destination: "/.sprite/bin/den".into(),
+            readonly: true,
+        });
+        let v = serde_json::to_value(build_gvisor(&joined, &PathBuf::from("/r")).unwrap()).unwrap();
+        // The netns is named (runsc starts the sandbox in it).
+        let ns = v["linux"]["namespaces"].as_array().unwrap();
+        assert!(ns.contains(&json!({"type": "network", "path": "/run/netns/x"})));
+        assert_eq!(ns.len(), 7);
+        let mounts = v["mounts"].as_array().unwrap();
+        let sys = mounts.iter().find(|m| m["destination"] == "/sys").unwrap();
+        assert_eq!(sys["type"], "sysfs", "the sentry's own sysfs, never the host's");
+        // Read-only binds come straight from the host path (no staging).
+        let agent = mounts
+            .iter()
+            .find(|m| m["destination"] == "/.sprite/bin/den")
+            .unwrap();
+        assert_eq!(agent["source"], "/opt/den/agent");
+        // CAP_SYSLOG and syslog(2) for the sentry's kernel log; native has neither.
+        let caps = v["process"]["capabilities"]["bounding"].as_array().unwrap();
+        assert!(caps.contains(&json!("CAP_SYSLOG")));
+        let denied = &v["linux"]["seccomp"]["syscalls"][0]["names"];
+        assert!(!denied.as_array().unwrap().contains(&json!("syslog")));
+        let native = serde_json::to_value(
+            build(
+                &joined,
+                &PathBuf::from("/r"),
+                &PathBuf::from("/s"),
+                &PathBuf::from("/m"),
+            )
+            .unwrap(),
+        )
+        .unwrap();
+        assert!(
+            !native["process"]["capabilities"]["bounding"]
+                .as_array()
+                .unwrap()
+                .contains(&json!("CAP_SYSLOG"))
+        );
+        assert!(
+            native["linux"]["seccomp"]["syscalls"][0]["names"]
+                .as_array()
+                .unwrap()
+                .contains(&json!("syslog"))
+        );
     }
 }
