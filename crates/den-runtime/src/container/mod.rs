@@ -75,9 +75,10 @@ pub use shim::shim_main;
 use crate::backend::{Backend, Handle, Resources, RuntimeError, SpriteSpec, SpriteState};
 use crate::cgroup::{self, CgroupMode, SpriteCgroup, poll_until};
 
-const SPRITE_JSON: &str = "sprite.json";
-const CONFIG_JSON: &str = "config.json";
-const ROOTFS_DIR: &str = "rootfs";
+// A bundle's files, the same for every backend.
+pub(crate) const SPRITE_JSON: &str = "sprite.json";
+pub(crate) const CONFIG_JSON: &str = "config.json";
+pub(crate) const ROOTFS_DIR: &str = "rootfs";
 const SYSFS_DIR: &str = "sys";
 const STAGE_DIR: &str = "stage";
 
@@ -85,7 +86,7 @@ const STAGE_DIR: &str = "stage";
 const SHIM_TIMEOUT: Duration = Duration::from_secs(60);
 
 /// How long `stop` waits for the tasks to disappear after SIGKILL.
-const KILL_TIMEOUT: Duration = Duration::from_secs(10);
+pub(crate) const KILL_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Paths under the backend's state root.
 #[derive(Debug, Clone)]

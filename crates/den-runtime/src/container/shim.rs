@@ -106,22 +106,7 @@ fn create(layout: &Layout, id: &str) -> Result<i32, RuntimeError> {
     mount_overlay(&sprite, &merged)?;
     stage_mounts(&sprite, &bundle.join(super::STAGE_DIR))?;
 
-    let console = match &sprite.console_log {
-        Some(p) => OpenOptions::new()
-            .append(true)
-            .create(true)
-            .mode(0o600)
-            .open(p)
-            .map_err(|e| RuntimeError::io(format!("open console log {}", p.display()), e))?,
-        None => OpenOptions::new()
-            .write(true)
-            .open("/dev/null")
-            .map_err(|e| RuntimeError::io("open /dev/null", e))?,
-    };
-    let stdin = File::open("/dev/null").map_err(|e| RuntimeError::io("open /dev/null", e))?;
-    let stderr = console
-        .try_clone()
-        .map_err(|e| RuntimeError::io("dup console", e))?;
+    let (stdin, console, stderr) = console_stdio(&sprite)?;
 
     let engine = |e: libcontainer::error::LibcontainerError| RuntimeError::Engine(error_chain(&e));
     let container = ContainerBuilder::new(id.to_string(), SyscallType::default())
@@ -186,6 +171,28 @@ fn move_to_fd(fd: OwnedFd, target: RawFd) -> std::io::Result<OwnedFd> {
 /// (as seen through the idmapped lower), unless it already has them.
 /// overlayfs shows the upper root's attributes for `/`, so a root-owned upper
 /// on the host would make `/` in the sprite owned by `nobody` and unwritable.
+/// PID 1's stdin (/dev/null), stdout and stderr (the sprite's console log,
+/// appended to, or /dev/null without one).
+pub(crate) fn console_stdio(sprite: &SpriteSpec) -> Result<(File, File, File), RuntimeError> {
+    let console = match &sprite.console_log {
+        Some(p) => OpenOptions::new()
+            .append(true)
+            .create(true)
+            .mode(0o600)
+            .open(p)
+            .map_err(|e| RuntimeError::io(format!("open console log {}", p.display()), e))?,
+        None => OpenOptions::new()
+            .write(true)
+            .open("/dev/null")
+            .map_err(|e| RuntimeError::io("open /dev/null", e))?,
+    };
+    let stdin = File::open("/dev/null").map_err(|e| RuntimeError::io("open /dev/null", e))?;
+    let stderr = console
+        .try_clone()
+        .map_err(|e| RuntimeError::io("dup console", e))?;
+    Ok((stdin, console, stderr))
+}
+
 pub(crate) fn prepare_upper(sprite: &SpriteSpec) -> Result<(), RuntimeError> {
     let lower = fs::metadata(&sprite.rootfs_lower)
         .map_err(|e| RuntimeError::io(format!("stat {}", sprite.rootfs_lower.display()), e))?;

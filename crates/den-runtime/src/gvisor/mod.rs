@@ -53,8 +53,6 @@
 
 use std::ffi::{OsStr, OsString};
 use std::fs;
-use std::fs::{File, OpenOptions};
-use std::os::unix::fs::OpenOptionsExt;
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
@@ -68,19 +66,16 @@ use serde::Deserialize;
 
 use crate::backend::{Backend, Handle, Resources, RuntimeError, SpriteSpec, SpriteState};
 use crate::cgroup::{self, CgroupMode, SpriteCgroup, poll_until};
-use crate::container::{ShimCommand, alive, apply_limits, mkdir_traversable, shim, spec};
+use crate::container::{
+    CONFIG_JSON, KILL_TIMEOUT, ROOTFS_DIR, SPRITE_JSON, ShimCommand, alive, apply_limits, mkdir_traversable,
+    shim, spec,
+};
 
-const SPRITE_JSON: &str = "sprite.json";
-const CONFIG_JSON: &str = "config.json";
-const ROOTFS_DIR: &str = "rootfs";
 const RUNSC_LOG: &str = "runsc.log";
 
 /// How long one runsc command may take (create and restore normally take
 /// 150–250 ms).
 const RUNSC_TIMEOUT: Duration = Duration::from_secs(60);
-
-/// How long `stop` waits for the sandbox to disappear after SIGKILL.
-const KILL_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Sprites as gVisor sandboxes, driven through the `runsc` CLI.
 #[derive(Debug, Clone)]
@@ -643,23 +638,8 @@ fn prepare_and_exec(
         private_mount_ns()?;
         shim::prepare_upper(&sprite)?;
         shim::mount_overlay(&sprite, &bundle.join(ROOTFS_DIR))?;
-        let console = match &sprite.console_log {
-            Some(p) => OpenOptions::new()
-                .append(true)
-                .create(true)
-                .mode(0o600)
-                .open(p)
-                .map_err(|e| RuntimeError::io(format!("open console log {}", p.display()), e))?,
-            None => OpenOptions::new()
-                .write(true)
-                .open("/dev/null")
-                .map_err(|e| RuntimeError::io("open /dev/null", e))?,
-        };
-        let stderr = console
-            .try_clone()
-            .map_err(|e| RuntimeError::io("dup console", e))?;
-        let stdin = File::open("/dev/null").map_err(|e| RuntimeError::io("open /dev/null", e))?;
-        cmd.stdin(stdin).stdout(console).stderr(stderr);
+        let (stdin, stdout, stderr) = shim::console_stdio(&sprite)?;
+        cmd.stdin(stdin).stdout(stdout).stderr(stderr);
     } else {
         private_mount_ns()?;
     }
