@@ -123,7 +123,12 @@ async fn committer(shared: Weak<Shared>, mut rx: mpsc::UnboundedReceiver<CommitR
                 continue;
             }
         };
-        let mut committed = Vec::new();
+        let done = outcomes
+            .iter()
+            .filter(|o| matches!(o, CommitOutcome::Committed { .. }))
+            .count();
+        s.upload_counters.chunks.fetch_add(done as u64, Ordering::Relaxed);
+        let mut committed = Vec::with_capacity(done);
         for (it, out) in items.iter().zip(&outcomes) {
             if !matches!(out, CommitOutcome::Committed { .. }) {
                 continue;
@@ -141,9 +146,6 @@ async fn committer(shared: Weak<Shared>, mut rx: mpsc::UnboundedReceiver<CommitR
             s.upload_finished(it.pending, it.hash);
             committed.push(it.pending);
         }
-        s.upload_counters
-            .chunks
-            .fetch_add(committed.len() as u64, Ordering::Relaxed);
         drop(gate);
         // Only now that no open volume names them as pending can the files go.
         for p in committed {
@@ -368,6 +370,12 @@ mod tests {
         );
         drop(gate);
         rt.block_on(store.flush("v", |_| {})).unwrap();
+        // The counters move right after the transaction, which flush may
+        // have seen first.
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while store.upload_stats().chunks_committed < N && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(5));
+        }
 
         let st = store.upload_stats();
         assert_eq!(st.chunks_committed, N);
