@@ -574,10 +574,9 @@ impl Volume {
     ///   chunk; a crash before the link leaves the old content in charge and
     ///   no file at all (the kernel frees a nameless inode).
     ///
-    /// Neither path preallocates: writing the whole chunk allocates (or, with
-    /// delayed allocation, reserves) every block now, so the later writes
-    /// into this file need no space, as with `preallocate`, and the disk is
-    /// spared converting preallocated (unwritten) extents at writeback.
+    /// Both preallocate before writing, as the staged copy does: block
+    /// allocation stays in the write, not in the guest's fsync, and later
+    /// writes into the file never need space.
     fn create_whole(&self, idx: u64, data: &[u8]) -> io::Result<Option<File>> {
         let inner = &self.inner;
         let dst = inner.shared.cache.dirty_path(&inner.rec.id, idx);
@@ -594,7 +593,7 @@ impl Volume {
                 Err(e) if e.kind() == io::ErrorKind::AlreadyExists => return Ok(None),
                 Err(e) => return Err(e),
             };
-            if let Err(e) = f.write_all_at(data, 0) {
+            if let Err(e) = preallocate(&f, data.len() as u64).and_then(|()| f.write_all_at(data, 0)) {
                 drop(f);
                 let _ = fs::remove_file(&dst);
                 return Err(e);
@@ -617,6 +616,7 @@ impl Volume {
             }
             Err(e) => return Err(e),
         };
+        preallocate(&f, data.len() as u64)?;
         f.write_all_at(data, 0)?;
         // linkat(AT_EMPTY_PATH) needs CAP_DAC_READ_SEARCH; the /proc link
         // with AT_SYMLINK_FOLLOW does the same for anyone.
