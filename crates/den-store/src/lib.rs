@@ -29,5 +29,4 @@ pub use store::{
     GcReport, GcStats, Store, StoreConfig, VolumeInfo, VolumeSource,
 };
 pub use units::parse_size;
-pub use uploader::UploadStats;
 pub use volume::Volume;
