@@ -798,6 +798,8 @@ struct Pty {
     master: std::fs::File,
     seen: std::sync::Arc<std::sync::Mutex<Vec<u8>>>,
     child: Child,
+    /// Reads the master until the last slave descriptor closes.
+    reader: std::thread::JoinHandle<()>,
 }
 
 impl Pty {
@@ -827,7 +829,7 @@ impl Pty {
         let master = std::fs::File::from(pty.master);
         let seen = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
         let (mut r, s2) = (master.try_clone().unwrap(), seen.clone());
-        std::thread::spawn(move || {
+        let reader = std::thread::spawn(move || {
             let mut buf = [0u8; 4096];
             while let Ok(n) = std::io::Read::read(&mut r, &mut buf) {
                 if n == 0 {
@@ -836,7 +838,12 @@ impl Pty {
                 s2.lock().unwrap().extend_from_slice(&buf[..n]);
             }
         });
-        Pty { master, seen, child }
+        Pty {
+            master,
+            seen,
+            child,
+            reader,
+        }
     }
 
     fn text(&self) -> String {
@@ -877,7 +884,16 @@ impl Pty {
         });
         assert!(r.is_ok(), "den did not exit; output:\n{}", self.text());
         let code = self.child.wait().unwrap().code();
-        (code, self.text())
+        // What it printed just before exiting may still be in the pty: read
+        // to the end (the master reads EIO once the child's slave is closed).
+        let drained = den_testkit::wait_until(Duration::from_secs(10), Duration::from_millis(5), || {
+            self.reader.is_finished()
+        });
+        assert!(drained.is_ok(), "something else holds den's terminal open");
+        (
+            code,
+            String::from_utf8_lossy(&self.seen.lock().unwrap()).into_owned(),
+        )
     }
 }
 
