@@ -354,12 +354,12 @@ impl LoopDevice {
             file: file.to_path_buf(),
             source,
         };
-        let backing = OpenOptions::new()
-            .read(true)
-            .write(!opts.read_only)
-            .custom_flags(libc::O_CLOEXEC)
-            .open(file)
-            .map_err(|e| attach_err(Path::new(LOOP_CONTROL), e))?;
+        let file_c = std::ffi::CString::new(file.as_os_str().as_bytes()).map_err(|_| {
+            attach_err(
+                Path::new(LOOP_CONTROL),
+                io::Error::from(io::ErrorKind::InvalidInput),
+            )
+        })?;
         let control = OpenOptions::new()
             .read(true)
             .write(true)
@@ -373,29 +373,32 @@ impl LoopDevice {
                 .map_err(BlockError::LoopControl)? as u32;
             let path = ensure_node(index).map_err(|e| attach_err(&node_path(index), e))?;
             let dev = open_node(&path, !opts.read_only, false).map_err(|e| attach_err(&path, e))?;
-            match bind(dev.as_fd(), backing.as_fd(), file, opts) {
+            match bind_in_child(dev.as_fd(), &file_c, file, opts) {
                 Ok(()) => {}
-                Err(e) if errno(&e) == Some(libc::EBUSY) => {
+                Err(BindError::Open(e)) => return Err(attach_err(Path::new(LOOP_CONTROL), e)),
+                Err(BindError::Bind(e)) if errno(&e) == Some(libc::EBUSY) => {
                     tracing::debug!(device = %path.display(), "loop device taken concurrently, retrying");
                     last_busy = Some(e);
                     continue;
                 }
-                Err(e) => return Err(attach_err(&path, e)),
+                Err(BindError::Bind(e)) => return Err(attach_err(&path, e)),
             }
-            let mode = match settle_direct_io(dev.as_fd(), opts.direct_io) {
-                Ok(mode) => mode,
+            let info = match ioctl_get_status(dev.as_fd()) {
+                Ok(info) => info,
                 Err(e) => {
                     // Do not leave a half-configured binding behind.
                     let _ = ioctl_value(dev.as_fd(), ValueIoctl::ClrFd, 0);
                     return Err(attach_err(&path, e));
                 }
             };
-            let info = match ioctl_get_status(dev.as_fd()) {
-                Ok(info) => info,
-                Err(e) => {
-                    let _ = ioctl_value(dev.as_fd(), ValueIoctl::ClrFd, 0);
-                    return Err(attach_err(&path, e));
+            let mode = if info.lo_flags & LO_FLAGS_DIRECT_IO != 0 {
+                LoopMode::DirectIo
+            } else {
+                // Refusal is not an error: buffered mode is correct, only slower.
+                if opts.direct_io {
+                    tracing::warn!(device = %path.display(), "loop driver refused direct I/O; using buffered I/O");
                 }
+                LoopMode::Buffered
             };
             tracing::info!(
                 device = %path.display(),
@@ -521,9 +524,35 @@ impl Drop for LoopDevice {
 
 /// Bind `backing` to the loop device `dev`, preferring `LOOP_CONFIGURE` (one
 /// atomic call) over the legacy ioctl sequence.
-fn bind(dev: BorrowedFd<'_>, backing: BorrowedFd<'_>, file: &Path, opts: &LoopOptions) -> io::Result<()> {
+/// Why binding failed: opening the backing file, or the binding itself.
+enum BindError {
+    Open(io::Error),
+    Bind(io::Error),
+}
+
+/// Bind `dev` to `file` (and switch on direct I/O if wanted) from a forked
+/// child, never from a thread of ours.
+///
+/// Binding does I/O on the backing file: opening it, `statfs` for the discard
+/// limits, an fsync when direct I/O is switched on. When `file` is a FUSE file
+/// served by this very process (every den disk is), the kernel waits for our
+/// own FUSE workers, uninterruptibly once a request is sent. Were we killed
+/// (-9) meanwhile, a thread of ours stuck in that wait would keep the process,
+/// its FUSE fd and so the connection that could fail the request alive
+/// forever: a wedged server until the next start aborted the connection. The
+/// child holds no FUSE fd (it closes every fd but the two it needs), so our
+/// death closes the connection and the child's request fails; it exits.
+fn bind_in_child(
+    dev: BorrowedFd<'_>,
+    file_c: &std::ffi::CStr,
+    file: &Path,
+    opts: &LoopOptions,
+) -> std::result::Result<(), BindError> {
+    const OPEN: i32 = 1;
+    const BIND: i32 = 2;
+    let (rd, wr) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).map_err(|e| BindError::Bind(e.into()))?;
     let mut config = LoopConfig {
-        fd: backing.as_raw_fd() as u32,
+        fd: 0,
         block_size: opts.block_size,
         info: LoopInfo64::zeroed(),
         reserved: [0; 8],
@@ -535,35 +564,122 @@ fn bind(dev: BorrowedFd<'_>, backing: BorrowedFd<'_>, file: &Path, opts: &LoopOp
     if opts.direct_io {
         config.info.lo_flags |= LO_FLAGS_DIRECT_IO;
     }
-    match ioctl_configure(dev, &config) {
+    let open_flags = libc::O_CLOEXEC
+        | if opts.read_only {
+            libc::O_RDONLY
+        } else {
+            libc::O_RDWR
+        };
+    let (dev_fd, wr_fd) = (dev.as_raw_fd(), wr.as_raw_fd());
+    // SAFETY: fork in a multi-threaded process is sound as long as the child
+    // only calls async-signal-safe functions until it exits. The child only
+    // makes raw syscalls (close_range, open, ioctl, write, _exit) on fds, a C
+    // string and a struct made before the fork; it allocates nothing, takes
+    // no locks and never returns into the caller.
+    let child = unsafe { libc::fork() };
+    if child < 0 {
+        return Err(BindError::Bind(io::Error::last_os_error()));
+    }
+    if child == 0 {
+        // SAFETY: see above; this block never returns.
+        unsafe {
+            close_all_but(&mut [dev_fd, wr_fd]);
+            let fail = |stage: i32| -> ! {
+                let report = [
+                    stage,
+                    io::Error::last_os_error().raw_os_error().unwrap_or(libc::EIO),
+                ];
+                libc::write(wr_fd, report.as_ptr().cast(), std::mem::size_of_val(&report));
+                libc::_exit(1)
+            };
+            let backing = libc::open(file_c.as_ptr(), open_flags);
+            if backing < 0 {
+                fail(OPEN);
+            }
+            let dev = BorrowedFd::borrow_raw(dev_fd);
+            if configure(dev, BorrowedFd::borrow_raw(backing), &mut config).is_err() {
+                fail(BIND);
+            }
+            // Some kernels take LO_FLAGS_DIRECT_IO from LOOP_CONFIGURE only as
+            // a wish; ask again. A refusal leaves buffered mode, which the
+            // parent reports.
+            if opts.direct_io
+                && ioctl_get_status(dev).is_ok_and(|info| info.lo_flags & LO_FLAGS_DIRECT_IO == 0)
+            {
+                let _ = ioctl_value(dev, ValueIoctl::SetDirectIo, 1);
+            }
+            libc::_exit(0);
+        }
+    }
+    drop(wr);
+    let status = nix::sys::wait::waitpid(nix::unistd::Pid::from_raw(child), None);
+    let mut report = [0u8; 8];
+    let got = nix::unistd::read(&rd, &mut report).unwrap_or(0);
+    match status {
+        Ok(nix::sys::wait::WaitStatus::Exited(_, 0)) => Ok(()),
+        _ if got == report.len() => {
+            let stage = i32::from_ne_bytes(report[..4].try_into().expect("4 bytes"));
+            let e =
+                io::Error::from_raw_os_error(i32::from_ne_bytes(report[4..].try_into().expect("4 bytes")));
+            Err(if stage == OPEN {
+                BindError::Open(e)
+            } else {
+                BindError::Bind(e)
+            })
+        }
+        Ok(other) => Err(BindError::Bind(io::Error::other(format!(
+            "loop bind child ended with {other:?}"
+        )))),
+        Err(e) => Err(BindError::Bind(e.into())),
+    }
+}
+
+/// Close every fd of this (forked, single-threaded) process except `keep`.
+///
+/// # Safety
+/// Only for a forked child that owns none of the closed fds' Rust wrappers.
+unsafe fn close_all_but(keep: &mut [i32]) {
+    keep.sort_unstable();
+    let mut first: u32 = 3;
+    for &k in keep.iter() {
+        let k = k as u32;
+        if k > first {
+            // SAFETY: closes fds of this child only; see the function's contract.
+            unsafe { libc::syscall(libc::SYS_close_range, first, k - 1, 0) };
+        }
+        first = first.max(k + 1);
+    }
+    // SAFETY: as above.
+    unsafe { libc::syscall(libc::SYS_close_range, first, u32::MAX, 0) };
+}
+
+/// LOOP_CONFIGURE with `config`, falling back as the kernel requires. Runs in
+/// the forked child of [`bind_in_child`]: no allocation, no logging.
+fn configure(dev: BorrowedFd<'_>, backing: BorrowedFd<'_>, config: &mut LoopConfig) -> io::Result<()> {
+    config.fd = backing.as_raw_fd() as u32;
+    match ioctl_configure(dev, config) {
         Ok(()) => Ok(()),
         // Some kernels reject the whole configure when direct I/O cannot be
         // used; a failed LOOP_CONFIGURE leaves the device unbound, so retry
-        // without it and let settle_direct_io() report the outcome.
-        Err(e) if errno(&e) == Some(libc::EINVAL) && opts.direct_io => {
-            tracing::debug!(error = %e, "LOOP_CONFIGURE with direct I/O refused, retrying buffered");
+        // without it (the parent reports the mode that took).
+        Err(e) if errno(&e) == Some(libc::EINVAL) && config.info.lo_flags & LO_FLAGS_DIRECT_IO != 0 => {
             config.info.lo_flags &= !LO_FLAGS_DIRECT_IO;
-            ioctl_configure(dev, &config)
+            ioctl_configure(dev, config)
         }
         // Kernels before 5.8 have no LOOP_CONFIGURE.
-        Err(e) if errno(&e) == Some(libc::ENOTTY) => bind_legacy(dev, backing, file, opts),
+        Err(e) if errno(&e) == Some(libc::ENOTTY) => bind_legacy(dev, backing, config),
         Err(e) => Err(e),
     }
 }
 
-fn bind_legacy(
-    dev: BorrowedFd<'_>,
-    backing: BorrowedFd<'_>,
-    file: &Path,
-    opts: &LoopOptions,
-) -> io::Result<()> {
+fn bind_legacy(dev: BorrowedFd<'_>, backing: BorrowedFd<'_>, config: &LoopConfig) -> io::Result<()> {
     ioctl_value(dev, ValueIoctl::SetFd, backing.as_raw_fd() as libc::c_ulong)?;
     let rest = (|| {
         let mut info = LoopInfo64::zeroed();
-        info.set_file_name(file);
+        info.lo_file_name = config.info.lo_file_name;
         ioctl_set_status(dev, &info)?;
-        if opts.block_size != 0 {
-            ioctl_value(dev, ValueIoctl::SetBlockSize, opts.block_size.into())?;
+        if config.block_size != 0 {
+            ioctl_value(dev, ValueIoctl::SetBlockSize, config.block_size.into())?;
         }
         Ok(())
     })();
@@ -571,29 +687,6 @@ fn bind_legacy(
         let _ = ioctl_value(dev, ValueIoctl::ClrFd, 0);
     }
     rest
-}
-
-/// Make sure direct I/O is on if it was wanted, and report what is active.
-/// Refusal is not an error: buffered mode is correct, only slower.
-fn settle_direct_io(dev: BorrowedFd<'_>, want: bool) -> io::Result<LoopMode> {
-    let active = |info: &LoopInfo64| {
-        if info.lo_flags & LO_FLAGS_DIRECT_IO != 0 {
-            LoopMode::DirectIo
-        } else {
-            LoopMode::Buffered
-        }
-    };
-    let mode = active(&ioctl_get_status(dev)?);
-    if !want || mode == LoopMode::DirectIo {
-        return Ok(mode);
-    }
-    match ioctl_value(dev, ValueIoctl::SetDirectIo, 1) {
-        Ok(_) => Ok(active(&ioctl_get_status(dev)?)),
-        Err(e) => {
-            tracing::warn!(error = %e, "loop driver refused direct I/O; using buffered I/O");
-            Ok(LoopMode::Buffered)
-        }
-    }
 }
 
 /// Issue `LOOP_CLR_FD` on loop device `index` if it is still bound to the file

@@ -36,12 +36,10 @@ impl Pair {
         for (i, name) in ["a", "b"].iter().enumerate() {
             let mut o = NodeOptions::new(DEN, dir.path().join(name));
             // The host-wide image cache, shared like /var/cache/den/images.
-            // No pre-booted pool: a SIGKILL that lands while a refill boot is
-            // in LOOP_CONFIGURE leaves the killed process stuck dying (its
-            // own FUSE server is gone) until the next start aborts the
-            // connection; this test waits for the process first. Open in
-            // issue 15's note.
-            o.config_toml = format!("images_dir = {:?}\npool_size = 0\n", images.display().to_string());
+            // The pre-booted pool stays on: a SIGKILL may land while a refill
+            // binds a loop device to the killed server's own FUSE file, and
+            // the process must still die at once (den-block's bind_kill test).
+            o.config_toml = format!("images_dir = {:?}\n", images.display().to_string());
             let node = DenNode::start(&hosts, i, &o).unwrap_or_else(|e| panic!("node {name}: {e:#}"));
             tokens.push(node.admin_token().expect("admin token"));
             nodes.push(node);
