@@ -25,7 +25,8 @@
 //! the rest.
 //!
 //! A connection ends when a read fails with `ENODEV` (unmounted or aborted);
-//! its `done` channel fires once its last in-flight request has finished.
+//! its `done` channel fires once its last in-flight request has finished and
+//! the pool has let go of it (and so of its disk).
 
 use std::collections::{HashMap, VecDeque};
 use std::io;
@@ -152,7 +153,23 @@ struct ConnState {
     reading: bool,
     /// Set once a read failed for good; the connection is not re-armed.
     ended: Option<io::Result<()>>,
-    done: Option<mpsc::SyncSender<io::Result<()>>>,
+}
+
+/// Reports a connection's outcome when the connection itself is dropped:
+/// after the pool's last reference (a worker's, which outlives the last
+/// answer by a moment) and after `Conn::fs`, declared before it, so whoever
+/// waits on `Registration::done` knows the disk is no longer held.
+struct DoneOnDrop {
+    tx: mpsc::SyncSender<io::Result<()>>,
+    outcome: Mutex<Option<io::Result<()>>>,
+}
+
+impl Drop for DoneOnDrop {
+    fn drop(&mut self) {
+        if let Some(result) = self.outcome.get_mut().take() {
+            let _ = self.tx.try_send(result);
+        }
+    }
 }
 
 /// One FUSE connection served by the pool.
@@ -162,6 +179,8 @@ pub(crate) struct Conn {
     fs: DiskFs,
     limit: usize,
     state: Mutex<ConnState>,
+    /// Last: fields drop in declaration order.
+    done: DoneOnDrop,
 }
 
 /// Connections with a request to read, and the workers to read them.
@@ -278,8 +297,11 @@ impl Pool {
                 in_flight: 0,
                 reading: true,
                 ended: None,
-                done: Some(tx),
             }),
+            done: DoneOnDrop {
+                tx,
+                outcome: Mutex::new(None),
+            },
         });
         self.conns.lock().insert(key, conn.clone());
         if let Err(e) = epoll_ctl(
@@ -498,7 +520,7 @@ impl Pool {
         st.in_flight -= 1;
         if st.ended.is_some() {
             if st.in_flight == 0 {
-                signal_done(&mut st);
+                signal_done(conn, &st);
             }
             return;
         }
@@ -526,19 +548,19 @@ impl Pool {
         );
         self.conns.lock().remove(&conn.key);
         if st.in_flight == 0 {
-            signal_done(&mut st);
+            signal_done(conn, &st);
         }
     }
 }
 
-fn signal_done(st: &mut ConnState) {
-    if let Some(tx) = st.done.take() {
-        let result = match &st.ended {
-            Some(Err(e)) => Err(io::Error::new(e.kind(), e.to_string())),
-            _ => Ok(()),
-        };
-        let _ = tx.try_send(result);
-    }
+/// The connection is over and its last request answered: its outcome goes
+/// out when the connection is dropped (see [`DoneOnDrop`]).
+fn signal_done(conn: &Conn, st: &ConnState) {
+    let result = match &st.ended {
+        Some(Err(e)) => Err(io::Error::new(e.kind(), e.to_string())),
+        _ => Ok(()),
+    };
+    conn.done.outcome.lock().get_or_insert(result);
 }
 
 fn unique_of(req: &[u8]) -> Option<u64> {
