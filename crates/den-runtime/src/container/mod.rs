@@ -77,7 +77,7 @@ use crate::cgroup::{self, CgroupMode, SpriteCgroup, poll_until};
 
 // A bundle's files, the same for every backend.
 pub(crate) const SPRITE_JSON: &str = "sprite.json";
-pub(crate) const CONFIG_JSON: &str = "config.json";
+const CONFIG_JSON: &str = "config.json";
 pub(crate) const ROOTFS_DIR: &str = "rootfs";
 const SYSFS_DIR: &str = "sys";
 const STAGE_DIR: &str = "stage";
@@ -87,6 +87,27 @@ const SHIM_TIMEOUT: Duration = Duration::from_secs(60);
 
 /// How long `stop` waits for the tasks to disappear after SIGKILL.
 pub(crate) const KILL_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Write a bundle's OCI spec (`config.json`, for the engine) and the sprite
+/// spec it came from (`sprite.json`, for den's shim and for recovery).
+pub(crate) fn write_bundle<T: serde::Serialize>(
+    bundle: &Path,
+    oci: &T,
+    sprite: &SpriteSpec,
+) -> Result<(), RuntimeError> {
+    let write = |name: &str, bytes: Vec<u8>| {
+        let p = bundle.join(name);
+        fs::write(&p, bytes).map_err(|e| RuntimeError::io(format!("write {}", p.display()), e))
+    };
+    write(
+        CONFIG_JSON,
+        serde_json::to_vec_pretty(oci).map_err(|e| RuntimeError::InvalidSpec(e.to_string()))?,
+    )?;
+    write(
+        SPRITE_JSON,
+        serde_json::to_vec(sprite).map_err(|e| RuntimeError::InvalidSpec(e.to_string()))?,
+    )
+}
 
 /// Paths under the backend's state root.
 #[derive(Debug, Clone)]
@@ -300,18 +321,7 @@ impl Backend for ContainerBackend {
             mkdir_traversable(&sysfs)?;
         }
         let oci = spec::build(sprite, &rootfs, &sysfs, &bundle.join(STAGE_DIR))?;
-        let write = |name: &str, bytes: Vec<u8>| {
-            let p = bundle.join(name);
-            fs::write(&p, bytes).map_err(|e| RuntimeError::io(format!("write {}", p.display()), e))
-        };
-        write(
-            CONFIG_JSON,
-            serde_json::to_vec_pretty(&oci).map_err(|e| RuntimeError::InvalidSpec(e.to_string()))?,
-        )?;
-        write(
-            SPRITE_JSON,
-            serde_json::to_vec(sprite).map_err(|e| RuntimeError::InvalidSpec(e.to_string()))?,
-        )?;
+        write_bundle(&bundle, &oci, sprite)?;
 
         let child = Command::new(&self.shim.program)
             .args(&self.shim.args)

@@ -67,8 +67,8 @@ use serde::Deserialize;
 use crate::backend::{Backend, Handle, Resources, RuntimeError, SpriteSpec, SpriteState};
 use crate::cgroup::{self, CgroupMode, SpriteCgroup, poll_until};
 use crate::container::{
-    CONFIG_JSON, KILL_TIMEOUT, ROOTFS_DIR, SPRITE_JSON, ShimCommand, alive, apply_limits, mkdir_traversable,
-    shim, spec,
+    self, KILL_TIMEOUT, ROOTFS_DIR, SPRITE_JSON, ShimCommand, alive, apply_limits, mkdir_traversable, shim,
+    spec,
 };
 
 const RUNSC_LOG: &str = "runsc.log";
@@ -447,18 +447,7 @@ impl Backend for GvisorBackend {
         let rootfs = bundle.join(ROOTFS_DIR);
         mkdir_traversable(&rootfs)?;
         let oci = spec::build_gvisor(sprite, &rootfs)?;
-        let write = |name: &str, bytes: Vec<u8>| {
-            let p = bundle.join(name);
-            fs::write(&p, bytes).map_err(|e| RuntimeError::io(format!("write {}", p.display()), e))
-        };
-        write(
-            CONFIG_JSON,
-            serde_json::to_vec_pretty(&oci).map_err(|e| RuntimeError::InvalidSpec(e.to_string()))?,
-        )?;
-        write(
-            SPRITE_JSON,
-            serde_json::to_vec(sprite).map_err(|e| RuntimeError::InvalidSpec(e.to_string()))?,
-        )?;
+        container::write_bundle(&bundle, &oci, sprite)?;
         let mut bundle_arg = OsString::from("--bundle=");
         bundle_arg.push(&bundle);
         let res = self.runsc_in_shim(
