@@ -84,15 +84,7 @@ fn create(layout: &Layout, id: &str) -> Result<i32, RuntimeError> {
         setns(&f, CloneFlags::CLONE_NEWNET)
             .map_err(|e| RuntimeError::io(format!("setns {}", netns.display()), e.into()))?;
     }
-    unshare(CloneFlags::CLONE_NEWNS).map_err(|e| RuntimeError::io("unshare(CLONE_NEWNS)", e.into()))?;
-    mount(
-        None::<&str>,
-        "/",
-        None::<&str>,
-        MsFlags::MS_REC | MsFlags::MS_PRIVATE,
-        None::<&str>,
-    )
-    .map_err(|e| RuntimeError::io("make / rprivate", e.into()))?;
+    private_mount_ns()?;
 
     if sprite.netns_path.is_some() {
         // See spec.rs: the sprite's /sys when it can't mount its own.
@@ -171,6 +163,20 @@ fn move_to_fd(fd: OwnedFd, target: RawFd) -> std::io::Result<OwnedFd> {
 /// (as seen through the idmapped lower), unless it already has them.
 /// overlayfs shows the upper root's attributes for `/`, so a root-owned upper
 /// on the host would make `/` in the sprite owned by `nobody` and unwritable.
+/// A mount namespace of our own in which nothing propagates back to the
+/// host: the shim's overlay and bind mounts stay the sprite's.
+pub(crate) fn private_mount_ns() -> Result<(), RuntimeError> {
+    unshare(CloneFlags::CLONE_NEWNS).map_err(|e| RuntimeError::io("unshare(CLONE_NEWNS)", e.into()))?;
+    mount(
+        None::<&str>,
+        "/",
+        None::<&str>,
+        MsFlags::MS_REC | MsFlags::MS_PRIVATE,
+        None::<&str>,
+    )
+    .map_err(|e| RuntimeError::io("make / rprivate", e.into()))
+}
+
 /// PID 1's stdin (/dev/null), stdout and stderr (the sprite's console log,
 /// appended to, or /dev/null without one).
 pub(crate) fn console_stdio(sprite: &SpriteSpec) -> Result<(File, File, File), RuntimeError> {

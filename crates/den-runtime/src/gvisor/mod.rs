@@ -59,7 +59,6 @@ use std::process::{Command, Output, Stdio};
 use std::time::Duration;
 
 use nix::mount::{MsFlags, mount};
-use nix::sched::{CloneFlags, unshare};
 use nix::sys::signal::{Signal, kill};
 use nix::unistd::Pid;
 use serde::Deserialize;
@@ -624,13 +623,13 @@ fn prepare_and_exec(
             fs::read(&spec_path).map_err(|e| RuntimeError::io(format!("read {}", spec_path.display()), e))?;
         let sprite: SpriteSpec = serde_json::from_slice(&text)
             .map_err(|e| RuntimeError::InvalidSpec(format!("{}: {e}", spec_path.display())))?;
-        private_mount_ns()?;
+        shim::private_mount_ns()?;
         shim::prepare_upper(&sprite)?;
         shim::mount_overlay(&sprite, &bundle.join(ROOTFS_DIR))?;
         let (stdin, stdout, stderr) = shim::console_stdio(&sprite)?;
         cmd.stdin(stdin).stdout(stdout).stderr(stderr);
     } else {
-        private_mount_ns()?;
+        shim::private_mount_ns()?;
     }
     if verb != ShimVerb::Create {
         mask_proc_sys_net()?;
@@ -638,18 +637,6 @@ fn prepare_and_exec(
     // exec only returns on failure.
     let err = cmd.exec();
     Err(RuntimeError::io(format!("exec {program}"), err))
-}
-
-fn private_mount_ns() -> Result<(), RuntimeError> {
-    unshare(CloneFlags::CLONE_NEWNS).map_err(|e| RuntimeError::io("unshare(CLONE_NEWNS)", e.into()))?;
-    mount(
-        None::<&str>,
-        "/",
-        None::<&str>,
-        MsFlags::MS_REC | MsFlags::MS_PRIVATE,
-        None::<&str>,
-    )
-    .map_err(|e| RuntimeError::io("make / rprivate", e.into()))
 }
 
 /// Hide `/proc/sys/net` (an empty read-only tmpfs over it, in the shim's own
