@@ -1,8 +1,9 @@
 //! Running `nft` and `conntrack`.
 //!
-//! Links, addresses and routes are set over netlink ([`crate::rtnl`]); the firewall still
-//! goes through `nft -f -`, which gives us an atomic whole-table replace for free, and the
-//! error text it prints is what an operator would see when debugging by hand.
+//! Links, addresses and routes are set over netlink ([`crate::rtnl`]); the firewall goes
+//! through nft scripts, which give us an atomic whole-table replace for free, and the error
+//! text is what an operator would see when debugging by hand. They are applied in process by
+//! libnftables ([`crate::libnft`]); [`nft`] is the fallback where the library won't load.
 
 use std::io::Write;
 use std::process::{Command, Stdio};

@@ -43,6 +43,7 @@ mod addr;
 mod cmd;
 pub mod dns;
 mod learned;
+mod libnft;
 pub mod netns;
 mod nft;
 mod nftq;

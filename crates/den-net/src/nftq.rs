@@ -4,7 +4,7 @@
 //! or evicted) is an nft script handed to [`NftQueue::submit`] while the manager's state
 //! lock is held, so the kernel sees the changes in the order the state made them; the caller
 //! then waits for its result *without* the lock. The thread applies whatever queued up
-//! meanwhile as one `nft -f` transaction (group commit): a thousand DNS answers learned while one transaction
+//! meanwhile as one nft transaction (group commit, in process through libnftables: [`crate::libnft`]): a thousand DNS answers learned while one transaction
 //! ran cost one more transaction, not a thousand, and no DNS answer or sprite boot waits on
 //! the state lock while nft runs. A batch that fails is retried job by job, so one bad
 //! script only fails its own caller.
@@ -13,7 +13,8 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::mpsc;
 
-use crate::{NetError, cmd};
+use crate::NetError;
+use crate::libnft::Nft;
 
 /// Scripts of at most about this many bytes go into one transaction (more wait for the
 /// next), so a transaction, and the wait of whoever queued behind it, stays short.
@@ -125,6 +126,8 @@ impl NftQueue {
 }
 
 fn run(rx: mpsc::Receiver<Job>, queued: &AtomicUsize) {
+    // Made on this thread and never leaves it (a libnftables context is not thread-safe).
+    let mut nft = Nft::open();
     while let Ok(first) = rx.recv() {
         let mut bytes = first.script.len();
         let mut batch = vec![first];
@@ -140,7 +143,7 @@ fn run(rx: mpsc::Receiver<Job>, queued: &AtomicUsize) {
         queued.fetch_sub(batch.len(), Ordering::Relaxed);
         if batch.len() > 1 {
             let script: String = batch.iter().map(|j| j.script.as_str()).collect();
-            if cmd::nft(&script).is_ok() {
+            if nft.apply(&script).is_ok() {
                 for job in batch {
                     job.done.send(Ok(()));
                 }
@@ -149,7 +152,7 @@ fn run(rx: mpsc::Receiver<Job>, queued: &AtomicUsize) {
             // The transaction applied nothing: find the culprit by applying each alone.
         }
         for job in batch {
-            let r = cmd::nft(&job.script);
+            let r = nft.apply(&job.script);
             job.done.send(r);
         }
     }
