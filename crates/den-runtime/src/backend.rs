@@ -236,6 +236,16 @@ pub trait Backend: Send + Sync {
     fn create(&self, spec: &SpriteSpec) -> Result<Handle, RuntimeError>;
     /// Let PID 1 exec.
     fn start(&self, handle: &Handle) -> Result<(), RuntimeError>;
+    /// [`Self::create`] then [`Self::start`]; on a failed start the sprite is
+    /// deleted again. A backend may do both in one step.
+    fn run(&self, spec: &SpriteSpec) -> Result<Handle, RuntimeError> {
+        let h = self.create(spec)?;
+        if let Err(e) = self.start(&h) {
+            let _ = self.delete(&h);
+            return Err(e);
+        }
+        Ok(h)
+    }
     fn state(&self, handle: &Handle) -> Result<SpriteState, RuntimeError>;
     /// Host pid of PID 1, if it is alive.
     fn pid(&self, handle: &Handle) -> Result<Option<i32>, RuntimeError>;

@@ -161,15 +161,15 @@ impl Env {
         }
     }
 
+    /// Create and start in one step ([`Backend::run`], what den's boot uses);
+    /// the separate `create` and `start` are exercised on their own below.
     fn run(&self, spec: &SpriteSpec) -> Result<Sprite<'_>, String> {
-        let handle = self.backend().create(spec).map_err(e2s)?;
-        let sprite = Sprite {
+        let handle = self.backend().run(spec).map_err(e2s)?;
+        Ok(Sprite {
             env: self,
             handle,
             upper: spec.upper_dir.clone(),
-        };
-        self.backend().start(&sprite.handle).map_err(e2s)?;
-        Ok(sprite)
+        })
     }
 }
 

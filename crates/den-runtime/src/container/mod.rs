@@ -156,6 +156,90 @@ pub struct ContainerBackend {
 }
 
 impl ContainerBackend {
+    /// Run the shim's `verb` (`create`, or `run`: create and start).
+    fn create_with(&self, sprite: &SpriteSpec, verb: &str) -> Result<Handle, RuntimeError> {
+        sprite.validate()?;
+        let id = sprite.id.as_str();
+        if let Some(c) = self.load(id)? {
+            match self.state_of(id, &c)? {
+                // Left over from an earlier run (e.g. den restarted while it
+                // was cold): replace it.
+                SpriteState::Stopped => self.forget(id)?,
+                state => {
+                    return Err(RuntimeError::BadState {
+                        id: id.into(),
+                        state,
+                        op: "create",
+                    });
+                }
+            }
+        } else {
+            // A half-created sprite (shim crashed) or a stale bundle.
+            self.forget(id)?;
+        }
+        let bundle = self.layout.bundle(id);
+        mkdir_traversable(&bundle)?;
+        let rootfs = bundle.join(ROOTFS_DIR);
+        mkdir_traversable(&rootfs)?;
+        let sysfs = bundle.join(SYSFS_DIR);
+        if sprite.netns_path.is_some() {
+            mkdir_traversable(&sysfs)?;
+        }
+        let oci = spec::build(sprite, &rootfs, &sysfs, &bundle.join(STAGE_DIR))?;
+        write_bundle(&bundle, &oci, sprite)?;
+
+        let child = Command::new(&self.shim.program)
+            .args(&self.shim.args)
+            .arg(verb)
+            .arg(&self.layout.root)
+            .arg(id)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .map_err(|e| RuntimeError::io(format!("spawn shim {}", self.shim.program.display()), e))?;
+        let out = {
+            // Watchdog: a wedged shim (e.g. blocked on a hung FUSE lower) must
+            // not hold the caller's thread forever. Kill it after
+            // SHIM_TIMEOUT; dropping `done` ends the watchdog at once.
+            let (done, wait) = std::sync::mpsc::channel::<()>();
+            let shim_pid = Pid::from_raw(child.id() as i32);
+            let watchdog = std::thread::spawn(move || {
+                if let Err(std::sync::mpsc::RecvTimeoutError::Timeout) = wait.recv_timeout(SHIM_TIMEOUT) {
+                    let _ = kill(shim_pid, Signal::SIGKILL);
+                }
+            });
+            let out = child.wait_with_output();
+            drop(done);
+            let _ = watchdog.join();
+            out.map_err(|e| RuntimeError::io("wait for shim", e))?
+        };
+        if !out.status.success() {
+            let err = RuntimeError::Shim {
+                status: out.status.to_string(),
+                stderr: String::from_utf8_lossy(&out.stderr).trim().to_string(),
+            };
+            // Best effort: don't leave a half-made container behind.
+            let _ = self.cgroup(id).kill_all(KILL_TIMEOUT);
+            let _ = self.forget(id);
+            return Err(err);
+        }
+        let pid: i32 =
+            String::from_utf8_lossy(&out.stdout)
+                .trim()
+                .parse()
+                .map_err(|_| RuntimeError::Shim {
+                    status: "bad output".into(),
+                    stderr: String::from_utf8_lossy(&out.stdout).into_owned(),
+                })?;
+        tracing::debug!(id, pid, "sprite container created");
+        Ok(Handle {
+            id: id.into(),
+            pid: Some(pid),
+            backend: self.name().into(),
+        })
+    }
+
     /// `state_root` holds bundles and engine state (e.g. `/run/den/ctr`: it
     /// does not need to survive a host reboot, sprites come back cold).
     pub fn new(state_root: impl Into<PathBuf>, shim: ShimCommand) -> Result<Self, RuntimeError> {
@@ -293,86 +377,13 @@ impl Backend for ContainerBackend {
     }
 
     fn create(&self, sprite: &SpriteSpec) -> Result<Handle, RuntimeError> {
-        sprite.validate()?;
-        let id = sprite.id.as_str();
-        if let Some(c) = self.load(id)? {
-            match self.state_of(id, &c)? {
-                // Left over from an earlier run (e.g. den restarted while it
-                // was cold): replace it.
-                SpriteState::Stopped => self.forget(id)?,
-                state => {
-                    return Err(RuntimeError::BadState {
-                        id: id.into(),
-                        state,
-                        op: "create",
-                    });
-                }
-            }
-        } else {
-            // A half-created sprite (shim crashed) or a stale bundle.
-            self.forget(id)?;
-        }
-        let bundle = self.layout.bundle(id);
-        mkdir_traversable(&bundle)?;
-        let rootfs = bundle.join(ROOTFS_DIR);
-        mkdir_traversable(&rootfs)?;
-        let sysfs = bundle.join(SYSFS_DIR);
-        if sprite.netns_path.is_some() {
-            mkdir_traversable(&sysfs)?;
-        }
-        let oci = spec::build(sprite, &rootfs, &sysfs, &bundle.join(STAGE_DIR))?;
-        write_bundle(&bundle, &oci, sprite)?;
+        self.create_with(sprite, "create")
+    }
 
-        let child = Command::new(&self.shim.program)
-            .args(&self.shim.args)
-            .arg("create")
-            .arg(&self.layout.root)
-            .arg(id)
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .map_err(|e| RuntimeError::io(format!("spawn shim {}", self.shim.program.display()), e))?;
-        let out = {
-            // Watchdog: a wedged shim (e.g. blocked on a hung FUSE lower) must
-            // not hold the caller's thread forever. Kill it after
-            // SHIM_TIMEOUT; dropping `done` ends the watchdog at once.
-            let (done, wait) = std::sync::mpsc::channel::<()>();
-            let shim_pid = Pid::from_raw(child.id() as i32);
-            let watchdog = std::thread::spawn(move || {
-                if let Err(std::sync::mpsc::RecvTimeoutError::Timeout) = wait.recv_timeout(SHIM_TIMEOUT) {
-                    let _ = kill(shim_pid, Signal::SIGKILL);
-                }
-            });
-            let out = child.wait_with_output();
-            drop(done);
-            let _ = watchdog.join();
-            out.map_err(|e| RuntimeError::io("wait for shim", e))?
-        };
-        if !out.status.success() {
-            let err = RuntimeError::Shim {
-                status: out.status.to_string(),
-                stderr: String::from_utf8_lossy(&out.stderr).trim().to_string(),
-            };
-            // Best effort: don't leave a half-made container behind.
-            let _ = self.cgroup(id).kill_all(KILL_TIMEOUT);
-            let _ = self.forget(id);
-            return Err(err);
-        }
-        let pid: i32 =
-            String::from_utf8_lossy(&out.stdout)
-                .trim()
-                .parse()
-                .map_err(|_| RuntimeError::Shim {
-                    status: "bad output".into(),
-                    stderr: String::from_utf8_lossy(&out.stdout).into_owned(),
-                })?;
-        tracing::debug!(id, pid, "sprite container created");
-        Ok(Handle {
-            id: id.into(),
-            pid: Some(pid),
-            backend: self.name().into(),
-        })
+    /// One shim does both: PID 1 execs as soon as it is set up, which saves
+    /// the second round trip (state file, notify socket) of a separate start.
+    fn run(&self, sprite: &SpriteSpec) -> Result<Handle, RuntimeError> {
+        self.create_with(sprite, "run")
     }
 
     fn start(&self, handle: &Handle) -> Result<(), RuntimeError> {

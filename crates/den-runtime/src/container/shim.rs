@@ -7,7 +7,7 @@
 //! every create and waits for it. The shim exits as soon as the sprite's PID 1
 //! is set up and waiting for `start`, so no shim process stays around.
 //!
-//! `create <state-root> <id>`:
+//! `create <state-root> <id>` (and `run`, which also starts PID 1):
 //! 1. reads `<state-root>/bundles/<id>/sprite.json` (the [`SpriteSpec`]),
 //! 2. joins `netns_path` if given, unshares its mount namespace (private propagation) and mounts the
 //!    overlay there, so the host's mount table never sees the sprite's rootfs
@@ -38,7 +38,8 @@ use crate::backend::{AGENT_LISTEN_FD, RuntimeError, SpriteSpec};
 pub fn shim_main(args: &[OsString]) -> i32 {
     let args: Vec<String> = args.iter().map(|a| a.to_string_lossy().into_owned()).collect();
     let res = match args.iter().map(String::as_str).collect::<Vec<_>>().as_slice() {
-        ["create", root, id] => create(&Layout::new(Path::new(root)), id),
+        ["create", root, id] => create(&Layout::new(Path::new(root)), id, false),
+        ["run", root, id] => create(&Layout::new(Path::new(root)), id, true),
         // Returns only on failure: on success the process is runsc.
         [
             verb @ ("gvisor-create" | "gvisor-start" | "gvisor-restore"),
@@ -47,7 +48,7 @@ pub fn shim_main(args: &[OsString]) -> i32 {
             runsc @ ..,
         ] if !runsc.is_empty() => Err(crate::gvisor::shim_exec(verb, Path::new(root), id, runsc)),
         _ => Err(RuntimeError::InvalidSpec(format!(
-            "usage: runtime-shim create STATE_ROOT ID | gvisor-{{create,start,restore}} STATE_ROOT ID RUNSC ARGS… (got {args:?})"
+            "usage: runtime-shim create|run STATE_ROOT ID | gvisor-{{create,start,restore}} STATE_ROOT ID RUNSC ARGS… (got {args:?})"
         ))),
     };
     match res {
@@ -64,7 +65,9 @@ pub fn shim_main(args: &[OsString]) -> i32 {
     }
 }
 
-fn create(layout: &Layout, id: &str) -> Result<i32, RuntimeError> {
+/// `run`: create, then let PID 1 exec before exiting (what the caller's
+/// `start` would do, without a second round trip through the state file).
+fn create(layout: &Layout, id: &str, run: bool) -> Result<i32, RuntimeError> {
     let bundle = layout.bundle(id);
     let spec_path = bundle.join(super::SPRITE_JSON);
     let text =
@@ -116,6 +119,10 @@ fn create(layout: &Layout, id: &str) -> Result<i32, RuntimeError> {
         .build()
         .map_err(engine)?;
     drop(listener);
+    let mut container = container;
+    if run {
+        container.start().map_err(engine)?;
+    }
     container
         .pid()
         .map(|p| p.as_raw())
