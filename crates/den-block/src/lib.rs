@@ -31,6 +31,7 @@ mod fuse;
 mod fuse_abi;
 mod fuse_pool;
 mod fuse_session;
+pub mod in_child;
 pub mod loopdev;
 pub mod mem;
 pub mod mountinfo;

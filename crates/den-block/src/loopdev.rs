@@ -550,7 +550,6 @@ fn bind_in_child(
 ) -> std::result::Result<(), BindError> {
     const OPEN: i32 = 1;
     const BIND: i32 = 2;
-    let (rd, wr) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).map_err(|e| BindError::Bind(e.into()))?;
     let mut config = LoopConfig {
         fd: 0,
         block_size: opts.block_size,
@@ -570,35 +569,18 @@ fn bind_in_child(
         } else {
             libc::O_RDWR
         };
-    let (dev_fd, wr_fd) = (dev.as_raw_fd(), wr.as_raw_fd());
-    // SAFETY: fork in a multi-threaded process is sound as long as the child
-    // only calls async-signal-safe functions until it exits. The child only
-    // makes raw syscalls (close_range, open, ioctl, write, _exit) on fds, a C
-    // string and a struct made before the fork; it allocates nothing, takes
-    // no locks and never returns into the caller.
-    let child = unsafe { libc::fork() };
-    if child < 0 {
-        return Err(BindError::Bind(io::Error::last_os_error()));
-    }
-    if child == 0 {
-        // SAFETY: see above; this block never returns.
-        unsafe {
-            close_all_but(&mut [dev_fd, wr_fd]);
-            let fail = |stage: i32| -> ! {
-                let report = [
-                    stage,
-                    io::Error::last_os_error().raw_os_error().unwrap_or(libc::EIO),
-                ];
-                libc::write(wr_fd, report.as_ptr().cast(), std::mem::size_of_val(&report));
-                libc::_exit(1)
-            };
+    let dev_fd = dev.as_raw_fd();
+    // SAFETY: the body only makes raw system calls (open, ioctl) on an fd, a
+    // C string and a struct made before the fork; it allocates nothing.
+    let res = unsafe {
+        crate::in_child::run(&[dev_fd], || {
             let backing = libc::open(file_c.as_ptr(), open_flags);
             if backing < 0 {
-                fail(OPEN);
+                return Err((OPEN, crate::in_child::errno()));
             }
             let dev = BorrowedFd::borrow_raw(dev_fd);
             if configure(dev, BorrowedFd::borrow_raw(backing), &mut config).is_err() {
-                fail(BIND);
+                return Err((BIND, crate::in_child::errno()));
             }
             // Some kernels take LO_FLAGS_DIRECT_IO from LOOP_CONFIGURE only as
             // a wish; ask again. A refusal leaves buffered mode, which the
@@ -608,49 +590,16 @@ fn bind_in_child(
             {
                 let _ = ioctl_value(dev, ValueIoctl::SetDirectIo, 1);
             }
-            libc::_exit(0);
+            Ok(())
+        })
+    };
+    res.map_err(|f| {
+        if f.stage == OPEN {
+            BindError::Open(f.error)
+        } else {
+            BindError::Bind(f.error)
         }
-    }
-    drop(wr);
-    let status = nix::sys::wait::waitpid(nix::unistd::Pid::from_raw(child), None);
-    let mut report = [0u8; 8];
-    let got = nix::unistd::read(&rd, &mut report).unwrap_or(0);
-    match status {
-        Ok(nix::sys::wait::WaitStatus::Exited(_, 0)) => Ok(()),
-        _ if got == report.len() => {
-            let stage = i32::from_ne_bytes(report[..4].try_into().expect("4 bytes"));
-            let e =
-                io::Error::from_raw_os_error(i32::from_ne_bytes(report[4..].try_into().expect("4 bytes")));
-            Err(if stage == OPEN {
-                BindError::Open(e)
-            } else {
-                BindError::Bind(e)
-            })
-        }
-        Ok(other) => Err(BindError::Bind(io::Error::other(format!(
-            "loop bind child ended with {other:?}"
-        )))),
-        Err(e) => Err(BindError::Bind(e.into())),
-    }
-}
-
-/// Close every fd of this (forked, single-threaded) process except `keep`.
-///
-/// # Safety
-/// Only for a forked child that owns none of the closed fds' Rust wrappers.
-unsafe fn close_all_but(keep: &mut [i32]) {
-    keep.sort_unstable();
-    let mut first: u32 = 3;
-    for &k in keep.iter() {
-        let k = k as u32;
-        if k > first {
-            // SAFETY: closes fds of this child only; see the function's contract.
-            unsafe { libc::syscall(libc::SYS_close_range, first, k - 1, 0) };
-        }
-        first = first.max(k + 1);
-    }
-    // SAFETY: as above.
-    unsafe { libc::syscall(libc::SYS_close_range, first, u32::MAX, 0) };
+    })
 }
 
 /// LOOP_CONFIGURE with `config`, falling back as the kernel requires. Runs in
