@@ -198,22 +198,9 @@ impl ContainerBackend {
             .stderr(Stdio::piped())
             .spawn()
             .map_err(|e| RuntimeError::io(format!("spawn shim {}", self.shim.program.display()), e))?;
-        let out = {
-            // Watchdog: a wedged shim (e.g. blocked on a hung FUSE lower) must
-            // not hold the caller's thread forever. Kill it after
-            // SHIM_TIMEOUT; dropping `done` ends the watchdog at once.
-            let (done, wait) = std::sync::mpsc::channel::<()>();
-            let shim_pid = Pid::from_raw(child.id() as i32);
-            let watchdog = std::thread::spawn(move || {
-                if let Err(std::sync::mpsc::RecvTimeoutError::Timeout) = wait.recv_timeout(SHIM_TIMEOUT) {
-                    let _ = kill(shim_pid, Signal::SIGKILL);
-                }
-            });
-            let out = child.wait_with_output();
-            drop(done);
-            let _ = watchdog.join();
-            out.map_err(|e| RuntimeError::io("wait for shim", e))?
-        };
+        // A wedged shim (e.g. blocked on a hung FUSE lower) must not hold the
+        // caller's thread forever.
+        let out = wait_bounded(child, SHIM_TIMEOUT, "the shim")?;
         if !out.status.success() {
             let err = RuntimeError::Shim {
                 status: out.status.to_string(),
@@ -369,6 +356,27 @@ pub(crate) fn alive(pid: i32) -> bool {
             .is_some_and(|st| st != 'Z' && st != 'X'),
         Err(_) => false,
     }
+}
+
+/// Wait for `child`'s output; SIGKILL it after `timeout`, so a wedged helper
+/// (the shim, runsc) can't hold the caller's thread forever. Dropping `done`
+/// ends the watchdog at once.
+pub(crate) fn wait_bounded(
+    child: std::process::Child,
+    timeout: Duration,
+    what: &str,
+) -> Result<std::process::Output, RuntimeError> {
+    let (done, wait) = std::sync::mpsc::channel::<()>();
+    let pid = Pid::from_raw(child.id() as i32);
+    let watchdog = std::thread::spawn(move || {
+        if let Err(std::sync::mpsc::RecvTimeoutError::Timeout) = wait.recv_timeout(timeout) {
+            let _ = kill(pid, Signal::SIGKILL);
+        }
+    });
+    let out = child.wait_with_output();
+    drop(done);
+    let _ = watchdog.join();
+    out.map_err(|e| RuntimeError::io(format!("wait for {what}"), e))
 }
 
 impl Backend for ContainerBackend {

@@ -398,21 +398,10 @@ fn state_of(st: &RunscState) -> SpriteState {
     }
 }
 
-/// Wait for `child`'s output; SIGKILL it after [`RUNSC_TIMEOUT`], so a wedged
-/// runsc (e.g. a gofer blocked on a hung FUSE lower) can't hold the caller's
-/// thread forever.
+/// [`crate::container::wait_bounded`] with [`RUNSC_TIMEOUT`]: a wedged runsc
+/// (e.g. a gofer blocked on a hung FUSE lower) can't hold the caller's thread.
 fn wait_bounded(child: std::process::Child) -> Result<Output, RuntimeError> {
-    let (done, wait) = std::sync::mpsc::channel::<()>();
-    let pid = Pid::from_raw(child.id() as i32);
-    let watchdog = std::thread::spawn(move || {
-        if let Err(std::sync::mpsc::RecvTimeoutError::Timeout) = wait.recv_timeout(RUNSC_TIMEOUT) {
-            let _ = kill(pid, Signal::SIGKILL);
-        }
-    });
-    let out = child.wait_with_output();
-    drop(done);
-    let _ = watchdog.join();
-    out.map_err(|e| RuntimeError::io("wait for runsc", e))
+    crate::container::wait_bounded(child, RUNSC_TIMEOUT, "runsc")
 }
 
 impl Backend for GvisorBackend {
