@@ -35,6 +35,28 @@ pub struct Disk {
     volume: Volume,
 }
 
+/// `mount -t ext4 -o MOUNT_OPTIONS dev mountpoint`, from a child process
+/// (see [`den_block::in_child`]: never from a thread of ours).
+fn mount_ext4(dev: &Path, mountpoint: &Path) -> Result<()> {
+    let mut flags: libc::c_ulong = 0;
+    let mut data = Vec::new();
+    for o in MOUNT_OPTIONS.split(',') {
+        match o {
+            "noatime" => flags |= libc::MS_NOATIME,
+            other => data.push(other),
+        }
+    }
+    den_block::in_child::mount(dev, mountpoint, "ext4", flags, &data.join(","))
+        .map_err(|e| SpriteError::io("mounting the sprite's disk", e))
+}
+
+/// `umount` (or `umount -l` when `lazy`), from a child process.
+fn umount(mountpoint: &Path, lazy: bool) -> Result<()> {
+    let flags = if lazy { libc::MNT_DETACH } else { 0 };
+    den_block::in_child::umount(mountpoint, flags)
+        .map_err(|e| SpriteError::io("unmounting the sprite's disk", e))
+}
+
 pub(crate) fn run(cmd: &mut Command) -> Result<String> {
     let out = cmd
         .output()
@@ -61,11 +83,7 @@ impl Disk {
         std::fs::create_dir_all(mountpoint)
             .map_err(|e| SpriteError::io("creating the disk mountpoint", e))?;
         let dev = disk.device().to_path_buf();
-        run(Command::new("mount")
-            .args(["-t", "ext4", "-o", MOUNT_OPTIONS])
-            .arg(&dev)
-            .arg(mountpoint))
-        .inspect_err(|_| disk.release_export())?;
+        mount_ext4(&dev, mountpoint).inspect_err(|_| disk.release_export())?;
         Ok(disk)
     }
 
@@ -95,7 +113,7 @@ impl Disk {
     /// Unmount the filesystem and stop the export (blocking). Everything the
     /// filesystem wrote is in the volume's local cache when this returns.
     pub fn unmount(mut self) -> Result<()> {
-        let res = run(Command::new("umount").arg(&self.mountpoint)).map(|_| ());
+        let res = umount(&self.mountpoint, false);
         if res.is_ok() {
             // The sprite's mount namespace held its own reference to the
             // filesystem; the kernel drops it shortly after the last task
@@ -106,7 +124,7 @@ impl Disk {
             // Something in the host still uses it (a shell cd'ed into the run
             // directory): detach lazily so the sprite can still go cold; the
             // kernel finishes the unmount when the last user leaves.
-            let _ = run(Command::new("umount").arg("-l").arg(&self.mountpoint));
+            let _ = umount(&self.mountpoint, true);
         }
         self.release_export();
         res
@@ -124,7 +142,7 @@ impl Disk {
 impl Drop for Disk {
     fn drop(&mut self) {
         if self.export.is_some() {
-            let _ = run(Command::new("umount").arg("-l").arg(&self.mountpoint));
+            let _ = umount(&self.mountpoint, true);
             self.release_export();
         }
     }
@@ -169,7 +187,7 @@ fn wait_released(dev: &Path) -> bool {
 /// checkpoint taken while the sprite's processes are frozen is a clean
 /// filesystem image.
 ///
-/// Runs in a child process (`sync -f`), never on a thread of ours: the
+/// Runs in a forked child ([`den_block::in_child`]), never on a thread of ours: the
 /// filesystem sits on a loop device on our own FUSE file, and if we are
 /// killed (-9) while the sync waits for that I/O (an object store outage
 /// blocks writers at the dirty limit), a thread of ours stuck in
@@ -177,7 +195,7 @@ fn wait_released(dev: &Path) -> bool {
 /// that could fail the I/O, alive forever. A child stuck there instead gets
 /// an error as soon as we are gone, and exits.
 pub fn syncfs(path: &Path) -> Result<()> {
-    run(Command::new("sync").arg("--file-system").arg(path)).map(|_| ())
+    den_block::in_child::syncfs(path).map_err(|e| SpriteError::io("syncing the sprite's disk", e))
 }
 
 /// Format a fresh volume as the template every sprite's disk is forked from:
@@ -211,10 +229,7 @@ pub fn format_template(
             .arg(export.device_path()))?;
         std::fs::create_dir_all(mountpoint)
             .map_err(|e| SpriteError::io("creating the template mountpoint", e))?;
-        run(Command::new("mount")
-            .args(["-t", "ext4", "-o", MOUNT_OPTIONS])
-            .arg(export.device_path())
-            .arg(mountpoint))?;
+        mount_ext4(export.device_path(), mountpoint)?;
         // In a child process, like every I/O through a filesystem on our own
         // FUSE file (see `syncfs`). The root of the merged filesystem shows
         // the upper dir's mode.
@@ -231,7 +246,7 @@ pub fn format_template(
             .arg(mountpoint.join(UPPER))
             .arg(mountpoint.join(WORK)))
         .and_then(|_| syncfs(mountpoint));
-        let umount = run(Command::new("umount").arg(mountpoint)).map(|_| ());
+        let umount = umount(mountpoint, false);
         if umount.is_ok() {
             // A mount namespace cloned meanwhile (any container starting on
             // this host, den's or another process's) holds its own reference

@@ -1,7 +1,7 @@
 //! Booting a sprite (cold → running) and taking it down again.
 //!
 //! Boot, in order, each step undone if a later one fails:
-//! 1. open the volume and mount its ext4 ([`Disk`]);
+//! 1. open the volume and mount its ext4 ([`Disk`]), and meanwhile
 //! 2. set up the network namespace, veth and firewall entry (den-net);
 //! 3. write the sprite's `/etc/resolv.conf`, `/etc/hosts` and policy file;
 //! 4. create and start the container (backend), PID 1 = the den agent;
@@ -142,26 +142,50 @@ pub(crate) async fn boot(ctx: &BootContext<'_>, rec: &SpriteRecord) -> Result<Li
     let t0 = Instant::now();
     let paths = SpritePaths::new(&ctx.run_dir, &rec.key);
     prepare_dirs(&paths)?;
-    let volume = ctx.store.open_volume(&rec.volume).await?;
-    let (fuse, mp) = (paths.fuse(), paths.disk());
-    let disk = blocking(move || Disk::mount(volume, &fuse, &mp)).await?;
+    // The disk and the network don't depend on each other: set them up side
+    // by side (each phase is timed from the start of the boot).
+    let disk = async {
+        let volume = ctx.store.open_volume(&rec.volume).await?;
+        let (fuse, mp) = (paths.fuse(), paths.disk());
+        let disk = blocking(move || Disk::mount(volume, &fuse, &mp)).await?;
+        Ok::<_, SpriteError>((disk, t0.elapsed()))
+    };
+    let net = async {
+        let policy = rec.policy.clone().unwrap_or_else(NetworkPolicy::unrestricted);
+        let (netm, key) = (ctx.net.clone(), rec.key.clone());
+        let net = blocking(move || Ok(netm.setup_sprite(&key, None, &policy)?)).await?;
+        Ok::<_, SpriteError>((net, t0.elapsed()))
+    };
+    let (disk, net) = tokio::join!(disk, net);
     let mut live = Live {
         key: rec.key.clone(),
         paths: paths.clone(),
         handle: None,
-        disk: Some(disk),
+        disk: None,
         net: None,
         agent: Client::new(paths.socket()),
         frozen: false,
         init: None,
         heartbeat: None,
-        phases: BootPhases {
-            disk: t0.elapsed(),
-            ..Default::default()
-        },
+        phases: BootPhases::default(),
         boot_id: BOOTS.fetch_add(1, std::sync::atomic::Ordering::Relaxed),
     };
-    match boot_rest(ctx, rec, &mut live).await {
+    let mut failed = None;
+    match disk {
+        Ok((disk, took)) => (live.disk, live.phases.disk) = (Some(disk), took),
+        Err(e) => failed = Some(e),
+    }
+    match net {
+        Ok((net, took)) => (live.net, live.phases.network) = (Some(net), took),
+        Err(e) => {
+            failed.get_or_insert(e);
+        }
+    }
+    let res = match failed {
+        Some(e) => Err(e),
+        None => boot_rest(ctx, rec, &mut live).await,
+    };
+    match res {
         Ok(()) => {
             let ms = |d: Duration| d.as_secs_f64() * 1e3;
             let p = &live.phases;
@@ -193,14 +217,9 @@ async fn boot_rest(ctx: &BootContext<'_>, rec: &SpriteRecord, live: &mut Live) -
         let now = Instant::now();
         std::mem::replace(&mut t, now).elapsed()
     };
-    let policy = rec.policy.clone().unwrap_or_else(NetworkPolicy::unrestricted);
-    let (netm, key) = (ctx.net.clone(), rec.key.clone());
-    let net = blocking(move || Ok(netm.setup_sprite(&key, None, &policy)?)).await?;
+    let net = live.net.as_ref().expect("boot sets up the network first");
     let netns_path = net.netns_path.clone();
-    let dns = *net.dns.ip();
-    live.net = Some(net);
-    write_etc(&live.paths, rec.short_name(), dns, rec.policy.as_ref())?;
-    live.phases.network = lap();
+    write_etc(&live.paths, rec.short_name(), *net.dns.ip(), rec.policy.as_ref())?;
 
     let disk = live.disk.as_ref().expect("boot mounts the disk first");
     let etc = live.paths.etc();
@@ -243,15 +262,7 @@ async fn boot_rest(ctx: &BootContext<'_>, rec: &SpriteRecord, live: &mut Live) -
         agent_listener: Some(live.paths.socket()),
     };
     let backend = ctx.backend.clone();
-    let handle = blocking(move || {
-        let h = backend.create(&spec)?;
-        if let Err(e) = backend.start(&h) {
-            let _ = backend.delete(&h);
-            return Err(e.into());
-        }
-        Ok(h)
-    })
-    .await?;
+    let handle = blocking(move || Ok(backend.run(&spec)?)).await?;
     live.handle = Some(handle.clone());
     let init = handle
         .pid
@@ -384,11 +395,24 @@ impl Live {
             note(backend.stop(&h, grace).map_err(Into::into));
             note(backend.delete(&h).map_err(Into::into));
         }
-        if let Some(d) = self.disk.take() {
-            note(d.unmount());
+        // With every process gone, the filesystem and the network no longer
+        // depend on each other: take them down side by side.
+        let (disk, had_net, key) = (self.disk.take(), self.net.take().is_some(), &self.key);
+        let (unmounted, net_down) = std::thread::scope(|s| {
+            let net_down = had_net.then(|| s.spawn(|| net.teardown_sprite(key)));
+            let unmounted = disk.map(Disk::unmount);
+            (unmounted, net_down.map(|t| t.join()))
+        });
+        if let Some(r) = unmounted {
+            note(r);
         }
-        if self.net.take().is_some() {
-            note(net.teardown_sprite(&self.key).map_err(Into::into));
+        match net_down {
+            Some(Ok(r)) => note(r.map_err(Into::into)),
+            Some(Err(_)) => note(Err(SpriteError::io(
+                "taking the network down",
+                std::io::Error::other("the teardown thread panicked"),
+            ))),
+            None => {}
         }
         match first {
             Some(e) => Err(e),

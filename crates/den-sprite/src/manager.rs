@@ -377,7 +377,8 @@ where
     let deadline = Instant::now() + Duration::from_secs(10);
     loop {
         match op().await {
-            Err(StoreError::VolumeBusy(_)) if Instant::now() < deadline => {
+            Err(StoreError::VolumeBusy(v)) if Instant::now() < deadline => {
+                tracing::debug!(volume = %v, "volume still busy; retrying");
                 tokio::time::sleep(Duration::from_millis(20)).await;
             }
             other => return other,

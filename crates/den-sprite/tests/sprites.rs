@@ -108,9 +108,13 @@ async fn lifecycle() -> Result<()> {
     let out = root_sh(&mgr, "alpha", "echo root-change > /etc/motd && cat /etc/motd").await?;
     ensure!(out.code == 0 && out.stdout == "root-change\n", "{}", out.stderr);
 
-    // Restart the whole runtime: sprites come back cold and intact.
+    // Restart the whole runtime: sprites come back cold and intact. (A long
+    // stop grace from here on: the restore below must not wait for it.)
     close(mgr).await;
-    let mgr = env.start(env.config()).await?;
+    let grace = Duration::from_secs(10);
+    let mut cfg = env.config();
+    cfg.stop_grace = grace;
+    let mgr = env.start(cfg).await?;
     ensure!(mgr.get("alpha")?.status == SpriteStatus::Cold);
     ensure!(sh(&mgr, "alpha", "cat /home/sprite/file /etc/motd").await? == "persisted\nroot-change\n");
 
@@ -123,8 +127,23 @@ async fn lifecycle() -> Result<()> {
         "echo changed > /home/sprite/file; touch /home/sprite/new",
     )
     .await?;
+    // A command that ignores SIGTERM holds a graceful stop for the agent's own
+    // 5 s session grace (and den's up to `grace`); a restore rewinds whatever
+    // it could save, so it doesn't wait.
+    let stubborn = mgr
+        .wake("alpha")
+        .await?
+        .agent()
+        .exec(sh_req("trap '' TERM; echo ready; exec sleep 600"))
+        .await?;
     let t0 = Instant::now();
     mgr.restore("alpha", &ck.id).await?;
+    ensure!(
+        t0.elapsed() < Duration::from_secs(3),
+        "restore waited {:?} for a program that ignores SIGTERM",
+        t0.elapsed()
+    );
+    drop(stubborn);
     ensure!(
         mgr.get("alpha")?.status == SpriteStatus::Running,
         "restore restarts an awake sprite"

@@ -10,7 +10,9 @@ impl SpriteManager {
         let slot = self.slot(name)?;
         let mut phase = slot.phase.lock().await;
         let was_awake = matches!(*phase, Phase::Awake(_));
-        self.sleep_locked(&slot, &mut phase, SpriteStatus::Cold).await?;
+        // No grace for SIGTERM: whatever the sprite's programs would save
+        // on the way out is about to be rewound away.
+        self.stop_locked(&slot, &mut phase, Duration::ZERO).await?;
         let volume = slot.record.lock().volume.clone();
         when_released(|| self.inner.store.restore(&volume, &ck.id)).await?;
         self.update_record(&slot, |r| r.active_checkpoint = Some(ck.id.clone()))

@@ -41,35 +41,36 @@ impl SpriteManager {
                 }
                 Ok(())
             }
-            SpriteStatus::Cold => {
-                if let Phase::Awake(_) = phase {
-                    let Phase::Awake(live) = std::mem::replace(phase, Phase::Cold) else {
-                        unreachable!()
-                    };
-                    let active = slot.last_active_ms();
-                    slot.record.lock().last_active_at_ms = Some(active);
-                    self.status_to(slot, SpriteStatus::Cold);
-                    let (b, n, g) = (
-                        self.inner.backend.clone(),
-                        self.inner.net.clone(),
-                        self.inner.cfg.stop_grace,
-                    );
-                    blocking(move || live.teardown(b.as_ref(), &n, g)).await?;
-                    // Kept for the API once the sprite's live state is gone;
-                    // a lost write loses only this timestamp.
-                    if let Err(e) = self
-                        .update_record(slot, |r| r.last_active_at_ms = Some(active))
-                        .await
-                    {
-                        tracing::warn!(sprite = %slot.name, error = %e, "recording the last activity");
-                    }
-                    if self.inner.cfg.flush_on_cold {
-                        let volume = slot.record.lock().volume.clone();
-                        self.inner.store.flush(&volume, |_| {}).await?;
-                    }
-                }
-                Ok(())
-            }
+            SpriteStatus::Cold => self.stop_locked(slot, phase, self.inner.cfg.stop_grace).await,
         }
+    }
+
+    /// Stop an awake sprite (cold), giving PID 1 `grace` to stop its
+    /// services and sessions after SIGTERM before everything is killed.
+    pub(crate) async fn stop_locked(&self, slot: &Slot, phase: &mut Phase, grace: Duration) -> Result<()> {
+        let Phase::Awake(_) = phase else {
+            return Ok(());
+        };
+        let Phase::Awake(live) = std::mem::replace(phase, Phase::Cold) else {
+            unreachable!()
+        };
+        let active = slot.last_active_ms();
+        slot.record.lock().last_active_at_ms = Some(active);
+        self.status_to(slot, SpriteStatus::Cold);
+        let (b, n) = (self.inner.backend.clone(), self.inner.net.clone());
+        blocking(move || live.teardown(b.as_ref(), &n, grace)).await?;
+        // Kept for the API once the sprite's live state is gone;
+        // a lost write loses only this timestamp.
+        if let Err(e) = self
+            .update_record(slot, |r| r.last_active_at_ms = Some(active))
+            .await
+        {
+            tracing::warn!(sprite = %slot.name, error = %e, "recording the last activity");
+        }
+        if self.inner.cfg.flush_on_cold {
+            let volume = slot.record.lock().volume.clone();
+            self.inner.store.flush(&volume, |_| {}).await?;
+        }
+        Ok(())
     }
 }
