@@ -192,6 +192,7 @@ pub(crate) struct Shared {
     /// Volume id → the epoch this store holds it at (cluster mode).
     held: Mutex<HashMap<String, i64>>,
     gc_stats: Mutex<GcStats>,
+    pub(crate) upload_counters: crate::uploader::UploadCounters,
     /// One `Store::sync` per volume at a time, so a sync never sees its
     /// sync point replaced by a concurrent one before promoting it.
     sync_locks: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
@@ -290,7 +291,7 @@ impl Shared {
 /// run on the tokio runtime that opened it.
 #[derive(Clone)]
 pub struct Store {
-    shared: Arc<Shared>,
+    pub(crate) shared: Arc<Shared>,
 }
 
 fn validate_name(name: &str) -> Result<()> {
@@ -375,6 +376,7 @@ impl Store {
             commit_gate: tokio::sync::RwLock::new(()),
             held: Mutex::new(HashMap::new()),
             gc_stats: Mutex::new(GcStats::default()),
+            upload_counters: Default::default(),
             sync_locks: Mutex::new(HashMap::new()),
         });
         let store = Store { shared };
@@ -960,6 +962,12 @@ impl Store {
 
     pub fn gc_stats(&self) -> GcStats {
         self.shared.gc_stats.lock().clone()
+    }
+
+    /// Upload commits since the store opened, and how many metadata
+    /// transactions they took (uploads finishing together share one).
+    pub fn upload_stats(&self) -> crate::uploader::UploadStats {
+        self.shared.upload_counters.snapshot()
     }
 
     // ---- cluster: ownership ---------------------------------------------
