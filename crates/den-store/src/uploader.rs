@@ -43,6 +43,10 @@ pub(crate) struct UploadCounters {
     transactions: AtomicU64,
     /// Commit requests handed to the committer (tests wait on it).
     submitted: AtomicU64,
+    /// Tests hold it (write) to stop the committer after it has told open
+    /// volumes of a batch and before it removes the batch's pending files.
+    #[cfg(test)]
+    pub(crate) hold_removal: tokio::sync::RwLock<()>,
 }
 
 impl UploadCounters {
@@ -143,13 +147,18 @@ async fn committer(shared: Weak<Shared>, mut rx: mpsc::UnboundedReceiver<CommitR
                     it.pending
                 );
             }
-            s.upload_finished(it.pending, it.hash);
+            s.upload_committed(it.pending, it.hash);
             committed.push(it.pending);
         }
         drop(gate);
-        // Only now that no open volume names them as pending can the files go.
+        #[cfg(test)]
+        let _hold = s.upload_counters.hold_removal.read().await;
+        // Only now that no open volume names them as pending can the files
+        // go, and only once they are gone is the upload finished (see
+        // `Shared::upload_finished`).
         for p in committed {
             s.cache.remove_pending(p);
+            s.upload_finished(p);
         }
         for (r, out) in batch.into_iter().zip(outcomes) {
             let _ = r.done.send(Ok(out));
@@ -399,5 +408,109 @@ mod tests {
             };
             assert!(got == want, "chunk {i} reads back what was written");
         }
+    }
+
+    /// `local_only_bytes() == 0` must mean that uploads have nothing left
+    /// to do locally: no pending file a reader could still be served from
+    /// (a `CheckpointReader` loaded before the commit names chunks by
+    /// pending id and reads their files while they exist), so that after
+    /// it `drop_read_cache` really leaves no local copy. Here the committer
+    /// is held after telling the volume of a whole batch and before it
+    /// removes the batch's pending files: their bytes must still count.
+    /// Releasing them first (the old order) reports 0 local-only bytes
+    /// while all the files are still there.
+    #[test]
+    fn local_only_bytes_count_pending_files_until_they_are_gone() {
+        const N: u64 = 8;
+        let dir = tempfile::tempdir().unwrap();
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()
+            .unwrap();
+        let mut cfg = StoreConfig::local(dir.path());
+        cfg.objects = ObjectBackend::Memory;
+        cfg.dirty_limit = 64 << 20;
+        cfg.writeback_delay = Duration::from_secs(3600);
+        let store = rt.block_on(Store::open(cfg)).unwrap();
+        let cs: u64 = 64 << 10;
+        let opts = CreateOptions {
+            size: Some(N * cs),
+            chunk_size: Some(cs as u32),
+            source: None,
+        };
+        rt.block_on(store.create_volume("v", opts)).unwrap();
+        let v = rt.block_on(store.open_volume("v")).unwrap();
+        let content = |i: u64| vec![(i as u8).wrapping_mul(13).wrapping_add(3); cs as usize];
+        for i in 0..N {
+            v.write_at(i * cs, &content(i)).unwrap();
+        }
+        // All N uploads reach the committer behind the commit gate, so it
+        // takes them as one batch and stops at the hold with all of them.
+        let gate = rt.block_on(store.shared.commit_gate.write());
+        let hold = rt.block_on(store.shared.upload_counters.hold_removal.write());
+        v.seal_all().unwrap();
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while store
+            .shared
+            .upload_counters
+            .submitted
+            .load(std::sync::atomic::Ordering::Relaxed)
+            < N
+        {
+            assert!(Instant::now() < deadline, "uploads never reached the committer");
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        drop(gate);
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while !v.inner.state.lock().pending_slots.is_empty() {
+            assert!(Instant::now() < deadline, "the committer never told the volume");
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        assert_eq!(
+            store.shared.cache.list_pending_files().unwrap().len() as u64,
+            N,
+            "the held committer removed no pending file"
+        );
+        assert_eq!(
+            store.local_only_bytes(),
+            N * cs,
+            "pending files still on disk count as local-only"
+        );
+
+        drop(hold);
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while store.local_only_bytes() > 0 {
+            assert!(Instant::now() < deadline, "uploads never finished");
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        assert_eq!(
+            store.shared.cache.list_pending_files().unwrap(),
+            Vec::<crate::meta::PendingId>::new(),
+            "no pending file is left once nothing is local-only"
+        );
+        store.drop_read_cache();
+        let clean = walkdir(&dir.path().join("cache/clean"));
+        assert!(
+            clean.is_empty(),
+            "read-cache files left after drop_read_cache: {clean:?}"
+        );
+        let mut got = vec![0u8; cs as usize];
+        for i in 0..N {
+            v.read_at(i * cs, &mut got).unwrap();
+            assert!(got == content(i), "chunk {i} reads back what was written");
+        }
+    }
+
+    fn walkdir(p: &std::path::Path) -> Vec<std::path::PathBuf> {
+        let mut out = Vec::new();
+        for e in std::fs::read_dir(p).unwrap().flatten() {
+            if e.file_type().unwrap().is_dir() {
+                out.extend(walkdir(&e.path()));
+            } else {
+                out.push(e.path());
+            }
+        }
+        out
     }
 }

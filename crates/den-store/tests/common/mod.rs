@@ -65,8 +65,9 @@ pub fn still_running_after<F: Future>(rt: &Runtime, limit: Duration, f: F) -> bo
 
 /// Waits until the uploader has finished its bookkeeping for every upload
 /// (`flush`/`wait_durable` return once metadata names no pending chunk, a
-/// moment before the uploader moves the chunks to the read cache and gives
-/// their budget back). After this, `drop_read_cache` really makes reads cold.
+/// moment before the uploader moves the chunks to the read cache and removes
+/// their pending files). `local_only_bytes()` reaches 0 only after both, so
+/// after this `drop_read_cache` really makes reads cold.
 pub fn settle(store: &Store) {
     den_testkit::wait_until(Duration::from_secs(30), Duration::from_millis(5), || {
         store.local_only_bytes() == 0
