@@ -29,4 +29,5 @@ pub use store::{
     GcReport, GcStats, Store, StoreConfig, VolumeInfo, VolumeSource,
 };
 pub use units::parse_size;
+pub use uploader::UploadStats;
 pub use volume::Volume;

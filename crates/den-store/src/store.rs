@@ -184,7 +184,7 @@ pub(crate) struct Shared {
     gc_lock: tokio::sync::Mutex<()>,
     /// Orders upload commits against volume opens. The uploader holds it
     /// shared from its metadata commit until open volumes have been told
-    /// (`upload_finished`); `open_volume` holds it exclusively from loading
+    /// (`upload_committed`); `open_volume` holds it exclusively from loading
     /// the head map until the volume is registered. Without it, a commit
     /// landing in between leaves the new volume pointing at a pending file
     /// that is then deleted, and reads of that chunk fail.
@@ -192,6 +192,7 @@ pub(crate) struct Shared {
     /// Volume id → the epoch this store holds it at (cluster mode).
     held: Mutex<HashMap<String, i64>>,
     gc_stats: Mutex<GcStats>,
+    pub(crate) upload_counters: crate::uploader::UploadCounters,
     /// One `Store::sync` per volume at a time, so a sync never sees its
     /// sync point replaced by a concurrent one before promoting it.
     sync_locks: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
@@ -290,7 +291,7 @@ impl Shared {
 /// run on the tokio runtime that opened it.
 #[derive(Clone)]
 pub struct Store {
-    shared: Arc<Shared>,
+    pub(crate) shared: Arc<Shared>,
 }
 
 fn validate_name(name: &str) -> Result<()> {
@@ -375,6 +376,7 @@ impl Store {
             commit_gate: tokio::sync::RwLock::new(()),
             held: Mutex::new(HashMap::new()),
             gc_stats: Mutex::new(GcStats::default()),
+            upload_counters: Default::default(),
             sync_locks: Mutex::new(HashMap::new()),
         });
         let store = Store { shared };
@@ -442,7 +444,10 @@ impl Store {
         self.shared.cache.stats()
     }
 
-    /// Bytes that exist only in the local cache right now.
+    /// Bytes that exist only in the local cache right now. An uploaded
+    /// chunk counts until its pending file is gone, so 0 also means that no
+    /// upload has anything left to do locally: after it, `drop_read_cache`
+    /// leaves no local copy of any uploaded chunk.
     pub fn local_only_bytes(&self) -> u64 {
         self.shared.budget.used()
     }
@@ -962,6 +967,12 @@ impl Store {
         self.shared.gc_stats.lock().clone()
     }
 
+    /// Upload commits since the store opened, and how many metadata
+    /// transactions they took (uploads finishing together share one).
+    pub fn upload_stats(&self) -> crate::uploader::UploadStats {
+        self.shared.upload_counters.snapshot()
+    }
+
     // ---- cluster: ownership ---------------------------------------------
 
     fn node(&self) -> Result<&str> {
@@ -1187,11 +1198,23 @@ impl Store {
 }
 
 impl Shared {
-    pub(crate) fn upload_finished(&self, p: PendingId, hash: Option<ChunkHash>) {
-        self.queued.lock().remove(&p);
+    /// The uploader committed pending chunk `p` as `hash`: open volumes
+    /// swap it for the hash. Called under the commit gate, while the
+    /// pending file still exists (readers that resolved `p` find it).
+    pub(crate) fn upload_committed(&self, p: PendingId, hash: Option<ChunkHash>) {
         for v in self.open_volumes() {
             v.pending_committed(p, hash);
         }
+    }
+
+    /// The pending file of committed upload `p` is gone: only now do its
+    /// bytes stop counting as local-only. So `local_only_bytes() == 0`
+    /// means no upload has anything left to do here: every uploaded chunk
+    /// is in the read cache (where `drop_read_cache` finds it) or nowhere
+    /// local, never still in `pending/` (where a checkpoint reader that
+    /// loaded its map before the commit would be served from).
+    pub(crate) fn upload_finished(&self, p: PendingId) {
+        self.queued.lock().remove(&p);
         self.budget.release_pending(p);
         self.uploads_done.send_modify(|n| *n += 1);
     }

@@ -8,7 +8,8 @@
 use std::collections::{HashMap, HashSet};
 use std::fs::{self, File, OpenOptions};
 use std::io;
-use std::os::unix::fs::FileExt;
+use std::os::fd::AsRawFd;
+use std::os::unix::fs::{FileExt, OpenOptionsExt};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -197,6 +198,16 @@ impl Volume {
                         })?;
                 }
                 let file = OpenOptions::new().read(true).write(true).open(ent.path())?;
+                // A whole-chunk write cut short by a crash leaves a short or
+                // holey file (see `create_whole`): give it its blocks now, so
+                // later writes into it never need space. Best effort: on a
+                // full disk the volume still opens, as it did before.
+                if let Err(e) = preallocate(&file, cs) {
+                    tracing::warn!(
+                        "could not preallocate adopted chunk {}: {e}",
+                        ent.path().display()
+                    );
+                }
                 shared.budget.force(&key, cs);
                 adopted += 1;
                 st.dirty.insert(idx, DirtyChunk::new(file));
@@ -456,9 +467,26 @@ impl Volume {
         let inner = &self.inner;
         let cache = &inner.shared.cache;
         let cs = self.chunk_size();
+        let whole = coff == 0 && data.len() as u64 == cs;
+        if whole {
+            match self.create_whole(idx, data) {
+                Ok(Some(file)) => {
+                    let mut st = inner.state.lock();
+                    st.dir_unsynced = true;
+                    st.dirty.insert(idx, DirtyChunk::new(file));
+                    return Ok(());
+                }
+                // No O_TMPFILE here, or a stray file holds the name: the
+                // staged copy below handles both.
+                Ok(None) => {}
+                Err(e) => {
+                    inner.shared.budget.release(&inner.key, cs);
+                    return Err(e);
+                }
+            }
+        }
         let tmp = cache.tmp_path();
         let result = (|| -> io::Result<File> {
-            let whole = coff == 0 && data.len() as u64 == cs;
             // A pending base can be uploaded and moved while we copy it; the
             // head then names its hash, so resolve again.
             for _ in 0..8 {
@@ -525,6 +553,85 @@ impl Volume {
         st.dir_unsynced = true;
         st.dirty.insert(idx, DirtyChunk::new(file));
         Ok(())
+    }
+
+    /// A write covering all of chunk `idx`, which has no dirty file: write
+    /// the new file directly instead of staging it in `tmp/` and renaming.
+    /// `Ok(None)`: this fast path does not apply, use the staged copy.
+    ///
+    /// Why a crash (kill -9 mid-write, or power loss before the guest's
+    /// fsync) can never show a torn chunk the guest could not have seen
+    /// from a real disk:
+    /// * slot unmapped (reads as zeros): the file is created under its final
+    ///   name and written in place. A torn file holds the new bytes up to
+    ///   some point and zeros (a hole or short file) after it, i.e. every
+    ///   page is either the old content (zeros) or the new one — what a disk
+    ///   may hold after a crash during an unacknowledged write. Once the
+    ///   guest's fsync has returned, the file is whole and synced.
+    /// * slot mapped (the old content matters): the file is made nameless
+    ///   (`O_TMPFILE` in the dirty directory), written whole, and only then
+    ///   linked under its final name, so the name never points at a partial
+    ///   chunk; a crash before the link leaves the old content in charge and
+    ///   no file at all (the kernel frees a nameless inode).
+    ///
+    /// Both preallocate before writing, as the staged copy does: block
+    /// allocation stays in the write, not in the guest's fsync, and later
+    /// writes into the file never need space.
+    fn create_whole(&self, idx: u64, data: &[u8]) -> io::Result<Option<File>> {
+        let inner = &self.inner;
+        let dst = inner.shared.cache.dirty_path(&inner.rec.id, idx);
+        // Stable while we hold the stripe's write lock: only seals and
+        // discards (which take it too) move a slot away from or to zeros.
+        if matches!(self.resolve(idx), Source::Zero) {
+            let f = match OpenOptions::new()
+                .read(true)
+                .write(true)
+                .create_new(true)
+                .open(&dst)
+            {
+                Ok(f) => f,
+                Err(e) if e.kind() == io::ErrorKind::AlreadyExists => return Ok(None),
+                Err(e) => return Err(e),
+            };
+            if let Err(e) = preallocate(&f, data.len() as u64).and_then(|()| f.write_all_at(data, 0)) {
+                drop(f);
+                let _ = fs::remove_file(&dst);
+                return Err(e);
+            }
+            return Ok(Some(f));
+        }
+        let dir = inner.shared.cache.dirty_dir(&inner.rec.id);
+        let f = match OpenOptions::new()
+            .read(true)
+            .write(true)
+            .custom_flags(libc::O_TMPFILE)
+            .mode(0o600)
+            .open(&dir)
+        {
+            Ok(f) => f,
+            // Filesystems without O_TMPFILE answer EOPNOTSUPP (or EISDIR on
+            // kernels that predate it).
+            Err(e) if matches!(e.raw_os_error(), Some(libc::EOPNOTSUPP) | Some(libc::EISDIR)) => {
+                return Ok(None);
+            }
+            Err(e) => return Err(e),
+        };
+        preallocate(&f, data.len() as u64)?;
+        f.write_all_at(data, 0)?;
+        // linkat(AT_EMPTY_PATH) needs CAP_DAC_READ_SEARCH; the /proc link
+        // with AT_SYMLINK_FOLLOW does the same for anyone.
+        let proc = format!("/proc/self/fd/{}", f.as_raw_fd());
+        match nix::unistd::linkat(
+            nix::fcntl::AT_FDCWD,
+            proc.as_str(),
+            nix::fcntl::AT_FDCWD,
+            &dst,
+            nix::fcntl::AtFlags::AT_SYMLINK_FOLLOW,
+        ) {
+            Ok(()) => Ok(Some(f)),
+            Err(nix::errno::Errno::EEXIST) => Ok(None),
+            Err(e) => Err(e.into()),
+        }
     }
 
     /// Make every completed write durable in the local cache.

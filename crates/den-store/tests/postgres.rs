@@ -911,3 +911,11 @@ fn random_operations_match_a_model_across_node_restarts() {
         assert!(ok(&rt, "pending", s.meta().list_pending()).is_empty());
     }
 }
+
+#[test]
+fn batched_upload_commit_gives_each_item_its_own_outcome() {
+    let pg = pg();
+    let rt = runtime();
+    let a = meta(&rt, &pg, "a");
+    rt.block_on(check_batched_upload_commit(a.as_ref()));
+}

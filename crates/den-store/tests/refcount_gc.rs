@@ -4,6 +4,8 @@
 //! SQLite connection) and objects are counted in an `ObjectBackend::Local`
 //! directory, so these tests check the store's bookkeeping from the outside.
 
+mod common;
+
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
@@ -651,4 +653,10 @@ fn concurrent_opens_of_one_volume_share_a_handle() {
             assert_eq!(&b, b"0123456789");
         }
     }
+}
+
+#[test]
+fn batched_upload_commit_gives_each_item_its_own_outcome() {
+    let m = den_store::meta::sqlite::SqliteMeta::in_memory().unwrap();
+    runtime().block_on(common::check_batched_upload_commit(&m));
 }

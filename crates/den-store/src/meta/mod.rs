@@ -76,6 +76,15 @@ pub enum CommitOutcome {
     Retry,
 }
 
+/// One finished upload for [`MetaStore::commit_uploads`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct UploadCommit {
+    pub pending: PendingId,
+    /// `None`: the chunk was all zeros (see [`MetaStore::commit_zero`]).
+    pub hash: Option<ChunkHash>,
+    pub stored_len: u64,
+}
+
 #[derive(Clone, Debug, Default, Serialize)]
 pub struct StoreStats {
     pub volumes: u64,
@@ -152,6 +161,11 @@ pub trait MetaStore: Send + Sync + 'static {
     /// Pending chunks still referenced by some map, oldest first.
     async fn list_pending(&self) -> Result<Vec<PendingId>>;
     async fn pending_referenced(&self, pending: PendingId) -> Result<bool>;
+    /// Announce an upload (writes the `uploading` row before the PUT).
+    /// Need not be durable on its own: losing it to a power cut only leaves
+    /// an object without a row (found by `gc --sweep`), and every later
+    /// durable commit makes it durable too (both backends' logs are
+    /// sequential), so backends commit it without waiting for the disk.
     async fn begin_upload(&self, hash: &ChunkHash) -> Result<UploadDecision>;
     /// Mark the chunk present and replace every reference to `pending` with it.
     async fn commit_upload(
@@ -162,6 +176,24 @@ pub trait MetaStore: Send + Sync + 'static {
     ) -> Result<CommitOutcome>;
     /// The pending chunk was all zeros: drop every reference to it.
     async fn commit_zero(&self, pending: PendingId) -> Result<u64>;
+    /// [`MetaStore::commit_upload`] (or [`MetaStore::commit_zero`] for a
+    /// `None` hash) for each item, in one transaction: one durable commit
+    /// for a whole batch of uploads instead of one per chunk. Outcomes are
+    /// in the order of `items`; a zero item is always `Committed`.
+    ///
+    /// The default runs one transaction per item (correct, just slower).
+    async fn commit_uploads(&self, items: &[UploadCommit]) -> Result<Vec<CommitOutcome>> {
+        let mut out = Vec::with_capacity(items.len());
+        for it in items {
+            out.push(match it.hash {
+                Some(h) => self.commit_upload(it.pending, &h, it.stored_len).await?,
+                None => CommitOutcome::Committed {
+                    entries_updated: self.commit_zero(it.pending).await?,
+                },
+            });
+        }
+        Ok(out)
+    }
 
     /// Chunks nobody references any more move to `deleting`; returns them.
     async fn gc_begin(&self, limit: usize) -> Result<Vec<ChunkHash>>;

@@ -290,6 +290,52 @@ async fn execute<C: GenericClient>(c: &C, sql: &str, params: &[&(dyn ToSql + Syn
     Ok(c.execute(&st, params).await?)
 }
 
+/// One upload commit inside a caller's transaction (see `commit_upload`).
+async fn commit_one<C: GenericClient>(
+    tx: &C,
+    pending: PendingId,
+    hash: &ChunkHash,
+    stored_len: u64,
+) -> R<CommitOutcome> {
+    let h = &hash.0[..];
+    // Row lock: GC on another node moving this chunk to `deleting`
+    // either happened before (we answer Retry) or waits for us and
+    // then sees refs > 0.
+    let state: Option<String> = query_opt(tx, "SELECT state FROM chunks WHERE hash = $1 FOR UPDATE", &[&h])
+        .await?
+        .map(|r| r.try_get(0))
+        .transpose()?;
+    Ok(match state.as_deref() {
+        Some("uploading") | Some("present") => {
+            let n = execute(
+                tx,
+                "UPDATE map_entries SET hash = $1, pending = NULL WHERE pending = $2",
+                &[&h, &pending],
+            )
+            .await? as i64;
+            execute(
+                tx,
+                "UPDATE chunks SET state = 'present', refs = refs + $2, updated_at_ms = $3,
+                     stored_len = CASE WHEN $4::BIGINT > 0 THEN $4::BIGINT ELSE stored_len END
+                 WHERE hash = $1",
+                &[&h, &n, &now_ms(), &(stored_len as i64)],
+            )
+            .await?;
+            execute(tx, "DELETE FROM pending_owner WHERE pending = $1", &[&pending]).await?;
+            CommitOutcome::Committed {
+                entries_updated: n as u64,
+            }
+        }
+        _ => CommitOutcome::Retry,
+    })
+}
+
+async fn commit_zero_one<C: GenericClient>(tx: &C, pending: PendingId) -> R<u64> {
+    let n = execute(tx, "DELETE FROM map_entries WHERE pending = $1", &[&pending]).await?;
+    execute(tx, "DELETE FROM pending_owner WHERE pending = $1", &[&pending]).await?;
+    Ok(n)
+}
+
 const VOLUME_COLS: &str = "id, name, size_bytes, chunk_size, head_map, created_at_ms, owner, epoch, \
                            sync_map, sync_at_ms, sync_pending_map, sync_pending_at_ms";
 
@@ -838,6 +884,9 @@ impl MetaStore for PgMeta {
     async fn begin_upload(&self, hash: &ChunkHash) -> Result<UploadDecision> {
         let h = &hash.0[..];
         write_tx!(self, |tx| {
+            // No need to wait for the WAL flush (see the trait): a later
+            // synchronous commit flushes the log past this one anyway.
+            tx.batch_execute("SET LOCAL synchronous_commit = off").await?;
             // One statement: insert `uploading`, or refresh the time of an
             // existing `uploading` row (so GC does not take it for stale),
             // and either way learn the state.
@@ -865,47 +914,30 @@ impl MetaStore for PgMeta {
         hash: &ChunkHash,
         stored_len: u64,
     ) -> Result<CommitOutcome> {
-        let h = &hash.0[..];
-        write_tx!(self, |tx| {
-            // Row lock: GC on another node moving this chunk to `deleting`
-            // either happened before (we answer Retry) or waits for us and
-            // then sees refs > 0.
-            let state: Option<String> =
-                query_opt(&tx, "SELECT state FROM chunks WHERE hash = $1 FOR UPDATE", &[&h])
-                    .await?
-                    .map(|r| r.try_get(0))
-                    .transpose()?;
-            match state.as_deref() {
-                Some("uploading") | Some("present") => {
-                    let n = execute(
-                        &tx,
-                        "UPDATE map_entries SET hash = $1, pending = NULL WHERE pending = $2",
-                        &[&h, &pending],
-                    )
-                    .await? as i64;
-                    execute(
-                        &tx,
-                        "UPDATE chunks SET state = 'present', refs = refs + $2, updated_at_ms = $3,
-                             stored_len = CASE WHEN $4::BIGINT > 0 THEN $4::BIGINT ELSE stored_len END
-                         WHERE hash = $1",
-                        &[&h, &n, &now_ms(), &(stored_len as i64)],
-                    )
-                    .await?;
-                    execute(&tx, "DELETE FROM pending_owner WHERE pending = $1", &[&pending]).await?;
-                    CommitOutcome::Committed {
-                        entries_updated: n as u64,
-                    }
-                }
-                _ => CommitOutcome::Retry,
-            }
-        })
+        write_tx!(self, |tx| { commit_one(&tx, pending, hash, stored_len).await? })
     }
 
     async fn commit_zero(&self, pending: PendingId) -> Result<u64> {
+        write_tx!(self, |tx| { commit_zero_one(&tx, pending).await? })
+    }
+
+    async fn commit_uploads(&self, items: &[UploadCommit]) -> Result<Vec<CommitOutcome>> {
+        // Row locks are taken in hash order, so two nodes committing
+        // overlapping batches wait for each other instead of deadlocking.
+        let mut order: Vec<usize> = (0..items.len()).collect();
+        order.sort_by_key(|&i| items[i].hash.map(|h| h.0));
         write_tx!(self, |tx| {
-            let n = execute(&tx, "DELETE FROM map_entries WHERE pending = $1", &[&pending]).await?;
-            execute(&tx, "DELETE FROM pending_owner WHERE pending = $1", &[&pending]).await?;
-            n
+            let mut out = vec![CommitOutcome::Retry; items.len()];
+            for &i in &order {
+                let it = &items[i];
+                out[i] = match &it.hash {
+                    Some(h) => commit_one(&tx, it.pending, h, it.stored_len).await?,
+                    None => CommitOutcome::Committed {
+                        entries_updated: commit_zero_one(&tx, it.pending).await?,
+                    },
+                };
+            }
+            out
         })
     }
 

@@ -155,6 +155,66 @@ impl SqliteMeta {
         })
         .await
     }
+
+    /// Like `tx`, but the commit does not wait for the disk
+    /// (`synchronous=NORMAL` for this one transaction). Only for changes
+    /// whose loss on power failure is harmless: in WAL mode the next FULL
+    /// commit fsyncs the log up to itself, this commit included, so it can
+    /// never be lost while a later commit survives.
+    async fn tx_relaxed<T, F>(&self, f: F) -> Result<T>
+    where
+        T: Send + 'static,
+        F: FnOnce(&Transaction<'_>) -> Result<T> + Send + 'static,
+    {
+        self.with(move |c| {
+            c.pragma_update(None, "synchronous", "NORMAL")?;
+            let res = (|| {
+                let tx = c.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
+                let out = f(&tx)?;
+                tx.commit()?;
+                Ok(out)
+            })();
+            // Back to FULL even after a failure: every other commit relies on it.
+            c.pragma_update(None, "synchronous", "FULL")?;
+            res
+        })
+        .await
+    }
+}
+
+/// One upload commit inside a caller's transaction (see `commit_upload`).
+fn commit_one(
+    tx: &Transaction<'_>,
+    pending: PendingId,
+    hash: &ChunkHash,
+    stored_len: u64,
+) -> Result<CommitOutcome> {
+    let state: Option<String> = tx
+        .prepare_cached("SELECT state FROM chunks WHERE hash = ?1")?
+        .query_row(params![&hash.0[..]], |r| r.get(0))
+        .optional()?;
+    match state.as_deref() {
+        Some("uploading") | Some("present") => {}
+        _ => return Ok(CommitOutcome::Retry),
+    }
+    let n = tx
+        .prepare_cached("UPDATE map_entries SET hash = ?1, pending = NULL WHERE pending = ?2")?
+        .execute(params![&hash.0[..], pending])? as i64;
+    tx.prepare_cached(
+        "UPDATE chunks SET state = 'present', refs = refs + ?2, updated_at_ms = ?3,
+             stored_len = CASE WHEN ?4 > 0 THEN ?4 ELSE stored_len END
+         WHERE hash = ?1",
+    )?
+    .execute(params![&hash.0[..], n, now_ms(), stored_len as i64])?;
+    Ok(CommitOutcome::Committed {
+        entries_updated: n as u64,
+    })
+}
+
+fn commit_zero_one(tx: &Transaction<'_>, pending: PendingId) -> Result<u64> {
+    Ok(tx
+        .prepare_cached("DELETE FROM map_entries WHERE pending = ?1")?
+        .execute(params![pending])? as u64)
 }
 
 /// Columns added to `volumes` after the first release, with their types.
@@ -568,7 +628,7 @@ impl MetaStore for SqliteMeta {
 
     async fn begin_upload(&self, hash: &ChunkHash) -> Result<UploadDecision> {
         let hash = *hash;
-        self.tx(move |tx| {
+        self.tx_relaxed(move |tx| {
             let state: Option<String> = tx
                 .query_row("SELECT state FROM chunks WHERE hash = ?1", params![&hash.0[..]], |r| r.get(0))
                 .optional()?;
@@ -601,38 +661,26 @@ impl MetaStore for SqliteMeta {
         stored_len: u64,
     ) -> Result<CommitOutcome> {
         let hash = *hash;
-        self.tx(move |tx| {
-            let state: Option<String> = tx
-                .query_row(
-                    "SELECT state FROM chunks WHERE hash = ?1",
-                    params![&hash.0[..]],
-                    |r| r.get(0),
-                )
-                .optional()?;
-            match state.as_deref() {
-                Some("uploading") | Some("present") => {}
-                _ => return Ok(CommitOutcome::Retry),
-            }
-            let n = tx.execute(
-                "UPDATE map_entries SET hash = ?1, pending = NULL WHERE pending = ?2",
-                params![&hash.0[..], pending],
-            )? as i64;
-            tx.execute(
-                "UPDATE chunks SET state = 'present', refs = refs + ?2, updated_at_ms = ?3,
-                     stored_len = CASE WHEN ?4 > 0 THEN ?4 ELSE stored_len END
-                 WHERE hash = ?1",
-                params![&hash.0[..], n, now_ms(), stored_len as i64],
-            )?;
-            Ok(CommitOutcome::Committed {
-                entries_updated: n as u64,
-            })
-        })
-        .await
+        self.tx(move |tx| commit_one(tx, pending, &hash, stored_len))
+            .await
     }
 
     async fn commit_zero(&self, pending: PendingId) -> Result<u64> {
+        self.tx(move |tx| commit_zero_one(tx, pending)).await
+    }
+
+    async fn commit_uploads(&self, items: &[UploadCommit]) -> Result<Vec<CommitOutcome>> {
+        let items = items.to_vec();
         self.tx(move |tx| {
-            Ok(tx.execute("DELETE FROM map_entries WHERE pending = ?1", params![pending])? as u64)
+            items
+                .iter()
+                .map(|it| match it.hash {
+                    Some(h) => commit_one(tx, it.pending, &h, it.stored_len),
+                    None => Ok(CommitOutcome::Committed {
+                        entries_updated: commit_zero_one(tx, it.pending)?,
+                    }),
+                })
+                .collect()
         })
         .await
     }

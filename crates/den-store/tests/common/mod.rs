@@ -65,8 +65,9 @@ pub fn still_running_after<F: Future>(rt: &Runtime, limit: Duration, f: F) -> bo
 
 /// Waits until the uploader has finished its bookkeeping for every upload
 /// (`flush`/`wait_durable` return once metadata names no pending chunk, a
-/// moment before the uploader moves the chunks to the read cache and gives
-/// their budget back). After this, `drop_read_cache` really makes reads cold.
+/// moment before the uploader moves the chunks to the read cache and removes
+/// their pending files). `local_only_bytes()` reaches 0 only after both, so
+/// after this `drop_read_cache` really makes reads cold.
 pub fn settle(store: &Store) {
     den_testkit::wait_until(Duration::from_secs(30), Duration::from_millis(5), || {
         store.local_only_bytes() == 0
@@ -350,4 +351,60 @@ pub fn assert_same_chunks(got: &BTreeSet<ChunkHash>, want: &BTreeSet<ChunkHash>,
 pub fn assert_refcounts_ok(rt: &Runtime, store: &Store) {
     let bad = rt.block_on(store.meta().verify_refcounts()).unwrap();
     assert!(bad.is_empty(), "reference counts disagree with the maps: {bad:?}");
+}
+
+/// `MetaStore::commit_uploads` on any backend: one batch with two uploads
+/// of the same content, a zero chunk and an upload whose chunk row GC took
+/// must give each item the outcome its own `commit_upload`/`commit_zero`
+/// would have, in order, and leave reference counts exact.
+pub async fn check_batched_upload_commit(m: &dyn den_store::MetaStore) {
+    use den_store::meta::{CommitOutcome, Entry, UploadCommit};
+    let v = m.create_volume("batch", 8 * CS, CS as u32, None).await.unwrap();
+    m.apply_seal(
+        v.head_map,
+        &[(0, Some(101)), (1, Some(102)), (2, Some(103)), (3, Some(104))],
+    )
+    .await
+    .unwrap();
+    // A checkpoint references every pending chunk a second time.
+    m.checkpoint(&v.id, "", &[]).await.unwrap();
+    let (same, gone) = (ChunkHash::of(b"same"), ChunkHash::of(b"gone"));
+    m.begin_upload(&same).await.unwrap();
+    let item = |pending, hash, stored_len| UploadCommit {
+        pending,
+        hash,
+        stored_len,
+    };
+    let out = m
+        .commit_uploads(&[
+            item(101, Some(same), 4),
+            item(102, None, 0),
+            // No `begin_upload` for it: its row is gone, as after GC.
+            item(103, Some(gone), 4),
+            item(104, Some(same), 4),
+        ])
+        .await
+        .unwrap();
+    assert_eq!(
+        out,
+        vec![
+            CommitOutcome::Committed { entries_updated: 2 },
+            CommitOutcome::Committed { entries_updated: 2 },
+            CommitOutcome::Retry,
+            CommitOutcome::Committed { entries_updated: 2 },
+        ]
+    );
+    let head: std::collections::HashMap<u64, Entry> =
+        m.load_map(v.head_map).await.unwrap().into_iter().collect();
+    assert_eq!(head.get(&0), Some(&Entry::Chunk(same)));
+    assert_eq!(head.get(&1), None, "the zero chunk's slot is cleared");
+    assert_eq!(head.get(&2), Some(&Entry::Pending(103)), "the retried one waits");
+    assert_eq!(head.get(&3), Some(&Entry::Chunk(same)));
+    assert!(m.verify_refcounts().await.unwrap().is_empty());
+    // The retry after announcing commits like any other.
+    m.begin_upload(&gone).await.unwrap();
+    let out = m.commit_uploads(&[item(103, Some(gone), 4)]).await.unwrap();
+    assert_eq!(out, vec![CommitOutcome::Committed { entries_updated: 2 }]);
+    assert_eq!(m.pending_count(v.head_map).await.unwrap(), 0);
+    assert!(m.verify_refcounts().await.unwrap().is_empty());
 }
