@@ -51,11 +51,30 @@ impl Nft {
     }
 
     /// Apply `script` as one transaction (all or nothing), like `nft -f -`.
+    ///
+    /// A context keeps its view of the ruleset between transactions (which
+    /// is what makes it fast) and checks it against the kernel's generation
+    /// first. Should that view still be stale (seen here rarely, with other
+    /// processes changing their own tables at the same moment: nft then
+    /// refuses our script with "No such file or directory"), the failed
+    /// transaction applied nothing, and it is tried once more on a fresh
+    /// context, as a new `nft` process would.
     pub(crate) fn apply(&mut self, script: &str) -> Result<(), NetError> {
-        match self {
-            Nft::Lib(lib) => lib.apply(script),
-            Nft::Binary => cmd::nft(script),
+        let Nft::Lib(lib) = self else {
+            return cmd::nft(script);
+        };
+        let Err(first) = lib.apply(script) else {
+            return Ok(());
+        };
+        match LibNft::open() {
+            Ok(fresh) => *lib = fresh,
+            Err(_) => return Err(first),
         }
+        let again = lib.apply(script);
+        if again.is_ok() {
+            tracing::debug!(error = %first, "nft transaction applied on a fresh context");
+        }
+        again
     }
 }
 
@@ -150,7 +169,18 @@ mod tests {
         let listed = cmd::run("nft", &["list", "table", "inet", &table], None).unwrap();
         assert!(!listed.contains("chain d"), "all or nothing: {listed}");
 
-        lib.apply(&format!("delete table inet {table}\n")).unwrap();
+        // Through `Nft`: a refused script is refused again on a fresh context
+        // (same error), and the context that replaced the first keeps working.
+        let mut nft = Nft::Lib(lib);
+        let again = nft
+            .apply(&format!("add rule inet {table} nosuch drop\n"))
+            .unwrap_err();
+        assert!(again.to_string().contains("No such file or directory"), "{again}");
+        nft.apply(&format!("add chain inet {table} e\n")).unwrap();
+        let listed = cmd::run("nft", &["list", "table", "inet", &table], None).unwrap();
+        assert!(listed.contains("chain e"), "{listed}");
+
+        nft.apply(&format!("delete table inet {table}\n")).unwrap();
         assert!(cmd::run("nft", &["list", "table", "inet", &table], None).is_err());
     }
 }
