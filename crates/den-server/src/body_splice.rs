@@ -23,6 +23,7 @@
 //! Only where both ends are plain TCP: a TLS client connection gets no
 //! [`Handoff`] (its writer sees ciphertext, never placeholders).
 
+use std::collections::VecDeque;
 use std::io;
 use std::os::fd::{AsFd, AsRawFd, OwnedFd};
 use std::pin::Pin;
@@ -78,15 +79,17 @@ pub fn is_placeholder(buf: &[u8]) -> bool {
     !buf.is_empty() && at >= start && at < end
 }
 
-/// A client connection's slot for the body being spliced into it; shared
-/// by its writer and its requests (a request extension). One response is
-/// written at a time on an HTTP/1.1 connection, so one job at most.
+/// A client connection's queue of bodies to splice into it; shared by its
+/// writer and its requests (a request extension). Usually one job at most;
+/// with pipelined requests the next response's body can be queued while
+/// the end of the previous one still waits in hyper's write buffer, and the
+/// writer meets their placeholders in the same order.
 #[derive(Clone, Default)]
-pub struct Handoff(Arc<Mutex<Option<Job>>>);
+pub struct Handoff(Arc<Mutex<VecDeque<Job>>>);
 
 impl Handoff {
     fn put(&self, job: Job) {
-        *self.0.lock() = Some(job);
+        self.0.lock().push_back(job);
     }
 
     /// The writer's side: splice up to `max` body bytes into `to` (the
@@ -97,19 +100,17 @@ impl Handoff {
         to: &TcpStream,
         max: usize,
     ) -> Poll<io::Result<usize>> {
-        let mut slot = self.0.lock();
-        let Some(job) = slot.as_mut() else {
+        let mut jobs = self.0.lock();
+        let Some(job) = jobs.front_mut() else {
             return Poll::Ready(Err(io::Error::other("placeholder bytes with no body to splice")));
         };
         let r = job.poll_out(cx, to, max);
-        let over = match &r {
-            Poll::Ready(Ok(_)) => job.done(),
-            Poll::Ready(Err(_)) => true,
-            Poll::Pending => false,
-        };
-        if over {
+        match &r {
             // Ends the upstream connection and lets the sprite sleep.
-            *slot = None;
+            Poll::Ready(Ok(_)) if job.done() => drop(jobs.pop_front()),
+            Poll::Ready(Ok(_)) | Poll::Pending => {}
+            // The connection is over (hyper closes it on a write error).
+            Poll::Ready(Err(_)) => jobs.clear(),
         }
         r
     }

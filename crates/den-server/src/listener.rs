@@ -25,6 +25,9 @@
 //!   connection's slot, so the caps count TLS connections from their first
 //!   byte. A connection over a cap is closed without the 503 (a TLS client
 //!   could not read it).
+//! - On plain TCP, the writer splices large sprite URL response bodies
+//!   straight from the sprite's socket where hyper's buffer holds
+//!   placeholder bytes for them ([`crate::body_splice`]).
 
 use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};

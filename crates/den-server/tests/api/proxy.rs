@@ -906,10 +906,29 @@ pub async fn url_plain_bodies_spliced() -> Result<()> {
     );
     let a = ask(&mut conn, &s, &web, "GET", "/small").await?;
     ensure!(a.body == b"small\n", "{:?}", a.body);
+    // Pipelined: both requests at once, the answers in order.
+    let two = format!(
+        "GET /cgi-bin/slowhead HTTP/1.1\r\nHost: {web}\r\nAuthorization: Bearer {t}\r\n\r\n\
+         GET /big HTTP/1.1\r\nHost: {web}\r\nAuthorization: Bearer {t}\r\n\r\n",
+        t = s.token
+    );
+    let mut piped = tokio::io::BufReader::new(TcpStream::connect(s.cfg.listen).await?);
+    piped.get_mut().write_all(two.as_bytes()).await?;
+    for want in [&data[..1 << 20], &data[..]] {
+        let head = read_head(&mut piped).await?;
+        ensure!(head.starts_with("HTTP/1.1 200"), "{head}");
+        let mut body = vec![0u8; want.len()];
+        tokio::time::timeout(WAIT, piped.read_exact(&mut body)).await??;
+        ensure!(
+            blake3::hash(&body) == blake3::hash(want),
+            "a pipelined body differs"
+        );
+    }
+    drop(piped);
     let spliced = spliced_bodies(&s).await? - before;
     ensure!(
-        spliced == 3,
-        "{spliced} bodies spliced, want 3 (big twice, slowhead)"
+        spliced == 5,
+        "{spliced} bodies spliced, want 5 (big thrice, slowhead twice)"
     );
 
     // A body cut short by the sprite: the client gets what there was, then
