@@ -301,6 +301,30 @@ impl HeadScan {
     }
 }
 
+/// Whether a complete response head may come with a body worth splicing:
+/// a `Content-Length` of at least [`MIN_SPLICED_BODY`] and no
+/// `Transfer-Encoding`. The proxy decides for good ([`Gate::take`]); this
+/// only lets small answers through without waiting for it.
+fn worth_holding(head: &[u8]) -> bool {
+    let Ok(text) = std::str::from_utf8(head) else {
+        return true;
+    };
+    let mut len = None;
+    for line in text.split("\r\n").skip(1) {
+        let Some((k, v)) = line.split_once(':') else {
+            continue;
+        };
+        let k = k.trim();
+        if k.eq_ignore_ascii_case("transfer-encoding") {
+            return false;
+        }
+        if k.eq_ignore_ascii_case("content-length") {
+            len = v.trim().parse::<u64>().ok();
+        }
+    }
+    len.is_some_and(|n| n >= MIN_SPLICED_BODY)
+}
+
 /// Shared between an upstream connection's reader and the proxy.
 pub struct Gate {
     phase: Mutex<(Phase, Option<Waker>)>,
@@ -405,10 +429,21 @@ impl AsyncRead for UpstreamIo {
                     return Pin::new(&mut this.tcp).poll_read(cx, buf);
                 };
                 let mut probe = *scan;
-                let (head, _) = probe.feed(&buf.filled()[before..]);
+                let (head, ended) = probe.feed(&buf.filled()[before..]);
+                // A whole head in view that promises no body worth splicing
+                // (small, chunked, none): hyper reads on at once, without
+                // the proxy's decision in between.
+                let small = ended
+                    && probe.at <= head
+                    && !worth_holding(&buf.filled()[before + head - probe.at..before + head]);
                 buf.set_filled(before);
                 if peeked == 0 {
                     return Poll::Ready(Ok(()));
+                }
+                if small {
+                    p.0 = Phase::Open;
+                    drop(p);
+                    return Pin::new(&mut this.tcp).poll_read(cx, buf);
                 }
                 // The peeked bytes are in the socket: this read takes them
                 // at once.
@@ -463,6 +498,20 @@ mod tests {
         let (n, end) = s.feed(r);
         assert!(end);
         assert_eq!(&r[n..], b"rest");
+    }
+
+    #[test]
+    fn only_long_bodies_are_held() {
+        assert!(worth_holding(
+            b"HTTP/1.1 200 OK\r\ncontent-length: 1048576\r\n\r\n"
+        ));
+        assert!(!worth_holding(b"HTTP/1.1 200 OK\r\nContent-Length: 6\r\n\r\n"));
+        assert!(!worth_holding(
+            b"HTTP/1.1 200 OK\r\nContent-Length: 1048576\r\nTransfer-Encoding: chunked\r\n\r\n"
+        ));
+        assert!(!worth_holding(
+            b"HTTP/1.0 200 OK\r\nContent-Type: text/plain\r\n\r\n"
+        ));
     }
 
     #[test]
