@@ -130,6 +130,11 @@ pub struct ApiBenchResults {
     pub load_total: Duration,
     pub proxy_mbs: Vec<f64>,
     pub direct_mbs: Vec<f64>,
+    /// CPU time of this whole process (client, and den for the proxied
+    /// path) per GiB downloaded, in seconds: what the proxy costs whatever
+    /// else the host is doing.
+    pub proxy_cpu: Vec<f64>,
+    pub direct_cpu: Vec<f64>,
     pub proxy_small: Vec<Duration>,
     pub direct_small: Vec<Duration>,
     pub proxy_errors: usize,
@@ -554,6 +559,19 @@ async fn wait_listening(addr: Ipv4Addr, port: u16) -> Result<()> {
     }
 }
 
+/// User + system CPU time of this process so far (all its threads).
+fn process_cpu() -> Duration {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: clock_gettime writes one timespec into `ts`.
+    if unsafe { libc::clock_gettime(libc::CLOCK_PROCESS_CPUTIME_ID, &mut ts) } != 0 {
+        return Duration::ZERO;
+    }
+    Duration::new(ts.tv_sec as u64, ts.tv_nsec as u32)
+}
+
 /// Download `url` to nowhere; returns the byte count.
 async fn fetch(client: &reqwest::Client, url: &str, token: Option<&str>) -> Result<u64> {
     let mut req = client.get(url);
@@ -640,12 +658,13 @@ async fn proxy(
     ));
     for _ in 0..opts.file_reps.max(1) {
         cancel::check()?;
-        for (client, base, tok, out, errors) in [
+        for (client, base, tok, out, cpu, errors) in [
             (
                 &via_proxy,
                 &proxy_base,
                 Some(token),
                 &mut res.proxy_mbs,
+                &mut res.proxy_cpu,
                 &mut res.proxy_errors,
             ),
             (
@@ -653,12 +672,16 @@ async fn proxy(
                 &direct_base,
                 None,
                 &mut res.direct_mbs,
+                &mut res.direct_cpu,
                 &mut res.direct_errors,
             ),
         ] {
-            let t0 = Instant::now();
+            let (t0, c0) = (Instant::now(), process_cpu());
             match fetch(client, &format!("{base}/big"), tok).await {
-                Ok(n) if n == size => out.push(n as f64 / 1e6 / t0.elapsed().as_secs_f64()),
+                Ok(n) if n == size => {
+                    out.push(n as f64 / 1e6 / t0.elapsed().as_secs_f64());
+                    cpu.push((process_cpu() - c0).as_secs_f64() / (n as f64 / f64::from(1u32 << 30)));
+                }
                 Ok(n) => {
                     tracing::warn!(bytes = n, "short download");
                     *errors += 1;
@@ -870,6 +893,17 @@ pub fn proxy_table(r: &ApiBenchResults, opts: &ApiBenchOptions) -> TextTable {
         all(&r.proxy_mbs),
         all(&r.direct_mbs),
         String::new(),
+    ]);
+    let (pc, dc) = (median(&r.proxy_cpu), median(&r.direct_cpu));
+    let secs = |x: Option<f64>| x.map_or("—".into(), |x| format!("{x:.2}"));
+    t.push(vec![
+        "  CPU of this process (client + den) per GiB, s (median)".into(),
+        secs(pc),
+        secs(dc),
+        match (pc, dc) {
+            (Some(p), Some(d)) => format!("den: {:+.2} s/GiB", p - d),
+            _ => "—".into(),
+        },
     ]);
     let (lp, ld) = (latency(&r.proxy_small), latency(&r.direct_small));
     let cell = |l: Option<Latency>, f: fn(&Latency) -> Duration| l.map_or("—".into(), |l| fmt_ms(f(&l)));

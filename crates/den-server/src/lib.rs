@@ -12,6 +12,7 @@ pub mod api;
 pub mod audit;
 pub mod auth;
 mod backends;
+mod body_splice;
 pub mod cluster_api;
 pub mod config;
 pub mod conn_socket;

@@ -25,6 +25,9 @@
 //!   connection's slot, so the caps count TLS connections from their first
 //!   byte. A connection over a cap is closed without the 503 (a TLS client
 //!   could not read it).
+//! - On plain TCP, the writer splices large sprite URL response bodies
+//!   straight from the sprite's socket where hyper's buffer holds
+//!   placeholder bytes for them ([`crate::body_splice`]).
 
 use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
@@ -49,6 +52,7 @@ use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 use tower::ServiceExt;
 
+use crate::body_splice::{self, Handoff};
 use crate::conn_socket::ConnSocket;
 use crate::tls::{Tls, ViaTls};
 
@@ -156,7 +160,36 @@ impl Drop for Slot {
 struct Counted {
     tcp: TcpStream,
     socket: ConnSocket,
+    /// Where a spliced response body waits for the writer (plain TCP only).
+    handoff: Option<Handoff>,
     _slot: Slot,
+}
+
+impl Counted {
+    /// Write `bufs` up to the first placeholder slice; at a placeholder,
+    /// splice the body it stands for instead ([`crate::body_splice`]).
+    fn poll_write_bufs(
+        &mut self,
+        cx: &mut Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> Poll<std::io::Result<usize>> {
+        if let Some(h) = &self.handoff {
+            match bufs.iter().position(|b| !b.is_empty()) {
+                Some(i) if body_splice::is_placeholder(&bufs[i]) => {
+                    return h.poll_out(cx, &self.tcp, bufs[i].len());
+                }
+                Some(i) => {
+                    let end = bufs[i..]
+                        .iter()
+                        .position(|b| body_splice::is_placeholder(b))
+                        .map_or(bufs.len(), |n| i + n);
+                    return Pin::new(&mut self.tcp).poll_write_vectored(cx, &bufs[..end]);
+                }
+                None => {}
+            }
+        }
+        Pin::new(&mut self.tcp).poll_write_vectored(cx, bufs)
+    }
 }
 
 impl Drop for Counted {
@@ -178,14 +211,18 @@ impl AsyncRead for Counted {
 
 impl AsyncWrite for Counted {
     fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<std::io::Result<usize>> {
-        Pin::new(&mut self.get_mut().tcp).poll_write(cx, buf)
+        let this = self.get_mut();
+        if this.handoff.is_some() && body_splice::is_placeholder(buf) {
+            return this.poll_write_bufs(cx, &[std::io::IoSlice::new(buf)]);
+        }
+        Pin::new(&mut this.tcp).poll_write(cx, buf)
     }
     fn poll_write_vectored(
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
         bufs: &[std::io::IoSlice<'_>],
     ) -> Poll<std::io::Result<usize>> {
-        Pin::new(&mut self.get_mut().tcp).poll_write_vectored(cx, bufs)
+        self.get_mut().poll_write_bufs(cx, bufs)
     }
     fn is_write_vectored(&self) -> bool {
         self.tcp.is_write_vectored()
@@ -293,18 +330,24 @@ pub async fn serve(
             tracing::debug!(error = %e, "TCP_NODELAY");
         }
         let socket = ConnSocket::new(tcp.as_raw_fd());
+        let via_tls = tls.is_some();
+        // Under TLS the writer sees ciphertext: nothing to splice.
+        let handoff = (!via_tls).then(Handoff::default);
         let io = Counted {
             tcp,
             socket: socket.clone(),
+            handoff: handoff.clone(),
             _slot: slot,
         };
-        let via_tls = tls.is_some();
         let svc = app.clone().map_request(move |req: Request<Incoming>| {
             let mut req = req.map(Body::new);
             req.extensions_mut().insert(ConnectInfo(peer));
             req.extensions_mut().insert(socket.clone());
             if via_tls {
                 req.extensions_mut().insert(ViaTls);
+            }
+            if let Some(h) = &handoff {
+                req.extensions_mut().insert(h.clone());
             }
             req
         });

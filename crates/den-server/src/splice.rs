@@ -2,7 +2,8 @@
 //! memory: splice(2) moves them from the socket into a pipe and from the
 //! pipe into the other socket as page references, where a read and a write
 //! would copy every byte twice. Upgraded sprite URL connections (WebSocket
-//! and other protocols) between two plain TCP sockets go this way.
+//! and other protocols) between two plain TCP sockets go this way, and so
+//! do large plain-HTTP response bodies ([`crate::body_splice`]).
 //!
 //! Each direction has its own pipe and ends like
 //! `tokio::io::copy_bidirectional`: at its source's end of file the other
@@ -16,7 +17,7 @@ use tokio::net::TcpStream;
 
 /// At most this much is moved by one splice call, and a pipe holds this
 /// much: 16 pages (the default) make a syscall pair per 64 KiB.
-const PIPE_SIZE: usize = 1 << 20;
+pub(crate) const PIPE_SIZE: usize = 1 << 20;
 
 /// Copy both ways between `a` and `b` until both directions ended; first
 /// `a_early` to `b` and `b_early` to `a` (bytes already read from each
@@ -85,13 +86,13 @@ async fn write_all(to: &TcpStream, mut data: &[u8]) -> io::Result<()> {
 }
 
 /// A pipe of [`PIPE_SIZE`] (or the system's default where that is refused).
-struct Pipe {
-    read: OwnedFd,
-    write: OwnedFd,
+pub(crate) struct Pipe {
+    pub(crate) read: OwnedFd,
+    pub(crate) write: OwnedFd,
 }
 
 impl Pipe {
-    fn new() -> io::Result<Pipe> {
+    pub(crate) fn new() -> io::Result<Pipe> {
         let mut fds: [libc::c_int; 2] = [-1; 2];
         // SAFETY: pipe2 writes two descriptors into `fds`, which is two c_ints.
         if unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_NONBLOCK | libc::O_CLOEXEC) } < 0 {
@@ -108,7 +109,7 @@ impl Pipe {
 
 /// One splice(2) of up to `len` bytes, never blocking: `WouldBlock` when
 /// the source has nothing or the destination takes nothing now.
-fn splice(from: RawFd, to: RawFd, len: usize) -> io::Result<usize> {
+pub(crate) fn splice(from: RawFd, to: RawFd, len: usize) -> io::Result<usize> {
     // SAFETY: plain descriptors and null offsets (sockets and pipes have no
     // file position); the kernel touches no memory of ours.
     let n = unsafe {

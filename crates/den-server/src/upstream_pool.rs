@@ -18,11 +18,14 @@
 //! its sprite awake.
 
 use std::collections::HashMap;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use axum::body::Body;
 use hyper::client::conn::http1::SendRequest;
 use parking_lot::Mutex;
+
+use crate::body_splice::Gate;
 
 /// Past this, an idle connection is dropped rather than reused.
 pub const IDLE_LIMIT: Duration = Duration::from_secs(4);
@@ -36,15 +39,22 @@ pub struct PoolKey {
     pub port: u16,
 }
 
+/// A connection to a sprite: hyper's handle, and the gate its reads pass
+/// through when den made it ([`crate::body_splice::UpstreamIo`]).
+pub struct Upstream {
+    pub sender: SendRequest<Body>,
+    pub gate: Option<Arc<Gate>>,
+}
+
 struct Idle {
-    sender: SendRequest<Body>,
+    up: Upstream,
     since: Instant,
 }
 
 impl Idle {
     /// Young enough and not closed: worth keeping.
     fn fresh(&self, now: Instant) -> bool {
-        now.saturating_duration_since(self.since) < IDLE_LIMIT && !self.sender.is_closed()
+        now.saturating_duration_since(self.since) < IDLE_LIMIT && !self.up.sender.is_closed()
     }
 }
 
@@ -63,14 +73,14 @@ pub struct PoolStats {
 impl UpstreamPool {
     /// An open, ready connection for `key`, if one is idle (most recently
     /// used first: it is the likeliest to still be open).
-    pub fn checkout(&self, key: &PoolKey) -> Option<SendRequest<Body>> {
+    pub fn checkout(&self, key: &PoolKey) -> Option<Upstream> {
         let mut idle = self.idle.lock();
         let list = idle.get_mut(key)?;
         let now = Instant::now();
         let mut found = None;
         while let Some(c) = list.pop() {
-            if c.fresh(now) && c.sender.is_ready() {
-                found = Some(c.sender);
+            if c.fresh(now) && c.up.sender.is_ready() {
+                found = Some(c.up);
                 break;
             }
         }
@@ -84,17 +94,17 @@ impl UpstreamPool {
     /// body was read to the end. A connection the exchange left unusable
     /// (body dropped half way, `Connection: close`, an error) is dropped,
     /// which ends its connection task.
-    pub fn give_back(self: &std::sync::Arc<Self>, key: PoolKey, mut sender: SendRequest<Body>) {
+    pub fn give_back(self: &std::sync::Arc<Self>, key: PoolKey, mut up: Upstream) {
         let pool = self.clone();
         tokio::spawn(async move {
-            if sender.ready().await.is_err() {
+            if up.sender.ready().await.is_err() {
                 return;
             }
             let mut idle = pool.idle.lock();
             let list = idle.entry(key).or_default();
             if list.len() < MAX_IDLE_PER_KEY {
                 list.push(Idle {
-                    sender,
+                    up,
                     since: Instant::now(),
                 });
             }
@@ -135,7 +145,6 @@ impl UpstreamPool {
 mod tests {
     use std::convert::Infallible;
     use std::net::SocketAddr;
-    use std::sync::Arc;
     use std::sync::atomic::{AtomicUsize, Ordering};
 
     use http_body_util::BodyExt;
@@ -177,20 +186,20 @@ mod tests {
         (addr, accepted)
     }
 
-    async fn dial(addr: SocketAddr) -> SendRequest<Body> {
+    async fn dial(addr: SocketAddr) -> Upstream {
         let tcp = TcpStream::connect(addr).await.unwrap();
         let (sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tcp))
             .await
             .unwrap();
         tokio::spawn(conn);
-        sender
+        Upstream { sender, gate: None }
     }
 
     /// One exchange the way the URL proxy does it: a pooled connection if
     /// there is one, else a new one; the body read to the end; the
     /// connection given back.
     async fn get(pool: &Arc<UpstreamPool>, key: &PoolKey, addr: SocketAddr) -> String {
-        let mut sender = match pool.checkout(key) {
+        let mut up = match pool.checkout(key) {
             Some(s) => s,
             None => dial(addr).await,
         };
@@ -199,9 +208,9 @@ mod tests {
             .header("host", "x")
             .body(Body::empty())
             .unwrap();
-        let resp = sender.send_request(req).await.unwrap();
+        let resp = up.sender.send_request(req).await.unwrap();
         let body = resp.into_body().collect().await.unwrap().to_bytes();
-        pool.give_back(key.clone(), sender);
+        pool.give_back(key.clone(), up);
         String::from_utf8(body.to_vec()).unwrap()
     }
 

@@ -20,17 +20,18 @@ use axum::body::Body;
 use axum::extract::{ConnectInfo, Request, State};
 use axum::http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use axum::http::request::Parts;
-use axum::http::{StatusCode, Uri, Version};
+use axum::http::{Method, StatusCode, Uri, Version};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use hyper::upgrade::OnUpgrade;
 use hyper_util::rt::TokioIo;
 
+use crate::body_splice::{self, Handoff};
 use crate::error::{ApiError, ApiResult};
 use crate::sprite_json::url_auth;
 use crate::state::AppState;
 use crate::upstream;
-use crate::upstream_pool::PoolKey;
+use crate::upstream_pool::{PoolKey, Upstream};
 
 /// URL traffic goes here unless a service says otherwise.
 pub const DEFAULT_HTTP_PORT: u16 = 8080;
@@ -193,7 +194,13 @@ async fn forward(st: AppState, name: String, host: String, mut req: Request) -> 
     };
 
     let client_upgrade = req.extensions_mut().remove::<OnUpgrade>();
+    let handoff = req.extensions_mut().remove::<Handoff>();
     let upgrade = upgrade_of(req.headers());
+    // Whether the response body may be spliced: a plain TCP client, and a
+    // response that has a body (not to HEAD) and is no tunnel.
+    let zeros = body_splice::placeholder()
+        .filter(|_| handoff.is_some() && upgrade.is_none())
+        .filter(|_| req.method() != Method::HEAD && req.method() != Method::CONNECT);
     let (mut parts, body) = req.into_parts();
     rewrite_request(&mut parts, host, upgrade.clone(), token_ok);
     let req = Request::from_parts(parts, body);
@@ -203,19 +210,23 @@ async fn forward(st: AppState, name: String, host: String, mut req: Request) -> 
         Some(_) => None,
     };
     let reused = pooled.is_some();
-    let mut sender = match pooled {
+    let mut up = match pooled {
         Some(s) => s,
         None => connect(&st, &name, activity.addr(), port, cold).await?,
     };
+    // Until decided below, hyper gets the response head and not its body;
+    // undecided (an error, the client gone), the body is hyper's again.
+    let mut decide = zeros.and(up.gate.clone()).map(Undecided::new);
     let did_not_answer = |e: hyper::Error| bad_gateway(format!("sprite {name} did not answer: {e}"));
-    let mut resp = match sender.try_send_request(req).await {
+    let mut resp = match up.sender.try_send_request(req).await {
         Ok(resp) => resp,
         // The kept connection closed before the request went out: hyper
         // hands it back unsent, and it goes out on a new connection.
         Err(mut e) if reused && e.message().is_some() => {
             let req = e.take_message().expect("checked above");
-            sender = connect(&st, &name, activity.addr(), port, false).await?;
-            sender.send_request(req).await.map_err(did_not_answer)?
+            up = connect(&st, &name, activity.addr(), port, false).await?;
+            decide = zeros.and(up.gate.clone()).map(Undecided::new);
+            up.sender.send_request(req).await.map_err(did_not_answer)?
         }
         Err(e) => return Err(did_not_answer(e.into_error())),
     };
@@ -232,12 +243,27 @@ async fn forward(st: AppState, name: String, host: String, mut req: Request) -> 
         let (parts, _) = resp.into_parts();
         return Ok(Response::from_parts(parts, Body::empty()));
     }
+    let (mut parts, body) = resp.into_parts();
+    // Before the hop-by-hop headers go: `Transfer-Encoding` rules it out.
+    let len = spliceable(&parts);
+    strip_hop_by_hop(&mut parts.headers);
+    if let (Some(d), Some(zeros), Some(handoff), Some(len)) = (decide.take(), zeros, handoff, len)
+        && d.0.take()
+    {
+        // The connection carries this body and then ends: not pooled.
+        drop(body);
+        drop(up);
+        let job = body_splice::Job::new(d.0.clone(), len, activity)
+            .map_err(|e| bad_gateway(format!("sprite {name}: taking over the response body: {e}")))?;
+        metrics::counter!("den_url_bodies_total", "copy" => "splice").increment(1);
+        let body = body_splice::SplicedBody::new(job, len, handoff, zeros);
+        return Ok(Response::from_parts(parts, Body::new(body)));
+    }
+    drop(decide);
     if upgrade.is_none() {
         // Back into the pool once the body has been read to the end.
-        st.upstreams.give_back(key, sender);
+        st.upstreams.give_back(key, up);
     }
-    let (mut parts, body) = resp.into_parts();
-    strip_hop_by_hop(&mut parts.headers);
     // The body, not the connection, keeps the sprite awake: a connection
     // idle in the pool must not.
     Ok(Response::from_parts(
@@ -249,6 +275,38 @@ async fn forward(st: AppState, name: String, host: String, mut req: Request) -> 
     ))
 }
 
+/// The length of a response body worth splicing: a `Content-Length` of at
+/// least [`body_splice::MIN_SPLICED_BODY`] on a response that has a body.
+fn spliceable(parts: &axum::http::response::Parts) -> Option<u64> {
+    let s = parts.status;
+    if s.is_informational() || s == StatusCode::NO_CONTENT || s == StatusCode::NOT_MODIFIED {
+        return None;
+    }
+    if parts.headers.contains_key(header::TRANSFER_ENCODING) {
+        return None;
+    }
+    let mut lens = parts.headers.get_all(header::CONTENT_LENGTH).iter();
+    let len: u64 = lens.next()?.to_str().ok()?.trim().parse().ok()?;
+    (lens.next().is_none() && len >= body_splice::MIN_SPLICED_BODY).then_some(len)
+}
+
+/// A gate holding a response body back until the proxy decides; dropped
+/// undecided, the body goes to hyper as usual.
+struct Undecided(Arc<body_splice::Gate>);
+
+impl Undecided {
+    fn new(gate: Arc<body_splice::Gate>) -> Self {
+        gate.expect_head();
+        Undecided(gate)
+    }
+}
+
+impl Drop for Undecided {
+    fn drop(&mut self) {
+        self.0.open();
+    }
+}
+
 /// A new HTTP/1.1 connection to the sprite's port; `just_booted` gives a
 /// program that is still starting time to listen.
 async fn connect(
@@ -257,7 +315,7 @@ async fn connect(
     addr: std::net::Ipv4Addr,
     port: u16,
     just_booted: bool,
-) -> ApiResult<hyper::client::conn::http1::SendRequest<Body>> {
+) -> ApiResult<Upstream> {
     let tcp = upstream::dial(addr, port, just_booted).await.map_err(|e| {
         bad_gateway(format!(
             "nothing answers on port {port} of sprite {name} ({e}); \
@@ -265,8 +323,10 @@ async fn connect(
              which must listen on 0.0.0.0"
         ))
     })?;
+    let (io, gate) =
+        body_splice::UpstreamIo::new(tcp).map_err(|e| bad_gateway(format!("sprite {name}: {e}")))?;
     let (sender, conn) = hyper::client::conn::http1::Builder::new()
-        .handshake::<_, Body>(TokioIo::new(tcp))
+        .handshake::<_, Body>(TokioIo::new(io))
         .await
         .map_err(|e| bad_gateway(format!("sprite {name}: {e}")))?;
     let stop = st.shutdown.clone();
@@ -276,7 +336,10 @@ async fn connect(
             _ = stop.cancelled() => {}
         }
     });
-    Ok(sender)
+    Ok(Upstream {
+        sender,
+        gate: Some(gate),
+    })
 }
 
 /// A response body that keeps its sprite awake until it ends or is dropped.
@@ -385,9 +448,12 @@ pub(crate) async fn splice(
     let moved = async {
         // den's own upstream connections are plain TCP; the client's is
         // unless den terminates TLS.
-        let (upstream, u_early) = match upstream.downcast::<TokioIo<tokio::net::TcpStream>>() {
-            Ok(p) => (p.io.into_inner(), p.read_buf),
-            Err(u) => return copied(TokioIo::new(client), b"", TokioIo::new(u)).await,
+        let (upstream, u_early) = match upstream.downcast::<TokioIo<body_splice::UpstreamIo>>() {
+            Ok(p) => (p.io.into_inner().into_tcp(), p.read_buf),
+            Err(u) => match u.downcast::<TokioIo<tokio::net::TcpStream>>() {
+                Ok(p) => (p.io.into_inner(), p.read_buf),
+                Err(u) => return copied(TokioIo::new(client), b"", TokioIo::new(u)).await,
+            },
         };
         match crate::listener::upgraded_tcp(client) {
             Ok((client, c_early)) => {

@@ -77,6 +77,9 @@ const TESTS: &[(&str, TestFn)] = &[
         Box::pin(proxy::url_bulk_upload_and_download_intact())
     }),
     ("url_wakes_cold", || Box::pin(proxy::url_wakes_cold())),
+    ("url_plain_bodies_spliced", || {
+        Box::pin(proxy::url_plain_bodies_spliced())
+    }),
     ("url_reuses_upstream_connections", || {
         Box::pin(proxy::url_reuses_upstream_connections())
     }),

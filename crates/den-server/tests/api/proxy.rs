@@ -723,3 +723,258 @@ pub async fn url_bulk_upload_and_download_intact() -> Result<()> {
     s.stop().await;
     Ok(())
 }
+
+/// One response read off a raw keep-alive connection.
+struct Answer {
+    status: u16,
+    head: String,
+    body: Vec<u8>,
+}
+
+impl Answer {
+    fn header(&self, name: &str) -> Option<&str> {
+        self.head.lines().find_map(|l| {
+            let (k, v) = l.split_once(':')?;
+            k.trim().eq_ignore_ascii_case(name).then(|| v.trim())
+        })
+    }
+}
+
+/// Send `method path` to the sprite URL `web` on `conn` (kept alive) and
+/// read the whole response: by `Content-Length`, chunked, or none (HEAD,
+/// 204).
+async fn ask(
+    conn: &mut tokio::io::BufReader<TcpStream>,
+    s: &TestServer,
+    web: &str,
+    method: &str,
+    path: &str,
+) -> Result<Answer> {
+    use tokio::io::AsyncBufReadExt;
+    let req = format!(
+        "{method} {path} HTTP/1.1\r\nHost: {web}\r\nAuthorization: Bearer {}\r\n\r\n",
+        s.token
+    );
+    conn.get_mut().write_all(req.as_bytes()).await?;
+    let head = read_head(conn).await?;
+    let status: u16 = head.get(9..12).context("status line")?.parse()?;
+    let mut a = Answer {
+        status,
+        head,
+        body: Vec::new(),
+    };
+    if method == "HEAD" || status == 204 || status == 304 {
+        return Ok(a);
+    }
+    if let Some(len) = a.header("content-length") {
+        let mut body = vec![0u8; len.parse()?];
+        tokio::time::timeout(WAIT, conn.read_exact(&mut body)).await??;
+        a.body = body;
+        return Ok(a);
+    }
+    ensure!(
+        a.header("transfer-encoding") == Some("chunked"),
+        "neither length nor chunked: {}",
+        a.head
+    );
+    loop {
+        let mut line = String::new();
+        tokio::time::timeout(WAIT, conn.read_line(&mut line)).await??;
+        let n = usize::from_str_radix(line.trim(), 16).with_context(|| format!("chunk size {line:?}"))?;
+        let mut chunk = vec![0u8; n + 2];
+        tokio::time::timeout(WAIT, conn.read_exact(&mut chunk)).await??;
+        ensure!(chunk.ends_with(b"\r\n"), "chunk not terminated");
+        if n == 0 {
+            return Ok(a);
+        }
+        a.body.extend_from_slice(&chunk[..n]);
+    }
+}
+
+/// `den_url_bodies_total{copy="splice"}` from /metrics.
+async fn spliced_bodies(s: &TestServer) -> Result<u64> {
+    let metrics = s.client().get(s.api("/metrics")).send().await?.text().await?;
+    Ok(metrics
+        .lines()
+        .find_map(|l| l.strip_prefix("den_url_bodies_total{copy=\"splice\"} "))
+        .map_or(Ok(0), |v| v.trim().parse::<f64>().map(|v| v as u64))?)
+}
+
+/// Answers 204 with no body.
+const NO_CONTENT_CGI: &str = "#!/bin/sh\nprintf 'HTTP/1.1 204 No Content\\r\\n\\r\\n'\n";
+/// A chunked answer: `hello world`.
+const CHUNKED_CGI: &str = "#!/bin/sh\nprintf 'HTTP/1.1 200 OK\\r\\nTransfer-Encoding: chunked\\r\\n\\r\\n\
+    6\\r\\nhello \\r\\n5\\r\\nworld\\r\\n0\\r\\n\\r\\n'\n";
+/// 1 MiB of /srv/www/big with a `Content-Length`, the head first and the
+/// body a moment later (in its own segments).
+const SLOW_HEAD_CGI: &str = "#!/bin/sh\nprintf 'HTTP/1.1 200 OK\\r\\nContent-Length: 1048576\\r\\n\\r\\n'\n\
+    sleep 0.3\nhead -c 1048576 /srv/www/big\n";
+/// Says it sends 1 MiB, sends 100 KiB and ends.
+const SHORT_CGI: &str = "#!/bin/sh\nprintf 'HTTP/1.1 200 OK\\r\\nContent-Length: 1048576\\r\\n\\r\\n'\n\
+    head -c 102400 /srv/www/big\n";
+
+/// Plain-HTTP bodies through a sprite URL, large ones spliced: 64 MiB up
+/// and down byte-identical; one client connection kept alive across a big
+/// body, a HEAD, a 204, a chunked answer, a body whose head came first and
+/// a small one; a body the sprite cuts short ends the connection instead
+/// of hanging; and a client that leaves mid-body lets the sprite go idle.
+pub async fn url_plain_bodies_spliced() -> Result<()> {
+    const UPLOAD_CGI: &str = "#!/bin/sh\ncat > /srv/www/big\necho Content-Type: text/plain\necho\n\
+        wc -c < /srv/www/big\n";
+    let s = TestServer::start_with(|c| c.warm_after = Duration::from_secs(2)).await?;
+    let c = s.client();
+    s.create("bodies").await?;
+    put_file(&s, "bodies", "/srv/www/cgi-bin/upload", UPLOAD_CGI).await?;
+    put_file(&s, "bodies", "/srv/www/cgi-bin/none", NO_CONTENT_CGI).await?;
+    put_file(&s, "bodies", "/srv/www/cgi-bin/chunked", CHUNKED_CGI).await?;
+    put_file(&s, "bodies", "/srv/www/cgi-bin/slowhead", SLOW_HEAD_CGI).await?;
+    put_file(&s, "bodies", "/srv/www/cgi-bin/short", SHORT_CGI).await?;
+    put_file(&s, "bodies", "/srv/www/small", "small\n").await?;
+    // A service, not an exec session: only requests keep the sprite awake.
+    // It runs as the sprite's user, for whom the upload's directory is open.
+    sh(&s, "bodies", "chmod 777 /srv/www").await?;
+    let svc = ServiceDef {
+        name: "httpd".into(),
+        cmd: "busybox".into(),
+        args: ["httpd", "-f", "-p", "8080", "-h", "/srv/www"]
+            .map(String::from)
+            .to_vec(),
+        ..Default::default()
+    };
+    drop(mgr(&s).put_service("bodies", svc).await?);
+    wait_listening(mgr(&s).wake("bodies").await?.addr(), 8080).await?;
+    let web = host(&s, "bodies");
+
+    // 64 MiB up (copied) ...
+    let data = pattern(64 << 20);
+    let r = c
+        .post(url(&s, "/cgi-bin/upload"))
+        .header("host", &web)
+        .header("content-type", "application/octet-stream")
+        .body(data.clone())
+        .send()
+        .await?;
+    let status = r.status();
+    let heads = format!("{:?}", r.headers());
+    ensure!(status == 200, "{status}: {}", r.text().await?);
+    let stored = r.text().await?;
+    ensure!(
+        stored.trim() == data.len().to_string(),
+        "the sprite stored {stored:?} bytes ({heads})"
+    );
+
+    // ... and down (spliced), then more on the same client connection.
+    let before = spliced_bodies(&s).await?;
+    let mut conn = tokio::io::BufReader::new(TcpStream::connect(s.cfg.listen).await?);
+    let a = ask(&mut conn, &s, &web, "GET", "/big").await?;
+    ensure!(a.status == 200, "{}", a.head);
+    ensure!(
+        a.header("content-length") == Some(&*data.len().to_string()),
+        "{}",
+        a.head
+    );
+    ensure!(a.body.len() == data.len(), "downloaded {} bytes", a.body.len());
+    ensure!(
+        blake3::hash(&a.body) == blake3::hash(&data),
+        "the download differs"
+    );
+    let a = ask(&mut conn, &s, &web, "GET", "/small").await?;
+    ensure!(a.status == 200 && a.body == b"small\n", "{} {:?}", a.head, a.body);
+    let a = ask(&mut conn, &s, &web, "HEAD", "/big").await?;
+    ensure!(a.status == 200, "{}", a.head);
+    ensure!(
+        a.header("content-length") == Some(&*data.len().to_string()),
+        "{}",
+        a.head
+    );
+    let a = ask(&mut conn, &s, &web, "GET", "/cgi-bin/none").await?;
+    ensure!(a.status == 204, "{}", a.head);
+    let a = ask(&mut conn, &s, &web, "GET", "/cgi-bin/chunked").await?;
+    ensure!(
+        a.status == 200 && a.body == b"hello world",
+        "{} {:?}",
+        a.head,
+        a.body
+    );
+    let a = ask(&mut conn, &s, &web, "GET", "/cgi-bin/slowhead").await?;
+    ensure!(a.status == 200, "{}", a.head);
+    ensure!(a.body[..] == data[..1 << 20], "the slow-head body differs");
+    let a = ask(&mut conn, &s, &web, "GET", "/big").await?;
+    ensure!(
+        blake3::hash(&a.body) == blake3::hash(&data),
+        "the second download differs"
+    );
+    let a = ask(&mut conn, &s, &web, "GET", "/small").await?;
+    ensure!(a.body == b"small\n", "{:?}", a.body);
+    // Pipelined: both requests at once, the answers in order.
+    let two = format!(
+        "GET /cgi-bin/slowhead HTTP/1.1\r\nHost: {web}\r\nAuthorization: Bearer {t}\r\n\r\n\
+         GET /big HTTP/1.1\r\nHost: {web}\r\nAuthorization: Bearer {t}\r\n\r\n",
+        t = s.token
+    );
+    let mut piped = tokio::io::BufReader::new(TcpStream::connect(s.cfg.listen).await?);
+    piped.get_mut().write_all(two.as_bytes()).await?;
+    for want in [&data[..1 << 20], &data[..]] {
+        let head = read_head(&mut piped).await?;
+        ensure!(head.starts_with("HTTP/1.1 200"), "{head}");
+        let mut body = vec![0u8; want.len()];
+        tokio::time::timeout(WAIT, piped.read_exact(&mut body)).await??;
+        ensure!(
+            blake3::hash(&body) == blake3::hash(want),
+            "a pipelined body differs"
+        );
+    }
+    drop(piped);
+    let spliced = spliced_bodies(&s).await? - before;
+    ensure!(
+        spliced == 5,
+        "{spliced} bodies spliced, want 5 (big thrice, slowhead twice)"
+    );
+
+    // A body cut short by the sprite: the client gets what there was, then
+    // the connection closes (never a hang, never a next response in it).
+    let req = format!(
+        "GET /cgi-bin/short HTTP/1.1\r\nHost: {web}\r\nAuthorization: Bearer {}\r\n\r\n",
+        s.token
+    );
+    let mut short = TcpStream::connect(s.cfg.listen).await?;
+    short.write_all(req.as_bytes()).await?;
+    let mut got = Vec::new();
+    tokio::time::timeout(WAIT, short.read_to_end(&mut got))
+        .await
+        .context("a short body hangs the connection")??;
+    let text = String::from_utf8_lossy(&got[..64.min(got.len())]).into_owned();
+    ensure!(text.starts_with("HTTP/1.1 200"), "{text}");
+    ensure!(got.len() < (1 << 20), "{} bytes for a body cut short", got.len());
+
+    drop(conn);
+    let deadline = Instant::now() + WAIT;
+    while mgr(&s).get("bodies")?.status == SpriteStatus::Running {
+        ensure!(
+            Instant::now() < deadline,
+            "the sprite stays awake after the bodies were served"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    // A client leaving mid-body: the upstream connection and the sprite's
+    // activity go with it, so the sprite can sleep.
+    let req = format!(
+        "GET /big HTTP/1.1\r\nHost: {web}\r\nAuthorization: Bearer {}\r\n\r\n",
+        s.token
+    );
+    let mut leaver = TcpStream::connect(s.cfg.listen).await?;
+    leaver.write_all(req.as_bytes()).await?;
+    let mut some = vec![0u8; 1 << 20];
+    tokio::time::timeout(WAIT, leaver.read_exact(&mut some)).await??;
+    drop(leaver);
+    let deadline = Instant::now() + WAIT;
+    while mgr(&s).get("bodies")?.status == SpriteStatus::Running {
+        ensure!(
+            Instant::now() < deadline,
+            "the sprite stays awake after the client left mid-body"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    s.stop().await;
+    Ok(())
+}
