@@ -10,8 +10,8 @@ use std::os::fd::AsRawFd;
 use std::path::Path;
 
 // _IOWR('X', 119, int) and _IOWR('X', 120, int) from linux/fs.h.
-pub(crate) const FIFREEZE: libc::c_ulong = 0xC004_5877;
-pub(crate) const FITHAW: libc::c_ulong = 0xC004_5878;
+const FIFREEZE: libc::c_ulong = 0xC004_5877;
+const FITHAW: libc::c_ulong = 0xC004_5878;
 
 pub struct Frozen {
     dir: File,

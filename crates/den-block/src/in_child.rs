@@ -154,19 +154,7 @@ pub fn syncfs(path: &Path) -> io::Result<()> {
     sync_c(&p).map_err(context(what))
 }
 
-/// What a child does to the filesystem holding a directory.
-#[derive(Clone, Copy)]
-enum FsCall {
-    Sync,
-    Freeze,
-    Thaw,
-}
-
 fn sync_c(p: &CStr) -> Result<(), ChildFailed> {
-    fs_call(p, FsCall::Sync)
-}
-
-fn fs_call(p: &CStr, call: FsCall) -> Result<(), ChildFailed> {
     // SAFETY: the body makes three system calls on a C string made by the caller.
     unsafe {
         run(&[], || {
@@ -174,34 +162,13 @@ fn fs_call(p: &CStr, call: FsCall) -> Result<(), ChildFailed> {
             if fd < 0 {
                 return Err((0, errno()));
             }
-            let rc = match call {
-                FsCall::Sync => libc::syncfs(fd),
-                FsCall::Freeze => libc::ioctl(fd, crate::freeze::FIFREEZE, 0),
-                FsCall::Thaw => libc::ioctl(fd, crate::freeze::FITHAW, 0),
-            };
-            if rc < 0 {
+            if libc::syncfs(fd) < 0 {
                 return Err((0, errno()));
             }
             libc::close(fd);
             Ok(())
         })
     }
-}
-
-/// `FIFREEZE` the filesystem holding `path`, from a child: its journal is
-/// flushed and it is marked clean on disk (an image taken now mounts
-/// without recovery), and writers block until [`thaw`]. The freeze outlives
-/// the child; if we die before thawing, the next start thaws it.
-pub fn freeze(path: &Path) -> io::Result<()> {
-    let p = c_path(path)?;
-    fs_call(&p, FsCall::Freeze).map_err(context(format!("freeze {}", path.display())))
-}
-
-/// `FITHAW` the filesystem holding `path`, from a child. A filesystem that
-/// is not frozen answers `EINVAL`.
-pub fn thaw(path: &Path) -> io::Result<()> {
-    let p = c_path(path)?;
-    fs_call(&p, FsCall::Thaw).map_err(context(format!("thaw {}", path.display())))
 }
 
 #[cfg(test)]
@@ -218,11 +185,6 @@ mod tests {
         assert!(crate::mountinfo::read().unwrap().iter().any(|m| m.mount_point == mp));
         std::fs::write(mp.join("f"), b"x").unwrap();
         syncfs(&mp).unwrap();
-        // tmpfs can't freeze: the call reaches the kernel and its answer comes
-        // back (freezing ext4 for real: den-sprite's lifecycle test).
-        let err = freeze(&mp).unwrap_err();
-        assert_eq!(err.kind(), io::ErrorKind::Unsupported, "{err}");
-        assert!(err.to_string().starts_with("freeze "), "{err}");
         umount(&mp, 0).unwrap();
         assert!(!crate::mountinfo::read().unwrap().iter().any(|m| m.mount_point == mp));
 

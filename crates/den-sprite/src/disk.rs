@@ -198,33 +198,6 @@ pub fn syncfs(path: &Path) -> Result<()> {
     den_block::in_child::syncfs(path).map_err(|e| SpriteError::io("syncing the sprite's disk", e))
 }
 
-/// A sprite's filesystem frozen (`FIFREEZE`, from a child: see
-/// [`den_block::in_child`]) until dropped. Frozen, ext4 has flushed its
-/// journal and marked itself clean on disk, so a volume checkpoint taken now
-/// is a clean filesystem image: a restore or fork of it mounts without
-/// journal recovery. Writers in the sprite wait; readers don't.
-pub(crate) struct FsFrozen {
-    mountpoint: PathBuf,
-}
-
-impl FsFrozen {
-    pub(crate) fn new(mountpoint: &Path) -> Result<FsFrozen> {
-        den_block::in_child::freeze(mountpoint)
-            .map_err(|e| SpriteError::io("freezing the sprite's filesystem", e))?;
-        Ok(FsFrozen {
-            mountpoint: mountpoint.to_path_buf(),
-        })
-    }
-}
-
-impl Drop for FsFrozen {
-    fn drop(&mut self) {
-        if let Err(e) = den_block::in_child::thaw(&self.mountpoint) {
-            tracing::error!(mount = %self.mountpoint.display(), error = %e, "thawing a sprite's filesystem");
-        }
-    }
-}
-
 /// Format a fresh volume as the template every sprite's disk is forked from:
 /// ext4 with empty `upper/` and `work/` directories owned by the sprite's
 /// root (`root_uid`/`root_gid` on the host).
@@ -439,12 +412,6 @@ fn write_pid_file(pid_file: &Path, me: i32) -> Result<()> {
 pub fn cleanup_stale(root: &Path) {
     abort_stale_fuse(root);
     let mounts = mounts_below(root);
-    // A run killed during a checkpoint may have left a sprite's filesystem
-    // frozen ([`FsFrozen`]), its writers stuck where no signal reaches them.
-    // Thaw first (a filesystem that isn't frozen just says so).
-    for m in &mounts {
-        let _ = den_block::in_child::thaw(m);
-    }
     // Loop devices first, while their FUSE files still have their paths: once
     // the FUSE mount is detached the kernel reports the file as `/disk` and
     // the device could never be found again (a leak per crash). On a device

@@ -53,18 +53,20 @@ impl SpriteManager {
         Ok(self.inner.store.delete_checkpoint(&volume, &ck.id).await?)
     }
 
-    /// Run `f` on the disk of an awake sprite while its filesystem is
-    /// frozen ([`disk::FsFrozen`]), so what `f` records of the volume is a
-    /// clean filesystem image. Always thaws.
+    /// Run `f` on the disk of an awake sprite while its processes are
+    /// frozen and its filesystem is synced, so what `f` records of the
+    /// volume is a consistent filesystem image. Always thaws.
     pub(super) async fn while_frozen<T: Send + 'static>(
         &self,
         live: &Live,
         f: impl FnOnce(&den_store::Volume) -> Result<T> + Send + 'static,
     ) -> Result<T> {
+        let (backend, handle, frozen) = (self.inner.backend.clone(), live.handle.clone(), live.frozen);
         let disk = live.disk.as_ref().expect("an awake sprite has its disk");
         let (mp, vol) = (disk.mountpoint().to_path_buf(), disk.volume().clone());
         blocking(move || {
-            let _frozen = disk::FsFrozen::new(&mp)?;
+            let _frozen = FreezeGuard::new(backend, handle, frozen)?;
+            disk::syncfs(&mp)?;
             f(&vol)
         })
         .await
@@ -78,5 +80,35 @@ fn ck_err(e: StoreError, sprite: &str, id: &str) -> SpriteError {
             checkpoint: id.to_string(),
         },
         other => other.into(),
+    }
+}
+
+/// Freezes a running sprite (unless it already was) and always thaws it again.
+pub(super) struct FreezeGuard {
+    backend: Arc<dyn Backend>,
+    handle: Option<den_runtime::Handle>,
+}
+
+impl FreezeGuard {
+    pub(super) fn new(
+        backend: Arc<dyn Backend>,
+        handle: Option<den_runtime::Handle>,
+        already_frozen: bool,
+    ) -> Result<Self> {
+        let handle = handle.filter(|_| !already_frozen);
+        if let Some(h) = &handle {
+            backend.freeze(h)?;
+        }
+        Ok(FreezeGuard { backend, handle })
+    }
+}
+
+impl Drop for FreezeGuard {
+    fn drop(&mut self) {
+        if let Some(h) = &self.handle
+            && let Err(e) = self.backend.thaw(h)
+        {
+            tracing::error!(sprite = %h.id, error = %e, "thawing after a checkpoint failed");
+        }
     }
 }

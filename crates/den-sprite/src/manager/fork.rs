@@ -1,11 +1,12 @@
 //! A new sprite from another one's checkpoint or live state.
 
+use super::checkpoint::FreezeGuard;
 use super::create::{new_key, new_record};
 use super::*;
 
 impl SpriteManager {
     /// A new sprite from a checkpoint of `source`, or from its live state
-    /// (its filesystem frozen for the instant the fork takes). Settings (policy,
+    /// (frozen and synced for the instant the fork takes). Settings (policy,
     /// services, limits, attributes) are copied; `attrs` replaces the latter.
     pub async fn fork(
         &self,
@@ -45,15 +46,17 @@ impl SpriteManager {
                         store.fork(&volume, live_src).await?;
                     }
                     Phase::Awake(live) => {
+                        let (backend, handle, frozen) =
+                            (self.inner.backend.clone(), live.handle.clone(), live.frozen);
                         let mp = live.disk.as_ref().expect("awake").mountpoint().to_path_buf();
-                        let frozen = blocking(move || disk::FsFrozen::new(&mp)).await?;
-                        let res = store.fork(&volume, live_src).await;
-                        // Thawing waits for a child: not on an async thread.
-                        blocking(move || {
-                            drop(frozen);
-                            Ok(())
+                        let guard = blocking(move || {
+                            let g = FreezeGuard::new(backend, handle, frozen)?;
+                            disk::syncfs(&mp)?;
+                            Ok(g)
                         })
                         .await?;
+                        let res = store.fork(&volume, live_src).await;
+                        drop(guard);
                         res?;
                     }
                 }
