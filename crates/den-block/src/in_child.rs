@@ -35,7 +35,10 @@ pub(crate) struct ChildFailed {
 /// `body` runs in a forked child of a multi-threaded process: it may only
 /// make async-signal-safe calls (raw system calls) on data made before the
 /// fork. It must not allocate, lock, log or unwind.
-pub(crate) unsafe fn run(keep: &[i32], body: impl FnOnce() -> Result<(), (i32, i32)>) -> Result<(), ChildFailed> {
+pub(crate) unsafe fn run(
+    keep: &[i32],
+    body: impl FnOnce() -> Result<(), (i32, i32)>,
+) -> Result<(), ChildFailed> {
     let failed = |e: io::Error| ChildFailed { stage: 0, error: e };
     let (rd, wr) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).map_err(|e| failed(e.into()))?;
     let wr_fd = wr.as_raw_fd();
@@ -72,7 +75,9 @@ pub(crate) unsafe fn run(keep: &[i32], body: impl FnOnce() -> Result<(), (i32, i
             stage: i32::from_ne_bytes(report[..4].try_into().expect("4 bytes")),
             error: io::Error::from_raw_os_error(i32::from_ne_bytes(report[4..].try_into().expect("4 bytes"))),
         }),
-        Ok(other) => Err(failed(io::Error::other(format!("the child ended with {other:?}")))),
+        Ok(other) => Err(failed(io::Error::other(format!(
+            "the child ended with {other:?}"
+        )))),
         Err(e) => Err(failed(e.into())),
     }
 }
@@ -115,13 +120,30 @@ fn context(what: String) -> impl FnOnce(ChildFailed) -> io::Error {
 
 /// `mount(2)` of `source` (a device) on `target` as `fstype` with `flags`
 /// and the filesystem's own `options`, from a child.
-pub fn mount(source: &Path, target: &Path, fstype: &str, flags: libc::c_ulong, options: &str) -> io::Result<()> {
+pub fn mount(
+    source: &Path,
+    target: &Path,
+    fstype: &str,
+    flags: libc::c_ulong,
+    options: &str,
+) -> io::Result<()> {
     let (src, dst, ty, data) = (c_path(source)?, c_path(target)?, c_str(fstype)?, c_str(options)?);
-    let what = format!("mount {fstype} {} on {} ({options})", source.display(), target.display());
+    let what = format!(
+        "mount {fstype} {} on {} ({options})",
+        source.display(),
+        target.display()
+    );
     // SAFETY: the body makes one system call on C strings made above.
     unsafe {
         run(&[], || {
-            if libc::mount(src.as_ptr(), dst.as_ptr(), ty.as_ptr(), flags, data.as_ptr().cast()) < 0 {
+            if libc::mount(
+                src.as_ptr(),
+                dst.as_ptr(),
+                ty.as_ptr(),
+                flags,
+                data.as_ptr().cast(),
+            ) < 0
+            {
                 return Err((0, errno()));
             }
             Ok(())
@@ -182,17 +204,33 @@ mod tests {
         let mp = dir.path().join("mp");
         std::fs::create_dir(&mp).unwrap();
         mount(Path::new("tmpfs"), &mp, "tmpfs", 0, "size=1m").unwrap();
-        assert!(crate::mountinfo::read().unwrap().iter().any(|m| m.mount_point == mp));
+        assert!(
+            crate::mountinfo::read()
+                .unwrap()
+                .iter()
+                .any(|m| m.mount_point == mp)
+        );
         std::fs::write(mp.join("f"), b"x").unwrap();
         syncfs(&mp).unwrap();
         umount(&mp, 0).unwrap();
-        assert!(!crate::mountinfo::read().unwrap().iter().any(|m| m.mount_point == mp));
+        assert!(
+            !crate::mountinfo::read()
+                .unwrap()
+                .iter()
+                .any(|m| m.mount_point == mp)
+        );
 
         let err = umount(&mp, 0).unwrap_err();
         assert_eq!(err.raw_os_error(), None, "a message with context: {err}");
-        assert!(err.to_string().contains("unmount") && err.to_string().contains("Invalid argument"), "{err}");
+        assert!(
+            err.to_string().contains("unmount") && err.to_string().contains("Invalid argument"),
+            "{err}"
+        );
         let err = mount(Path::new("none"), &mp, "nosuchfs", 0, "").unwrap_err();
-        assert!(err.to_string().contains("nosuchfs") && err.to_string().contains("No such device"), "{err}");
+        assert!(
+            err.to_string().contains("nosuchfs") && err.to_string().contains("No such device"),
+            "{err}"
+        );
         let err = syncfs(&dir.path().join("missing")).unwrap_err();
         assert_eq!(err.kind(), io::ErrorKind::NotFound, "{err}");
     }

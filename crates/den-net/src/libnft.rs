@@ -94,7 +94,9 @@ impl LibNft {
             let api = Api {
                 ctx_free: *lib.get(b"nft_ctx_free\0").map_err(|e| e.to_string())?,
                 run_cmd_from_buffer: *lib.get(b"nft_run_cmd_from_buffer\0").map_err(|e| e.to_string())?,
-                get_error_buffer: *lib.get(b"nft_ctx_get_error_buffer\0").map_err(|e| e.to_string())?,
+                get_error_buffer: *lib
+                    .get(b"nft_ctx_get_error_buffer\0")
+                    .map_err(|e| e.to_string())?,
                 _lib: lib,
             };
             // NFT_CTX_DEFAULT: the same context the nft tool makes.
@@ -162,10 +164,15 @@ mod tests {
 
         // A bad script applies nothing: the good first line must not land either.
         let err = lib
-            .apply(&format!("add chain inet {table} d\nadd rule inet {table} nosuch drop\n"))
+            .apply(&format!(
+                "add chain inet {table} d\nadd rule inet {table} nosuch drop\n"
+            ))
             .unwrap_err();
         let text = err.to_string();
-        assert!(text.contains("No such file or directory"), "nft's own error text: {text}");
+        assert!(
+            text.contains("No such file or directory"),
+            "nft's own error text: {text}"
+        );
         let listed = cmd::run("nft", &["list", "table", "inet", &table], None).unwrap();
         assert!(!listed.contains("chain d"), "all or nothing: {listed}");
 
