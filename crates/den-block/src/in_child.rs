@@ -1,4 +1,4 @@
-//! Filesystem calls on a den disk made from a forked child, never from a
+//! Filesystem calls on a den disk made from a child process, never from a
 //! thread of ours.
 //!
 //! Mounting, unmounting and syncing the ext4 on a den disk do I/O through
@@ -16,7 +16,6 @@
 
 use std::ffi::{CStr, CString};
 use std::io;
-use std::os::fd::AsRawFd;
 use std::os::unix::ffi::OsStrExt;
 use std::path::Path;
 
@@ -28,52 +27,100 @@ pub(crate) struct ChildFailed {
     pub error: io::Error,
 }
 
-/// Fork; in the child close every fd but `keep` and a report pipe, run
-/// `body`, and `_exit`. `body` returns `Err((stage, errno))` to report.
+/// What [`run`] hands its child, on the parent's memory (the child shares it).
+struct Call<'a, F> {
+    keep: &'a mut [i32],
+    body: Option<F>,
+    /// `(stage, errno)` of a failure, written by the child before it exits.
+    report: (i32, i32),
+}
+
+/// Size of the child's stack: `body` makes a few system calls.
+const CHILD_STACK: usize = 64 << 10;
+
+/// Run `body` in a child process that holds no fd but `keep`: `clone` with
+/// `CLONE_VM | CLONE_VFORK`, like `posix_spawn` without the exec. The child
+/// shares our memory (no page tables copied, no copy-on-write faults for
+/// our other threads afterwards, as a `fork` of a large busy process would
+/// cost) and this thread waits until it has exited. It has its own fd
+/// table, closes every fd but `keep`, runs `body` and `_exit`s. `body`
+/// returns `Err((stage, errno))` to report.
 ///
 /// # Safety
-/// `body` runs in a forked child of a multi-threaded process: it may only
-/// make async-signal-safe calls (raw system calls) on data made before the
-/// fork. It must not allocate, lock, log or unwind.
-pub(crate) unsafe fn run(
+/// `body` runs in a child that shares this process's memory while the
+/// other threads go on: it may only make async-signal-safe calls (raw
+/// system calls) on data made before the call. It must not allocate, lock,
+/// log, unwind or write to memory other threads use.
+pub(crate) unsafe fn run<F: FnOnce() -> Result<(), (i32, i32)>>(
     keep: &[i32],
-    body: impl FnOnce() -> Result<(), (i32, i32)>,
+    body: F,
 ) -> Result<(), ChildFailed> {
     let failed = |e: io::Error| ChildFailed { stage: 0, error: e };
-    let (rd, wr) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).map_err(|e| failed(e.into()))?;
-    let wr_fd = wr.as_raw_fd();
     let mut kept = [-1i32; 8];
-    assert!(keep.len() < kept.len(), "in_child::run keeps at most 7 fds");
+    assert!(keep.len() <= kept.len(), "in_child::run keeps at most 8 fds");
     kept[..keep.len()].copy_from_slice(keep);
-    kept[keep.len()] = wr_fd;
-    let n = keep.len() + 1;
-    // SAFETY: the child only runs `body` (async-signal-safe by the caller's
-    // contract), close_range, write and _exit; it never returns.
-    let child = unsafe { libc::fork() };
-    if child < 0 {
-        return Err(failed(io::Error::last_os_error()));
-    }
-    if child == 0 {
-        // SAFETY: see above; this block never returns.
+    let mut call = Call {
+        keep: &mut kept[..keep.len()],
+        body: Some(body),
+        report: (0, 0),
+    };
+    let mut stack = vec![0u8; CHILD_STACK];
+    // The stack grows down from its (16-byte aligned) end.
+    let top = (stack.as_mut_ptr() as usize + CHILD_STACK) & !15;
+
+    extern "C" fn child<F: FnOnce() -> Result<(), (i32, i32)>>(arg: *mut libc::c_void) -> libc::c_int {
+        // SAFETY: `arg` is the parent's `Call`, alive until we exit (the
+        // parent is suspended by CLONE_VFORK); we are its only user meanwhile.
         unsafe {
-            close_all_but(&mut kept[..n]);
-            if let Err((stage, errno)) = body() {
-                let report = [stage, errno];
-                libc::write(wr_fd, report.as_ptr().cast(), std::mem::size_of_val(&report));
+            let call = &mut *(arg as *mut Call<'_, F>);
+            close_all_but(call.keep);
+            let outcome = match call.body.take() {
+                Some(body) => body(),
+                None => Err((0, libc::EINVAL)),
+            };
+            if let Err(r) = outcome {
+                std::ptr::write_volatile(&mut call.report, r);
                 libc::_exit(1);
             }
-            libc::_exit(0);
+            libc::_exit(0)
         }
     }
-    drop(wr);
-    let status = nix::sys::wait::waitpid(nix::unistd::Pid::from_raw(child), None);
-    let mut report = [0u8; 8];
-    let got = nix::unistd::read(&rd, &mut report).unwrap_or(0);
+
+    // The child starts with every signal blocked (it inherits this thread's
+    // mask): a handler of ours running in it would write to our memory.
+    let all = nix::sys::signal::SigSet::all();
+    let mut before = nix::sys::signal::SigSet::empty();
+    nix::sys::signal::pthread_sigmask(
+        nix::sys::signal::SigmaskHow::SIG_SETMASK,
+        Some(&all),
+        Some(&mut before),
+    )
+    .map_err(|e| failed(e.into()))?;
+    // SAFETY: the child runs on its own stack (`stack`, alive until it
+    // exits) with its own fd table, and only touches `call`; this thread
+    // stays suspended until the child has exited (CLONE_VFORK).
+    let pid = unsafe {
+        libc::clone(
+            child::<F>,
+            top as *mut libc::c_void,
+            libc::CLONE_VM | libc::CLONE_VFORK | libc::SIGCHLD,
+            (&mut call as *mut Call<'_, F>).cast(),
+        )
+    };
+    let clone_error = io::Error::last_os_error();
+    let _ = nix::sys::signal::pthread_sigmask(nix::sys::signal::SigmaskHow::SIG_SETMASK, Some(&before), None);
+    if pid < 0 {
+        return Err(failed(clone_error));
+    }
+    let status = nix::sys::wait::waitpid(nix::unistd::Pid::from_raw(pid), None);
+    drop(stack);
+    // SAFETY: the child has exited; nothing else writes `report`.
+    let (stage, errno) = unsafe { std::ptr::read_volatile(&call.report) };
     match status {
         Ok(nix::sys::wait::WaitStatus::Exited(_, 0)) => Ok(()),
-        _ if got == report.len() => Err(ChildFailed {
-            stage: i32::from_ne_bytes(report[..4].try_into().expect("4 bytes")),
-            error: io::Error::from_raw_os_error(i32::from_ne_bytes(report[4..].try_into().expect("4 bytes"))),
+        Ok(nix::sys::wait::WaitStatus::Exited(_, _)) if errno != 0 => Err(ChildFailed {
+            stage,
+            error: io::Error::from_raw_os_error(errno),
         }),
         Ok(other) => Err(failed(io::Error::other(format!(
             "the child ended with {other:?}"
@@ -82,15 +129,15 @@ pub(crate) unsafe fn run(
     }
 }
 
-/// The errno of the last failed call, in a forked child (no allocation).
+/// The errno of the last failed call, in the child (no allocation).
 pub(crate) fn errno() -> i32 {
     io::Error::last_os_error().raw_os_error().unwrap_or(libc::EIO)
 }
 
-/// Close every fd of this (forked, single-threaded) process except `keep`.
+/// Close every fd of this child (its own fd table) except `keep`.
 ///
 /// # Safety
-/// Only for a forked child that owns none of the closed fds' Rust wrappers.
+/// Only in [`run`]'s child, whose fd table is its own copy.
 unsafe fn close_all_but(keep: &mut [i32]) {
     keep.sort_unstable();
     let mut first: u32 = 3;
