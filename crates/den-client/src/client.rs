@@ -49,9 +49,9 @@ fn tls_with_ca(ca_file: &Path) -> Result<rustls::ClientConfig> {
     for c in extra {
         roots.add(c).map_err(|e| bad(e.to_string()))?;
     }
-    // Named, not the process default: this workspace compiles in two
-    // providers (aws-lc-rs and ring), and rustls cannot choose by itself.
-    let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
+    // Named rather than the process default, so this config doesn't depend
+    // on who installed what first.
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
     Ok(rustls::ClientConfig::builder_with_provider(provider)
         .with_safe_default_protocol_versions()
         .map_err(|e| bad(e.to_string()))?
@@ -80,6 +80,10 @@ impl Client {
             let p = format!("{}/", base.path());
             base.set_path(&p);
         }
+        // reqwest is built without a crypto provider of its own (its default,
+        // aws-lc-rs, is a large C build): without a CA file it takes the
+        // process default, ring. An already installed default is kept.
+        let _ = rustls::crypto::ring::default_provider().install_default();
         // TCP_NODELAY: requests and stdin are small writes; Nagle's
         // algorithm would hold one behind an unacknowledged other.
         let mut http = reqwest::Client::builder()

@@ -79,11 +79,11 @@ impl ResolvesServerCert for Current {
     }
 }
 
-/// One crypto provider, named: two are compiled into this workspace
-/// (aws-lc-rs for reqwest, ring for others), so rustls cannot pick a
-/// process default by itself.
+/// The crypto provider, named rather than the process default so the
+/// server's TLS doesn't depend on who installed a default first. ring, the
+/// only one compiled in: aws-lc-rs is a large C build (issue 15).
 fn provider() -> Arc<CryptoProvider> {
-    Arc::new(rustls::crypto::aws_lc_rs::default_provider())
+    Arc::new(rustls::crypto::ring::default_provider())
 }
 
 fn load(files: &TlsFiles, provider: &CryptoProvider) -> Result<CertifiedKey, TlsError> {

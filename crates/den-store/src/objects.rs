@@ -82,6 +82,10 @@ impl Objects {
                     max_retries: 2,
                     retry_timeout: Duration::from_secs(10),
                 };
+                // object_store's reqwest has no crypto provider of its own
+                // (aws-lc-rs is a large C build, issue 15) and panics
+                // without a process default; an existing one is kept.
+                let _ = rustls::crypto::ring::default_provider().install_default();
                 let s3 = AmazonS3Builder::new()
                     .with_endpoint(endpoint)
                     .with_bucket_name(bucket)

@@ -172,6 +172,9 @@ const TESTS: &[(&str, TestFn)] = &[
 fn main() {
     common::dispatch_subcommands();
     assert!(nix::unistd::geteuid().is_root(), "the API tests need root");
+    // reqwest is built without a crypto provider (issue 15: no aws-lc-rs)
+    // and panics building a client, even for http://, without a default.
+    let _ = rustls::crypto::ring::default_provider().install_default();
     let _ = tracing_subscriber_init();
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
