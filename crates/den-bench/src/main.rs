@@ -263,6 +263,9 @@ fn main() -> Result<()> {
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
         .init();
+    // The api and cluster benchmarks build reqwest clients, which take the
+    // process's default rustls provider (reqwest has none of its own here).
+    let _ = rustls::crypto::ring::default_provider().install_default();
     let cli = Cli::parse();
     run(cli.cmd, cli.den)
 }
