@@ -332,46 +332,19 @@ mod tests {
     #[test]
     fn uploads_finishing_together_share_one_commit() {
         const N: u64 = 16;
-        let dir = tempfile::tempdir().unwrap();
-        let rt = tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(2)
-            .enable_all()
-            .build()
-            .unwrap();
-        let mut cfg = StoreConfig::local(dir.path());
-        cfg.objects = ObjectBackend::Memory;
-        cfg.dirty_limit = 64 << 20;
-        cfg.writeback_delay = Duration::from_secs(3600);
-        cfg.upload_concurrency = 4;
-        let store = rt.block_on(Store::open(cfg)).unwrap();
-        let cs: u64 = 64 << 10;
-        let opts = CreateOptions {
-            size: Some(N * cs),
-            chunk_size: Some(cs as u32),
-            source: None,
-        };
-        rt.block_on(store.create_volume("v", opts)).unwrap();
-        let v = rt.block_on(store.open_volume("v")).unwrap();
-        let content = |i: u64| vec![(i as u8).wrapping_mul(7).wrapping_add(1); cs as usize];
-        for i in 0..N {
-            v.write_at(i * cs, &content(i)).unwrap();
-        }
+        let content = |i: u64| vec![(i as u8).wrapping_mul(7).wrapping_add(1); CS as usize];
+        let Fixture {
+            dir: _dir,
+            rt,
+            store,
+            v,
+        } = fixture(N, Some(4), content);
         // One chunk of zeros: its commit rides in the same batch.
-        v.write_at(0, &vec![0u8; cs as usize]).unwrap();
+        v.write_at(0, &vec![0u8; CS as usize]).unwrap();
 
         let gate = rt.block_on(store.shared.commit_gate.write());
         v.seal_all().unwrap();
-        let deadline = Instant::now() + Duration::from_secs(30);
-        while store
-            .shared
-            .upload_counters
-            .submitted
-            .load(std::sync::atomic::Ordering::Relaxed)
-            < N
-        {
-            assert!(Instant::now() < deadline, "uploads never reached the committer");
-            std::thread::sleep(Duration::from_millis(5));
-        }
+        wait_submitted(&store, N);
         assert_eq!(
             store.upload_stats().commit_transactions,
             0,
@@ -398,11 +371,11 @@ mod tests {
         assert_eq!(info.pending_chunks, 0);
         assert_eq!(info.mapped_chunks, N - 1, "the zero chunk is unmapped");
         store.drop_read_cache();
-        let mut got = vec![0u8; cs as usize];
+        let mut got = vec![0u8; CS as usize];
         for i in 0..N {
-            v.read_at(i * cs, &mut got).unwrap();
+            v.read_at(i * CS, &mut got).unwrap();
             let want = if i == 0 {
-                vec![0u8; cs as usize]
+                vec![0u8; CS as usize]
             } else {
                 content(i)
             };
@@ -422,45 +395,14 @@ mod tests {
     #[test]
     fn local_only_bytes_count_pending_files_until_they_are_gone() {
         const N: u64 = 8;
-        let dir = tempfile::tempdir().unwrap();
-        let rt = tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(2)
-            .enable_all()
-            .build()
-            .unwrap();
-        let mut cfg = StoreConfig::local(dir.path());
-        cfg.objects = ObjectBackend::Memory;
-        cfg.dirty_limit = 64 << 20;
-        cfg.writeback_delay = Duration::from_secs(3600);
-        let store = rt.block_on(Store::open(cfg)).unwrap();
-        let cs: u64 = 64 << 10;
-        let opts = CreateOptions {
-            size: Some(N * cs),
-            chunk_size: Some(cs as u32),
-            source: None,
-        };
-        rt.block_on(store.create_volume("v", opts)).unwrap();
-        let v = rt.block_on(store.open_volume("v")).unwrap();
-        let content = |i: u64| vec![(i as u8).wrapping_mul(13).wrapping_add(3); cs as usize];
-        for i in 0..N {
-            v.write_at(i * cs, &content(i)).unwrap();
-        }
+        let content = |i: u64| vec![(i as u8).wrapping_mul(13).wrapping_add(3); CS as usize];
+        let Fixture { dir, rt, store, v } = fixture(N, None, content);
         // All N uploads reach the committer behind the commit gate, so it
         // takes them as one batch and stops at the hold with all of them.
         let gate = rt.block_on(store.shared.commit_gate.write());
         let hold = rt.block_on(store.shared.upload_counters.hold_removal.write());
         v.seal_all().unwrap();
-        let deadline = Instant::now() + Duration::from_secs(30);
-        while store
-            .shared
-            .upload_counters
-            .submitted
-            .load(std::sync::atomic::Ordering::Relaxed)
-            < N
-        {
-            assert!(Instant::now() < deadline, "uploads never reached the committer");
-            std::thread::sleep(Duration::from_millis(5));
-        }
+        wait_submitted(&store, N);
         drop(gate);
         let deadline = Instant::now() + Duration::from_secs(30);
         while !v.inner.state.lock().pending_slots.is_empty() {
@@ -474,7 +416,7 @@ mod tests {
         );
         assert_eq!(
             store.local_only_bytes(),
-            N * cs,
+            N * CS,
             "pending files still on disk count as local-only"
         );
 
@@ -495,10 +437,66 @@ mod tests {
             clean.is_empty(),
             "read-cache files left after drop_read_cache: {clean:?}"
         );
-        let mut got = vec![0u8; cs as usize];
+        let mut got = vec![0u8; CS as usize];
         for i in 0..N {
-            v.read_at(i * cs, &mut got).unwrap();
+            v.read_at(i * CS, &mut got).unwrap();
             assert!(got == content(i), "chunk {i} reads back what was written");
+        }
+    }
+
+    /// Chunk size of the fixtures' volumes.
+    const CS: u64 = 64 << 10;
+
+    struct Fixture {
+        dir: tempfile::TempDir,
+        rt: tokio::runtime::Runtime,
+        store: Store,
+        v: crate::Volume,
+    }
+
+    /// A store on an in-memory object backend that uploads nothing until
+    /// told (no write-back delay to wait for), with volume `v` of `n` chunks
+    /// holding `content(i)` in chunk `i`.
+    fn fixture(n: u64, upload_concurrency: Option<usize>, content: impl Fn(u64) -> Vec<u8>) -> Fixture {
+        let dir = tempfile::tempdir().unwrap();
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()
+            .unwrap();
+        let mut cfg = StoreConfig::local(dir.path());
+        cfg.objects = ObjectBackend::Memory;
+        cfg.dirty_limit = 64 << 20;
+        cfg.writeback_delay = Duration::from_secs(3600);
+        if let Some(c) = upload_concurrency {
+            cfg.upload_concurrency = c;
+        }
+        let store = rt.block_on(Store::open(cfg)).unwrap();
+        let opts = CreateOptions {
+            size: Some(n * CS),
+            chunk_size: Some(CS as u32),
+            source: None,
+        };
+        rt.block_on(store.create_volume("v", opts)).unwrap();
+        let v = rt.block_on(store.open_volume("v")).unwrap();
+        for i in 0..n {
+            v.write_at(i * CS, &content(i)).unwrap();
+        }
+        Fixture { dir, rt, store, v }
+    }
+
+    /// Until `n` commit requests have reached the committer.
+    fn wait_submitted(store: &Store, n: u64) {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while store
+            .shared
+            .upload_counters
+            .submitted
+            .load(std::sync::atomic::Ordering::Relaxed)
+            < n
+        {
+            assert!(Instant::now() < deadline, "uploads never reached the committer");
+            std::thread::sleep(Duration::from_millis(5));
         }
     }
 
