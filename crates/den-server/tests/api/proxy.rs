@@ -64,6 +64,20 @@ pub(crate) async fn serve(s: &TestServer, name: &str, cmd: &str, port: u16) -> R
     Ok(addr)
 }
 
+/// Run `busybox ARGS…` in `sprite` as service `name` and wait until it
+/// listens on `port` (a service, not an exec session: only requests keep the
+/// sprite awake).
+async fn busybox_service(s: &TestServer, sprite: &str, name: &str, args: &[&str], port: u16) -> Result<()> {
+    let svc = ServiceDef {
+        name: name.into(),
+        cmd: "busybox".into(),
+        args: args.iter().map(|a| a.to_string()).collect(),
+        ..Default::default()
+    };
+    drop(mgr(s).put_service(sprite, svc).await?);
+    wait_listening(mgr(s).wake(sprite).await?.addr(), port).await
+}
+
 async fn wait_listening(addr: Ipv4Addr, port: u16) -> Result<()> {
     let deadline = Instant::now() + WAIT;
     loop {
@@ -610,16 +624,14 @@ pub async fn url_reuses_upstream_connections() -> Result<()> {
     s.create("ka").await?;
     put_file(&s, "ka", "/srv/keepalive.sh", KEEPALIVE).await?;
     sh(&s, "ka", "chmod 755 /srv/keepalive.sh").await?;
-    let nc = ServiceDef {
-        name: "ka".into(),
-        cmd: "busybox".into(),
-        args: ["nc", "-ll", "-p", "8080", "-e", "/srv/keepalive.sh"]
-            .map(String::from)
-            .to_vec(),
-        ..Default::default()
-    };
-    drop(mgr(&s).put_service("ka", nc).await?);
-    wait_listening(mgr(&s).wake("ka").await?.addr(), 8080).await?;
+    busybox_service(
+        &s,
+        "ka",
+        "ka",
+        &["nc", "-ll", "-p", "8080", "-e", "/srv/keepalive.sh"],
+        8080,
+    )
+    .await?;
     let get = || async {
         let r = s
             .client()
@@ -833,16 +845,14 @@ pub async fn url_plain_bodies_spliced() -> Result<()> {
     // A service, not an exec session: only requests keep the sprite awake.
     // It runs as the sprite's user, for whom the upload's directory is open.
     sh(&s, "bodies", "chmod 777 /srv/www").await?;
-    let svc = ServiceDef {
-        name: "httpd".into(),
-        cmd: "busybox".into(),
-        args: ["httpd", "-f", "-p", "8080", "-h", "/srv/www"]
-            .map(String::from)
-            .to_vec(),
-        ..Default::default()
-    };
-    drop(mgr(&s).put_service("bodies", svc).await?);
-    wait_listening(mgr(&s).wake("bodies").await?.addr(), 8080).await?;
+    busybox_service(
+        &s,
+        "bodies",
+        "httpd",
+        &["httpd", "-f", "-p", "8080", "-h", "/srv/www"],
+        8080,
+    )
+    .await?;
     let web = host(&s, "bodies");
 
     // 64 MiB up (copied) ...
