@@ -6,15 +6,13 @@
 //! request is sent the caller waits uninterruptibly. Were we killed (-9)
 //! meanwhile, a thread of ours stuck in that wait would keep the process,
 //! its FUSE fd and so the connection that could fail the request alive
-//! forever. A child that holds no fd but its report pipe has no such hold:
-//! our death closes the connection, the child's request fails, it exits.
+//! forever. A child that holds none of our fds has no such hold: our death
+//! closes the connection, the child's request fails, it exits.
 //!
-//! This used to be done by running `mount`, `umount` and `sync -f`; a fork
-//! that makes the one system call costs a fraction of their start-up (the
-//! `umount` binary alone took 3–30 ms on a busy host, mostly after its
-//! system call returned).
+//! This used to be done by running `mount`, `umount` and `sync -f`; a child
+//! that makes the one system call ([`run`]) saves their exec and start-up.
 
-use std::ffi::{CStr, CString};
+use std::ffi::CString;
 use std::io;
 use std::os::unix::ffi::OsStrExt;
 use std::path::Path;
@@ -134,6 +132,11 @@ pub(crate) fn errno() -> i32 {
     io::Error::last_os_error().raw_os_error().unwrap_or(libc::EIO)
 }
 
+/// A system call's return value as a child's outcome (stage 0).
+fn check(rc: libc::c_int) -> Result<(), (i32, i32)> {
+    if rc < 0 { Err((0, errno())) } else { Ok(()) }
+}
+
 /// Close every fd of this child (its own fd table) except `keep`.
 ///
 /// # Safety
@@ -183,17 +186,13 @@ pub fn mount(
     // SAFETY: the body makes one system call on C strings made above.
     unsafe {
         run(&[], || {
-            if libc::mount(
+            check(libc::mount(
                 src.as_ptr(),
                 dst.as_ptr(),
                 ty.as_ptr(),
                 flags,
                 data.as_ptr().cast(),
-            ) < 0
-            {
-                return Err((0, errno()));
-            }
-            Ok(())
+            ))
         })
     }
     .map_err(context(what))
@@ -204,40 +203,25 @@ pub fn umount(target: &Path, flags: libc::c_int) -> io::Result<()> {
     let dst = c_path(target)?;
     let what = format!("unmount {}", target.display());
     // SAFETY: the body makes one system call on a C string made above.
-    unsafe {
-        run(&[], || {
-            if libc::umount2(dst.as_ptr(), flags) < 0 {
-                return Err((0, errno()));
-            }
-            Ok(())
-        })
-    }
-    .map_err(context(what))
+    unsafe { run(&[], || check(libc::umount2(dst.as_ptr(), flags))) }.map_err(context(what))
 }
 
 /// `syncfs(2)` on the filesystem holding `path`, from a child: everything
 /// written so far reaches the device and the journal is committed.
 pub fn syncfs(path: &Path) -> io::Result<()> {
-    let p: CString = c_path(path)?;
+    let p = c_path(path)?;
     let what = format!("syncfs {}", path.display());
-    sync_c(&p).map_err(context(what))
-}
-
-fn sync_c(p: &CStr) -> Result<(), ChildFailed> {
-    // SAFETY: the body makes three system calls on a C string made by the caller.
+    // SAFETY: the body makes three system calls on a C string made above.
     unsafe {
         run(&[], || {
             let fd = libc::open(p.as_ptr(), libc::O_RDONLY | libc::O_DIRECTORY | libc::O_CLOEXEC);
-            if fd < 0 {
-                return Err((0, errno()));
-            }
-            if libc::syncfs(fd) < 0 {
-                return Err((0, errno()));
-            }
+            check(fd)?;
+            check(libc::syncfs(fd))?;
             libc::close(fd);
             Ok(())
         })
     }
+    .map_err(context(what))
 }
 
 #[cfg(test)]

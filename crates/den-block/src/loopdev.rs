@@ -522,16 +522,14 @@ impl Drop for LoopDevice {
     }
 }
 
-/// Bind `backing` to the loop device `dev`, preferring `LOOP_CONFIGURE` (one
-/// atomic call) over the legacy ioctl sequence.
 /// Why binding failed: opening the backing file, or the binding itself.
 enum BindError {
     Open(io::Error),
     Bind(io::Error),
 }
 
-/// Bind `dev` to `file` (and switch on direct I/O if wanted) from a forked
-/// child, never from a thread of ours.
+/// Bind `dev` to `file` (and switch on direct I/O if wanted) from a child
+/// process ([`crate::in_child`]), never from a thread of ours.
 ///
 /// Binding does I/O on the backing file: opening it, `statfs` for the discard
 /// limits, an fsync when direct I/O is switched on. When `file` is a FUSE file
@@ -540,7 +538,7 @@ enum BindError {
 /// (-9) meanwhile, a thread of ours stuck in that wait would keep the process,
 /// its FUSE fd and so the connection that could fail the request alive
 /// forever: a wedged server until the next start aborted the connection. The
-/// child holds no FUSE fd (it closes every fd but the two it needs), so our
+/// child holds no FUSE fd (it closes every fd but the loop device's), so our
 /// death closes the connection and the child's request fails; it exits.
 fn bind_in_child(
     dev: BorrowedFd<'_>,
@@ -571,7 +569,7 @@ fn bind_in_child(
         };
     let dev_fd = dev.as_raw_fd();
     // SAFETY: the body only makes raw system calls (open, ioctl) on an fd, a
-    // C string and a struct made before the fork; it allocates nothing.
+    // C string and a struct made before the call; it allocates nothing.
     let res = unsafe {
         crate::in_child::run(&[dev_fd], || {
             let backing = libc::open(file_c.as_ptr(), open_flags);
@@ -579,8 +577,10 @@ fn bind_in_child(
                 return Err((OPEN, crate::in_child::errno()));
             }
             let dev = BorrowedFd::borrow_raw(dev_fd);
-            if configure(dev, BorrowedFd::borrow_raw(backing), &mut config).is_err() {
-                return Err((BIND, crate::in_child::errno()));
+            if let Err(e) = configure(dev, BorrowedFd::borrow_raw(backing), &mut config) {
+                // The error configure returns, not errno: a fallback's cleanup
+                // may have made another call since.
+                return Err((BIND, e.raw_os_error().unwrap_or(libc::EIO)));
             }
             // Some kernels take LO_FLAGS_DIRECT_IO from LOOP_CONFIGURE only as
             // a wish; ask again. A refusal leaves buffered mode, which the
@@ -602,8 +602,9 @@ fn bind_in_child(
     })
 }
 
-/// LOOP_CONFIGURE with `config`, falling back as the kernel requires. Runs in
-/// the forked child of [`bind_in_child`]: no allocation, no logging.
+/// LOOP_CONFIGURE with `config` (one atomic call), falling back to the
+/// legacy ioctl sequence as the kernel requires. Runs in the child of
+/// [`bind_in_child`]: no allocation, no logging.
 fn configure(dev: BorrowedFd<'_>, backing: BorrowedFd<'_>, config: &mut LoopConfig) -> io::Result<()> {
     config.fd = backing.as_raw_fd() as u32;
     match ioctl_configure(dev, config) {

@@ -123,21 +123,23 @@ impl LibNft {
         // library owns until the next command on this context, copied out before that.
         unsafe {
             let rc = (self.api.run_cmd_from_buffer)(self.ctx.as_ptr(), text.as_ptr());
+            // Read (which empties it) after every command, so warnings can't pile up in it;
+            // turned into a message only on failure.
             let err = (self.api.get_error_buffer)(self.ctx.as_ptr());
+            if rc == 0 {
+                return Ok(());
+            }
             let message = if err.is_null() {
                 String::new()
             } else {
                 CStr::from_ptr(err).to_string_lossy().trim().to_string()
             };
-            if rc != 0 {
-                return Err(failed(if message.is_empty() {
-                    format!("libnftables returned {rc}")
-                } else {
-                    message
-                }));
-            }
+            Err(failed(if message.is_empty() {
+                format!("libnftables returned {rc}")
+            } else {
+                message
+            }))
         }
-        Ok(())
     }
 }
 

@@ -16,14 +16,16 @@ use den_store::Volume;
 
 use crate::error::{Result, SpriteError};
 
-/// Mount options: the template's inode tables and journal were never
-/// written (they read as zeros from a sparse volume), so the kernel's lazy
-/// initialisation would only write zeros over zeros, chunk by chunk, in
+/// Generic mount flags of a sprite's ext4: `noatime`.
+const MOUNT_FLAGS: libc::c_ulong = libc::MS_NOATIME;
+/// ext4's own mount options. The template's inode tables and journal were
+/// never written (they read as zeros from a sparse volume), so the kernel's
+/// lazy initialisation would only write zeros over zeros, chunk by chunk, in
 /// every sprite. `noinit_itable` turns that off. `discard`: blocks a guest
 /// frees (an `rm` in the sprite) reach the volume as a punch-hole, whose
 /// whole chunks are unmapped and then freed by the store's GC; without it
 /// a sprite's disk usage only ever grows.
-const MOUNT_OPTIONS: &str = "noatime,noinit_itable,discard";
+const MOUNT_DATA: &str = "noinit_itable,discard";
 
 /// Upper and work directory names on the sprite's ext4.
 pub const UPPER: &str = "upper";
@@ -35,18 +37,10 @@ pub struct Disk {
     volume: Volume,
 }
 
-/// `mount -t ext4 -o MOUNT_OPTIONS dev mountpoint`, from a child process
-/// (see [`den_block::in_child`]: never from a thread of ours).
+/// `mount -t ext4 -o noatime,noinit_itable,discard dev mountpoint`, from a
+/// child process (see [`den_block::in_child`]: never from a thread of ours).
 fn mount_ext4(dev: &Path, mountpoint: &Path) -> Result<()> {
-    let mut flags: libc::c_ulong = 0;
-    let mut data = Vec::new();
-    for o in MOUNT_OPTIONS.split(',') {
-        match o {
-            "noatime" => flags |= libc::MS_NOATIME,
-            other => data.push(other),
-        }
-    }
-    den_block::in_child::mount(dev, mountpoint, "ext4", flags, &data.join(","))
+    den_block::in_child::mount(dev, mountpoint, "ext4", MOUNT_FLAGS, MOUNT_DATA)
         .map_err(|e| SpriteError::io("mounting the sprite's disk", e))
 }
 
@@ -187,7 +181,7 @@ fn wait_released(dev: &Path) -> bool {
 /// checkpoint taken while the sprite's processes are frozen is a clean
 /// filesystem image.
 ///
-/// Runs in a forked child ([`den_block::in_child`]), never on a thread of ours: the
+/// Runs in a child process ([`den_block::in_child`]), never on a thread of ours: the
 /// filesystem sits on a loop device on our own FUSE file, and if we are
 /// killed (-9) while the sync waits for that I/O (an object store outage
 /// blocks writers at the dirty limit), a thread of ours stuck in
@@ -424,6 +418,6 @@ pub fn cleanup_stale(root: &Path) {
     }
     for m in &mounts {
         tracing::warn!(mount = %m.display(), "removing a mount left by an earlier run");
-        let _ = run(Command::new("umount").arg("-l").arg(m));
+        let _ = umount(m, true);
     }
 }

@@ -5,7 +5,8 @@
 //! tokio server. The `den` binary exposes [`shim_main`] as the hidden
 //! subcommand `den runtime-shim …`; [`super::ContainerBackend`] spawns it for
 //! every create and waits for it. The shim exits as soon as the sprite's PID 1
-//! is set up and waiting for `start`, so no shim process stays around.
+//! is set up and waiting for `start` (or, for `run`, started), so no shim
+//! process stays around.
 //!
 //! `create <state-root> <id>` (and `run`, which also starts PID 1):
 //! 1. reads `<state-root>/bundles/<id>/sprite.json` (the [`SpriteSpec`]),
