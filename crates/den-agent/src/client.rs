@@ -52,6 +52,31 @@ pub async fn connect(socket_path: impl AsRef<Path>) -> Result<Client, Error> {
     Ok(client)
 }
 
+/// Connect to the agent's socket at `path` without following a symlink in
+/// its last component. Under gVisor the socket lives in a directory the
+/// sprite can write to, so its root could replace it with a symlink to
+/// another sprite's socket; the directories above are the host's own. The
+/// file is opened `O_PATH | O_NOFOLLOW`, checked to be a socket, and
+/// connected to through `/proc/self/fd`, which names exactly that inode.
+pub async fn connect_socket(path: &Path) -> Result<UnixStream, Error> {
+    use std::os::fd::AsRawFd;
+    use std::os::unix::fs::{FileTypeExt, OpenOptionsExt};
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_PATH | libc::O_NOFOLLOW | libc::O_CLOEXEC)
+        .open(path)?;
+    if !file.metadata()?.file_type().is_socket() {
+        return Err(Error::Io(std::io::Error::new(
+            std::io::ErrorKind::InvalidInput,
+            format!("{} is not a socket", path.display()),
+        )));
+    }
+    let via = format!("/proc/self/fd/{}", file.as_raw_fd());
+    let stream = UnixStream::connect(&via).await?;
+    drop(file);
+    Ok(stream)
+}
+
 async fn request(socket: &Path, req: &Request) -> Result<(BufReader<OwnedReadHalf>, OwnedWriteHalf), Error> {
     request_full(socket, req).await.map(|(_, rd, wr)| (rd, wr))
 }
@@ -61,7 +86,7 @@ async fn request_full(
     socket: &Path,
     req: &Request,
 ) -> Result<(Response, BufReader<OwnedReadHalf>, OwnedWriteHalf), Error> {
-    let stream = UnixStream::connect(socket).await?;
+    let stream = connect_socket(socket).await?;
     let (rd, mut wr) = stream.into_split();
     let mut line = serde_json::to_vec(req)?;
     line.push(b'\n');
@@ -118,7 +143,7 @@ impl Client {
     }
 
     pub async fn list_sessions(&self) -> Result<Vec<SessionSummary>, Error> {
-        let stream = UnixStream::connect(&self.socket).await?;
+        let stream = connect_socket(&self.socket).await?;
         let (rd, mut wr) = stream.into_split();
         let mut line = serde_json::to_vec(&Request::ListSessions)?;
         line.push(b'\n');
@@ -789,5 +814,46 @@ impl Session {
 impl Drop for Session {
     fn drop(&mut self) {
         self.task.abort();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The host reaches a gVisor sprite's agent through a directory the
+    /// sprite can write: a symlink there (to another sprite's socket) or
+    /// something that is not a socket must be refused, a socket connected.
+    #[tokio::test]
+    async fn connect_socket_follows_no_symlink() {
+        let dir = tempfile::tempdir().unwrap();
+        let other = dir.path().join("other.sock");
+        let listener = tokio::net::UnixListener::bind(&other).unwrap();
+
+        let link = dir.path().join("agent.sock");
+        std::os::unix::fs::symlink(&other, &link).unwrap();
+        let _plain = tokio::net::UnixStream::connect(&link).await;
+        assert!(
+            _plain.is_ok() && listener.accept().await.is_ok(),
+            "a plain connect follows the link (what this guards against)"
+        );
+        let err = connect_socket(&link).await.expect_err("a symlink is refused");
+        assert!(matches!(err, Error::Io(_)), "{err}");
+
+        std::fs::remove_file(&link).unwrap();
+        std::fs::write(&link, b"not a socket").unwrap();
+        let err = connect_socket(&link)
+            .await
+            .expect_err("a regular file is refused");
+        assert!(err.to_string().contains("is not a socket"), "{err}");
+
+        let mut stream = connect_socket(&other).await.expect("a real socket connects");
+        let (mut peer, _) = listener.accept().await.unwrap();
+        stream.write_all(b"hi").await.unwrap();
+        let mut got = [0u8; 2];
+        tokio::io::AsyncReadExt::read_exact(&mut peer, &mut got)
+            .await
+            .unwrap();
+        assert_eq!(&got, b"hi");
     }
 }

@@ -28,7 +28,7 @@ pub struct ServerArgs {
     pub images_dir: Option<PathBuf>,
     /// TOML file with any of: listen, url_domain, url_port, warm_after, cold_after, image,
     /// images_dir, run_dir, subnet, net_table, upstream_dns, uplinks, blocked, default_exec_timeout,
-    /// max_awake, max_sprites, create_rate ("10/60s"), max_connections, max_connections_per_ip,
+    /// max_awake, max_sprites, pool_size, runtime, create_rate ("10/60s"), max_connections, max_connections_per_ip,
     /// header_read_timeout, tls_cert, tls_key. Logs: DEN_LOG (filter), DEN_LOG_FORMAT=json.
     #[arg(long, env = "DEN_CONFIG")]
     pub config: Option<PathBuf>,
@@ -50,6 +50,10 @@ pub struct ServerArgs {
     /// Base image: debian (default) or busybox.
     #[arg(long)]
     pub image: Option<String>,
+    /// Engine of sprites created without `config.runtime`: native (default,
+    /// den's containers) or gvisor (runsc's user-space kernel).
+    #[arg(long)]
+    pub runtime: Option<den_runtime::Runtime>,
     /// Keep chunks in S3: s3://BUCKET[/PREFIX]?endpoint=URL&region=REGION. Credentials from
     /// AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY.
     #[arg(long)]
@@ -121,6 +125,9 @@ pub fn run(args: ServerArgs) -> Result<()> {
             "--image must be debian or busybox"
         );
         cfg.image = v;
+    }
+    if let Some(v) = args.runtime {
+        cfg.runtime = v;
     }
     if args.object_store.is_some() {
         cfg.object_store = args.object_store;

@@ -52,6 +52,10 @@ pub struct CreateSprite {
     pub name: String,
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub labels: Vec<String>,
+    /// `config` of the Sprites API; den reads `config.runtime` (`native`
+    /// or `gvisor`) from it.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub config: Option<serde_json::Value>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]

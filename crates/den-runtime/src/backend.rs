@@ -217,6 +217,42 @@ pub enum SpriteState {
     Stopped,
 }
 
+/// Which isolation engine runs a sprite: den's own containers on the host
+/// kernel, or gVisor's user-space kernel (see [`crate::gvisor`]).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Runtime {
+    #[default]
+    Native,
+    Gvisor,
+}
+
+impl Runtime {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Runtime::Native => "native",
+            Runtime::Gvisor => "gvisor",
+        }
+    }
+}
+
+impl std::fmt::Display for Runtime {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl std::str::FromStr for Runtime {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "native" => Ok(Runtime::Native),
+            "gvisor" => Ok(Runtime::Gvisor),
+            other => Err(format!("unknown runtime {other:?}: use \"native\" or \"gvisor\"")),
+        }
+    }
+}
+
 /// A created sprite. Plain data, so the manager can keep it in its tables and
 /// get it back after a restart with [`Backend::open`].
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -232,6 +268,13 @@ pub struct Handle {
 pub trait Backend: Send + Sync {
     /// Short name, stored in [`Handle::backend`].
     fn name(&self) -> &'static str;
+    /// Can PID 1 be handed the host-made listening socket of
+    /// [`SpriteSpec::agent_listener`]? If not, it binds its socket in a
+    /// bind-mounted directory, and the host must connect to it without
+    /// following anything the sprite may have put there.
+    fn passes_listeners(&self) -> bool {
+        true
+    }
     /// Set up the sprite and leave PID 1 waiting (state [`SpriteState::Created`]).
     fn create(&self, spec: &SpriteSpec) -> Result<Handle, RuntimeError>;
     /// Let PID 1 exec.

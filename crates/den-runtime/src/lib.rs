@@ -21,6 +21,7 @@ pub mod gvisor;
 pub mod image;
 
 pub use backend::{
-    AGENT_LISTEN_FD, Backend, BindMount, CpuLimit, Handle, Resources, RuntimeError, SpriteSpec, SpriteState,
+    AGENT_LISTEN_FD, Backend, BindMount, CpuLimit, Handle, Resources, Runtime, RuntimeError, SpriteSpec,
+    SpriteState,
 };
 pub use exit_watch::ExitWatch;

@@ -55,6 +55,9 @@ pub struct ServerConfig {
     /// Blank sprites kept booted, so that a create is served at once
     /// (0: none). Never counted by quotas, never listed.
     pub pool_size: usize,
+    /// The engine of sprites created without `config.runtime`: `native`
+    /// (den's containers) or `gvisor` (runsc).
+    pub runtime: den_runtime::Runtime,
     /// Quota: most sprites in total.
     pub max_sprites: Option<usize>,
     /// Rate limit on creates: at most `count` per `window`.
@@ -134,6 +137,7 @@ impl ServerConfig {
             default_exec_timeout: None,
             max_awake: None,
             pool_size: 2,
+            runtime: den_runtime::Runtime::Native,
             max_sprites: None,
             create_rate: None,
             object_store: None,
@@ -198,6 +202,7 @@ impl ServerConfig {
         };
         f.max_awake = num("max_awake")?;
         f.pool_size = num("pool_size")?;
+        f.runtime = var("runtime");
         f.max_sprites = num("max_sprites")?;
         f.max_connections = num("max_connections")?;
         f.max_connections_per_ip = num("max_connections_per_ip")?;
@@ -268,6 +273,7 @@ struct FileConfig {
     default_exec_timeout: Option<String>,
     max_awake: Option<usize>,
     pool_size: Option<usize>,
+    runtime: Option<String>,
     max_sprites: Option<usize>,
     create_rate: Option<String>,
     object_store: Option<String>,
@@ -382,6 +388,9 @@ impl FileConfig {
         }
         if let Some(n) = self.pool_size {
             c.pool_size = n;
+        }
+        if let Some(v) = self.runtime {
+            c.runtime = v.parse().map_err(|e| ConfigError(format!("runtime: {e}")))?;
         }
         if self.max_sprites.is_some() {
             c.max_sprites = self.max_sprites;

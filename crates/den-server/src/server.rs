@@ -154,6 +154,7 @@ pub async fn start(cfg: ServerConfig, den_exe: std::path::PathBuf) -> Result<Run
     mcfg.cold_after = cfg.cold_after;
     mcfg.max_awake = cfg.max_awake;
     mcfg.pool_size = cfg.pool_size;
+    mcfg.runtime = cfg.runtime;
     let crate::backends::Backends {
         store,
         mgr,

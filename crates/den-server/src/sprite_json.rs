@@ -20,6 +20,12 @@ pub fn sprite_json(cfg: &ServerConfig, info: &SpriteInfo) -> Value {
     let r = &info.record;
     let attrs = &r.attrs;
     let get = |k: &str, default: Value| attrs.get(k).cloned().unwrap_or(default);
+    // The engine the sprite runs on is part of its config (den extension),
+    // also when the server's default chose it.
+    let mut config = get("config", json!({}));
+    if let Some(c) = config.as_object_mut() {
+        c.insert("runtime".into(), r.runtime.as_str().into());
+    }
     let mut v = json!({
         "id": r.id,
         "name": r.short_name(),
@@ -28,7 +34,7 @@ pub fn sprite_json(cfg: &ServerConfig, info: &SpriteInfo) -> Value {
         "url": cfg.sprite_url(&r.name),
         "url_settings": get("url_settings", default_url_settings()),
         "labels": get("labels", json!([])),
-        "config": get("config", json!({})),
+        "config": config,
         "environment": get("environment", json!({})),
         "created_at": rfc3339_ms(r.created_at_ms),
         "updated_at": rfc3339_ms(r.updated_at_ms),

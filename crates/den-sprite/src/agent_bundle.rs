@@ -11,9 +11,13 @@ use crate::error::{Result, SpriteError};
 
 /// Where the bundle appears inside the sprite.
 pub const SPRITE_BIN: &str = "/.sprite/bin";
+/// The directory of the agent's socket inside the sprite. On engines that
+/// pass a listening descriptor (see `SpriteSpec::agent_listener`) the agent
+/// binds nothing there; on gVisor it binds [`AGENT_SOCKET`], and the host
+/// reaches it through a bind mount, following no symlink.
+pub const AGENT_RUN_DIR: &str = "/.sprite/run";
 /// The agent's socket path inside the sprite, for an agent started without
-/// a listening descriptor. den itself passes one (see
-/// `SpriteSpec::agent_listener`) and never uses a path the sprite controls.
+/// a listening descriptor.
 pub const AGENT_SOCKET: &str = "/.sprite/run/agent.sock";
 /// The agent's own log, inside the sprite (on its volume, in its accounting).
 pub const AGENT_LOG: &str = "/.sprite/logs/agent.log";
@@ -84,8 +88,6 @@ impl AgentBundle {
             crate::helper_cmd::AGENT_SUBCOMMAND.into(),
             "--socket".into(),
             AGENT_SOCKET.into(),
-            "--listen-fd".into(),
-            den_runtime::AGENT_LISTEN_FD.to_string(),
             "--log-file".into(),
             AGENT_LOG.into(),
         ]);

@@ -4,8 +4,8 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use den_net::NetConfig;
-use den_runtime::Resources;
 use den_runtime::image::{BaseImage, IdMap};
+use den_runtime::{Resources, Runtime};
 
 /// Which base image sprites are created on.
 #[derive(Debug, Clone)]
@@ -66,6 +66,12 @@ pub struct ManagerConfig {
     /// Blank sprites kept booted so a create is only a rename (see the
     /// manager's `pool` module). 0 turns the pool off.
     pub pool_size: usize,
+    /// The engine of sprites created without one: den's containers, or
+    /// gVisor sandboxes.
+    pub runtime: Runtime,
+    /// The `runsc` binary for gVisor sprites (found on `PATH` if relative).
+    /// Without it, only native sprites can run.
+    pub runsc: PathBuf,
 }
 
 impl ManagerConfig {
@@ -93,6 +99,8 @@ impl ManagerConfig {
             host: HostCapacity::detect(),
             fence_ttl: Duration::from_secs(10),
             pool_size: 2,
+            runtime: Runtime::Native,
+            runsc: PathBuf::from("runsc"),
         }
     }
 

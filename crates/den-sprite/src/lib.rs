@@ -19,6 +19,7 @@ pub mod catalog;
 pub mod catalog_pg;
 pub mod config;
 mod disk;
+mod engines;
 mod error;
 pub mod helper_cmd;
 mod idle;

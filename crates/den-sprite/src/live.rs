@@ -16,7 +16,7 @@ use den_agent::client::Client;
 use den_net::{NetManager, NetworkPolicy, SpriteNet};
 use den_runtime::{Backend, BindMount, ExitWatch, Handle, SpriteSpec};
 
-use crate::agent_bundle::SPRITE_BIN;
+use crate::agent_bundle::{AGENT_RUN_DIR, SPRITE_BIN};
 use crate::boot_stats::BootPhases;
 use crate::disk::Disk;
 use crate::error::{Result, SpriteError};
@@ -40,12 +40,27 @@ impl SpritePaths {
     pub fn disk(&self) -> PathBuf {
         self.root.join("disk")
     }
-    /// The agent's socket: made by the runtime shim in this host-only
-    /// directory (root's, 0711, never mounted into the sprite) and passed to
-    /// PID 1 as a listening descriptor, so no path the sprite can change
-    /// (such as a symlink to another sprite's socket) is ever followed.
+    /// The agent's socket, native backend: made by the runtime shim in this
+    /// host-only directory (root's, 0711, never mounted into the sprite) and
+    /// passed to PID 1 as a listening descriptor, so no path the sprite can
+    /// change (such as a symlink to another sprite's socket) is ever followed.
     pub fn socket(&self) -> PathBuf {
         self.root.join("agent.sock")
+    }
+    /// Engines that can't pass a listener (gVisor): this directory is the
+    /// sprite's `/.sprite/run`, where the agent binds its socket itself. The
+    /// sprite can write here, so the host connects with
+    /// [`den_agent::client::connect_socket`], which follows no symlink.
+    pub fn agent_run_dir(&self) -> PathBuf {
+        self.root.join("run")
+    }
+    /// Where the host reaches the agent of a sprite on `backend`.
+    pub fn agent_socket(&self, backend: &dyn Backend) -> PathBuf {
+        if backend.passes_listeners() {
+            self.socket()
+        } else {
+            self.agent_run_dir().join("agent.sock")
+        }
     }
     pub fn etc(&self) -> PathBuf {
         self.root.join("etc")
@@ -61,6 +76,8 @@ impl SpritePaths {
 /// A sprite that is running or warm.
 pub(crate) struct Live {
     pub key: String,
+    /// The engine the sprite runs on.
+    pub backend: Arc<dyn Backend>,
     pub paths: SpritePaths,
     pub handle: Option<Handle>,
     pub disk: Option<Disk>,
@@ -118,7 +135,7 @@ impl Live {
 
 /// What boot needs from the manager.
 pub(crate) struct BootContext<'a> {
-    pub backend: &'a Arc<dyn Backend>,
+    pub backend: Arc<dyn Backend>,
     pub net: &'a Arc<NetManager>,
     pub store: &'a den_store::Store,
     pub lower: PathBuf,
@@ -141,7 +158,7 @@ pub(crate) async fn blocking<T: Send + 'static>(f: impl FnOnce() -> Result<T> + 
 pub(crate) async fn boot(ctx: &BootContext<'_>, rec: &SpriteRecord) -> Result<Live> {
     let t0 = Instant::now();
     let paths = SpritePaths::new(&ctx.run_dir, &rec.key);
-    prepare_dirs(&paths)?;
+    prepare_dirs(&paths, ctx.backend.as_ref(), &ctx.idmap)?;
     // The disk and the network don't depend on each other: set them up side
     // by side (each phase is timed from the start of the boot).
     let disk = async {
@@ -159,11 +176,12 @@ pub(crate) async fn boot(ctx: &BootContext<'_>, rec: &SpriteRecord) -> Result<Li
     let (disk, net) = tokio::join!(disk, net);
     let mut live = Live {
         key: rec.key.clone(),
+        backend: ctx.backend.clone(),
         paths: paths.clone(),
         handle: None,
         disk: None,
         net: None,
-        agent: Client::new(paths.socket()),
+        agent: Client::new(paths.agent_socket(ctx.backend.as_ref())),
         frozen: false,
         init: None,
         heartbeat: None,
@@ -202,8 +220,8 @@ pub(crate) async fn boot(ctx: &BootContext<'_>, rec: &SpriteRecord) -> Result<Li
             Ok(live)
         }
         Err(e) => {
-            let (backend, net, grace) = (ctx.backend.clone(), ctx.net.clone(), ctx.grace);
-            if let Err(e2) = blocking(move || live.teardown(backend.as_ref(), &net, grace)).await {
+            let (net, grace) = (ctx.net.clone(), ctx.grace);
+            if let Err(e2) = blocking(move || live.teardown(&net, grace)).await {
                 tracing::warn!(sprite = %rec.name, error = %e2, "cleaning up after a failed boot");
             }
             Err(e)
@@ -228,6 +246,31 @@ async fn boot_rest(ctx: &BootContext<'_>, rec: &SpriteRecord, live: &mut Live) -
         destination: dest.into(),
         readonly: true,
     };
+    let backend = ctx.backend.clone();
+    let mut init = ctx.init.clone();
+    init.extend(["--fence-ttl-ms".into(), ctx.fence_ttl.as_millis().to_string()]);
+    let mut mounts = vec![
+        BindMount {
+            source: ctx.bundle_dir.clone(),
+            destination: SPRITE_BIN.into(),
+            readonly: true,
+        },
+        file("resolv.conf", "/etc/resolv.conf"),
+        file("hosts", "/etc/hosts"),
+        file("hostname", "/etc/hostname"),
+        file("network.json", "/.sprite/policy/network.json"),
+    ];
+    let agent_listener = if backend.passes_listeners() {
+        init.extend(["--listen-fd".into(), den_runtime::AGENT_LISTEN_FD.to_string()]);
+        Some(live.paths.socket())
+    } else {
+        mounts.push(BindMount {
+            source: live.paths.agent_run_dir(),
+            destination: AGENT_RUN_DIR.into(),
+            readonly: false,
+        });
+        None
+    };
     let spec = SpriteSpec {
         id: format!("{}{}", ctx.container_prefix, rec.key),
         rootfs_lower: ctx.lower.clone(),
@@ -236,32 +279,16 @@ async fn boot_rest(ctx: &BootContext<'_>, rec: &SpriteRecord, live: &mut Live) -
         hostname: rec.short_name().to_string(),
         idmap: ctx.idmap.clone(),
         netns_path: Some(netns_path),
-        init: ctx
-            .init
-            .iter()
-            .cloned()
-            .chain(["--fence-ttl-ms".into(), ctx.fence_ttl.as_millis().to_string()])
-            .collect(),
+        init,
         env: vec![
             "PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin".into(),
             "LANG=C.UTF-8".into(),
         ],
-        mounts: vec![
-            BindMount {
-                source: ctx.bundle_dir.clone(),
-                destination: SPRITE_BIN.into(),
-                readonly: true,
-            },
-            file("resolv.conf", "/etc/resolv.conf"),
-            file("hosts", "/etc/hosts"),
-            file("hostname", "/etc/hostname"),
-            file("network.json", "/.sprite/policy/network.json"),
-        ],
+        mounts,
         resources: rec.resources,
         console_log: Some(live.paths.console_log()),
-        agent_listener: Some(live.paths.socket()),
+        agent_listener,
     };
-    let backend = ctx.backend.clone();
     let handle = blocking(move || Ok(backend.run(&spec)?)).await?;
     live.handle = Some(handle.clone());
     let init = handle
@@ -332,7 +359,7 @@ pub(crate) fn tail(p: &Path, max: usize) -> String {
     s[start..].trim().to_string()
 }
 
-fn prepare_dirs(paths: &SpritePaths) -> Result<()> {
+fn prepare_dirs(paths: &SpritePaths, backend: &dyn Backend, idmap: &den_runtime::image::IdMap) -> Result<()> {
     let mk = |p: &Path, mode: u32| -> Result<()> {
         std::fs::create_dir_all(p).map_err(|e| SpriteError::io(format!("creating {}", p.display()), e))?;
         std::fs::set_permissions(p, std::fs::Permissions::from_mode(mode))
@@ -345,6 +372,17 @@ fn prepare_dirs(paths: &SpritePaths) -> Result<()> {
     // The agent directory of older versions, writable by the sprite's root.
     let _ = std::fs::remove_dir_all(paths.root.join("agent"));
     let _ = std::fs::remove_file(paths.socket());
+    // Made afresh for each boot: nothing an earlier boot's root left there
+    // (a symlink, a socket of its own) survives.
+    let run = paths.agent_run_dir();
+    let _ = std::fs::remove_dir_all(&run);
+    if !backend.passes_listeners() {
+        mk(&run, 0o700)?;
+        // The agent binds its socket here as the sprite's root.
+        let (uid, gid) = (idmap.uid_to_host(0), idmap.gid_to_host(0));
+        std::os::unix::fs::chown(&run, uid, gid)
+            .map_err(|e| SpriteError::io(format!("chown {}", run.display()), e))?;
+    }
     Ok(())
 }
 
@@ -381,7 +419,8 @@ pub(crate) fn write_policy_file(paths: &SpritePaths, policy: Option<&NetworkPoli
 impl Live {
     /// Stop everything (blocking): processes, filesystem, network. Keeps going
     /// after a failed step so nothing is left behind, and reports the first error.
-    pub fn teardown(mut self, backend: &dyn Backend, net: &NetManager, grace: Duration) -> Result<()> {
+    pub fn teardown(mut self, net: &NetManager, grace: Duration) -> Result<()> {
+        let backend = self.backend.clone();
         let mut first: Option<SpriteError> = None;
         let mut note = |r: Result<()>| {
             if let Err(e) = r {

@@ -45,7 +45,7 @@ use std::time::{Duration, Instant};
 use den_agent::client::Client;
 use den_net::dns::DnsForwarder;
 use den_net::{NetManager, NetworkPolicy};
-use den_runtime::container::{ContainerBackend, ShimCommand};
+use den_runtime::container::ShimCommand;
 use den_runtime::image::{Image, LogProgress};
 use den_runtime::{Backend, Resources};
 use den_store::{CheckpointRecord, Store, StoreError, VolumeSource};
@@ -57,6 +57,7 @@ use crate::boot_stats::{BootPhases, BootStats, BootTotals};
 use crate::catalog::{Catalog, SqliteCatalog};
 use crate::config::{Admission, ManagerConfig};
 use crate::disk;
+use crate::engines::Engines;
 use crate::error::{Result, SpriteError};
 use crate::live::{self, BootContext, Live, SpritePaths, blocking};
 use crate::record::{SpriteInfo, SpriteRecord, SpriteStatus, StorageStatus, now_ms, validate_key};
@@ -84,6 +85,8 @@ pub struct CreateSprite {
     /// Limits; the manager's defaults when `None`.
     pub resources: Option<Resources>,
     pub policy: Option<NetworkPolicy>,
+    /// The engine; the manager's default when `None`.
+    pub runtime: Option<den_runtime::Runtime>,
 }
 
 pub(crate) enum Phase {
@@ -224,7 +227,7 @@ pub(crate) struct Inner {
     pub(crate) cfg: ManagerConfig,
     store: Store,
     catalog: Arc<dyn Catalog>,
-    backend: Arc<dyn Backend>,
+    engines: Engines,
     net: Arc<NetManager>,
     dns: AsyncMutex<Option<DnsForwarder>>,
     image: Image,

@@ -47,6 +47,10 @@ pub struct SpriteRecord {
     #[serde(default)]
     pub active_checkpoint: Option<String>,
     pub resources: Resources,
+    /// The engine the sprite runs on; records from before runtimes existed
+    /// ran natively.
+    #[serde(default)]
+    pub runtime: den_runtime::Runtime,
     /// Attributes owned by the API layer (url settings, labels, config, environment).
     #[serde(default)]
     pub attrs: serde_json::Value,

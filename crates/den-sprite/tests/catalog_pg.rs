@@ -25,6 +25,7 @@ fn record(name: &str, id: &str) -> SpriteRecord {
         services: Vec::new(),
         active_checkpoint: Some("v1".into()),
         resources: den_runtime::Resources::sprite_default(),
+        runtime: den_runtime::Runtime::Gvisor,
         attrs: serde_json::json!({"url": {"auth": "public"}, "labels": ["a", "b"], "n": 1.5}),
     }
 }

@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result, bail, ensure};
 use den_agent::protocol::ServiceDef;
 use den_net::NetworkPolicy;
-use den_runtime::Resources;
+use den_runtime::{Resources, Runtime};
 use den_sprite::{CreateSprite, ImageSource, ManagerConfig, SpriteError, SpriteManager, SpriteStatus};
 use den_store::{Store, StoreConfig};
 use den_testkit::net::TestNet;
@@ -22,6 +22,7 @@ mod common;
 use common::*;
 
 struct Env {
+    runtime: Runtime,
     managers: Managers,
     dir: tempfile::TempDir,
     net: TestNet,
@@ -31,13 +32,19 @@ struct Env {
 
 impl Env {
     fn new() -> Result<Env> {
-        Self::with_image(ImageSource::Busybox, None)
+        Self::on(Runtime::Native)
     }
 
-    fn with_image(image: ImageSource, images: Option<PathBuf>) -> Result<Env> {
+    /// Sprites on `runtime`.
+    fn on(runtime: Runtime) -> Result<Env> {
+        Self::with_image(runtime, ImageSource::Busybox, None)
+    }
+
+    fn with_image(runtime: Runtime, image: ImageSource, images: Option<PathBuf>) -> Result<Env> {
         let dir = traversable_tempdir("den-sprite-test-")?;
         let images = images.unwrap_or_else(|| dir.path().join("images"));
         Ok(Env {
+            runtime,
             managers: Default::default(),
             net: TestNet::new()?,
             images,
@@ -49,6 +56,7 @@ impl Env {
     fn config(&self) -> ManagerConfig {
         let mut cfg = test_config(self.dir.path(), &self.images, self.net.config.clone());
         cfg.image = self.image.clone();
+        cfg.runtime = self.runtime;
         cfg
     }
 
@@ -88,8 +96,8 @@ async fn wait_status(
 
 /// Create, write, stop the runtime, start it again: the file is there.
 /// Checkpoint, change, restore: the change is gone. Fork: both diverge.
-async fn lifecycle() -> Result<()> {
-    let env = Env::new()?;
+async fn lifecycle(rt: Runtime) -> Result<()> {
+    let env = Env::on(rt)?;
     let mgr = env.start(env.config()).await?;
     let t0 = Instant::now();
     let info = mgr.create("alpha", CreateSprite::default()).await?;
@@ -171,6 +179,21 @@ async fn lifecycle() -> Result<()> {
     ensure!(sh(&mgr, "beta", "cat /home/sprite/state").await? == "beta\n");
     ensure!(sh(&mgr, "alpha", "cat /home/sprite/state").await? == "alpha\n");
 
+    // What a running program wrote and neither flushed nor closed is in a
+    // live fork and survives going cold (under gVisor too, where the
+    // sprite's kernel is a process of its own).
+    sh(
+        &mgr,
+        "alpha",
+        "(exec 3>/home/sprite/open; echo unflushed >&3; exec sleep 600) >/dev/null 2>&1 &
+         while [ ! -s /home/sprite/open ]; do sleep 0.01; done",
+    )
+    .await?;
+    mgr.fork("alpha", "delta", None, None).await?;
+    ensure!(sh(&mgr, "delta", "cat /home/sprite/open").await? == "unflushed\n");
+    mgr.sleep("alpha", SpriteStatus::Cold).await?;
+    ensure!(sh(&mgr, "alpha", "cat /home/sprite/open").await? == "unflushed\n");
+
     // Bad input is refused and changes nothing.
     ensure!(matches!(
         mgr.create("alpha", CreateSprite::default()).await,
@@ -203,8 +226,8 @@ async fn lifecycle() -> Result<()> {
 
 /// Idle sprites go warm (frozen, processes kept) then cold (stopped); an
 /// exec wakes them; data stays.
-async fn sleep_and_wake() -> Result<()> {
-    let env = Env::new()?;
+async fn sleep_and_wake(rt: Runtime) -> Result<()> {
+    let env = Env::on(rt)?;
     let mut cfg = env.config();
     cfg.warm_after = Duration::from_millis(300);
     cfg.cold_after = Duration::from_millis(2500);
@@ -289,8 +312,8 @@ fn changed_to(ev: &den_sprite::SpriteEvent) -> Option<SpriteStatus> {
 /// `subscribe` reports a sprite's creation, every status change (idle
 /// sleeps and a restart included) and its deletion, in order; restart
 /// restarts the processes and keeps the disk; the activity times follow.
-async fn events_restart_and_times() -> Result<()> {
-    let env = Env::new()?;
+async fn events_restart_and_times(rt: Runtime) -> Result<()> {
+    let env = Env::on(rt)?;
     let mut cfg = env.config();
     cfg.warm_after = Duration::from_millis(300);
     cfg.cold_after = Duration::from_millis(1500);
@@ -502,8 +525,8 @@ async fn security() -> Result<()> {
 /// A sprite whose PID 1 dies on its own (an agent crash, the OOM killer, a
 /// host admin's `kill -9`) is noticed: the next request boots it again, and
 /// with no request the idle monitor reports it cold. The disk is kept.
-async fn init_death() -> Result<()> {
-    let env = Env::new()?;
+async fn init_death(rt: Runtime) -> Result<()> {
+    let env = Env::on(rt)?;
     let mgr = env.start(env.config()).await?;
     mgr.create("phoenix", CreateSprite::default()).await?;
     sh(&mgr, "phoenix", "echo kept > /home/sprite/f").await?;
@@ -575,17 +598,22 @@ async fn template_vs_cloned_mount_namespace() -> Result<()> {
 }
 
 /// SIGKILL a sprite's PID 1 from the host, and wait until it has exited.
+/// Under gVisor the sprite's processes are tasks of one host process, the
+/// sandbox (`runsc-sandbox`): its death is the sprite's.
 fn kill_init(key: &str) -> Result<()> {
     let cg = den_runtime::cgroup::SpriteCgroup::new(den_runtime::cgroup::detect()?, key);
     let init = cg
         .procs()?
         .into_iter()
         .find(|pid| {
-            std::fs::read_to_string(format!("/proc/{pid}/status")).is_ok_and(|s| {
+            let sandbox = std::fs::read(format!("/proc/{pid}/cmdline"))
+                .is_ok_and(|c| c.starts_with(b"runsc-sandbox\0"));
+            let pid1 = std::fs::read_to_string(format!("/proc/{pid}/status")).is_ok_and(|s| {
                 s.lines()
                     .find(|l| l.starts_with("NSpid:"))
                     .is_some_and(|l| l.split_whitespace().last() == Some("1"))
-            })
+            });
+            sandbox || (pid1 && !is_runsc(*pid))
         })
         .context("the sprite has no PID 1")?;
     let watch = den_runtime::ExitWatch::new(init)?;
@@ -599,6 +627,11 @@ fn kill_init(key: &str) -> Result<()> {
         std::thread::sleep(Duration::from_millis(2));
     }
     Ok(())
+}
+
+/// One of gVisor's host processes (sandbox, gofer).
+fn is_runsc(pid: i32) -> bool {
+    std::fs::read(format!("/proc/{pid}/cmdline")).is_ok_and(|c| c.starts_with(b"runsc-"))
 }
 
 fn host_uids_of_sprite(key: &str) -> Result<Vec<u32>> {
@@ -637,8 +670,8 @@ fn wait_tcp(addr: SocketAddrV4) -> Result<()> {
 /// The Sprites egress policy, end to end from inside a sprite: allowed
 /// names resolve and connect, denied ones fail DNS, raw IPs are blocked,
 /// and a change applies live.
-async fn egress_policy() -> Result<()> {
-    let env = Env::new()?;
+async fn egress_policy(rt: Runtime) -> Result<()> {
+    let env = Env::on(rt)?;
     let mgr = env.start(env.config()).await?;
     let policy = NetworkPolicy::from_json(
         r#"{"rules":[{"domain":"allowed.test","action":"allow"},{"domain":"*","action":"deny"}]}"#,
@@ -727,8 +760,8 @@ async fn egress_policy() -> Result<()> {
 
 /// Services start in `needs` order, restart on crash, stay stopped when
 /// stopped, log to /.sprite/logs/services, and come back after a cold boot.
-async fn services() -> Result<()> {
-    let env = Env::new()?;
+async fn services(rt: Runtime) -> Result<()> {
+    let env = Env::on(rt)?;
     let mgr = env.start(env.config()).await?;
     mgr.create("svc", CreateSprite::default()).await?;
     let def = |name: &str, script: &str, needs: &[&str]| ServiceDef {
@@ -931,6 +964,7 @@ async fn pool_concurrent_creates() -> Result<()> {
                     .create(
                         &n,
                         CreateSprite {
+                            runtime: None,
                             attrs: serde_json::json!({ "i": i }),
                             resources: Some(limits(i)),
                             policy: None,
@@ -1138,33 +1172,64 @@ fn crash_child(args: &[OsString]) -> ! {
 }
 
 /// The real Debian userland: `sprite` with passwordless sudo, home, apt.
-async fn debian_userland() -> Result<()> {
+async fn debian_userland(rt: Runtime) -> Result<()> {
     let images = std::env::var_os("DEN_TEST_IMAGES")
         .map(PathBuf::from)
         .unwrap_or_else(|| PathBuf::from("/var/tmp/den-test-images"));
     std::fs::create_dir_all(&images)?;
-    let env = Env::with_image(ImageSource::Debian, Some(images))?;
+    let env = Env::with_image(rt, ImageSource::Debian, Some(images))?;
     let mgr = env.start(env.config()).await?;
     let t0 = Instant::now();
     mgr.create("deb", CreateSprite::default()).await?;
     let out = sh(
         &mgr,
         "deb",
-        "whoami; echo $HOME; sudo -n id -u; bash --version | head -1 | cut -c1-13; apt-get --version | head -1 | cut -d' ' -f1; python3 -c 'print(6*7)'",
+        "whoami; echo $HOME; sudo -n id -u 2>&1; bash --version | head -1 | cut -c1-13; apt-get --version | head -1 | cut -d' ' -f1; python3 -c 'print(6*7)'",
     )
     .await?;
     println!("  create → output (Debian): {:?}", t0.elapsed());
+    // This runsc (0.0~20240729) runs every process with no_new_privs set
+    // (it says so in its log), so a setuid binary such as sudo can't
+    // elevate under gVisor; root is reached through the agent instead
+    // (`user: root`, `den exec --user root`). docs/gvisor.md lists it.
+    let sudo = match rt {
+        Runtime::Native => "0\n",
+        Runtime::Gvisor => {
+            "sudo: The \"no new privileges\" flag is set, which prevents sudo from running as root.\n\
+             sudo: If sudo is running in a container, you may need to adjust the container configuration to disable the flag.\n"
+        }
+    };
     ensure!(
-        out == "sprite\n/home/sprite\n0\nGNU bash, ver\napt\n42\n",
+        out == format!("sprite\n/home/sprite\n{sudo}GNU bash, ver\napt\n42\n"),
         "{out:?}"
     );
-    // Root changes under /usr/local persist across a cold boot.
+    let root = root_sh(&mgr, "deb", "id -u").await?;
+    ensure!(
+        root.code == 0 && root.stdout == "0\n",
+        "root exec: {}",
+        root.stderr
+    );
+    // Pages a program changed through a shared mapping, never synced, are
+    // in a live fork.
     sh(
         &mgr,
         "deb",
-        "sudo -n sh -c 'echo tool > /usr/local/bin/mytool && chmod +x /usr/local/bin/mytool'",
+        "python3 -c 'import mmap,os,time
+f=open(\"/home/sprite/mapped\",\"w+b\"); f.truncate(4096)
+m=mmap.mmap(f.fileno(),4096); m[:7]=b\"mmapped\"; print(\"ok\",flush=True); time.sleep(600)' >/tmp/mm.out 2>&1 &
+         while [ ! -s /tmp/mm.out ]; do sleep 0.01; done",
     )
     .await?;
+    mgr.fork("deb", "deb2", None, None).await?;
+    ensure!(sh(&mgr, "deb2", "head -c 7 /home/sprite/mapped").await? == "mmapped");
+    // Root changes under /usr/local persist across a cold boot.
+    let made = root_sh(
+        &mgr,
+        "deb",
+        "echo tool > /usr/local/bin/mytool && chmod +x /usr/local/bin/mytool",
+    )
+    .await?;
+    ensure!(made.code == 0, "{}", made.stderr);
     mgr.sleep("deb", SpriteStatus::Cold).await?;
     ensure!(
         sh(
@@ -1190,26 +1255,29 @@ fn main() {
     if args.get(1).is_some_and(|a| a == POOL_CHILD) {
         pool_child(&args[2..]);
     }
-    let tests: &[(&str, TestFn)] = &[
-        ("lifecycle", || Box::pin(lifecycle())),
-        ("sleep_and_wake", || Box::pin(sleep_and_wake())),
-        (
-            "events_restart_and_times",
-            || Box::pin(events_restart_and_times()),
-        ),
+    // On both runtimes: what a sprite does, through the same agent and API.
+    let each: &[(&str, RuntimeTestFn)] = &[
+        ("lifecycle", |rt| Box::pin(lifecycle(rt))),
+        ("sleep_and_wake", |rt| Box::pin(sleep_and_wake(rt))),
+        ("events_restart_and_times", |rt| {
+            Box::pin(events_restart_and_times(rt))
+        }),
+        ("egress_policy", |rt| Box::pin(egress_policy(rt))),
+        ("services", |rt| Box::pin(services(rt))),
+        ("init_death", |rt| Box::pin(init_death(rt))),
+        ("debian_userland", |rt| Box::pin(debian_userland(rt))),
+    ];
+    // The native engine's own mechanics (host uids and mounts, pool).
+    let single: &[(&str, TestFn)] = &[
         ("security", || Box::pin(security())),
-        ("egress_policy", || Box::pin(egress_policy())),
-        ("services", || Box::pin(services())),
         ("host_crash_recovery", || Box::pin(host_crash_recovery())),
-        ("init_death", || Box::pin(init_death())),
         ("template_vs_cloned_mount_namespace", || {
             Box::pin(template_vs_cloned_mount_namespace())
         }),
-        ("debian_userland", || Box::pin(debian_userland())),
         ("pool_concurrent_creates", || Box::pin(pool_concurrent_creates())),
         ("pool_stop_and_kill_leak_nothing", || {
             Box::pin(pool_stop_and_kill_leak_nothing())
         }),
     ];
-    run_tests(tests);
+    run_runtime_tests(each, single);
 }

@@ -18,6 +18,10 @@ pub struct CreateArgs {
     /// A label to attach (repeatable).
     #[arg(long = "label", value_name = "LABEL")]
     pub labels: Vec<String>,
+    /// Isolation engine: native (den's containers) or gvisor (a user-space
+    /// kernel) [default: the server's].
+    #[arg(long, value_parser = ["native", "gvisor"])]
+    pub runtime: Option<String>,
     /// Do not open a console after creating (none opens when stdin is not a terminal).
     #[arg(long)]
     pub skip_console: bool,
@@ -38,6 +42,7 @@ pub async fn create(ctx: &Ctx, a: CreateArgs) -> Result<()> {
         .create_sprite(&CreateSprite {
             name: name.clone(),
             labels: a.labels,
+            config: a.runtime.map(|r| serde_json::json!({ "runtime": r })),
         })
         .await;
     pb.finish_and_clear();

@@ -109,17 +109,26 @@ const CLONE_NS_FLAGS: &[u64] = &[
 
 /// The OCI `linux.seccomp` object.
 pub fn profile() -> Value {
-    profile_allowing(&[])
+    build(&[], true)
 }
 
-/// [`profile`] with the calls in `allowed` taken off the deny list (for an
-/// engine whose kernel serves them harmlessly, see `spec::build_gvisor`).
-pub(crate) fn profile_allowing(allowed: &[&str]) -> Value {
+/// The profile for gVisor's sentry, which enforces it itself: `syslog`
+/// comes off the deny list (the kernel log there is the sentry's own), and
+/// `clone3` is left alone. This runsc (0.0~20240729) answers every errno
+/// rule with EPERM, whatever its `errnoRet`, so glibc would take the
+/// refused `clone3` as fatal instead of falling back to `clone`, and no
+/// program could start a thread. Namespaces a sprite makes under gVisor
+/// are the sentry's, not the host's.
+pub(crate) fn gvisor_profile() -> Value {
+    build(&["syslog"], false)
+}
+
+fn build(allowed: &[&str], refuse_clone3: bool) -> Value {
     let denied: Vec<&str> = DENIED.iter().copied().filter(|n| !allowed.contains(n)).collect();
-    let mut rules = vec![
-        json!({ "names": denied, "action": "SCMP_ACT_ERRNO", "errnoRet": libc::EPERM }),
-        json!({ "names": ["clone3"], "action": "SCMP_ACT_ERRNO", "errnoRet": libc::ENOSYS }),
-    ];
+    let mut rules = vec![json!({ "names": denied, "action": "SCMP_ACT_ERRNO", "errnoRet": libc::EPERM })];
+    if refuse_clone3 {
+        rules.push(json!({ "names": ["clone3"], "action": "SCMP_ACT_ERRNO", "errnoRet": libc::ENOSYS }));
+    }
     for &flag in CLONE_NS_FLAGS {
         // (arg0 & flag) == flag, in OCI's encoding (value = datum, valueTwo = mask
         // as libcontainer reads it; identical here, so either reading works).

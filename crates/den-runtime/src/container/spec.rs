@@ -254,7 +254,7 @@ fn build_json(sprite: &SpriteSpec, rootfs: &Path, engine: Engine<'_>) -> Value {
         // (its boot messages), so `dmesg` may work there as on a VM; on the
         // host kernel it would reveal the host's log (and kernel addresses).
         caps.push("CAP_SYSLOG");
-        seccomp = seccomp::profile_allowing(&["syslog"]);
+        seccomp = seccomp::gvisor_profile();
     }
 
     let mut resources = json!({

@@ -409,6 +409,10 @@ impl Backend for GvisorBackend {
         "gvisor"
     }
 
+    fn passes_listeners(&self) -> bool {
+        false
+    }
+
     fn create(&self, sprite: &SpriteSpec) -> Result<Handle, RuntimeError> {
         sprite.validate()?;
         if sprite.agent_listener.is_some() {

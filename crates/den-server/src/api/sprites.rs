@@ -4,7 +4,7 @@ use axum::Json;
 use axum::extract::{Query, State};
 use axum::http::{HeaderMap, StatusCode, Uri};
 use axum::response::{IntoResponse, Response};
-use den_runtime::{CpuLimit, Resources};
+use den_runtime::{CpuLimit, Resources, Runtime};
 use den_sprite::{CreateSprite, HostCapacity, SpriteStatus};
 use serde::Deserialize;
 use serde_json::{Map, Value, json};
@@ -147,6 +147,7 @@ pub async fn create(
         config,
         resources,
         environment,
+        runtime,
     } = checked;
     let attrs = json!({
         "url_settings": url_settings,
@@ -162,6 +163,7 @@ pub async fn create(
                 attrs,
                 resources: Some(resources),
                 policy: None,
+                runtime,
             },
         )
         .await?;
@@ -236,6 +238,7 @@ struct CheckedCreate {
     config: Value,
     resources: Resources,
     environment: Map<String, Value>,
+    runtime: Option<Runtime>,
 }
 
 fn check_create(
@@ -256,6 +259,15 @@ fn check_create(
         return Err(ApiError::bad_request("config must be an object"));
     }
     let resources = resources_from(&config, st.mgr.config().resources, &st.mgr.config().host)?;
+    // den extension: the isolation engine, the server's default if absent.
+    let runtime = match config.get("runtime") {
+        None | Some(Value::Null) => None,
+        Some(v) => Some(
+            v.as_str()
+                .and_then(|s| s.parse::<Runtime>().ok())
+                .ok_or_else(|| ApiError::bad_request("config.runtime must be \"native\" or \"gvisor\""))?,
+        ),
+    };
     let environment = environment.unwrap_or_default();
     if let Some((k, _)) = environment.iter().find(|(_, v)| !v.is_string()) {
         return Err(ApiError::bad_request(format!("environment.{k} must be a string")));
@@ -266,6 +278,7 @@ fn check_create(
         config,
         resources,
         environment,
+        runtime,
     })
 }
 

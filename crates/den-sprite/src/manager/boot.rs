@@ -5,7 +5,7 @@ use super::*;
 impl SpriteManager {
     /// Boot a sprite (cold → running) and account for the time it took.
     pub(super) async fn boot(&self, rec: &SpriteRecord) -> Result<Live> {
-        let live = live::boot(&self.boot_context(&rec.image)?, rec).await?;
+        let live = live::boot(&self.boot_context(rec)?, rec).await?;
         self.inner.boots.record(live.phases);
         Ok(live)
     }
@@ -25,10 +25,11 @@ impl SpriteManager {
         self.inner.boots.since(cursor)
     }
 
-    pub(super) fn boot_context(&self, version: &str) -> Result<BootContext<'_>> {
+    pub(super) fn boot_context(&self, rec: &SpriteRecord) -> Result<BootContext<'_>> {
         let i = &self.inner;
+        let version = &rec.image;
         Ok(BootContext {
-            backend: &i.backend,
+            backend: i.engines.get(rec.runtime)?,
             net: &i.net,
             store: &i.store,
             lower: self.lower_for(version)?,
@@ -71,7 +72,7 @@ impl SpriteManager {
         };
         if live.frozen {
             if let Some(h) = &live.handle {
-                self.inner.backend.thaw(h)?;
+                live.backend.thaw(h)?;
             }
             live.frozen = false;
         }

@@ -61,13 +61,37 @@ impl SpriteManager {
         live: &Live,
         f: impl FnOnce(&den_store::Volume) -> Result<T> + Send + 'static,
     ) -> Result<T> {
-        let (backend, handle, frozen) = (self.inner.backend.clone(), live.handle.clone(), live.frozen);
-        let disk = live.disk.as_ref().expect("an awake sprite has its disk");
-        let (mp, vol) = (disk.mountpoint().to_path_buf(), disk.volume().clone());
+        let guard = self.freeze_synced(live).await?;
+        let vol = live
+            .disk
+            .as_ref()
+            .expect("an awake sprite has its disk")
+            .volume()
+            .clone();
         blocking(move || {
-            let _frozen = FreezeGuard::new(backend, handle, frozen)?;
+            let res = f(&vol);
+            // Thawing waits on the engine: here, off the async threads.
+            drop(guard);
+            res
+        })
+        .await
+    }
+
+    /// Freeze an awake sprite with everything it wrote on its disk: the
+    /// filesystem synced, so the volume holds a consistent image until the
+    /// guard thaws the sprite.
+    pub(super) async fn freeze_synced(&self, live: &Live) -> Result<FreezeGuard> {
+        let (backend, handle, frozen) = (live.backend.clone(), live.handle.clone(), live.frozen);
+        let mp = live
+            .disk
+            .as_ref()
+            .expect("an awake sprite has its disk")
+            .mountpoint()
+            .to_path_buf();
+        blocking(move || {
+            let guard = FreezeGuard::new(backend, handle, frozen)?;
             disk::syncfs(&mp)?;
-            f(&vol)
+            Ok(guard)
         })
         .await
     }

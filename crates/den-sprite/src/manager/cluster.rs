@@ -99,7 +99,7 @@ impl SpriteManager {
             && !live.frozen
         {
             if let Some(h) = &live.handle {
-                let (b, h) = (self.inner.backend.clone(), h.clone());
+                let (b, h) = (live.backend.clone(), h.clone());
                 blocking(move || Ok(b.freeze(&h)?)).await?;
             }
             live.frozen = true;
@@ -119,8 +119,8 @@ impl SpriteManager {
                 unreachable!()
             };
             self.status_to(&slot, SpriteStatus::Cold);
-            let (b, n) = (self.inner.backend.clone(), self.inner.net.clone());
-            if let Err(e) = blocking(move || live.teardown(b.as_ref(), &n, Duration::ZERO)).await {
+            let n = self.inner.net.clone();
+            if let Err(e) = blocking(move || live.teardown(&n, Duration::ZERO)).await {
                 tracing::warn!(sprite = name, error = %e, "stopping an evicted sprite");
             }
         }

@@ -15,7 +15,10 @@ impl SpriteManager {
         }
         let version = self.inner.image.version().to_string();
         let resources = opts.resources.unwrap_or(self.inner.cfg.resources);
-        if let Some(pooled) = self.take_pooled(&version, &resources) {
+        let runtime = opts.runtime.unwrap_or(self.inner.cfg.runtime);
+        // Refuse a runtime this server can't run before anything is made.
+        self.inner.engines.get(runtime)?;
+        if let Some(pooled) = self.take_pooled(&version, runtime, &resources) {
             match self.claim(pooled, name, &opts).await {
                 Ok(info) => return Ok(info),
                 Err(SpriteError::Exists(n)) => return Err(SpriteError::Exists(n)),
@@ -26,7 +29,7 @@ impl SpriteManager {
         }
         let key = new_key();
         let volume = self.fork_template(&version, &key).await?;
-        let mut rec = new_record(name, key, volume, version, resources, opts.attrs);
+        let mut rec = new_record(name, key, volume, version, runtime, resources, opts.attrs);
         rec.policy = opts.policy;
         self.insert(rec).await
     }
@@ -78,6 +81,7 @@ pub(super) fn new_record(
     key: String,
     volume: String,
     image: String,
+    runtime: den_runtime::Runtime,
     resources: Resources,
     attrs: serde_json::Value,
 ) -> SpriteRecord {
@@ -98,6 +102,7 @@ pub(super) fn new_record(
         services: Vec::new(),
         active_checkpoint: None,
         resources,
+        runtime,
         attrs,
     }
 }

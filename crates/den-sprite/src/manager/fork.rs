@@ -1,6 +1,5 @@
 //! A new sprite from another one's checkpoint or live state.
 
-use super::checkpoint::FreezeGuard;
 use super::create::{new_key, new_record};
 use super::*;
 
@@ -46,17 +45,14 @@ impl SpriteManager {
                         store.fork(&volume, live_src).await?;
                     }
                     Phase::Awake(live) => {
-                        let (backend, handle, frozen) =
-                            (self.inner.backend.clone(), live.handle.clone(), live.frozen);
-                        let mp = live.disk.as_ref().expect("awake").mountpoint().to_path_buf();
-                        let guard = blocking(move || {
-                            let g = FreezeGuard::new(backend, handle, frozen)?;
-                            disk::syncfs(&mp)?;
-                            Ok(g)
+                        let guard = self.freeze_synced(live).await?;
+                        let res = store.fork(&volume, live_src).await;
+                        // Thawing waits on the engine: off the async threads.
+                        blocking(move || {
+                            drop(guard);
+                            Ok(())
                         })
                         .await?;
-                        let res = store.fork(&volume, live_src).await;
-                        drop(guard);
                         res?;
                     }
                 }
@@ -67,6 +63,7 @@ impl SpriteManager {
             key,
             volume,
             src_rec.image,
+            src_rec.runtime,
             src_rec.resources,
             attrs.unwrap_or(src_rec.attrs),
         );

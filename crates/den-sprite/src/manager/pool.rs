@@ -127,7 +127,12 @@ impl SpriteManager {
 
     /// A pooled sprite for a create of `image` with `resources`, if one is
     /// ready and can take those limits.
-    pub(super) fn take_pooled(&self, image: &str, resources: &Resources) -> Option<Pooled> {
+    pub(super) fn take_pooled(
+        &self,
+        image: &str,
+        runtime: den_runtime::Runtime,
+        resources: &Resources,
+    ) -> Option<Pooled> {
         let pool = &self.inner.pool;
         if self.pool_size() == 0 {
             return None;
@@ -136,7 +141,11 @@ impl SpriteManager {
             let mut ready = pool.ready.lock();
             ready
                 .iter()
-                .position(|p| p.rec.image == image && limits_reachable(&p.rec.resources, resources))
+                .position(|p| {
+                    p.rec.image == image
+                        && p.rec.runtime == runtime
+                        && limits_reachable(&p.rec.resources, resources)
+                })
                 .map(|i| ready.swap_remove(i))
         };
         match &taken {
@@ -204,11 +213,7 @@ impl SpriteManager {
         let net = live.net.as_ref().expect("a pooled sprite is booted");
         live::write_etc(&live.paths, rec.short_name(), *net.dns.ip(), rec.policy.as_ref())?;
         let handle = live.handle.clone().expect("a pooled sprite is booted");
-        let (backend, netm, key) = (
-            self.inner.backend.clone(),
-            self.inner.net.clone(),
-            live.key.clone(),
-        );
+        let (backend, netm, key) = (live.backend.clone(), self.inner.net.clone(), live.key.clone());
         let (resources, pooled_with, policy) = (rec.resources, self.inner.cfg.resources, rec.policy.clone());
         let hostname = rec.short_name().to_string();
         blocking(move || {
@@ -226,12 +231,8 @@ impl SpriteManager {
 
     /// Stop a pooled (or half-claimed) sprite and delete its disk.
     async fn discard(&self, rec: SpriteRecord, live: Box<Live>) {
-        let (b, n, g) = (
-            self.inner.backend.clone(),
-            self.inner.net.clone(),
-            self.inner.cfg.stop_grace,
-        );
-        if let Err(e) = blocking(move || live.teardown(b.as_ref(), &n, g)).await {
+        let (n, g) = (self.inner.net.clone(), self.inner.cfg.stop_grace);
+        if let Err(e) = blocking(move || live.teardown(&n, g)).await {
             tracing::warn!(sprite = %rec.name, error = %e, "stopping a pooled sprite");
         }
         self.forget_pooled_volume(&rec.key).await;
@@ -267,6 +268,7 @@ impl SpriteManager {
             key.clone(),
             volume,
             version,
+            self.inner.cfg.runtime,
             self.inner.cfg.resources,
             serde_json::Value::Null,
         );

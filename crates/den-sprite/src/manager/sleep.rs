@@ -23,7 +23,7 @@ impl SpriteManager {
                     && !live.frozen
                 {
                     if let Some(h) = &live.handle {
-                        let (b, h) = (self.inner.backend.clone(), h.clone());
+                        let (b, h) = (live.backend.clone(), h.clone());
                         blocking(move || Ok(b.freeze(&h)?)).await?;
                     }
                     live.frozen = true;
@@ -57,8 +57,8 @@ impl SpriteManager {
         let active = slot.last_active_ms();
         slot.record.lock().last_active_at_ms = Some(active);
         self.status_to(slot, SpriteStatus::Cold);
-        let (b, n) = (self.inner.backend.clone(), self.inner.net.clone());
-        blocking(move || live.teardown(b.as_ref(), &n, grace)).await?;
+        let n = self.inner.net.clone();
+        blocking(move || live.teardown(&n, grace)).await?;
         // Kept for the API once the sprite's live state is gone;
         // a lost write loses only this timestamp.
         if let Err(e) = self

@@ -39,13 +39,13 @@ impl SpriteManager {
             program: cfg.den_exe.clone(),
             args: vec![crate::helper_cmd::SHIM_SUBCOMMAND.into()],
         };
-        let backend: Arc<dyn Backend> = Arc::new(ContainerBackend::new(cfg.run_dir.join("ctr"), shim)?);
+        let engines = Engines::new(&cfg, shim)?;
         let netcfg = cfg.net.clone();
         let net = blocking(move || Ok(NetManager::new(netcfg)?)).await?;
         let dns = DnsForwarder::start(net.clone())?;
 
         let records = catalog.list().await?;
-        recover(&cfg, backend.as_ref(), &net)?;
+        recover(&cfg, &engines, &net)?;
         disk::share_run_dir(&cfg.run_dir)?;
         let keys: Vec<String> = records.iter().map(|r| r.key.clone()).collect();
         let cfg_pool_size = cfg.pool_size;
@@ -57,7 +57,7 @@ impl SpriteManager {
             cfg,
             store,
             catalog,
-            backend,
+            engines,
             net,
             dns: AsyncMutex::new(Some(dns)),
             image,
@@ -173,12 +173,21 @@ fn reachable_by_sprites(dirs: &[&std::path::Path], idmap: &den_runtime::image::I
 
 /// A previous run may have died with sprites up: every sprite starts cold,
 /// so remove every container, mount and network it left.
-fn recover(cfg: &ManagerConfig, backend: &dyn Backend, net: &NetManager) -> Result<()> {
+fn recover(cfg: &ManagerConfig, engines: &Engines, net: &NetManager) -> Result<()> {
     // Before anything that could wait on a dead disk (removing a container
     // whose tasks are blocked in its I/O).
     disk::abort_stale_fuse(&cfg.run_dir);
-    let bundles = cfg.run_dir.join("ctr").join("bundles");
-    if let Ok(rd) = std::fs::read_dir(&bundles) {
+    for (backend, bundles) in engines.available(&cfg.run_dir) {
+        recover_engine(backend.as_ref(), &bundles);
+    }
+    disk::cleanup_stale(&cfg.run_dir);
+    net.cleanup_leftovers(&[])?;
+    Ok(())
+}
+
+/// Remove every sprite `backend` still holds (one bundle each in `bundles`).
+fn recover_engine(backend: &dyn Backend, bundles: &std::path::Path) {
+    if let Ok(rd) = std::fs::read_dir(bundles) {
         for e in rd.flatten() {
             let id = e.file_name().to_string_lossy().into_owned();
             match backend.open(&id) {
@@ -193,7 +202,4 @@ fn recover(cfg: &ManagerConfig, backend: &dyn Backend, net: &NetManager) -> Resu
             }
         }
     }
-    disk::cleanup_stale(&cfg.run_dir);
-    net.cleanup_leftovers(&[])?;
-    Ok(())
 }

@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use anyhow::{Context, Result, ensure};
 use den_agent::client::ExecRequest;
-use den_runtime::Resources;
+use den_runtime::{Resources, Runtime};
 use den_sprite::{ImageSource, ManagerConfig, SpriteManager};
 use den_store::{Store, StoreConfig};
 
@@ -28,7 +28,8 @@ pub fn traversable_tempdir(prefix: &str) -> Result<tempfile::TempDir> {
 
 /// A manager below `dir` (data, run) with the busybox image cached in
 /// `images`, small limits, and idle timings long enough that tests which
-/// want sleep set them themselves.
+/// want sleep set them themselves. Sprites run natively unless the test
+/// sets [`ManagerConfig::runtime`].
 pub fn test_config(dir: &Path, images: &Path, net: den_net::NetConfig) -> ManagerConfig {
     let mut cfg = ManagerConfig::new(
         dir.join("data"),
@@ -167,9 +168,40 @@ where
     unreachable!()
 }
 
+/// A test that runs once per runtime.
+pub type RuntimeTestFn = fn(Runtime) -> std::pin::Pin<Box<dyn std::future::Future<Output = Result<()>>>>;
+
+/// The runtimes every [`RuntimeTestFn`] runs on, with the prefix of its name.
+pub const RUNTIMES: [(&str, Runtime); 2] = [("native", Runtime::Native), ("gvisor", Runtime::Gvisor)];
+
+/// [`run_tests`] for tests that run on each runtime (`native::NAME`,
+/// `gvisor::NAME`), then the `single` ones.
+pub fn run_runtime_tests(each: &[(&str, RuntimeTestFn)], single: &[(&str, TestFn)]) {
+    type Boxed = Box<dyn Fn() -> std::pin::Pin<Box<dyn std::future::Future<Output = Result<()>>>>>;
+    let mut named: Vec<(String, Boxed)> = Vec::new();
+    for (prefix, rt) in RUNTIMES {
+        for (name, f) in each {
+            let f = *f;
+            named.push((format!("{prefix}::{name}"), Box::new(move || f(rt))));
+        }
+    }
+    for (name, f) in single {
+        let f = *f;
+        named.push((name.to_string(), Box::new(f)));
+    }
+    let tests: Vec<(&str, &Boxed)> = named.iter().map(|(n, f)| (n.as_str(), f)).collect();
+    run_with(&tests);
+}
+
 /// The rest of every binary's `main`, after its own subcommands: run the
 /// tests named on the command line (all by default), exit 1 on a failure.
 pub fn run_tests(tests: &[(&str, TestFn)]) {
+    run_with(tests);
+}
+
+fn run_with<F: Fn() -> std::pin::Pin<Box<dyn std::future::Future<Output = Result<()>>>>>(
+    tests: &[(&str, F)],
+) {
     assert!(nix::unistd::geteuid().is_root(), "the sprite tests need root");
     let _ = tracing_subscriber::fmt()
         .with_env_filter(
