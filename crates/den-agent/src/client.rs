@@ -120,6 +120,12 @@ impl Client {
         request(&self.socket, &Request::Ping).await.map(|_| ())
     }
 
+    /// See [`Request::Quiesce`]: the agent is unreachable afterwards until
+    /// it gets [`crate::server::RESUME_SIGNAL`].
+    pub async fn quiesce(&self) -> Result<(), Error> {
+        request(&self.socket, &Request::Quiesce).await.map(|_| ())
+    }
+
     /// Sends den's heartbeat every `interval` until the agent goes away (an
     /// error then). An agent started with a fence TTL stops its sprite when
     /// no heartbeat arrived for that long; beats sent while the sprite is

@@ -203,6 +203,7 @@ mod ports;
 pub mod protocol;
 mod reaper;
 mod server;
+pub use server::RESUME_SIGNAL;
 pub mod service_def;
 mod services;
 mod session;

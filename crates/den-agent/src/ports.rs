@@ -214,6 +214,15 @@ pub(crate) async fn watch(agent: Weak<AgentInner>) {
     loop {
         let Some(a) = agent.upgrade() else { return };
         let interval = a.config.port_poll_interval;
+        // Not while a memory snapshot is taken: a restore of this runsc has
+        // crashed PID 1 with /proc/net/tcp's text on its stack when the save
+        // caught the poll mid-read.
+        let mut quiesced = a.quiesced_rx();
+        if *quiesced.borrow() {
+            drop(a);
+            let _ = quiesced.wait_for(|q| !*q).await.map(drop);
+            continue;
+        }
         let current = listening_sockets();
         let new: HashSet<u64> = current
             .keys()

@@ -53,6 +53,12 @@ pub enum Request {
         recursive: bool,
     },
     Ping,
+    /// Before a memory snapshot (gVisor): answer, then close every
+    /// connection and the listening socket (a host socket, which the
+    /// snapshot can't hold) and stop counting missed heartbeats, until
+    /// [`crate::server::RESUME_SIGNAL`] arrives, when the agent binds its
+    /// socket again. Its processes run on meanwhile.
+    Quiesce,
     /// den's heartbeat: after the answer, any byte the host sends proves it
     /// is alive (see [`crate::AgentConfig::fence_ttl`]).
     Heartbeat,

@@ -39,6 +39,8 @@ pub(crate) struct AgentInner {
     last_heartbeat: Mutex<tokio::time::Instant>,
     /// Set once the agent fenced itself.
     fenced: tokio::sync::watch::Sender<bool>,
+    /// Set while the agent serves nothing (see [`Request::Quiesce`]).
+    quiesced: tokio::sync::watch::Sender<bool>,
 }
 
 struct StreamingGuard(Arc<AgentInner>);
@@ -67,6 +69,11 @@ impl AgentInner {
         self.sessions.lock().unwrap_or_else(|p| p.into_inner())
     }
 
+    /// Watches whether the agent is quiesced ([`Request::Quiesce`]).
+    pub(crate) fn quiesced_rx(&self) -> tokio::sync::watch::Receiver<bool> {
+        self.quiesced.subscribe()
+    }
+
     pub(crate) fn session(&self, id: &str) -> Option<Arc<Session>> {
         self.lock_sessions().get(id).cloned()
     }
@@ -90,18 +97,11 @@ impl AgentHandle {
             // The host made this socket, outside the sprite: serve on it and
             // bind no path of our own.
             Some(fd) => UnixListener::from_std(crate::sys::adopt_listener(fd)?)?,
-            None => {
-                if let Some(dir) = config.socket.parent() {
-                    std::fs::create_dir_all(dir)?;
-                }
-                // A stale socket from a previous boot would make bind fail.
-                let _ = std::fs::remove_file(&config.socket);
-                let listener = UnixListener::bind(&config.socket)?;
-                use std::os::unix::fs::PermissionsExt;
-                std::fs::set_permissions(&config.socket, std::fs::Permissions::from_mode(0o600))?;
-                listener
-            }
+            None => bind(&config.socket)?,
         };
+        // Before anything can quiesce the agent: a resume must not be lost.
+        let mut resume =
+            tokio::signal::unix::signal(tokio::signal::unix::SignalKind::from_raw(RESUME_SIGNAL))?;
         let services = crate::services::Services::new(config.clone());
         let inner = Arc::new(AgentInner {
             config,
@@ -115,6 +115,7 @@ impl AgentHandle {
             streaming_done: Notify::new(),
             last_heartbeat: Mutex::new(tokio::time::Instant::now()),
             fenced: tokio::sync::watch::channel(false).0,
+            quiesced: tokio::sync::watch::channel(false).0,
         });
         let stop = Arc::new(Notify::new());
         let ports = tokio::spawn(crate::ports::watch(Arc::downgrade(&inner)));
@@ -125,15 +126,46 @@ impl AgentHandle {
             let inner = inner.clone();
             let stop = stop.clone();
             tokio::spawn(async move {
+                let mut listener = Some(listener);
+                let mut quiesced = inner.quiesced.subscribe();
                 loop {
+                    let Some(l) = &listener else {
+                        // Quiesced: nothing bound until den says the sprite
+                        // runs again.
+                        tokio::select! {
+                            _ = stop.notified() => break,
+                            _ = resume.recv() => {}
+                        }
+                        match bind(&inner.config.socket) {
+                            Ok(l) => {
+                                listener = Some(l);
+                                *inner.last_heartbeat.lock().unwrap_or_else(|p| p.into_inner()) =
+                                    tokio::time::Instant::now();
+                                inner.quiesced.send_replace(false);
+                                tracing::info!("serving again");
+                            }
+                            Err(e) => tracing::warn!(error = %e, "binding the socket again"),
+                        }
+                        continue;
+                    };
                     tokio::select! {
                         _ = stop.notified() => break,
-                        accepted = listener.accept() => match accepted {
+                        _ = wait_quiesced(&mut quiesced) => {
+                            listener = None;
+                            let _ = std::fs::remove_file(&inner.config.socket);
+                        }
+                        accepted = l.accept() => match accepted {
                             Ok((stream, _)) => {
                                 let inner = inner.clone();
+                                let mut quiesced = inner.quiesced.subscribe();
                                 tokio::spawn(async move {
-                                    if let Err(e) = handle_connection(inner, stream).await {
-                                        tracing::debug!(error = %e, "connection ended with error");
+                                    // A quiesce ends every connection, this
+                                    // one included (its answer is sent first).
+                                    tokio::select! {
+                                        r = handle_connection(inner, stream) => if let Err(e) = r {
+                                            tracing::debug!(error = %e, "connection ended with error");
+                                        },
+                                        _ = wait_quiesced(&mut quiesced) => {}
                                     }
                                 });
                             }
@@ -212,6 +244,28 @@ impl AgentHandle {
     }
 }
 
+/// Resolves once the agent is quiesced.
+async fn wait_quiesced(rx: &mut tokio::sync::watch::Receiver<bool>) {
+    // The guard `wait_for` returns must not live across an await.
+    let _ = rx.wait_for(|q| *q).await.map(drop);
+}
+
+/// The signal that ends a quiesce ([`Request::Quiesce`]).
+pub const RESUME_SIGNAL: i32 = libc::SIGUSR2;
+
+/// Bind the agent's socket at `path` (root's only), replacing a stale one.
+fn bind(path: &std::path::Path) -> Result<UnixListener, Error> {
+    use std::os::unix::fs::PermissionsExt;
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir)?;
+    }
+    // A stale socket from a previous boot would make bind fail.
+    let _ = std::fs::remove_file(path);
+    let listener = UnixListener::bind(path)?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))?;
+    Ok(listener)
+}
+
 /// Fences the sprite when den has not been heard from for `ttl`: a den that
 /// was killed (or lost its node lease and whose sprite may now run on another
 /// node) must not leave the sprite acting on the world.
@@ -234,6 +288,13 @@ async fn fence_watchdog(inner: std::sync::Weak<AgentInner>, ttl: Duration) {
         tokio::time::sleep(recheck).await;
         let Some(i) = inner.upgrade() else { return };
         let last = *i.last_heartbeat.lock().unwrap_or_else(|p| p.into_inner());
+        // Quiesced for a memory snapshot, the agent hears no heartbeat by
+        // design, and a sprite restored from that snapshot (hours later,
+        // elsewhere) must not fence before den could reach it.
+        if *i.quiesced.borrow() {
+            tokio::time::sleep(recheck).await;
+            continue;
+        }
         if last.elapsed() >= ttl {
             tracing::error!(?ttl, "no heartbeat from den: fencing the sprite");
             i.fenced.send_replace(true);
@@ -278,6 +339,18 @@ async fn handle_connection(inner: Arc<AgentInner>, stream: UnixStream) -> Result
     };
     match req {
         Request::Ping => write_response(&mut wr, &Response::ok()).await,
+        Request::Quiesce => {
+            if inner.config.listen_fd.is_some() {
+                return write_response(
+                    &mut wr,
+                    &Response::err("bad_request", "this agent serves a socket it did not bind"),
+                )
+                .await;
+            }
+            write_response(&mut wr, &Response::ok()).await?;
+            inner.quiesced.send_replace(true);
+            Ok(())
+        }
         Request::Heartbeat => {
             write_response(&mut wr, &Response::ok()).await?;
             let mut buf = [0u8; 256];

@@ -7,11 +7,21 @@ use crate::client::seg;
 use crate::{Checkpoint, Client, NdjsonStream, Result};
 
 impl Client {
-    pub async fn create_checkpoint(&self, sprite: &str, comment: Option<&str>) -> Result<NdjsonStream> {
-        let body = match comment {
+    /// With `memory`, the sprite's running processes too (den extension,
+    /// gVisor sprites).
+    pub async fn create_checkpoint(
+        &self,
+        sprite: &str,
+        comment: Option<&str>,
+        memory: bool,
+    ) -> Result<NdjsonStream> {
+        let mut body = match comment {
             Some(c) => json!({"comment": c}),
             None => json!({}),
         };
+        if memory {
+            body["memory"] = true.into();
+        }
         let rb = self
             .request(Method::POST, &format!("/v1/sprites/{}/checkpoint", seg(sprite)))?
             .json(&body);

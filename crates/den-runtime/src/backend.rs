@@ -19,7 +19,7 @@
 //! All methods block (they fork helpers and poll cgroup files for bounded
 //! times); async callers should use `spawn_blocking`.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
@@ -311,4 +311,24 @@ pub trait Backend: Send + Sync {
     /// Rename a live sprite's host (`uname -n`), as if it had been created
     /// with `hostname` (checked like [`SpriteSpec::hostname`]).
     fn set_hostname(&self, handle: &Handle, hostname: &str) -> Result<(), RuntimeError>;
+    /// Memory snapshots, on engines that have them (gVisor).
+    fn memory(&self) -> Option<&dyn MemorySnapshots> {
+        None
+    }
+}
+
+/// Saving a running sprite's memory and processes, and starting a sprite
+/// from such an image instead of booting it.
+pub trait MemorySnapshots: Send + Sync {
+    /// Save the sprite's whole state into `image_dir` (created if missing).
+    /// With `keep_running` the sprite goes on (a frozen one stays frozen);
+    /// otherwise it is stopped afterwards. Its disk is not in the image: a
+    /// restore needs the disk as it was at this moment.
+    fn save(&self, handle: &Handle, image_dir: &Path, keep_running: bool) -> Result<(), RuntimeError>;
+    /// Start `spec` from `image_dir` ([`Self::save`]): its processes go on
+    /// where they were. Like [`Backend::run`], the sprite must not exist.
+    fn restore(&self, spec: &SpriteSpec, image_dir: &Path) -> Result<Handle, RuntimeError>;
+    /// Send `signal` to the sprite's PID 1 (how den's agent learns that it
+    /// runs again after a save or a restore).
+    fn signal_init(&self, handle: &Handle, signal: i32) -> Result<(), RuntimeError>;
 }

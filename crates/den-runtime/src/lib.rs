@@ -21,7 +21,7 @@ pub mod gvisor;
 pub mod image;
 
 pub use backend::{
-    AGENT_LISTEN_FD, Backend, BindMount, CpuLimit, Handle, Resources, Runtime, RuntimeError, SpriteSpec,
-    SpriteState,
+    AGENT_LISTEN_FD, Backend, BindMount, CpuLimit, Handle, MemorySnapshots, Resources, Runtime, RuntimeError,
+    SpriteSpec, SpriteState,
 };
 pub use exit_watch::ExitWatch;

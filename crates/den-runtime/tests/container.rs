@@ -1088,6 +1088,51 @@ fn checkpoint_restore(env: &Env) -> TestResult {
         dir_size(&images),
         ms(took_restore)
     );
+
+    // A checkpoint that leaves the sprite running, taken while it is paused
+    // (as den takes one together with the disk): it stays paused until
+    // thawed, then counts on.
+    let b = sprite.backend();
+    b.freeze(&sprite.handle).map_err(e2s)?;
+    let c3 = read_counter(&spec.upper_dir).ok_or("counter")?;
+    let running_images = spec.upper_dir.parent().unwrap().join("ckpt-image-running");
+    let t0 = Instant::now();
+    gv.checkpoint_running(&sprite.handle, &running_images)
+        .map_err(e2s)?;
+    let took_running = t0.elapsed();
+    check!(
+        b.state(&sprite.handle).map_err(e2s)? == SpriteState::Frozen,
+        "still paused after a checkpoint that leaves it running"
+    );
+    b.thaw(&sprite.handle).map_err(e2s)?;
+    let c4 = poll(LONG, "counter to advance after the running checkpoint", || {
+        read_counter(&spec.upper_dir).filter(|&c| c > c3 + 20)
+    })?;
+    // Gone entirely (bundle and all, as after a den restart), then back from
+    // that image on a bundle made afresh: it counts on from c3, not from c4.
+    b.delete(&sprite.handle).map_err(e2s)?;
+    let c5 = read_counter(&spec.upper_dir).ok_or("counter")?;
+    let t0 = Instant::now();
+    let handle = gv.restore_spec(&spec, &running_images).map_err(e2s)?;
+    let took_fresh = t0.elapsed();
+    let sprite = Sprite {
+        env,
+        handle,
+        upper: spec.upper_dir.clone(),
+    };
+    // (Its first write may be the old process's last: the disk here was not
+    // rewound with the memory, and the restored loop may have been between
+    // its echo and its mv.)
+    let c6 = poll(LONG, "the restored counter to count from the checkpoint", || {
+        read_counter(&spec.upper_dir).filter(|&c| c > c3 && c < c5)
+    })?;
+    drop(sprite);
+    println!(
+        "    running checkpoint {} (image {} bytes), restore on a fresh bundle {}; counter {c3} -> {c4}, {c5} -> {c6}",
+        ms(took_running),
+        dir_size(&running_images),
+        ms(took_fresh)
+    );
     Ok(())
 }
 

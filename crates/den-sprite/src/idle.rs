@@ -45,7 +45,8 @@ async fn sweep(mgr: &SpriteManager) {
             // Dead, not idle: report it cold now rather than "running" until
             // the next request finds out (which would boot it again anyway).
             tracing::warn!(sprite = %slot.name(), "the sprite's PID 1 exited on its own; stopping it");
-            if let Err(e) = mgr.sleep_locked(&slot, &mut phase, SpriteStatus::Cold).await {
+            let grace = mgr.config().stop_grace;
+            if let Err(e) = mgr.stop_locked(&slot, &mut phase, grace).await {
                 tracing::warn!(sprite = %slot.name(), error = %e, "cleaning up a sprite whose PID 1 exited");
             }
             continue;

@@ -25,6 +25,7 @@ pub mod helper_cmd;
 mod idle;
 mod live;
 pub mod manager;
+mod memory_image;
 mod record;
 
 pub use agent_bundle::{AGENT_SOCKET, SPRITE_BIN};

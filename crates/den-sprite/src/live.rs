@@ -71,6 +71,10 @@ impl SpritePaths {
     pub fn console_log(&self) -> PathBuf {
         self.root.join("console.log")
     }
+    /// Where a memory image is unpacked for the engine, saving or restoring.
+    pub fn memory_image(&self) -> PathBuf {
+        self.root.join("memory")
+    }
 }
 
 /// A sprite that is running or warm.
@@ -148,6 +152,9 @@ pub(crate) struct BootContext<'a> {
     /// Prepended to the sprite's key to name its container (and cgroup).
     pub container_prefix: String,
     pub fence_ttl: Duration,
+    /// Start the sprite from this memory image (a volume of
+    /// [`crate::memory_image`]) instead of booting it: its processes go on.
+    pub memory_image: Option<String>,
 }
 
 /// Run blocking work (mounts, cgroup writes, engine calls) off the async threads.
@@ -173,7 +180,18 @@ pub(crate) async fn boot(ctx: &BootContext<'_>, rec: &SpriteRecord) -> Result<Li
         let net = blocking(move || Ok(netm.setup_sprite(&key, None, &policy)?)).await?;
         Ok::<_, SpriteError>((net, t0.elapsed()))
     };
-    let (disk, net) = tokio::join!(disk, net);
+    // A memory image comes out of the store meanwhile.
+    let image = async {
+        match &ctx.memory_image {
+            Some(name) => {
+                let dir = paths.memory_image();
+                let hostname = crate::memory_image::load(ctx.store, name, &dir).await?;
+                Ok(Some((dir, hostname)))
+            }
+            None => Ok(None),
+        }
+    };
+    let (disk, net, image) = tokio::join!(disk, net, image);
     let mut live = Live {
         key: rec.key.clone(),
         backend: ctx.backend.clone(),
@@ -189,6 +207,13 @@ pub(crate) async fn boot(ctx: &BootContext<'_>, rec: &SpriteRecord) -> Result<Li
         boot_id: BOOTS.fetch_add(1, std::sync::atomic::Ordering::Relaxed),
     };
     let mut failed = None;
+    let image = match image {
+        Ok(dir) => dir,
+        Err(e) => {
+            failed = Some(e);
+            None
+        }
+    };
     match disk {
         Ok((disk, took)) => (live.disk, live.phases.disk) = (Some(disk), took),
         Err(e) => failed = Some(e),
@@ -201,8 +226,12 @@ pub(crate) async fn boot(ctx: &BootContext<'_>, rec: &SpriteRecord) -> Result<Li
     }
     let res = match failed {
         Some(e) => Err(e),
-        None => boot_rest(ctx, rec, &mut live).await,
+        None => boot_rest(ctx, rec, &mut live, image.as_ref()).await,
     };
+    if let Some((dir, _)) = &image {
+        // In the store still; the local copy was only for runsc.
+        let _ = std::fs::remove_dir_all(dir);
+    }
     match res {
         Ok(()) => {
             let ms = |d: Duration| d.as_secs_f64() * 1e3;
@@ -229,7 +258,12 @@ pub(crate) async fn boot(ctx: &BootContext<'_>, rec: &SpriteRecord) -> Result<Li
     }
 }
 
-async fn boot_rest(ctx: &BootContext<'_>, rec: &SpriteRecord, live: &mut Live) -> Result<()> {
+async fn boot_rest(
+    ctx: &BootContext<'_>,
+    rec: &SpriteRecord,
+    live: &mut Live,
+    memory_image: Option<&(PathBuf, String)>,
+) -> Result<()> {
     let mut t = Instant::now();
     let mut lap = || {
         let now = Instant::now();
@@ -289,7 +323,32 @@ async fn boot_rest(ctx: &BootContext<'_>, rec: &SpriteRecord, live: &mut Live) -
         console_log: Some(live.paths.console_log()),
         agent_listener,
     };
-    let handle = blocking(move || Ok(backend.run(&spec)?)).await?;
+    let image = memory_image.cloned();
+    let hostname = spec.hostname.clone();
+    let handle = blocking(move || match image {
+        Some((dir, saved_as)) => {
+            let memory = backend.memory().ok_or_else(|| {
+                SpriteError::Invalid(format!("the {} engine keeps no memory images", backend.name()))
+            })?;
+            let handle = memory.restore(&spec, &dir)?;
+            // The image may be another sprite's (a fork of a memory
+            // checkpoint): its kernel still has that sprite's name. Then
+            // the agent, quiesced when the image was saved, serves again.
+            let renamed = if saved_as == hostname {
+                Ok(())
+            } else {
+                backend.set_hostname(&handle, &hostname)
+            };
+            let woken = renamed.and_then(|()| memory.signal_init(&handle, den_agent::RESUME_SIGNAL));
+            if let Err(e) = woken {
+                let _ = backend.delete(&handle);
+                return Err(e.into());
+            }
+            Ok(handle)
+        }
+        None => Ok(backend.run(&spec)?),
+    })
+    .await?;
     live.handle = Some(handle.clone());
     let init = handle
         .pid

@@ -60,6 +60,7 @@ use crate::disk;
 use crate::engines::Engines;
 use crate::error::{Result, SpriteError};
 use crate::live::{self, BootContext, Live, SpritePaths, blocking};
+use crate::memory_image;
 use crate::record::{SpriteInfo, SpriteRecord, SpriteStatus, StorageStatus, now_ms, validate_key};
 
 /// How long a node waits for another node's fresh template to be uploaded.

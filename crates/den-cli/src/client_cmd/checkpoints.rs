@@ -19,6 +19,10 @@ pub enum CheckpointCmd {
     Create {
         #[arg(long, short = 'c')]
         comment: Option<String>,
+        /// Save the running processes too (gVisor sprites): a restore or a
+        /// fork of this checkpoint brings them back.
+        #[arg(long)]
+        memory: bool,
         /// Print {"id", "elapsed_ms"}.
         #[arg(long)]
         json: bool,
@@ -49,10 +53,17 @@ pub async fn checkpoint(ctx: &Ctx, cmd: CheckpointCmd) -> Result<()> {
     let name = ctx.sprite(None)?;
     let c = ctx.client()?;
     match cmd {
-        CheckpointCmd::Create { comment, json } => {
+        CheckpointCmd::Create {
+            comment,
+            memory,
+            json,
+        } => {
             let t0 = Instant::now();
             let pb = spinner(format!("checkpointing {name}"));
-            let stream = c.create_checkpoint(&name, comment.as_deref()).await.hint()?;
+            let stream = c
+                .create_checkpoint(&name, comment.as_deref(), memory)
+                .await
+                .hint()?;
             let done = stream.finish(|m| pb.set_message(m.text().to_string())).await;
             pb.finish_and_clear();
             let done = done.hint()?;
@@ -72,11 +83,13 @@ pub async fn checkpoint(ctx: &Ctx, cmd: CheckpointCmd) -> Result<()> {
                 println!("no checkpoints of {name} — create one with `den checkpoint create`");
                 return Ok(());
             }
-            let mut t = table(&["id", "created", "comment"]);
+            let mut t = table(&["id", "created", "memory", "comment"]);
             for ck in cks {
+                let memory = ck.extra.get("memory").and_then(|m| m.as_bool()) == Some(true);
                 t.add_row(vec![
                     ck.id,
                     ago(ck.create_time.as_deref()),
+                    if memory { "yes" } else { "-" }.to_string(),
                     ck.comment.unwrap_or_default(),
                 ]);
             }

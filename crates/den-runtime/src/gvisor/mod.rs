@@ -63,7 +63,7 @@ use nix::sys::signal::{Signal, kill};
 use nix::unistd::Pid;
 use serde::Deserialize;
 
-use crate::backend::{Backend, Handle, Resources, RuntimeError, SpriteSpec, SpriteState};
+use crate::backend::{Backend, Handle, MemorySnapshots, Resources, RuntimeError, SpriteSpec, SpriteState};
 use crate::cgroup::{self, CgroupMode, SpriteCgroup, poll_until};
 use crate::container::{
     self, KILL_TIMEOUT, ROOTFS_DIR, SPRITE_JSON, ShimCommand, alive, apply_limits, mkdir_traversable, shim,
@@ -137,14 +137,27 @@ impl GvisorBackend {
     fn global_args(&self) -> Vec<OsString> {
         let mut root = OsString::from("--root=");
         root.push(self.runsc_root());
-        vec![
+        let mut args = vec![
             root,
             "--platform=systrap".into(),
             "--network=sandbox".into(),
             "--overlay2=none".into(),
             "--oci-seccomp".into(),
             "--host-uds=create".into(),
-        ]
+            // A memory checkpoint resets the sprite's open TCP connections
+            // (they can't follow it anyway) instead of failing; without it
+            // even a connection in TIME_WAIT refuses every checkpoint.
+            "--net-disconnect-ok".into(),
+        ];
+        // For operators chasing a sandbox that dies: runsc's own debug logs
+        // (sentry, gofer, every command) go to this directory.
+        if let Some(dir) = std::env::var_os("DEN_RUNSC_DEBUG_LOG") {
+            let mut log = OsString::from("--debug-log=");
+            log.push(dir);
+            log.push("/");
+            args.extend(["--debug".into(), log]);
+        }
+        args
     }
 
     /// Run `runsc <global flags> args…`, its output captured, killed after
@@ -304,6 +317,39 @@ impl GvisorBackend {
         Ok(())
     }
 
+    /// Make `sprite`'s bundle (OCI spec, its own spec, the rootfs mount
+    /// point), replacing whatever an earlier, stopped sandbox of that id
+    /// left; refuses a live one.
+    fn prepare_bundle(&self, sprite: &SpriteSpec) -> Result<PathBuf, RuntimeError> {
+        sprite.validate()?;
+        if sprite.agent_listener.is_some() {
+            return Err(RuntimeError::InvalidSpec(
+                "the gVisor backend can't hand a listening socket to PID 1 (accept on a donated \
+                 socket fails in the sandbox); bind the agent's socket in a bind-mounted directory"
+                    .into(),
+            ));
+        }
+        let id = sprite.id.as_str();
+        match self.runsc_state(id)? {
+            Some(st) if state_of(&st) != SpriteState::Stopped => {
+                return Err(RuntimeError::BadState {
+                    id: id.into(),
+                    state: state_of(&st),
+                    op: "create",
+                });
+            }
+            // Left over from an earlier run, or a half-made one: replace it.
+            _ => self.forget(id)?,
+        }
+        let bundle = self.bundle(id);
+        mkdir_traversable(&bundle)?;
+        let rootfs = bundle.join(ROOTFS_DIR);
+        mkdir_traversable(&rootfs)?;
+        let oci = spec::build_gvisor(sprite, &rootfs)?;
+        container::write_bundle(&bundle, &oci, sprite)?;
+        Ok(bundle)
+    }
+
     fn handle(&self, id: &str, st: &RunscState) -> Handle {
         Handle {
             id: id.into(),
@@ -318,6 +364,16 @@ impl GvisorBackend {
     /// upper directory is not part of the image; restore expects it
     /// unchanged.
     pub fn checkpoint(&self, handle: &Handle, image_dir: &Path) -> Result<(), RuntimeError> {
+        self.save(handle, image_dir, false)
+    }
+
+    /// [`Self::checkpoint`], but the sprite goes on running (a paused one
+    /// stays paused): its state at the moment of the call is in the image.
+    pub fn checkpoint_running(&self, handle: &Handle, image_dir: &Path) -> Result<(), RuntimeError> {
+        self.save(handle, image_dir, true)
+    }
+
+    fn save(&self, handle: &Handle, image_dir: &Path, leave_running: bool) -> Result<(), RuntimeError> {
         match self.state(handle)? {
             SpriteState::Running | SpriteState::Frozen => {}
             state => {
@@ -332,11 +388,35 @@ impl GvisorBackend {
             .map_err(|e| RuntimeError::io(format!("mkdir {}", image_dir.display()), e))?;
         let mut image = OsString::from("--image-path=");
         image.push(image_dir);
-        self.runsc_ok(&["checkpoint".as_ref(), image.as_os_str(), handle.id.as_ref()])?;
+        // Uncompressed: den's store compresses and deduplicates by chunk,
+        // which a compressed stream would defeat.
+        let mut args: Vec<&OsStr> = vec![
+            "checkpoint".as_ref(),
+            "--compression=none".as_ref(),
+            image.as_os_str(),
+        ];
+        if leave_running {
+            args.push("--leave-running".as_ref());
+        }
+        args.push(handle.id.as_ref());
+        self.runsc_ok(&args)?;
+        if leave_running {
+            return Ok(());
+        }
         // runsc stops the sandbox after a checkpoint (without
         // --leave-running), but its state can still say "running" for a
         // moment; make sure nothing of it is left.
         self.stop(handle, Duration::ZERO)
+    }
+
+    /// Start `sprite` from a memory image ([`Self::checkpoint`]) instead of
+    /// booting it: its processes go on where they were. The bundle is made
+    /// afresh from `sprite` (as by create), so this works after den
+    /// restarted or on another host; the root filesystem (lower and upper)
+    /// must be what it was when the image was saved.
+    pub fn restore_spec(&self, sprite: &SpriteSpec, image_dir: &Path) -> Result<Handle, RuntimeError> {
+        self.prepare_bundle(sprite)?;
+        self.restore(&sprite.id, image_dir)
     }
 
     /// Bring a sprite back from [`GvisorBackend::checkpoint`]'s `image_dir`,
@@ -413,33 +493,13 @@ impl Backend for GvisorBackend {
         false
     }
 
+    fn memory(&self) -> Option<&dyn MemorySnapshots> {
+        Some(self)
+    }
+
     fn create(&self, sprite: &SpriteSpec) -> Result<Handle, RuntimeError> {
-        sprite.validate()?;
-        if sprite.agent_listener.is_some() {
-            return Err(RuntimeError::InvalidSpec(
-                "the gVisor backend can't hand a listening socket to PID 1 (accept on a donated \
-                 socket fails in the sandbox); bind the agent's socket in a bind-mounted directory"
-                    .into(),
-            ));
-        }
         let id = sprite.id.as_str();
-        match self.runsc_state(id)? {
-            Some(st) if state_of(&st) != SpriteState::Stopped => {
-                return Err(RuntimeError::BadState {
-                    id: id.into(),
-                    state: state_of(&st),
-                    op: "create",
-                });
-            }
-            // Left over from an earlier run, or a half-made one: replace it.
-            _ => self.forget(id)?,
-        }
-        let bundle = self.bundle(id);
-        mkdir_traversable(&bundle)?;
-        let rootfs = bundle.join(ROOTFS_DIR);
-        mkdir_traversable(&rootfs)?;
-        let oci = spec::build_gvisor(sprite, &rootfs)?;
-        container::write_bundle(&bundle, &oci, sprite)?;
+        let bundle = self.prepare_bundle(sprite)?;
         let mut bundle_arg = OsString::from("--bundle=");
         bundle_arg.push(&bundle);
         let res = self.runsc_in_shim(
@@ -567,6 +627,23 @@ impl Backend for GvisorBackend {
             hostname.as_ref(),
         ])
         .map(drop)
+    }
+}
+
+impl MemorySnapshots for GvisorBackend {
+    fn save(&self, handle: &Handle, image_dir: &Path, keep_running: bool) -> Result<(), RuntimeError> {
+        GvisorBackend::save(self, handle, image_dir, keep_running)
+    }
+
+    fn restore(&self, spec: &SpriteSpec, image_dir: &Path) -> Result<Handle, RuntimeError> {
+        self.restore_spec(spec, image_dir)
+    }
+
+    fn signal_init(&self, handle: &Handle, signal: i32) -> Result<(), RuntimeError> {
+        // PID 1 is a sentry task, out of reach of the host's kill(2).
+        let signal = signal.to_string();
+        self.runsc_ok(&["kill".as_ref(), handle.id.as_ref(), signal.as_ref()])
+            .map(drop)
     }
 }
 

@@ -18,13 +18,16 @@ use crate::extract::JsonBody;
 use crate::sprite_json::rfc3339_ms;
 use crate::state::AppState;
 
-fn checkpoint_json(c: &CheckpointRecord) -> Value {
+/// A checkpoint as the API shows it; `memory` (den extension) says whether
+/// it carries the sprite's running processes.
+fn checkpoint_json(c: &CheckpointRecord, memory: bool) -> Value {
     json!({
         "id": c.id,
         "create_time": rfc3339_ms(c.created_at_ms),
         "comment": c.comment,
         "is_auto": false,
         "durable": c.durable,
+        "memory": memory,
     })
 }
 
@@ -57,9 +60,14 @@ pub fn ndjson(lines: impl futures::Stream<Item = Bytes> + Send + 'static) -> Res
 #[derive(Debug, Default, Deserialize, utoipa::ToSchema)]
 pub struct CreateCheckpointRequest {
     pub comment: Option<String>,
+    /// den extension: save the running processes too (gVisor sprites), so
+    /// that a restore or a fork of the checkpoint brings them back.
+    #[serde(default)]
+    pub memory: bool,
 }
 
-/// Checkpoint the sprite's disk (NDJSON progress; `complete` names `vN`).
+/// Checkpoint the sprite's disk (NDJSON progress; `complete` names `vN`);
+/// with `memory: true`, its memory and processes with it.
 #[utoipa::path(post, path = "/v1/sprites/{name}/checkpoint", request_body = CreateCheckpointRequest,
     responses((status = 200, content_type = "application/x-ndjson"), (status = 404)))]
 pub async fn create(
@@ -72,6 +80,14 @@ pub async fn create(
     if comment.len() > 4096 {
         return Err(crate::error::ApiError::bad_request("comment too long"));
     }
+    let memory = req.memory;
+    if memory && info.record.runtime != den_runtime::Runtime::Gvisor {
+        return Err(crate::error::ApiError::bad_request(format!(
+            "memory checkpoints need a gvisor sprite; {} runs on {}",
+            info.record.short_name(),
+            info.record.runtime
+        )));
+    }
     let org = info.record.org().to_string();
     let limit = st.tokens.org(&org).and_then(|o| o.limits.max_disk_bytes);
     st.quotas.check_disk(&st.mgr, &org, limit).await?;
@@ -80,7 +96,11 @@ pub async fn create(
             .send(stream_line("info", "data", "Creating checkpoint..."))
             .await;
         let t0 = std::time::Instant::now();
-        let done = st.mgr.checkpoint(&name, &comment).await;
+        let done = if memory {
+            st.mgr.checkpoint_memory(&name, &comment).await
+        } else {
+            st.mgr.checkpoint(&name, &comment).await
+        };
         st.quotas.forget_disk(&org);
         match done {
             Ok(ck) => {
@@ -135,7 +155,12 @@ where
 #[utoipa::path(get, path = "/v1/sprites/{name}/checkpoints", responses((status = 200), (status = 404)))]
 pub async fn list(State(st): State<AppState>, SpriteRef(name): SpriteRef) -> ApiResult<Json<Value>> {
     let cks = st.mgr.list_checkpoints(&name).await?;
-    Ok(Json(Value::Array(cks.iter().map(checkpoint_json).collect())))
+    let memory = st.mgr.memory_checkpoints(&name).await?;
+    Ok(Json(Value::Array(
+        cks.iter()
+            .map(|c| checkpoint_json(c, memory.contains(&c.id)))
+            .collect(),
+    )))
 }
 
 #[utoipa::path(get, path = "/v1/sprites/{name}/checkpoints/{id}", responses((status = 200), (status = 404)))]
@@ -145,7 +170,8 @@ pub async fn get(
     SpriteRef(name): SpriteRef,
 ) -> ApiResult<Json<Value>> {
     let ck = st.mgr.get_checkpoint(&name, &checkpoint_id(&id)).await?;
-    Ok(Json(checkpoint_json(&ck)))
+    let memory = st.mgr.memory_checkpoints(&name).await?.contains(&ck.id);
+    Ok(Json(checkpoint_json(&ck, memory)))
 }
 
 /// 409 for the checkpoint the sprite was last restored to.

@@ -13,6 +13,7 @@ mod forward;
 mod fs;
 mod fuzz;
 mod mcp;
+mod memory;
 mod org_tokens;
 mod pool;
 mod proxy;
@@ -33,6 +34,9 @@ type TestFn = fn() -> Pin<Box<dyn Future<Output = anyhow::Result<()>>>>;
 
 /// Every test, by name. Areas add their tests here.
 const TESTS: &[(&str, TestFn)] = &[
+    ("memory_checkpoint_restore", || {
+        Box::pin(memory::memory_checkpoint_restore())
+    }),
     ("apirest_restart_check_and_timestamps", || {
         Box::pin(apirest::restart_check_and_timestamps())
     }),

@@ -20,12 +20,12 @@ use crate::common::{TestServer, WAIT};
 
 type Ws = tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<TcpStream>>;
 
-fn mgr(s: &TestServer) -> &den_sprite::SpriteManager {
+pub(crate) fn mgr(s: &TestServer) -> &den_sprite::SpriteManager {
     &s.running.as_ref().expect("running").state.mgr
 }
 
 /// Run a shell script as root in the sprite to completion; its stdout.
-async fn sh(s: &TestServer, name: &str, script: &str) -> Result<String> {
+pub(crate) async fn sh(s: &TestServer, name: &str, script: &str) -> Result<String> {
     let act = mgr(s).wake(name).await?;
     let out = act
         .agent()
@@ -67,7 +67,13 @@ pub(crate) async fn serve(s: &TestServer, name: &str, cmd: &str, port: u16) -> R
 /// Run `busybox ARGS…` in `sprite` as service `name` and wait until it
 /// listens on `port` (a service, not an exec session: only requests keep the
 /// sprite awake).
-async fn busybox_service(s: &TestServer, sprite: &str, name: &str, args: &[&str], port: u16) -> Result<()> {
+pub(crate) async fn busybox_service(
+    s: &TestServer,
+    sprite: &str,
+    name: &str,
+    args: &[&str],
+    port: u16,
+) -> Result<()> {
     let svc = ServiceDef {
         name: name.into(),
         cmd: "busybox".into(),
@@ -315,11 +321,11 @@ pub async fn tunnel() -> Result<()> {
 }
 
 /// A request to `http://<host>/<path>` sent to the server's own address.
-fn url(s: &TestServer, path: &str) -> String {
+pub(crate) fn url(s: &TestServer, path: &str) -> String {
     s.api(path)
 }
 
-fn host(s: &TestServer, name: &str) -> String {
+pub(crate) fn host(s: &TestServer, name: &str) -> String {
     format!("{name}.localhost:{}", s.cfg.listen.port())
 }
 

@@ -4,8 +4,39 @@ use super::*;
 
 impl SpriteManager {
     /// Boot a sprite (cold → running) and account for the time it took.
+    ///
+    /// A sprite that went cold with its processes (gVisor) comes back from
+    /// its memory image; the image is gone afterwards, so nothing can
+    /// resurrect those processes over a disk that has changed since. If the
+    /// image can't be restored, the sprite boots afresh (and says so in the
+    /// log).
     pub(super) async fn boot(&self, rec: &SpriteRecord) -> Result<Live> {
-        let live = live::boot(&self.boot_context(rec)?, rec).await?;
+        let mut ctx = self.boot_context(rec)?;
+        let store = &self.inner.store;
+        let image = memory_image::volume_name(&rec.volume, memory_image::SLEEP_TAG);
+        if ctx.backend.memory().is_some() && memory_image::exists(store, &image).await? {
+            ctx.memory_image = Some(image.clone());
+            let res = live::boot(&ctx, rec).await;
+            when_released(|| async {
+                match store.delete_volume(&image).await {
+                    Err(StoreError::VolumeNotFound(_)) => Ok(()),
+                    other => other,
+                }
+            })
+            .await?;
+            match res {
+                Ok(live) => {
+                    self.inner.boots.record(live.phases);
+                    return Ok(live);
+                }
+                Err(e) => {
+                    tracing::warn!(sprite = %rec.name, error = %e,
+                        "the sprite's processes could not be restored from memory; booting it afresh");
+                    ctx.memory_image = None;
+                }
+            }
+        }
+        let live = live::boot(&ctx, rec).await?;
         self.inner.boots.record(live.phases);
         Ok(live)
     }
@@ -41,6 +72,7 @@ impl SpriteManager {
             grace: i.cfg.stop_grace,
             container_prefix: i.cfg.container_prefix.clone(),
             fence_ttl: i.cfg.fence_ttl,
+            memory_image: None,
         })
     }
 
@@ -62,7 +94,8 @@ impl SpriteManager {
                 console = %live::tail(&live.paths.console_log(), 500),
                 "the sprite's PID 1 exited on its own; booting it again"
             );
-            self.sleep_locked(&slot, &mut phase, SpriteStatus::Cold).await?;
+            self.stop_locked(&slot, &mut phase, self.inner.cfg.stop_grace)
+                .await?;
         }
         if matches!(*phase, Phase::Cold) {
             self.boot_locked(&slot, &mut phase).await?;
@@ -123,7 +156,9 @@ impl SpriteManager {
         if slot.deleted.load(Ordering::Acquire) {
             return Err(SpriteError::NotFound(name.to_string()));
         }
-        self.sleep_locked(&slot, &mut phase, SpriteStatus::Cold).await?;
+        // A restart restarts every process: none is kept in memory.
+        self.stop_locked(&slot, &mut phase, self.inner.cfg.stop_grace)
+            .await?;
         self.check_running()?;
         self.boot_locked(&slot, &mut phase).await?;
         slot.touch();

@@ -20,6 +20,130 @@ impl SpriteManager {
         }
     }
 
+    /// Snapshot the sprite's disk and memory together (den extension,
+    /// gVisor sprites): restoring the checkpoint, or forking it, brings
+    /// back its running processes. A cold sprite is woken first (with the
+    /// processes it went cold with, if any). The memory image goes into the
+    /// store next to the disk: it is as durable, and deduplicated.
+    pub async fn checkpoint_memory(&self, name: &str, comment: &str) -> Result<CheckpointRecord> {
+        let activity = self.wake(name).await?;
+        let slot = self.slot(name)?;
+        let phase = slot.phase.lock().await;
+        let Phase::Awake(live) = &*phase else {
+            return Err(SpriteError::Conflict(format!("sprite {name} went to sleep")));
+        };
+        let (Some(handle), Some(_)) = (live.handle.clone(), live.backend.memory()) else {
+            return Err(SpriteError::Invalid(format!(
+                "memory checkpoints need a gvisor sprite; {name} runs on {}",
+                slot.record.lock().runtime
+            )));
+        };
+        let volume = slot.record.lock().volume.clone();
+        let dir = live.paths.memory_image();
+        // The agent's host socket and connections can't be in the image: it
+        // closes them until told that the sprite runs on.
+        tokio::time::timeout(self.inner.cfg.boot_timeout, live.agent.quiesce())
+            .await
+            .map_err(|_| SpriteError::Conflict(format!("the agent of {name} did not answer")))??;
+        // Disk and memory at the same instant: both while it is frozen.
+        let guard = match self.freeze_synced(live).await {
+            Ok(g) => g,
+            Err(e) => {
+                self.resume_agent(live, &handle).await;
+                return Err(e);
+            }
+        };
+        let vol = live
+            .disk
+            .as_ref()
+            .expect("an awake sprite has its disk")
+            .volume()
+            .clone();
+        let (backend, comment, image_dir) = (live.backend.clone(), comment.to_string(), dir.clone());
+        let taken = blocking(move || {
+            let ck = vol.checkpoint(&comment)?;
+            let _ = std::fs::remove_dir_all(&image_dir);
+            let memory = backend.memory().expect("checked above");
+            let saved = memory.save(&handle, &image_dir, true);
+            drop(guard);
+            Ok((ck, saved))
+        })
+        .await;
+        if let Some(h) = &live.handle {
+            self.resume_agent(live, h).await;
+        }
+        drop(phase);
+        drop(activity);
+        let (ck, saved) = taken?;
+        if let Err(e) = saved {
+            let _ = self.inner.store.delete_checkpoint(&volume, &ck.id).await;
+            let _ = std::fs::remove_dir_all(&dir);
+            return Err(SpriteError::Invalid(format!(
+                "the sprite's memory could not be saved: {e}"
+            )));
+        }
+        let image = memory_image::volume_name(&volume, &ck.id);
+        let hostname = slot.record.lock().short_name().to_string();
+        let stored = memory_image::save(&self.inner.store, &image, &dir, &hostname).await;
+        let _ = std::fs::remove_dir_all(&dir);
+        if let Err(e) = stored {
+            let _ = memory_image::delete(&self.inner.store, &image).await;
+            let _ = self.inner.store.delete_checkpoint(&volume, &ck.id).await;
+            return Err(e);
+        }
+        Ok(ck)
+    }
+
+    /// Have a quiesced agent serve again, and wait until it does.
+    async fn resume_agent(&self, live: &Live, handle: &den_runtime::Handle) {
+        let backend = live.backend.clone();
+        let h = handle.clone();
+        let sent = blocking(move || {
+            let memory = backend.memory().expect("only memory snapshots quiesce the agent");
+            Ok(memory.signal_init(&h, den_agent::RESUME_SIGNAL)?)
+        })
+        .await;
+        if let Err(e) = sent {
+            tracing::warn!(error = %e, "waking the agent after a memory checkpoint");
+            return;
+        }
+        let deadline = Instant::now() + self.inner.cfg.boot_timeout;
+        while live.agent.ping().await.is_err() && Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+    }
+
+    /// The ids of the sprite's checkpoints that carry a memory image.
+    pub async fn memory_checkpoints(&self, name: &str) -> Result<std::collections::HashSet<String>> {
+        let volume = self.slot(name)?.record.lock().volume.clone();
+        Ok(self
+            .inner
+            .store
+            .list_volumes()
+            .await?
+            .iter()
+            .filter_map(|v| memory_image::tag_of(&volume, &v.name))
+            .filter(|tag| *tag != memory_image::SLEEP_TAG)
+            .map(str::to_string)
+            .collect())
+    }
+
+    /// Remove every memory image of `volume` (a sprite being deleted).
+    pub(super) async fn delete_memory_images(&self, volume: &str) -> Result<()> {
+        for v in self.inner.store.list_volumes().await? {
+            if memory_image::tag_of(volume, &v.name).is_some() {
+                when_released(|| async {
+                    match self.inner.store.delete_volume(&v.name).await {
+                        Err(StoreError::VolumeNotFound(_)) => Ok(()),
+                        other => other,
+                    }
+                })
+                .await?;
+            }
+        }
+        Ok(())
+    }
+
     pub async fn list_checkpoints(&self, name: &str) -> Result<Vec<CheckpointRecord>> {
         let volume = self.slot(name)?.record.lock().volume.clone();
         let mut v = self.inner.store.list_checkpoints(&volume).await?;
@@ -50,7 +174,8 @@ impl SpriteManager {
                 ck.id
             )));
         }
-        Ok(self.inner.store.delete_checkpoint(&volume, &ck.id).await?)
+        self.inner.store.delete_checkpoint(&volume, &ck.id).await?;
+        memory_image::delete(&self.inner.store, &memory_image::volume_name(&volume, &ck.id)).await
     }
 
     /// Run `f` on the disk of an awake sprite while its processes are

@@ -60,11 +60,13 @@ impl SpriteManager {
         };
         let Some(slot) = slot else {
             let _ = self.inner.store.delete_volume(&rec.volume).await;
+            let _ = self.delete_memory_images(&rec.volume).await;
             return Err(SpriteError::Exists(rec.name));
         };
         if let Err(e) = self.inner.catalog.insert(&rec).await {
             self.inner.slots.lock().remove(&rec.name);
             let _ = self.inner.store.delete_volume(&rec.volume).await;
+            let _ = self.delete_memory_images(&rec.volume).await;
             return Err(e);
         }
         let info = self.with_storage(slot.info());

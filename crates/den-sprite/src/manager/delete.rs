@@ -10,8 +10,10 @@ impl SpriteManager {
         if slot.deleted.load(Ordering::Acquire) {
             return Err(SpriteError::NotFound(name.to_string()));
         }
-        self.sleep_locked(&slot, &mut phase, SpriteStatus::Cold).await?;
+        self.stop_locked(&slot, &mut phase, self.inner.cfg.stop_grace)
+            .await?;
         let volume = slot.record.lock().volume.clone();
+        self.delete_memory_images(&volume).await?;
         match when_released(|| self.inner.store.delete_volume(&volume)).await {
             Ok(()) | Err(StoreError::VolumeNotFound(_)) => {}
             Err(e) => return Err(e.into()),

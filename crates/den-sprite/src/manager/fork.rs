@@ -32,10 +32,18 @@ impl SpriteManager {
                         &volume,
                         VolumeSource::Checkpoint {
                             volume: src_rec.volume.clone(),
-                            checkpoint: ck.id,
+                            checkpoint: ck.id.clone(),
                         },
                     )
                     .await?;
+                // A checkpoint with memory: the fork wakes with its processes.
+                if let Err(e) = self
+                    .memory_follows_checkpoint(&volume, &src_rec.volume, &ck.id)
+                    .await
+                {
+                    let _ = store.delete_volume(&volume).await;
+                    return Err(e);
+                }
             }
             None => {
                 let phase = src.phase.lock().await;

@@ -3,7 +3,8 @@
 use super::*;
 
 impl SpriteManager {
-    /// Put a sprite to sleep now: `Warm` freezes it, `Cold` stops it.
+    /// Put a sprite to sleep now: `Warm` freezes it, `Cold` stops it (a
+    /// gVisor sprite keeps its processes: see [`Self::sleep_locked`]).
     pub async fn sleep(&self, name: &str, level: SpriteStatus) -> Result<()> {
         let slot = self.slot(name)?;
         let mut phase = slot.phase.lock().await;
@@ -41,7 +42,78 @@ impl SpriteManager {
                 }
                 Ok(())
             }
-            SpriteStatus::Cold => self.stop_locked(slot, phase, self.inner.cfg.stop_grace).await,
+            SpriteStatus::Cold => {
+                if let Phase::Awake(live) = phase {
+                    self.save_processes(slot, live).await;
+                }
+                self.stop_locked(slot, phase, self.inner.cfg.stop_grace).await
+            }
+        }
+    }
+
+    /// On an engine with memory snapshots, save the awake sprite's memory
+    /// into the store (where the next boot, here or on another node, finds
+    /// it) and stop its processes; the disk stays as they left it. Where the
+    /// memory can't be saved the sprite goes cold the plain way: its
+    /// processes get SIGTERM and are gone.
+    async fn save_processes(&self, slot: &Slot, live: &mut Live) {
+        let (Some(handle), Some(_)) = (live.handle.clone(), live.backend.memory()) else {
+            return;
+        };
+        if live.init_exited() {
+            return;
+        }
+        let t0 = Instant::now();
+        // A warm sprite's agent must answer the quiesce.
+        if live.frozen {
+            let (b, h) = (live.backend.clone(), handle.clone());
+            if let Err(e) = blocking(move || Ok(b.thaw(&h)?)).await {
+                tracing::warn!(sprite = %slot.name, error = %e,
+                    "thawing to save its memory; the sprite goes cold without its processes");
+                return;
+            }
+            live.frozen = false;
+        }
+        // The agent's host socket can't be in the image (see `quiesce`).
+        let quiesced = tokio::time::timeout(self.inner.cfg.boot_timeout, live.agent.quiesce()).await;
+        if let Err(e) = quiesced
+            .map_err(|_| "no answer".to_string())
+            .and_then(|r| r.map_err(|e| e.to_string()))
+        {
+            tracing::warn!(sprite = %slot.name, error = %e,
+                "the agent could not be quiesced; the sprite goes cold without its processes");
+            return;
+        }
+        let (backend, dir) = (live.backend.clone(), live.paths.memory_image());
+        let saved = blocking({
+            let dir = dir.clone();
+            move || {
+                let _ = std::fs::remove_dir_all(&dir);
+                let memory = backend.memory().expect("checked above");
+                Ok(memory.save(&handle, &dir, false)?)
+            }
+        })
+        .await;
+        let volume = slot.record.lock().volume.clone();
+        let image = memory_image::volume_name(&volume, memory_image::SLEEP_TAG);
+        let stored = match saved {
+            Ok(()) => {
+                let hostname = slot.record.lock().short_name().to_string();
+                memory_image::save(&self.inner.store, &image, &dir, &hostname).await
+            }
+            Err(e) => Err(e),
+        };
+        let _ = std::fs::remove_dir_all(&dir);
+        match stored {
+            Ok(bytes) => tracing::info!(
+                sprite = %slot.name, bytes, ms = t0.elapsed().as_millis() as u64,
+                "went cold with its processes (memory image saved)"
+            ),
+            Err(e) => {
+                tracing::warn!(sprite = %slot.name, error = %e,
+                    "the sprite's memory could not be saved; it goes cold without its processes");
+                let _ = memory_image::delete(&self.inner.store, &image).await;
+            }
         }
     }
 
