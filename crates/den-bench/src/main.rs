@@ -129,6 +129,12 @@ struct SpritesArgs {
     /// Leave the runc baseline out.
     #[arg(long)]
     pub skip_runc: bool,
+    /// The sprites' engine: native or gvisor (adds the memory rows).
+    #[arg(long, default_value = "native")]
+    pub runtime: den_runtime::Runtime,
+    /// gVisor: MiB a sprite holds in memory while its memory is checkpointed.
+    #[arg(long, default_value_t = 100)]
+    pub resident_mib: u64,
     /// Also write every table as Markdown to this file.
     #[arg(long)]
     pub markdown: Option<PathBuf>,
@@ -517,6 +523,8 @@ fn sprites(a: SpritesArgs, exe: PathBuf) -> Result<()> {
     }
     opts.runc = !a.skip_runc;
     opts.pool = a.pool;
+    opts.runtime = a.runtime;
+    opts.resident_mib = a.resident_mib;
     let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
     let r = rt.block_on(sprite_bench::run(&opts, &mut progress))?;
     drop(rt);
@@ -535,6 +543,16 @@ fn sprites(a: SpritesArgs, exe: PathBuf) -> Result<()> {
         r.pool_hits,
         r.pool_misses
     );
+    if let Some((logical, stored)) = r.memory_image {
+        let _ = write!(
+            lat_note,
+            " Memory rows: a sprite holding {} MiB of random bytes in /tmp (the sandbox's memory); its last memory image \
+             is {:.1} MiB of files, {:.1} MiB in the store after compression and zero elision.",
+            opts.resident_mib,
+            logical as f64 / (1 << 20) as f64,
+            stored as f64 / (1 << 20) as f64
+        );
+    }
     match &r.runc_error {
         Some(e) => {
             let _ = write!(lat_note, " runc baseline: not measured ({e}).");

@@ -79,6 +79,11 @@ pub struct SpriteBenchOptions {
     pub pool: usize,
     /// The sprites' network: by default one no den server or test uses.
     pub net: NetConfig,
+    /// The engine the sprites run on.
+    pub runtime: den_runtime::Runtime,
+    /// gVisor: MiB of memory a process in the sprite holds (random bytes in
+    /// the sandbox's /tmp, a tmpfs in its memory) while its memory is checkpointed.
+    pub resident_mib: u64,
 }
 
 impl SpriteBenchOptions {
@@ -94,12 +99,15 @@ impl SpriteBenchOptions {
             runc: true,
             pool: 2,
             net: net_config(),
+            runtime: den_runtime::Runtime::Native,
+            resident_mib: 100,
         }
     }
 
     pub fn describe(&self) -> String {
         format!(
-            "{} image; {} samples per boot-sized figure, {} per exec round trip",
+            "{} sprites, {} image; {} samples per boot-sized figure, {} per exec round trip",
+            self.runtime,
             self.image.name(),
             self.samples,
             self.exec_samples
@@ -126,6 +134,13 @@ pub struct SpriteBenchResults {
     pub checkpoint: Vec<Duration>,
     pub restore_to_output: Vec<Duration>,
     pub fork_to_output: Vec<Duration>,
+    /// gVisor: checkpoints with memory of a sprite holding `resident_mib`.
+    pub memory_checkpoint: Vec<Duration>,
+    /// gVisor: restores of such a checkpoint, until an exec answers.
+    pub memory_restore_to_output: Vec<Duration>,
+    /// gVisor: the last memory image, its files' bytes and what the store
+    /// holds of it after compression and deduplication.
+    pub memory_image: Option<(u64, u64)>,
     /// The boots inside each measured operation, phase by phase.
     pub boots: Vec<(&'static str, Vec<BootPhases>)>,
     pub runc: Option<RuncResults>,
@@ -360,6 +375,7 @@ pub async fn run(opts: &SpriteBenchOptions, progress: &mut dyn FnMut(&str)) -> R
     cfg.warm_after = Duration::from_secs(24 * 3600);
     cfg.cold_after = Duration::from_secs(48 * 3600);
     cfg.pool_size = opts.pool;
+    cfg.runtime = opts.runtime;
     let store = Store::open(StoreConfig::local(opts.work.join("data/store")))
         .await
         .context("opening the bench's store")?;
@@ -514,6 +530,51 @@ async fn measure(
         mgr.delete(&name).await?;
     }
     res.boots.push(("live fork → output", mgr.boots_since(boots)));
+
+    if opts.runtime == den_runtime::Runtime::Gvisor {
+        let mib = opts.resident_mib;
+        progress(&format!("memory checkpoint with {mib} MiB resident ×{n}"));
+        let fill = ExecRequest {
+            argv: vec![
+                "/bin/sh".into(),
+                "-c".into(),
+                format!("dd if=/dev/urandom of=/tmp/resident bs=1048576 count={mib}"),
+            ],
+            user: Some("root".into()),
+            ..Default::default()
+        };
+        let out = mgr.wake(main).await?.agent().exec(fill).await?.collect().await;
+        anyhow::ensure!(
+            out.exit.as_ref().is_some_and(|e| e.exit_code == 0),
+            "filling /tmp: {:?}: {}",
+            out.exit,
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let mut memory = Vec::new();
+        for i in 0..n {
+            cancel::check()?;
+            exec_true(mgr, main).await?;
+            let t0 = Instant::now();
+            let ck = mgr.checkpoint_memory(main, &format!("bench memory {i}")).await?;
+            res.memory_checkpoint.push(t0.elapsed());
+            memory.push(ck.id);
+        }
+        if let Some(last) = memory.last() {
+            res.memory_image = mgr.memory_image_bytes(main, last).await?;
+        }
+        progress(&format!("memory restore → output ×{n}"));
+        let boots = mgr.boot_cursor();
+        for i in 0..n {
+            cancel::check()?;
+            let ck = &memory[i % memory.len()];
+            let t0 = Instant::now();
+            mgr.restore(main, ck).await?;
+            res.memory_restore_to_output
+                .push(wake_to_output(mgr, main, t0).await?);
+        }
+        res.boots
+            .push(("memory restore → output", mgr.boots_since(boots)));
+    }
     mgr.delete(main).await?;
 
     if opts.density > 0 {
@@ -710,6 +771,20 @@ pub fn latency_table(r: &SpriteBenchResults) -> TextTable {
             None,
         ),
         ("checkpoint of a running sprite", &r.checkpoint, None, "", None),
+        (
+            "memory checkpoint (gVisor, resident memory as noted)",
+            &r.memory_checkpoint,
+            Some(150.0),
+            "",
+            None,
+        ),
+        (
+            "memory restore → output (gVisor, processes kept)",
+            &r.memory_restore_to_output,
+            Some(250.0),
+            "",
+            None,
+        ),
         (
             "freeze (sleep Warm)",
             &r.freeze,

@@ -168,6 +168,22 @@ pub(crate) async fn load(store: &Store, name: &str, dir: &Path) -> Result<String
     .map_err(SpriteError::join)?
 }
 
+/// The bytes of image `name`'s files.
+pub(crate) async fn logical_bytes(store: &Store, name: &str) -> Result<u64> {
+    let vol = store.open_volume(name).await?;
+    tokio::task::spawn_blocking(move || -> Result<u64> {
+        let mut head = vec![0u8; den_store::DEFAULT_CHUNK_SIZE as usize];
+        vol.read_at(0, &mut head)
+            .map_err(|e| SpriteError::io("reading the image manifest", e))?;
+        let end = head.iter().position(|&b| b == 0).unwrap_or(head.len());
+        let manifest: Manifest = serde_json::from_slice(&head[..end])
+            .map_err(|e| SpriteError::Catalog(format!("memory image manifest: {e}")))?;
+        Ok(manifest.files.iter().map(|f| f.len).sum())
+    })
+    .await
+    .map_err(SpriteError::join)?
+}
+
 /// Remove image `name`; one that does not exist is fine.
 pub(crate) async fn delete(store: &Store, name: &str) -> Result<()> {
     match store.delete_volume(name).await {

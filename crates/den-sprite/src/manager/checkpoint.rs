@@ -113,6 +113,22 @@ impl SpriteManager {
         }
     }
 
+    /// The memory image of checkpoint `id`: its bytes, and what the store
+    /// holds of them (compressed, and without chunks it shares with other
+    /// volumes counted twice: see `Store::stored_bytes`). `None` without one.
+    pub async fn memory_image_bytes(&self, name: &str, id: &str) -> Result<Option<(u64, u64)>> {
+        let volume = self.slot(name)?.record.lock().volume.clone();
+        let image = memory_image::volume_name(&volume, id);
+        if !memory_image::exists(&self.inner.store, &image).await? {
+            return Ok(None);
+        }
+        let logical = memory_image::logical_bytes(&self.inner.store, &image).await?;
+        // Chunks count at their stored (compressed) size once uploaded.
+        self.inner.store.flush(&image, |_| {}).await?;
+        let stored = self.inner.store.stored_bytes(&image).await?;
+        Ok(Some((logical, stored)))
+    }
+
     /// The ids of the sprite's checkpoints that carry a memory image.
     pub async fn memory_checkpoints(&self, name: &str) -> Result<std::collections::HashSet<String>> {
         let volume = self.slot(name)?.record.lock().volume.clone();
