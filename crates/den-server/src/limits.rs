@@ -193,21 +193,20 @@ impl OrgQuotas {
 
     /// Bytes `org`'s disks and checkpoints keep stored, at most
     /// [`DISK_USAGE_TTL`] old.
-    pub async fn disk_bytes(&self, mgr: &SpriteManager, org: &str) -> Result<u64, den_store::StoreError> {
+    /// Memory images of gVisor sprites count too.
+    pub async fn disk_bytes(&self, mgr: &SpriteManager, org: &str) -> Result<u64, den_sprite::SpriteError> {
         if let Some((at, bytes)) = self.disk.lock().get(org)
             && at.elapsed() < DISK_USAGE_TTL
         {
             return Ok(*bytes);
         }
-        let mut total = 0u64;
-        for s in mgr.list().iter().filter(|s| s.record.org() == org) {
-            match mgr.store().stored_bytes(&s.record.volume).await {
-                Ok(b) => total = total.saturating_add(b),
-                // Deleted meanwhile: it stores nothing any more.
-                Err(den_store::StoreError::VolumeNotFound(_)) => {}
-                Err(e) => return Err(e),
-            }
-        }
+        let sprites = mgr.list();
+        let names: Vec<&str> = sprites
+            .iter()
+            .filter(|s| s.record.org() == org)
+            .map(|s| s.record.name.as_str())
+            .collect();
+        let total = mgr.stored_bytes(&names).await?;
         self.disk.lock().insert(org.to_string(), (Instant::now(), total));
         Ok(total)
     }

@@ -120,6 +120,10 @@ pub(crate) async fn save(store: &Store, name: &str, dir: &Path, hostname: &str) 
             total += at - f.offset;
         }
         vol.fsync().map_err(io("syncing the image".into()))?;
+        // Sealed into a checkpoint of its own: the store's metadata names
+        // every chunk now (not at some later write-back), so the image is
+        // counted, flushed and forked whole.
+        vol.checkpoint("memory image")?;
         Ok(total)
     })
     .await

@@ -1313,6 +1313,14 @@ async fn memory_checkpoints() -> Result<()> {
     let c_ck = count(&mgr, "mem").await?;
     ensure!(c_ck >= c0);
     ensure!(mgr.memory_checkpoints("mem").await?.contains(&ck.id));
+    // Its image counts in what the sprite stores (quotas use this).
+    let disk_only = mgr.store().stored_bytes(&mgr.get("mem")?.record.volume).await?;
+    let with_memory = mgr.stored_bytes(&["mem"]).await?;
+    let image = mgr.memory_image_bytes("mem", &ck.id).await?;
+    ensure!(
+        with_memory > disk_only,
+        "the memory image is not counted: {with_memory} with, {disk_only} without; image {image:?}"
+    );
     let plain = mgr.checkpoint("mem", "disk only").await?;
     ensure!(!mgr.memory_checkpoints("mem").await?.contains(&plain.id));
     let c1 = next_count(&mgr, "mem", c_ck).await?;

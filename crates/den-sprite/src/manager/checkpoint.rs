@@ -129,6 +129,33 @@ impl SpriteManager {
         Ok(Some((logical, stored)))
     }
 
+    /// Bytes the sprites `names` keep in the store: their disks with their
+    /// checkpoints, and their memory images (what quotas count). A sprite
+    /// deleted meanwhile counts nothing.
+    pub async fn stored_bytes(&self, names: &[&str]) -> Result<u64> {
+        let store = &self.inner.store;
+        let volumes: Vec<String> = names
+            .iter()
+            .filter_map(|n| self.slot(n).ok())
+            .map(|s| s.record.lock().volume.clone())
+            .collect();
+        let all = store.list_volumes().await?;
+        let mut total = 0u64;
+        for v in &all {
+            let counted = volumes
+                .iter()
+                .any(|own| v.name == *own || memory_image::tag_of(own, &v.name).is_some());
+            if counted {
+                match store.stored_bytes(&v.name).await {
+                    Ok(b) => total = total.saturating_add(b),
+                    Err(StoreError::VolumeNotFound(_)) => {}
+                    Err(e) => return Err(e.into()),
+                }
+            }
+        }
+        Ok(total)
+    }
+
     /// The ids of the sprite's checkpoints that carry a memory image.
     pub async fn memory_checkpoints(&self, name: &str) -> Result<std::collections::HashSet<String>> {
         let volume = self.slot(name)?.record.lock().volume.clone();
