@@ -17,6 +17,7 @@ mod org_tokens;
 mod pool;
 mod proxy;
 mod quotas_org;
+mod runtime;
 mod sdk;
 mod sdk_isolation;
 mod sdk_rust;
@@ -26,6 +27,7 @@ mod svcfs_python;
 mod tenancy;
 mod tls;
 
+use den_runtime::Runtime;
 use std::future::Future;
 use std::pin::Pin;
 
@@ -50,6 +52,12 @@ const TESTS: &[(&str, TestFn)] = &[
         Box::pin(apirest::validation_errors_list_form())
     }),
     ("sprites_crud_and_auth", || Box::pin(sprites::crud_and_auth())),
+    ("runtime_per_sprite_choice", || {
+        Box::pin(runtime::per_sprite_choice())
+    }),
+    ("runtime_server_default_gvisor", || {
+        Box::pin(runtime::server_default_gvisor())
+    }),
     ("pool_create_claims_a_hidden_sprite", || {
         Box::pin(pool::pool_create_claims_a_hidden_sprite())
     }),
@@ -62,14 +70,29 @@ const TESTS: &[(&str, TestFn)] = &[
         Box::pin(sprites::limits_metrics_request_ids())
     }),
     ("api_fuzz", || Box::pin(fuzz::api_fuzz())),
-    ("sdk_python", || Box::pin(sdk::python_sdk())),
-    ("sdk_js", || Box::pin(sdk::js_sdk())),
-    ("sdk_isolation", || Box::pin(sdk_isolation::sdk_isolation())),
-    ("sdk_rust", || Box::pin(sdk_rust::rust_sdk())),
+    ("sdk_python", || Box::pin(sdk::python_sdk(Runtime::Native))),
+    ("sdk_python_gvisor", || Box::pin(sdk::python_sdk(Runtime::Gvisor))),
+    ("sdk_js", || Box::pin(sdk::js_sdk(Runtime::Native))),
+    ("sdk_js_gvisor", || Box::pin(sdk::js_sdk(Runtime::Gvisor))),
+    ("sdk_isolation", || {
+        Box::pin(sdk_isolation::sdk_isolation(Runtime::Native))
+    }),
+    ("sdk_isolation_gvisor", || {
+        Box::pin(sdk_isolation::sdk_isolation(Runtime::Gvisor))
+    }),
+    ("sdk_rust", || Box::pin(sdk_rust::rust_sdk(Runtime::Native))),
+    ("sdk_rust_gvisor", || {
+        Box::pin(sdk_rust::rust_sdk(Runtime::Gvisor))
+    }),
     ("services_lifecycle", || Box::pin(services::lifecycle())),
     ("fs_operations", || Box::pin(fs::operations())),
     ("fs_confinement", || Box::pin(fs::confinement())),
-    ("services_fs_python_sdk", || Box::pin(svcfs_python::python_sdk())),
+    ("services_fs_python_sdk", || {
+        Box::pin(svcfs_python::python_sdk(Runtime::Native))
+    }),
+    ("services_fs_python_sdk_gvisor", || {
+        Box::pin(svcfs_python::python_sdk(Runtime::Gvisor))
+    }),
     ("proxy_tunnel", || Box::pin(proxy::tunnel())),
     ("url_proxy", || Box::pin(proxy::urls())),
     ("url_upgrade", || Box::pin(proxy::url_upgrade())),
