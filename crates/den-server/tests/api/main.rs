@@ -93,7 +93,8 @@ const TESTS: &[(&str, TestFn)] = &[
     ("services_fs_python_sdk_gvisor", || {
         Box::pin(svcfs_python::python_sdk(Runtime::Gvisor))
     }),
-    ("proxy_tunnel", || Box::pin(proxy::tunnel())),
+    ("proxy_tunnel", || Box::pin(proxy::tunnel(Runtime::Native))),
+    ("proxy_tunnel_gvisor", || Box::pin(proxy::tunnel(Runtime::Gvisor))),
     ("url_proxy", || Box::pin(proxy::urls())),
     ("url_upgrade", || Box::pin(proxy::url_upgrade())),
     ("url_bulk_upload_and_download_intact", || {
@@ -106,11 +107,24 @@ const TESTS: &[(&str, TestFn)] = &[
     ("url_reuses_upstream_connections", || {
         Box::pin(proxy::url_reuses_upstream_connections())
     }),
-    ("exec_ws_protocol", || Box::pin(exec::ws_protocol())),
-    ("exec_tty_attach_http", || Box::pin(exec::tty_attach_http())),
+    ("exec_ws_protocol", || {
+        Box::pin(exec::ws_protocol(Runtime::Native))
+    }),
+    ("exec_ws_protocol_gvisor", || {
+        Box::pin(exec::ws_protocol(Runtime::Gvisor))
+    }),
+    ("exec_tty_attach_http", || {
+        Box::pin(exec::tty_attach_http(Runtime::Native))
+    }),
+    ("exec_tty_attach_http_gvisor", || {
+        Box::pin(exec::tty_attach_http(Runtime::Gvisor))
+    }),
     ("exec_default_timeout", || Box::pin(exec::default_timeout())),
     ("exec_http_exit_frame_apart_from_queued_output", || {
-        Box::pin(exec::http_exit_frame_apart_from_queued_output())
+        Box::pin(exec::http_exit_frame_apart_from_queued_output(Runtime::Native))
+    }),
+    ("exec_http_exit_frame_apart_from_queued_output_gvisor", || {
+        Box::pin(exec::http_exit_frame_apart_from_queued_output(Runtime::Gvisor))
     }),
     ("cluster_forwarding", || Box::pin(forward::cluster_forwarding())),
     ("forged_peer_claims_gain_nothing", || {
