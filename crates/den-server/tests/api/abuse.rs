@@ -290,8 +290,8 @@ async fn ndjson_ok(r: reqwest::Response, what: &str) -> Result<()> {
 /// Issue 10: an exec racing a restore answered 500 (`Broken pipe`) in 8 of
 /// 23 tries, and a fork racing the deletion of its source 500 `storage:
 /// volume not found`. A race gets a retryable status or waits, never a 500.
-pub async fn race_lifecycle_never_answers_500() -> Result<()> {
-    let s = TestServer::start().await?;
+pub async fn race_lifecycle_never_answers_500(runtime: den_runtime::Runtime) -> Result<()> {
+    let s = crate::sdk::start_on(runtime, |_| {}).await?;
     s.create("race").await?;
     let c = s.client();
     ndjson_ok(

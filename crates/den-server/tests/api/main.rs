@@ -140,13 +140,23 @@ const TESTS: &[(&str, TestFn)] = &[
         Box::pin(abuse::limits_beyond_the_host_are_refused())
     }),
     ("race_lifecycle_never_answers_500", || {
-        Box::pin(abuse::race_lifecycle_never_answers_500())
+        Box::pin(abuse::race_lifecycle_never_answers_500(Runtime::Native))
+    }),
+    ("race_lifecycle_never_answers_500_gvisor", || {
+        Box::pin(abuse::race_lifecycle_never_answers_500(Runtime::Gvisor))
     }),
     ("abuse_space_comes_back_after_delete", || {
         Box::pin(abuse::abuse_space_comes_back_after_delete())
     }),
     ("abuse_unread_exec_streams_stay_bounded", || {
-        Box::pin(abuse_exec::abuse_unread_exec_streams_stay_bounded())
+        Box::pin(abuse_exec::abuse_unread_exec_streams_stay_bounded(
+            Runtime::Native,
+        ))
+    }),
+    ("abuse_unread_exec_streams_stay_bounded_gvisor", || {
+        Box::pin(abuse_exec::abuse_unread_exec_streams_stay_bounded(
+            Runtime::Gvisor,
+        ))
     }),
     ("tenancy_authorization_matrix", || {
         Box::pin(tenancy::authorization_matrix())
