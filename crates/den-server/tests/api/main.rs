@@ -136,6 +136,9 @@ const TESTS: &[(&str, TestFn)] = &[
     ("abuse_connection_flood_and_slowloris", || {
         Box::pin(abuse::abuse_connection_flood_and_slowloris())
     }),
+    ("early_error_closes_the_connection_it_announces", || {
+        Box::pin(abuse::early_error_closes_the_connection_it_announces())
+    }),
     ("limits_beyond_the_host_are_refused", || {
         Box::pin(abuse::limits_beyond_the_host_are_refused())
     }),
