@@ -41,13 +41,15 @@ const STREAM_QUEUE: usize = 4;
 #[derive(Debug, Clone)]
 pub struct Client {
     socket: PathBuf,
-    /// The socket file of the first successful connection, held `O_PATH`
-    /// and shared by every clone: later connections go to that inode,
-    /// never to whatever the path names by then. Under gVisor the sprite's
-    /// root can write the socket's directory and replace the file (with a
-    /// listener of its own, or with nothing); the agent keeps listening on
-    /// the original, which stays reachable through this descriptor.
-    pinned: Arc<std::sync::OnceLock<std::fs::File>>,
+    /// The socket file of the last successful connection by path, held
+    /// `O_PATH` and shared by every clone: later connections go to that
+    /// inode, never to whatever the path names by then. Under gVisor the
+    /// sprite's root can write the socket's directory and replace the file
+    /// (with a listener of its own, or with nothing); the agent keeps
+    /// listening on the original, which stays reachable through this
+    /// descriptor. Only once nothing listens there any more (the agent
+    /// bound anew, as after a restore) is the path looked up again.
+    pinned: Arc<std::sync::Mutex<Option<Arc<std::fs::File>>>>,
 }
 
 /// Connects and pings, so a missing or dead agent is reported here.
@@ -137,13 +139,16 @@ impl Client {
     /// A new connection to the agent: to the pinned socket once there is
     /// one, else to the path (no symlink followed), pinning what answered.
     async fn open(&self) -> Result<UnixStream, Error> {
-        if let Some(file) = self.pinned.get() {
-            return connect_file(file).await;
+        let pinned = self.pinned.lock().unwrap_or_else(|p| p.into_inner()).clone();
+        if let Some(file) = pinned {
+            match connect_file(&file).await {
+                Err(Error::Io(e)) if e.kind() == std::io::ErrorKind::ConnectionRefused => {}
+                done => return done,
+            }
         }
-        let file = open_socket_file(&self.socket)?;
+        let file = Arc::new(open_socket_file(&self.socket)?);
         let stream = connect_file(&file).await?;
-        // A concurrent first connection may have pinned one already: kept.
-        let _ = self.pinned.set(file);
+        *self.pinned.lock().unwrap_or_else(|p| p.into_inner()) = Some(file);
         Ok(stream)
     }
 
@@ -919,6 +924,13 @@ mod tests {
 
         // A fresh client follows no symlink either.
         assert!(Client::new(&path).open().await.is_err());
+
+        // The agent gone and bound anew (a restore): the path again.
+        drop(agent);
+        std::fs::remove_file(&path).unwrap();
+        let rebound = tokio::net::UnixListener::bind(&path).unwrap();
+        let _s = client.open().await.expect("the agent's new socket");
+        assert!(reached(&rebound));
     }
 
     /// Whether `l` has a connection waiting (accepting it).
