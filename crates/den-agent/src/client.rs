@@ -41,25 +41,27 @@ const STREAM_QUEUE: usize = 4;
 #[derive(Debug, Clone)]
 pub struct Client {
     socket: PathBuf,
+    /// The socket file of the last successful connection by path, held
+    /// `O_PATH` and shared by every clone: later connections go to that
+    /// inode, never to whatever the path names by then. Under gVisor the
+    /// sprite's root can write the socket's directory and replace the file
+    /// (with a listener of its own, or with nothing); the agent keeps
+    /// listening on the original, which stays reachable through this
+    /// descriptor. Only once nothing listens there any more (the agent
+    /// bound anew, as after a restore) is the path looked up again.
+    pinned: Arc<std::sync::Mutex<Option<Arc<std::fs::File>>>>,
 }
 
 /// Connects and pings, so a missing or dead agent is reported here.
 pub async fn connect(socket_path: impl AsRef<Path>) -> Result<Client, Error> {
-    let client = Client {
-        socket: socket_path.as_ref().to_owned(),
-    };
+    let client = Client::new(socket_path);
     client.ping().await?;
     Ok(client)
 }
 
-/// Connect to the agent's socket at `path` without following a symlink in
-/// its last component. Under gVisor the socket lives in a directory the
-/// sprite can write to, so its root could replace it with a symlink to
-/// another sprite's socket; the directories above are the host's own. The
-/// file is opened `O_PATH | O_NOFOLLOW`, checked to be a socket, and
-/// connected to through `/proc/self/fd`, which names exactly that inode.
-pub async fn connect_socket(path: &Path) -> Result<UnixStream, Error> {
-    use std::os::fd::AsRawFd;
+/// The socket file at `path`, opened `O_PATH` without following a symlink
+/// in its last component, checked to be a socket.
+fn open_socket_file(path: &Path) -> Result<std::fs::File, Error> {
     use std::os::unix::fs::{FileTypeExt, OpenOptionsExt};
     let file = std::fs::OpenOptions::new()
         .read(true)
@@ -71,22 +73,39 @@ pub async fn connect_socket(path: &Path) -> Result<UnixStream, Error> {
             format!("{} is not a socket", path.display()),
         )));
     }
-    let via = format!("/proc/self/fd/{}", file.as_raw_fd());
-    let stream = UnixStream::connect(&via).await?;
-    drop(file);
-    Ok(stream)
+    Ok(file)
 }
 
-async fn request(socket: &Path, req: &Request) -> Result<(BufReader<OwnedReadHalf>, OwnedWriteHalf), Error> {
-    request_full(socket, req).await.map(|(_, rd, wr)| (rd, wr))
+/// Connect to the socket inode `file` holds (`/proc/self/fd/N` names
+/// exactly it, linked or not).
+async fn connect_file(file: &std::fs::File) -> Result<UnixStream, Error> {
+    use std::os::fd::AsRawFd;
+    Ok(UnixStream::connect(format!("/proc/self/fd/{}", file.as_raw_fd())).await?)
+}
+
+/// Connect to the agent's socket at `path` without following a symlink in
+/// its last component. Under gVisor the socket lives in a directory the
+/// sprite can write to, so its root could replace it with a symlink to
+/// another sprite's socket; the directories above are the host's own. The
+/// file is opened `O_PATH | O_NOFOLLOW`, checked to be a socket, and
+/// connected to through `/proc/self/fd`, which names exactly that inode.
+pub async fn connect_socket(path: &Path) -> Result<UnixStream, Error> {
+    connect_file(&open_socket_file(path)?).await
+}
+
+async fn request(
+    client: &Client,
+    req: &Request,
+) -> Result<(BufReader<OwnedReadHalf>, OwnedWriteHalf), Error> {
+    request_full(client, req).await.map(|(_, rd, wr)| (rd, wr))
 }
 
 /// Sends `req` and returns the successful response with the open connection.
 async fn request_full(
-    socket: &Path,
+    client: &Client,
     req: &Request,
 ) -> Result<(Response, BufReader<OwnedReadHalf>, OwnedWriteHalf), Error> {
-    let stream = connect_socket(socket).await?;
+    let stream = client.open().await?;
     let (rd, mut wr) = stream.into_split();
     let mut line = serde_json::to_vec(req)?;
     line.push(b'\n');
@@ -113,11 +132,28 @@ impl Client {
     pub fn new(socket_path: impl AsRef<Path>) -> Client {
         Client {
             socket: socket_path.as_ref().to_owned(),
+            pinned: Arc::default(),
         }
     }
 
+    /// A new connection to the agent: to the pinned socket once there is
+    /// one, else to the path (no symlink followed), pinning what answered.
+    async fn open(&self) -> Result<UnixStream, Error> {
+        let pinned = self.pinned.lock().unwrap_or_else(|p| p.into_inner()).clone();
+        if let Some(file) = pinned {
+            match connect_file(&file).await {
+                Err(Error::Io(e)) if e.kind() == std::io::ErrorKind::ConnectionRefused => {}
+                done => return done,
+            }
+        }
+        let file = Arc::new(open_socket_file(&self.socket)?);
+        let stream = connect_file(&file).await?;
+        *self.pinned.lock().unwrap_or_else(|p| p.into_inner()) = Some(file);
+        Ok(stream)
+    }
+
     pub async fn ping(&self) -> Result<(), Error> {
-        request(&self.socket, &Request::Ping).await.map(|_| ())
+        request(self, &Request::Ping).await.map(|_| ())
     }
 
     /// See [`Request::Quiesce`]: the agent is unreachable afterwards until
@@ -131,7 +167,7 @@ impl Client {
     /// no heartbeat arrived for that long; beats sent while the sprite is
     /// frozen wait in the socket and count on thaw.
     pub async fn heartbeat(&self, interval: Duration) -> Result<(), Error> {
-        let (mut rd, mut wr) = request(&self.socket, &Request::Heartbeat).await?;
+        let (mut rd, mut wr) = request(self, &Request::Heartbeat).await?;
         let mut probe = [0u8; 1];
         loop {
             // A frozen agent reads nothing; with its socket buffer full a
@@ -149,7 +185,7 @@ impl Client {
     }
 
     pub async fn list_sessions(&self) -> Result<Vec<SessionSummary>, Error> {
-        let stream = connect_socket(&self.socket).await?;
+        let stream = self.open().await?;
         let (rd, mut wr) = stream.into_split();
         let mut line = serde_json::to_vec(&Request::ListSessions)?;
         line.push(b'\n');
@@ -169,7 +205,7 @@ impl Client {
     /// Signals the session's process group.
     pub async fn kill(&self, session: &str, signal: &str) -> Result<(), Error> {
         request(
-            &self.socket,
+            self,
             &Request::Kill {
                 session: session.into(),
                 signal: signal.into(),
@@ -208,13 +244,13 @@ impl Client {
     }
 
     pub async fn exec(&self, req: ExecRequest) -> Result<Session, Error> {
-        let (rd, wr) = request(&self.socket, &Request::Exec(req)).await?;
+        let (rd, wr) = request(self, &Request::Exec(req)).await?;
         Session::start(rd, wr).await
     }
 
     pub async fn attach(&self, session: &str) -> Result<Session, Error> {
         let (rd, wr) = request(
-            &self.socket,
+            self,
             &Request::Attach {
                 session: session.into(),
             },
@@ -225,7 +261,7 @@ impl Client {
 
     /// Port events of every process; the receiver ends when the agent goes away.
     pub async fn subscribe_ports(&self) -> Result<PortSubscription, Error> {
-        let (rd, wr) = request(&self.socket, &Request::SubscribePorts).await?;
+        let (rd, wr) = request(self, &Request::SubscribePorts).await?;
         let (tx, rx) = mpsc::channel(1024);
         let task = tokio::spawn(read_events(rd, tx));
         Ok(PortSubscription {
@@ -238,7 +274,7 @@ impl Client {
     /// The listeners open now (a `port_list` message), then
     /// `port_opened`/`port_closed` messages, as JSON control messages.
     pub async fn watch_ports(&self) -> Result<JsonStream, Error> {
-        let (rd, wr) = request(&self.socket, &Request::WatchPorts).await?;
+        let (rd, wr) = request(self, &Request::WatchPorts).await?;
         Ok(json_stream(rd, wr))
     }
 
@@ -256,7 +292,7 @@ impl Client {
             working_dir: working_dir.map(str::to_owned),
             recursive,
         };
-        let (resp, rd, wr) = request_full(&self.socket, &req).await?;
+        let (resp, rd, wr) = request_full(self, &req).await?;
         let watched = resp
             .fs
             .as_ref()
@@ -313,7 +349,7 @@ impl Client {
     /// services were spawned (or failed to) and removed ones stopped.
     pub async fn services_set(&self, services: &[ServiceDef]) -> Result<(), Error> {
         request(
-            &self.socket,
+            self,
             &Request::ServicesSet {
                 services: services.to_vec(),
             },
@@ -324,14 +360,14 @@ impl Client {
 
     /// Status of every defined service, sorted by name.
     pub async fn services_status(&self) -> Result<Vec<ServiceStatus>, Error> {
-        let (resp, _, _) = request_full(&self.socket, &Request::ServicesStatus).await?;
+        let (resp, _, _) = request_full(self, &Request::ServicesStatus).await?;
         Ok(resp.services.unwrap_or_default())
     }
 
     /// Signals the service's process group; `not_found` / `not_running` errors.
     pub async fn service_signal(&self, name: &str, signal: &str) -> Result<(), Error> {
         request(
-            &self.socket,
+            self,
             &Request::ServiceSignal {
                 name: name.into(),
                 signal: signal.into(),
@@ -350,7 +386,7 @@ impl Client {
         follow: bool,
     ) -> Result<ServiceLogStream, Error> {
         let (rd, wr) = request(
-            &self.socket,
+            self,
             &Request::ServiceLogs {
                 name: name.into(),
                 lines,
@@ -364,7 +400,7 @@ impl Client {
     /// Events of one service (or all) from now on.
     pub async fn service_events(&self, name: Option<&str>) -> Result<ServiceEventStream, Error> {
         let (mut rd, wr) = request(
-            &self.socket,
+            self,
             &Request::ServiceEvents {
                 name: name.map(str::to_owned),
             },
@@ -454,7 +490,7 @@ fn fs_body(resp: Response) -> Result<serde_json::Value, Error> {
 
 impl Client {
     async fn fs_request(&self, req: Request) -> Result<serde_json::Value, Error> {
-        let (resp, _, _) = request_full(&self.socket, &req).await?;
+        let (resp, _, _) = request_full(self, &req).await?;
         fs_body(resp)
     }
 
@@ -473,7 +509,7 @@ impl Client {
             start,
             end,
         };
-        let (resp, rd, wr) = request_full(&self.socket, &req).await?;
+        let (resp, rd, wr) = request_full(self, &req).await?;
         Ok((resp.fs.unwrap_or_default(), byte_stream(rd, wr)))
     }
 
@@ -504,7 +540,7 @@ impl Client {
             mkdir_parents: opts.mkdir_parents,
             as_root: opts.as_root,
         };
-        let (rd, wr) = request(&self.socket, &req).await?;
+        let (rd, wr) = request(self, &req).await?;
         Ok(FsWriter { rd, wr })
     }
 
@@ -861,5 +897,52 @@ mod tests {
             .await
             .unwrap();
         assert_eq!(&got, b"hi");
+    }
+
+    /// Once a client reached the agent, replacing the socket file (removed,
+    /// a listener of the sprite's own, a symlink to another sprite's
+    /// socket) changes nothing: it keeps reaching the original listener.
+    #[tokio::test]
+    async fn client_keeps_to_the_socket_it_first_reached() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("agent.sock");
+        let agent = tokio::net::UnixListener::bind(&path).unwrap();
+        let client = Client::new(&path);
+        let _first = client.open().await.unwrap();
+        assert!(reached(&agent), "the first connection reaches the agent");
+
+        let clone = client.clone();
+        std::fs::remove_file(&path).unwrap();
+        let _s = clone.open().await.expect("a removed path: still the agent");
+        assert!(reached(&agent));
+
+        let impostor = tokio::net::UnixListener::bind(&path).unwrap();
+        let _s = client.open().await.unwrap();
+        assert!(reached(&agent) && !reached(&impostor), "the impostor got it");
+
+        let other = dir.path().join("other.sock");
+        let other_l = tokio::net::UnixListener::bind(&other).unwrap();
+        std::fs::remove_file(&path).unwrap();
+        std::os::unix::fs::symlink(&other, &path).unwrap();
+        let _s = client.open().await.unwrap();
+        assert!(reached(&agent) && !reached(&other_l), "the link was followed");
+        drop(impostor);
+
+        // A fresh client follows no symlink either.
+        assert!(Client::new(&path).open().await.is_err());
+
+        // The agent gone and bound anew (a restore): the path again.
+        drop(agent);
+        std::fs::remove_file(&path).unwrap();
+        let rebound = tokio::net::UnixListener::bind(&path).unwrap();
+        let _s = client.open().await.expect("the agent's new socket");
+        assert!(reached(&rebound));
+    }
+
+    /// Whether `l` has a connection waiting (accepting it).
+    fn reached(l: &tokio::net::UnixListener) -> bool {
+        let waker = std::task::Waker::noop();
+        let mut cx = std::task::Context::from_waker(waker);
+        l.poll_accept(&mut cx).is_ready()
     }
 }

@@ -450,8 +450,24 @@ fn sprites_lifecycle() {
     let out = ok(u.cmd(&["create", "alpha", "--label", "team-a", "--skip-console"]));
     assert!(out.starts_with("created sprite alpha in "), "{out}");
     assert!(out.contains("url: http://alpha."), "{out}");
-    let beta = json(&ok(u.cmd(&["create", "beta", "--skip-console", "--json"])));
+    // --runtime picks the sprite's engine (den's config.runtime); the
+    // server's default otherwise.
+    let beta = json(&ok(u.cmd(&[
+        "create",
+        "beta",
+        "--runtime",
+        "gvisor",
+        "--skip-console",
+        "--json",
+    ])));
     assert_eq!(beta["name"], "beta");
+    assert_eq!(beta["config"]["runtime"], "gvisor", "{beta}");
+    let o = run(u.cmd(&["create", "kvm", "--runtime", "kvm", "--skip-console"]));
+    let e = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        o.status.code() == Some(2) && e.contains("invalid value 'kvm'"),
+        "{e}"
+    );
     // No name: a random friendly one.
     // Without --skip-console but not on a terminal: no console, a hint instead.
     let o = run(u.cmd(&["create"]));
@@ -496,6 +512,7 @@ fn sprites_lifecycle() {
 
     let info = json(&ok(u.cmd(&["info", "alpha", "--json"])));
     assert_eq!(info["name"], "alpha");
+    assert_eq!(info["config"]["runtime"], "native", "{info}");
     assert_eq!(info["labels"], serde_json::json!(["team-a"]));
     let text = ok(u.cmd(&["info", "-s", "alpha"]));
     assert!(

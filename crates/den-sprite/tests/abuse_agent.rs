@@ -12,6 +12,7 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail, ensure};
+use den_runtime::Runtime;
 use den_sprite::{CreateSprite, ManagerConfig, SpriteManager};
 use den_testkit::net::TestNet;
 
@@ -20,15 +21,18 @@ mod common;
 use common::*;
 
 struct Env {
+    runtime: Runtime,
     managers: Managers,
     dir: tempfile::TempDir,
     net: TestNet,
 }
 
 impl Env {
-    fn new() -> Result<Env> {
+    /// Sprites on `runtime`.
+    fn new(runtime: Runtime) -> Result<Env> {
         let dir = traversable_tempdir("den-abuse-agent-")?;
         Ok(Env {
+            runtime,
             managers: Default::default(),
             net: TestNet::new()?,
             dir,
@@ -36,11 +40,13 @@ impl Env {
     }
 
     fn config(&self) -> ManagerConfig {
-        test_config(
+        let mut cfg = test_config(
             self.dir.path(),
             &self.dir.path().join("images"),
             self.net.config.clone(),
-        )
+        );
+        cfg.runtime = self.runtime;
+        cfg
     }
 
     async fn start(&self, cfg: ManagerConfig) -> Result<SpriteManager> {
@@ -83,16 +89,22 @@ fn sockets_under(dir: &Path) -> Vec<PathBuf> {
     out
 }
 
+/// The host process that is the sprite's PID 1: the agent natively; under
+/// gVisor the sandbox (the sentry), in which every sprite process is a task
+/// the host never sees.
 fn host_pid1(key: &str) -> Result<i32> {
     let cg = den_runtime::cgroup::SpriteCgroup::new(den_runtime::cgroup::detect()?, key);
+    let cmdline = |pid: i32| std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
     cg.procs()?
         .into_iter()
         .find(|pid| {
-            std::fs::read_to_string(format!("/proc/{pid}/status")).is_ok_and(|s| {
+            let sandbox = cmdline(*pid).starts_with(b"runsc-sandbox\0");
+            let pid1 = std::fs::read_to_string(format!("/proc/{pid}/status")).is_ok_and(|s| {
                 s.lines()
                     .find(|l| l.starts_with("NSpid:"))
                     .is_some_and(|l| l.split_whitespace().last() == Some("1"))
-            })
+            });
+            sandbox || (pid1 && !cmdline(*pid).starts_with(b"runsc-"))
         })
         .context("the sprite has no PID 1")
 }
@@ -102,8 +114,8 @@ fn host_pid1(key: &str) -> Result<i32> {
 /// Sprite A's root points A's agent socket path at sprite B's socket (the
 /// host path of B's socket, found on the host), then replaces it with a
 /// listener of its own. Requests for A must still be served by A's agent.
-async fn abuse_agent_socket_swap_is_never_followed() -> Result<()> {
-    let env = Env::new()?;
+async fn abuse_agent_socket_swap_is_never_followed(rt: Runtime) -> Result<()> {
+    let env = Env::new(rt)?;
     let mgr = env.start(env.config()).await?;
     mgr.create("sa", CreateSprite::default()).await?;
     mgr.create("sb", CreateSprite::default()).await?;
@@ -183,8 +195,8 @@ async fn abuse_agent_socket_swap_is_never_followed() -> Result<()> {
 
 /// Loop devices' backing files name host paths (every sprite's disk); a
 /// sprite must not be able to read them.
-async fn abuse_sprite_cannot_read_loop_backing_files() -> Result<()> {
-    let env = Env::new()?;
+async fn abuse_sprite_cannot_read_loop_backing_files(rt: Runtime) -> Result<()> {
+    let env = Env::new(rt)?;
     let mgr = env.start(env.config()).await?;
     mgr.create("s1", CreateSprite::default()).await?;
     mgr.create("s2", CreateSprite::default()).await?;
@@ -219,8 +231,8 @@ async fn abuse_sprite_cannot_read_loop_backing_files() -> Result<()> {
 /// file) showed the data dir and run dir as their roots in mountinfo. Now
 /// they come from read-only overlays named by descriptor; the binds still
 /// work, and /sys/block stays masked.
-async fn abuse_sprite_mountinfo_names_no_host_path() -> Result<()> {
-    let env = Env::new()?;
+async fn abuse_sprite_mountinfo_names_no_host_path(rt: Runtime) -> Result<()> {
+    let env = Env::new(rt)?;
     let cfg = env.config();
     let host_paths = [
         env.dir.path().to_path_buf(),
@@ -269,23 +281,46 @@ async fn abuse_sprite_mountinfo_names_no_host_path() -> Result<()> {
 /// out PID 1's descriptors, the host's console log among them). All are
 /// refused, exec keeps working, and PID 1 holds no descriptor of the console
 /// log.
-async fn abuse_pid1_refuses_ptrace_and_pidfd_getfd() -> Result<()> {
-    let env = Env::new()?;
+async fn abuse_pid1_refuses_ptrace_and_pidfd_getfd(rt: Runtime) -> Result<()> {
+    let env = Env::new(rt)?;
     let mgr = env.start(env.config()).await?;
     mgr.create("p1", CreateSprite::default()).await?;
     ensure!(who_answers(&mgr, "p1").await? == "p1");
     let out = root_sh(&mgr, "p1", &in_sprite_den("abuse-pid1")).await?;
     println!("  attacks on PID 1: {}", out.stdout.trim().replace('\n', ", "));
-    for attack in ["ptrace", "getfd", "procfd"] {
-        let result = out
-            .stdout
+    let result = |attack: &str| {
+        out.stdout
             .lines()
             .find_map(|l| l.strip_prefix(&format!("{attack}=")))
-            .with_context(|| format!("no {attack} result: {}{}", out.stdout, out.stderr))?;
-        ensure!(
-            result == "EPERM" || result == "EACCES",
-            "{attack} on PID 1 gave {result}, want EPERM or EACCES"
-        );
+            .with_context(|| format!("no {attack} result: {}{}", out.stdout, out.stderr))
+    };
+    let refused = |r: &str| r == "EPERM" || r == "EACCES";
+    ensure!(
+        refused(result("ptrace")?),
+        "ptrace on PID 1 gave {}",
+        result("ptrace")?
+    );
+    match rt {
+        Runtime::Native => {
+            for attack in ["getfd", "procfd"] {
+                let r = result(attack)?;
+                ensure!(refused(r), "{attack} on PID 1 gave {r}, want EPERM or EACCES");
+            }
+        }
+        // PID 1 is a task of gVisor's sentry, which has no pidfd_open in
+        // this runsc, and whose procfs lets the sprite's root open PID 1's
+        // descriptors (it does not apply the dumpable check). What matters
+        // is that there is no host file among them: the agent's output
+        // already went to a file of the sprite's own.
+        Runtime::Gvisor => {
+            let r = result("getfd").or_else(|_| result("pidfd_open"))?;
+            ensure!(refused(r) || r == "ENOSYS", "pidfd_getfd on PID 1 gave {r}");
+            let r = result("procfd")?;
+            ensure!(
+                refused(r) || r == "OK:/.sprite/logs/agent.log",
+                "PID 1's stdout, opened by the sprite's root, is {r}"
+            );
+        }
     }
     let t0 = Instant::now();
     ensure!(who_answers(&mgr, "p1").await? == "p1");
@@ -309,11 +344,110 @@ async fn abuse_pid1_refuses_ptrace_and_pidfd_getfd() -> Result<()> {
     Ok(())
 }
 
+/// Host kernel interfaces a root could use to read or steer the host's
+/// kernel; a gVisor sprite's root must find none of them.
+const HOST_KERNEL_INTERFACES: &[&str] = &[
+    "/proc/kallsyms",
+    "/proc/kcore",
+    "/proc/modules",
+    "/proc/sysrq-trigger",
+    "/proc/config.gz",
+    "/proc/keys",
+    "/proc/timer_list",
+    "/proc/sched_debug",
+    "/proc/sys/kernel/core_pattern",
+    "/proc/sys/kernel/modprobe",
+    "/proc/sys/vm/drop_caches",
+    "/sys/kernel/debug",
+    "/sys/kernel/security",
+    "/sys/kernel/mm",
+    "/sys/fs/cgroup",
+    "/sys/firmware",
+    "/sys/module",
+    "/sys/block",
+    "/dev/kmsg",
+    "/dev/mem",
+    "/dev/kvm",
+    "/dev/loop-control",
+    "/dev/fuse",
+];
+
+/// Under gVisor the sprite's root talks to the sentry, never the host's
+/// kernel: it sees gVisor's kernel (its version, its boot log, its command
+/// line, its boot id), nothing of the host's, and none of the host's
+/// kernel interfaces; mounting debugfs or writing a sysctl changes nothing
+/// on the host.
+async fn abuse_gvisor_root_sees_only_the_sentry_kernel() -> Result<()> {
+    let env = Env::new(Runtime::Gvisor)?;
+    let mgr = env.start(env.config()).await?;
+    mgr.create("gk", CreateSprite::default()).await?;
+    let script = format!(
+        "cat /proc/version; echo =====; dmesg; echo =====; cat /proc/cmdline; echo =====; \
+         cat /proc/sys/kernel/random/boot_id; echo =====; \
+         for p in {}; do [ -e \"$p\" ] && echo \"$p $(ls -A $p 2>/dev/null | wc -l)\"; done; echo =====; \
+         mkdir -p /tmp/dbg; mount -t debugfs none /tmp/dbg 2>/dev/null && echo MOUNTED; id -u",
+        HOST_KERNEL_INTERFACES.join(" ")
+    );
+    let out = root_sh(&mgr, "gk", &script).await?;
+    let parts: Vec<&str> = out.stdout.split("=====\n").collect();
+    ensure!(parts.len() == 6, "{}{}", out.stdout, out.stderr);
+    let host = |p: &str| std::fs::read_to_string(p).with_context(|| p.to_string());
+    let release = host("/proc/sys/kernel/osrelease")?;
+    let release = release.trim();
+    let (version, dmesg, cmdline, boot_id) = (parts[0], parts[1], parts[2], parts[3]);
+    ensure!(
+        version.starts_with("Linux version 4.4.0 "),
+        "/proc/version: {version}"
+    );
+    ensure!(
+        dmesg
+            .lines()
+            .next()
+            .is_some_and(|l| l.ends_with("Starting gVisor...")),
+        "dmesg: {dmesg}"
+    );
+    for (what, text) in [
+        ("/proc/version", version),
+        ("dmesg", dmesg),
+        ("/proc/cmdline", cmdline),
+    ] {
+        ensure!(
+            !text.contains(release),
+            "the sprite's {what} names the host's kernel {release}: {text}"
+        );
+    }
+    ensure!(
+        cmdline.trim() != host("/proc/cmdline")?.trim(),
+        "the host's /proc/cmdline"
+    );
+    ensure!(
+        boot_id.trim() != host("/proc/sys/kernel/random/boot_id")?.trim(),
+        "the host's boot id"
+    );
+    // What exists is the sentry's: empty directories, and two files it
+    // implements itself (sysrq-trigger takes and ignores writes; its FUSE
+    // device serves the sentry's own FUSE mounts).
+    for line in parts[4].lines() {
+        let (path, entries) = line.rsplit_once(' ').unwrap_or((line, ""));
+        ensure!(
+            entries == "0" || ["/proc/sysrq-trigger", "/dev/fuse"].contains(&path),
+            "a gVisor sprite's root sees the host kernel interface {path} ({entries} entries)"
+        );
+    }
+    ensure!(
+        parts[5] == "0\n",
+        "debugfs mounted, or not root: {}{}",
+        parts[5],
+        out.stderr
+    );
+    Ok(())
+}
+
 /// A sprite frozen (warm) for longer than the fence TTL is not fenced on
 /// thaw while den is alive: the beats den sent meanwhile wait in the socket
 /// and count. Its processes survive and it answers at once.
-async fn abuse_long_frozen_sprite_is_not_fenced_on_thaw() -> Result<()> {
-    let env = Env::new()?;
+async fn abuse_long_frozen_sprite_is_not_fenced_on_thaw(rt: Runtime) -> Result<()> {
+    let env = Env::new(rt)?;
     let mut cfg = env.config();
     cfg.fence_ttl = Duration::from_secs(1);
     let mgr = env.start(cfg).await?;
@@ -349,17 +483,20 @@ async fn abuse_long_frozen_sprite_is_not_fenced_on_thaw() -> Result<()> {
 
 const CRASH_CHILD: &str = "abuse-crash-child";
 const FENCE_TTL: Duration = Duration::from_secs(3);
+/// The crash child's runtime, from its parent.
+const CRASH_RUNTIME: &str = "DEN_ABUSE_CRASH_RUNTIME";
 
 /// A den killed with SIGKILL leaves sprites behind; each must fence itself
 /// (every process gone) within the fence TTL of den's last heartbeat.
-async fn abuse_killed_den_sprites_fence_themselves() -> Result<()> {
-    let env = Env::new()?;
+async fn abuse_killed_den_sprites_fence_themselves(rt: Runtime) -> Result<()> {
+    let env = Env::new(rt)?;
     let cfg = env.config();
     let n = &cfg.net;
     let mut child = std::process::Command::new(std::env::current_exe()?)
         .arg(CRASH_CHILD)
         .arg(env.dir.path())
         .args(net_args(n))
+        .env(CRASH_RUNTIME, rt.as_str())
         .stdout(std::process::Stdio::piped())
         .spawn()?;
     let mut stdout = std::io::BufReader::new(child.stdout.take().context("stdout")?);
@@ -414,7 +551,13 @@ async fn abuse_killed_den_sprites_fence_themselves() -> Result<()> {
 fn crash_child(args: &[OsString]) -> ! {
     crash_child_main(
         args,
-        |cfg| cfg.fence_ttl = FENCE_TTL,
+        |cfg| {
+            cfg.fence_ttl = FENCE_TTL;
+            cfg.runtime = std::env::var(CRASH_RUNTIME)
+                .ok()
+                .and_then(|r| r.parse().ok())
+                .unwrap_or(Runtime::Native);
+        },
         async |mgr| {
             mgr.create("fenced", CreateSprite::default())
                 .await
@@ -438,6 +581,7 @@ fn attack_pid1() -> ! {
         Some(libc::EPERM) => "EPERM".to_string(),
         Some(libc::EACCES) => "EACCES".to_string(),
         Some(libc::ESRCH) => "ESRCH".to_string(),
+        Some(libc::ENOSYS) => "ENOSYS".to_string(),
         _ => format!("{e}"),
     };
     // SAFETY: plain syscalls on integers; no memory is passed.
@@ -468,7 +612,10 @@ fn attack_pid1() -> ! {
         }
     }
     match std::fs::OpenOptions::new().append(true).open("/proc/1/fd/1") {
-        Ok(_) => println!("procfd=OK"),
+        Ok(_) => {
+            let target = std::fs::read_link("/proc/1/fd/1").unwrap_or_default();
+            println!("procfd=OK:{}", target.display())
+        }
         Err(e) => println!("procfd={}", name(e)),
     }
     std::process::exit(0)
@@ -507,25 +654,30 @@ fn main() {
         Some("abuse-fake-agent") => fake_agent(&args[2].to_string_lossy()),
         _ => {}
     }
-    let tests: &[(&str, TestFn)] = &[
-        ("abuse_agent_socket_swap_is_never_followed", || {
-            Box::pin(abuse_agent_socket_swap_is_never_followed())
+    // Every attack runs against both runtimes' sprites.
+    let each: &[(&str, RuntimeTestFn)] = &[
+        ("abuse_agent_socket_swap_is_never_followed", |rt| {
+            Box::pin(abuse_agent_socket_swap_is_never_followed(rt))
         }),
-        ("abuse_sprite_cannot_read_loop_backing_files", || {
-            Box::pin(abuse_sprite_cannot_read_loop_backing_files())
+        ("abuse_sprite_cannot_read_loop_backing_files", |rt| {
+            Box::pin(abuse_sprite_cannot_read_loop_backing_files(rt))
         }),
-        ("abuse_sprite_mountinfo_names_no_host_path", || {
-            Box::pin(abuse_sprite_mountinfo_names_no_host_path())
+        ("abuse_sprite_mountinfo_names_no_host_path", |rt| {
+            Box::pin(abuse_sprite_mountinfo_names_no_host_path(rt))
         }),
-        ("abuse_pid1_refuses_ptrace_and_pidfd_getfd", || {
-            Box::pin(abuse_pid1_refuses_ptrace_and_pidfd_getfd())
+        ("abuse_pid1_refuses_ptrace_and_pidfd_getfd", |rt| {
+            Box::pin(abuse_pid1_refuses_ptrace_and_pidfd_getfd(rt))
         }),
-        ("abuse_long_frozen_sprite_is_not_fenced_on_thaw", || {
-            Box::pin(abuse_long_frozen_sprite_is_not_fenced_on_thaw())
+        ("abuse_long_frozen_sprite_is_not_fenced_on_thaw", |rt| {
+            Box::pin(abuse_long_frozen_sprite_is_not_fenced_on_thaw(rt))
         }),
-        ("abuse_killed_den_sprites_fence_themselves", || {
-            Box::pin(abuse_killed_den_sprites_fence_themselves())
+        ("abuse_killed_den_sprites_fence_themselves", |rt| {
+            Box::pin(abuse_killed_den_sprites_fence_themselves(rt))
         }),
     ];
-    run_tests(tests);
+    // gVisor's own: its sentry is the kernel the sprite sees.
+    let single: &[(&str, TestFn)] = &[("gvisor::abuse_gvisor_root_sees_only_the_sentry_kernel", || {
+        Box::pin(abuse_gvisor_root_sees_only_the_sentry_kernel())
+    })];
+    run_runtime_tests(each, single);
 }

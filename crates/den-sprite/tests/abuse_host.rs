@@ -13,6 +13,7 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail, ensure};
+use den_runtime::Runtime;
 use den_sprite::{CreateSprite, ManagerConfig, SpriteManager, SpriteStatus, StorageStatus};
 use den_store::{Store, StoreConfig};
 use den_testkit::net::TestNet;
@@ -22,11 +23,14 @@ mod common;
 use common::*;
 
 const CHILD: &str = "abuse-child";
+/// The child server's runtime, from its parent.
+const CHILD_RUNTIME: &str = "DEN_ABUSE_CHILD_RUNTIME";
 /// Local-only budget of the child server that loses its object store.
 const DIRTY_LIMIT: u64 = 64 << 20;
 
 /// One server's directories and network; the image cache may be shared.
 struct Server {
+    runtime: Runtime,
     managers: Managers,
     dir: tempfile::TempDir,
     images: PathBuf,
@@ -53,8 +57,14 @@ impl Drop for Server {
 
 impl Server {
     fn new(images: &Path) -> Result<Server> {
+        Self::on(Runtime::Native, images)
+    }
+
+    /// A server whose sprites run on `runtime`.
+    fn on(runtime: Runtime, images: &Path) -> Result<Server> {
         let dir = traversable_tempdir("den-abuse-host-")?;
         Ok(Server {
+            runtime,
             managers: Default::default(),
             dir,
             images: images.to_path_buf(),
@@ -67,7 +77,9 @@ impl Server {
     }
 
     fn config(&self) -> ManagerConfig {
-        test_config(self.dir.path(), &self.images, self.net.config.clone())
+        let mut cfg = test_config(self.dir.path(), &self.images, self.net.config.clone());
+        cfg.runtime = self.runtime;
+        cfg
     }
 
     async fn start(&self) -> Result<SpriteManager> {
@@ -115,9 +127,9 @@ fn loops_below(dir: &Path) -> Vec<PathBuf> {
 /// Two servers share the host's image cache. Stopping one (SIGTERM's
 /// graceful path) used to unmount the idmapped image views in that shared
 /// cache, so the other failed every boot with "failed to prepare rootfs".
-async fn stopping_one_server_keeps_the_other_booting() -> Result<()> {
+async fn stopping_one_server_keeps_the_other_booting(rt: Runtime) -> Result<()> {
     let images = shared_images()?;
-    let (a, b) = (Server::new(images.path())?, Server::new(images.path())?);
+    let (a, b) = (Server::on(rt, images.path())?, Server::on(rt, images.path())?);
     let (ma, mb) = (a.start().await?, b.start().await?);
     ma.create("a1", CreateSprite::default()).await?;
     mb.create("b1", CreateSprite::default()).await?;
@@ -146,12 +158,19 @@ async fn stopping_one_server_keeps_the_other_booting() -> Result<()> {
 /// A server killed with -9 while its sprite runs, then restarted (crash
 /// recovery) and stopped: the other server's sprites still boot, and its
 /// mounts are untouched throughout.
-async fn killed_server_recovery_leaves_the_other_alone() -> Result<()> {
+async fn killed_server_recovery_leaves_the_other_alone(rt: Runtime) -> Result<()> {
     let images = shared_images()?;
-    let (a, b) = (Server::new(images.path())?, Server::new(images.path())?);
+    let (a, b) = (Server::on(rt, images.path())?, Server::on(rt, images.path())?);
     let mb = b.start().await?;
     mb.create("b1", CreateSprite::default()).await?;
     ensure!(sh(&mb, "b1", "echo kept > /home/sprite/mark; echo b").await? == "b\n");
+    // A process of the bystander that must live through the other's crash
+    // and recovery (which removes the containers the dead server left).
+    let act = mb.wake("b1").await?;
+    let mut req = sh_req("sleep 1000");
+    req.max_run_after_disconnect_ms = Some(0);
+    act.agent().exec(req).await?.detach();
+    drop(act);
     let b_mounts = mounts_below(&b.run_dir());
 
     let mut child = spawn_child(&a, "run-sprite")?;
@@ -176,6 +195,11 @@ async fn killed_server_recovery_leaves_the_other_alone() -> Result<()> {
             m.display()
         );
     }
+    let alive = sh(&mb, "b1", "ps | grep -c '[s]leep 1000'").await?;
+    ensure!(
+        alive == "1\n",
+        "the bystander's process did not survive: {alive:?}"
+    );
     let took = bystander_boots(&mb, "b1", "b2").await?;
     println!("  bystander cold boot → output after the other server's crash and recovery: {took:?}");
     close(mb).await;
@@ -353,6 +377,13 @@ async fn killed_during_own_disk_io_exits_and_recovers() -> Result<()> {
     let mb = b.start().await?;
     mb.create("b1", CreateSprite::default()).await?;
     ensure!(sh(&mb, "b1", "echo kept > /home/sprite/mark; echo b").await? == "b\n");
+    // A process of the bystander that must live through the other's crash
+    // and recovery (which removes the containers the dead server left).
+    let act = mb.wake("b1").await?;
+    let mut req = sh_req("sleep 1000");
+    req.max_run_after_disconnect_ms = Some(0);
+    act.agent().exec(req).await?.detach();
+    drop(act);
     let b_mounts = mounts_below(&b.run_dir());
 
     let mut child = spawn_child(&a, "checkpoint-store-down")?;
@@ -407,6 +438,11 @@ async fn killed_during_own_disk_io_exits_and_recovers() -> Result<()> {
             m.display()
         );
     }
+    let alive = sh(&mb, "b1", "ps | grep -c '[s]leep 1000'").await?;
+    ensure!(
+        alive == "1\n",
+        "the bystander's process did not survive: {alive:?}"
+    );
     let took = bystander_boots(&mb, "b1", "b2").await?;
     println!("  bystander cold boot → output afterwards: {took:?}");
     close(mb).await;
@@ -639,6 +675,7 @@ fn spawn_child(s: &Server, mode: &str) -> Result<std::process::Child> {
         .arg(s.dir.path())
         .arg(&s.images)
         .args(net_args(n))
+        .env(CHILD_RUNTIME, s.runtime.as_str())
         .stdin(std::process::Stdio::piped())
         .stdout(std::process::Stdio::piped())
         .spawn()?)
@@ -667,7 +704,11 @@ fn child_main(args: &[OsString]) -> ! {
     let net = net_from_args(&a[3..]);
     let rt = tokio::runtime::Runtime::new().expect("runtime");
     rt.block_on(async move {
-        let cfg = test_config(&dir, &images, net);
+        let mut cfg = test_config(&dir, &images, net);
+        cfg.runtime = std::env::var(CHILD_RUNTIME)
+            .ok()
+            .and_then(|r| r.parse().ok())
+            .unwrap_or(Runtime::Native);
         let mut scfg = StoreConfig::local(dir.join("data/store"));
         scfg.dirty_limit = DIRTY_LIMIT;
         let store = Store::open(scfg).await.expect("store");
@@ -719,13 +760,18 @@ fn main() {
     if args.get(1).is_some_and(|a| a == CHILD) {
         child_main(&args[2..]);
     }
+    // Two servers of one runtime: neither's stop, crash or recovery may
+    // touch the other's sprites (under gVisor, its sandboxes).
+    let each: &[(&str, RuntimeTestFn)] = &[
+        ("stopping_one_server_keeps_the_other_booting", |rt| {
+            Box::pin(stopping_one_server_keeps_the_other_booting(rt))
+        }),
+        ("killed_server_recovery_leaves_the_other_alone", |rt| {
+            Box::pin(killed_server_recovery_leaves_the_other_alone(rt))
+        }),
+    ];
+    // Host storage and mount mechanics, the same for both runtimes.
     let tests: &[(&str, TestFn)] = &[
-        ("stopping_one_server_keeps_the_other_booting", || {
-            Box::pin(stopping_one_server_keeps_the_other_booting())
-        }),
-        ("killed_server_recovery_leaves_the_other_alone", || {
-            Box::pin(killed_server_recovery_leaves_the_other_alone())
-        }),
         ("data_dir_under_0700_parent_is_refused_with_the_fix", || {
             Box::pin(data_dir_under_0700_parent_is_refused_with_the_fix())
         }),
@@ -739,5 +785,5 @@ fn main() {
             Box::pin(full_data_disk_shows_on_the_writing_sprite())
         }),
     ];
-    run_tests(tests);
+    run_runtime_tests(each, tests);
 }

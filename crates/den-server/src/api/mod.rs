@@ -211,6 +211,7 @@ pub fn router(state: AppState) -> Router {
                 r
             },
         ))
+        .layer(middleware::from_fn(close_after_unread_body))
         .layer(catch_panics())
         // Sprite-URL hosts never reach the API (nor its headers).
         .layer(middleware::from_fn_with_state(
@@ -226,6 +227,31 @@ pub fn router(state: AppState) -> Router {
                 .layer(PropagateRequestIdLayer::x_request_id()),
         )
         .with_state(state)
+}
+
+/// An error answered to a request with a body may come before the body
+/// was read (a write to a sprite that does not exist is refused on its
+/// path). hyper then closes the connection instead of waiting for the body,
+/// so the answer says so: a client that pooled the connection would lose
+/// its next request on it ("Server disconnected without sending a
+/// response"). Successes read their bodies; errors cost a reconnect.
+async fn close_after_unread_body(
+    req: axum::extract::Request,
+    next: middleware::Next,
+) -> axum::response::Response {
+    use axum::http::header::{CONNECTION, CONTENT_LENGTH, TRANSFER_ENCODING};
+    let h = req.headers();
+    let has_body = h.contains_key(TRANSFER_ENCODING)
+        || h.get(CONTENT_LENGTH)
+            .and_then(|v| v.to_str().ok()?.trim().parse::<u64>().ok())
+            .is_some_and(|n| n > 0);
+    let mut resp = next.run(req).await;
+    let status = resp.status();
+    if has_body && (status.is_client_error() || status.is_server_error()) {
+        resp.headers_mut()
+            .insert(CONNECTION, HeaderValue::from_static("close"));
+    }
+    resp
 }
 
 /// A handler that panics on some input must not end its connection

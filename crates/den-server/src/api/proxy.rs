@@ -21,6 +21,7 @@ use std::time::Duration;
 use axum::extract::ws::{CloseFrame, Message, WebSocket, WebSocketUpgrade, close_code};
 use axum::extract::{Query, State};
 use axum::response::Response;
+use den_runtime::Runtime;
 use den_sprite::Activity;
 use futures::{Sink, SinkExt, Stream, StreamExt};
 use serde::Deserialize;
@@ -76,14 +77,18 @@ enum Route {
 }
 
 /// `None` if `host` is not the sprite.
-fn resolve(host: &str, act: &Activity) -> Option<Route> {
+fn resolve(host: &str, act: &Activity, runtime: Runtime) -> Option<Route> {
     let h = host.trim().trim_start_matches('[').trim_end_matches(']');
     let sprite = act.addr();
     if h.is_empty() || h.eq_ignore_ascii_case("localhost") || matches!(h, "127.0.0.1" | "::1") {
         // Without a namespace (no network) the address path reports why.
-        return Some(match act.netns() {
-            Some(ns) => Route::Loopback(ns.to_string()),
-            None => Route::Addr(sprite),
+        // Under gVisor the sprite's loopback is its sentry's own network
+        // stack, not the namespace's, so the namespace's 127.0.0.1 reaches
+        // nothing: its ports are reached at its address (a listener bound
+        // to 127.0.0.1 alone is out of reach there, docs/sprites.md).
+        return Some(match (act.netns(), runtime) {
+            (Some(ns), Runtime::Native) => Route::Loopback(ns.to_string()),
+            _ => Route::Addr(sprite),
         });
     }
     (h == sprite.to_string() || matches!(h, "10.0.0.1" | "fdf::1")).then_some(Route::Addr(sprite))
@@ -219,7 +224,11 @@ where
             }
         }
     };
-    let Some(route) = resolve(&target.host, activity) else {
+    let runtime = st
+        .mgr
+        .get(activity.name())
+        .map_or(Runtime::Native, |i| i.record.runtime);
+    let Some(route) = resolve(&target.host, activity, runtime) else {
         let reason = format!(
             "Failed to connect to target: {}:{}: den only reaches the sprite itself",
             target.host, target.port

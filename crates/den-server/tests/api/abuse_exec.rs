@@ -58,8 +58,8 @@ const PER_STREAM_BOUND: u64 = 1 << 20;
 /// 30 exec WebSockets run `yes` and never read. den's memory grows by less
 /// than 1 MiB per stream (backpressure reaches the command in the sprite),
 /// and another exec on the same sprite still answers quickly.
-pub async fn abuse_unread_exec_streams_stay_bounded() -> Result<()> {
-    let s = TestServer::start().await?;
+pub async fn abuse_unread_exec_streams_stay_bounded(runtime: den_runtime::Runtime) -> Result<()> {
+    let s = crate::sdk::start_on(runtime, |_| {}).await?;
     s.create("flood").await?;
     ensure!(exec_output(&s, "flood", "echo%20warm").await? == b"warm\n");
     let base = rss_bytes()?;

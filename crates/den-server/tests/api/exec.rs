@@ -184,8 +184,8 @@ async fn status(s: &TestServer, sprite: &str) -> Result<String> {
 /// Frame order, output of fast commands, concurrency, stdin, stderr, exit
 /// codes, environment, working directory, signals, the timeout extension,
 /// ports, errors, and the 1001 close at shutdown.
-pub async fn ws_protocol() -> Result<()> {
-    let mut s = TestServer::start().await?;
+pub async fn ws_protocol(runtime: den_runtime::Runtime) -> Result<()> {
+    let mut s = crate::sdk::start_on(runtime, |_| {}).await?;
     let c = s.client();
     let r = c
         .post(s.api("/v1/sprites"))
@@ -456,8 +456,8 @@ fn ndjson(body: &str) -> Result<Vec<Value>> {
 
 /// TTY mode, attach (path and legacy `?id=`) with replay, the session list,
 /// HTTP exec, kill, HEAD.
-pub async fn tty_attach_http() -> Result<()> {
-    let s = TestServer::start().await?;
+pub async fn tty_attach_http(runtime: den_runtime::Runtime) -> Result<()> {
+    let s = crate::sdk::start_on(runtime, |_| {}).await?;
     s.create("tt").await?;
     let c = s.client();
 
@@ -772,10 +772,10 @@ impl Chunked {
 /// 10 ms after the last output frame was handed to hyper, which then still
 /// held or queued output: the exit frame left with it, and a client that
 /// takes a read for a frame (the JS SDK) lost the exit code.
-pub async fn http_exit_frame_apart_from_queued_output() -> Result<()> {
+pub async fn http_exit_frame_apart_from_queued_output(runtime: den_runtime::Runtime) -> Result<()> {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
-    let s = TestServer::start().await?;
+    let s = crate::sdk::start_on(runtime, |_| {}).await?;
     s.create("slow").await?;
     const OUTPUT: usize = 8_000_000;
     for _ in 0..3 {

@@ -18,6 +18,7 @@ mod org_tokens;
 mod pool;
 mod proxy;
 mod quotas_org;
+mod runtime;
 mod sdk;
 mod sdk_isolation;
 mod sdk_rust;
@@ -27,6 +28,7 @@ mod svcfs_python;
 mod tenancy;
 mod tls;
 
+use den_runtime::Runtime;
 use std::future::Future;
 use std::pin::Pin;
 
@@ -54,6 +56,12 @@ const TESTS: &[(&str, TestFn)] = &[
         Box::pin(apirest::validation_errors_list_form())
     }),
     ("sprites_crud_and_auth", || Box::pin(sprites::crud_and_auth())),
+    ("runtime_per_sprite_choice", || {
+        Box::pin(runtime::per_sprite_choice())
+    }),
+    ("runtime_server_default_gvisor", || {
+        Box::pin(runtime::server_default_gvisor())
+    }),
     ("pool_create_claims_a_hidden_sprite", || {
         Box::pin(pool::pool_create_claims_a_hidden_sprite())
     }),
@@ -66,15 +74,31 @@ const TESTS: &[(&str, TestFn)] = &[
         Box::pin(sprites::limits_metrics_request_ids())
     }),
     ("api_fuzz", || Box::pin(fuzz::api_fuzz())),
-    ("sdk_python", || Box::pin(sdk::python_sdk())),
-    ("sdk_js", || Box::pin(sdk::js_sdk())),
-    ("sdk_isolation", || Box::pin(sdk_isolation::sdk_isolation())),
-    ("sdk_rust", || Box::pin(sdk_rust::rust_sdk())),
+    ("sdk_python", || Box::pin(sdk::python_sdk(Runtime::Native))),
+    ("sdk_python_gvisor", || Box::pin(sdk::python_sdk(Runtime::Gvisor))),
+    ("sdk_js", || Box::pin(sdk::js_sdk(Runtime::Native))),
+    ("sdk_js_gvisor", || Box::pin(sdk::js_sdk(Runtime::Gvisor))),
+    ("sdk_isolation", || {
+        Box::pin(sdk_isolation::sdk_isolation(Runtime::Native))
+    }),
+    ("sdk_isolation_gvisor", || {
+        Box::pin(sdk_isolation::sdk_isolation(Runtime::Gvisor))
+    }),
+    ("sdk_rust", || Box::pin(sdk_rust::rust_sdk(Runtime::Native))),
+    ("sdk_rust_gvisor", || {
+        Box::pin(sdk_rust::rust_sdk(Runtime::Gvisor))
+    }),
     ("services_lifecycle", || Box::pin(services::lifecycle())),
     ("fs_operations", || Box::pin(fs::operations())),
     ("fs_confinement", || Box::pin(fs::confinement())),
-    ("services_fs_python_sdk", || Box::pin(svcfs_python::python_sdk())),
-    ("proxy_tunnel", || Box::pin(proxy::tunnel())),
+    ("services_fs_python_sdk", || {
+        Box::pin(svcfs_python::python_sdk(Runtime::Native))
+    }),
+    ("services_fs_python_sdk_gvisor", || {
+        Box::pin(svcfs_python::python_sdk(Runtime::Gvisor))
+    }),
+    ("proxy_tunnel", || Box::pin(proxy::tunnel(Runtime::Native))),
+    ("proxy_tunnel_gvisor", || Box::pin(proxy::tunnel(Runtime::Gvisor))),
     ("url_proxy", || Box::pin(proxy::urls())),
     ("url_upgrade", || Box::pin(proxy::url_upgrade())),
     ("url_bulk_upload_and_download_intact", || {
@@ -87,11 +111,24 @@ const TESTS: &[(&str, TestFn)] = &[
     ("url_reuses_upstream_connections", || {
         Box::pin(proxy::url_reuses_upstream_connections())
     }),
-    ("exec_ws_protocol", || Box::pin(exec::ws_protocol())),
-    ("exec_tty_attach_http", || Box::pin(exec::tty_attach_http())),
+    ("exec_ws_protocol", || {
+        Box::pin(exec::ws_protocol(Runtime::Native))
+    }),
+    ("exec_ws_protocol_gvisor", || {
+        Box::pin(exec::ws_protocol(Runtime::Gvisor))
+    }),
+    ("exec_tty_attach_http", || {
+        Box::pin(exec::tty_attach_http(Runtime::Native))
+    }),
+    ("exec_tty_attach_http_gvisor", || {
+        Box::pin(exec::tty_attach_http(Runtime::Gvisor))
+    }),
     ("exec_default_timeout", || Box::pin(exec::default_timeout())),
     ("exec_http_exit_frame_apart_from_queued_output", || {
-        Box::pin(exec::http_exit_frame_apart_from_queued_output())
+        Box::pin(exec::http_exit_frame_apart_from_queued_output(Runtime::Native))
+    }),
+    ("exec_http_exit_frame_apart_from_queued_output_gvisor", || {
+        Box::pin(exec::http_exit_frame_apart_from_queued_output(Runtime::Gvisor))
     }),
     ("cluster_forwarding", || Box::pin(forward::cluster_forwarding())),
     ("forged_peer_claims_gain_nothing", || {
@@ -103,17 +140,30 @@ const TESTS: &[(&str, TestFn)] = &[
     ("abuse_connection_flood_and_slowloris", || {
         Box::pin(abuse::abuse_connection_flood_and_slowloris())
     }),
+    ("early_error_closes_the_connection_it_announces", || {
+        Box::pin(abuse::early_error_closes_the_connection_it_announces())
+    }),
     ("limits_beyond_the_host_are_refused", || {
         Box::pin(abuse::limits_beyond_the_host_are_refused())
     }),
     ("race_lifecycle_never_answers_500", || {
-        Box::pin(abuse::race_lifecycle_never_answers_500())
+        Box::pin(abuse::race_lifecycle_never_answers_500(Runtime::Native))
+    }),
+    ("race_lifecycle_never_answers_500_gvisor", || {
+        Box::pin(abuse::race_lifecycle_never_answers_500(Runtime::Gvisor))
     }),
     ("abuse_space_comes_back_after_delete", || {
         Box::pin(abuse::abuse_space_comes_back_after_delete())
     }),
     ("abuse_unread_exec_streams_stay_bounded", || {
-        Box::pin(abuse_exec::abuse_unread_exec_streams_stay_bounded())
+        Box::pin(abuse_exec::abuse_unread_exec_streams_stay_bounded(
+            Runtime::Native,
+        ))
+    }),
+    ("abuse_unread_exec_streams_stay_bounded_gvisor", || {
+        Box::pin(abuse_exec::abuse_unread_exec_streams_stay_bounded(
+            Runtime::Gvisor,
+        ))
     }),
     ("tenancy_authorization_matrix", || {
         Box::pin(tenancy::authorization_matrix())

@@ -17,7 +17,7 @@ async fn metric(s: &TestServer, name: &str) -> Result<f64> {
 }
 
 /// Wait (bounded) until the pool holds `n` sprites.
-async fn pool_ready(s: &TestServer, n: f64) -> Result<()> {
+pub(crate) async fn pool_ready(s: &TestServer, n: f64) -> Result<()> {
     let t0 = std::time::Instant::now();
     while metric(s, "den_sprite_pool_ready").await.unwrap_or(0.0) < n {
         ensure!(t0.elapsed() < WAIT, "the pool never held {n} sprites");

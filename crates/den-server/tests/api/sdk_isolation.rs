@@ -86,8 +86,8 @@ async fn victim(s: &TestServer, token: &str, name: &str, label: &str) -> Result<
     Ok(())
 }
 
-pub async fn sdk_isolation() -> Result<()> {
-    let s = TestServer::start().await?;
+pub async fn sdk_isolation(runtime: den_runtime::Runtime) -> Result<()> {
+    let s = crate::sdk::start_on(runtime, |_| {}).await?;
     make_org(&s, "orga").await?;
     make_org(&s, "orgb").await?;
     let a = secret(&mint_ok(&s, &s.token, json!({"org": "orga", "role": "admin", "name": "a"})).await?);

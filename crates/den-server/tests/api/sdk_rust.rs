@@ -13,10 +13,8 @@
 use anyhow::{Context, Result, ensure};
 use sprites::{NetworkPolicy, NetworkPolicyRule, PolicyAction, SpritesClient, UrlAuth, UrlSettings};
 
-use crate::common::TestServer;
-
-pub async fn rust_sdk() -> Result<()> {
-    let s = TestServer::start().await?;
+pub async fn rust_sdk(runtime: den_runtime::Runtime) -> Result<()> {
+    let s = crate::sdk::start_on(runtime, |_| {}).await?;
     let client = SpritesClient::with_base_url(s.token.clone(), s.url.clone());
 
     // Sprites: create, get, list, delete.

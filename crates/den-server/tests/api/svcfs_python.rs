@@ -3,8 +3,6 @@
 
 use anyhow::{Context, Result, ensure};
 
-use crate::common::TestServer;
-
 const SCRIPT: &str = r#"
 import sys
 from sprites import SpritesClient
@@ -66,8 +64,8 @@ fn python() -> &'static str {
     }
 }
 
-pub async fn python_sdk() -> Result<()> {
-    let s = TestServer::start().await?;
+pub async fn python_sdk(runtime: den_runtime::Runtime) -> Result<()> {
+    let s = crate::sdk::start_on(runtime, |_| {}).await?;
     s.create("py").await?;
     let (url, token) = (s.url.clone(), s.token.clone());
     let out = tokio::task::spawn_blocking(move || {
