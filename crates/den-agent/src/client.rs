@@ -159,7 +159,7 @@ impl Client {
     /// See [`Request::Quiesce`]: the agent is unreachable afterwards until
     /// it gets [`crate::server::RESUME_SIGNAL`].
     pub async fn quiesce(&self) -> Result<(), Error> {
-        request(&self.socket, &Request::Quiesce).await.map(|_| ())
+        request(self, &Request::Quiesce).await.map(|_| ())
     }
 
     /// Sends den's heartbeat every `interval` until the agent goes away (an
