@@ -157,9 +157,13 @@ impl Client {
     }
 
     /// See [`Request::Quiesce`]: the agent is unreachable afterwards until
-    /// it gets [`crate::server::RESUME_SIGNAL`].
+    /// it gets [`crate::server::RESUME_SIGNAL`], when it binds a new socket.
+    /// Every clone forgets the old one here: under gVisor its host side may
+    /// still accept connections that nobody answers.
     pub async fn quiesce(&self) -> Result<(), Error> {
-        request(self, &Request::Quiesce).await.map(|_| ())
+        request(self, &Request::Quiesce).await?;
+        *self.pinned.lock().unwrap_or_else(|p| p.into_inner()) = None;
+        Ok(())
     }
 
     /// Sends den's heartbeat every `interval` until the agent goes away (an
