@@ -12,7 +12,7 @@ use std::time::Duration;
 
 use common::*;
 use den_store::meta::postgres::PgMeta;
-use den_store::meta::{Entry, MetaStore};
+use den_store::meta::{ClusterMeta, Entry, MetaStore};
 use den_store::{ChunkHash, ObjectBackend, Store, StoreError, VolumeSource};
 use den_testkit::SeaweedS3;
 use den_testkit::postgres::TestPostgres;

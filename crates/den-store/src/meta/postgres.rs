@@ -1079,7 +1079,10 @@ impl MetaStore for PgMeta {
                 .collect::<R<Vec<_>>>()?
         })
     }
+}
 
+#[async_trait]
+impl ClusterMeta for PgMeta {
     async fn volume_owner(&self, volume_id: &str) -> Result<VolumeOwner> {
         read_tx!(self, |tx| {
             let v = volume_by_id(&tx, volume_id).await?;
