@@ -11,8 +11,8 @@
 //! database per case; a reopen is a node restart that claims its volumes
 //! again).
 //!
-//! `PROPTEST_CASES` sets the number of cases (default [`DEFAULT_CASES`], and
-//! [`DEFAULT_PG_CASES`] on PostgreSQL, whose cases are slower).
+//! `PROPTEST_CASES` sets the number of cases per backend (default
+//! [`DEFAULT_CASES`]).
 
 use std::collections::{BTreeMap, HashMap};
 use std::future::Future;
@@ -29,7 +29,6 @@ use proptest::prelude::*;
 use proptest::test_runner::{TestCaseError, TestRunner};
 
 const DEFAULT_CASES: u32 = 48;
-const DEFAULT_PG_CASES: u32 = 16;
 const MAX_VOLUMES: usize = 5;
 const MAX_CHECKPOINTS: usize = 10;
 const SIZES: [u64; 4] = [256 << 10, 512 << 10, 1 << 20, 260 << 10];
@@ -672,11 +671,11 @@ enum Meta {
 /// The node name the PostgreSQL store runs as.
 const NODE: &str = "m";
 
-fn cases(default: u32) -> u32 {
+fn cases() -> u32 {
     std::env::var("PROPTEST_CASES")
         .ok()
         .and_then(|s| s.parse().ok())
-        .unwrap_or(default)
+        .unwrap_or(DEFAULT_CASES)
 }
 
 /// Run the property with `meta()` giving each case its backend; a failure
@@ -697,14 +696,14 @@ fn check(cases: u32, meta: impl Fn() -> Meta) {
 
 #[test]
 fn store_matches_model() {
-    check(cases(DEFAULT_CASES), || Meta::Sqlite);
+    check(cases(), || Meta::Sqlite);
 }
 
 #[test]
 fn store_matches_model_on_postgres() {
     let pg = TestPostgres::start().expect("start PostgreSQL");
     let n = AtomicU32::new(0);
-    check(cases(DEFAULT_PG_CASES), || {
+    check(cases(), || {
         let db = format!("model{}", n.fetch_add(1, Ordering::Relaxed));
         Meta::Postgres {
             url: pg.create_database(&db).expect("create database"),

@@ -6,6 +6,7 @@
 //! cluster backend can implement the same trait.
 
 pub mod postgres;
+mod schema;
 pub mod sqlite;
 
 use async_trait::async_trait;

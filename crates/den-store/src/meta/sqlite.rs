@@ -6,12 +6,12 @@
 
 use std::path::Path;
 use std::sync::Arc;
-use std::time::{SystemTime, UNIX_EPOCH};
 
 use async_trait::async_trait;
 use parking_lot::Mutex;
 use rusqlite::{Connection, OptionalExtension, Transaction, params};
 
+use super::schema::{self, Dialect, STALE_UPLOAD_MS, now_ms, parse_seq};
 use super::*;
 use crate::error::StoreError;
 
@@ -21,74 +21,8 @@ use crate::error::StoreError;
 /// that a slot holds exactly one of hash/pending. [`migrate`] brings those up.
 const SCHEMA_VERSION: i64 = 1;
 
-/// The tables and columns are those of the PostgreSQL backend
-/// ([`super::postgres`]) minus what only a cluster of nodes needs
-/// (`chunks.gc_node`, `pending_owner`); keep the two in step.
-const SCHEMA: &str = r#"
-CREATE TABLE IF NOT EXISTS volumes (
-    id                 TEXT PRIMARY KEY,
-    name               TEXT NOT NULL UNIQUE,
-    size_bytes         BIGINT NOT NULL,
-    chunk_size         BIGINT NOT NULL,
-    head_map           BIGINT NOT NULL,
-    next_seq           BIGINT NOT NULL DEFAULT 1,
-    created_at_ms      BIGINT NOT NULL,
-    owner              TEXT,
-    epoch              BIGINT NOT NULL DEFAULT 0,
-    sync_map           BIGINT,
-    sync_at_ms         BIGINT,
-    sync_pending_map   BIGINT,
-    sync_pending_at_ms BIGINT
-);
--- PostgreSQL's UNIQUE (head_map), as an index so that migrated databases get it too.
-CREATE UNIQUE INDEX IF NOT EXISTS volumes_head_map ON volumes (head_map);
-CREATE TABLE IF NOT EXISTS maps (
-    id        INTEGER PRIMARY KEY AUTOINCREMENT,
-    volume_id TEXT NOT NULL
-);
-CREATE INDEX IF NOT EXISTS maps_volume ON maps (volume_id);
-CREATE TABLE IF NOT EXISTS checkpoints (
-    volume_id     TEXT NOT NULL,
-    seq           BIGINT NOT NULL,
-    map_id        BIGINT NOT NULL,
-    created_at_ms BIGINT NOT NULL,
-    comment       TEXT NOT NULL DEFAULT '',
-    PRIMARY KEY (volume_id, seq)
-);
--- One row per written chunk slot. Exactly one of hash/pending is set.
-CREATE TABLE IF NOT EXISTS map_entries (
-    map_id  BIGINT NOT NULL,
-    idx     BIGINT NOT NULL,
-    hash    BLOB,
-    pending BIGINT,
-    PRIMARY KEY (map_id, idx),
-    CHECK ((hash IS NULL) <> (pending IS NULL))
-) WITHOUT ROWID;
-CREATE INDEX IF NOT EXISTS map_entries_pending ON map_entries (pending) WHERE pending IS NOT NULL;
--- state: uploading | present | deleting. refs counts map_entries naming the hash.
-CREATE TABLE IF NOT EXISTS chunks (
-    hash          BLOB PRIMARY KEY,
-    state         TEXT NOT NULL,
-    refs          BIGINT NOT NULL DEFAULT 0,
-    stored_len    BIGINT NOT NULL DEFAULT 0,
-    updated_at_ms BIGINT NOT NULL
-);
-CREATE INDEX IF NOT EXISTS chunks_gc ON chunks (refs, state);
-"#;
-
-/// An `uploading` row older than this with no references is a leftover of a
-/// crashed uploader, and GC may reclaim it.
-const STALE_UPLOAD_MS: i64 = 3_600_000;
-
 pub struct SqliteMeta {
     conn: Arc<Mutex<Connection>>,
-}
-
-fn now_ms() -> i64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_millis() as i64)
-        .unwrap_or(0)
 }
 
 /// Make an SQLite database readable by its owner only, before opening it.
@@ -262,7 +196,7 @@ fn migrate(conn: &Connection) -> Result<()> {
         if version == 0 {
             migrate_v0(conn)?;
         }
-        conn.execute_batch(SCHEMA)?;
+        conn.execute_batch(&schema::tables(Dialect::Sqlite))?;
         conn.pragma_update(None, "user_version", SCHEMA_VERSION)?;
         Ok(())
     })();
@@ -306,26 +240,23 @@ fn migrate_v0(conn: &Connection) -> Result<()> {
                 conn.execute_batch(&format!("ALTER TABLE volumes ADD COLUMN {col} {ty}"))?;
             }
         }
+        // The shared schema's `head_map UNIQUE`, which an existing table
+        // can only get as an index.
+        conn.execute_batch("CREATE UNIQUE INDEX IF NOT EXISTS volumes_head_map ON volumes (head_map)")?;
     }
     if let Some(sql) = table_sql("map_entries")?
         && !sql.contains("CHECK")
     {
         // A slot that breaks the invariant cannot be repaired by guessing;
         // the INSERT fails on it and the open reports the constraint.
-        conn.execute_batch(
-            "CREATE TABLE map_entries_v1 (
-                 map_id  BIGINT NOT NULL,
-                 idx     BIGINT NOT NULL,
-                 hash    BLOB,
-                 pending BIGINT,
-                 PRIMARY KEY (map_id, idx),
-                 CHECK ((hash IS NULL) <> (pending IS NULL))
-             ) WITHOUT ROWID;
+        conn.execute_batch(&format!(
+            "{}
              INSERT INTO map_entries_v1 (map_id, idx, hash, pending)
                  SELECT map_id, idx, hash, pending FROM map_entries;
              DROP TABLE map_entries;
              ALTER TABLE map_entries_v1 RENAME TO map_entries;",
-        )?;
+            schema::map_entries(Dialect::Sqlite, "map_entries_v1")
+        ))?;
     }
     Ok(())
 }
@@ -359,18 +290,6 @@ fn row_to_volume(r: &rusqlite::Row<'_>) -> rusqlite::Result<VolumeRecord> {
         head_map: r.get(4)?,
         created_at_ms: r.get(5)?,
     })
-}
-
-/// `v<seq>` exactly as [`row_to_checkpoint`] prints it: "v01" or "v+1" must
-/// not name checkpoint v1.
-fn parse_seq(volume: &str, id: &str) -> Result<i64> {
-    id.strip_prefix('v')
-        .filter(|n| !n.is_empty() && !n.starts_with('0') && n.bytes().all(|b| b.is_ascii_digit()))
-        .and_then(|n| n.parse::<i64>().ok())
-        .ok_or_else(|| StoreError::CheckpointNotFound {
-            volume: volume.to_string(),
-            checkpoint: id.to_string(),
-        })
 }
 
 fn checkpoint_row(tx: &Connection, volume_id: &str, id: &str) -> Result<CheckpointRecord> {
