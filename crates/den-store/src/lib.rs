@@ -20,7 +20,10 @@ mod volume;
 
 pub use chunk::{ChunkHash, Compression};
 pub use error::{Result, StoreError};
-pub use meta::{CheckpointRecord, MapId, MetaStore, StoreStats, SyncState, VolumeOwner, VolumeRecord};
+pub use meta::{
+    CheckpointRecord, ClusterMeta, MapId, MetaStore, Metadata, StoreStats, SyncState, VolumeOwner,
+    VolumeRecord,
+};
 pub use objects::ObjectBackend;
 pub use snapshot::CheckpointReader;
 pub use space::SpaceStats;

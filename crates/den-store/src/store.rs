@@ -16,7 +16,7 @@ use crate::cache::{Cache, CacheStats};
 use crate::chunk::{self, ChunkHash, Compression};
 use crate::error::{Result, StoreError};
 use crate::meta::sqlite::SqliteMeta;
-use crate::meta::{CheckpointRecord, MapId, MetaStore, PendingId, StoreStats, VolumeOwner, VolumeRecord};
+use crate::meta::{CheckpointRecord, MapId, Metadata, PendingId, StoreStats, VolumeOwner, VolumeRecord};
 use crate::objects::{ObjectBackend, Objects};
 use crate::space::{Space, SpaceStats};
 use crate::volume::Volume;
@@ -165,7 +165,7 @@ pub struct GcStats {
 
 pub(crate) struct Shared {
     pub(crate) cfg: StoreConfig,
-    pub(crate) meta: Arc<dyn MetaStore>,
+    pub(crate) meta: Arc<dyn Metadata>,
     pub(crate) objects: Objects,
     pub(crate) cache: Cache,
     pub(crate) budget: DirtyBudget,
@@ -337,11 +337,11 @@ impl Store {
     /// Open with SQLite metadata at `data_dir/meta.db`.
     pub async fn open(cfg: StoreConfig) -> Result<Store> {
         std::fs::create_dir_all(&cfg.data_dir)?;
-        let meta: Arc<dyn MetaStore> = Arc::new(SqliteMeta::open(&cfg.data_dir.join("meta.db"))?);
+        let meta: Arc<dyn Metadata> = Arc::new(SqliteMeta::open(&cfg.data_dir.join("meta.db"))?);
         Self::open_with_meta(cfg, meta).await
     }
 
-    pub async fn open_with_meta(cfg: StoreConfig, meta: Arc<dyn MetaStore>) -> Result<Store> {
+    pub async fn open_with_meta(cfg: StoreConfig, meta: Arc<dyn Metadata>) -> Result<Store> {
         if cfg.dirty_limit < (64 << 20) {
             return Err(StoreError::InvalidArgument(
                 "dirty_limit must be at least 64 MiB".into(),
@@ -436,7 +436,7 @@ impl Store {
         &self.shared.cfg
     }
 
-    pub fn meta(&self) -> &Arc<dyn MetaStore> {
+    pub fn meta(&self) -> &Arc<dyn Metadata> {
         &self.shared.meta
     }
 

@@ -864,7 +864,7 @@ impl Volume {
     }
 
     /// Sync point: like [`Volume::checkpoint`], but the snapshot is the
-    /// volume's hidden recovery point (see `MetaStore::sync_point`).
+    /// volume's hidden recovery point (see `ClusterMeta::sync_point`).
     pub fn sync_point(&self) -> Result<crate::meta::MapId> {
         let shared = self.inner.shared.clone();
         let vid = self.inner.rec.id.clone();

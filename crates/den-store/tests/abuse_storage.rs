@@ -10,8 +10,8 @@ use std::time::Duration;
 use async_trait::async_trait;
 use den_store::meta::sqlite::SqliteMeta;
 use den_store::meta::{
-    CheckpointRecord, CommitOutcome, Entry, MapId, MapStats, MetaStore, PendingId, StoreStats, SyncState,
-    UploadDecision, VolumeOwner, VolumeRecord,
+    CheckpointRecord, ClusterMeta, CommitOutcome, Entry, MapId, MapStats, MetaStore, PendingId, StoreStats,
+    SyncState, UploadDecision, VolumeOwner, VolumeRecord,
 };
 use den_store::{ChunkHash, CreateOptions, ObjectBackend, Result, Store, StoreConfig, Volume};
 
@@ -187,6 +187,10 @@ impl MetaStore for GcBeforeCommit {
     async fn verify_refcounts(&self) -> Result<Vec<(ChunkHash, i64, i64)>> {
         self.inner.verify_refcounts().await
     }
+}
+
+#[async_trait]
+impl ClusterMeta for GcBeforeCommit {
     async fn volume_owner(&self, id: &str) -> Result<VolumeOwner> {
         self.inner.volume_owner(id).await
     }

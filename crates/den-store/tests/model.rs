@@ -2,20 +2,31 @@
 //!
 //! Random sequences of writes, discards, fsyncs, checkpoints, restores,
 //! forks, deletes, GC, flushes, handle closes and store reopens run against a
-//! real `Store` (SQLite metadata, local-directory object store) and against a
-//! trivial model: one `Vec<u8>` per volume and one snapshot per checkpoint.
+//! real `Store` (local-directory object store) and against a trivial model: one `Vec<u8>` per volume and one snapshot per checkpoint.
 //! Volumes and checkpoints are read back and compared byte for byte, and the
 //! chunk reference counts are checked after every operation.
 //!
-//! `PROPTEST_CASES` sets the number of cases (default [`DEFAULT_CASES`]).
+//! The same test runs once per metadata backend: SQLite (the single-host
+//! default) and PostgreSQL (a real server started for the test, one fresh
+//! database per case; a reopen is a node restart that claims its volumes
+//! again).
+//!
+//! `PROPTEST_CASES` sets the number of cases per backend (default
+//! [`DEFAULT_CASES`]).
 
 use std::collections::{BTreeMap, HashMap};
 use std::future::Future;
 use std::time::Duration;
 
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU32, Ordering};
+
+use den_store::meta::postgres::PgMeta;
+use den_store::meta::{ClusterMeta, MetaStore};
 use den_store::{Compression, CreateOptions, ObjectBackend, Store, StoreConfig, Volume, VolumeSource};
+use den_testkit::postgres::TestPostgres;
 use proptest::prelude::*;
-use proptest::test_runner::TestCaseError;
+use proptest::test_runner::{TestCaseError, TestRunner};
 
 const DEFAULT_CASES: u32 = 48;
 const MAX_VOLUMES: usize = 5;
@@ -192,6 +203,7 @@ struct CkModel {
 }
 
 struct Harness {
+    meta: Meta,
     _dir: tempfile::TempDir,
     cfg: StoreConfig,
     rt: Option<tokio::runtime::Runtime>,
@@ -232,7 +244,7 @@ fn first_diff(what: &str, got: &[u8], want: &[u8]) -> R {
 }
 
 impl Harness {
-    fn new(setup: &Setup) -> R<Harness> {
+    fn new(meta: Meta, setup: &Setup) -> R<Harness> {
         let dir = tempfile::tempdir().map_err(fail)?;
         let mut cfg = StoreConfig::local(dir.path().join("data"));
         cfg.objects = ObjectBackend::Local {
@@ -253,6 +265,7 @@ impl Harness {
         cfg.fetch_timeout = Duration::from_secs(5);
         let mut h = Harness {
             _dir: dir,
+            meta,
             cfg,
             rt: Some(runtime()),
             store: None,
@@ -301,7 +314,23 @@ impl Harness {
 
     fn open_store(&mut self) -> R {
         let cfg = self.cfg.clone();
-        let store = self.block(Store::open(cfg))?;
+        let store = match &self.meta {
+            Meta::Sqlite => self.block(Store::open(cfg))?,
+            Meta::Postgres { url } => {
+                let url = url.clone();
+                self.block(async move {
+                    let m = PgMeta::connect(&url, NODE).await?;
+                    // A restarted node holds no epochs: it claims its volumes again.
+                    for v in m.list_volumes().await? {
+                        let e = m.volume_owner(&v.id).await?.epoch;
+                        if m.claim_volume(&v.id, NODE, e).await?.is_none() {
+                            return Err(den_store::StoreError::Meta(format!("claiming {} failed", v.name)));
+                        }
+                    }
+                    Store::open_with_meta(cfg, Arc::new(m)).await
+                })?
+            }
+        };
         self.store = Some(store);
         Ok(())
     }
@@ -615,8 +644,8 @@ impl Drop for Harness {
     }
 }
 
-fn run(setup: Setup, ops: Vec<Op>) -> R {
-    let mut h = Harness::new(&setup)?;
+fn run(meta: Meta, setup: Setup, ops: Vec<Op>) -> R {
+    let mut h = Harness::new(meta, &setup)?;
     for (step, op) in ops.iter().enumerate() {
         let touched = h
             .apply(op)
@@ -632,6 +661,16 @@ fn run(setup: Setup, ops: Vec<Op>) -> R {
     h.finish().map_err(|e| fail(format!("final check: {e}")))
 }
 
+/// Where the store under test keeps its metadata.
+#[derive(Clone, Debug)]
+enum Meta {
+    Sqlite,
+    Postgres { url: String },
+}
+
+/// The node name the PostgreSQL store runs as.
+const NODE: &str = "m";
+
 fn cases() -> u32 {
     std::env::var("PROPTEST_CASES")
         .ok()
@@ -639,17 +678,35 @@ fn cases() -> u32 {
         .unwrap_or(DEFAULT_CASES)
 }
 
-proptest! {
-    #![proptest_config(ProptestConfig {
-        cases: cases(),
+/// Run the property with `meta()` giving each case its backend; a failure
+/// panics with the minimal failing input.
+fn check(cases: u32, meta: impl Fn() -> Meta) {
+    let mut runner = TestRunner::new(ProptestConfig {
+        cases,
         max_shrink_iters: 2000,
         max_shrink_time: 300_000,
         failure_persistence: None,
         ..ProptestConfig::default()
-    })]
-
-    #[test]
-    fn store_matches_model(setup in setup(), ops in proptest::collection::vec(op(), 1..60)) {
-        run(setup, ops)?;
+    });
+    let strategy = (setup(), proptest::collection::vec(op(), 1..60));
+    if let Err(e) = runner.run(&strategy, |(setup, ops)| run(meta(), setup, ops)) {
+        panic!("{e}");
     }
+}
+
+#[test]
+fn store_matches_model() {
+    check(cases(), || Meta::Sqlite);
+}
+
+#[test]
+fn store_matches_model_on_postgres() {
+    let pg = TestPostgres::start().expect("start PostgreSQL");
+    let n = AtomicU32::new(0);
+    check(cases(), || {
+        let db = format!("model{}", n.fetch_add(1, Ordering::Relaxed));
+        Meta::Postgres {
+            url: pg.create_database(&db).expect("create database"),
+        }
+    });
 }

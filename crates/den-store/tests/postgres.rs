@@ -2,7 +2,7 @@
 //! reference counts and GC through a `Store`, volume ownership with fencing
 //! between two nodes, two nodes sharing one database and one S3 bucket while
 //! GC runs on the other node, a server restart mid-run, node-scoped pending
-//! ids and sync points.
+//! ids. The contract both backends share is tested in tests/meta_contract.rs.
 
 mod common;
 
@@ -12,7 +12,7 @@ use std::time::Duration;
 
 use common::*;
 use den_store::meta::postgres::PgMeta;
-use den_store::meta::{Entry, MetaStore};
+use den_store::meta::{ClusterMeta, MetaStore};
 use den_store::{ChunkHash, ObjectBackend, Store, StoreError, VolumeSource};
 use den_testkit::SeaweedS3;
 use den_testkit::postgres::TestPostgres;
@@ -274,70 +274,6 @@ fn pending_ids_are_listed_only_on_the_node_that_sealed_them() {
     assert_eq!(ok(&rt, "list b", b.list_pending()), vec![20]);
     assert_eq!(ok(&rt, "stats", b.stats()).pending, 2);
     assert!(ok(&rt, "verify", a.verify_refcounts()).is_empty());
-}
-
-#[test]
-fn sync_points_hold_references_and_roll_back() {
-    let pg = pg();
-    let rt = runtime();
-    let a = meta(&rt, &pg, "a");
-    let b = meta(&rt, &pg, "b");
-    let v = ok(&rt, "create", a.create_volume("v", MIB, CS as u32, None));
-    let (h1, h2) = (ChunkHash::of(b"one"), ChunkHash::of(b"two"));
-    let upload = |p: i64, h: &ChunkHash| {
-        ok(&rt, "begin", a.begin_upload(h));
-        ok(&rt, "commit", a.commit_upload(p, h, 3));
-    };
-    let sp1 = ok(&rt, "sync point", a.sync_point(&v.id, &[(0, Some(1))]));
-    let st = ok(&rt, "state", a.sync_state(&v.id));
-    assert_eq!((st.pending_map, st.durable_map), (Some(sp1), None));
-    // Pending slots left: not durable yet.
-    assert!(rt.block_on(a.promote_sync_point(&v.id, sp1)).is_err());
-    upload(1, &h1);
-    ok(&rt, "promote", a.promote_sync_point(&v.id, sp1));
-    let st = ok(&rt, "state", a.sync_state(&v.id));
-    assert_eq!((st.pending_map, st.durable_map), (None, Some(sp1)));
-    // Head, sync point: two references.
-    assert_eq!(refs_in_db(&pg, &h1), 2);
-
-    // A newer sync point replaces the pending one, and promoting it drops the old durable one.
-    let sp2 = ok(&rt, "sync point 2", a.sync_point(&v.id, &[(1, Some(2))]));
-    let sp3 = ok(&rt, "sync point 3", a.sync_point(&v.id, &[]));
-    assert!(
-        ok(&rt, "load", a.load_map(sp2)).is_empty(),
-        "replaced sync point map is dropped"
-    );
-    ok(&rt, "stale promote is a no-op", a.promote_sync_point(&v.id, sp2));
-    assert_eq!(ok(&rt, "state", a.sync_state(&v.id)).durable_map, Some(sp1));
-    upload(2, &h2);
-    ok(&rt, "promote 3", a.promote_sync_point(&v.id, sp3));
-    assert_eq!(refs_in_db(&pg, &h1), 2);
-    assert_eq!(refs_in_db(&pg, &h2), 2);
-    assert!(ok(&rt, "load", a.load_map(sp1)).is_empty());
-    assert!(ok(&rt, "verify", a.verify_refcounts()).is_empty());
-
-    // The owner dies after more writes; the next owner rolls back.
-    ok(
-        &rt,
-        "seal",
-        a.apply_seal(v.head_map, &[(0, Some(3)), (1, None), (5, Some(4))]),
-    );
-    assert_eq!(refs_in_db(&pg, &h1), 1);
-    // GC must not take what only the sync point references.
-    assert!(ok(&rt, "gc", b.gc_begin(100)).is_empty());
-    let epoch = ok(&rt, "owner", b.volume_owner(&v.id)).epoch;
-    assert_eq!(ok(&rt, "claim", b.claim_volume(&v.id, "b", epoch)), Some(2));
-    let at = ok(&rt, "rollback", b.rollback_to_sync_point(&v.id));
-    assert_eq!(at, ok(&rt, "state", b.sync_state(&v.id)).durable_at_ms);
-    assert!(at.is_some());
-    let mut head = ok(&rt, "head", b.load_map(v.head_map));
-    head.sort_by_key(|e| e.0);
-    assert_eq!(head, vec![(0, Entry::Chunk(h1)), (1, Entry::Chunk(h2))]);
-    assert!(ok(&rt, "verify", b.verify_refcounts()).is_empty());
-    ok(&rt, "delete", b.delete_volume(&v.id));
-    assert_eq!(refs_in_db(&pg, &h1), 0);
-    assert!(ok(&rt, "verify", b.verify_refcounts()).is_empty());
-    assert_eq!(ok(&rt, "gc", b.gc_begin(100)).len(), 2);
 }
 
 #[test]
@@ -910,12 +846,4 @@ fn random_operations_match_a_model_across_node_restarts() {
         }
         assert!(ok(&rt, "pending", s.meta().list_pending()).is_empty());
     }
-}
-
-#[test]
-fn batched_upload_commit_gives_each_item_its_own_outcome() {
-    let pg = pg();
-    let rt = runtime();
-    let a = meta(&rt, &pg, "a");
-    rt.block_on(check_batched_upload_commit(a.as_ref()));
 }

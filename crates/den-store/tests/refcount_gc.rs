@@ -654,9 +654,3 @@ fn concurrent_opens_of_one_volume_share_a_handle() {
         }
     }
 }
-
-#[test]
-fn batched_upload_commit_gives_each_item_its_own_outcome() {
-    let m = den_store::meta::sqlite::SqliteMeta::in_memory().unwrap();
-    runtime().block_on(common::check_batched_upload_commit(&m));
-}

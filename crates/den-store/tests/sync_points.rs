@@ -15,8 +15,8 @@ use std::time::Duration;
 
 use den_store::meta::sqlite::SqliteMeta;
 use den_store::{
-    AdoptReport, ChunkHash, CreateOptions, MetaStore, ObjectBackend, Store, StoreConfig, StoreError, Volume,
-    VolumeOwner,
+    AdoptReport, ChunkHash, ClusterMeta, CreateOptions, ObjectBackend, Store, StoreConfig, StoreError,
+    Volume, VolumeOwner,
 };
 
 const CS: u64 = 16 << 10;
@@ -73,7 +73,7 @@ fn config(data_dir: PathBuf, objects: ObjectBackend, node: Option<&str>) -> Stor
 fn node_store(rt: &tokio::runtime::Runtime, root: &Path, node: &str, objects: ObjectBackend) -> Store {
     let data = root.join(node);
     std::fs::create_dir_all(root.join("a")).unwrap();
-    let meta: Arc<dyn MetaStore> = Arc::new(SqliteMeta::open(&root.join("a/meta.db")).unwrap());
+    let meta: Arc<dyn den_store::Metadata> = Arc::new(SqliteMeta::open(&root.join("a/meta.db")).unwrap());
     block(rt, Store::open_with_meta(config(data, objects, Some(node)), meta))
 }
 

@@ -6,6 +6,7 @@
 //! cluster backend can implement the same trait.
 
 pub mod postgres;
+mod schema;
 pub mod sqlite;
 
 use async_trait::async_trait;
@@ -209,7 +210,20 @@ pub trait MetaStore: Send + Sync + 'static {
     /// Recount references from the maps and compare with the stored counts.
     /// Returns the chunks whose count is wrong (empty means consistent).
     async fn verify_refcounts(&self) -> Result<Vec<(ChunkHash, i64, i64)>>;
+}
 
+/// What a cluster of nodes needs on top of [`MetaStore`]: which node owns
+/// a volume (the lease and its fencing epoch), and the volume's sync points.
+///
+/// Kept apart from [`MetaStore`] because it is a different contract: the
+/// data methods are the same on every backend, while these only mean
+/// something where several nodes share the metadata. Both backends implement
+/// it (SQLite trivially: one host never fences), so a [`Store`] always has
+/// both; see [`Metadata`].
+///
+/// [`Store`]: crate::Store
+#[async_trait]
+pub trait ClusterMeta: Send + Sync + 'static {
     // ---- cluster: ownership and fencing ---------------------------------
     //
     // A volume created by a fencing backend is owned by the creating node at
@@ -247,3 +261,8 @@ pub trait MetaStore: Send + Sync + 'static {
     async fn rollback_to_sync_point(&self, volume_id: &str) -> Result<Option<i64>>;
     async fn sync_state(&self, volume_id: &str) -> Result<SyncState>;
 }
+
+/// A complete metadata backend, as a [`Store`](crate::Store) holds it.
+pub trait Metadata: MetaStore + ClusterMeta {}
+
+impl<T: MetaStore + ClusterMeta + ?Sized> Metadata for T {}

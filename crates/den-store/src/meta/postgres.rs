@@ -36,7 +36,7 @@
 //!   gc_interrupted).
 
 use std::collections::HashMap;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use async_trait::async_trait;
 use deadpool_postgres::{GenericClient, Pool};
@@ -45,6 +45,7 @@ use tokio_postgres::error::SqlState;
 use tokio_postgres::types::ToSql;
 use tokio_postgres::{IsolationLevel, Row};
 
+use super::schema::{self, Dialect, STALE_UPLOAD_MS, now_ms, parse_seq};
 use super::*;
 use crate::error::StoreError;
 
@@ -54,70 +55,23 @@ const SCHEMA_VERSION: i64 = 1;
 /// IF NOT EXISTS` run by two nodes at once can still collide in the catalog.
 const SCHEMA_LOCK: i64 = 0x64656e_6d657461; // "denmeta"
 
-const SCHEMA: &str = r#"
-CREATE TABLE IF NOT EXISTS schema_version (
+/// The shared tables ([`schema::tables`]) plus what only a cluster needs.
+fn ddl() -> String {
+    format!(
+        "CREATE TABLE IF NOT EXISTS schema_version (
     version BIGINT NOT NULL
 );
-CREATE TABLE IF NOT EXISTS volumes (
-    id                 TEXT PRIMARY KEY,
-    name               TEXT NOT NULL UNIQUE,
-    size_bytes         BIGINT NOT NULL,
-    chunk_size         BIGINT NOT NULL,
-    head_map           BIGINT NOT NULL UNIQUE,
-    next_seq           BIGINT NOT NULL DEFAULT 1,
-    created_at_ms      BIGINT NOT NULL,
-    owner              TEXT,
-    epoch              BIGINT NOT NULL DEFAULT 0,
-    sync_map           BIGINT,
-    sync_at_ms         BIGINT,
-    sync_pending_map   BIGINT,
-    sync_pending_at_ms BIGINT
-);
-CREATE TABLE IF NOT EXISTS maps (
-    id        BIGSERIAL PRIMARY KEY,
-    volume_id TEXT NOT NULL
-);
-CREATE INDEX IF NOT EXISTS maps_volume ON maps (volume_id);
-CREATE TABLE IF NOT EXISTS checkpoints (
-    volume_id     TEXT NOT NULL,
-    seq           BIGINT NOT NULL,
-    map_id        BIGINT NOT NULL,
-    created_at_ms BIGINT NOT NULL,
-    comment       TEXT NOT NULL DEFAULT '',
-    PRIMARY KEY (volume_id, seq)
-);
--- One row per written chunk slot. Exactly one of hash/pending is set.
-CREATE TABLE IF NOT EXISTS map_entries (
-    map_id  BIGINT NOT NULL,
-    idx     BIGINT NOT NULL,
-    hash    BYTEA,
-    pending BIGINT,
-    PRIMARY KEY (map_id, idx),
-    CHECK ((hash IS NULL) <> (pending IS NULL))
-);
-CREATE INDEX IF NOT EXISTS map_entries_pending ON map_entries (pending) WHERE pending IS NOT NULL;
--- state: uploading | present | deleting. refs counts map_entries naming the hash.
-CREATE TABLE IF NOT EXISTS chunks (
-    hash          BYTEA PRIMARY KEY,
-    state         TEXT NOT NULL,
-    refs          BIGINT NOT NULL DEFAULT 0,
-    stored_len    BIGINT NOT NULL DEFAULT 0,
-    updated_at_ms BIGINT NOT NULL,
-    -- The node whose GC moved the row to `deleting` (see gc_interrupted).
-    gc_node       TEXT
-);
-CREATE INDEX IF NOT EXISTS chunks_gc ON chunks (refs, state);
+{}
 -- Pending ids name files in one node's cache: only that node may upload them.
 CREATE TABLE IF NOT EXISTS pending_owner (
     pending BIGINT PRIMARY KEY,
     node    TEXT NOT NULL
 );
 CREATE INDEX IF NOT EXISTS pending_owner_node ON pending_owner (node);
-"#;
-
-/// An `uploading` row older than this with no references is a leftover of a
-/// crashed uploader, and GC may reclaim it.
-const STALE_UPLOAD_MS: i64 = 3_600_000;
+",
+        schema::tables(Dialect::Postgres)
+    )
+}
 
 /// A `deleting` batch of another node untouched for this long belongs to a
 /// GC that died; any node may finish it.
@@ -131,13 +85,6 @@ const MAX_ATTEMPTS: u32 = 40;
 const MAX_BROKEN_ATTEMPTS: u32 = 2;
 
 const POOL_SIZE: usize = 16;
-
-fn now_ms() -> i64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_millis() as i64)
-        .unwrap_or(0)
-}
 
 /// Why a transaction attempt failed, kept apart from [`StoreError`] until
 /// the retry loop has decided whether to try again.
@@ -392,18 +339,6 @@ async fn volume_by_id<C: GenericClient>(c: &C, id: &str) -> R<VolRow> {
         .ok_or_else(|| StoreError::VolumeNotFound(id.to_string()).into())
 }
 
-/// `v<seq>` exactly as checkpoints are printed: "v01" or "v+1" must not name
-/// checkpoint v1.
-fn parse_seq(volume: &str, id: &str) -> Result<i64> {
-    id.strip_prefix('v')
-        .filter(|n| !n.is_empty() && !n.starts_with('0') && n.bytes().all(|b| b.is_ascii_digit()))
-        .and_then(|n| n.parse::<i64>().ok())
-        .ok_or_else(|| StoreError::CheckpointNotFound {
-            volume: volume.to_string(),
-            checkpoint: id.to_string(),
-        })
-}
-
 const CHECKPOINT_COLS: &str = "c.volume_id, c.seq, c.map_id, c.created_at_ms, c.comment, \
      NOT EXISTS (SELECT 1 FROM map_entries e WHERE e.map_id = c.map_id AND e.pending IS NOT NULL)";
 
@@ -590,7 +525,7 @@ impl PgMeta {
         in_tx!(self, IsolationLevel::ReadCommitted, |tx| {
             tx.execute("SELECT pg_advisory_xact_lock($1)", &[&SCHEMA_LOCK])
                 .await?;
-            tx.batch_execute(SCHEMA).await?;
+            tx.batch_execute(&ddl()).await?;
             let v: Option<i64> = tx
                 .query_opt("SELECT max(version) FROM schema_version", &[])
                 .await?
@@ -1079,7 +1014,10 @@ impl MetaStore for PgMeta {
                 .collect::<R<Vec<_>>>()?
         })
     }
+}
 
+#[async_trait]
+impl ClusterMeta for PgMeta {
     async fn volume_owner(&self, volume_id: &str) -> Result<VolumeOwner> {
         read_tx!(self, |tx| {
             let v = volume_by_id(&tx, volume_id).await?;

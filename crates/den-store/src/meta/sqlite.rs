@@ -6,70 +6,23 @@
 
 use std::path::Path;
 use std::sync::Arc;
-use std::time::{SystemTime, UNIX_EPOCH};
 
 use async_trait::async_trait;
 use parking_lot::Mutex;
 use rusqlite::{Connection, OptionalExtension, Transaction, params};
 
+use super::schema::{self, Dialect, STALE_UPLOAD_MS, now_ms, parse_seq};
 use super::*;
 use crate::error::StoreError;
 
-const SCHEMA: &str = r#"
-CREATE TABLE IF NOT EXISTS volumes (
-    id            TEXT PRIMARY KEY,
-    name          TEXT NOT NULL UNIQUE,
-    size_bytes    BIGINT NOT NULL,
-    chunk_size    BIGINT NOT NULL,
-    head_map      BIGINT NOT NULL,
-    next_seq      BIGINT NOT NULL DEFAULT 1,
-    created_at_ms BIGINT NOT NULL
-);
-CREATE TABLE IF NOT EXISTS maps (
-    id        INTEGER PRIMARY KEY AUTOINCREMENT,
-    volume_id TEXT NOT NULL
-);
-CREATE TABLE IF NOT EXISTS checkpoints (
-    volume_id     TEXT NOT NULL,
-    seq           BIGINT NOT NULL,
-    map_id        BIGINT NOT NULL,
-    created_at_ms BIGINT NOT NULL,
-    comment       TEXT NOT NULL DEFAULT '',
-    PRIMARY KEY (volume_id, seq)
-);
--- One row per written chunk slot. Exactly one of hash/pending is set.
-CREATE TABLE IF NOT EXISTS map_entries (
-    map_id  BIGINT NOT NULL,
-    idx     BIGINT NOT NULL,
-    hash    BLOB,
-    pending BIGINT,
-    PRIMARY KEY (map_id, idx)
-) WITHOUT ROWID;
-CREATE INDEX IF NOT EXISTS map_entries_pending ON map_entries (pending) WHERE pending IS NOT NULL;
--- state: uploading | present | deleting. refs counts map_entries naming the hash.
-CREATE TABLE IF NOT EXISTS chunks (
-    hash          BLOB PRIMARY KEY,
-    state         TEXT NOT NULL,
-    refs          BIGINT NOT NULL DEFAULT 0,
-    stored_len    BIGINT NOT NULL DEFAULT 0,
-    updated_at_ms BIGINT NOT NULL
-);
-CREATE INDEX IF NOT EXISTS chunks_gc ON chunks (refs, state);
-"#;
-
-/// An `uploading` row older than this with no references is a leftover of a
-/// crashed uploader, and GC may reclaim it.
-const STALE_UPLOAD_MS: i64 = 3_600_000;
+/// The schema this code writes (`PRAGMA user_version`). Version 0 is every
+/// database from before the metadata contract was shared with PostgreSQL:
+/// ownership in `owner_node`, cluster columns added one by one, and no CHECK
+/// that a slot holds exactly one of hash/pending. [`migrate`] brings those up.
+const SCHEMA_VERSION: i64 = 1;
 
 pub struct SqliteMeta {
     conn: Arc<Mutex<Connection>>,
-}
-
-fn now_ms() -> i64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_millis() as i64)
-        .unwrap_or(0)
 }
 
 /// Make an SQLite database readable by its owner only, before opening it.
@@ -119,7 +72,6 @@ impl SqliteMeta {
         conn.pragma_update(None, "journal_mode", "WAL")?;
         conn.pragma_update(None, "synchronous", "FULL")?;
         conn.pragma_update(None, "foreign_keys", "ON")?;
-        conn.execute_batch(SCHEMA)?;
         migrate(&conn)?;
         Ok(SqliteMeta {
             conn: Arc::new(Mutex::new(conn)),
@@ -217,13 +169,10 @@ fn commit_zero_one(tx: &Transaction<'_>, pending: PendingId) -> Result<u64> {
         .execute(params![pending])? as u64)
 }
 
-/// Columns added to `volumes` after the first release, with their types.
-/// Ownership: `owner_node` and the `epoch` claims compare-and-swap on (this
-/// backend does not fence). Sync points: the durable one (`sync_map`) and a
-/// newer one still waiting for uploads (`sync_pending_map`), both maps owned
-/// by the volume like checkpoint maps.
-const VOLUME_COLUMNS: &[(&str, &str)] = &[
-    ("owner_node", "TEXT"),
+/// Cluster columns of `volumes` that version-0 databases may lack (they were
+/// added one release at a time), under their current names.
+const V0_VOLUME_COLUMNS: &[(&str, &str)] = &[
+    ("owner", "TEXT"),
     ("epoch", "BIGINT NOT NULL DEFAULT 0"),
     ("sync_map", "BIGINT"),
     ("sync_at_ms", "BIGINT"),
@@ -231,21 +180,24 @@ const VOLUME_COLUMNS: &[(&str, &str)] = &[
     ("sync_pending_at_ms", "BIGINT"),
 ];
 
-/// Bring a database created by an older release up to date. Idempotent; one
-/// transaction, so two processes opening the same file at once cannot both
-/// add a column.
+/// Bring a database created by an older release up to [`SCHEMA_VERSION`],
+/// then create whatever is missing. One IMMEDIATE transaction, so two
+/// processes opening the same file at once migrate it once, and a crash
+/// mid-way leaves the old schema intact.
 fn migrate(conn: &Connection) -> Result<()> {
     conn.execute_batch("BEGIN IMMEDIATE")?;
     let res = (|| -> Result<()> {
-        let have: Vec<String> = conn
-            .prepare("SELECT name FROM pragma_table_info('volumes')")?
-            .query_map([], |r| r.get(0))?
-            .collect::<rusqlite::Result<_>>()?;
-        for (col, ty) in VOLUME_COLUMNS {
-            if !have.iter().any(|h| h == col) {
-                conn.execute_batch(&format!("ALTER TABLE volumes ADD COLUMN {col} {ty}"))?;
-            }
+        let version: i64 = conn.query_row("PRAGMA user_version", [], |r| r.get(0))?;
+        if version > SCHEMA_VERSION {
+            return Err(StoreError::Meta(format!(
+                "metadata schema version {version} is newer than this den ({SCHEMA_VERSION})"
+            )));
         }
+        if version == 0 {
+            migrate_v0(conn)?;
+        }
+        conn.execute_batch(&schema::tables(Dialect::Sqlite))?;
+        conn.pragma_update(None, "user_version", SCHEMA_VERSION)?;
         Ok(())
     })();
     match res {
@@ -254,6 +206,57 @@ fn migrate(conn: &Connection) -> Result<()> {
             let _ = conn.execute_batch("ROLLBACK");
             return Err(e);
         }
+    }
+    Ok(())
+}
+
+/// Version 0 to 1: `owner_node` becomes `owner`, missing cluster columns are
+/// added, and `map_entries` is rebuilt with the one-of-hash-or-pending CHECK
+/// (SQLite cannot add a constraint to an existing table). A fresh, empty
+/// file has no tables yet and needs none of it.
+fn migrate_v0(conn: &Connection) -> Result<()> {
+    let table_sql = |name: &str| -> Result<Option<String>> {
+        Ok(conn
+            .query_row(
+                "SELECT sql FROM sqlite_master WHERE type = 'table' AND name = ?1",
+                params![name],
+                |r| r.get(0),
+            )
+            .optional()?)
+    };
+    if table_sql("volumes")?.is_some() {
+        let columns = || -> Result<Vec<String>> {
+            Ok(conn
+                .prepare("SELECT name FROM pragma_table_info('volumes')")?
+                .query_map([], |r| r.get(0))?
+                .collect::<rusqlite::Result<_>>()?)
+        };
+        if columns()?.iter().any(|h| h == "owner_node") {
+            conn.execute_batch("ALTER TABLE volumes RENAME COLUMN owner_node TO owner")?;
+        }
+        let have = columns()?;
+        for (col, ty) in V0_VOLUME_COLUMNS {
+            if !have.iter().any(|h| h == col) {
+                conn.execute_batch(&format!("ALTER TABLE volumes ADD COLUMN {col} {ty}"))?;
+            }
+        }
+        // The shared schema's `head_map UNIQUE`, which an existing table
+        // can only get as an index.
+        conn.execute_batch("CREATE UNIQUE INDEX IF NOT EXISTS volumes_head_map ON volumes (head_map)")?;
+    }
+    if let Some(sql) = table_sql("map_entries")?
+        && !sql.contains("CHECK")
+    {
+        // A slot that breaks the invariant cannot be repaired by guessing;
+        // the INSERT fails on it and the open reports the constraint.
+        conn.execute_batch(&format!(
+            "{}
+             INSERT INTO map_entries_v1 (map_id, idx, hash, pending)
+                 SELECT map_id, idx, hash, pending FROM map_entries;
+             DROP TABLE map_entries;
+             ALTER TABLE map_entries_v1 RENAME TO map_entries;",
+            schema::map_entries(Dialect::Sqlite, "map_entries_v1")
+        ))?;
     }
     Ok(())
 }
@@ -287,18 +290,6 @@ fn row_to_volume(r: &rusqlite::Row<'_>) -> rusqlite::Result<VolumeRecord> {
         head_map: r.get(4)?,
         created_at_ms: r.get(5)?,
     })
-}
-
-/// `v<seq>` exactly as [`row_to_checkpoint`] prints it: "v01" or "v+1" must
-/// not name checkpoint v1.
-fn parse_seq(volume: &str, id: &str) -> Result<i64> {
-    id.strip_prefix('v')
-        .filter(|n| !n.is_empty() && !n.starts_with('0') && n.bytes().all(|b| b.is_ascii_digit()))
-        .and_then(|n| n.parse::<i64>().ok())
-        .ok_or_else(|| StoreError::CheckpointNotFound {
-            volume: volume.to_string(),
-            checkpoint: id.to_string(),
-        })
 }
 
 fn checkpoint_row(tx: &Connection, volume_id: &str, id: &str) -> Result<CheckpointRecord> {
@@ -796,11 +787,15 @@ impl MetaStore for SqliteMeta {
         })
         .await
     }
+}
+
+#[async_trait]
+impl ClusterMeta for SqliteMeta {
     async fn volume_owner(&self, volume_id: &str) -> Result<VolumeOwner> {
         let volume_id = volume_id.to_string();
         self.with(move |c| {
             c.query_row(
-                "SELECT owner_node, epoch FROM volumes WHERE id = ?1",
+                "SELECT owner, epoch FROM volumes WHERE id = ?1",
                 params![volume_id],
                 |r| {
                     Ok(VolumeOwner {
@@ -819,7 +814,7 @@ impl MetaStore for SqliteMeta {
         let (volume_id, node) = (volume_id.to_string(), node.to_string());
         self.tx(move |tx| {
             let n = tx.execute(
-                "UPDATE volumes SET owner_node = ?2, epoch = epoch + 1 WHERE id = ?1 AND epoch = ?3",
+                "UPDATE volumes SET owner = ?2, epoch = epoch + 1 WHERE id = ?1 AND epoch = ?3",
                 params![volume_id, node, seen_epoch],
             )?;
             if n == 1 {
@@ -835,7 +830,7 @@ impl MetaStore for SqliteMeta {
         let (volume_id, node) = (volume_id.to_string(), node.to_string());
         self.tx(move |tx| {
             let n = tx.execute(
-                "UPDATE volumes SET owner_node = NULL WHERE id = ?1 AND owner_node = ?2 AND epoch = ?3",
+                "UPDATE volumes SET owner = NULL WHERE id = ?1 AND owner = ?2 AND epoch = ?3",
                 params![volume_id, node, epoch],
             )?;
             if n == 1 {
