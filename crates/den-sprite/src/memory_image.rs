@@ -139,12 +139,7 @@ pub(crate) async fn load(store: &Store, name: &str, dir: &Path) -> Result<String
     tokio::task::spawn_blocking(move || -> Result<String> {
         let io = |what: String| move |e: std::io::Error| SpriteError::io(what, e);
         std::fs::create_dir_all(&dir).map_err(io(format!("creating {}", dir.display())))?;
-        let mut head = vec![0u8; den_store::DEFAULT_CHUNK_SIZE as usize];
-        vol.read_at(0, &mut head)
-            .map_err(io("reading the image manifest".into()))?;
-        let end = head.iter().position(|&b| b == 0).unwrap_or(head.len());
-        let manifest: Manifest = serde_json::from_slice(&head[..end])
-            .map_err(|e| SpriteError::Catalog(format!("memory image manifest: {e}")))?;
+        let manifest = read_manifest(&vol)?;
         let mut buf = vec![0u8; PIECE];
         for f in &manifest.files {
             // Names come from the image's own manifest: keep them in `dir`.
@@ -176,16 +171,20 @@ pub(crate) async fn load(store: &Store, name: &str, dir: &Path) -> Result<String
 pub(crate) async fn logical_bytes(store: &Store, name: &str) -> Result<u64> {
     let vol = store.open_volume(name).await?;
     tokio::task::spawn_blocking(move || -> Result<u64> {
-        let mut head = vec![0u8; den_store::DEFAULT_CHUNK_SIZE as usize];
-        vol.read_at(0, &mut head)
-            .map_err(|e| SpriteError::io("reading the image manifest", e))?;
-        let end = head.iter().position(|&b| b == 0).unwrap_or(head.len());
-        let manifest: Manifest = serde_json::from_slice(&head[..end])
-            .map_err(|e| SpriteError::Catalog(format!("memory image manifest: {e}")))?;
-        Ok(manifest.files.iter().map(|f| f.len).sum())
+        Ok(read_manifest(&vol)?.files.iter().map(|f| f.len).sum())
     })
     .await
     .map_err(SpriteError::join)?
+}
+
+/// The manifest in chunk 0 (JSON, then zeros).
+fn read_manifest(vol: &den_store::Volume) -> Result<Manifest> {
+    let mut head = vec![0u8; den_store::DEFAULT_CHUNK_SIZE as usize];
+    vol.read_at(0, &mut head)
+        .map_err(|e| SpriteError::io("reading the image manifest", e))?;
+    let end = head.iter().position(|&b| b == 0).unwrap_or(head.len());
+    serde_json::from_slice(&head[..end])
+        .map_err(|e| SpriteError::Catalog(format!("memory image manifest: {e}")))
 }
 
 /// Remove image `name`; one that does not exist is fine.

@@ -46,32 +46,21 @@ impl SpriteManager {
             .await
             .map_err(|_| SpriteError::Conflict(format!("the agent of {name} did not answer")))??;
         // Disk and memory at the same instant: both while it is frozen.
-        let guard = match self.freeze_synced(live).await {
-            Ok(g) => g,
-            Err(e) => {
-                self.resume_agent(live, &handle).await;
-                return Err(e);
-            }
-        };
-        let vol = live
-            .disk
-            .as_ref()
-            .expect("an awake sprite has its disk")
-            .volume()
-            .clone();
-        let (backend, comment, image_dir) = (live.backend.clone(), comment.to_string(), dir.clone());
-        let taken = blocking(move || {
-            let ck = vol.checkpoint(&comment)?;
-            let _ = std::fs::remove_dir_all(&image_dir);
-            let memory = backend.memory().expect("checked above");
-            let saved = memory.save(&handle, &image_dir, true);
-            drop(guard);
-            Ok((ck, saved))
-        })
-        .await;
-        if let Some(h) = &live.handle {
-            self.resume_agent(live, h).await;
-        }
+        let (backend, comment, image_dir, h) = (
+            live.backend.clone(),
+            comment.to_string(),
+            dir.clone(),
+            handle.clone(),
+        );
+        let taken = self
+            .while_frozen(live, move |vol| {
+                let ck = vol.checkpoint(&comment)?;
+                let _ = std::fs::remove_dir_all(&image_dir);
+                let memory = backend.memory().expect("checked above");
+                Ok((ck, memory.save(&h, &image_dir, true)))
+            })
+            .await;
+        self.resume_agent(live, &handle).await;
         drop(phase);
         drop(activity);
         let (ck, saved) = taken?;
