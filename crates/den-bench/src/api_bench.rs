@@ -281,6 +281,7 @@ fn server_config(opts: &ApiBenchOptions) -> ServerConfig {
     // The bench decides when sprites sleep: never.
     cfg.warm_after = Duration::from_secs(24 * 3600);
     cfg.cold_after = Duration::from_secs(48 * 3600);
+    cfg.cold_after_keeping_memory = cfg.cold_after;
     cfg
 }
 

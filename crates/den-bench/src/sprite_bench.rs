@@ -374,6 +374,7 @@ pub async fn run(opts: &SpriteBenchOptions, progress: &mut dyn FnMut(&str)) -> R
     // The bench decides when sprites sleep.
     cfg.warm_after = Duration::from_secs(24 * 3600);
     cfg.cold_after = Duration::from_secs(48 * 3600);
+    cfg.cold_after_keeping_memory = cfg.cold_after;
     cfg.pool_size = opts.pool;
     cfg.runtime = opts.runtime;
     let store = Store::open(StoreConfig::local(opts.work.join("data/store")))

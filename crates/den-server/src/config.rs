@@ -29,6 +29,9 @@ pub struct ServerConfig {
     pub warm_after: Duration,
     /// Idle time before a sprite is stopped.
     pub cold_after: Duration,
+    /// The same for gVisor sprites, which keep their processes through a
+    /// cold sleep (the shorter of the two applies).
+    pub cold_after_keeping_memory: Duration,
     /// `debian` (default) or `busybox` (tests).
     pub image: String,
     /// Run directory (mounts, sockets); short paths keep unix sockets valid.
@@ -124,6 +127,7 @@ impl ServerConfig {
             url_port: None,
             warm_after: Duration::from_secs(30),
             cold_after: Duration::from_secs(600),
+            cold_after_keeping_memory: Duration::from_secs(120),
             image: "debian".into(),
             run_dir: None,
             subnet: None,
@@ -187,6 +191,7 @@ impl ServerConfig {
             .transpose()?;
         f.warm_after = var("warm_after");
         f.cold_after = var("cold_after");
+        f.cold_after_keeping_memory = var("cold_after_keeping_memory");
         f.image = var("image");
         f.run_dir = var("run_dir").map(PathBuf::from);
         f.images_dir = var("images_dir").map(PathBuf::from);
@@ -259,6 +264,7 @@ struct FileConfig {
     url_port: Option<u16>,
     warm_after: Option<String>,
     cold_after: Option<String>,
+    cold_after_keeping_memory: Option<String>,
     image: Option<String>,
     run_dir: Option<PathBuf>,
     images_dir: Option<PathBuf>,
@@ -345,6 +351,9 @@ impl FileConfig {
         }
         if let Some(v) = self.warm_after {
             c.warm_after = duration("warm_after", &v)?;
+        }
+        if let Some(v) = self.cold_after_keeping_memory {
+            c.cold_after_keeping_memory = duration("cold_after_keeping_memory", &v)?;
         }
         if let Some(v) = self.cold_after {
             c.cold_after = duration("cold_after", &v)?;

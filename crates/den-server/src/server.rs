@@ -152,6 +152,7 @@ pub async fn start(cfg: ServerConfig, den_exe: std::path::PathBuf) -> Result<Run
     };
     mcfg.warm_after = cfg.warm_after;
     mcfg.cold_after = cfg.cold_after;
+    mcfg.cold_after_keeping_memory = cfg.cold_after_keeping_memory;
     mcfg.max_awake = cfg.max_awake;
     mcfg.pool_size = cfg.pool_size;
     mcfg.runtime = cfg.runtime;

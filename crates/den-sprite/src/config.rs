@@ -37,6 +37,10 @@ pub struct ManagerConfig {
     pub warm_after: Duration,
     /// Idle time before a sprite is stopped and its disk unmounted (cold).
     pub cold_after: Duration,
+    /// The same for sprites whose engine keeps their processes through a
+    /// cold sleep (gVisor): they lose nothing by going cold early and give
+    /// the host their memory back (the shorter of the two applies).
+    pub cold_after_keeping_memory: Duration,
     /// Disk size of new sprites.
     pub disk_size: u64,
     /// SIGTERM → SIGKILL grace when a sprite goes cold.
@@ -88,6 +92,7 @@ impl ManagerConfig {
             resources: Resources::sprite_default(),
             warm_after: Duration::from_secs(30),
             cold_after: Duration::from_secs(600),
+            cold_after_keeping_memory: Duration::from_secs(120),
             disk_size: 100 << 30,
             stop_grace: Duration::from_secs(5),
             boot_timeout: Duration::from_secs(30),

@@ -1,5 +1,8 @@
 //! The idle monitor: running sprites nobody uses go warm after
-//! `warm_after`, warm ones go cold after `cold_after`.
+//! `warm_after`, warm ones go cold after `cold_after`, or after
+//! `cold_after_keeping_memory` on an engine that keeps their processes
+//! through a cold sleep (gVisor): going cold loses them nothing and frees
+//! their memory on the host.
 //!
 //! "Used" means an [`crate::Activity`] is held (an API request, exec stream,
 //! proxied connection or URL request in flight) or an exec session is
@@ -15,7 +18,12 @@ use crate::record::SpriteStatus;
 pub(crate) async fn run(inner: Weak<Inner>) {
     loop {
         let tick = match inner.upgrade() {
-            Some(i) => tick_for(i.cfg.warm_after.min(i.cfg.cold_after)),
+            Some(i) => tick_for(
+                i.cfg
+                    .warm_after
+                    .min(i.cfg.cold_after)
+                    .min(i.cfg.cold_after_keeping_memory),
+            ),
             None => return,
         };
         tokio::time::sleep(tick).await;
@@ -52,6 +60,11 @@ async fn sweep(mgr: &SpriteManager) {
             continue;
         }
         let idle = slot.idle();
+        let cold_after = if live.backend.memory().is_some() {
+            cold_after.min(mgr.config().cold_after_keeping_memory)
+        } else {
+            cold_after
+        };
         if idle < warm_after.min(cold_after) {
             continue;
         }

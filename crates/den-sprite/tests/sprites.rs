@@ -1262,6 +1262,37 @@ m=mmap.mmap(f.fileno(),4096); m[:7]=b\"mmapped\"; print(\"ok\",flush=True); time
     Ok(())
 }
 
+/// A gVisor sprite, which keeps its processes through a cold sleep, goes
+/// cold after `cold_after_keeping_memory`; a native one only after
+/// `cold_after`.
+async fn gvisor_goes_cold_early() -> Result<()> {
+    let env = Env::on(Runtime::Gvisor)?;
+    let mut cfg = env.config();
+    cfg.warm_after = Duration::from_millis(200);
+    cfg.cold_after = Duration::from_secs(3600);
+    cfg.cold_after_keeping_memory = Duration::from_millis(800);
+    let mgr = env.start(cfg).await?;
+    mgr.create("gv", CreateSprite::default()).await?;
+    let native = CreateSprite {
+        runtime: Some(Runtime::Native),
+        ..Default::default()
+    };
+    mgr.create("nat", native).await?;
+    sh(&mgr, "nat", "true").await?;
+    sh(&mgr, "gv", "echo kept > /tmp/state").await?;
+    let took = wait_status(&mgr, "gv", SpriteStatus::Cold, WAIT).await?;
+    println!("  gVisor sprite cold after {took:?} idle");
+    ensure!(
+        mgr.get("nat")?.status == SpriteStatus::Warm,
+        "the native sprite is {:?}",
+        mgr.get("nat")?.status
+    );
+    // Nothing lost: its /tmp is the sandbox's memory.
+    ensure!(sh(&mgr, "gv", "cat /tmp/state").await? == "kept\n");
+    close(mgr).await;
+    Ok(())
+}
+
 /// The count a sprite's counter process last wrote.
 async fn count(mgr: &SpriteManager, name: &str) -> Result<u64> {
     Ok(sh(mgr, name, "cat /home/sprite/count").await?.trim().parse()?)
@@ -1449,6 +1480,9 @@ fn main() {
             Box::pin(pool_stop_and_kill_leak_nothing())
         }),
         ("gvisor::memory_checkpoints", || Box::pin(memory_checkpoints())),
+        ("gvisor::gvisor_goes_cold_early", || {
+            Box::pin(gvisor_goes_cold_early())
+        }),
     ];
     run_runtime_tests(each, single);
 }

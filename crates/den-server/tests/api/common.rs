@@ -56,6 +56,7 @@ impl TestServer {
         // Long idle timings: tests that want sleep ask for it.
         cfg.warm_after = Duration::from_secs(3600);
         cfg.cold_after = Duration::from_secs(7200);
+        cfg.cold_after_keeping_memory = Duration::from_secs(7200);
         // No pre-booted pool: these tests pin what a create does on its
         // own; the pool's tests and the official SDK suites turn it on.
         cfg.pool_size = 0;

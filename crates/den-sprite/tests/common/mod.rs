@@ -46,6 +46,7 @@ pub fn test_config(dir: &Path, images: &Path, net: den_net::NetConfig) -> Manage
     };
     cfg.warm_after = Duration::from_secs(3600);
     cfg.cold_after = Duration::from_secs(7200);
+    cfg.cold_after_keeping_memory = Duration::from_secs(7200);
     cfg.stop_grace = Duration::from_secs(2);
     // Tests of the pool turn it on; the others pin the cold-create path.
     cfg.pool_size = 0;
