@@ -79,8 +79,13 @@ fn many_volumes_share_fewer_threads_than_volumes_and_stay_correct() {
     }
     // The pool's poller and workers (started by this or an earlier test),
     // nothing per volume: fuser ran 4 workers + 1 session thread per volume.
+    // (24 handshakes at once on a loaded host can keep every worker busy for
+    // a moment, and the pool then adds one by design; it leaves after
+    // EXTRA_IDLE without work.)
     assert!(
-        eventually(Duration::from_secs(2), || pool_threads() == WORKERS + 1),
+        eventually(EXTRA_IDLE + Duration::from_secs(2), || {
+            pool_threads() == WORKERS + 1
+        }),
         "pool threads: {}",
         pool_threads()
     );
