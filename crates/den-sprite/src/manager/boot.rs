@@ -6,37 +6,46 @@ impl SpriteManager {
     /// Boot a sprite (cold → running) and account for the time it took.
     ///
     /// A sprite that went cold with its processes (gVisor) comes back from
-    /// its memory image; the image is gone afterwards, so nothing can
-    /// resurrect those processes over a disk that has changed since. If the
-    /// image can't be restored, the sprite boots afresh (and says so in the
-    /// log).
+    /// its memory image. Once the sprite runs, from the image or afresh, the
+    /// image is deleted: nothing may resurrect those processes over a disk
+    /// that has moved on. If the image can't be restored, the sprite boots
+    /// afresh (and the log says so); if that fails too, nothing ran and the
+    /// image stays for the next try.
     pub(super) async fn boot(&self, rec: &SpriteRecord) -> Result<Live> {
         let mut ctx = self.boot_context(rec)?;
         let store = &self.inner.store;
         let image = memory_image::volume_name(&rec.volume, memory_image::SLEEP_TAG);
-        if ctx.backend.memory().is_some() && memory_image::exists(store, &image).await? {
+        let has_image = ctx.backend.memory().is_some() && memory_image::exists(store, &image).await?;
+        let mut live = None;
+        if has_image {
             ctx.memory_image = Some(image.clone());
-            let res = live::boot(&ctx, rec).await;
-            when_released(|| async {
+            match live::boot(&ctx, rec).await {
+                Ok(l) => live = Some(l),
+                Err(e) => tracing::warn!(sprite = %rec.name, error = %e,
+                    "the sprite's processes could not be restored from memory; booting it afresh"),
+            }
+            ctx.memory_image = None;
+        }
+        let live = match live {
+            Some(l) => l,
+            None => live::boot(&ctx, rec).await?,
+        };
+        if has_image {
+            let deleted = when_released(|| async {
                 match store.delete_volume(&image).await {
                     Err(StoreError::VolumeNotFound(_)) => Ok(()),
                     other => other,
                 }
             })
-            .await?;
-            match res {
-                Ok(live) => {
-                    self.inner.boots.record(live.phases);
-                    return Ok(live);
-                }
-                Err(e) => {
-                    tracing::warn!(sprite = %rec.name, error = %e,
-                        "the sprite's processes could not be restored from memory; booting it afresh");
-                    ctx.memory_image = None;
-                }
+            .await;
+            if let Err(e) = deleted {
+                // Running on with the image in place could bring its
+                // processes back over a disk that has moved on.
+                let net = self.inner.net.clone();
+                let _ = blocking(move || live.teardown(&net, Duration::ZERO)).await;
+                return Err(e.into());
             }
         }
-        let live = live::boot(&ctx, rec).await?;
         self.inner.boots.record(live.phases);
         Ok(live)
     }
