@@ -50,6 +50,10 @@ pub fn sprite_json(cfg: &ServerConfig, info: &SpriteInfo) -> Value {
     }
     // The reference: ISO 8601, null when not tracked.
     v["last_started_at"] = r.last_started_at_ms.map(rfc3339_ms).into();
+    // den extension: a gVisor sprite that went cold without its processes.
+    if let Some(note) = &r.sleep_note {
+        v["sleep_note"] = note.clone().into();
+    }
     v["last_active_at"] = r.last_active_at_ms.map(rfc3339_ms).into();
     if let Some(region) = attrs.get("config").and_then(|c| c.get("region")) {
         v["primary_region"] = region.clone();

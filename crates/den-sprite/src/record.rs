@@ -51,6 +51,10 @@ pub struct SpriteRecord {
     /// ran natively.
     #[serde(default)]
     pub runtime: den_runtime::Runtime,
+    /// Why the sprite's last cold sleep could not keep its processes, on an
+    /// engine that normally does (gVisor); cleared by one that did.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sleep_note: Option<String>,
     /// Attributes owned by the API layer (url settings, labels, config, environment).
     #[serde(default)]
     pub attrs: serde_json::Value,

@@ -63,15 +63,6 @@ async fn who_answers(mgr: &SpriteManager, name: &str) -> Result<String> {
     Ok(out.stdout.trim().to_string())
 }
 
-/// Runs this binary inside the sprite (through the bundled loader, as the
-/// agent itself is started): `den <args>`.
-fn in_sprite_den(args: &str) -> String {
-    format!(
-        "LD=; for l in /.sprite/bin/ld-linux*; do [ -e \"$l\" ] && LD=$l; done; \
-         $LD ${{LD:+--library-path /.sprite/bin}} /.sprite/bin/den {args}"
-    )
-}
-
 /// Unix sockets below `dir` on the host.
 fn sockets_under(dir: &Path) -> Vec<PathBuf> {
     let mut out = Vec::new();

@@ -26,6 +26,7 @@ fn record(name: &str, id: &str) -> SpriteRecord {
         active_checkpoint: Some("v1".into()),
         resources: den_runtime::Resources::sprite_default(),
         runtime: den_runtime::Runtime::Gvisor,
+        sleep_note: Some("its memory could not be saved".into()),
         attrs: serde_json::json!({"url": {"auth": "public"}, "labels": ["a", "b"], "n": 1.5}),
     }
 }

@@ -1293,6 +1293,63 @@ async fn gvisor_goes_cold_early() -> Result<()> {
     Ok(())
 }
 
+/// Inside a sprite: bind a unix socket at the path given, say so, and wait.
+const BIND_UNIX: &str = "bind-unix";
+
+fn bind_unix(args: &[OsString]) -> ! {
+    let path = args.first().expect("bind-unix PATH");
+    let _listener = std::os::unix::net::UnixListener::bind(path).expect("bind");
+    println!("listening");
+    loop {
+        std::thread::park();
+    }
+}
+
+/// A gVisor sprite holding something runsc can't save (a host-backed
+/// socket: the sprite's root bound one in the directory the host shares
+/// with it) goes cold the plain way and says why on the sprite; its next
+/// cold sleep keeps its processes again and clears the note.
+async fn cold_without_processes_says_why() -> Result<()> {
+    let env = Env::on(Runtime::Gvisor)?;
+    let mgr = env.start(env.config()).await?;
+    mgr.create("note", CreateSprite::default()).await?;
+    let act = mgr.wake("note").await?;
+    let mut req = sh_req(&in_sprite_den(&format!("{BIND_UNIX} /.sprite/run/mine.sock")));
+    req.user = Some("root".into());
+    req.max_run_after_disconnect_ms = Some(0);
+    let mut session = act.agent().exec(req).await?;
+    let mut said = Vec::new();
+    while !String::from_utf8_lossy(&said).contains("listening") {
+        match tokio::time::timeout(WAIT, session.recv()).await? {
+            Some(den_agent::client::Event::Stdout(b) | den_agent::client::Event::Stderr(b)) => {
+                said.extend_from_slice(&b)
+            }
+            Some(den_agent::client::Event::Exit(e)) => {
+                bail!("bind-unix exited: {e:?}: {}", String::from_utf8_lossy(&said))
+            }
+            Some(_) => {}
+            None => bail!("the bind-unix session ended"),
+        }
+    }
+    session.detach();
+    drop(act);
+    mgr.sleep("note", SpriteStatus::Cold).await?;
+    let note = mgr.get("note")?.record.sleep_note.unwrap_or_default();
+    ensure!(note.contains("could not be saved"), "sleep note: {note:?}");
+    ensure!(
+        !note.contains('\n') && note.len() <= 300,
+        "one short line: {note:?}"
+    );
+    // Woken afresh (the socket's process is gone); without it, memory is
+    // kept again, and the note goes.
+    sh(&mgr, "note", "echo kept > /tmp/state").await?;
+    mgr.sleep("note", SpriteStatus::Cold).await?;
+    ensure!(mgr.get("note")?.record.sleep_note.is_none());
+    ensure!(sh(&mgr, "note", "cat /tmp/state").await? == "kept\n");
+    close(mgr).await;
+    Ok(())
+}
+
 /// The count a sprite's counter process last wrote.
 async fn count(mgr: &SpriteManager, name: &str) -> Result<u64> {
     Ok(sh(mgr, name, "cat /home/sprite/count").await?.trim().parse()?)
@@ -1456,6 +1513,9 @@ fn main() {
     if args.get(1).is_some_and(|a| a == POOL_CHILD) {
         pool_child(&args[2..]);
     }
+    if args.get(1).is_some_and(|a| a == BIND_UNIX) {
+        bind_unix(&args[2..]);
+    }
     // On both runtimes: what a sprite does, through the same agent and API.
     let each: &[(&str, RuntimeTestFn)] = &[
         ("lifecycle", |rt| Box::pin(lifecycle(rt))),
@@ -1482,6 +1542,9 @@ fn main() {
         ("gvisor::memory_checkpoints", || Box::pin(memory_checkpoints())),
         ("gvisor::gvisor_goes_cold_early", || {
             Box::pin(gvisor_goes_cold_early())
+        }),
+        ("gvisor::cold_without_processes_says_why", || {
+            Box::pin(cold_without_processes_says_why())
         }),
     ];
     run_runtime_tests(each, single);

@@ -105,6 +105,7 @@ pub(super) fn new_record(
         active_checkpoint: None,
         resources,
         runtime,
+        sleep_note: None,
         attrs,
     }
 }

@@ -43,10 +43,23 @@ impl SpriteManager {
                 Ok(())
             }
             SpriteStatus::Cold => {
-                if let Phase::Awake(live) = phase {
-                    self.save_processes(slot, live).await;
+                let note = match phase {
+                    Phase::Awake(live) if live.backend.memory().is_some() => {
+                        Some(self.save_processes(slot, live).await.err())
+                    }
+                    _ => None,
+                };
+                self.stop_locked(slot, phase, self.inner.cfg.stop_grace).await?;
+                if let Some(note) = note {
+                    // The sprite says whether its processes were kept: one
+                    // short line (runsc's errors can carry a goroutine dump).
+                    let note = note.map(|n| {
+                        let line = n.lines().next().unwrap_or_default();
+                        line.chars().take(300).collect::<String>()
+                    });
+                    self.update_record(slot, |r| r.sleep_note = note).await?;
                 }
-                self.stop_locked(slot, phase, self.inner.cfg.stop_grace).await
+                Ok(())
             }
         }
     }
@@ -56,12 +69,13 @@ impl SpriteManager {
     /// it) and stop its processes; the disk stays as they left it. Where the
     /// memory can't be saved the sprite goes cold the plain way: its
     /// processes get SIGTERM and are gone.
-    async fn save_processes(&self, slot: &Slot, live: &mut Live) {
+    /// Returns why not, if not.
+    async fn save_processes(&self, slot: &Slot, live: &mut Live) -> std::result::Result<(), String> {
         let (Some(handle), Some(_)) = (live.handle.clone(), live.backend.memory()) else {
-            return;
+            return Err("the engine keeps no memory".into());
         };
         if live.init_exited() {
-            return;
+            return Err("its PID 1 had exited".into());
         }
         let t0 = Instant::now();
         // A warm sprite's agent must answer the quiesce.
@@ -70,7 +84,7 @@ impl SpriteManager {
             if let Err(e) = blocking(move || Ok(b.thaw(&h)?)).await {
                 tracing::warn!(sprite = %slot.name, error = %e,
                     "thawing to save its memory; the sprite goes cold without its processes");
-                return;
+                return Err(format!("thawing it failed: {e}"));
             }
             live.frozen = false;
         }
@@ -82,7 +96,7 @@ impl SpriteManager {
         {
             tracing::warn!(sprite = %slot.name, error = %e,
                 "the agent could not be quiesced; the sprite goes cold without its processes");
-            return;
+            return Err(format!("its agent could not be quiesced: {e}"));
         }
         let (backend, dir) = (live.backend.clone(), live.paths.memory_image());
         let saved = blocking({
@@ -105,14 +119,18 @@ impl SpriteManager {
         };
         let _ = std::fs::remove_dir_all(&dir);
         match stored {
-            Ok(bytes) => tracing::info!(
-                sprite = %slot.name, bytes, ms = t0.elapsed().as_millis() as u64,
-                "went cold with its processes (memory image saved)"
-            ),
+            Ok(bytes) => {
+                tracing::info!(
+                    sprite = %slot.name, bytes, ms = t0.elapsed().as_millis() as u64,
+                    "went cold with its processes (memory image saved)"
+                );
+                Ok(())
+            }
             Err(e) => {
                 tracing::warn!(sprite = %slot.name, error = %e,
                     "the sprite's memory could not be saved; it goes cold without its processes");
                 let _ = memory_image::delete(&self.inner.store, &image).await;
+                Err(format!("its memory could not be saved: {e}"))
             }
         }
     }

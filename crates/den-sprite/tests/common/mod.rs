@@ -59,6 +59,15 @@ pub async fn start_at(cfg: ManagerConfig, dir: &Path) -> Result<SpriteManager> {
     Ok(SpriteManager::start(cfg, store).await?)
 }
 
+/// Runs this binary inside the sprite (through the bundled loader, as the
+/// agent itself is started): `den <args>`.
+pub fn in_sprite_den(args: &str) -> String {
+    format!(
+        "LD=; for l in /.sprite/bin/ld-linux*; do [ -e \"$l\" ] && LD=$l; done; \
+         $LD ${{LD:+--library-path /.sprite/bin}} /.sprite/bin/den {args}"
+    )
+}
+
 pub async fn close(mgr: SpriteManager) {
     mgr.shutdown().await;
     mgr.remove_firewall();
