@@ -14,6 +14,8 @@ pub mod pg;
 pub mod snapshot;
 pub mod space;
 mod store;
+#[cfg(test)]
+mod test_volume;
 mod units;
 mod uploader;
 mod volume;

@@ -323,7 +323,8 @@ mod tokio_stream_shim {
 mod tests {
     use std::time::{Duration, Instant};
 
-    use crate::{CreateOptions, ObjectBackend, Store, StoreConfig};
+    use crate::Store;
+    use crate::test_volume::{TestVolume, test_volume};
 
     /// Uploads that finish while a commit is in progress share the next
     /// transaction: here all of them wait behind a held commit gate, so the
@@ -333,7 +334,7 @@ mod tests {
     fn uploads_finishing_together_share_one_commit() {
         const N: u64 = 16;
         let content = |i: u64| vec![(i as u8).wrapping_mul(7).wrapping_add(1); CS as usize];
-        let Fixture {
+        let TestVolume {
             dir: _dir,
             rt,
             store,
@@ -396,7 +397,7 @@ mod tests {
     fn local_only_bytes_count_pending_files_until_they_are_gone() {
         const N: u64 = 8;
         let content = |i: u64| vec![(i as u8).wrapping_mul(13).wrapping_add(3); CS as usize];
-        let Fixture { dir, rt, store, v } = fixture(N, None, content);
+        let TestVolume { dir, rt, store, v } = fixture(N, None, content);
         // All N uploads reach the committer behind the commit gate, so it
         // takes them as one batch and stops at the hold with all of them.
         let gate = rt.block_on(store.shared.commit_gate.write());
@@ -447,42 +448,19 @@ mod tests {
     /// Chunk size of the fixtures' volumes.
     const CS: u64 = 64 << 10;
 
-    struct Fixture {
-        dir: tempfile::TempDir,
-        rt: tokio::runtime::Runtime,
-        store: Store,
-        v: crate::Volume,
-    }
-
     /// A store on an in-memory object backend that uploads nothing until
     /// told (no write-back delay to wait for), with volume `v` of `n` chunks
     /// holding `content(i)` in chunk `i`.
-    fn fixture(n: u64, upload_concurrency: Option<usize>, content: impl Fn(u64) -> Vec<u8>) -> Fixture {
-        let dir = tempfile::tempdir().unwrap();
-        let rt = tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(2)
-            .enable_all()
-            .build()
-            .unwrap();
-        let mut cfg = StoreConfig::local(dir.path());
-        cfg.objects = ObjectBackend::Memory;
-        cfg.dirty_limit = 64 << 20;
-        cfg.writeback_delay = Duration::from_secs(3600);
-        if let Some(c) = upload_concurrency {
-            cfg.upload_concurrency = c;
-        }
-        let store = rt.block_on(Store::open(cfg)).unwrap();
-        let opts = CreateOptions {
-            size: Some(n * CS),
-            chunk_size: Some(CS as u32),
-            source: None,
-        };
-        rt.block_on(store.create_volume("v", opts)).unwrap();
-        let v = rt.block_on(store.open_volume("v")).unwrap();
+    fn fixture(n: u64, upload_concurrency: Option<usize>, content: impl Fn(u64) -> Vec<u8>) -> TestVolume {
+        let f = test_volume(n, CS, 2, |cfg| {
+            if let Some(c) = upload_concurrency {
+                cfg.upload_concurrency = c;
+            }
+        });
         for i in 0..n {
-            v.write_at(i * CS, &content(i)).unwrap();
+            f.v.write_at(i * CS, &content(i)).unwrap();
         }
-        Fixture { dir, rt, store, v }
+        f
     }
 
     /// Until `n` commit requests have reached the committer.

@@ -984,10 +984,8 @@ fn read_exact_at(f: &File, out: &mut [u8], off: u64) -> io::Result<()> {
 #[cfg(test)]
 mod tests {
     use std::cell::Cell;
-    use std::time::Duration;
 
     use super::*;
-    use crate::{CreateOptions, ObjectBackend, Store, StoreConfig};
 
     thread_local! {
         /// Fail the next `sync_all_data` on this thread (an EIO from the disk).
@@ -1010,26 +1008,9 @@ mod tests {
     /// made durable.
     #[test]
     fn fsync_retried_after_failure_syncs_the_same_chunks() {
-        let dir = tempfile::tempdir().unwrap();
-        let rt = tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(1)
-            .enable_all()
-            .build()
-            .unwrap();
-        let mut cfg = StoreConfig::local(dir.path());
-        cfg.objects = ObjectBackend::Memory;
-        cfg.dirty_limit = 64 << 20;
-        // Nothing is sealed behind the test's back.
-        cfg.writeback_delay = Duration::from_secs(3600);
-        let store = rt.block_on(Store::open(cfg)).unwrap();
         let cs = 64 << 10;
-        let opts = CreateOptions {
-            size: Some(4 * cs),
-            chunk_size: Some(cs as u32),
-            source: None,
-        };
-        rt.block_on(store.create_volume("v", opts)).unwrap();
-        let v = rt.block_on(store.open_volume("v")).unwrap();
+        let fixture = crate::test_volume::test_volume(4, cs, 1, |_| {});
+        let v = &fixture.v;
         v.write_at(0, &[1u8; 4096]).unwrap();
         v.write_at(cs, &[2u8; 4096]).unwrap();
 
