@@ -716,11 +716,35 @@ pub async fn url_wakes_cold() -> Result<()> {
     Ok(())
 }
 
+/// A CGI storing the request body as `/srv/www/big` and answering its size.
+const UPLOAD_CGI: &str = "#!/bin/sh\ncat > /srv/www/big\necho Content-Type: text/plain\necho\n\
+    wc -c < /srv/www/big\n";
+
+/// POST `data` through the sprite URL `web` to [`UPLOAD_CGI`] at
+/// `/cgi-bin/upload`; fails unless the sprite stored all of it.
+async fn upload(s: &TestServer, web: &str, data: &[u8]) -> Result<()> {
+    let r = s
+        .client()
+        .post(url(s, "/cgi-bin/upload"))
+        .header("host", web)
+        .header("content-type", "application/octet-stream")
+        .body(data.to_vec())
+        .send()
+        .await?;
+    let status = r.status();
+    let heads = format!("{:?}", r.headers());
+    ensure!(status == 200, "{status}: {}", r.text().await?);
+    let stored = r.text().await?;
+    ensure!(
+        stored.trim() == data.len().to_string(),
+        "the sprite stored {stored:?} bytes ({heads})"
+    );
+    Ok(())
+}
+
 /// Bulk bodies both ways through a sprite URL arrive intact: a large upload
 /// (written to a file by a CGI) and its download (a static file).
 pub async fn url_bulk_upload_and_download_intact() -> Result<()> {
-    const UPLOAD_CGI: &str = "#!/bin/sh\ncat > /srv/www/big\necho Content-Type: text/plain\necho\n\
-        wc -c < /srv/www/big\n";
     let s = TestServer::start().await?;
     let c = s.client();
     s.create("bulk").await?;
@@ -728,19 +752,7 @@ pub async fn url_bulk_upload_and_download_intact() -> Result<()> {
     serve(&s, "bulk", "busybox httpd -f -p 8080 -h /srv/www", 8080).await?;
     let web = host(&s, "bulk");
     let data = pattern(24 << 20);
-    let r = c
-        .post(url(&s, "/cgi-bin/upload"))
-        .header("host", &web)
-        .header("content-type", "application/octet-stream")
-        .body(data.clone())
-        .send()
-        .await?;
-    ensure!(r.status() == 200, "{}", r.status());
-    let stored = r.text().await?;
-    ensure!(
-        stored.trim() == data.len().to_string(),
-        "the sprite stored {stored:?} bytes"
-    );
+    upload(&s, &web, &data).await?;
     let mut r = c.get(url(&s, "/big")).header("host", &web).send().await?;
     ensure!(r.status() == 200, "{}", r.status());
     let mut hasher = blake3::Hasher::new();
@@ -853,10 +865,7 @@ const SHORT_CGI: &str = "#!/bin/sh\nprintf 'HTTP/1.1 200 OK\\r\\nContent-Length:
 /// a small one; a body the sprite cuts short ends the connection instead
 /// of hanging; and a client that leaves mid-body lets the sprite go idle.
 pub async fn url_plain_bodies_spliced() -> Result<()> {
-    const UPLOAD_CGI: &str = "#!/bin/sh\ncat > /srv/www/big\necho Content-Type: text/plain\necho\n\
-        wc -c < /srv/www/big\n";
     let s = TestServer::start_with(|c| c.warm_after = Duration::from_secs(2)).await?;
-    let c = s.client();
     s.create("bodies").await?;
     put_file(&s, "bodies", "/srv/www/cgi-bin/upload", UPLOAD_CGI).await?;
     put_file(&s, "bodies", "/srv/www/cgi-bin/none", NO_CONTENT_CGI).await?;
@@ -879,21 +888,7 @@ pub async fn url_plain_bodies_spliced() -> Result<()> {
 
     // 64 MiB up (copied) ...
     let data = pattern(64 << 20);
-    let r = c
-        .post(url(&s, "/cgi-bin/upload"))
-        .header("host", &web)
-        .header("content-type", "application/octet-stream")
-        .body(data.clone())
-        .send()
-        .await?;
-    let status = r.status();
-    let heads = format!("{:?}", r.headers());
-    ensure!(status == 200, "{status}: {}", r.text().await?);
-    let stored = r.text().await?;
-    ensure!(
-        stored.trim() == data.len().to_string(),
-        "the sprite stored {stored:?} bytes ({heads})"
-    );
+    upload(&s, &web, &data).await?;
 
     // ... and down (spliced), then more on the same client connection.
     let before = spliced_bodies(&s).await?;
