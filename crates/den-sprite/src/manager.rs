@@ -370,6 +370,15 @@ impl Slot {
     }
 }
 
+/// Delete volume `name` once nothing holds it (see [`when_released`]); one
+/// that is gone already is fine.
+pub(crate) async fn delete_volume_released(store: &Store, name: &str) -> std::result::Result<(), StoreError> {
+    match when_released(|| store.delete_volume(name)).await {
+        Ok(()) | Err(StoreError::VolumeNotFound(_)) => Ok(()),
+        Err(e) => Err(e),
+    }
+}
+
 /// Run an operation that needs a volume closed. A sprite that just went
 /// cold may still have its volume held for a moment by background
 /// write-back or an upload commit (`VolumeBusy`): wait for that, boundedly.

@@ -84,7 +84,7 @@ pub(crate) async fn save(store: &Store, name: &str, dir: &Path, hostname: &str) 
     if header.len() as u64 > chunk {
         return Err(SpriteError::Invalid("memory image manifest too large".into()));
     }
-    delete(store, name).await?;
+    crate::manager::delete_volume_released(store, name).await?;
     store
         .create_volume(
             name,
@@ -187,12 +187,17 @@ fn read_manifest(vol: &den_store::Volume) -> Result<Manifest> {
         .map_err(|e| SpriteError::Catalog(format!("memory image manifest: {e}")))
 }
 
-/// Remove image `name`; one that does not exist is fine.
-pub(crate) async fn delete(store: &Store, name: &str) -> Result<()> {
-    match store.delete_volume(name).await {
-        Ok(()) | Err(StoreError::VolumeNotFound(_)) => Ok(()),
-        Err(e) => Err(e.into()),
-    }
+/// The images of `sprite_volume`: each one's volume name and tag.
+pub(crate) async fn images_of(store: &Store, sprite_volume: &str) -> Result<Vec<(String, String)>> {
+    Ok(store
+        .list_volumes()
+        .await?
+        .into_iter()
+        .filter_map(|v| {
+            let tag = tag_of(sprite_volume, &v.name)?.to_string();
+            Some((v.name, tag))
+        })
+        .collect())
 }
 
 /// Does image `name` exist?

@@ -31,13 +31,7 @@ impl SpriteManager {
             None => live::boot(&ctx, rec).await?,
         };
         if has_image {
-            let deleted = when_released(|| async {
-                match store.delete_volume(&image).await {
-                    Err(StoreError::VolumeNotFound(_)) => Ok(()),
-                    other => other,
-                }
-            })
-            .await;
+            let deleted = delete_volume_released(store, &image).await;
             if let Err(e) = deleted {
                 // Running on with the image in place could bring its
                 // processes back over a disk that has moved on.

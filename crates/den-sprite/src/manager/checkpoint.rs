@@ -76,7 +76,7 @@ impl SpriteManager {
         let stored = memory_image::save(&self.inner.store, &image, &dir, &hostname).await;
         let _ = std::fs::remove_dir_all(&dir);
         if let Err(e) = stored {
-            let _ = memory_image::delete(&self.inner.store, &image).await;
+            let _ = delete_volume_released(&self.inner.store, &image).await;
             let _ = self.inner.store.delete_checkpoint(&volume, &ck.id).await;
             return Err(e);
         }
@@ -148,30 +148,17 @@ impl SpriteManager {
     /// The ids of the sprite's checkpoints that carry a memory image.
     pub async fn memory_checkpoints(&self, name: &str) -> Result<std::collections::HashSet<String>> {
         let volume = self.slot(name)?.record.lock().volume.clone();
-        Ok(self
-            .inner
-            .store
-            .list_volumes()
+        Ok(memory_image::images_of(&self.inner.store, &volume)
             .await?
-            .iter()
-            .filter_map(|v| memory_image::tag_of(&volume, &v.name))
-            .filter(|tag| *tag != memory_image::SLEEP_TAG)
-            .map(str::to_string)
+            .into_iter()
+            .filter_map(|(_, tag)| (tag != memory_image::SLEEP_TAG).then_some(tag))
             .collect())
     }
 
     /// Remove every memory image of `volume` (a sprite being deleted).
     pub(super) async fn delete_memory_images(&self, volume: &str) -> Result<()> {
-        for v in self.inner.store.list_volumes().await? {
-            if memory_image::tag_of(volume, &v.name).is_some() {
-                when_released(|| async {
-                    match self.inner.store.delete_volume(&v.name).await {
-                        Err(StoreError::VolumeNotFound(_)) => Ok(()),
-                        other => other,
-                    }
-                })
-                .await?;
-            }
+        for (image, _) in memory_image::images_of(&self.inner.store, volume).await? {
+            delete_volume_released(&self.inner.store, &image).await?;
         }
         Ok(())
     }
@@ -207,7 +194,8 @@ impl SpriteManager {
             )));
         }
         self.inner.store.delete_checkpoint(&volume, &ck.id).await?;
-        memory_image::delete(&self.inner.store, &memory_image::volume_name(&volume, &ck.id)).await
+        let image = memory_image::volume_name(&volume, &ck.id);
+        Ok(delete_volume_released(&self.inner.store, &image).await?)
     }
 
     /// Run `f` on the disk of an awake sprite while its processes are

@@ -14,10 +14,7 @@ impl SpriteManager {
             .await?;
         let volume = slot.record.lock().volume.clone();
         self.delete_memory_images(&volume).await?;
-        match when_released(|| self.inner.store.delete_volume(&volume)).await {
-            Ok(()) | Err(StoreError::VolumeNotFound(_)) => {}
-            Err(e) => return Err(e.into()),
-        }
+        delete_volume_released(&self.inner.store, &volume).await?;
         self.inner.catalog.delete(name).await?;
         slot.deleted.store(true, Ordering::Release);
         self.inner.slots.lock().remove(name);

@@ -240,8 +240,8 @@ impl SpriteManager {
 
     async fn forget_pooled_volume(&self, key: &str) {
         let volume = format!("sprite-{key}");
-        match when_released(|| self.inner.store.delete_volume(&volume)).await {
-            Ok(()) | Err(StoreError::VolumeNotFound(_)) => unledger(&self.inner.cfg, key),
+        match delete_volume_released(&self.inner.store, &volume).await {
+            Ok(()) => unledger(&self.inner.cfg, key),
             Err(e) => tracing::warn!(volume, error = %e, "deleting a pooled sprite's disk"),
         }
         let _ = std::fs::remove_dir_all(SpritePaths::new(&self.inner.cfg.run_dir, key).root);

@@ -129,7 +129,7 @@ impl SpriteManager {
             Err(e) => {
                 tracing::warn!(sprite = %slot.name, error = %e,
                     "the sprite's memory could not be saved; it goes cold without its processes");
-                let _ = memory_image::delete(&self.inner.store, &image).await;
+                let _ = delete_volume_released(&self.inner.store, &image).await;
                 Err(format!("its memory could not be saved: {e}"))
             }
         }
