@@ -25,11 +25,10 @@ pub(crate) fn volume_name(sprite_volume: &str, tag: &str) -> String {
     format!("mem-{sprite_volume}-{tag}")
 }
 
-/// The tag of a memory volume of `sprite_volume`, if `name` is one.
-pub(crate) fn tag_of<'a>(sprite_volume: &str, name: &'a str) -> Option<&'a str> {
-    name.strip_prefix("mem-")?
-        .strip_prefix(sprite_volume)?
-        .strip_prefix('-')
+/// The sprite volume and the tag of image volume `name`, if it is one
+/// (tags, checkpoint ids and [`SLEEP_TAG`], have no `-`).
+pub(crate) fn owner_and_tag(name: &str) -> Option<(&str, &str)> {
+    name.strip_prefix("mem-")?.rsplit_once('-')
 }
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -194,7 +193,10 @@ pub(crate) async fn images_of(store: &Store, sprite_volume: &str) -> Result<Vec<
         .await?
         .into_iter()
         .filter_map(|v| {
-            let tag = tag_of(sprite_volume, &v.name)?.to_string();
+            let tag = match owner_and_tag(&v.name)? {
+                (owner, tag) if owner == sprite_volume => tag.to_string(),
+                _ => return None,
+            };
             Some((v.name, tag))
         })
         .collect())

@@ -123,7 +123,7 @@ impl SpriteManager {
     /// deleted meanwhile counts nothing.
     pub async fn stored_bytes(&self, names: &[&str]) -> Result<u64> {
         let store = &self.inner.store;
-        let volumes: Vec<String> = names
+        let volumes: std::collections::HashSet<String> = names
             .iter()
             .filter_map(|n| self.slot(n).ok())
             .map(|s| s.record.lock().volume.clone())
@@ -131,10 +131,8 @@ impl SpriteManager {
         let all = store.list_volumes().await?;
         let mut total = 0u64;
         for v in &all {
-            let counted = volumes
-                .iter()
-                .any(|own| v.name == *own || memory_image::tag_of(own, &v.name).is_some());
-            if counted {
+            let owner = memory_image::owner_and_tag(&v.name).map_or(v.name.as_str(), |(o, _)| o);
+            if volumes.contains(owner) {
                 match store.stored_bytes(&v.name).await {
                     Ok(b) => total = total.saturating_add(b),
                     Err(StoreError::VolumeNotFound(_)) => {}
