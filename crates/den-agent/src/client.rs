@@ -5,7 +5,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
-use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::UnixStream;
 use tokio::net::unix::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::sync::{Mutex, mpsc};
@@ -161,8 +161,13 @@ impl Client {
     /// Every clone forgets the old one here: under gVisor its host side may
     /// still accept connections that nobody answers.
     pub async fn quiesce(&self) -> Result<(), Error> {
-        request(self, &Request::Quiesce).await?;
+        let (mut rd, _wr) = request(self, &Request::Quiesce).await?;
         *self.pinned.lock().unwrap_or_else(|p| p.into_inner()) = None;
+        // The agent answers once its every other socket is closed, and then
+        // closes this one: at the end, it holds none that a snapshot could
+        // trip on.
+        let mut rest = Vec::new();
+        rd.read_to_end(&mut rest).await?;
         Ok(())
     }
 

@@ -41,6 +41,23 @@ pub(crate) struct AgentInner {
     fenced: tokio::sync::watch::Sender<bool>,
     /// Set while the agent serves nothing (see [`Request::Quiesce`]).
     quiesced: tokio::sync::watch::Sender<bool>,
+    /// Whether the listening socket is open (it is closed while quiesced).
+    listening: tokio::sync::watch::Sender<bool>,
+    /// The connections being served, by number, so a quiesce can end them
+    /// and wait until they are gone.
+    connections: Mutex<HashMap<u64, tokio::task::AbortHandle>>,
+    connections_changed: Notify,
+}
+
+/// Takes a served connection off [`AgentInner::connections`] when its task
+/// ends (also when aborted).
+struct ConnectionGuard(Arc<AgentInner>, u64);
+
+impl Drop for ConnectionGuard {
+    fn drop(&mut self) {
+        self.0.lock_connections().remove(&self.1);
+        self.0.connections_changed.notify_waiters();
+    }
 }
 
 struct StreamingGuard(Arc<AgentInner>);
@@ -76,6 +93,38 @@ impl AgentInner {
 
     pub(crate) fn session(&self, id: &str) -> Option<Arc<Session>> {
         self.lock_sessions().get(id).cloned()
+    }
+
+    fn lock_connections(&self) -> std::sync::MutexGuard<'_, HashMap<u64, tokio::task::AbortHandle>> {
+        self.connections.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// [`Request::Quiesce`], asked on connection `me`: once this returns,
+    /// the listening socket is closed and so is every other connection. A
+    /// memory snapshot can hold none of them (host sockets), and one taken
+    /// while they were still closing was seen to fail or not to restore.
+    async fn quiesce(&self, me: u64) {
+        self.quiesced.send_replace(true);
+        let mut listening = self.listening.subscribe();
+        let _ = listening.wait_for(|l| !*l).await.map(drop);
+        loop {
+            let changed = self.connections_changed.notified();
+            tokio::pin!(changed);
+            changed.as_mut().enable();
+            let others: Vec<_> = self
+                .lock_connections()
+                .iter()
+                .filter(|(id, _)| **id != me)
+                .map(|(_, task)| task.clone())
+                .collect();
+            if others.is_empty() {
+                return;
+            }
+            for task in others {
+                task.abort();
+            }
+            changed.await;
+        }
     }
 }
 
@@ -116,6 +165,9 @@ impl AgentHandle {
             last_heartbeat: Mutex::new(tokio::time::Instant::now()),
             fenced: tokio::sync::watch::channel(false).0,
             quiesced: tokio::sync::watch::channel(false).0,
+            listening: tokio::sync::watch::channel(true).0,
+            connections: Mutex::new(HashMap::new()),
+            connections_changed: Notify::new(),
         });
         let stop = Arc::new(Notify::new());
         let ports = tokio::spawn(crate::ports::watch(Arc::downgrade(&inner)));
@@ -128,6 +180,7 @@ impl AgentHandle {
             tokio::spawn(async move {
                 let mut listener = Some(listener);
                 let mut quiesced = inner.quiesced.subscribe();
+                let mut next_connection = 0u64;
                 loop {
                     let Some(l) = &listener else {
                         // Quiesced: nothing bound until den says the sprite
@@ -141,6 +194,7 @@ impl AgentHandle {
                                 listener = Some(l);
                                 *inner.last_heartbeat.lock().unwrap_or_else(|p| p.into_inner()) =
                                     tokio::time::Instant::now();
+                                inner.listening.send_replace(true);
                                 inner.quiesced.send_replace(false);
                                 tracing::info!("serving again");
                             }
@@ -153,21 +207,27 @@ impl AgentHandle {
                         _ = wait_quiesced(&mut quiesced) => {
                             listener = None;
                             let _ = std::fs::remove_file(&inner.config.socket);
+                            // den repeats the resume signal until it hears
+                            // from us: one that came after we served again
+                            // must not end this quiesce at once.
+                            drain(&mut resume);
+                            inner.listening.send_replace(false);
                         }
                         accepted = l.accept() => match accepted {
                             Ok((stream, _)) => {
-                                let inner = inner.clone();
-                                let mut quiesced = inner.quiesced.subscribe();
-                                tokio::spawn(async move {
-                                    // A quiesce ends every connection, this
-                                    // one included (its answer is sent first).
-                                    tokio::select! {
-                                        r = handle_connection(inner, stream) => if let Err(e) = r {
-                                            tracing::debug!(error = %e, "connection ended with error");
-                                        },
-                                        _ = wait_quiesced(&mut quiesced) => {}
+                                let id = next_connection;
+                                next_connection += 1;
+                                let guard = ConnectionGuard(inner.clone(), id);
+                                let served = inner.clone();
+                                // Listed before its task can end and unlist it.
+                                let mut connections = inner.lock_connections();
+                                let task = tokio::spawn(async move {
+                                    let _guard = guard;
+                                    if let Err(e) = handle_connection(served, stream, id).await {
+                                        tracing::debug!(error = %e, "connection ended with error");
                                     }
                                 });
+                                connections.insert(id, task.abort_handle());
                             }
                             Err(e) => {
                                 tracing::warn!(error = %e, "accept failed");
@@ -253,6 +313,12 @@ async fn wait_quiesced(rx: &mut tokio::sync::watch::Receiver<bool>) {
 /// The signal that ends a quiesce ([`Request::Quiesce`]).
 pub const RESUME_SIGNAL: i32 = libc::SIGUSR2;
 
+/// Forgets the deliveries of `signal` that are already in.
+fn drain(signal: &mut tokio::signal::unix::Signal) {
+    let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
+    while let std::task::Poll::Ready(Some(())) = signal.poll_recv(&mut cx) {}
+}
+
 /// Bind the agent's socket at `path` (root's only), replacing a stale one.
 fn bind(path: &std::path::Path) -> Result<UnixListener, Error> {
     use std::os::unix::fs::PermissionsExt;
@@ -322,7 +388,7 @@ pub(crate) async fn write_response(w: &mut OwnedWriteHalf, resp: &Response) -> R
     Ok(())
 }
 
-async fn handle_connection(inner: Arc<AgentInner>, stream: UnixStream) -> Result<(), Error> {
+async fn handle_connection(inner: Arc<AgentInner>, stream: UnixStream, id: u64) -> Result<(), Error> {
     let (rd, mut wr) = stream.into_split();
     let mut rd = BufReader::new(rd);
     let mut line = String::new();
@@ -347,9 +413,9 @@ async fn handle_connection(inner: Arc<AgentInner>, stream: UnixStream) -> Result
                 )
                 .await;
             }
-            write_response(&mut wr, &Response::ok()).await?;
-            inner.quiesced.send_replace(true);
-            Ok(())
+            inner.quiesce(id).await;
+            // den reads to the end: then this connection is gone too.
+            write_response(&mut wr, &Response::ok()).await
         }
         Request::Heartbeat => {
             write_response(&mut wr, &Response::ok()).await?;
