@@ -339,16 +339,17 @@ async fn boot_rest(
             } else {
                 backend.set_hostname(&handle, &hostname)
             };
-            let woken = renamed.and_then(|()| memory.signal_init(&handle, den_agent::RESUME_SIGNAL));
-            if let Err(e) = woken {
+            if let Err(e) = renamed {
                 let _ = backend.delete(&handle);
                 return Err(e.into());
             }
-            Ok(handle)
+            Ok((handle, true))
         }
-        None => Ok(backend.run(&spec)?),
+        None => Ok((backend.run(&spec)?, false)),
     })
     .await?;
+    let (handle, restored) = handle;
+    let mut resume = restored.then(|| AgentResume::new(ctx.backend.clone(), handle.clone()));
     live.handle = Some(handle.clone());
     let init = handle
         .pid
@@ -366,7 +367,7 @@ async fn boot_rest(
             })
         })?;
     live.phases.container = lap();
-    wait_for_agent(ctx, rec, &live.agent, &init, &live.paths).await?;
+    wait_for_agent(ctx, rec, &live.agent, &init, &live.paths, resume.as_mut()).await?;
     live.phases.agent = lap();
     live.init = Some(init);
     live.heartbeat = Some(Heartbeat::start(live.agent.clone(), ctx.fence_ttl));
@@ -377,17 +378,63 @@ async fn boot_rest(
     Ok(())
 }
 
+/// Has a quiesced agent (in a sprite restored from memory, or after a
+/// memory checkpoint) serve again: [`den_agent::RESUME_SIGNAL`], repeated
+/// while the agent does not answer. Once, in CI, a single signal sent just
+/// after `runsc restore` returned was never acted on; the agent forgets
+/// extra ones when it next quiesces.
+pub(crate) struct AgentResume {
+    backend: Arc<dyn Backend>,
+    handle: Handle,
+    next: Instant,
+}
+
+impl AgentResume {
+    const AGAIN_AFTER: Duration = Duration::from_millis(250);
+
+    pub(crate) fn new(backend: Arc<dyn Backend>, handle: Handle) -> Self {
+        AgentResume {
+            backend,
+            handle,
+            next: Instant::now(),
+        }
+    }
+
+    /// Signals the agent, unless it was signalled less than
+    /// [`Self::AGAIN_AFTER`] ago.
+    pub(crate) async fn nudge(&mut self) -> Result<()> {
+        if Instant::now() < self.next {
+            return Ok(());
+        }
+        let (backend, handle) = (self.backend.clone(), self.handle.clone());
+        blocking(move || {
+            let memory = backend.memory().ok_or_else(|| {
+                SpriteError::Invalid(format!("the {} engine keeps no memory images", backend.name()))
+            })?;
+            Ok(memory.signal_init(&handle, den_agent::RESUME_SIGNAL)?)
+        })
+        .await?;
+        self.next = Instant::now() + Self::AGAIN_AFTER;
+        Ok(())
+    }
+}
+
 /// The agent binds its socket as soon as it runs; poll it (a connect costs
-/// microseconds) and give up early if PID 1 died.
+/// microseconds) and give up early if PID 1 died. `resume` wakes an agent
+/// that was restored quiesced.
 async fn wait_for_agent(
     ctx: &BootContext<'_>,
     rec: &SpriteRecord,
     agent: &Client,
     init: &ExitWatch,
     paths: &SpritePaths,
+    mut resume: Option<&mut AgentResume>,
 ) -> Result<()> {
     let deadline = Instant::now() + ctx.timeout;
     loop {
+        if let Some(r) = resume.as_deref_mut() {
+            r.nudge().await?;
+        }
         let last_err = match agent.ping().await {
             Ok(()) => return Ok(()),
             Err(e) => e.to_string(),

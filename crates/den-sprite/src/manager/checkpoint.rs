@@ -76,7 +76,7 @@ impl SpriteManager {
         let stored = memory_image::save(&self.inner.store, &image, &dir, &hostname).await;
         let _ = std::fs::remove_dir_all(&dir);
         if let Err(e) = stored {
-            let _ = delete_volume_released(&self.inner.store, &image).await;
+            let _ = memory_image::delete(&self.inner.store, &image).await;
             let _ = self.inner.store.delete_checkpoint(&volume, &ck.id).await;
             return Err(e);
         }
@@ -85,19 +85,16 @@ impl SpriteManager {
 
     /// Have a quiesced agent serve again, and wait until it does.
     async fn resume_agent(&self, live: &Live, handle: &den_runtime::Handle) {
-        let backend = live.backend.clone();
-        let h = handle.clone();
-        let sent = blocking(move || {
-            let memory = backend.memory().expect("only memory snapshots quiesce the agent");
-            Ok(memory.signal_init(&h, den_agent::RESUME_SIGNAL)?)
-        })
-        .await;
-        if let Err(e) = sent {
-            tracing::warn!(error = %e, "waking the agent after a memory checkpoint");
-            return;
-        }
+        let mut resume = crate::live::AgentResume::new(live.backend.clone(), handle.clone());
         let deadline = Instant::now() + self.inner.cfg.boot_timeout;
-        while live.agent.ping().await.is_err() && Instant::now() < deadline {
+        loop {
+            if let Err(e) = resume.nudge().await {
+                tracing::warn!(error = %e, "waking the agent after a memory checkpoint");
+                return;
+            }
+            if live.agent.ping().await.is_ok() || Instant::now() >= deadline {
+                return;
+            }
             tokio::time::sleep(Duration::from_millis(1)).await;
         }
     }
@@ -156,7 +153,7 @@ impl SpriteManager {
     /// Remove every memory image of `volume` (a sprite being deleted).
     pub(super) async fn delete_memory_images(&self, volume: &str) -> Result<()> {
         for (image, _) in memory_image::images_of(&self.inner.store, volume).await? {
-            delete_volume_released(&self.inner.store, &image).await?;
+            memory_image::delete(&self.inner.store, &image).await?;
         }
         Ok(())
     }
@@ -193,7 +190,7 @@ impl SpriteManager {
         }
         self.inner.store.delete_checkpoint(&volume, &ck.id).await?;
         let image = memory_image::volume_name(&volume, &ck.id);
-        Ok(delete_volume_released(&self.inner.store, &image).await?)
+        memory_image::delete(&self.inner.store, &image).await
     }
 
     /// Run `f` on the disk of an awake sprite while its processes are
