@@ -16,7 +16,9 @@
 //! 5. drain a node: its sprites move and keep their data;
 //! 6. the owner's cable is pulled: another node claims the sprite; when the
 //!    old owner is back it finds the lease moved, stops its stale copy and
-//!    forwards instead of serving it.
+//!    forwards instead of serving it;
+//! 7. a gVisor sprite on a drained node goes cold with its processes and
+//!    wakes on another node with them running.
 
 use std::os::unix::fs::PermissionsExt;
 use std::process::{Command, Output};
@@ -459,6 +461,52 @@ fn cluster_end_to_end() {
     let out = c.exec_eventually(&x, "s1", "cat /home/sprite/p /home/sprite/q");
     assert_eq!(out, "before\nafter\n");
     assert_eq!(c.sprite(&x, "s1")["node"], y.as_str());
+
+    // -- 7. a gVisor sprite moves with its processes -----------------------
+    // Drained, its node puts it to sleep cold, memory saved into the
+    // object store; the node that takes it over restores the processes.
+    c.api(
+        &y,
+        "POST",
+        "/v1/sprites",
+        Some(json!({"name": "g1", "config": {"runtime": "gvisor"}})),
+    );
+    let from = c.sprite(&y, "g1")["node"]
+        .as_str()
+        .unwrap_or_default()
+        .to_string();
+    assert!(from == x || from == y, "g1 placed on {from:?}");
+    c.exec_ok(
+        &from,
+        "g1",
+        "(i=0; while :; do i=$((i+1)); echo $i > /home/sprite/count.new; mv /home/sprite/count.new /home/sprite/count; sleep 0.02; done) >/dev/null 2>&1 &
+         while [ ! -s /home/sprite/count ]; do sleep 0.01; done",
+    );
+    let out = c.den(&from, &["node", "drain", &from]);
+    assert!(
+        out.status.success(),
+        "drain: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let to = if from == x { y.clone() } else { x.clone() };
+    let count = |via: &str| -> u64 {
+        c.exec_eventually(via, "g1", "cat /home/sprite/count")
+            .trim()
+            .parse()
+            .unwrap()
+    };
+    let first = count(&to);
+    assert_eq!(c.sprite(&to, "g1")["node"], to.as_str());
+    // A fresh boot would run no counter: it goes on from where it was.
+    let deadline = Instant::now() + PATIENCE;
+    while count(&to) <= first {
+        assert!(
+            Instant::now() < deadline,
+            "g1's counter stays at {first} on {to}: its processes did not move\n{}",
+            c.logs()
+        );
+    }
 
     for n in &mut c.nodes {
         n.stop().unwrap();

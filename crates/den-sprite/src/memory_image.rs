@@ -83,7 +83,7 @@ pub(crate) async fn save(store: &Store, name: &str, dir: &Path, hostname: &str) 
     if header.len() as u64 > chunk {
         return Err(SpriteError::Invalid("memory image manifest too large".into()));
     }
-    crate::manager::delete_volume_released(store, name).await?;
+    delete(store, name).await?;
     store
         .create_volume(
             name,
@@ -128,6 +128,16 @@ pub(crate) async fn save(store: &Store, name: &str, dir: &Path, hostname: &str) 
     .await
     .map_err(SpriteError::join)??;
     Ok(total)
+}
+
+/// Delete image `name` (gone already is fine). The node that holds the
+/// sprite's disk may delete its images, whichever node wrote them.
+pub(crate) async fn delete(store: &Store, name: &str) -> Result<()> {
+    match store.take_over(name).await {
+        Ok(()) | Err(StoreError::VolumeNotFound(_)) => {}
+        Err(e) => return Err(e.into()),
+    }
+    Ok(crate::manager::delete_volume_released(store, name).await?)
 }
 
 /// Write image `name` out as files into `dir` (created if missing);

@@ -1000,6 +1000,29 @@ impl Store {
         Ok(epoch)
     }
 
+    /// Hold the volume's lease, taking it from whichever node has it. Only
+    /// for a volume that belongs with one this node holds (a sprite's
+    /// memory images go with its disk), whose writer has handed it over or
+    /// died. A single-host store fences nothing: a no-op.
+    pub async fn take_over(&self, name: &str) -> Result<()> {
+        let Some(node) = self.shared.cfg.node.as_deref() else {
+            return Ok(());
+        };
+        // Each failed claim means another node moved the epoch meanwhile.
+        for _ in 0..8 {
+            let owner = self.owner(name).await?;
+            if owner.node.as_deref() == Some(node) && self.held_epoch(name) == Some(owner.epoch) {
+                return Ok(());
+            }
+            if self.claim(name, owner.epoch).await?.is_some() {
+                return Ok(());
+            }
+        }
+        Err(StoreError::Meta(format!(
+            "the lease of volume {name} kept moving"
+        )))
+    }
+
     /// Give up the volume with the epoch this store holds. False if this
     /// store holds no epoch for it or the lease had already moved on.
     pub async fn release(&self, name: &str) -> Result<bool> {

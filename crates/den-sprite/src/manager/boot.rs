@@ -31,13 +31,13 @@ impl SpriteManager {
             None => live::boot(&ctx, rec).await?,
         };
         if has_image {
-            let deleted = delete_volume_released(store, &image).await;
+            let deleted = memory_image::delete(store, &image).await;
             if let Err(e) = deleted {
                 // Running on with the image in place could bring its
                 // processes back over a disk that has moved on.
                 let net = self.inner.net.clone();
                 let _ = blocking(move || live.teardown(&net, Duration::ZERO)).await;
-                return Err(e.into());
+                return Err(e);
             }
         }
         self.inner.boots.record(live.phases);

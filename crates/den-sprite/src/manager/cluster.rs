@@ -80,12 +80,19 @@ impl SpriteManager {
     /// store and give up its lease, all under its phase lock, so no request
     /// can wake it here in between (wake refuses a sprite whose lease this
     /// node does not hold).
+    /// A gVisor sprite's processes go along in its memory image, which the
+    /// next owner restores from the object store.
     pub async fn hand_off(&self, name: &str) -> Result<()> {
         let slot = self.slot(name)?;
         let mut phase = slot.phase.lock().await;
         self.sleep_locked(&slot, &mut phase, SpriteStatus::Cold).await?;
         let volume = slot.record.lock().volume.clone();
         self.inner.store.flush(&volume, |_| {}).await?;
+        let image = memory_image::volume_name(&volume, memory_image::SLEEP_TAG);
+        if memory_image::exists(&self.inner.store, &image).await? {
+            self.inner.store.flush(&image, |_| {}).await?;
+            self.inner.store.release(&image).await?;
+        }
         self.inner.store.release(&volume).await?;
         Ok(())
     }

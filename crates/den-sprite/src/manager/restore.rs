@@ -39,7 +39,7 @@ impl SpriteManager {
     pub(super) async fn memory_follows_checkpoint(&self, volume: &str, source: &str, id: &str) -> Result<()> {
         let store = &self.inner.store;
         let sleep = memory_image::volume_name(volume, memory_image::SLEEP_TAG);
-        delete_volume_released(store, &sleep).await?;
+        memory_image::delete(store, &sleep).await?;
         let image = memory_image::volume_name(source, id);
         if memory_image::exists(store, &image).await? {
             store.fork(&sleep, VolumeSource::Volume(image)).await?;

@@ -50,6 +50,13 @@ impl SpriteManager {
                     _ => None,
                 };
                 self.stop_locked(slot, phase, self.inner.cfg.stop_grace).await?;
+                if self.inner.cfg.flush_on_cold && note == Some(None) {
+                    // Where the disk goes, the processes go: a node that
+                    // claims the sprite after this one died restores them.
+                    let volume = slot.record.lock().volume.clone();
+                    let image = memory_image::volume_name(&volume, memory_image::SLEEP_TAG);
+                    self.inner.store.flush(&image, |_| {}).await?;
+                }
                 if let Some(note) = note {
                     // The sprite says whether its processes were kept: one
                     // short line (runsc's errors can carry a goroutine dump).
@@ -129,7 +136,7 @@ impl SpriteManager {
             Err(e) => {
                 tracing::warn!(sprite = %slot.name, error = %e,
                     "the sprite's memory could not be saved; it goes cold without its processes");
-                let _ = delete_volume_released(&self.inner.store, &image).await;
+                let _ = memory_image::delete(&self.inner.store, &image).await;
                 Err(format!("its memory could not be saved: {e}"))
             }
         }
