@@ -39,12 +39,15 @@ impl SpriteManager {
             )));
         };
         let volume = slot.record.lock().volume.clone();
+        let hostname = slot.record.lock().short_name().to_string();
         let dir = live.paths.memory_image();
+        let t0 = Instant::now();
         // The agent's host socket and connections can't be in the image: it
         // closes them until told that the sprite runs on.
         tokio::time::timeout(self.inner.cfg.boot_timeout, live.agent.quiesce())
             .await
             .map_err(|_| SpriteError::Conflict(format!("the agent of {name} did not answer")))??;
+        let quiesced = t0.elapsed();
         // Disk and memory at the same instant: both while it is frozen.
         let (backend, comment, image_dir, h) = (
             live.backend.clone(),
@@ -60,23 +63,44 @@ impl SpriteManager {
                 Ok((ck, memory.save(&h, &image_dir, true)))
             })
             .await;
-        self.resume_agent(live, &handle).await;
+        let saved_at = t0.elapsed();
+        let image = taken
+            .as_ref()
+            .ok()
+            .map(|(ck, _)| memory_image::volume_name(&volume, &ck.id));
+        // The sprite runs on while its image goes into the store. Still
+        // under the phase lock: nothing else may use the image directory.
+        let store_image = async {
+            match (&taken, &image) {
+                (Ok((_, Ok(()))), Some(image)) => {
+                    Some(memory_image::save(&self.inner.store, image, &dir, &hostname).await)
+                }
+                _ => None,
+            }
+        };
+        let ((), stored) = tokio::join!(self.resume_agent(live, &handle), store_image);
+        let _ = std::fs::remove_dir_all(&dir);
         drop(phase);
         drop(activity);
+        tracing::debug!(
+            sprite = name,
+            quiesce_ms = quiesced.as_millis() as u64,
+            frozen_ms = (saved_at - quiesced).as_millis() as u64,
+            resumed_and_stored_ms = (t0.elapsed() - saved_at).as_millis() as u64,
+            "memory checkpoint"
+        );
         let (ck, saved) = taken?;
-        if let Err(e) = saved {
-            let _ = self.inner.store.delete_checkpoint(&volume, &ck.id).await;
-            let _ = std::fs::remove_dir_all(&dir);
-            return Err(SpriteError::Invalid(format!(
+        let failed = match (saved, stored) {
+            (Err(e), _) => Some(SpriteError::Invalid(format!(
                 "the sprite's memory could not be saved: {e}"
-            )));
-        }
-        let image = memory_image::volume_name(&volume, &ck.id);
-        let hostname = slot.record.lock().short_name().to_string();
-        let stored = memory_image::save(&self.inner.store, &image, &dir, &hostname).await;
-        let _ = std::fs::remove_dir_all(&dir);
-        if let Err(e) = stored {
-            let _ = memory_image::delete(&self.inner.store, &image).await;
+            ))),
+            (Ok(()), Some(Err(e))) => Some(e),
+            _ => None,
+        };
+        if let Some(e) = failed {
+            if let Some(image) = &image {
+                let _ = memory_image::delete(&self.inner.store, image).await;
+            }
             let _ = self.inner.store.delete_checkpoint(&volume, &ck.id).await;
             return Err(e);
         }
