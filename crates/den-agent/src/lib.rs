@@ -207,6 +207,7 @@ pub use server::RESUME_SIGNAL;
 pub mod service_def;
 mod services;
 mod session;
+pub mod sudo;
 mod sys;
 mod tree;
 pub mod user;
@@ -278,6 +279,9 @@ pub struct AgentConfig {
     /// every process of the sprite is killed and [`run`] returns
     /// [`Error::Fenced`], so PID 1 exits. `None`: never.
     pub fence_ttl: Option<Duration>,
+    /// Serve `sudo` for the sprite's users on this abstract socket (see
+    /// [`sudo`]), where setuid can't work.
+    pub sudo_broker: Option<String>,
 }
 
 impl AgentConfig {
@@ -302,6 +306,7 @@ impl AgentConfig {
             listen_fd: None,
             log_file: None,
             fence_ttl: None,
+            sudo_broker: None,
         }
     }
 }

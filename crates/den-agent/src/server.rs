@@ -148,6 +148,13 @@ impl AgentHandle {
             Some(fd) => UnixListener::from_std(crate::sys::adopt_listener(fd)?)?,
             None => bind(&config.socket)?,
         };
+        if let Some(name) = &config.sudo_broker {
+            // The sprite's own files: the agent runs at its root.
+            let broker = crate::sudo::Broker { root: "/".into() };
+            if let Err(e) = broker.start(name) {
+                tracing::warn!(error = %e, "the sudo broker could not start");
+            }
+        }
         // Before anything can quiesce the agent: a resume must not be lost.
         let mut resume =
             tokio::signal::unix::signal(tokio::signal::unix::SignalKind::from_raw(RESUME_SIGNAL))?;

@@ -23,6 +23,9 @@ pub struct AgentArgs {
     /// Fence: stop the sprite when den's heartbeat has been missing this long.
     #[arg(long)]
     pub fence_ttl_ms: Option<u64>,
+    /// Serve `sudo` on this abstract socket (engines without setuid).
+    #[arg(long)]
+    pub sudo_broker: Option<String>,
 }
 
 pub fn run(args: AgentArgs) -> Result<()> {
@@ -32,6 +35,7 @@ pub fn run(args: AgentArgs) -> Result<()> {
         listen_fd: args.listen_fd,
         log_file: args.log_file,
         fence_ttl: args.fence_ttl_ms.map(std::time::Duration::from_millis),
+        sudo_broker: args.sudo_broker,
     };
     match den_sprite::helper_cmd::run_agent(opts) {
         0 => Ok(()),

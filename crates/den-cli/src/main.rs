@@ -38,6 +38,14 @@ enum Command {
 }
 
 fn main() {
+    // `/usr/bin/sudo` in a gVisor sprite: no CLI parsing, sudo's own flags.
+    let args: Vec<std::ffi::OsString> = std::env::args_os().collect();
+    if args
+        .get(1)
+        .is_some_and(|a| a == den_sprite::helper_cmd::SUDO_SUBCOMMAND)
+    {
+        std::process::exit(den_agent::sudo::shim_main(&args[2..]));
+    }
     let filter = tracing_subscriber::EnvFilter::try_from_env("DEN_LOG")
         .unwrap_or_else(|_| "warn,fuser=error,libcgroups=error".into());
     let logs = tracing_subscriber::fmt()

@@ -275,6 +275,11 @@ pub trait Backend: Send + Sync {
     fn passes_listeners(&self) -> bool {
         true
     }
+    /// Does every process of a sprite run with no_new_privs, so that setuid
+    /// binaries (`sudo`) can't elevate? Then the agent brokers `sudo`.
+    fn no_new_privs(&self) -> bool {
+        false
+    }
     /// Set up the sprite and leave PID 1 waiting (state [`SpriteState::Created`]).
     fn create(&self, spec: &SpriteSpec) -> Result<Handle, RuntimeError>;
     /// Let PID 1 exec.

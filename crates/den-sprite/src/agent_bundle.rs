@@ -30,6 +30,10 @@ pub struct AgentBundle {
     pub init: Vec<String>,
 }
 
+/// The `sudo` script in the bundle, mounted over the image's `/usr/bin/sudo`
+/// on engines without setuid (see [`den_agent::sudo`]).
+pub const SUDO_SCRIPT: &str = "sudo";
+
 impl AgentBundle {
     /// Copy `exe` and its libraries into `<root>/<content hash>/` (once per
     /// binary version; later calls find it).
@@ -84,6 +88,7 @@ impl AgentBundle {
             ],
             None => vec![den],
         };
+        write_sudo_script(&dir, &init)?;
         init.extend([
             crate::helper_cmd::AGENT_SUBCOMMAND.into(),
             "--socket".into(),
@@ -109,6 +114,24 @@ fn remove_old_bundles(root: &Path, keep: &str) {
             tracing::warn!(path = %e.path().display(), error = %err, "removing an old agent bundle");
         }
     }
+}
+
+/// `sudo ARGS…` in the sprite runs `den sudo-shim ARGS…` the way PID 1 is
+/// run (`den`: the start of PID 1's argv).
+fn write_sudo_script(dir: &Path, den: &[String]) -> Result<()> {
+    let path = dir.join(SUDO_SCRIPT);
+    if path.exists() {
+        return Ok(());
+    }
+    let script = format!(
+        "#!/bin/sh\n# den: setuid can't work here; the agent brokers sudo.\nexec {} {} \"$@\"\n",
+        den.join(" "),
+        crate::helper_cmd::SUDO_SUBCOMMAND
+    );
+    let tmp = dir.join(format!(".{SUDO_SCRIPT}.{}", std::process::id()));
+    std::fs::write(&tmp, script).map_err(|e| SpriteError::io("writing the sudo script", e))?;
+    set_mode(&tmp, 0o555)?;
+    std::fs::rename(&tmp, &path).map_err(|e| SpriteError::io("writing the sudo script", e))
 }
 
 fn set_mode(p: &Path, mode: u32) -> Result<()> {

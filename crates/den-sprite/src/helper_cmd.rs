@@ -10,9 +10,12 @@ use std::path::PathBuf;
 pub const SHIM_SUBCOMMAND: &str = "runtime-shim";
 /// Argument the manager gives PID 1.
 pub const AGENT_SUBCOMMAND: &str = "agent";
+/// What `/usr/bin/sudo` runs in a sprite whose engine allows no setuid
+/// (see [`den_agent::sudo`]).
+pub const SUDO_SUBCOMMAND: &str = "sudo-shim";
 
 /// How PID 1 was started: `den agent --socket P [--listen-fd N]
-/// [--log-file P] [--fence-ttl-ms N] [--default-user U]`.
+/// [--log-file P] [--fence-ttl-ms N] [--default-user U] [--sudo-broker NAME]`.
 #[derive(Debug, Clone, Default)]
 pub struct AgentOptions {
     pub socket: PathBuf,
@@ -20,6 +23,7 @@ pub struct AgentOptions {
     pub listen_fd: Option<i32>,
     pub log_file: Option<PathBuf>,
     pub fence_ttl: Option<std::time::Duration>,
+    pub sudo_broker: Option<String>,
 }
 
 impl AgentOptions {
@@ -41,6 +45,7 @@ impl AgentOptions {
             fence_ttl: value("--fence-ttl-ms")
                 .and_then(|v| v.parse().ok())
                 .map(std::time::Duration::from_millis),
+            sudo_broker: value("--sudo-broker"),
         }
     }
 }
@@ -63,6 +68,7 @@ pub fn run_agent(opts: AgentOptions) -> i32 {
     cfg.listen_fd = opts.listen_fd;
     cfg.log_file = opts.log_file;
     cfg.fence_ttl = opts.fence_ttl;
+    cfg.sudo_broker = opts.sudo_broker;
     match rt.block_on(den_agent::run(cfg)) {
         Ok(()) => 0,
         Err(e) => {
@@ -78,6 +84,7 @@ pub fn dispatch() {
     match args.get(1).and_then(|a| a.to_str()) {
         Some(SHIM_SUBCOMMAND) => std::process::exit(den_runtime::container::shim_main(&args[2..])),
         Some(AGENT_SUBCOMMAND) => std::process::exit(run_agent(AgentOptions::parse(&args[2..]))),
+        Some(SUDO_SUBCOMMAND) => std::process::exit(den_agent::sudo::shim_main(&args[2..])),
         _ => {}
     }
 }

@@ -294,6 +294,17 @@ async fn boot_rest(
         file("hostname", "/etc/hostname"),
         file("network.json", "/.sprite/policy/network.json"),
     ];
+    if backend.no_new_privs() {
+        init.extend(["--sudo-broker".into(), den_agent::sudo::DEFAULT_SOCKET.into()]);
+        // Only over an image's own sudo: nothing appears where none was.
+        if ctx.lower.join("usr/bin/sudo").exists() {
+            mounts.push(BindMount {
+                source: ctx.bundle_dir.join(crate::agent_bundle::SUDO_SCRIPT),
+                destination: "/usr/bin/sudo".into(),
+                readonly: true,
+            });
+        }
+    }
     let agent_listener = if backend.passes_listeners() {
         init.extend(["--listen-fd".into(), den_runtime::AGENT_LISTEN_FD.to_string()]);
         Some(live.paths.socket())

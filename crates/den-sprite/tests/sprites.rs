@@ -1240,20 +1240,48 @@ async fn debian_userland(rt: Runtime) -> Result<()> {
     )
     .await?;
     println!("  create → output (Debian): {:?}", t0.elapsed());
-    // This runsc (0.0~20240729) runs every process with no_new_privs set
-    // (it says so in its log), so a setuid binary such as sudo can't
-    // elevate under gVisor; root is reached through the agent instead
-    // (`user: root`, `den exec --user root`). docs/gvisor.md lists it.
-    let sudo = match rt {
-        Runtime::Native => "0\n",
-        Runtime::Gvisor => {
-            "sudo: The \"no new privileges\" flag is set, which prevents sudo from running as root.\n\
-             sudo: If sudo is running in a container, you may need to adjust the container configuration to disable the flag.\n"
-        }
-    };
+    // Under gVisor every process has no_new_privs (this runsc sets it), so
+    // setuid can't elevate: the agent brokers `sudo` there. The same
+    // commands give the same answers on both runtimes.
     ensure!(
-        out == format!("sprite\n/home/sprite\n{sudo}GNU bash, ver\napt\n42\n"),
+        out == "sprite\n/home/sprite\n0\nGNU bash, ver\napt\n42\n",
         "{out:?}"
+    );
+    let out = sh(
+        &mgr,
+        "deb",
+        "cd /tmp && echo piped | sudo cat; sudo -u nobody id -un; sudo sh -c 'exit 3'; echo \"exit $?\";
+         sudo pwd; sudo -i pwd; sudo -E env | grep -c '^HOME=/home/sprite$'; sudo env | grep '^HOME='; sudo FOO=bar sh -c 'echo $FOO $SUDO_USER'",
+    )
+    .await?;
+    ensure!(
+        out == "piped\nnobody\nexit 3\n/tmp\n/root\n1\nHOME=/root\nbar sprite\n",
+        "sudo on {rt:?}: {out:?}"
+    );
+    // A signal to sudo reaches the command.
+    let out = sh(
+        &mgr,
+        "deb",
+        "cd /tmp && sudo sh -c 'echo $$ > /tmp/sudo.pid; exec sleep 600' & spid=$!
+         while [ ! -s /tmp/sudo.pid ]; do sleep 0.01; done
+         kill -TERM $spid; wait $spid; echo \"status $?\"
+         [ -d /proc/$(cat /tmp/sudo.pid) ] && echo running || echo gone",
+    )
+    .await?;
+    ensure!(out == "status 143\ngone\n", "sudo and SIGTERM on {rt:?}: {out:?}");
+    // Only those the sprite's sudoers allow: not `nobody`.
+    let denied = exec(
+        &mgr,
+        "deb",
+        den_agent::client::ExecRequest {
+            user: Some("nobody".into()),
+            ..sh_req("cd /tmp && sudo -n id -u")
+        },
+    )
+    .await?;
+    ensure!(
+        denied.code != 0 && !denied.stdout.contains('0'),
+        "nobody got root through sudo on {rt:?}: {denied:?}"
     );
     let root = root_sh(&mgr, "deb", "id -u").await?;
     ensure!(

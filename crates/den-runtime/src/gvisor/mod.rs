@@ -493,6 +493,11 @@ impl Backend for GvisorBackend {
         false
     }
 
+    /// This runsc sets no_new_privs on every process, whatever the spec says.
+    fn no_new_privs(&self) -> bool {
+        true
+    }
+
     fn memory(&self) -> Option<&dyn MemorySnapshots> {
         Some(self)
     }

@@ -73,6 +73,7 @@ pub async fn close(mgr: SpriteManager) {
     mgr.remove_firewall();
 }
 
+#[derive(Debug)]
 pub struct Out {
     pub code: i32,
     pub stdout: String,
