@@ -368,6 +368,8 @@ struct Invocation {
     login: bool,
     shell: bool,
     preserve_env: bool,
+    /// `--preserve-env=LIST`: these variables are kept.
+    keep: Vec<String>,
     assignments: Vec<(String, String)>,
     argv: Vec<String>,
 }
@@ -387,49 +389,32 @@ fn parse(args: &[String]) -> Result<Parsed, String> {
                 Some((n, v)) => (n, Some(v.to_string())),
                 None => (long, None),
             };
-            match name {
-                "user" => {
-                    inv.user = Some(match value {
-                        Some(v) => v,
-                        None => take(args, &mut i, "--user")?,
-                    })
-                }
-                "login" => inv.login = true,
-                "shell" => inv.shell = true,
-                "preserve-env" if value.is_none() => inv.preserve_env = true,
-                // `--preserve-env=LIST`: those are kept anyway below.
-                "preserve-env" => {}
-                "set-home" | "non-interactive" | "reset-timestamp" | "remove-timestamp" => {}
-                "validate" => only_answer = Some(String::new()),
-                "list" => only_answer = Some(list_answer()),
-                "version" => only_answer = Some("sudo (den sudo broker)\n".into()),
-                "help" => only_answer = Some(usage()),
-                _ => return Err(format!("unsupported option --{name}\n{}", usage())),
-            }
+            let value = match (name, value) {
+                ("user", None) => Some(take(args, &mut i, "--user")?),
+                (_, v) => v,
+            };
+            apply(&mut inv, &mut only_answer, name, value)?;
             continue;
         }
         if let Some(flags) = a.strip_prefix('-').filter(|f| !f.is_empty()) {
             for (at, c) in flags.char_indices() {
-                match c {
-                    'u' => {
-                        let rest = &flags[at + 1..];
-                        inv.user = Some(if rest.is_empty() {
-                            take(args, &mut i, "-u")?
-                        } else {
-                            rest.to_string()
-                        });
-                        break;
-                    }
-                    'i' => inv.login = true,
-                    's' => inv.shell = true,
-                    'E' => inv.preserve_env = true,
-                    'H' | 'n' | 'k' | 'K' | 'S' => {}
-                    'v' => only_answer = Some(String::new()),
-                    'l' => only_answer = Some(list_answer()),
-                    'V' => only_answer = Some("sudo (den sudo broker)\n".into()),
-                    'h' => only_answer = Some(usage()),
-                    other => return Err(format!("unsupported option -{other}\n{}", usage())),
+                if c == 'u' {
+                    // `-uUSER` or `-u USER`: the rest of the word is its value.
+                    let rest = &flags[at + 1..];
+                    let user = if rest.is_empty() {
+                        take(args, &mut i, "-u")?
+                    } else {
+                        rest.to_string()
+                    };
+                    apply(&mut inv, &mut only_answer, "user", Some(user))?;
+                    break;
                 }
+                let name = SHORT
+                    .iter()
+                    .find(|(short, _)| *short == c)
+                    .map(|(_, long)| *long)
+                    .ok_or_else(|| format!("unsupported option -{c}\n{}", usage()))?;
+                apply(&mut inv, &mut only_answer, name, None)?;
             }
             continue;
         }
@@ -452,6 +437,48 @@ fn parse(args: &[String]) -> Result<Parsed, String> {
         };
     }
     Ok(Parsed::Run(inv))
+}
+
+/// The short options, by their long names.
+const SHORT: &[(char, &str)] = &[
+    ('i', "login"),
+    ('s', "shell"),
+    ('E', "preserve-env"),
+    ('H', "set-home"),
+    ('n', "non-interactive"),
+    ('k', "reset-timestamp"),
+    ('K', "remove-timestamp"),
+    ('S', "stdin"),
+    ('v', "validate"),
+    ('l', "list"),
+    ('V', "version"),
+    ('h', "help"),
+];
+
+/// Option `name` (long form) with its `value`.
+fn apply(
+    inv: &mut Invocation,
+    only_answer: &mut Option<String>,
+    name: &str,
+    value: Option<String>,
+) -> Result<(), String> {
+    match name {
+        "user" => inv.user = value,
+        "login" => inv.login = true,
+        "shell" => inv.shell = true,
+        "preserve-env" => match value {
+            None => inv.preserve_env = true,
+            Some(list) => inv.keep.extend(list.split(',').map(str::to_string)),
+        },
+        // Nothing to do where no password is ever asked.
+        "set-home" | "non-interactive" | "reset-timestamp" | "remove-timestamp" | "stdin" => {}
+        "validate" => *only_answer = Some(String::new()),
+        "list" => *only_answer = Some(list_answer()),
+        "version" => *only_answer = Some("sudo (den sudo broker)\n".into()),
+        "help" => *only_answer = Some(usage()),
+        _ => return Err(format!("unsupported option --{name}\n{}", usage())),
+    }
+    Ok(())
 }
 
 fn take(args: &[String], i: &mut usize, flag: &str) -> Result<String, String> {
@@ -484,7 +511,7 @@ fn shim(args: &[OsString]) -> Result<i32, String> {
         std::env::vars().collect()
     } else {
         let mut kept: Vec<(String, String)> = std::env::vars()
-            .filter(|(k, _)| KEPT_VARS.contains(&k.as_str()) || k.starts_with("LC_"))
+            .filter(|(k, _)| KEPT_VARS.contains(&k.as_str()) || k.starts_with("LC_") || inv.keep.contains(k))
             .collect();
         kept.push(("PATH".into(), SECURE_PATH.into()));
         kept
@@ -600,6 +627,13 @@ mod tests {
             panic!()
         };
         assert_eq!(inv.argv, vec!["sh", "-c", "a=b"]);
+        let Parsed::Run(inv) = p(&["--preserve-env=A,B", "env"]).unwrap() else {
+            panic!()
+        };
+        assert_eq!(
+            (inv.keep, inv.preserve_env),
+            (vec!["A".to_string(), "B".to_string()], false)
+        );
         assert_eq!(p(&["-v"]).unwrap(), Parsed::Done(String::new()));
         assert!(p(&[]).is_err());
         assert!(
