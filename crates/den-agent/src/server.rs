@@ -114,7 +114,8 @@ impl AgentInner {
             let others: Vec<_> = self
                 .lock_connections()
                 .iter()
-                .filter(|(id, _)| **id != me)
+                // A task dropped before it ran never unlisted itself.
+                .filter(|(id, task)| **id != me && !task.is_finished())
                 .map(|(_, task)| task.clone())
                 .collect();
             if others.is_empty() {
@@ -224,12 +225,15 @@ impl AgentHandle {
                             Ok((stream, _)) => {
                                 let id = next_connection;
                                 next_connection += 1;
-                                let guard = ConnectionGuard(inner.clone(), id);
                                 let served = inner.clone();
                                 // Listed before its task can end and unlist it.
+                                // The guard is made in the task: a runtime
+                                // shutting down drops an unpolled task inside
+                                // `spawn`, where its drop could not take the
+                                // lock held here.
                                 let mut connections = inner.lock_connections();
                                 let task = tokio::spawn(async move {
-                                    let _guard = guard;
+                                    let _guard = ConnectionGuard(served.clone(), id);
                                     if let Err(e) = handle_connection(served, stream, id).await {
                                         tracing::debug!(error = %e, "connection ended with error");
                                     }
