@@ -64,6 +64,9 @@ struct Reply {
     error: Option<String>,
 }
 
+/// How many sudo commands may run (or be asked for) at once.
+const MAX_REQUESTS: usize = 64;
+
 /// The broker's first byte: send the request now.
 const READY: u8 = 1;
 
@@ -87,15 +90,36 @@ impl Broker {
     pub fn start(self, name: &str) -> std::io::Result<()> {
         let listener = UnixListener::bind_addr(&SocketAddr::from_abstract_name(name.as_bytes())?)?;
         let broker = std::sync::Arc::new(self);
+        let busy = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
         std::thread::Builder::new()
             .name("den-sudo-broker".into())
             .spawn(move || {
                 for conn in listener.incoming() {
                     let Ok(conn) = conn else { continue };
-                    let broker = broker.clone();
-                    let _ = std::thread::Builder::new()
-                        .name("den-sudo".into())
-                        .spawn(move || broker.serve(conn));
+                    // A thread per request, boundedly: connections held open
+                    // by the sprite's programs must not pile up threads in
+                    // its PID 1.
+                    use std::sync::atomic::Ordering::SeqCst;
+                    if busy.fetch_add(1, SeqCst) >= MAX_REQUESTS {
+                        busy.fetch_sub(1, SeqCst);
+                        let refusal = Reply {
+                            error: Some(format!("{MAX_REQUESTS} sudo commands run already; try again")),
+                            ..Reply::default()
+                        };
+                        let _ = (&conn).write_all(&reply_line(&refusal));
+                        continue;
+                    }
+                    let (broker, busy) = (broker.clone(), busy.clone());
+                    let spawned = std::thread::Builder::new().name("den-sudo".into()).spawn({
+                        let busy = busy.clone();
+                        move || {
+                            broker.serve(conn);
+                            busy.fetch_sub(1, SeqCst);
+                        }
+                    });
+                    if spawned.is_err() {
+                        busy.fetch_sub(1, SeqCst);
+                    }
                 }
             })?;
         Ok(())
@@ -109,9 +133,7 @@ impl Broker {
                 ..Reply::default()
             },
         };
-        let mut line = serde_json::to_vec(&reply).unwrap_or_default();
-        line.push(b'\n');
-        let _ = (&conn).write_all(&line);
+        let _ = (&conn).write_all(&reply_line(&reply));
     }
 
     fn run(&self, conn: &UnixStream) -> Result<Reply, String> {
@@ -217,6 +239,12 @@ impl Broker {
             })
         })
     }
+}
+
+fn reply_line(reply: &Reply) -> Vec<u8> {
+    let mut line = serde_json::to_vec(reply).unwrap_or_default();
+    line.push(b'\n');
+    line
 }
 
 /// `WHO HOSTS=(RUNAS) NOPASSWD: ALL`: the principal, if the line grants
@@ -531,8 +559,19 @@ fn shim(args: &[OsString]) -> Result<i32, String> {
     let name = std::env::var(SOCKET_ENV).unwrap_or_else(|_| DEFAULT_SOCKET.into());
     let addr = SocketAddr::from_abstract_name(name.as_bytes()).map_err(|e| e.to_string())?;
     let conn = UnixStream::connect_addr(&addr).map_err(|e| format!("the sudo broker is not running: {e}"))?;
+    let mut answers = BufReader::new(&conn);
     let mut ready = [0u8; 1];
-    std::io::Read::read_exact(&mut &conn, &mut ready).map_err(|e| format!("the sudo broker: {e}"))?;
+    std::io::Read::read_exact(&mut answers, &mut ready).map_err(|e| format!("the sudo broker: {e}"))?;
+    if ready[0] != READY {
+        // Refused before the request: the byte starts its reply.
+        let mut rest = String::new();
+        let _ = answers.read_line(&mut rest);
+        let text = format!("{}{rest}", ready[0] as char);
+        return Err(serde_json::from_str::<Reply>(text.trim_end())
+            .ok()
+            .and_then(|r| r.error)
+            .unwrap_or_else(|| "the sudo broker refused".into()));
+    }
     let mut line = serde_json::to_vec(&req).map_err(|e| e.to_string())?;
     line.push(b'\n');
     let fds = [0, 1, 2];
@@ -553,7 +592,7 @@ fn shim(args: &[OsString]) -> Result<i32, String> {
     }
     forward_signals(&conn)?;
     let mut reply = String::new();
-    BufReader::new(&conn)
+    answers
         .read_line(&mut reply)
         .map_err(|e| format!("the sudo broker: {e}"))?;
     let reply: Reply =

@@ -49,8 +49,12 @@ fn main() -> Result<()> {
         d.failure.is_none() && d.reached == 5 && d.warm_count == 5,
         "density: {d:?}"
     );
+    // The breakdown measured the sprites: their cgroups hold memory and
+    // each warm sprite keeps its FUSE connection. (den's own RSS is not
+    // checked: it can shrink while they wake, as the allocator hands back
+    // what earlier phases freed; one CI-like run saw -0.6 MB.)
     ensure!(
-        d.rss_growth > 0 && d.cgroup_memory.is_some_and(|m| m > 0),
+        d.cgroup_memory.is_some_and(|m| m > 0) && d.fuse_pool.connections >= 5,
         "density breakdown: {d:?}"
     );
     println!("{}", sprite_bench::latency_table(&r).table());
