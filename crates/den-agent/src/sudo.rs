@@ -64,6 +64,9 @@ struct Reply {
     error: Option<String>,
 }
 
+/// The longest request line.
+const MAX_REQUEST_BYTES: u64 = 4 << 20;
+
 /// How many sudo commands may run (or be asked for) at once.
 const MAX_REQUESTS: usize = 64;
 
@@ -134,6 +137,8 @@ impl Broker {
             },
         };
         let _ = (&conn).write_all(&reply_line(&reply));
+        // Ends the signal reader too, whether or not the caller hangs up.
+        let _ = conn.shutdown(std::net::Shutdown::Both);
     }
 
     fn run(&self, conn: &UnixStream) -> Result<Reply, String> {
@@ -157,7 +162,8 @@ impl Broker {
             // ran: too early to matter.
             Some(end) => line.truncate(end),
             None => {
-                reader
+                // Bounded: a request is argv and environment, not a stream.
+                std::io::Read::take(&mut reader, MAX_REQUEST_BYTES)
                     .read_until(b'\n', &mut line)
                     .map_err(|e| format!("reading the request: {e}"))?;
             }

@@ -1104,6 +1104,12 @@ fn checkpoint_restore(env: &Env) -> TestResult {
         b.state(&sprite.handle).map_err(e2s)? == SpriteState::Frozen,
         "still paused after a checkpoint that leaves it running"
     );
+    // The disk as it was at that instant, as den keeps it (a disk
+    // checkpoint taken while paused): a restore reopens the files the
+    // processes held, and the loop may have held `/c.tmp`, which the
+    // running counter then moves away.
+    let upper_at_ckpt = spec.upper_dir.parent().unwrap().join("upper-at-ckpt");
+    copy_tree(&spec.upper_dir, &upper_at_ckpt)?;
     b.thaw(&sprite.handle).map_err(e2s)?;
     let c4 = poll(LONG, "counter to advance after the running checkpoint", || {
         read_counter(&spec.upper_dir).filter(|&c| c > c3 + 20)
@@ -1112,6 +1118,8 @@ fn checkpoint_restore(env: &Env) -> TestResult {
     // that image on a bundle made afresh: it counts on from c3, not from c4.
     b.delete(&sprite.handle).map_err(e2s)?;
     let c5 = read_counter(&spec.upper_dir).ok_or("counter")?;
+    fs::remove_dir_all(&spec.upper_dir).map_err(e2s)?;
+    copy_tree(&upper_at_ckpt, &spec.upper_dir)?;
     let t0 = Instant::now();
     let handle = gv.restore_spec(&spec, &running_images).map_err(e2s)?;
     let took_fresh = t0.elapsed();
@@ -1120,9 +1128,6 @@ fn checkpoint_restore(env: &Env) -> TestResult {
         handle,
         upper: spec.upper_dir.clone(),
     };
-    // (Its first write may be the old process's last: the disk here was not
-    // rewound with the memory, and the restored loop may have been between
-    // its echo and its mv.)
     let c6 = poll(LONG, "the restored counter to count from the checkpoint", || {
         read_counter(&spec.upper_dir).filter(|&c| c > c3 && c < c5)
     })?;
@@ -1133,6 +1138,20 @@ fn checkpoint_restore(env: &Env) -> TestResult {
         dir_size(&running_images),
         ms(took_fresh)
     );
+    Ok(())
+}
+
+/// `cp -a`: modes, owners and overlay whiteouts included.
+fn copy_tree(from: &Path, to: &Path) -> Result<(), String> {
+    let out = std::process::Command::new("cp")
+        .arg("-a")
+        .arg(from)
+        .arg(to)
+        .output()
+        .map_err(e2s)?;
+    if !out.status.success() {
+        return Err(format!("cp -a: {}", String::from_utf8_lossy(&out.stderr)));
+    }
     Ok(())
 }
 
