@@ -135,6 +135,10 @@ struct SpritesArgs {
     /// gVisor: MiB a sprite holds in memory while its memory is checkpointed.
     #[arg(long, default_value_t = 100)]
     pub resident_mib: u64,
+    /// Also time file-, process- and I/O-heavy workloads on native and on
+    /// `--runtime` (their ratio, same run).
+    #[arg(long)]
+    pub workloads: bool,
     /// Also write every table as Markdown to this file.
     #[arg(long)]
     pub markdown: Option<PathBuf>,
@@ -525,6 +529,7 @@ fn sprites(a: SpritesArgs, exe: PathBuf) -> Result<()> {
     opts.pool = a.pool;
     opts.runtime = a.runtime;
     opts.resident_mib = a.resident_mib;
+    opts.workloads = a.workloads;
     let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
     let r = rt.block_on(sprite_bench::run(&opts, &mut progress))?;
     drop(rt);
@@ -563,6 +568,7 @@ fn sprites(a: SpritesArgs, exe: PathBuf) -> Result<()> {
         ),
     }
     let density = r.density.as_ref().map(sprite_bench::density_table);
+    let workloads = (!r.workloads.is_empty()).then(|| sprite_bench::workload_table(&r, opts.runtime));
     let boots = sprite_bench::boot_phase_table(&r);
     let mut sections: Vec<(&str, String, Section)> = vec![
         (
@@ -581,6 +587,18 @@ fn sprites(a: SpritesArgs, exe: PathBuf) -> Result<()> {
             Section::Table(&boots),
         ),
     ];
+    if let Some(t) = &workloads {
+        sections.push((
+            "Workloads",
+            format!(
+                "One sprite per engine, the same image; each workload run {} times, engine after engine \
+                 (so host load hits both alike), timed from exec to exit status. No compiler: the \
+                 bench image has none.",
+                r.workloads.first().map_or(0, |w| w.native.len())
+            ),
+            Section::Table(t),
+        ));
+    }
     if let (Some(t), Some(d)) = (&density, &r.density) {
         sections.push((
             "Density",

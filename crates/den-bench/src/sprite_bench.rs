@@ -84,6 +84,9 @@ pub struct SpriteBenchOptions {
     /// gVisor: MiB of memory a process in the sprite holds (random bytes in
     /// the sandbox's /tmp, a tmpfs in its memory) while its memory is checkpointed.
     pub resident_mib: u64,
+    /// Time the syscall- and I/O-heavy [`WORKLOADS`] in a sprite on each
+    /// engine (native, and `runtime` if it is another), same run.
+    pub workloads: bool,
 }
 
 impl SpriteBenchOptions {
@@ -101,6 +104,7 @@ impl SpriteBenchOptions {
             net: net_config(),
             runtime: den_runtime::Runtime::Native,
             resident_mib: 100,
+            workloads: false,
         }
     }
 
@@ -147,7 +151,45 @@ pub struct SpriteBenchResults {
     /// Why the runc baseline is missing, if it is.
     pub runc_error: Option<String>,
     pub density: Option<DensityResults>,
+    /// Each of [`WORKLOADS`]: its times on native, and on `runtime` when
+    /// that is another engine.
+    pub workloads: Vec<WorkloadResults>,
 }
+
+#[derive(Debug, Default)]
+pub struct WorkloadResults {
+    pub name: &'static str,
+    pub native: Vec<Duration>,
+    pub other: Vec<Duration>,
+}
+
+/// What a coding agent makes a sprite do, as shell scripts the busybox and
+/// Debian images both run, in order (the stat walks the tree the first
+/// made), in the default user's home on the sprite's disk. Timed from
+/// the host: exec to exit status (the exec round trip is in its own row).
+pub const WORKLOADS: &[(&str, &str)] = &[
+    (
+        "create 20,000 empty files in 200 directories",
+        "rm -rf wl && mkdir wl && cd wl && i=0; while [ $i -lt 200 ]; do mkdir d$i; j=0; \
+         while [ $j -lt 100 ]; do : > d$i/f$j; j=$((j+1)); done; i=$((i+1)); done",
+    ),
+    (
+        "stat them all (`ls -lR`: what `git status` does to a tree)",
+        "ls -lR wl > /dev/null",
+    ),
+    (
+        "fork + exec `/bin/true` 500 times",
+        "i=0; while [ $i -lt 500 ]; do /bin/true; i=$((i+1)); done",
+    ),
+    (
+        "write 256 MiB and sync",
+        "dd if=/dev/zero of=wl.io bs=1048576 count=256 2>/dev/null && sync",
+    ),
+    (
+        "read them back",
+        "dd if=wl.io of=/dev/null bs=1048576 2>/dev/null",
+    ),
+];
 
 #[derive(Debug, Default)]
 pub struct RuncResults {
@@ -578,6 +620,10 @@ async fn measure(
     }
     mgr.delete(main).await?;
 
+    if opts.workloads {
+        res.workloads = workloads(mgr, opts, n.min(3), progress).await?;
+    }
+
     if opts.density > 0 {
         progress(&format!(
             "density: {} sprites, woken and put to warm",
@@ -586,6 +632,85 @@ async fn measure(
         res.density = Some(density(mgr, opts.density, progress).await?);
     }
     Ok(())
+}
+
+/// [`WORKLOADS`] in one sprite per engine, each `n` times, interleaved
+/// engine by engine so that load on the host hits both alike.
+async fn workloads(
+    mgr: &SpriteManager,
+    opts: &SpriteBenchOptions,
+    n: usize,
+    progress: &mut dyn FnMut(&str),
+) -> Result<Vec<WorkloadResults>> {
+    use den_runtime::Runtime;
+    let mut engines = vec![Runtime::Native];
+    if opts.runtime != Runtime::Native {
+        engines.push(opts.runtime);
+    }
+    for rt in &engines {
+        let opts = CreateSprite {
+            runtime: Some(*rt),
+            ..Default::default()
+        };
+        mgr.create(&format!("wl-{rt}"), opts).await?;
+    }
+    let mut out: Vec<WorkloadResults> = WORKLOADS
+        .iter()
+        .map(|(name, _)| WorkloadResults {
+            name,
+            ..Default::default()
+        })
+        .collect();
+    for i in 0..n {
+        for (w, (name, script)) in WORKLOADS.iter().enumerate() {
+            for rt in &engines {
+                cancel::check()?;
+                progress(&format!("workload {}/{n} on {rt}: {name}", i + 1));
+                let sprite = format!("wl-{rt}");
+                let act = mgr.wake(&sprite).await?;
+                let req = ExecRequest {
+                    argv: vec!["/bin/sh".into(), "-c".into(), (*script).into()],
+                    ..Default::default()
+                };
+                let t0 = Instant::now();
+                let done = act.agent().exec(req).await?.collect().await;
+                let took = t0.elapsed();
+                anyhow::ensure!(
+                    done.exit.as_ref().is_some_and(|e| e.exit_code == 0),
+                    "{name} on {rt}: {:?}: {}",
+                    done.exit,
+                    String::from_utf8_lossy(&done.stderr)
+                );
+                match rt {
+                    Runtime::Native => out[w].native.push(took),
+                    _ => out[w].other.push(took),
+                }
+            }
+        }
+    }
+    for rt in &engines {
+        mgr.delete(&format!("wl-{rt}")).await?;
+    }
+    Ok(out)
+}
+
+/// Workloads: p50 on each engine and their ratio.
+pub fn workload_table(r: &SpriteBenchResults, other: den_runtime::Runtime) -> TextTable {
+    let other_p50 = format!("{other} p50 ms");
+    let ratio_head = format!("{other} / native");
+    let mut t = TextTable::new(&["Workload", "n", "native p50 ms", &other_p50, &ratio_head], 1);
+    for w in &r.workloads {
+        let (a, b) = (latency(&w.native), latency(&w.other));
+        let cell = |x: Option<Latency>| x.map_or("—".into(), |l| fmt_ms(l.p50));
+        t.push(vec![
+            w.name.into(),
+            w.native.len().to_string(),
+            cell(a),
+            cell(b),
+            ratio(b, a),
+        ]);
+    }
+    t
 }
 
 async fn density(
