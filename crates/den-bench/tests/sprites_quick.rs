@@ -1,5 +1,6 @@
 //! `den-bench sprites` in its quick mode, as CI runs it: every phase runs
-//! end to end (pool hits, cold creates, wakes, restore, fork, density) on
+//! end to end (pool hits, cold creates, wakes, restore, fork, workloads,
+//! density) on
 //! the busybox image, and the figures the report is built from are there.
 //!
 //! The test binary doubles as the `den` binary inside the sprites (runtime
@@ -18,6 +19,7 @@ fn main() -> Result<()> {
     opts.image = BenchImage::Busybox;
     opts.runc = false;
     opts.density = 5;
+    opts.workloads = true;
     opts.net = net.config.clone();
     let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
     let r = rt.block_on(sprite_bench::run(&opts, &mut |p| println!("  {p}")))?;
@@ -57,7 +59,20 @@ fn main() -> Result<()> {
         d.cgroup_memory.is_some_and(|m| m > 0) && d.fuse_pool.connections >= 5,
         "density breakdown: {d:?}"
     );
+    // Native only here: each workload ran on the one engine, and passed.
+    ensure!(
+        r.workloads.len() == sprite_bench::WORKLOADS.len()
+            && r.workloads
+                .iter()
+                .all(|w| w.native.len() == n && w.other.is_empty()),
+        "workloads: {:?}",
+        r.workloads
+    );
     println!("{}", sprite_bench::latency_table(&r).table());
+    println!(
+        "{}",
+        sprite_bench::workload_table(&r, den_runtime::Runtime::Native).table()
+    );
     println!("{}", sprite_bench::boot_phase_table(&r).table());
     println!("{}", sprite_bench::density_table(d).table());
     Ok(())
