@@ -694,21 +694,25 @@ async fn workloads(
     Ok(out)
 }
 
-/// Workloads: p50 on each engine and their ratio.
+/// Workloads: p50 on each engine and their ratio (native alone when
+/// `other` is native).
 pub fn workload_table(r: &SpriteBenchResults, other: den_runtime::Runtime) -> TextTable {
+    let alone = other == den_runtime::Runtime::Native;
     let other_p50 = format!("{other} p50 ms");
     let ratio_head = format!("{other} / native");
-    let mut t = TextTable::new(&["Workload", "n", "native p50 ms", &other_p50, &ratio_head], 1);
+    let mut head = vec!["Workload", "n", "native p50 ms"];
+    if !alone {
+        head.extend([other_p50.as_str(), ratio_head.as_str()]);
+    }
+    let mut t = TextTable::new(&head, 1);
     for w in &r.workloads {
         let (a, b) = (latency(&w.native), latency(&w.other));
         let cell = |x: Option<Latency>| x.map_or("—".into(), |l| fmt_ms(l.p50));
-        t.push(vec![
-            w.name.into(),
-            w.native.len().to_string(),
-            cell(a),
-            cell(b),
-            ratio(b, a),
-        ]);
+        let mut row = vec![w.name.into(), w.native.len().to_string(), cell(a)];
+        if !alone {
+            row.extend([cell(b), ratio(b, a)]);
+        }
+        t.push(row);
     }
     t
 }
