@@ -563,11 +563,9 @@ fn shim(args: &[OsString]) -> Result<i32, String> {
             .unwrap_or_else(|_| "/".into()),
     };
     let name = std::env::var(SOCKET_ENV).unwrap_or_else(|_| DEFAULT_SOCKET.into());
-    let addr = SocketAddr::from_abstract_name(name.as_bytes()).map_err(|e| e.to_string())?;
-    let conn = UnixStream::connect_addr(&addr).map_err(|e| format!("the sudo broker is not running: {e}"))?;
+    let (conn, first) = connect_to_agent(&name)?;
     let mut answers = BufReader::new(&conn);
-    let mut ready = [0u8; 1];
-    std::io::Read::read_exact(&mut answers, &mut ready).map_err(|e| format!("the sudo broker: {e}"))?;
+    let ready = [first];
     if ready[0] != READY {
         // Refused before the request: the byte starts its reply.
         let mut rest = String::new();
@@ -609,6 +607,65 @@ fn shim(args: &[OsString]) -> Result<i32, String> {
         Reply { signal: Some(s), .. } => Ok(128 + s),
         _ => Err("the sudo broker gave no answer".into()),
     }
+}
+
+/// Connects to the broker at abstract socket `name` and reads its first
+/// byte, refusing anyone but den's agent: PID 1, as root, as the kernel
+/// says of that byte's sender (SCM_CREDENTIALS). An abstract name can be
+/// bound by any process of the sprite where the agent did not (an agent
+/// older than the broker, restored from memory); it must not get the
+/// caller's terminal.
+fn connect_to_agent(name: &str) -> Result<(UnixStream, u8), String> {
+    use nix::sys::socket::{
+        AddressFamily, ControlMessageOwned, MsgFlags, SockFlag, SockType, UnixAddr, connect, recvmsg,
+        setsockopt, socket, sockopt,
+    };
+    let fd = socket(
+        AddressFamily::Unix,
+        SockType::Stream,
+        SockFlag::SOCK_CLOEXEC,
+        None,
+    )
+    .map_err(|e| format!("socket: {e}"))?;
+    // Before the connect: the broker sends its first byte at once, and
+    // credentials are attached only if the receiver asked already.
+    setsockopt(&fd, sockopt::PassCred, &true).map_err(|e| format!("SO_PASSCRED: {e}"))?;
+    let addr = UnixAddr::new_abstract(name.as_bytes()).map_err(|e| e.to_string())?;
+    connect(fd.as_raw_fd(), &addr).map_err(|e| format!("the sudo broker is not running: {e}"))?;
+    let conn = UnixStream::from(fd);
+    let mut byte = [0u8; 1];
+    let mut cmsg = nix::cmsg_space!(nix::sys::socket::UnixCredentials);
+    let mut iov = [std::io::IoSliceMut::new(&mut byte)];
+    let msg = recvmsg::<()>(conn.as_raw_fd(), &mut iov, Some(&mut cmsg), MsgFlags::empty())
+        .map_err(|e| format!("the sudo broker: {e}"))?;
+    if msg.bytes != 1 {
+        return Err("the sudo broker closed the connection".into());
+    }
+    let sender = msg
+        .cmsgs()
+        .map_err(|e| format!("the sudo broker: {e}"))?
+        .find_map(|c| match c {
+            ControlMessageOwned::ScmCredentials(c) => Some((c.pid(), c.uid())),
+            _ => None,
+        });
+    match sender {
+        // gVisor names the sending thread, Linux its process.
+        Some((pid, 0)) if pid == 1 || process_of(pid) == Some(1) => Ok((conn, byte[0])),
+        Some((pid, uid)) => Err(format!(
+            "@{name} is held by process {pid} (uid {uid}), not by den's agent: not sending it anything"
+        )),
+        None => Err(format!("@{name} did not say who it is: not sending it anything")),
+    }
+}
+
+/// The process thread `tid` belongs to (`Tgid` in its status), while the
+/// thread lives (the broker's is busy with this very connection).
+fn process_of(tid: i32) -> Option<i32> {
+    let status = std::fs::read_to_string(format!("/proc/{tid}/status")).ok()?;
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("Tgid:"))
+        .and_then(|v| v.trim().parse().ok())
 }
 
 /// The signals a terminal or `kill` sends to sudo go on to the command.

@@ -12,6 +12,59 @@ use std::os::unix::net::{SocketAddr, UnixStream};
 
 use den_agent::sudo::Broker;
 
+/// Set for the child `a_broker_that_is_not_pid_1_gets_nothing` starts.
+const SHIM_ENV: &str = "DEN_SUDO_BROKER_TEST_SHIM";
+
+/// `sudo true` through the real shim, when started by that test.
+#[test]
+fn shim_entry() {
+    if std::env::var_os(SHIM_ENV).is_none() {
+        return;
+    }
+    std::process::exit(den_agent::sudo::shim_main(&["true".into()]));
+}
+
+/// Any process of a sprite can bind an abstract name the agent does not
+/// hold. The shim checks who answers (PID 1 as root, as the kernel says),
+/// and hands such a stranger nothing: not the request, not the caller's
+/// descriptors. This test's broker is an ordinary process, so it is one.
+#[test]
+fn a_broker_that_is_not_pid_1_gets_nothing() {
+    if std::env::var_os(SHIM_ENV).is_some() {
+        return;
+    }
+    let name = format!("den-sudo-stranger-{}", std::process::id());
+    let listener = std::os::unix::net::UnixListener::bind_addr(
+        &SocketAddr::from_abstract_name(name.as_bytes()).unwrap(),
+    )
+    .unwrap();
+    let out = std::process::Command::new(std::env::current_exe().unwrap())
+        .args(["shim_entry", "--exact", "--nocapture"])
+        .env(SHIM_ENV, "1")
+        .env(den_agent::sudo::SOCKET_ENV, &name)
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    // The stranger says hello as a broker would, then listens.
+    let (conn, _) = listener.accept().unwrap();
+    use std::io::Write;
+    (&conn).write_all(&[1]).unwrap();
+    // It gets nothing, not a byte, not a descriptor: the shim hangs up.
+    // (Bounded, so a shim that did send would fail this test, not hang it.)
+    conn.set_read_timeout(Some(std::time::Duration::from_secs(20)))
+        .unwrap();
+    let mut rest = Vec::new();
+    let _ = (&conn).read_to_end(&mut rest);
+    drop(conn);
+    let out = out.wait_with_output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(stderr.contains("not by den's agent"), "{stderr}");
+    assert!(rest.is_empty(), "the stranger got {rest:?}");
+}
+
 fn connect(name: &str) -> UnixStream {
     UnixStream::connect_addr(&SocketAddr::from_abstract_name(name.as_bytes()).unwrap()).unwrap()
 }
