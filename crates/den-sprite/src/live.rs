@@ -338,9 +338,7 @@ async fn boot_rest(
     let hostname = spec.hostname.clone();
     let handle = blocking(move || match image {
         Some((dir, saved_as)) => {
-            let memory = backend.memory().ok_or_else(|| {
-                SpriteError::Invalid(format!("the {} engine keeps no memory images", backend.name()))
-            })?;
+            let memory = memory_of(backend.as_ref())?;
             let handle = memory.restore(&spec, &dir)?;
             // The image may be another sprite's (a fork of a memory
             // checkpoint): its kernel still has that sprite's name. Then
@@ -389,6 +387,13 @@ async fn boot_rest(
     Ok(())
 }
 
+/// The engine's memory snapshots, or why there are none.
+fn memory_of(backend: &dyn Backend) -> Result<&dyn den_runtime::MemorySnapshots> {
+    backend
+        .memory()
+        .ok_or_else(|| SpriteError::Invalid(format!("the {} engine keeps no memory images", backend.name())))
+}
+
 /// Has a quiesced agent (in a sprite restored from memory, or after a
 /// memory checkpoint) serve again: [`den_agent::RESUME_SIGNAL`], repeated
 /// while the agent does not answer. Once, in CI, a single signal sent just
@@ -419,9 +424,7 @@ impl AgentResume {
         }
         let (backend, handle) = (self.backend.clone(), self.handle.clone());
         blocking(move || {
-            let memory = backend.memory().ok_or_else(|| {
-                SpriteError::Invalid(format!("the {} engine keeps no memory images", backend.name()))
-            })?;
+            let memory = memory_of(backend.as_ref())?;
             Ok(memory.signal_init(&handle, den_agent::RESUME_SIGNAL)?)
         })
         .await?;

@@ -154,25 +154,7 @@ async fn abuse_agent_socket_swap_is_never_followed(rt: Runtime) -> Result<()> {
     fake.max_run_after_disconnect_ms = Some(0);
     let mut fake = act.agent().exec(fake).await?;
     // The impostor says when it listens.
-    let t0 = Instant::now();
-    let mut said = Vec::new();
-    while !String::from_utf8_lossy(&said).contains("listening") {
-        ensure!(
-            t0.elapsed() < WAIT,
-            "the fake agent never listened: {:?}",
-            String::from_utf8_lossy(&said)
-        );
-        match tokio::time::timeout(WAIT, fake.recv()).await? {
-            Some(den_agent::client::Event::Stdout(b) | den_agent::client::Event::Stderr(b)) => {
-                said.extend_from_slice(&b)
-            }
-            Some(den_agent::client::Event::Exit(e)) => {
-                bail!("the fake agent exited: {e:?}: {}", String::from_utf8_lossy(&said))
-            }
-            Some(_) => {}
-            None => bail!("the fake agent's session ended"),
-        }
-    }
+    until_said(&mut fake, "listening", "the fake agent").await?;
     drop(act);
     let who = who_answers(&mgr, "sa").await;
     ensure!(

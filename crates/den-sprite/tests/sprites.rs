@@ -1380,19 +1380,7 @@ async fn cold_without_processes_says_why() -> Result<()> {
     req.user = Some("root".into());
     req.max_run_after_disconnect_ms = Some(0);
     let mut session = act.agent().exec(req).await?;
-    let mut said = Vec::new();
-    while !String::from_utf8_lossy(&said).contains("listening") {
-        match tokio::time::timeout(WAIT, session.recv()).await? {
-            Some(den_agent::client::Event::Stdout(b) | den_agent::client::Event::Stderr(b)) => {
-                said.extend_from_slice(&b)
-            }
-            Some(den_agent::client::Event::Exit(e)) => {
-                bail!("bind-unix exited: {e:?}: {}", String::from_utf8_lossy(&said))
-            }
-            Some(_) => {}
-            None => bail!("the bind-unix session ended"),
-        }
-    }
+    until_said(&mut session, "listening", "bind-unix").await?;
     session.detach();
     drop(act);
     mgr.sleep("note", SpriteStatus::Cold).await?;

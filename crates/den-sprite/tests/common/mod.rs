@@ -8,7 +8,7 @@ use std::ffi::OsString;
 use std::path::Path;
 use std::time::Duration;
 
-use anyhow::{Context, Result, ensure};
+use anyhow::{Context, Result, bail, ensure};
 use den_agent::client::ExecRequest;
 use den_runtime::{Resources, Runtime};
 use den_sprite::{ImageSource, ManagerConfig, SpriteManager};
@@ -258,4 +258,27 @@ impl Drop for Managers {
     fn drop(&mut self) {
         self.close_all();
     }
+}
+
+/// Reads `session`'s output until it says `needle` (a program in the
+/// sprite announcing it is ready), within [`WAIT`]; fails if it exits or
+/// ends first. `what` names it in the errors.
+pub async fn until_said(session: &mut den_agent::client::Session, needle: &str, what: &str) -> Result<()> {
+    use den_agent::client::Event;
+    let t0 = std::time::Instant::now();
+    let mut said = Vec::new();
+    while !String::from_utf8_lossy(&said).contains(needle) {
+        ensure!(
+            t0.elapsed() < WAIT,
+            "{what} never said {needle:?}: {:?}",
+            String::from_utf8_lossy(&said)
+        );
+        match tokio::time::timeout(WAIT, session.recv()).await? {
+            Some(Event::Stdout(b) | Event::Stderr(b)) => said.extend_from_slice(&b),
+            Some(Event::Exit(e)) => bail!("{what} exited: {e:?}: {}", String::from_utf8_lossy(&said)),
+            Some(_) => {}
+            None => bail!("{what}'s session ended"),
+        }
+    }
+    Ok(())
 }
